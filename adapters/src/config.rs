@@ -1,0 +1,503 @@
+//! Typed settings. Each key is read from the environment first, then from the config database (`CONFIG_DB_URL`,
+//! a table named after the stage with columns `key` and `value`), then a default. A key that is present but
+//! malformed stops start-up with a message naming the key (never its value: it may be a secret).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A value that must never reach a log line.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("Secret([redacted])")
+    }
+}
+
+/// The stage this process runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Environment {
+    Local,
+    Dev,
+    Staging,
+    Prod,
+}
+
+impl Environment {
+    /// The config database's table for this stage (`local` reads the `dev` table).
+    pub fn config_table(self) -> &'static str {
+        match self {
+            Self::Local | Self::Dev => "dev",
+            Self::Staging => "staging",
+            Self::Prod => "prod",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Dev => "dev",
+            Self::Staging => "staging",
+            Self::Prod => "prod",
+        }
+    }
+}
+
+/// Where hosts come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloudKind {
+    /// EC2 through aws-sdk-ec2.
+    Aws,
+    /// Simulated hosts in this process that speak the host protocol over real HTTP.
+    Local,
+}
+
+/// Auth0 settings for checking desktop-app and admin tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Auth0Settings {
+    pub audience: Option<String>,
+    /// Where the signing keys are; derived from `AUTH0_DOMAIN` unless `AUTH0_JWKS_URL` is set.
+    pub jwks_url: Option<String>,
+    /// The expected `iss`; derived from `AUTH0_DOMAIN` unless `AUTH0_ISSUER` is set.
+    pub issuer: Option<String>,
+}
+
+/// Stripe credentials and endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StripeSettings {
+    pub secret: Option<Secret>,
+    pub webhook_secret: Option<Secret>,
+    pub price_id: Option<String>,
+    pub api_base: String,
+}
+
+/// Every setting the webserver reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Postgres event store; `None` means the embedded SQLite store in `data_dir`.
+    pub database_url: Option<Secret>,
+    pub data_dir: PathBuf,
+    pub environment: Environment,
+    pub port: u16,
+    pub cloud: CloudKind,
+    pub auth0: Auth0Settings,
+    pub stripe: StripeSettings,
+    pub enabled_regions: Vec<String>,
+    pub desired_free_mandelboxes: u32,
+    /// Per-region overrides of the warm buffer, keyed by region name (`us-east-1`).
+    pub desired_free_mandelboxes_by_region: HashMap<String, u32>,
+    pub mandelbox_limit_per_user: u32,
+    pub instance_type: String,
+    pub host_service_port: u16,
+    pub host_service_scheme: String,
+    pub public_url: String,
+    pub heartbeat_timeout: Duration,
+    pub assign_rate_limit_per_minute: u32,
+    pub assign_rate_limit_per_ip_per_minute: u32,
+    pub hirefire_token: Option<Secret>,
+}
+
+/// Why the settings could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration key {key} is malformed: {expected}")]
+    Malformed { key: String, expected: &'static str },
+    #[error("could not read the config database table {table}")]
+    ConfigDatabase {
+        table: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+/// Where values come from, in order: the environment, then the config database.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    pub environment: HashMap<String, String>,
+    pub config_database: HashMap<String, String>,
+}
+
+impl Sources {
+    /// The process environment alone.
+    pub fn from_process_environment() -> Self {
+        Self {
+            environment: std::env::vars().collect(),
+            config_database: HashMap::new(),
+        }
+    }
+
+    /// Adds the rows of the config database named by `CONFIG_DB_URL`, if it is set.
+    ///
+    /// # Errors
+    /// The config database cannot be reached or its stage table read.
+    pub async fn with_config_database(mut self) -> Result<Self, ConfigError> {
+        let Some(url) = self.raw("CONFIG_DB_URL") else {
+            return Ok(self);
+        };
+        let environment = parse_environment(self.environment.get("ENVIRONMENT"))?;
+        let table = environment.config_table();
+        let read = async {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(&url)
+                .await?;
+            let rows: Vec<(String, String)> =
+                sqlx::query_as(&format!("SELECT key, value FROM \"{table}\""))
+                    .fetch_all(&pool)
+                    .await?;
+            pool.close().await;
+            Ok::<_, sqlx::Error>(rows)
+        };
+        let rows = read
+            .await
+            .map_err(|source| ConfigError::ConfigDatabase { table, source })?;
+        self.config_database = rows.into_iter().collect();
+        Ok(self)
+    }
+
+    fn raw(&self, key: &str) -> Option<String> {
+        self.environment
+            .get(key)
+            .or_else(|| self.config_database.get(key))
+            .filter(|value| !value.is_empty())
+            .cloned()
+    }
+
+    fn parse<T>(
+        &self,
+        key: &str,
+        default: T,
+        expected: &'static str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<T, ConfigError> {
+        match self.raw(key) {
+            None => Ok(default),
+            Some(value) => parse(value.trim()).ok_or_else(|| ConfigError::Malformed {
+                key: key.to_string(),
+                expected,
+            }),
+        }
+    }
+}
+
+fn parse_environment(value: Option<&String>) -> Result<Environment, ConfigError> {
+    match value.map(|value| value.trim()) {
+        None | Some("") | Some("local") => Ok(Environment::Local),
+        Some("dev") => Ok(Environment::Dev),
+        Some("staging") => Ok(Environment::Staging),
+        Some("prod") => Ok(Environment::Prod),
+        Some(_) => Err(ConfigError::Malformed {
+            key: "ENVIRONMENT".to_string(),
+            expected: "one of local, dev, staging, prod",
+        }),
+    }
+}
+
+/// `us-east-1` becomes `US_EAST_1`, the suffix of per-region keys.
+pub fn region_key_suffix(region: &str) -> String {
+    region.replace('-', "_").to_ascii_uppercase()
+}
+
+impl Settings {
+    /// Reads every setting from the process environment and the config database.
+    ///
+    /// # Errors
+    /// A key is malformed, or the config database cannot be read.
+    pub async fn load() -> Result<Self, ConfigError> {
+        let sources = Sources::from_process_environment()
+            .with_config_database()
+            .await?;
+        Self::from_sources(&sources)
+    }
+
+    /// Reads every setting from the given sources.
+    ///
+    /// # Errors
+    /// A key is malformed.
+    pub fn from_sources(sources: &Sources) -> Result<Self, ConfigError> {
+        let environment = parse_environment(sources.environment.get("ENVIRONMENT"))?;
+        let port = sources.parse("PORT", 7730u16, "a port number (1-65535)", |value| {
+            value.parse::<u16>().ok().filter(|port| *port > 0)
+        })?;
+        let cloud = sources.parse("WHIST_CLOUD", CloudKind::Local, "aws or local", |value| {
+            match value {
+                "aws" => Some(CloudKind::Aws),
+                "local" => Some(CloudKind::Local),
+                _ => None,
+            }
+        })?;
+        let database_url = sources
+            .parse(
+                "DATABASE_URL",
+                None,
+                "a postgres:// or postgresql:// URL",
+                |value| {
+                    (value.starts_with("postgres://") || value.starts_with("postgresql://"))
+                        .then(|| Some(Secret::new(value)))
+                },
+            )?;
+        let domain = sources.raw("AUTH0_DOMAIN");
+        let auth0 = Auth0Settings {
+            audience: sources.raw("AUTH0_AUDIENCE"),
+            jwks_url: sources.raw("AUTH0_JWKS_URL").or_else(|| {
+                domain
+                    .as_ref()
+                    .map(|domain| format!("https://{domain}/.well-known/jwks.json"))
+            }),
+            issuer: sources
+                .raw("AUTH0_ISSUER")
+                .or_else(|| domain.as_ref().map(|domain| format!("https://{domain}/"))),
+        };
+        let stripe = StripeSettings {
+            secret: sources.raw("STRIPE_SECRET").map(Secret::new),
+            webhook_secret: sources.raw("STRIPE_WEBHOOK_SECRET").map(Secret::new),
+            price_id: sources.raw("STRIPE_PRICE_ID"),
+            api_base: sources.parse(
+                "STRIPE_API_BASE",
+                "https://api.stripe.com".to_string(),
+                "an http:// or https:// URL",
+                parse_url,
+            )?,
+        };
+        let enabled_regions = sources.parse(
+            "ENABLED_REGIONS",
+            vec!["us-east-1".to_string()],
+            "a JSON list of region names, for example [\"us-east-1\"]",
+            |value| {
+                serde_json::from_str::<Vec<String>>(value)
+                    .ok()
+                    .filter(|regions| regions.iter().all(|region| is_region_name(region)))
+            },
+        )?;
+        let desired_free_mandelboxes = sources.parse(
+            "DESIRED_FREE_MANDELBOXES",
+            2u32,
+            "a whole number",
+            |value| value.parse().ok(),
+        )?;
+        let mut desired_free_mandelboxes_by_region = HashMap::new();
+        for region in &enabled_regions {
+            let key = format!("DESIRED_FREE_MANDELBOXES_{}", region_key_suffix(region));
+            if let Some(count) =
+                sources.parse(&key, None, "a whole number", |value| value.parse().ok().map(Some))?
+            {
+                desired_free_mandelboxes_by_region.insert(region.clone(), count);
+            }
+        }
+        let host_service_scheme = sources.parse(
+            "HOST_SERVICE_SCHEME",
+            "https".to_string(),
+            "http or https",
+            |value| matches!(value, "http" | "https").then(|| value.to_string()),
+        )?;
+        let public_url = sources.parse(
+            "PUBLIC_URL",
+            format!("http://127.0.0.1:{port}"),
+            "an http:// or https:// URL",
+            parse_url,
+        )?;
+        Ok(Self {
+            database_url,
+            data_dir: PathBuf::from(
+                sources
+                    .raw("WHIST_DATA_DIR")
+                    .unwrap_or_else(|| "whist-data".to_string()),
+            ),
+            environment,
+            port,
+            cloud,
+            auth0,
+            stripe,
+            enabled_regions,
+            desired_free_mandelboxes,
+            desired_free_mandelboxes_by_region,
+            mandelbox_limit_per_user: sources.parse(
+                "MANDELBOX_LIMIT_PER_USER",
+                3u32,
+                "a whole number",
+                |value| value.parse().ok(),
+            )?,
+            instance_type: sources.parse(
+                "AWS_INSTANCE_TYPE_TO_LAUNCH",
+                "g4dn.2xlarge".to_string(),
+                "an EC2 instance type such as g4dn.2xlarge",
+                |value| {
+                    (value.contains('.') && !value.contains(char::is_whitespace))
+                        .then(|| value.to_string())
+                },
+            )?,
+            host_service_port: sources.parse(
+                "HOST_SERVICE_PORT",
+                4678u16,
+                "a port number (1-65535)",
+                |value| value.parse::<u16>().ok().filter(|port| *port > 0),
+            )?,
+            host_service_scheme,
+            public_url,
+            heartbeat_timeout: Duration::from_secs(sources.parse(
+                "HEARTBEAT_TIMEOUT_S",
+                120u64,
+                "a whole number of seconds, at least 1",
+                |value| value.parse().ok().filter(|seconds| *seconds > 0),
+            )?),
+            assign_rate_limit_per_minute: sources.parse(
+                "ASSIGN_RATE_LIMIT_PER_MINUTE",
+                10u32,
+                "a whole number (0 turns the limit off)",
+                |value| value.parse().ok(),
+            )?,
+            assign_rate_limit_per_ip_per_minute: sources.parse(
+                "ASSIGN_RATE_LIMIT_PER_IP_PER_MINUTE",
+                600u32,
+                "a whole number (0 turns the limit off)",
+                |value| value.parse().ok(),
+            )?,
+            hirefire_token: sources.raw("HIREFIRE_TOKEN").map(Secret::new),
+        })
+    }
+
+    /// The warm buffer wanted in `region`.
+    pub fn desired_free_mandelboxes_in(&self, region: &str) -> u32 {
+        self.desired_free_mandelboxes_by_region
+            .get(region)
+            .copied()
+            .unwrap_or(self.desired_free_mandelboxes)
+    }
+}
+
+fn parse_url(value: &str) -> Option<String> {
+    (value.starts_with("http://") || value.starts_with("https://"))
+        .then(|| value.trim_end_matches('/').to_string())
+}
+
+fn is_region_name(region: &str) -> bool {
+    !region.is_empty()
+        && region
+            .chars()
+            .all(|character| character.is_ascii_lowercase() || character.is_ascii_digit() || character == '-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources(pairs: &[(&str, &str)]) -> Sources {
+        Sources {
+            environment: pairs
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect(),
+            config_database: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn no_configuration_gives_the_contract_defaults() {
+        let settings = Settings::from_sources(&Sources::default()).expect("defaults are valid");
+        assert_eq!(settings.port, 7730);
+        assert_eq!(settings.environment, Environment::Local);
+        assert_eq!(settings.cloud, CloudKind::Local);
+        assert_eq!(settings.database_url, None);
+        assert_eq!(settings.enabled_regions, vec!["us-east-1".to_string()]);
+        assert_eq!(settings.desired_free_mandelboxes_in("us-east-1"), 2);
+        assert_eq!(settings.mandelbox_limit_per_user, 3);
+        assert_eq!(settings.instance_type, "g4dn.2xlarge");
+        assert_eq!(settings.host_service_port, 4678);
+        assert_eq!(settings.host_service_scheme, "https");
+        assert_eq!(settings.public_url, "http://127.0.0.1:7730");
+        assert_eq!(settings.heartbeat_timeout, Duration::from_secs(120));
+        assert_eq!(settings.assign_rate_limit_per_minute, 10);
+        assert_eq!(settings.assign_rate_limit_per_ip_per_minute, 600);
+        assert_eq!(settings.stripe.api_base, "https://api.stripe.com");
+        assert_eq!(settings.hirefire_token, None);
+    }
+
+    #[test]
+    fn a_malformed_key_stops_start_up_naming_the_key() {
+        let error = Settings::from_sources(&sources(&[("PORT", "seventy")])).expect_err("refused");
+        assert!(error.to_string().contains("PORT"), "{error}");
+        let error = Settings::from_sources(&sources(&[("ENABLED_REGIONS", "us-east-1")]))
+            .expect_err("refused");
+        assert!(error.to_string().contains("ENABLED_REGIONS"), "{error}");
+    }
+
+    #[test]
+    fn a_malformed_secret_is_named_but_never_shown() {
+        let error = Settings::from_sources(&sources(&[("DATABASE_URL", "mysql://u:hunter2@h/db")]))
+            .expect_err("refused");
+        let message = error.to_string();
+        assert!(message.contains("DATABASE_URL"));
+        assert!(!message.contains("hunter2"));
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_output() {
+        let settings = Settings::from_sources(&sources(&[
+            ("STRIPE_SECRET", "sk_test_hunter2"),
+            ("DATABASE_URL", "postgres://u:hunter2@127.0.0.1/db"),
+        ]))
+        .expect("valid");
+        assert!(!format!("{settings:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn the_environment_wins_over_the_config_database() {
+        let mut layered = sources(&[("PORT", "8000")]);
+        layered
+            .config_database
+            .insert("PORT".to_string(), "9000".to_string());
+        layered
+            .config_database
+            .insert("MANDELBOX_LIMIT_PER_USER".to_string(), "5".to_string());
+        let settings = Settings::from_sources(&layered).expect("valid");
+        assert_eq!(settings.port, 8000);
+        assert_eq!(settings.mandelbox_limit_per_user, 5);
+    }
+
+    #[test]
+    fn a_region_specific_buffer_overrides_the_general_one() {
+        let settings = Settings::from_sources(&sources(&[
+            ("ENABLED_REGIONS", r#"["us-east-1","eu-west-1"]"#),
+            ("DESIRED_FREE_MANDELBOXES", "4"),
+            ("DESIRED_FREE_MANDELBOXES_EU_WEST_1", "7"),
+        ]))
+        .expect("valid");
+        assert_eq!(settings.desired_free_mandelboxes_in("us-east-1"), 4);
+        assert_eq!(settings.desired_free_mandelboxes_in("eu-west-1"), 7);
+    }
+
+    #[test]
+    fn auth0_urls_are_derived_from_the_domain_unless_overridden() {
+        let settings =
+            Settings::from_sources(&sources(&[("AUTH0_DOMAIN", "whist.us.auth0.com")])).expect("valid");
+        assert_eq!(
+            settings.auth0.jwks_url.as_deref(),
+            Some("https://whist.us.auth0.com/.well-known/jwks.json")
+        );
+        assert_eq!(settings.auth0.issuer.as_deref(), Some("https://whist.us.auth0.com/"));
+        let settings = Settings::from_sources(&sources(&[
+            ("AUTH0_DOMAIN", "whist.us.auth0.com"),
+            ("AUTH0_JWKS_URL", "http://127.0.0.1:9/jwks.json"),
+        ]))
+        .expect("valid");
+        assert_eq!(
+            settings.auth0.jwks_url.as_deref(),
+            Some("http://127.0.0.1:9/jwks.json")
+        );
+    }
+}

@@ -1,0 +1,7 @@
+//! Adapters: everything that talks to the outside world.
+//!
+//! Architecture invariant: adapters carry facts in and out; they make no business decision. What an adapter learns
+//! (an EC2 id, a Stripe status) goes back to the domain inside a command.
+
+pub mod config;
+pub mod store;

@@ -1,0 +1,227 @@
+//! Connecting to the event store's database, whichever backend it is, and migrating it.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{AnyPool, PgPool, SqlitePool};
+
+use super::log::{EventLog, LogSignal};
+
+/// The concrete pool behind the event store.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// Failures to reach or prepare the database.
+#[derive(Debug, thiserror::Error)]
+pub enum DatabaseError {
+    #[error("could not connect to the event store at {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("could not create the embedded store's folder {path}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not apply the migrations")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error")]
+    Sql(#[from] sqlx::Error),
+}
+
+/// The event store database: the backend pool (for cqrs-es and backend-specific statements), a pool of the
+/// `Any` driver (for read models and checkpoints, whose SQL is written once for both backends), and the signal
+/// that wakes readers of the log.
+#[derive(Clone, Debug)]
+pub struct Database {
+    backend: Backend,
+    any: AnyPool,
+    signal: LogSignal,
+    description: String,
+}
+
+impl Database {
+    /// Connects to Postgres when `database_url` is given, else to the embedded SQLite store in `data_dir`.
+    ///
+    /// # Errors
+    /// The database cannot be reached, or the embedded store's folder cannot be created.
+    pub async fn connect(
+        database_url: Option<&str>,
+        data_dir: &Path,
+        max_connections: u32,
+    ) -> Result<Self, DatabaseError> {
+        sqlx::any::install_default_drivers();
+        match database_url {
+            Some(url) => Self::connect_postgres(url, max_connections).await,
+            None => Self::connect_sqlite(data_dir).await,
+        }
+    }
+
+    async fn connect_postgres(url: &str, max_connections: u32) -> Result<Self, DatabaseError> {
+        let connect_error = |source| DatabaseError::Connect {
+            url: redact_url(url),
+            source,
+        };
+        let options = PgConnectOptions::from_str(url).map_err(connect_error)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(connect_error)?;
+        let any = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(connect_error)?;
+        Ok(Self {
+            backend: Backend::Postgres(pool),
+            any,
+            signal: LogSignal::new(),
+            description: redact_url(url),
+        })
+    }
+
+    async fn connect_sqlite(data_dir: &Path) -> Result<Self, DatabaseError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| DatabaseError::DataDir {
+            path: data_dir.display().to_string(),
+            source,
+        })?;
+        let file = data_dir.join("whist.db");
+        let url = format!("sqlite://{}?mode=rwc", file.display());
+        let connect_error = |source| DatabaseError::Connect {
+            url: url.clone(),
+            source,
+        };
+        let options = SqliteConnectOptions::new()
+            .filename(&file)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await
+            .map_err(connect_error)?;
+        let any = AnyPoolOptions::new()
+            .max_connections(8)
+            .after_connect(|connection, _| {
+                Box::pin(async move {
+                    sqlx::query("PRAGMA busy_timeout = 10000")
+                        .execute(&mut *connection)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await
+            .map_err(connect_error)?;
+        Ok(Self {
+            backend: Backend::Sqlite(pool),
+            any,
+            signal: LogSignal::new(),
+            description: url,
+        })
+    }
+
+    /// Applies `migrations/` for this backend. Safe to run from several processes at once (sqlx takes a lock).
+    ///
+    /// # Errors
+    /// A migration failed or the recorded migrations differ from the shipped ones.
+    pub async fn migrate(&self) -> Result<(), DatabaseError> {
+        match &self.backend {
+            Backend::Postgres(pool) => sqlx::migrate!("../migrations/postgres").run(pool).await?,
+            Backend::Sqlite(pool) => sqlx::migrate!("../migrations/sqlite").run(pool).await?,
+        }
+        Ok(())
+    }
+
+    /// Answers whether the database takes a trivial query (the readiness probe).
+    ///
+    /// # Errors
+    /// The database does not answer.
+    pub async fn ping(&self) -> Result<(), DatabaseError> {
+        sqlx::query("SELECT 1").execute(&self.any).await?;
+        Ok(())
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// The pool for SQL written once for both backends (read models, checkpoints, the log).
+    pub fn any(&self) -> &AnyPool {
+        &self.any
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// The signal raised whenever this process commits events, and whenever the log's head moves.
+    pub fn signal(&self) -> &LogSignal {
+        &self.signal
+    }
+
+    /// A reader of the global log.
+    pub fn log(&self) -> EventLog {
+        EventLog::new(self.any.clone())
+    }
+
+    /// Where the store lives, with any password removed (for logs).
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// Closes both pools.
+    pub async fn close(&self) {
+        match &self.backend {
+            Backend::Postgres(pool) => pool.close().await,
+            Backend::Sqlite(pool) => pool.close().await,
+        }
+        self.any.close().await;
+    }
+}
+
+/// Removes the password from a database URL so that it can be logged.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((credentials, host)) => {
+                let user = credentials.split(':').next().unwrap_or_default();
+                format!("{scheme}://{user}:***@{host}")
+            }
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn a_password_never_reaches_the_logs() {
+        assert_eq!(
+            redact_url("postgres://whist:s3cret@db:5432/whist"),
+            "postgres://whist:***@db:5432/whist"
+        );
+        assert_eq!(
+            redact_url("postgres://127.0.0.1/test"),
+            "postgres://127.0.0.1/test"
+        );
+    }
+}

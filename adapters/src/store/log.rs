@@ -1,0 +1,202 @@
+//! Reading the global log, and the signal that says it may have moved.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use sqlx::any::AnyRow;
+use sqlx::{Any, AnyPool, Executor, Row};
+use tokio::sync::watch;
+use whist_domain::metadata::MetadataError;
+use whist_domain::EventMetadata;
+
+/// One event as stored in the global log. The payload and metadata stay raw JSON text until a reader asks for
+/// them, because most readers (rebuilds, exports, indexes) need only some events' payloads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedEvent {
+    pub position: i64,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: String,
+    pub metadata: String,
+}
+
+impl LoggedEvent {
+    /// The payload as JSON.
+    ///
+    /// # Errors
+    /// The stored payload is not JSON (it always is unless the table was edited by hand).
+    pub fn payload_json(&self) -> Result<Value, serde_json::Error> {
+        serde_json::from_str(&self.payload)
+    }
+
+    /// The payload as the aggregate's event type, upcast first where the caller needs old versions read.
+    ///
+    /// # Errors
+    /// The payload does not have the event's shape.
+    pub fn payload_as<E: serde::de::DeserializeOwned>(&self) -> Result<E, serde_json::Error> {
+        serde_json::from_str(&self.payload)
+    }
+
+    /// The metadata recorded with the event.
+    ///
+    /// # Errors
+    /// The stored metadata lacks a field or has a malformed one.
+    pub fn metadata(&self) -> Result<EventMetadata, MetadataError> {
+        let map = serde_json::from_str(&self.metadata)
+            .map_err(|_| MetadataError::Malformed("metadata"))?;
+        EventMetadata::from_map(&map)
+    }
+
+    fn from_row(row: &AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            position: row.try_get("position")?,
+            aggregate_type: row.try_get("aggregate_type")?,
+            aggregate_id: row.try_get("aggregate_id")?,
+            sequence: row.try_get("sequence")?,
+            event_type: row.try_get("event_type")?,
+            event_version: row.try_get("event_version")?,
+            payload: row.try_get("payload")?,
+            metadata: row.try_get("metadata")?,
+        })
+    }
+}
+
+const SELECT_AFTER: &str = "
+SELECT position, aggregate_type, aggregate_id, sequence, event_type, event_version,
+       CAST(payload AS TEXT) AS payload, CAST(metadata AS TEXT) AS metadata
+  FROM events
+ WHERE position > $1
+ ORDER BY position
+ LIMIT $2";
+
+/// Reads the global log: every event with a position, in position order.
+#[derive(Clone, Debug)]
+pub struct EventLog {
+    pool: AnyPool,
+}
+
+impl EventLog {
+    pub fn new(pool: AnyPool) -> Self {
+        Self { pool }
+    }
+
+    /// Up to `limit` events after `after`, in order, through the given connection or transaction.
+    ///
+    /// # Errors
+    /// The database failed, or a row does not have the log's shape.
+    pub async fn read_after_with<'c, E>(
+        executor: E,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<LoggedEvent>, sqlx::Error>
+    where
+        E: Executor<'c, Database = Any>,
+    {
+        let rows = sqlx::query(SELECT_AFTER)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(executor)
+            .await?;
+        rows.iter().map(LoggedEvent::from_row).collect()
+    }
+
+    /// Up to `limit` events after `after`, in order.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub async fn read_after(&self, after: i64, limit: i64) -> Result<Vec<LoggedEvent>, sqlx::Error> {
+        Self::read_after_with(&self.pool, after, limit).await
+    }
+
+    /// The last position handed out.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub async fn head_with<'c, E>(executor: E) -> Result<i64, sqlx::Error>
+    where
+        E: Executor<'c, Database = Any>,
+    {
+        sqlx::query_scalar("SELECT position FROM event_log_head WHERE id = 1")
+            .fetch_one(executor)
+            .await
+    }
+
+    /// The last position handed out.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub async fn head(&self) -> Result<i64, sqlx::Error> {
+        Self::head_with(&self.pool).await
+    }
+}
+
+/// Wakes the parts of this process that wait on the log: the sequencer when events were appended, and readers
+/// (projections, the reconciler) when the head moved. Other processes learn of the head through Postgres
+/// `LISTEN/NOTIFY` (see `Sequencer::listen`).
+#[derive(Clone, Debug)]
+pub struct LogSignal {
+    inner: Arc<Signals>,
+}
+
+#[derive(Debug)]
+struct Signals {
+    appended: watch::Sender<u64>,
+    advanced: watch::Sender<u64>,
+    positions_on_insert: std::sync::atomic::AtomicBool,
+}
+
+impl Default for LogSignal {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LogSignal {
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(Signals {
+                appended: watch::channel(0).0,
+                advanced: watch::channel(0).0,
+                positions_on_insert: std::sync::atomic::AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// For stores that give events their position as they are inserted (SQLite), so that an append is also an
+    /// advance of the head.
+    pub fn set_positions_on_insert(&self) {
+        self.inner
+            .positions_on_insert
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// This process committed events.
+    pub fn appended(&self) {
+        self.inner.appended.send_modify(|count| *count += 1);
+        if self
+            .inner
+            .positions_on_insert
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.advanced();
+        }
+    }
+
+    /// The log's head moved (events received positions).
+    pub fn advanced(&self) {
+        self.inner.advanced.send_modify(|count| *count += 1);
+    }
+
+    /// A receiver that changes on every append by this process.
+    pub fn on_append(&self) -> watch::Receiver<u64> {
+        self.inner.appended.subscribe()
+    }
+
+    /// A receiver that changes whenever the head moves.
+    pub fn on_advance(&self) -> watch::Receiver<u64> {
+        self.inner.advanced.subscribe()
+    }
+}

@@ -1,0 +1,12 @@
+//! The event store: cqrs-es aggregates persisted by postgres-es (or sqlite-es for the embedded default), plus the
+//! global log in commit order that projections and the reconciler read.
+
+mod aggregate_store;
+mod database;
+mod log;
+mod sequencer;
+
+pub use aggregate_store::{AggregateStore, CommandError};
+pub use database::{Backend, Database, DatabaseError};
+pub use log::{EventLog, LogSignal, LoggedEvent};
+pub use sequencer::Sequencer;

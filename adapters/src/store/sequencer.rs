@@ -1,0 +1,185 @@
+//! The Postgres sequencer: gives committed events their global position.
+//!
+//! Why a sequencer and not a sequence default: a sequence value is taken at insert, and transactions do not
+//! commit in the order they insert. If transaction A takes 5 and B takes 6, B commits, a reader passes 6, then
+//! A commits 5, the reader has skipped A for ever. Here an event has no position until it is committed and visible
+//! to the sequencer; positions are handed out in batches, one batch at a time (the row lock on `event_log_head`),
+//! and each batch commits before the next begins. A late transaction therefore always gets a later position, and a
+//! reader that follows positions sees every event exactly once, in an order that respects every causal link
+//! (an event that was written after reading another is always committed, and so sequenced, after it).
+
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use super::log::LogSignal;
+
+/// The channel on which a sequencer announces that the head moved.
+pub const LOG_CHANNEL: &str = "whist_event_log";
+
+/// What one pass of the sequencer did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SequencerPass {
+    /// Positions up to `head` were handed out to `count` events.
+    Assigned { count: u64, head: i64 },
+    /// Nothing was waiting.
+    Idle,
+    /// Another process's sequencer holds the lock right now.
+    Busy,
+}
+
+/// Hands out global positions (Postgres only; SQLite positions are given at insert by a trigger).
+#[derive(Clone, Debug)]
+pub struct Sequencer {
+    pool: PgPool,
+    signal: LogSignal,
+    batch_size: i64,
+}
+
+impl Sequencer {
+    pub fn new(pool: PgPool, signal: LogSignal) -> Self {
+        Self {
+            pool,
+            signal,
+            batch_size: 5_000,
+        }
+    }
+
+    /// Gives positions to up to one batch of committed events.
+    ///
+    /// # Errors
+    /// The database failed; nothing was assigned.
+    pub async fn pass(&self) -> Result<SequencerPass, sqlx::Error> {
+        let waiting: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE position IS NULL)")
+                .fetch_one(&self.pool)
+                .await?;
+        if !waiting {
+            return Ok(SequencerPass::Idle);
+        }
+        let mut transaction = self.pool.begin().await?;
+        // The lock is taken in its own statement so that the statement below takes its snapshot after the
+        // previous holder committed, and so sees every position that holder handed out.
+        let head: Option<i64> = sqlx::query_scalar(
+            "SELECT position FROM event_log_head WHERE id = 1 FOR UPDATE SKIP LOCKED",
+        )
+        .fetch_optional(&mut *transaction)
+        .await?;
+        let Some(head) = head else {
+            return Ok(SequencerPass::Busy);
+        };
+        let count = sqlx::query(
+            "
+WITH ready AS (
+    SELECT insert_id FROM events WHERE position IS NULL ORDER BY insert_id LIMIT $2
+), numbered AS (
+    SELECT insert_id, $1 + row_number() OVER (ORDER BY insert_id) AS position FROM ready
+)
+UPDATE events
+   SET position = numbered.position
+  FROM numbered
+ WHERE events.insert_id = numbered.insert_id AND events.position IS NULL",
+        )
+        .bind(head)
+        .bind(self.batch_size)
+        .execute(&mut *transaction)
+        .await?
+        .rows_affected();
+        if count == 0 {
+            transaction.rollback().await?;
+            return Ok(SequencerPass::Idle);
+        }
+        let new_head = head + i64::try_from(count).unwrap_or(i64::MAX);
+        sqlx::query("UPDATE event_log_head SET position = $1 WHERE id = 1")
+            .bind(new_head)
+            .execute(&mut *transaction)
+            .await?;
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(LOG_CHANNEL)
+            .bind(new_head.to_string())
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        self.signal.advanced();
+        Ok(SequencerPass::Assigned {
+            count,
+            head: new_head,
+        })
+    }
+
+    /// Runs passes until `shutdown` turns true: at once when this process appends, and every 20 ms for events
+    /// other processes appended (their own sequencers usually get there first).
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut appended = self.signal.on_append();
+        let span = tracing::info_span!("sequencer");
+        let _entered = span.enter();
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let pass = self.pass().await;
+            let pause = match pass {
+                Ok(SequencerPass::Assigned { count, .. }) if count as i64 >= self.batch_size => {
+                    Duration::ZERO
+                }
+                Ok(SequencerPass::Assigned { .. }) | Ok(SequencerPass::Idle) => {
+                    Duration::from_millis(20)
+                }
+                Ok(SequencerPass::Busy) => Duration::from_millis(2),
+                Err(error) => {
+                    tracing::warn!(error = %error, "sequencer pass failed; retrying");
+                    Duration::from_millis(500)
+                }
+            };
+            if pause.is_zero() {
+                continue;
+            }
+            tokio::select! {
+                _ = appended.changed() => {}
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// Listens for other processes' sequencers and raises the local signal when the head moves.
+    /// Reconnects by itself after a database outage.
+    pub async fn listen(pool: PgPool, signal: LogSignal, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let mut listener = match PgListener::connect_with(&pool).await {
+                Ok(listener) => listener,
+                Err(error) => {
+                    tracing::warn!(error = %error, "could not listen for the log head; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            };
+            if let Err(error) = listener.listen(LOG_CHANNEL).await {
+                tracing::warn!(error = %error, "could not listen for the log head; retrying");
+                continue;
+            }
+            // A notification may have been missed while not listening.
+            signal.advanced();
+            loop {
+                tokio::select! {
+                    received = listener.try_recv() => match received {
+                        Ok(Some(_)) => signal.advanced(),
+                        Ok(None) => { signal.advanced(); }
+                        Err(error) => {
+                            tracing::warn!(error = %error, "log listener failed; reconnecting");
+                            break;
+                        }
+                    },
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! The Whist domain: aggregates that take commands and emit events.
+//!
+//! Architecture invariant: nothing in this crate performs I/O. A decision depends only on the aggregate's state
+//! and the command; facts from outside (an EC2 id, a Stripe status, the current time) arrive inside commands.
+
+pub mod metadata;
+pub mod probe;
+
+pub use metadata::{Actor, EventMetadata};

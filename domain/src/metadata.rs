@@ -1,0 +1,187 @@
+//! Metadata recorded with every event: when, who, and why.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Who caused an event. Stored as a plain string so that auditors can read it without this crate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum Actor {
+    /// A desktop-app user or developer, by Auth0 subject.
+    User(String),
+    /// A host service, by instance id.
+    Host(String),
+    /// Stripe, through a signed webhook.
+    Stripe,
+    /// The webserver itself: the autoscaler, reconciler, sweeps, releases.
+    System,
+}
+
+impl fmt::Display for Actor {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::User(user_id) => write!(formatter, "user:{user_id}"),
+            Self::Host(instance_id) => write!(formatter, "host:{instance_id}"),
+            Self::Stripe => formatter.write_str("stripe"),
+            Self::System => formatter.write_str("system"),
+        }
+    }
+}
+
+impl From<Actor> for String {
+    fn from(actor: Actor) -> Self {
+        actor.to_string()
+    }
+}
+
+/// The text of an actor was none of `user:…`, `host:…`, `stripe`, `system`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown actor {0:?}: expected user:ID, host:ID, stripe or system")]
+pub struct UnknownActor(pub String);
+
+impl TryFrom<String> for Actor {
+    type Error = UnknownActor;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        if let Some(user_id) = text.strip_prefix("user:") {
+            return Ok(Self::User(user_id.to_string()));
+        }
+        if let Some(instance_id) = text.strip_prefix("host:") {
+            return Ok(Self::Host(instance_id.to_string()));
+        }
+        match text.as_str() {
+            "stripe" => Ok(Self::Stripe),
+            "system" => Ok(Self::System),
+            _ => Err(UnknownActor(text)),
+        }
+    }
+}
+
+/// Metadata stored beside each event's payload.
+///
+/// `correlation_id` ties together every event that one outside request (an HTTP call, a webhook, a CLI run)
+/// caused, however many commands it took; `causation_id` names the event or request that directly caused this one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventMetadata {
+    pub recorded_at: DateTime<Utc>,
+    pub actor: Actor,
+    pub correlation_id: Uuid,
+    pub causation_id: Option<String>,
+}
+
+impl EventMetadata {
+    /// Metadata for a command that starts a new chain of causes (a fresh correlation id).
+    pub fn new(actor: Actor, recorded_at: DateTime<Utc>) -> Self {
+        Self {
+            recorded_at,
+            actor,
+            correlation_id: Uuid::new_v4(),
+            causation_id: None,
+        }
+    }
+
+    /// The same correlation, caused by `causation_id` (an event position or request id).
+    pub fn caused_by(&self, causation_id: impl Into<String>, recorded_at: DateTime<Utc>) -> Self {
+        Self {
+            recorded_at,
+            actor: self.actor.clone(),
+            correlation_id: self.correlation_id,
+            causation_id: Some(causation_id.into()),
+        }
+    }
+
+    /// The string map cqrs-es stores as the event's metadata column.
+    pub fn to_map(&self) -> HashMap<String, String> {
+        let mut map = HashMap::with_capacity(4);
+        map.insert(
+            "recorded_at".to_string(),
+            self.recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+        );
+        map.insert("actor".to_string(), self.actor.to_string());
+        map.insert("correlation_id".to_string(), self.correlation_id.to_string());
+        if let Some(causation_id) = &self.causation_id {
+            map.insert("causation_id".to_string(), causation_id.clone());
+        }
+        map
+    }
+
+    /// Reads metadata back from the stored string map.
+    ///
+    /// # Errors
+    /// Names the first field that is missing or malformed.
+    pub fn from_map(map: &HashMap<String, String>) -> Result<Self, MetadataError> {
+        let field = |name: &'static str| map.get(name).ok_or(MetadataError::Missing(name));
+        let recorded_at = DateTime::parse_from_rfc3339(field("recorded_at")?)
+            .map_err(|_| MetadataError::Malformed("recorded_at"))?
+            .with_timezone(&Utc);
+        let actor =
+            Actor::try_from(field("actor")?.clone()).map_err(|_| MetadataError::Malformed("actor"))?;
+        let correlation_id = Uuid::parse_str(field("correlation_id")?)
+            .map_err(|_| MetadataError::Malformed("correlation_id"))?;
+        Ok(Self {
+            recorded_at,
+            actor,
+            correlation_id,
+            causation_id: map.get("causation_id").cloned(),
+        })
+    }
+}
+
+/// Stored metadata could not be read back.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MetadataError {
+    #[error("event metadata lacks {0}")]
+    Missing(&'static str),
+    #[error("event metadata has a malformed {0}")]
+    Malformed(&'static str),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_survives_a_round_trip_through_the_stored_map() {
+        let metadata = EventMetadata::new(Actor::User("auth0|abc".into()), Utc::now())
+            .caused_by("request-1", Utc::now());
+        let back = EventMetadata::from_map(&metadata.to_map()).expect("readable");
+        assert_eq!(back.actor, metadata.actor);
+        assert_eq!(back.correlation_id, metadata.correlation_id);
+        assert_eq!(back.causation_id.as_deref(), Some("request-1"));
+        assert_eq!(
+            back.recorded_at.timestamp_micros(),
+            metadata.recorded_at.timestamp_micros()
+        );
+    }
+
+    #[test]
+    fn every_kind_of_actor_reads_back_as_itself() {
+        for actor in [
+            Actor::User("u1".into()),
+            Actor::Host("i-1".into()),
+            Actor::Stripe,
+            Actor::System,
+        ] {
+            assert_eq!(Actor::try_from(actor.to_string()), Ok(actor));
+        }
+    }
+
+    #[test]
+    fn an_unknown_actor_is_refused() {
+        assert!(Actor::try_from("robot".to_string()).is_err());
+    }
+
+    #[test]
+    fn metadata_without_an_actor_names_the_missing_field() {
+        let mut map = EventMetadata::new(Actor::System, Utc::now()).to_map();
+        map.remove("actor");
+        assert_eq!(
+            EventMetadata::from_map(&map),
+            Err(MetadataError::Missing("actor"))
+        );
+    }
+}

@@ -1,0 +1,104 @@
+//! The store probe: a deliberately tiny aggregate used by the store benchmark and the store tests.
+//!
+//! It is a real aggregate, stored like any other, so that the benchmark measures exactly the path every command
+//! takes (load, decide, append) without the cost of any business rule. Production code never sends it commands.
+
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, DomainEvent};
+use serde::{Deserialize, Serialize};
+
+/// Counts the increments it was given. A double-applied event (the cqrs-es 0.5 snapshot bug) shows as a wrong total.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    pub total: u64,
+    pub increments: u64,
+}
+
+/// Commands the probe takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeCommand {
+    /// Add `by` to the total. Zero is refused, so that a rejected command can be tested.
+    Increment { by: u64 },
+}
+
+/// Events the probe records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProbeEvent {
+    Incremented { by: u64, total: u64 },
+}
+
+impl DomainEvent for ProbeEvent {
+    fn event_type(&self) -> String {
+        match self {
+            Self::Incremented { .. } => "ProbeIncremented".to_string(),
+        }
+    }
+
+    fn event_version(&self) -> String {
+        "1.0".to_string()
+    }
+}
+
+/// Rejections of probe commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    #[error("an increment must be positive")]
+    ZeroIncrement,
+}
+
+impl Aggregate for Probe {
+    const TYPE: &'static str = "probe";
+    type Command = ProbeCommand;
+    type Event = ProbeEvent;
+    type Error = ProbeError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        _services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        match command {
+            ProbeCommand::Increment { by: 0 } => Err(ProbeError::ZeroIncrement),
+            ProbeCommand::Increment { by } => {
+                let total = self.total + by;
+                sink.write(ProbeEvent::Incremented { by, total }, self).await;
+                Ok(())
+            }
+        }
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        match event {
+            ProbeEvent::Incremented { total, .. } => {
+                self.total = total;
+                self.increments += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cqrs_es::test::TestFramework;
+
+    type ProbeTest = TestFramework<Probe>;
+
+    #[test]
+    fn an_increment_records_the_new_total() {
+        ProbeTest::with(())
+            .given(vec![ProbeEvent::Incremented { by: 2, total: 2 }])
+            .when(ProbeCommand::Increment { by: 3 })
+            .then_expect_events(vec![ProbeEvent::Incremented { by: 3, total: 5 }]);
+    }
+
+    #[test]
+    fn a_zero_increment_is_refused() {
+        ProbeTest::with(())
+            .given_no_previous_events()
+            .when(ProbeCommand::Increment { by: 0 })
+            .then_expect_error(ProbeError::ZeroIncrement);
+    }
+}
