@@ -1,1 +1,21 @@
-//! placeholder
+//! Projections: read models built from the global event log, and the runner that keeps each one at the log's head.
+//!
+//! Architecture invariant: a projection only reads events and writes its own tables, inside the transaction that
+//! also moves its checkpoint. It calls no outside service and never sends commands, so it can be replayed from
+//! position 0 at any time with the same result.
+
+pub mod aggregate_index;
+mod projection;
+mod runner;
+
+pub use projection::{Projection, ProjectionError, Tables};
+pub use runner::{
+    ProjectionRunner, ProjectionStatus, RebuildProgress, RebuildReport, RunnerError, StepOutcome,
+};
+
+use std::sync::Arc;
+
+/// Every projection the webserver maintains, in the order they are registered.
+pub fn all() -> Vec<Arc<dyn Projection>> {
+    vec![Arc::new(aggregate_index::AggregateIndex)]
+}

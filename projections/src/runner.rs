@@ -1,0 +1,546 @@
+//! The projection runner: moves every projection from its checkpoint to the log's head, and rebuilds one from
+//! position 0 into shadow tables that replace the live ones in a single transaction.
+//!
+//! Exactly-once effect from at-least-once delivery: a batch's read-model writes and the checkpoint that records
+//! them commit in one transaction, so a crash either keeps both or neither. The checkpoint row is locked first in
+//! that transaction, so any number of processes can run the same projection without applying a batch twice.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use sqlx::{Any, AnyConnection, Row, Transaction};
+use tokio::sync::watch;
+use whist_adapters::store::{Database, EventLog, LoggedEvent};
+
+use crate::projection::{shadow_name, Projection, ProjectionError, Tables};
+
+const STATUS_RUNNING: &str = "running";
+const STATUS_FAILED: &str = "failed";
+
+/// Failures of the runner itself.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("no projection is named {0}")]
+    UnknownProjection(String),
+    #[error("the database failed")]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
+}
+
+/// What one step of a projection did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// Events up to `position` were applied.
+    Applied { count: usize, position: i64 },
+    /// Nothing new after the checkpoint.
+    CaughtUp,
+    /// The projection is stopped on an event that fails (see its `last_error`); a rebuild restarts it.
+    Stopped,
+}
+
+/// A projection's standing, as `GET /admin/projections` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProjectionStatus {
+    pub name: String,
+    pub position: i64,
+    pub head: i64,
+    pub lag: i64,
+    pub status: String,
+    pub last_error: Option<String>,
+}
+
+/// Progress of a rebuild, reported after every batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebuildProgress {
+    pub position: i64,
+    pub head: i64,
+    pub events: u64,
+}
+
+/// The outcome of a rebuild.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RebuildReport {
+    pub events: u64,
+    pub position: i64,
+    pub elapsed: Duration,
+}
+
+impl RebuildReport {
+    pub fn events_per_second(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Runs the projections of one process.
+#[derive(Clone)]
+pub struct ProjectionRunner {
+    database: Database,
+    projections: Vec<Arc<dyn Projection>>,
+    batch_size: i64,
+}
+
+impl ProjectionRunner {
+    pub fn new(database: Database, projections: Vec<Arc<dyn Projection>>) -> Self {
+        Self {
+            database,
+            projections,
+            batch_size: 2_000,
+        }
+    }
+
+    /// Sets how many events one step reads at most.
+    pub fn with_batch_size(mut self, batch_size: i64) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    pub fn projections(&self) -> &[Arc<dyn Projection>] {
+        &self.projections
+    }
+
+    fn find(&self, name: &str) -> Result<Arc<dyn Projection>, RunnerError> {
+        self.projections
+            .iter()
+            .find(|projection| projection.name() == name)
+            .cloned()
+            .ok_or_else(|| RunnerError::UnknownProjection(name.to_string()))
+    }
+
+    /// Creates the checkpoint of every projection that has none (at position 0).
+    ///
+    /// # Errors
+    /// The database failed.
+    pub async fn register(&self) -> Result<(), RunnerError> {
+        for projection in &self.projections {
+            sqlx::query(
+                "INSERT INTO projection_checkpoints (name, position, status, updated_at) \
+                 VALUES ($1, 0, $2, $3) ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(projection.name())
+            .bind(STATUS_RUNNING)
+            .bind(Utc::now().timestamp_millis())
+            .execute(self.database.any())
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Applies at most one batch to the projection named `name`.
+    ///
+    /// # Errors
+    /// The database failed (nothing was recorded; the step can be retried).
+    pub async fn step(&self, name: &str) -> Result<StepOutcome, RunnerError> {
+        let projection = self.find(name)?;
+        let live = Tables::live(projection.tables());
+        let mut transaction = self.database.any().begin().await?;
+        let Some((position, status)) = lock_checkpoint(&mut transaction, name).await? else {
+            return Err(RunnerError::UnknownProjection(name.to_string()));
+        };
+        if status == STATUS_FAILED {
+            return Ok(StepOutcome::Stopped);
+        }
+        let events = EventLog::read_after_with(&mut *transaction, position, self.batch_size).await?;
+        let Some(last) = events.last() else {
+            return Ok(StepOutcome::CaughtUp);
+        };
+        let last_position = last.position;
+        match projection.apply(&mut transaction, &live, &events).await {
+            Ok(()) => {
+                save_checkpoint(&mut transaction, name, last_position, STATUS_RUNNING, None).await?;
+                transaction.commit().await?;
+                Ok(StepOutcome::Applied {
+                    count: events.len(),
+                    position: last_position,
+                })
+            }
+            Err(ProjectionError::Database(error)) => Err(RunnerError::Database(error)),
+            Err(_) => {
+                transaction.rollback().await?;
+                self.isolate_failure(projection.as_ref(), &live, &events).await
+            }
+        }
+    }
+
+    /// After a batch failed, applies its events one at a time so that every event before the failing one is kept,
+    /// then stops the projection on the failing one with `last_error` set.
+    async fn isolate_failure(
+        &self,
+        projection: &dyn Projection,
+        live: &Tables,
+        events: &[LoggedEvent],
+    ) -> Result<StepOutcome, RunnerError> {
+        let name = projection.name();
+        for event in events {
+            let mut transaction = self.database.any().begin().await?;
+            let Some((position, _)) = lock_checkpoint(&mut transaction, name).await? else {
+                return Err(RunnerError::UnknownProjection(name.to_string()));
+            };
+            if event.position <= position {
+                continue;
+            }
+            match projection
+                .apply(&mut transaction, live, std::slice::from_ref(event))
+                .await
+            {
+                Ok(()) => {
+                    save_checkpoint(&mut transaction, name, event.position, STATUS_RUNNING, None)
+                        .await?;
+                    transaction.commit().await?;
+                }
+                Err(ProjectionError::Database(error)) => return Err(RunnerError::Database(error)),
+                Err(error) => {
+                    transaction.rollback().await?;
+                    let mut transaction = self.database.any().begin().await?;
+                    lock_checkpoint(&mut transaction, name).await?;
+                    let message = error.to_string();
+                    tracing::error!(projection = name, position = event.position, error = %message,
+                        "projection stopped on an event it cannot apply");
+                    sqlx::query(
+                        "UPDATE projection_checkpoints SET status = $2, last_error = $3, updated_at = $4 \
+                         WHERE name = $1",
+                    )
+                    .bind(name)
+                    .bind(STATUS_FAILED)
+                    .bind(message)
+                    .bind(Utc::now().timestamp_millis())
+                    .execute(&mut *transaction)
+                    .await?;
+                    transaction.commit().await?;
+                    return Ok(StepOutcome::Stopped);
+                }
+            }
+        }
+        Ok(StepOutcome::CaughtUp)
+    }
+
+    /// Steps the projection named `name` until it reaches the head (or stops).
+    ///
+    /// # Errors
+    /// The database failed.
+    pub async fn catch_up(&self, name: &str) -> Result<StepOutcome, RunnerError> {
+        loop {
+            match self.step(name).await? {
+                StepOutcome::Applied { .. } => continue,
+                outcome => return Ok(outcome),
+            }
+        }
+    }
+
+    /// Runs every projection until `shutdown` turns true, waking on every move of the log's head (and once a
+    /// second regardless). Database failures are logged and retried.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        if let Err(error) = self.register().await {
+            tracing::error!(error = %error, "could not register projections; will retry in the loop");
+        }
+        let mut tasks = Vec::new();
+        for projection in &self.projections {
+            let runner = self.clone();
+            let name = projection.name();
+            let shutdown = shutdown.clone();
+            tasks.push(tokio::spawn(async move { runner.run_one(name, shutdown).await }));
+        }
+        for task in tasks {
+            if let Err(error) = task.await {
+                tracing::error!(error = %error, "projection task ended abnormally");
+            }
+        }
+    }
+
+    async fn run_one(&self, name: &'static str, mut shutdown: watch::Receiver<bool>) {
+        let span = tracing::info_span!("projection", projection = name);
+        let _entered = span.enter();
+        let mut advanced = self.database.signal().on_advance();
+        let mut registered = false;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            advanced.borrow_and_update();
+            if !registered {
+                registered = self.register().await.is_ok();
+            }
+            let pause = match self.step(name).await {
+                Ok(StepOutcome::Applied { position, .. }) => {
+                    metrics::gauge!("whist_projection_position", "projection" => name)
+                        .set(position as f64);
+                    continue;
+                }
+                Ok(StepOutcome::CaughtUp) => Duration::from_secs(1),
+                Ok(StepOutcome::Stopped) => Duration::from_secs(5),
+                Err(error) => {
+                    tracing::warn!(error = %error, "projection step failed; retrying");
+                    Duration::from_secs(1)
+                }
+            };
+            tokio::select! {
+                _ = advanced.changed() => {}
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// The standing of every registered projection.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub async fn status(&self) -> Result<Vec<ProjectionStatus>, RunnerError> {
+        let head = self.database.log().head().await?;
+        let rows = sqlx::query(
+            "SELECT name, position, status, last_error FROM projection_checkpoints ORDER BY name",
+        )
+        .fetch_all(self.database.any())
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let position: i64 = row.try_get("position")?;
+                Ok(ProjectionStatus {
+                    name: row.try_get("name")?,
+                    position,
+                    head,
+                    lag: (head - position).max(0),
+                    status: row.try_get("status")?,
+                    last_error: row.try_get("last_error")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(RunnerError::from)
+    }
+
+    /// Rebuilds the projection named `name` from position 0 into shadow tables, then, in one transaction that
+    /// also holds the checkpoint, catches them up to the head and puts them in place of the live tables. Readers
+    /// see the old model until that commit and the whole new one after it. A failed projection restarts here.
+    ///
+    /// # Errors
+    /// The database failed or an event cannot be applied; the live tables are then untouched.
+    pub async fn rebuild(
+        &self,
+        name: &str,
+        progress: &(dyn Fn(RebuildProgress) + Send + Sync),
+    ) -> Result<RebuildReport, RunnerError> {
+        let projection = self.find(name)?;
+        self.register().await?;
+        let started = Instant::now();
+        let tables = projection.tables();
+        let shadow = Tables::shadow(tables);
+        let mut connection = self.database.any().acquire().await?;
+        for table in tables {
+            create_shadow_table(&mut connection, self.database.is_postgres(), table).await?;
+        }
+        drop(connection);
+
+        let log = self.database.log();
+        let mut position = 0i64;
+        let mut events_applied = 0u64;
+        let head = log.head().await?;
+        // Bulk phase: no lock is held, the live projection keeps running beside us.
+        loop {
+            let events = log.read_after(position, self.rebuild_batch_size()).await?;
+            let Some(last) = events.last() else { break };
+            let last_position = last.position;
+            let mut transaction = self.database.any().begin().await?;
+            projection.apply(&mut transaction, &shadow, &events).await?;
+            transaction.commit().await?;
+            position = last_position;
+            events_applied += events.len() as u64;
+            progress(RebuildProgress {
+                position,
+                head: head.max(position),
+                events: events_applied,
+            });
+        }
+
+        // Swap phase: hold the checkpoint so the live runner pauses, apply what arrived meanwhile, swap.
+        let mut transaction = self.database.any().begin().await?;
+        lock_checkpoint(&mut transaction, name).await?;
+        loop {
+            let events =
+                EventLog::read_after_with(&mut *transaction, position, self.rebuild_batch_size())
+                    .await?;
+            let Some(last) = events.last() else { break };
+            position = last.position;
+            events_applied += events.len() as u64;
+            projection.apply(&mut transaction, &shadow, &events).await?;
+        }
+        for table in tables {
+            swap_in_shadow_table(&mut transaction, self.database.is_postgres(), table).await?;
+        }
+        save_checkpoint(&mut transaction, name, position, STATUS_RUNNING, None).await?;
+        transaction.commit().await?;
+        progress(RebuildProgress {
+            position,
+            head: position,
+            events: events_applied,
+        });
+        Ok(RebuildReport {
+            events: events_applied,
+            position,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    fn rebuild_batch_size(&self) -> i64 {
+        self.batch_size.max(10_000)
+    }
+}
+
+/// Locks the checkpoint row for the rest of the transaction and reads it. The lock is taken with an UPDATE so that
+/// it works the same on Postgres (row lock) and SQLite (the write lock, taken before any read).
+async fn lock_checkpoint(
+    transaction: &mut Transaction<'_, Any>,
+    name: &str,
+) -> Result<Option<(i64, String)>, sqlx::Error> {
+    sqlx::query("UPDATE projection_checkpoints SET updated_at = updated_at WHERE name = $1")
+        .bind(name)
+        .execute(&mut **transaction)
+        .await?;
+    let row = sqlx::query("SELECT position, status FROM projection_checkpoints WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&mut **transaction)
+        .await?;
+    row.map(|row| Ok((row.try_get("position")?, row.try_get("status")?)))
+        .transpose()
+}
+
+async fn save_checkpoint(
+    transaction: &mut Transaction<'_, Any>,
+    name: &str,
+    position: i64,
+    status: &str,
+    last_error: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE projection_checkpoints SET position = $2, status = $3, last_error = $4, updated_at = $5 \
+         WHERE name = $1",
+    )
+    .bind(name)
+    .bind(position)
+    .bind(status)
+    .bind(last_error)
+    .bind(Utc::now().timestamp_millis())
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
+}
+
+/// Creates an empty copy of `table` (columns, keys and indexes, as `migrations/` made them) under its shadow name.
+async fn create_shadow_table(
+    connection: &mut AnyConnection,
+    postgres: bool,
+    table: &str,
+) -> Result<(), sqlx::Error> {
+    let shadow = shadow_name(table);
+    sqlx::query(&format!("DROP TABLE IF EXISTS {shadow}"))
+        .execute(&mut *connection)
+        .await?;
+    if postgres {
+        sqlx::query(&format!(
+            "CREATE TABLE {shadow} (LIKE {table} INCLUDING ALL)"
+        ))
+        .execute(&mut *connection)
+        .await?;
+        return Ok(());
+    }
+    let table_sql: String =
+        sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = $1")
+            .bind(table)
+            .fetch_one(&mut *connection)
+            .await?;
+    sqlx::query(&rename_created_object(&table_sql, "TABLE", table, &shadow))
+        .execute(&mut *connection)
+        .await?;
+    for (index_name, index_sql) in sqlite_indexes(connection, table).await? {
+        let renamed = rename_created_object(&index_sql, "INDEX", &index_name, &shadow_name(&index_name))
+            .replacen(&format!(" ON {table}"), &format!(" ON {shadow}"), 1);
+        sqlx::query(&renamed).execute(&mut *connection).await?;
+    }
+    Ok(())
+}
+
+/// Replaces the live `table` by its shadow, keeping the live index names.
+async fn swap_in_shadow_table(
+    transaction: &mut Transaction<'_, Any>,
+    postgres: bool,
+    table: &str,
+) -> Result<(), sqlx::Error> {
+    let shadow = shadow_name(table);
+    if postgres {
+        sqlx::query(&format!("DROP TABLE {table}"))
+            .execute(&mut **transaction)
+            .await?;
+        sqlx::query(&format!("ALTER TABLE {shadow} RENAME TO {table}"))
+            .execute(&mut **transaction)
+            .await?;
+        let indexes: Vec<String> =
+            sqlx::query_scalar("SELECT indexname FROM pg_indexes WHERE tablename = $1")
+                .bind(table)
+                .fetch_all(&mut **transaction)
+                .await?;
+        for index in indexes {
+            if let Some(suffix) = index.strip_prefix(&shadow) {
+                sqlx::query(&format!("ALTER INDEX {index} RENAME TO {table}{suffix}"))
+                    .execute(&mut **transaction)
+                    .await?;
+            }
+        }
+        return Ok(());
+    }
+    let live_indexes = sqlite_indexes(transaction, table).await?;
+    sqlx::query(&format!("DROP TABLE {table}"))
+        .execute(&mut **transaction)
+        .await?;
+    sqlx::query(&format!("ALTER TABLE {shadow} RENAME TO {table}"))
+        .execute(&mut **transaction)
+        .await?;
+    for (index_name, index_sql) in live_indexes {
+        sqlx::query(&format!("DROP INDEX IF EXISTS {}", shadow_name(&index_name)))
+            .execute(&mut **transaction)
+            .await?;
+        sqlx::query(&index_sql).execute(&mut **transaction).await?;
+    }
+    Ok(())
+}
+
+async fn sqlite_indexes(
+    connection: &mut AnyConnection,
+    table: &str,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = $1 AND sql IS NOT NULL",
+    )
+    .bind(table)
+    .fetch_all(&mut *connection)
+    .await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("name")?, row.try_get("sql")?)))
+        .collect()
+}
+
+/// `CREATE TABLE old (` becomes `CREATE TABLE new (`; the same for indexes.
+fn rename_created_object(sql: &str, kind: &str, old: &str, new: &str) -> String {
+    let pattern = format!("{kind} {old}");
+    match sql.find(&pattern) {
+        Some(at) => format!("{}{kind} {new}{}", &sql[..at], &sql[at + pattern.len()..]),
+        None => sql.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rename_created_object;
+
+    #[test]
+    fn a_created_table_is_renamed_only_in_its_create_clause() {
+        assert_eq!(
+            rename_created_object(
+                "CREATE TABLE aggregate_index (aggregate_index_id text)",
+                "TABLE",
+                "aggregate_index",
+                "aggregate_index__rebuild"
+            ),
+            "CREATE TABLE aggregate_index__rebuild (aggregate_index_id text)"
+        );
+    }
+}
