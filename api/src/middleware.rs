@@ -1,0 +1,149 @@
+//! Cross-cutting request handling: refusal while shutting down, the 1 MiB body limit, a request id and span on
+//! every request, and request metrics.
+
+use std::time::Instant;
+
+use poem::http::{HeaderValue, StatusCode};
+use poem::{Body, Endpoint, IntoResponse, Middleware, Request, Response, Result};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::state::AppState;
+
+/// Requests whose body is larger are answered 413.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// The middleware every route goes through.
+pub struct RequestContext {
+    state: AppState,
+}
+
+impl RequestContext {
+    pub fn new(state: AppState) -> Self {
+        Self { state }
+    }
+}
+
+impl<E: Endpoint> Middleware<E> for RequestContext {
+    type Output = RequestContextEndpoint<E>;
+
+    fn transform(&self, endpoint: E) -> Self::Output {
+        RequestContextEndpoint {
+            inner: endpoint,
+            state: self.state.clone(),
+        }
+    }
+}
+
+pub struct RequestContextEndpoint<E> {
+    inner: E,
+    state: AppState,
+}
+
+fn json_error(status: StatusCode, error: &str) -> Response {
+    Response::builder()
+        .status(status)
+        .content_type("application/json")
+        .body(serde_json::json!({ "error": error }).to_string())
+}
+
+impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
+    type Output = Response;
+
+    async fn call(&self, mut request: Request) -> Result<Self::Output> {
+        let started = Instant::now();
+        let method = request.method().to_string();
+        let route = route_label(request.uri().path());
+        let request_id = request
+            .headers()
+            .get("x-request-id")
+            .and_then(|value| value.to_str().ok())
+            .filter(|value| !value.is_empty() && value.len() <= 128)
+            .map(str::to_string)
+            .unwrap_or_else(|| Uuid::new_v4().to_string());
+        let span = tracing::info_span!("request", request_id = %request_id, method = %method, route = %route);
+
+        let response = async {
+            if self.state.is_draining() {
+                return json_error(StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN");
+            }
+            let declared_length = request
+                .headers()
+                .get(poem::http::header::CONTENT_LENGTH)
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.parse::<usize>().ok());
+            if declared_length.is_some_and(|length| length > MAX_BODY_BYTES) {
+                return json_error(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE");
+            }
+            if declared_length.is_none() && request.method() != poem::http::Method::GET {
+                // A body without a declared length (chunked) is read here, up to the limit.
+                match request.take_body().into_bytes_limit(MAX_BODY_BYTES).await {
+                    Ok(bytes) => request.set_body(Body::from_bytes(bytes)),
+                    Err(poem::error::ReadBodyError::PayloadTooLarge) => {
+                        return json_error(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE")
+                    }
+                    Err(_) => return json_error(StatusCode::BAD_REQUEST, "UNREADABLE_BODY"),
+                }
+            }
+            match self.inner.call(request).await {
+                Ok(output) => output.into_response(),
+                Err(error) => error.into_response(),
+            }
+        }
+        .instrument(span.clone())
+        .await;
+
+        let status = response.status();
+        let elapsed = started.elapsed();
+        metrics::counter!("whist_http_requests_total", "method" => method.clone(), "route" => route.clone(),
+            "status" => status.as_u16().to_string())
+        .increment(1);
+        metrics::histogram!("whist_http_request_duration_seconds", "method" => method, "route" => route)
+            .record(elapsed.as_secs_f64());
+        span.in_scope(|| {
+            if status.is_server_error() {
+                tracing::warn!(status = status.as_u16(), elapsed_ms = elapsed.as_millis() as u64, "request failed");
+            } else {
+                tracing::debug!(status = status.as_u16(), elapsed_ms = elapsed.as_millis() as u64, "request done");
+            }
+        });
+        let mut response = response;
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert("x-request-id", value);
+        }
+        Ok(response)
+    }
+}
+
+/// The path with ids replaced by `{id}`, so that metrics have a bounded number of label values.
+pub fn route_label(path: &str) -> String {
+    let labelled: Vec<&str> = path
+        .split('/')
+        .map(|segment| {
+            let looks_like_id = segment.len() >= 16
+                || (!segment.is_empty() && segment.chars().all(|character| character.is_ascii_digit()))
+                || Uuid::parse_str(segment).is_ok();
+            if looks_like_id {
+                "{id}"
+            } else {
+                segment
+            }
+        })
+        .collect();
+    labelled.join("/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_label;
+
+    #[test]
+    fn ids_in_paths_become_placeholders() {
+        assert_eq!(
+            route_label("/mandelbox/0b8a3c9e-4c1f-4e8b-9b1a-2f7d2c1e5a90"),
+            "/mandelbox/{id}"
+        );
+        assert_eq!(route_label("/healthz"), "/healthz");
+        assert_eq!(route_label("/admin/events/42"), "/admin/events/{id}");
+    }
+}

@@ -1,0 +1,260 @@
+//! `whist bench store`: how fast the event store appends and how fast a projection rebuilds, printed beside
+//! pgbench's one-row insert on the same Postgres in the same run.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::Executor;
+use whist_adapters::store::{AggregateStore, Backend, CommandError, Database, Sequencer};
+use whist_domain::probe::{Probe, ProbeCommand};
+use whist_domain::{Actor, EventMetadata};
+use whist_projections::ProjectionRunner;
+
+/// Options of `whist bench store`.
+#[derive(Debug, clap::Args)]
+pub struct StoreBenchOptions {
+    /// A Postgres server URL; the benchmark creates (and afterwards drops) its own database there.
+    #[arg(long, env = "BENCH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    database_url: String,
+    /// Seconds each append measurement (and each pgbench run) lasts.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Concurrent writers to measure, comma-separated.
+    #[arg(long, default_value = "1,4,64", value_delimiter = ',')]
+    writers: Vec<usize>,
+    /// Events in the log before the timed projection rebuild.
+    #[arg(long, default_value_t = 1_000_000)]
+    rebuild_events: i64,
+    /// Keep the benchmark database afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// Aggregates each writer cycles over, so that every command loads a short history like a real one.
+const AGGREGATES_PER_WRITER: usize = 50;
+
+pub async fn store(options: StoreBenchOptions) -> anyhow::Result<()> {
+    let database_name = format!("whist_bench_{}", std::process::id());
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&options.database_url)
+        .await
+        .context("Failed to connect to the Postgres server named by --database-url")?;
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS {database_name}").as_str())
+        .await?;
+    admin
+        .execute(format!("CREATE DATABASE {database_name}").as_str())
+        .await?;
+    let bench_url = replace_database(&options.database_url, &database_name);
+    let outcome = run_store_bench(&options, &bench_url).await;
+    if !options.keep {
+        admin
+            .execute(format!("DROP DATABASE IF EXISTS {database_name} WITH (FORCE)").as_str())
+            .await?;
+    }
+    outcome
+}
+
+async fn run_store_bench(options: &StoreBenchOptions, bench_url: &str) -> anyhow::Result<()> {
+    let max_writers = options.writers.iter().copied().max().unwrap_or(1);
+    let database = Database::connect(
+        Some(bench_url),
+        std::path::Path::new("."),
+        u32::try_from(max_writers + 4).unwrap_or(u32::MAX),
+    )
+    .await?;
+    database.migrate().await?;
+    let Backend::Postgres(pool) = database.backend().clone() else {
+        anyhow::bail!("the store benchmark needs Postgres");
+    };
+    let (stop_sequencer, sequencer_shutdown) = tokio::sync::watch::channel(false);
+    let sequencer = tokio::spawn(
+        Sequencer::new(pool.clone(), database.signal().clone()).run(sequencer_shutdown),
+    );
+    sqlx::query("CREATE TABLE pgbench_one_row (id bigserial PRIMARY KEY, payload text NOT NULL)")
+        .execute(&pool)
+        .await?;
+
+    println!("whist bench store: Postgres at {}", database.description());
+    println!("{:<34} {:>12} {:>14} {:>8}", "measure", "whist", "pgbench", "ratio");
+    let store = Arc::new(AggregateStore::<Probe>::new(&database, ()));
+    for &writers in &options.writers {
+        let appends = measure_appends(&store, writers, Duration::from_secs(options.seconds)).await?;
+        let pgbench = pgbench_one_row_insert(bench_url, writers, options.seconds)?;
+        println!(
+            "{:<34} {:>10.0}/s {:>12.0}/s {:>7.0}%",
+            format!("appends, {writers} writer(s)"),
+            appends,
+            pgbench,
+            100.0 * appends / pgbench.max(1e-9)
+        );
+    }
+    let _ = stop_sequencer.send(true);
+    let _ = sequencer.await;
+
+    let loaded = load_synthetic_log(&pool, options.rebuild_events).await?;
+    let runner = ProjectionRunner::new(database.clone(), whist_projections::all());
+    runner.register().await?;
+    let report = runner.rebuild("aggregate_index", &|_| {}).await?;
+    println!(
+        "{:<34} {:>10.0}/s {:>14} {:>8}",
+        format!("rebuild aggregate_index, {} events", report.events),
+        report.events_per_second(),
+        "-",
+        "-"
+    );
+    println!(
+        "(log loaded with {loaded} events; rebuild took {:.2} s; target: appends >= 50% of pgbench, rebuild >= 100000/s)",
+        report.elapsed.as_secs_f64()
+    );
+    database.close().await;
+    Ok(())
+}
+
+/// Appends one-event commands from `writers` concurrent writers for `duration`; returns commands recorded per second.
+async fn measure_appends(
+    store: &Arc<AggregateStore<Probe>>,
+    writers: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    let recorded = Arc::new(AtomicU64::new(0));
+    let run_id = uuid::Uuid::new_v4();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for writer in 0..writers {
+        let store = store.clone();
+        let recorded = recorded.clone();
+        tasks.push(tokio::spawn(async move {
+            let metadata = EventMetadata::new(Actor::System, chrono::Utc::now());
+            let mut turn = 0usize;
+            while started.elapsed() < duration {
+                let aggregate_id = format!("{run_id}-{writer}-{}", turn % AGGREGATES_PER_WRITER);
+                turn += 1;
+                match store
+                    .execute(&aggregate_id, ProbeCommand::Increment { by: 1 }, &metadata)
+                    .await
+                {
+                    Ok(()) => {
+                        recorded.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(CommandError::Conflict) => {}
+                    Err(error) => return Err(anyhow::Error::new(error)),
+                }
+            }
+            Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(recorded.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Runs pgbench with a one-row insert script at `clients` clients; returns its transactions per second.
+fn pgbench_one_row_insert(url: &str, clients: usize, seconds: u64) -> anyhow::Result<f64> {
+    let script = std::env::temp_dir().join(format!("whist-pgbench-{}.sql", std::process::id()));
+    std::fs::write(
+        &script,
+        "INSERT INTO pgbench_one_row (payload) VALUES ('{\"Incremented\":{\"by\":1,\"total\":1}}');\n",
+    )?;
+    let output = std::process::Command::new("pgbench")
+        .arg("-n")
+        .arg("-f")
+        .arg(&script)
+        .arg("-c")
+        .arg(clients.to_string())
+        .arg("-j")
+        .arg(clients.min(2).to_string())
+        .arg("-T")
+        .arg(seconds.to_string())
+        .arg(url)
+        .output()
+        .context("Failed to run pgbench (install postgresql-client)")?;
+    let _ = std::fs::remove_file(&script);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        anyhow::bail!(
+            "pgbench failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    stdout
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("tps = ")
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|tps| tps.parse::<f64>().ok())
+        })
+        .context("pgbench printed no tps line")
+}
+
+/// Fills the log with `count` probe events across `count / 10` aggregates, positions already given, as fast as
+/// Postgres can insert them (the rebuild is what is measured, not this).
+async fn load_synthetic_log(pool: &sqlx::PgPool, count: i64) -> anyhow::Result<i64> {
+    let started = Instant::now();
+    let base: i64 = sqlx::query_scalar("SELECT position FROM event_log_head WHERE id = 1")
+        .fetch_one(pool)
+        .await?;
+    let metadata = serde_json::to_string(
+        &EventMetadata::new(Actor::System, chrono::Utc::now()).to_map(),
+    )?;
+    sqlx::query(
+        "
+INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, position)
+SELECT 'probe', 'synthetic-' || ((g - 1) / 10), ((g - 1) % 10) + 1, 'ProbeIncremented', '1.0',
+       json_build_object('Incremented', json_build_object('by', 1, 'total', ((g - 1) % 10) + 1)),
+       $2::json, $3 + g
+  FROM generate_series(1, $1) AS g",
+    )
+    .bind(count)
+    .bind(metadata)
+    .bind(base)
+    .execute(pool)
+    .await?;
+    sqlx::query("UPDATE event_log_head SET position = $1 WHERE id = 1")
+        .bind(base + count)
+        .execute(pool)
+        .await?;
+    sqlx::query("ANALYZE events").execute(pool).await?;
+    tracing::info!(count, seconds = started.elapsed().as_secs_f64(), "synthetic log loaded");
+    Ok(base + count)
+}
+
+/// The same server URL with another database name.
+fn replace_database(url: &str, database: &str) -> String {
+    let (without_query, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let scheme_end = without_query.find("://").map(|at| at + 3).unwrap_or(0);
+    let base = match without_query[scheme_end..].find('/') {
+        Some(slash) => &without_query[..scheme_end + slash],
+        None => without_query,
+    };
+    match query {
+        Some(query) => format!("{base}/{database}?{query}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replace_database;
+
+    #[test]
+    fn the_benchmark_database_replaces_the_one_in_the_url() {
+        assert_eq!(
+            replace_database("postgres://postgres@127.0.0.1:5432/postgres", "b"),
+            "postgres://postgres@127.0.0.1:5432/b"
+        );
+        assert_eq!(
+            replace_database("postgres://u:p@h/db?sslmode=disable", "b"),
+            "postgres://u:p@h/b?sslmode=disable"
+        );
+        assert_eq!(replace_database("postgres://h", "b"), "postgres://h/b");
+    }
+}

@@ -1,0 +1,155 @@
+//! The command line.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use whist_adapters::config::Settings;
+use whist_api::background::Background;
+use whist_api::startup::{open_database, termination_signal, Application, ServeOptions};
+use whist_projections::{ProjectionRunner, RebuildProgress};
+
+/// The Whist webserver: control plane of the cloud-browser service.
+#[derive(Debug, Parser)]
+#[command(name = "whist", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the HTTP API on PORT, with projections and background work in-process unless --api-only.
+    Serve {
+        /// Serve HTTP only; leave projections and background work to `whist worker` processes.
+        #[arg(long)]
+        api_only: bool,
+    },
+    /// Run projections and background work without the HTTP API (any number may run at once).
+    Worker,
+    /// Apply migrations/ to DATABASE_URL (or the embedded store) and exit.
+    Migrate,
+    /// Inspect and rebuild projections.
+    Projections {
+        #[command(subcommand)]
+        command: ProjectionsCommand,
+    },
+    /// Benchmarks that print figures next to the machine's own Postgres limit.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProjectionsCommand {
+    /// Position, head, lag, status and last error of every projection.
+    Status,
+    /// Rebuild one projection from position 0 and swap it in atomically.
+    Rebuild {
+        /// The projection's name (see `whist projections status`).
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Appends/s at 1, 4 and 64 writers and projection rebuild events/s, beside pgbench one-row inserts.
+    Store(crate::bench::StoreBenchOptions),
+}
+
+/// Runs the command line; the exit code says whether the command succeeded.
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    whist_api::telemetry::init_logs();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "whist failed");
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn load_settings() -> anyhow::Result<Settings> {
+    Ok(Settings::load().await?)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { api_only } => {
+            let settings = load_settings().await?;
+            let application = Application::build(settings, ServeOptions { api_only }).await?;
+            tracing::info!(port = application.port(), api_only, "serving");
+            application.run_until(termination_signal()).await?;
+            tracing::info!("stopped");
+            Ok(())
+        }
+        Command::Worker => {
+            let settings = load_settings().await?;
+            let database = open_database(&settings).await?;
+            let projections = ProjectionRunner::new(database.clone(), whist_projections::all());
+            let background = Background::start(&database, projections);
+            tracing::info!("worker running");
+            termination_signal().await;
+            tracing::info!("worker stopping");
+            background.stop().await;
+            database.close().await;
+            Ok(())
+        }
+        Command::Migrate => {
+            let settings = load_settings().await?;
+            let database = open_database(&settings).await?;
+            database.close().await;
+            println!("migrations applied to {}", database.description());
+            Ok(())
+        }
+        Command::Projections { command } => {
+            let settings = load_settings().await?;
+            let database = open_database(&settings).await?;
+            let runner = ProjectionRunner::new(database.clone(), whist_projections::all());
+            runner.register().await?;
+            match command {
+                ProjectionsCommand::Status => {
+                    let statuses = runner.status().await?;
+                    println!("{}", serde_json::to_string_pretty(&statuses)?);
+                }
+                ProjectionsCommand::Rebuild { name } => {
+                    let bar = ProgressBar::new(0);
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "{spinner} rebuilding {msg} [{bar:40}] {pos}/{len} events ({per_sec}, {eta} left)",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
+                    bar.set_message(name.clone());
+                    bar.enable_steady_tick(Duration::from_millis(200));
+                    let progress_bar = Arc::new(bar);
+                    let reporter = progress_bar.clone();
+                    let report = runner
+                        .rebuild(&name, &move |progress: RebuildProgress| {
+                            reporter.set_length(progress.head.max(0) as u64);
+                            reporter.set_position(progress.position.max(0) as u64);
+                        })
+                        .await?;
+                    progress_bar.finish_and_clear();
+                    println!(
+                        "rebuilt {name}: {} events up to position {} in {:.1} s ({:.0} events/s)",
+                        report.events,
+                        report.position,
+                        report.elapsed.as_secs_f64(),
+                        report.events_per_second()
+                    );
+                }
+            }
+            database.close().await;
+            Ok(())
+        }
+        Command::Bench { command } => match command {
+            BenchCommand::Store(options) => crate::bench::store(options).await,
+        },
+    }
+}
