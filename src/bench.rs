@@ -17,7 +17,11 @@ use whist_projections::ProjectionRunner;
 #[derive(Debug, clap::Args)]
 pub struct StoreBenchOptions {
     /// A Postgres server URL; the benchmark creates (and afterwards drops) its own database there.
-    #[arg(long, env = "BENCH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    #[arg(
+        long,
+        env = "BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
     database_url: String,
     /// Seconds each append measurement (and each pgbench run) lasts.
     #[arg(long, default_value_t = 5)]
@@ -60,48 +64,58 @@ pub async fn store(options: StoreBenchOptions) -> anyhow::Result<()> {
 }
 
 async fn run_store_bench(options: &StoreBenchOptions, bench_url: &str) -> anyhow::Result<()> {
-    let max_writers = options.writers.iter().copied().max().unwrap_or(1);
-    let database = Database::connect(
-        Some(bench_url),
-        std::path::Path::new("."),
-        u32::try_from(max_writers + 4).unwrap_or(u32::MAX),
-    )
-    .await?;
-    database.migrate().await?;
-    let Backend::Postgres(pool) = database.backend().clone() else {
-        anyhow::bail!("the store benchmark needs Postgres");
-    };
-    let (stop_sequencer, sequencer_shutdown) = tokio::sync::watch::channel(false);
-    let sequencer = tokio::spawn(
-        Sequencer::new(pool.clone(), database.signal().clone()).run(sequencer_shutdown),
+    println!("whist bench store: Postgres database {}", redact(bench_url));
+    println!(
+        "{:<38} {:>12} {:>14} {:>8}",
+        "measure", "whist", "pgbench", "ratio"
     );
-    sqlx::query("CREATE TABLE pgbench_one_row (id bigserial PRIMARY KEY, payload text NOT NULL)")
+    for &writers in &options.writers {
+        // A fresh pool per measurement, closed before pgbench runs, so that both fit in max_connections.
+        let database = Database::connect(
+            Some(bench_url),
+            std::path::Path::new("."),
+            u32::try_from(writers + 2).unwrap_or(u32::MAX),
+        )
+        .await?;
+        database.migrate().await?;
+        let Backend::Postgres(pool) = database.backend().clone() else {
+            anyhow::bail!("the store benchmark needs Postgres");
+        };
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS pgbench_one_row (id bigserial PRIMARY KEY, payload text NOT NULL)",
+        )
         .execute(&pool)
         .await?;
-
-    println!("whist bench store: Postgres at {}", database.description());
-    println!("{:<34} {:>12} {:>14} {:>8}", "measure", "whist", "pgbench", "ratio");
-    let store = Arc::new(AggregateStore::<Probe>::new(&database, ()));
-    for &writers in &options.writers {
-        let appends = measure_appends(&store, writers, Duration::from_secs(options.seconds)).await?;
+        let (stop_sequencer, sequencer_shutdown) = tokio::sync::watch::channel(false);
+        let sequencer = tokio::spawn(
+            Sequencer::new(pool.clone(), database.signal().clone()).run(sequencer_shutdown),
+        );
+        let store = Arc::new(AggregateStore::<Probe>::new(&database, ()));
+        let appends =
+            measure_appends(&store, writers, Duration::from_secs(options.seconds)).await?;
+        let _ = stop_sequencer.send(true);
+        let _ = sequencer.await;
+        database.close().await;
         let pgbench = pgbench_one_row_insert(bench_url, writers, options.seconds)?;
         println!(
-            "{:<34} {:>10.0}/s {:>12.0}/s {:>7.0}%",
+            "{:<38} {:>10.0}/s {:>12.0}/s {:>7.0}%",
             format!("appends, {writers} writer(s)"),
             appends,
             pgbench,
             100.0 * appends / pgbench.max(1e-9)
         );
     }
-    let _ = stop_sequencer.send(true);
-    let _ = sequencer.await;
 
+    let database = Database::connect(Some(bench_url), std::path::Path::new("."), 4).await?;
+    let Backend::Postgres(pool) = database.backend().clone() else {
+        anyhow::bail!("the store benchmark needs Postgres");
+    };
     let loaded = load_synthetic_log(&pool, options.rebuild_events).await?;
     let runner = ProjectionRunner::new(database.clone(), whist_projections::all());
     runner.register().await?;
     let report = runner.rebuild("aggregate_index", &|_| {}).await?;
     println!(
-        "{:<34} {:>10.0}/s {:>14} {:>8}",
+        "{:<38} {:>10.0}/s {:>14} {:>8}",
         format!("rebuild aggregate_index, {} events", report.events),
         report.events_per_second(),
         "-",
@@ -199,9 +213,8 @@ async fn load_synthetic_log(pool: &sqlx::PgPool, count: i64) -> anyhow::Result<i
     let base: i64 = sqlx::query_scalar("SELECT position FROM event_log_head WHERE id = 1")
         .fetch_one(pool)
         .await?;
-    let metadata = serde_json::to_string(
-        &EventMetadata::new(Actor::System, chrono::Utc::now()).to_map(),
-    )?;
+    let metadata =
+        serde_json::to_string(&EventMetadata::new(Actor::System, chrono::Utc::now()).to_map())?;
     sqlx::query(
         "
 INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, position)
@@ -220,8 +233,16 @@ SELECT 'probe', 'synthetic-' || ((g - 1) / 10), ((g - 1) % 10) + 1, 'ProbeIncrem
         .execute(pool)
         .await?;
     sqlx::query("ANALYZE events").execute(pool).await?;
-    tracing::info!(count, seconds = started.elapsed().as_secs_f64(), "synthetic log loaded");
+    tracing::info!(
+        count,
+        seconds = started.elapsed().as_secs_f64(),
+        "synthetic log loaded"
+    );
     Ok(base + count)
+}
+
+fn redact(url: &str) -> String {
+    whist_adapters::store::redact_url(url)
 }
 
 /// The same server URL with another database name.

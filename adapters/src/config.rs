@@ -234,23 +234,26 @@ impl Settings {
         let port = sources.parse("PORT", 7730u16, "a port number (1-65535)", |value| {
             value.parse::<u16>().ok().filter(|port| *port > 0)
         })?;
-        let cloud = sources.parse("WHIST_CLOUD", CloudKind::Local, "aws or local", |value| {
-            match value {
-                "aws" => Some(CloudKind::Aws),
-                "local" => Some(CloudKind::Local),
-                _ => None,
-            }
-        })?;
-        let database_url = sources
-            .parse(
-                "DATABASE_URL",
-                None,
-                "a postgres:// or postgresql:// URL",
-                |value| {
-                    (value.starts_with("postgres://") || value.starts_with("postgresql://"))
-                        .then(|| Some(Secret::new(value)))
+        let cloud =
+            sources.parse(
+                "WHIST_CLOUD",
+                CloudKind::Local,
+                "aws or local",
+                |value| match value {
+                    "aws" => Some(CloudKind::Aws),
+                    "local" => Some(CloudKind::Local),
+                    _ => None,
                 },
             )?;
+        let database_url = sources.parse(
+            "DATABASE_URL",
+            None,
+            "a postgres:// or postgresql:// URL",
+            |value| {
+                (value.starts_with("postgres://") || value.starts_with("postgresql://"))
+                    .then(|| Some(Secret::new(value)))
+            },
+        )?;
         let domain = sources.raw("AUTH0_DOMAIN");
         let auth0 = Auth0Settings {
             audience: sources.raw("AUTH0_AUDIENCE"),
@@ -293,9 +296,9 @@ impl Settings {
         let mut desired_free_mandelboxes_by_region = HashMap::new();
         for region in &enabled_regions {
             let key = format!("DESIRED_FREE_MANDELBOXES_{}", region_key_suffix(region));
-            if let Some(count) =
-                sources.parse(&key, None, "a whole number", |value| value.parse().ok().map(Some))?
-            {
+            if let Some(count) = sources.parse(&key, None, "a whole number", |value| {
+                value.parse().ok().map(Some)
+            })? {
                 desired_free_mandelboxes_by_region.insert(region.clone(), count);
             }
         }
@@ -387,9 +390,9 @@ fn parse_url(value: &str) -> Option<String> {
 
 fn is_region_name(region: &str) -> bool {
     !region.is_empty()
-        && region
-            .chars()
-            .all(|character| character.is_ascii_lowercase() || character.is_ascii_digit() || character == '-')
+        && region.chars().all(|character| {
+            character.is_ascii_lowercase() || character.is_ascii_digit() || character == '-'
+        })
 }
 
 #[cfg(test)]
@@ -483,13 +486,16 @@ mod tests {
 
     #[test]
     fn auth0_urls_are_derived_from_the_domain_unless_overridden() {
-        let settings =
-            Settings::from_sources(&sources(&[("AUTH0_DOMAIN", "whist.us.auth0.com")])).expect("valid");
+        let settings = Settings::from_sources(&sources(&[("AUTH0_DOMAIN", "whist.us.auth0.com")]))
+            .expect("valid");
         assert_eq!(
             settings.auth0.jwks_url.as_deref(),
             Some("https://whist.us.auth0.com/.well-known/jwks.json")
         );
-        assert_eq!(settings.auth0.issuer.as_deref(), Some("https://whist.us.auth0.com/"));
+        assert_eq!(
+            settings.auth0.issuer.as_deref(),
+            Some("https://whist.us.auth0.com/")
+        );
         let settings = Settings::from_sources(&sources(&[
             ("AUTH0_DOMAIN", "whist.us.auth0.com"),
             ("AUTH0_JWKS_URL", "http://127.0.0.1:9/jwks.json"),

@@ -102,9 +102,17 @@ impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
             .record(elapsed.as_secs_f64());
         span.in_scope(|| {
             if status.is_server_error() {
-                tracing::warn!(status = status.as_u16(), elapsed_ms = elapsed.as_millis() as u64, "request failed");
+                tracing::warn!(
+                    status = status.as_u16(),
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "request failed"
+                );
             } else {
-                tracing::debug!(status = status.as_u16(), elapsed_ms = elapsed.as_millis() as u64, "request done");
+                tracing::debug!(
+                    status = status.as_u16(),
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "request done"
+                );
             }
         });
         let mut response = response;
@@ -121,7 +129,8 @@ pub fn route_label(path: &str) -> String {
         .split('/')
         .map(|segment| {
             let looks_like_id = segment.len() >= 16
-                || (!segment.is_empty() && segment.chars().all(|character| character.is_ascii_digit()))
+                || (!segment.is_empty()
+                    && segment.chars().all(|character| character.is_ascii_digit()))
                 || Uuid::parse_str(segment).is_ok();
             if looks_like_id {
                 "{id}"

@@ -99,10 +99,14 @@ impl EventMetadata {
         let mut map = HashMap::with_capacity(4);
         map.insert(
             "recorded_at".to_string(),
-            self.recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            self.recorded_at
+                .to_rfc3339_opts(SecondsFormat::Micros, true),
         );
         map.insert("actor".to_string(), self.actor.to_string());
-        map.insert("correlation_id".to_string(), self.correlation_id.to_string());
+        map.insert(
+            "correlation_id".to_string(),
+            self.correlation_id.to_string(),
+        );
         if let Some(causation_id) = &self.causation_id {
             map.insert("causation_id".to_string(), causation_id.clone());
         }
@@ -118,8 +122,8 @@ impl EventMetadata {
         let recorded_at = DateTime::parse_from_rfc3339(field("recorded_at")?)
             .map_err(|_| MetadataError::Malformed("recorded_at"))?
             .with_timezone(&Utc);
-        let actor =
-            Actor::try_from(field("actor")?.clone()).map_err(|_| MetadataError::Malformed("actor"))?;
+        let actor = Actor::try_from(field("actor")?.clone())
+            .map_err(|_| MetadataError::Malformed("actor"))?;
         let correlation_id = Uuid::parse_str(field("correlation_id")?)
             .map_err(|_| MetadataError::Malformed("correlation_id"))?;
         Ok(Self {

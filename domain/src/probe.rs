@@ -63,7 +63,8 @@ impl Aggregate for Probe {
             ProbeCommand::Increment { by: 0 } => Err(ProbeError::ZeroIncrement),
             ProbeCommand::Increment { by } => {
                 let total = self.total + by;
-                sink.write(ProbeEvent::Incremented { by, total }, self).await;
+                sink.write(ProbeEvent::Incremented { by, total }, self)
+                    .await;
                 Ok(())
             }
         }

@@ -141,14 +141,16 @@ impl ProjectionRunner {
         if status == STATUS_FAILED {
             return Ok(StepOutcome::Stopped);
         }
-        let events = EventLog::read_after_with(&mut *transaction, position, self.batch_size).await?;
+        let events =
+            EventLog::read_after_with(&mut *transaction, position, self.batch_size).await?;
         let Some(last) = events.last() else {
             return Ok(StepOutcome::CaughtUp);
         };
         let last_position = last.position;
         match projection.apply(&mut transaction, &live, &events).await {
             Ok(()) => {
-                save_checkpoint(&mut transaction, name, last_position, STATUS_RUNNING, None).await?;
+                save_checkpoint(&mut transaction, name, last_position, STATUS_RUNNING, None)
+                    .await?;
                 transaction.commit().await?;
                 Ok(StepOutcome::Applied {
                     count: events.len(),
@@ -158,7 +160,8 @@ impl ProjectionRunner {
             Err(ProjectionError::Database(error)) => Err(RunnerError::Database(error)),
             Err(_) => {
                 transaction.rollback().await?;
-                self.isolate_failure(projection.as_ref(), &live, &events).await
+                self.isolate_failure(projection.as_ref(), &live, &events)
+                    .await
             }
         }
     }
@@ -239,7 +242,9 @@ impl ProjectionRunner {
             let runner = self.clone();
             let name = projection.name();
             let shutdown = shutdown.clone();
-            tasks.push(tokio::spawn(async move { runner.run_one(name, shutdown).await }));
+            tasks.push(tokio::spawn(
+                async move { runner.run_one(name, shutdown).await },
+            ));
         }
         for task in tasks {
             if let Err(error) = task.await {
@@ -448,12 +453,12 @@ async fn create_shadow_table(
             .bind(table)
             .fetch_one(&mut *connection)
             .await?;
-    sqlx::query(&rename_created_object(&table_sql, "TABLE", table, &shadow))
+    sqlx::query(&rename_reference(&table_sql, "TABLE", table, &shadow))
         .execute(&mut *connection)
         .await?;
     for (index_name, index_sql) in sqlite_indexes(connection, table).await? {
-        let renamed = rename_created_object(&index_sql, "INDEX", &index_name, &shadow_name(&index_name))
-            .replacen(&format!(" ON {table}"), &format!(" ON {shadow}"), 1);
+        let renamed = rename_reference(&index_sql, "INDEX", &index_name, &shadow_name(&index_name));
+        let renamed = rename_reference(&renamed, "ON", table, &shadow);
         sqlx::query(&renamed).execute(&mut *connection).await?;
     }
     Ok(())
@@ -473,11 +478,12 @@ async fn swap_in_shadow_table(
         sqlx::query(&format!("ALTER TABLE {shadow} RENAME TO {table}"))
             .execute(&mut **transaction)
             .await?;
-        let indexes: Vec<String> =
-            sqlx::query_scalar("SELECT indexname FROM pg_indexes WHERE tablename = $1")
-                .bind(table)
-                .fetch_all(&mut **transaction)
-                .await?;
+        let indexes: Vec<String> = sqlx::query_scalar(
+            "SELECT CAST(indexname AS TEXT) FROM pg_indexes WHERE tablename = $1",
+        )
+        .bind(table)
+        .fetch_all(&mut **transaction)
+        .await?;
         for index in indexes {
             if let Some(suffix) = index.strip_prefix(&shadow) {
                 sqlx::query(&format!("ALTER INDEX {index} RENAME TO {table}{suffix}"))
@@ -495,9 +501,12 @@ async fn swap_in_shadow_table(
         .execute(&mut **transaction)
         .await?;
     for (index_name, index_sql) in live_indexes {
-        sqlx::query(&format!("DROP INDEX IF EXISTS {}", shadow_name(&index_name)))
-            .execute(&mut **transaction)
-            .await?;
+        sqlx::query(&format!(
+            "DROP INDEX IF EXISTS {}",
+            shadow_name(&index_name)
+        ))
+        .execute(&mut **transaction)
+        .await?;
         sqlx::query(&index_sql).execute(&mut **transaction).await?;
     }
     Ok(())
@@ -518,29 +527,70 @@ async fn sqlite_indexes(
         .collect()
 }
 
-/// `CREATE TABLE old (` becomes `CREATE TABLE new (`; the same for indexes.
-fn rename_created_object(sql: &str, kind: &str, old: &str, new: &str) -> String {
-    let pattern = format!("{kind} {old}");
-    match sql.find(&pattern) {
-        Some(at) => format!("{}{kind} {new}{}", &sql[..at], &sql[at + pattern.len()..]),
+/// Renames the first reference `{keyword} old` in `sql` to `{keyword} new`, whether `old` is written bare or quoted
+/// (SQLite writes a renamed table's name quoted): `CREATE TABLE "old" (` becomes `CREATE TABLE new (`.
+fn rename_reference(sql: &str, keyword: &str, old: &str, new: &str) -> String {
+    let candidates = [
+        format!("{keyword} {old} "),
+        format!("{keyword} {old}("),
+        format!("{keyword} \"{old}\""),
+        format!("{keyword} '{old}'"),
+        format!("{keyword} `{old}`"),
+        format!("{keyword} [{old}]"),
+    ];
+    let found = candidates
+        .iter()
+        .filter_map(|pattern| sql.find(pattern.as_str()).map(|at| (at, pattern)))
+        .min_by_key(|(at, _)| *at);
+    match found {
+        Some((at, pattern)) => {
+            let keep_last = pattern.ends_with(' ') || pattern.ends_with('(');
+            let replaced_length = if keep_last {
+                pattern.len() - 1
+            } else {
+                pattern.len()
+            };
+            format!(
+                "{}{keyword} {new}{}",
+                &sql[..at],
+                &sql[at + replaced_length..]
+            )
+        }
         None => sql.to_string(),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::rename_created_object;
+    use super::rename_reference;
 
     #[test]
     fn a_created_table_is_renamed_only_in_its_create_clause() {
         assert_eq!(
-            rename_created_object(
+            rename_reference(
                 "CREATE TABLE aggregate_index (aggregate_index_id text)",
                 "TABLE",
                 "aggregate_index",
                 "aggregate_index__rebuild"
             ),
             "CREATE TABLE aggregate_index__rebuild (aggregate_index_id text)"
+        );
+    }
+
+    #[test]
+    fn a_quoted_table_name_is_renamed_too() {
+        assert_eq!(
+            rename_reference(
+                "CREATE TABLE \"aggregate_index\" (x text)",
+                "TABLE",
+                "aggregate_index",
+                "aggregate_index__rebuild"
+            ),
+            "CREATE TABLE aggregate_index__rebuild (x text)"
+        );
+        assert_eq!(
+            rename_reference("CREATE INDEX i ON \"t\"(x)", "ON", "t", "t__rebuild"),
+            "CREATE INDEX i ON t__rebuild(x)"
         );
     }
 }

@@ -1,1 +1,325 @@
-//! test helpers
+//! Helpers for the black-box test suite: fresh databases, an in-process server on a free port, and the real
+//! `whist` binary as a child process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::Executor;
+use whist_adapters::config::{Settings, Sources};
+use whist_adapters::store::Database;
+use whist_api::startup::{Application, ServeOptions};
+
+/// The Postgres server every test uses (each test makes its own database there).
+pub fn postgres_server_url() -> String {
+    std::env::var("TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// Which backend a store test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Postgres,
+    Sqlite,
+}
+
+/// A database of a test's own: a fresh Postgres database (dropped afterwards) or a fresh SQLite folder.
+pub struct TestDatabase {
+    pub kind: BackendKind,
+    /// `Some` for Postgres.
+    pub url: Option<String>,
+    /// The embedded store's folder (also the working folder for child processes).
+    pub data_dir: tempfile::TempDir,
+    name: Option<String>,
+}
+
+impl TestDatabase {
+    /// A fresh database of the given kind.
+    pub async fn new(kind: BackendKind) -> Self {
+        match kind {
+            BackendKind::Postgres => Self::postgres().await,
+            BackendKind::Sqlite => Self::sqlite(),
+        }
+    }
+
+    /// A fresh, empty Postgres database on the local server.
+    pub async fn postgres() -> Self {
+        let name = format!("whist_test_{}", uuid::Uuid::new_v4().simple());
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&postgres_server_url())
+            .await
+            .expect("the test Postgres server at 127.0.0.1:5432 answers");
+        admin
+            .execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .expect("a test database can be created");
+        admin.close().await;
+        let url = with_database(&postgres_server_url(), &name);
+        Self {
+            kind: BackendKind::Postgres,
+            url: Some(url),
+            data_dir: tempfile::tempdir().expect("a temporary folder"),
+            name: Some(name),
+        }
+    }
+
+    /// A fresh embedded store in a temporary folder.
+    pub fn sqlite() -> Self {
+        Self {
+            kind: BackendKind::Sqlite,
+            url: None,
+            data_dir: tempfile::tempdir().expect("a temporary folder"),
+            name: None,
+        }
+    }
+
+    /// Connects and migrates.
+    pub async fn open(&self) -> Database {
+        self.open_with(20).await
+    }
+
+    /// Connects with a pool of `max_connections` and migrates.
+    pub async fn open_with(&self, max_connections: u32) -> Database {
+        let database =
+            Database::connect(self.url.as_deref(), self.data_dir.path(), max_connections)
+                .await
+                .expect("the test database opens");
+        database.migrate().await.expect("migrations apply");
+        database
+    }
+
+    /// Settings for a server on this database: defaults, port 0.
+    pub fn settings(&self) -> Settings {
+        let mut sources = Sources::default();
+        if let Some(url) = &self.url {
+            sources
+                .environment
+                .insert("DATABASE_URL".to_string(), url.clone());
+        }
+        sources.environment.insert(
+            "WHIST_DATA_DIR".to_string(),
+            self.data_dir
+                .path()
+                .join("whist-data")
+                .display()
+                .to_string(),
+        );
+        let mut settings = Settings::from_sources(&sources).expect("test settings are valid");
+        settings.port = 0;
+        settings
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let Some(name) = self.name.take() else { return };
+        // Best effort, on a thread of its own: Drop cannot await, and the test's runtime may be shutting down.
+        let handle = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                if let Ok(admin) = PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&postgres_server_url())
+                    .await
+                {
+                    let _ = admin
+                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                        .await;
+                    admin.close().await;
+                }
+            });
+        });
+        let _ = handle.join();
+    }
+}
+
+/// The same server URL naming another database.
+pub fn with_database(url: &str, database: &str) -> String {
+    let scheme_end = url.find("://").map(|at| at + 3).unwrap_or(0);
+    match url[scheme_end..].find('/') {
+        Some(slash) => format!("{}/{database}", &url[..scheme_end + slash]),
+        None => format!("{url}/{database}"),
+    }
+}
+
+/// A server running in this test process.
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+/// Starts a server on `database` on a free port, like `whist serve` would.
+pub async fn spawn_app(database: &TestDatabase) -> TestApp {
+    spawn_app_with(database, database.settings()).await
+}
+
+/// Starts a server with explicit settings.
+pub async fn spawn_app_with(database: &TestDatabase, settings: Settings) -> TestApp {
+    let _ = database;
+    let application = Application::build(settings, ServeOptions::default())
+        .await
+        .expect("the server starts");
+    let address = format!("http://127.0.0.1:{}", application.port());
+    let (shutdown, receiver) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(application.run_until(async move {
+        let _ = receiver.await;
+    }));
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        shutdown: Some(shutdown),
+        server: Some(server),
+    }
+}
+
+impl TestApp {
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+}
+
+/// A `whist` child process.
+pub struct ChildProcess {
+    pub child: Child,
+    pub port: Option<u16>,
+    pub log: PathBuf,
+}
+
+/// A free TCP port on loopback (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port")
+}
+
+impl ChildProcess {
+    /// Starts `binary` with `arguments` in `working_dir`, with only the given environment (plus PATH), logging
+    /// to a file in `working_dir`.
+    pub fn start(
+        binary: &Path,
+        arguments: &[&str],
+        working_dir: &Path,
+        environment: &[(&str, String)],
+        log_name: &str,
+    ) -> Self {
+        let log = working_dir.join(log_name);
+        let log_file = std::fs::File::create(&log).expect("a log file");
+        let mut command = Command::new(binary);
+        command
+            .args(arguments)
+            .current_dir(working_dir)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log handle"))
+            .stderr(log_file);
+        let mut port = None;
+        for (key, value) in environment {
+            if *key == "PORT" {
+                port = value.parse().ok();
+            }
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("the whist binary starts");
+        Self { child, port, log }
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, signal);
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// What the process logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls `/healthz` until it answers 200.
+    pub async fn wait_healthy(&mut self, timeout: Duration) {
+        let port = self.port.expect("the process was given a PORT");
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(response) = client
+                .get(format!("http://127.0.0.1:{port}/healthz"))
+                .timeout(Duration::from_secs(1))
+                .send()
+                .await
+            {
+                if response.status().is_success() {
+                    return;
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("whist exited early with {status}: {}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("whist did not become healthy: {}", self.log_text());
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `condition` every 50 ms until it holds or `timeout` passes; whether it held.
+pub async fn eventually<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

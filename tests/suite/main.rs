@@ -1,1 +1,11 @@
+//! The black-box suite. One test binary (link time is the dominant cost of this stack), one module per capability.
 
+mod http;
+mod process;
+mod projections;
+mod store;
+
+/// The `whist` binary cargo built for this suite.
+pub fn whist_binary() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_BIN_EXE_whist"))
+}

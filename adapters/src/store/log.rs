@@ -107,7 +107,11 @@ impl EventLog {
     ///
     /// # Errors
     /// The database failed.
-    pub async fn read_after(&self, after: i64, limit: i64) -> Result<Vec<LoggedEvent>, sqlx::Error> {
+    pub async fn read_after(
+        &self,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<LoggedEvent>, sqlx::Error> {
         Self::read_after_with(&self.pool, after, limit).await
     }
 

@@ -7,6 +7,6 @@ mod log;
 mod sequencer;
 
 pub use aggregate_store::{AggregateStore, CommandError};
-pub use database::{Backend, Database, DatabaseError};
+pub use database::{redact_url, Backend, Database, DatabaseError};
 pub use log::{EventLog, LogSignal, LoggedEvent};
-pub use sequencer::Sequencer;
+pub use sequencer::{Sequencer, SequencerPass};

@@ -1,0 +1,138 @@
+//! The server's operational surface, in-process.
+
+use whist_tests::{spawn_app, BackendKind, TestDatabase};
+
+async fn health_readiness_docs_and_metrics_answer(kind: BackendKind) {
+    let database = TestDatabase::new(kind).await;
+    let app = spawn_app(&database).await;
+    let health = app
+        .client
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(health.status(), 200);
+    assert!(health.headers().contains_key("x-request-id"));
+    let ready = app
+        .client
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(ready.status(), 200);
+    let spec: serde_json::Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .expect("answers")
+        .json()
+        .await
+        .expect("the spec is JSON");
+    assert!(spec["openapi"]
+        .as_str()
+        .expect("a version")
+        .starts_with("3."));
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert!(spec["paths"].get(path).is_some(), "{path} is documented");
+    }
+    let docs = app
+        .client
+        .get(app.url("/docs"))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(docs.status(), 200);
+    assert!(docs
+        .text()
+        .await
+        .expect("html")
+        .to_lowercase()
+        .contains("swagger"));
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("answers")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("whist_http_requests_total"), "{metrics}");
+    assert!(
+        metrics.contains("whist_http_request_duration_seconds"),
+        "{metrics}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn health_readiness_docs_and_metrics_answer_on_postgres() {
+    health_readiness_docs_and_metrics_answer(BackendKind::Postgres).await;
+}
+
+#[tokio::test]
+async fn health_readiness_docs_and_metrics_answer_on_sqlite() {
+    health_readiness_docs_and_metrics_answer(BackendKind::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_body_over_one_mebibyte_is_refused_with_413() {
+    let database = TestDatabase::sqlite();
+    let app = spawn_app(&database).await;
+    let body = vec![b'x'; 1024 * 1024 + 1];
+    let response = app
+        .client
+        .post(app.url("/healthz"))
+        .body(body)
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(response.status(), 413);
+    // The same body streamed without a declared length.
+    let chunks =
+        futures::stream::iter((0..17).map(|_| Ok::<_, std::io::Error>(vec![b'x'; 64 * 1024])));
+    let response = app
+        .client
+        .post(app.url("/healthz"))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(response.status(), 413);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn readiness_fails_when_the_store_is_gone() {
+    let database = TestDatabase::postgres().await;
+    let app = spawn_app(&database).await;
+    let url = database.url.clone().expect("url");
+    let name = url.rsplit('/').next().expect("a name").to_string();
+    let admin = sqlx::PgPool::connect(&whist_tests::postgres_server_url())
+        .await
+        .expect("admin");
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .expect("dropped");
+    let ready = app
+        .client
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(ready.status(), 503);
+    let health = app
+        .client
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(
+        health.status(),
+        200,
+        "liveness does not depend on the store"
+    );
+    app.stop().await;
+}

@@ -1,0 +1,398 @@
+//! The projection runner: exact delivery, failure handling, rebuilds, and a worker killed mid-stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::{AnyConnection, Row};
+use whist_adapters::store::{AggregateStore, Database, LoggedEvent};
+use whist_domain::probe::{Probe, ProbeCommand};
+use whist_domain::{Actor, EventMetadata};
+use whist_projections::{Projection, ProjectionError, ProjectionRunner, StepOutcome, Tables};
+use whist_tests::{eventually, BackendKind, ChildProcess, TestDatabase};
+
+fn metadata() -> EventMetadata {
+    EventMetadata::new(Actor::System, chrono::Utc::now())
+}
+
+async fn append(database: &Database, aggregates: usize, increments: usize) {
+    let store = AggregateStore::<Probe>::new(database, ());
+    for round in 0..increments {
+        for aggregate in 0..aggregates {
+            store
+                .execute(
+                    &format!("probe-{aggregate}"),
+                    ProbeCommand::Increment {
+                        by: (round + 1) as u64,
+                    },
+                    &metadata(),
+                )
+                .await
+                .expect("recorded");
+        }
+    }
+}
+
+/// Every row of the aggregate index, sorted, as text.
+async fn index_rows(database: &Database) -> Vec<String> {
+    let rows = sqlx::query(
+        "SELECT aggregate_type, aggregate_id, version, event_count, first_position, last_position, \
+         last_event_type, last_recorded_at FROM aggregate_index ORDER BY aggregate_type, aggregate_id",
+    )
+    .fetch_all(database.any())
+    .await
+    .expect("the index reads");
+    rows.iter()
+        .map(|row| {
+            format!(
+                "{}/{} v{} n{} {}..{} {} {}",
+                row.get::<String, _>(0),
+                row.get::<String, _>(1),
+                row.get::<i64, _>(2),
+                row.get::<i64, _>(3),
+                row.get::<i64, _>(4),
+                row.get::<i64, _>(5),
+                row.get::<String, _>(6),
+                row.get::<String, _>(7),
+            )
+        })
+        .collect()
+}
+
+/// (sum of event counts, aggregates whose count differs from their version).
+async fn index_totals(database: &Database) -> (i64, i64) {
+    let row = sqlx::query(
+        "SELECT CAST(COALESCE(SUM(event_count), 0) AS BIGINT) AS events, \
+         CAST(COALESCE(SUM(CASE WHEN event_count <> version THEN 1 ELSE 0 END), 0) AS BIGINT) AS mismatched \
+         FROM aggregate_index",
+    )
+    .fetch_one(database.any())
+    .await
+    .expect("totals read");
+    (row.get::<i64, _>("events"), row.get::<i64, _>("mismatched"))
+}
+
+async fn wait_for_positions(database: &Database, count: i64) {
+    let log = database.log();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let log = log.clone();
+            async move { log.head().await.unwrap_or(0) >= count }
+        })
+        .await,
+        "the log reached {count} positions"
+    );
+}
+
+async fn a_projection_catches_up_and_counts_every_event_once(kind: BackendKind) {
+    let test_database = TestDatabase::new(kind).await;
+    let database = test_database.open().await;
+    let background = whist_api::background::Background::start(
+        &database,
+        ProjectionRunner::new(database.clone(), vec![]),
+    );
+    append(&database, 10, 12).await;
+    wait_for_positions(&database, 120).await;
+    let runner =
+        ProjectionRunner::new(database.clone(), whist_projections::all()).with_batch_size(7);
+    runner.register().await.expect("registered");
+    assert_eq!(
+        runner
+            .catch_up("aggregate_index")
+            .await
+            .expect("catches up"),
+        StepOutcome::CaughtUp
+    );
+    assert_eq!(index_totals(&database).await, (120, 0));
+    let status = runner.status().await.expect("status");
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].position, 120);
+    assert_eq!(status[0].head, 120);
+    assert_eq!(status[0].lag, 0);
+    assert_eq!(status[0].status, "running");
+    assert_eq!(status[0].last_error, None);
+    // Stepping again changes nothing: the checkpoint makes redelivery impossible.
+    assert_eq!(
+        runner.step("aggregate_index").await.expect("steps"),
+        StepOutcome::CaughtUp
+    );
+    assert_eq!(index_totals(&database).await, (120, 0));
+    background.stop().await;
+}
+
+#[tokio::test]
+async fn a_projection_catches_up_and_counts_every_event_once_on_postgres() {
+    a_projection_catches_up_and_counts_every_event_once(BackendKind::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_projection_catches_up_and_counts_every_event_once_on_sqlite() {
+    a_projection_catches_up_and_counts_every_event_once(BackendKind::Sqlite).await;
+}
+
+async fn a_running_projection_follows_new_events_promptly(kind: BackendKind) {
+    let test_database = TestDatabase::new(kind).await;
+    let database = test_database.open().await;
+    let runner = ProjectionRunner::new(database.clone(), whist_projections::all());
+    let background = whist_api::background::Background::start(&database, runner.clone());
+    append(&database, 3, 2).await;
+    let started = std::time::Instant::now();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let database = database.clone();
+            async move { index_totals(&database).await == (6, 0) }
+        })
+        .await
+    );
+    // Woken by the log signal, not by the one-second poll.
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "took {:?}",
+        started.elapsed()
+    );
+    background.stop().await;
+}
+
+#[tokio::test]
+async fn a_running_projection_follows_new_events_promptly_on_postgres() {
+    a_running_projection_follows_new_events_promptly(BackendKind::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_running_projection_follows_new_events_promptly_on_sqlite() {
+    a_running_projection_follows_new_events_promptly(BackendKind::Sqlite).await;
+}
+
+async fn a_rebuild_gives_the_same_read_model_as_live(kind: BackendKind) {
+    let test_database = TestDatabase::new(kind).await;
+    let database = test_database.open().await;
+    let runner = ProjectionRunner::new(database.clone(), whist_projections::all());
+    let background = whist_api::background::Background::start(&database, runner.clone());
+    append(&database, 20, 5).await;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let database = database.clone();
+            async move { index_totals(&database).await == (100, 0) }
+        })
+        .await
+    );
+    let live = index_rows(&database).await;
+    let progress_calls = std::sync::atomic::AtomicUsize::new(0);
+    let report = runner
+        .rebuild("aggregate_index", &|_| {
+            progress_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })
+        .await
+        .expect("rebuilds");
+    assert_eq!(report.events, 100);
+    assert_eq!(report.position, 100);
+    assert!(progress_calls.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert_eq!(index_rows(&database).await, live);
+    // The swapped-in table is a full read model: the live runner keeps updating it.
+    append(&database, 1, 1).await;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let database = database.clone();
+            async move { index_totals(&database).await == (101, 0) }
+        })
+        .await
+    );
+    // And a second rebuild works on the swapped-in table.
+    runner
+        .rebuild("aggregate_index", &|_| {})
+        .await
+        .expect("rebuilds again");
+    assert_eq!(index_totals(&database).await, (101, 0));
+    background.stop().await;
+}
+
+#[tokio::test]
+async fn a_rebuild_gives_the_same_read_model_as_live_on_postgres() {
+    a_rebuild_gives_the_same_read_model_as_live(BackendKind::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_rebuild_gives_the_same_read_model_as_live_on_sqlite() {
+    a_rebuild_gives_the_same_read_model_as_live(BackendKind::Sqlite).await;
+}
+
+/// Fails on every event whose aggregate is `poison`.
+struct Picky;
+
+#[async_trait]
+impl Projection for Picky {
+    fn name(&self) -> &'static str {
+        "picky"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    async fn apply(
+        &self,
+        _connection: &mut AnyConnection,
+        _tables: &Tables,
+        events: &[LoggedEvent],
+    ) -> Result<(), ProjectionError> {
+        match events.iter().find(|event| event.aggregate_id == "poison") {
+            Some(event) => Err(ProjectionError::UnreadableEvent {
+                position: event.position,
+                event_type: event.event_type.clone(),
+                reason: "poison".to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+async fn a_projection_that_fails_stops_on_that_event_keeping_its_position(kind: BackendKind) {
+    let test_database = TestDatabase::new(kind).await;
+    let database = test_database.open().await;
+    let background = whist_api::background::Background::start(
+        &database,
+        ProjectionRunner::new(database.clone(), vec![]),
+    );
+    let store = AggregateStore::<Probe>::new(&database, ());
+    for aggregate in ["a", "b", "poison", "c"] {
+        store
+            .execute(aggregate, ProbeCommand::Increment { by: 1 }, &metadata())
+            .await
+            .expect("recorded");
+    }
+    wait_for_positions(&database, 4).await;
+    let runner = ProjectionRunner::new(database.clone(), vec![Arc::new(Picky)]);
+    runner.register().await.expect("registered");
+    assert_eq!(
+        runner.step("picky").await.expect("steps"),
+        StepOutcome::Stopped
+    );
+    let status = &runner.status().await.expect("status")[0];
+    assert_eq!(status.status, "failed");
+    assert_eq!(
+        status.position, 2,
+        "the events before the failing one are kept"
+    );
+    let error = status.last_error.as_deref().expect("the error is recorded");
+    assert!(error.contains("position 3"), "{error}");
+    // A stopped projection stays stopped.
+    assert_eq!(
+        runner.step("picky").await.expect("steps"),
+        StepOutcome::Stopped
+    );
+    assert_eq!(runner.status().await.expect("status")[0].position, 2);
+    background.stop().await;
+}
+
+#[tokio::test]
+async fn a_projection_that_fails_stops_on_that_event_keeping_its_position_on_postgres() {
+    a_projection_that_fails_stops_on_that_event_keeping_its_position(BackendKind::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_projection_that_fails_stops_on_that_event_keeping_its_position_on_sqlite() {
+    a_projection_that_fails_stops_on_that_event_keeping_its_position(BackendKind::Sqlite).await;
+}
+
+/// Loads `count` probe events with positions straight into Postgres (10 per aggregate).
+async fn load_log(database: &Database, count: i64) {
+    let metadata = serde_json::to_string(&metadata().to_map()).expect("json");
+    let whist_adapters::store::Backend::Postgres(pool) = database.backend() else {
+        unreachable!("Postgres")
+    };
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, \
+         position) SELECT 'probe', 'p-' || ((g - 1) / 10), ((g - 1) % 10) + 1, 'ProbeIncremented', '1.0', \
+         '{\"Incremented\":{\"by\":1,\"total\":1}}', $2::json, g FROM generate_series(1, $1) AS g",
+    )
+    .bind(count)
+    .bind(metadata)
+    .execute(pool)
+    .await
+    .expect("the log loads");
+    sqlx::query("UPDATE event_log_head SET position = $1")
+        .bind(count)
+        .execute(pool)
+        .await
+        .expect("the head moves");
+}
+
+async fn checkpoint(database: &Database) -> i64 {
+    sqlx::query_scalar("SELECT position FROM projection_checkpoints WHERE name = 'aggregate_index'")
+        .fetch_optional(database.any())
+        .await
+        .expect("reads")
+        .unwrap_or(0)
+}
+
+/// A real `whist worker` process is SIGKILLed three times while it projects; each time the read model matches
+/// its checkpoint exactly, and in the end every event is counted once.
+#[tokio::test]
+async fn a_worker_killed_mid_stream_resumes_with_no_event_lost_or_applied_twice() {
+    const EVENTS: i64 = 200_000;
+    let test_database = TestDatabase::postgres().await;
+    let database = test_database.open().await;
+    load_log(&database, EVENTS).await;
+    let environment = [("DATABASE_URL", test_database.url.clone().expect("url"))];
+    let mut kills = 0;
+    let mut last_checkpoint = 0;
+    for attempt in 0..3 {
+        let worker = ChildProcess::start(
+            &crate::whist_binary(),
+            &["worker"],
+            test_database.data_dir.path(),
+            &environment,
+            &format!("worker-{attempt}.log"),
+        );
+        // Kill it somewhere in the middle of the next stretch of the log.
+        let target = last_checkpoint + (EVENTS - last_checkpoint) / 4;
+        let reached = eventually(Duration::from_secs(60), || {
+            let database = database.clone();
+            async move { checkpoint(&database).await >= target }
+        })
+        .await;
+        let log = worker.log_text();
+        assert!(reached, "the worker made progress: {log}");
+        worker.kill();
+        kills += 1;
+        let position = checkpoint(&database).await;
+        assert!(position < EVENTS, "killed mid-stream (at {position})");
+        let (counted, _) = index_totals(&database).await;
+        assert_eq!(
+            counted, position,
+            "the read model holds exactly the checkpointed events"
+        );
+        last_checkpoint = position;
+    }
+    let mut worker = ChildProcess::start(
+        &crate::whist_binary(),
+        &["worker"],
+        test_database.data_dir.path(),
+        &environment,
+        "worker-final.log",
+    );
+    assert!(
+        eventually(Duration::from_secs(120), || {
+            let database = database.clone();
+            async move { checkpoint(&database).await == EVENTS }
+        })
+        .await,
+        "the restarted worker reached the head: {}",
+        worker.log_text()
+    );
+    worker.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = worker
+        .wait_exit(Duration::from_secs(20))
+        .expect("the worker exits");
+    assert!(
+        status.success(),
+        "SIGTERM ends the worker cleanly: {status}"
+    );
+    assert_eq!(kills, 3);
+    assert_eq!(index_totals(&database).await, (EVENTS, 0));
+    let aggregates: i64 = sqlx::query_scalar("SELECT count(*) FROM aggregate_index")
+        .fetch_one(database.any())
+        .await
+        .expect("counts");
+    assert_eq!(aggregates, EVENTS / 10);
+}

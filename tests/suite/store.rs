@@ -1,0 +1,364 @@
+//! The event store and its global log, on both backends.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use whist_adapters::store::{AggregateStore, Backend, CommandError, LoggedEvent, Sequencer};
+use whist_domain::probe::{Probe, ProbeCommand, ProbeError};
+use whist_domain::{Actor, EventMetadata};
+use whist_tests::{BackendKind, TestDatabase};
+
+fn metadata() -> EventMetadata {
+    EventMetadata::new(Actor::User("auth0|tester".to_string()), chrono::Utc::now())
+}
+
+/// Reads the whole log from position 0.
+async fn whole_log(database: &whist_adapters::store::Database) -> Vec<LoggedEvent> {
+    let log = database.log();
+    let mut events = Vec::new();
+    let mut after = 0;
+    loop {
+        let batch = log.read_after(after, 1_000).await.expect("the log reads");
+        let Some(last) = batch.last() else { break };
+        after = last.position;
+        events.extend(batch);
+    }
+    events
+}
+
+/// Gives positions to everything committed (Postgres); nothing to do on SQLite.
+async fn sequence_everything(database: &whist_adapters::store::Database) {
+    if let Backend::Postgres(pool) = database.backend() {
+        let sequencer = Sequencer::new(pool.clone(), database.signal().clone());
+        loop {
+            match sequencer.pass().await.expect("the sequencer runs") {
+                whist_adapters::store::SequencerPass::Idle => break,
+                _ => continue,
+            }
+        }
+    }
+}
+
+async fn every_command_is_applied_exactly_once(kind: BackendKind) {
+    let test_database = TestDatabase::new(kind).await;
+    let database = test_database.open().await;
+    let store = AggregateStore::<Probe>::new(&database, ());
+    for by in 1..=7 {
+        store
+            .execute("counter", ProbeCommand::Increment { by }, &metadata())
+            .await
+            .expect("the increment is recorded");
+    }
+    let (probe, version) = store.load("counter").await.expect("the probe loads");
+    assert_eq!(version, 7);
+    assert_eq!(probe.increments, 7);
+    assert_eq!(probe.total, 28, "an event applied twice would show here");
+}
+
+#[tokio::test]
+async fn every_command_is_applied_exactly_once_on_postgres() {
+    every_command_is_applied_exactly_once(BackendKind::Postgres).await;
+}
+
+#[tokio::test]
+async fn every_command_is_applied_exactly_once_on_sqlite() {
+    every_command_is_applied_exactly_once(BackendKind::Sqlite).await;
+}
+
+async fn a_rejected_command_records_nothing(kind: BackendKind) {
+    let test_database = TestDatabase::new(kind).await;
+    let database = test_database.open().await;
+    let store = AggregateStore::<Probe>::new(&database, ());
+    let outcome = store
+        .execute("counter", ProbeCommand::Increment { by: 0 }, &metadata())
+        .await;
+    assert!(matches!(
+        outcome,
+        Err(CommandError::Rejected(ProbeError::ZeroIncrement))
+    ));
+    sequence_everything(&database).await;
+    assert!(whole_log(&database).await.is_empty());
+    assert_eq!(database.log().head().await.expect("head"), 0);
+}
+
+#[tokio::test]
+async fn a_rejected_command_records_nothing_on_postgres() {
+    a_rejected_command_records_nothing(BackendKind::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_rejected_command_records_nothing_on_sqlite() {
+    a_rejected_command_records_nothing(BackendKind::Sqlite).await;
+}
+
+async fn every_event_carries_its_metadata(kind: BackendKind) {
+    let test_database = TestDatabase::new(kind).await;
+    let database = test_database.open().await;
+    let store = AggregateStore::<Probe>::new(&database, ());
+    let sent = metadata().caused_by("request-42", chrono::Utc::now());
+    store
+        .execute("counter", ProbeCommand::Increment { by: 2 }, &sent)
+        .await
+        .expect("recorded");
+    sequence_everything(&database).await;
+    let events = whole_log(&database).await;
+    assert_eq!(events.len(), 1);
+    let event = &events[0];
+    assert_eq!(event.position, 1);
+    assert_eq!(event.aggregate_type, "probe");
+    assert_eq!(event.aggregate_id, "counter");
+    assert_eq!(event.sequence, 1);
+    assert_eq!(event.event_type, "ProbeIncremented");
+    assert_eq!(event.event_version, "1.0");
+    assert_eq!(
+        event.payload_json().expect("json"),
+        serde_json::json!({"Incremented": {"by": 2, "total": 2}})
+    );
+    let stored = event.metadata().expect("metadata reads back");
+    assert_eq!(stored.actor, Actor::User("auth0|tester".to_string()));
+    assert_eq!(stored.correlation_id, sent.correlation_id);
+    assert_eq!(stored.causation_id.as_deref(), Some("request-42"));
+    assert_eq!(
+        stored.recorded_at.timestamp_micros(),
+        sent.recorded_at.timestamp_micros()
+    );
+}
+
+#[tokio::test]
+async fn every_event_carries_its_metadata_on_postgres() {
+    every_event_carries_its_metadata(BackendKind::Postgres).await;
+}
+
+#[tokio::test]
+async fn every_event_carries_its_metadata_on_sqlite() {
+    every_event_carries_its_metadata(BackendKind::Sqlite).await;
+}
+
+async fn concurrent_commands_on_one_aggregate_conflict_instead_of_overwriting(kind: BackendKind) {
+    let test_database = TestDatabase::new(kind).await;
+    let database = test_database.open().await;
+    let store = Arc::new(AggregateStore::<Probe>::new(&database, ()));
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .execute("contended", ProbeCommand::Increment { by: 1 }, &metadata())
+                .await
+        }));
+    }
+    let mut recorded = 0u64;
+    for task in tasks {
+        match task.await.expect("the task ran") {
+            Ok(()) => recorded += 1,
+            Err(CommandError::Conflict) => {}
+            Err(other) => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert!(recorded >= 1);
+    let (probe, version) = store.load("contended").await.expect("loads");
+    assert_eq!(probe.total, recorded, "only recorded commands count");
+    assert_eq!(version as u64, recorded);
+}
+
+#[tokio::test]
+async fn concurrent_commands_on_one_aggregate_conflict_instead_of_overwriting_on_postgres() {
+    concurrent_commands_on_one_aggregate_conflict_instead_of_overwriting(BackendKind::Postgres)
+        .await;
+}
+
+#[tokio::test]
+async fn concurrent_commands_on_one_aggregate_conflict_instead_of_overwriting_on_sqlite() {
+    concurrent_commands_on_one_aggregate_conflict_instead_of_overwriting(BackendKind::Sqlite).await;
+}
+
+async fn the_log_holds_every_aggregate_in_sequence_order(kind: BackendKind) {
+    let test_database = TestDatabase::new(kind).await;
+    let database = test_database.open().await;
+    let store = Arc::new(AggregateStore::<Probe>::new(&database, ()));
+    let mut tasks = Vec::new();
+    for writer in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..25 {
+                store
+                    .execute(
+                        &format!("writer-{writer}"),
+                        ProbeCommand::Increment { by: 1 },
+                        &metadata(),
+                    )
+                    .await
+                    .expect("recorded");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("the writer ran");
+    }
+    sequence_everything(&database).await;
+    let events = whole_log(&database).await;
+    assert_eq!(events.len(), 200);
+    let positions: Vec<i64> = events.iter().map(|event| event.position).collect();
+    assert_eq!(
+        positions,
+        (1..=200).collect::<Vec<_>>(),
+        "positions are dense and ordered"
+    );
+    for writer in 0..8 {
+        let sequences: Vec<i64> = events
+            .iter()
+            .filter(|event| event.aggregate_id == format!("writer-{writer}"))
+            .map(|event| event.sequence)
+            .collect();
+        assert_eq!(sequences, (1..=25).collect::<Vec<_>>());
+    }
+    assert_eq!(database.log().head().await.expect("head"), 200);
+}
+
+#[tokio::test]
+async fn the_log_holds_every_aggregate_in_sequence_order_on_postgres() {
+    the_log_holds_every_aggregate_in_sequence_order(BackendKind::Postgres).await;
+}
+
+#[tokio::test]
+async fn the_log_holds_every_aggregate_in_sequence_order_on_sqlite() {
+    the_log_holds_every_aggregate_in_sequence_order(BackendKind::Sqlite).await;
+}
+
+const INSERT_EVENT: &str =
+    "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
+     payload, metadata) VALUES ('probe', $1, 1, 'ProbeIncremented', '1.0', '{}', $2::json)";
+
+/// The case that loses events with a sequence-at-insert log: A takes the earlier slot, B the later, B commits,
+/// a reader passes B, then A commits.
+#[tokio::test]
+async fn a_transaction_that_commits_late_is_still_read_after_a_reader_has_passed_a_later_one() {
+    let test_database = TestDatabase::postgres().await;
+    let database = test_database.open().await;
+    let Backend::Postgres(pool) = database.backend().clone() else {
+        unreachable!("a Postgres test database")
+    };
+    let sequencer = Sequencer::new(pool.clone(), database.signal().clone());
+    let metadata_json = serde_json::to_string(&metadata().to_map()).expect("json");
+
+    let mut transaction_a = pool.begin().await.expect("A begins");
+    sqlx::query(INSERT_EVENT)
+        .bind("a")
+        .bind(&metadata_json)
+        .execute(&mut *transaction_a)
+        .await
+        .expect("A inserts first");
+    let mut transaction_b = pool.begin().await.expect("B begins");
+    sqlx::query(INSERT_EVENT)
+        .bind("b")
+        .bind(&metadata_json)
+        .execute(&mut *transaction_b)
+        .await
+        .expect("B inserts second");
+    transaction_b.commit().await.expect("B commits first");
+
+    sequencer.pass().await.expect("a pass");
+    let log = database.log();
+    let first = log.read_after(0, 100).await.expect("reads");
+    assert_eq!(
+        first
+            .iter()
+            .map(|event| event.aggregate_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["b"],
+        "only the committed event is in the log"
+    );
+    let cursor = first[0].position;
+
+    transaction_a.commit().await.expect("A commits last");
+    sequencer.pass().await.expect("a pass");
+    let second = log.read_after(cursor, 100).await.expect("reads");
+    assert_eq!(
+        second
+            .iter()
+            .map(|event| event.aggregate_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["a"],
+        "the late commit comes after the reader's cursor, not behind it"
+    );
+    assert!(second[0].position > cursor);
+}
+
+/// Many writers whose transactions commit in random order while a reader follows the log: the reader ends with
+/// every committed event exactly once, in increasing positions.
+#[tokio::test]
+async fn a_polling_reader_sees_every_event_exactly_once_whatever_the_commit_order() {
+    let test_database = TestDatabase::postgres().await;
+    let database = test_database.open_with(40).await;
+    let Backend::Postgres(pool) = database.backend().clone() else {
+        unreachable!("a Postgres test database")
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let sequencer =
+        tokio::spawn(Sequencer::new(pool.clone(), database.signal().clone()).run(shutdown.clone()));
+    let metadata_json = serde_json::to_string(&metadata().to_map()).expect("json");
+
+    let log = database.log();
+    let reader = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut cursor = 0;
+        let mut quiet_rounds = 0;
+        while quiet_rounds < 100 {
+            let batch = log.read_after(cursor, 50).await.expect("reads");
+            if batch.is_empty() {
+                quiet_rounds += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            quiet_rounds = 0;
+            for event in batch {
+                assert!(event.position > cursor, "positions only grow");
+                cursor = event.position;
+                seen.push(event.aggregate_id);
+            }
+        }
+        seen
+    });
+
+    let mut writers = Vec::new();
+    for writer in 0..16 {
+        let pool = pool.clone();
+        let metadata_json = metadata_json.clone();
+        writers.push(tokio::spawn(async move {
+            for event in 0..40 {
+                let mut transaction = pool.begin().await.expect("begins");
+                sqlx::query(INSERT_EVENT)
+                    .bind(format!("w{writer}-e{event}"))
+                    .bind(&metadata_json)
+                    .execute(&mut *transaction)
+                    .await
+                    .expect("inserts");
+                let hold = rand::rng().random_range(0..15);
+                tokio::time::sleep(Duration::from_millis(hold)).await;
+                transaction.commit().await.expect("commits");
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.expect("the writer ran");
+    }
+    let seen = reader.await.expect("the reader ran");
+    let _ = stop.send(true);
+    let _ = sequencer.await;
+
+    let unique: HashSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "no event was read twice");
+    assert_eq!(seen.len(), 16 * 40, "no event was skipped");
+    let inserted_out_of_order: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events a JOIN events b ON a.insert_id < b.insert_id AND a.position > b.position",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("counts");
+    assert!(
+        inserted_out_of_order > 0,
+        "the test must have produced commits out of insert order to prove anything"
+    );
+}
