@@ -19,18 +19,23 @@ pub struct Probe {
 pub enum ProbeCommand {
     /// Add `by` to the total. Zero is refused, so that a rejected command can be tested.
     Increment { by: u64 },
+    /// Take `by` from the total; refused when the total is smaller, so that a decision that depends on state can
+    /// be tested.
+    Decrement { by: u64 },
 }
 
 /// Events the probe records.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ProbeEvent {
     Incremented { by: u64, total: u64 },
+    Decremented { by: u64, total: u64 },
 }
 
 impl DomainEvent for ProbeEvent {
     fn event_type(&self) -> String {
         match self {
             Self::Incremented { .. } => "ProbeIncremented".to_string(),
+            Self::Decremented { .. } => "ProbeDecremented".to_string(),
         }
     }
 
@@ -44,6 +49,8 @@ impl DomainEvent for ProbeEvent {
 pub enum ProbeError {
     #[error("an increment must be positive")]
     ZeroIncrement,
+    #[error("the total is smaller than the decrement")]
+    InsufficientTotal,
 }
 
 impl Aggregate for Probe {
@@ -67,6 +74,13 @@ impl Aggregate for Probe {
                     .await;
                 Ok(())
             }
+            ProbeCommand::Decrement { by } if by > self.total => Err(ProbeError::InsufficientTotal),
+            ProbeCommand::Decrement { by } => {
+                let total = self.total - by;
+                sink.write(ProbeEvent::Decremented { by, total }, self)
+                    .await;
+                Ok(())
+            }
         }
     }
 
@@ -76,6 +90,7 @@ impl Aggregate for Probe {
                 self.total = total;
                 self.increments += 1;
             }
+            ProbeEvent::Decremented { total, .. } => self.total = total,
         }
     }
 }
@@ -93,6 +108,22 @@ mod tests {
             .given(vec![ProbeEvent::Incremented { by: 2, total: 2 }])
             .when(ProbeCommand::Increment { by: 3 })
             .then_expect_events(vec![ProbeEvent::Incremented { by: 3, total: 5 }]);
+    }
+
+    #[test]
+    fn a_decrement_larger_than_the_total_is_refused() {
+        ProbeTest::with(())
+            .given(vec![ProbeEvent::Incremented { by: 2, total: 2 }])
+            .when(ProbeCommand::Decrement { by: 3 })
+            .then_expect_error(ProbeError::InsufficientTotal);
+    }
+
+    #[test]
+    fn a_decrement_within_the_total_records_the_new_total() {
+        ProbeTest::with(())
+            .given(vec![ProbeEvent::Incremented { by: 2, total: 2 }])
+            .when(ProbeCommand::Decrement { by: 2 })
+            .then_expect_events(vec![ProbeEvent::Decremented { by: 2, total: 0 }]);
     }
 
     #[test]

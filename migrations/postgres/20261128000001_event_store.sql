@@ -21,8 +21,8 @@ CREATE TABLE events (
     PRIMARY KEY (aggregate_type, aggregate_id, sequence)
 );
 
+-- Also serves the sequencer's search for events still without a position (`position IS NULL`).
 CREATE UNIQUE INDEX events_by_position ON events (position);
-CREATE INDEX events_awaiting_position ON events (insert_id) WHERE position IS NULL;
 
 -- cqrs-es snapshots. The snapshot modes of cqrs-es 0.5 apply every event twice, so the project does not use
 -- them; the table exists because postgres-es names it.
@@ -41,6 +41,45 @@ CREATE TABLE event_log_head (
     position bigint  NOT NULL
 );
 INSERT INTO event_log_head (id, position) VALUES (1, 0);
+
+-- One pass of the sequencer, in one round trip and one commit: hands out positions to up to `batch_size`
+-- committed events, in insert order, after the current head. Returns how many events it sequenced, or -1 when
+-- another sequencer holds the lock (it will see these events itself or on its next pass).
+--
+-- The lock is taken in its own statement before the UPDATE: a VOLATILE function takes a fresh snapshot for each
+-- statement, so the UPDATE sees every position the previous lock holder committed and never hands one out twice.
+CREATE FUNCTION whist_sequence_events(batch_size integer) RETURNS bigint
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    head bigint;
+    assigned bigint;
+BEGIN
+    -- Idle passes take no lock (a lock costs a commit flush).
+    IF NOT EXISTS (SELECT 1 FROM events WHERE position IS NULL) THEN
+        RETURN 0;
+    END IF;
+    SELECT position INTO head FROM event_log_head WHERE id = 1 FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN -1;
+    END IF;
+    WITH ready AS (
+        SELECT insert_id FROM events WHERE position IS NULL ORDER BY insert_id LIMIT batch_size
+    ), numbered AS (
+        SELECT insert_id, head + row_number() OVER (ORDER BY insert_id) AS new_position FROM ready
+    )
+    UPDATE events
+       SET position = numbered.new_position
+      FROM numbered
+     WHERE events.insert_id = numbered.insert_id AND events.position IS NULL;
+    GET DIAGNOSTICS assigned = ROW_COUNT;
+    IF assigned > 0 THEN
+        UPDATE event_log_head SET position = head + assigned WHERE id = 1;
+        -- The channel is adapters::store::sequencer::LOG_CHANNEL.
+        PERFORM pg_notify('whist_event_log', (head + assigned)::text);
+    END IF;
+    RETURN assigned;
+END;
+$$;
 
 -- One row per projection: how far it has read, updated in the same transaction as its read model.
 CREATE TABLE projection_checkpoints (

@@ -227,6 +227,89 @@ async fn the_log_holds_every_aggregate_in_sequence_order_on_sqlite() {
     the_log_holds_every_aggregate_in_sequence_order(BackendKind::Sqlite).await;
 }
 
+/// Two stores on one database stand for two processes: each remembers aggregates between commands.
+async fn a_stale_remembered_copy_costs_a_retry_never_a_wrong_decision(kind: BackendKind) {
+    let test_database = TestDatabase::new(kind).await;
+    let database = test_database.open().await;
+    let first = AggregateStore::<Probe>::new(&database, ());
+    let second = AggregateStore::<Probe>::new(&database, ());
+    first
+        .execute("shared", ProbeCommand::Increment { by: 1 }, &metadata())
+        .await
+        .expect("recorded");
+    second
+        .execute("shared", ProbeCommand::Increment { by: 5 }, &metadata())
+        .await
+        .expect("recorded");
+    // `first` remembers a total of 1; the truth is 6. Its append collides with `second`'s sequence number.
+    let outcome = first
+        .execute("shared", ProbeCommand::Increment { by: 1 }, &metadata())
+        .await;
+    assert!(
+        matches!(outcome, Err(CommandError::Conflict)),
+        "{outcome:?}"
+    );
+    first
+        .execute("shared", ProbeCommand::Increment { by: 1 }, &metadata())
+        .await
+        .expect("the retry loads fresh state");
+    assert_eq!(first.load("shared").await.expect("loads").0.total, 7);
+    // `second` remembers 6; the truth is 7. A rule that would refuse on the stale copy must not refuse.
+    first
+        .execute("shared", ProbeCommand::Decrement { by: 7 }, &metadata())
+        .await
+        .expect("recorded");
+    second
+        .execute("shared", ProbeCommand::Increment { by: 2 }, &metadata())
+        .await
+        .expect_err("stale: conflicts");
+    first
+        .execute("shared", ProbeCommand::Increment { by: 3 }, &metadata())
+        .await
+        .expect("recorded");
+    // Now `first` remembers 3, the truth is 3; `second` forgot its copy after the conflict and loads 3.
+    second
+        .execute("shared", ProbeCommand::Decrement { by: 3 }, &metadata())
+        .await
+        .expect("decided on fresh state");
+    // `first` remembers 3, the truth is 0: on the stale copy a decrement of 2 looks allowed, and the append
+    // collides; on fresh state it is refused.
+    let outcome = first
+        .execute("shared", ProbeCommand::Decrement { by: 2 }, &metadata())
+        .await;
+    assert!(
+        matches!(outcome, Err(CommandError::Conflict)),
+        "{outcome:?}"
+    );
+    let refused = first
+        .execute("shared", ProbeCommand::Decrement { by: 2 }, &metadata())
+        .await;
+    assert!(matches!(
+        refused,
+        Err(CommandError::Rejected(ProbeError::InsufficientTotal))
+    ));
+    second
+        .execute("shared", ProbeCommand::Increment { by: 4 }, &metadata())
+        .await
+        .expect("recorded");
+    // `first` remembers 0 (fresh after the refusal), the truth is 4: stale refusal must become a decision.
+    first
+        .execute("shared", ProbeCommand::Decrement { by: 4 }, &metadata())
+        .await
+        .expect("a refusal on a stale copy is retried on fresh state");
+    assert_eq!(second.load("shared").await.expect("loads").0.total, 0);
+}
+
+#[tokio::test]
+async fn a_stale_remembered_copy_costs_a_retry_never_a_wrong_decision_on_postgres() {
+    a_stale_remembered_copy_costs_a_retry_never_a_wrong_decision(BackendKind::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_stale_remembered_copy_costs_a_retry_never_a_wrong_decision_on_sqlite() {
+    a_stale_remembered_copy_costs_a_retry_never_a_wrong_decision(BackendKind::Sqlite).await;
+}
+
 const INSERT_EVENT: &str =
     "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
      payload, metadata) VALUES ('probe', $1, 1, 'ProbeIncremented', '1.0', '{}', $2::json)";

@@ -73,14 +73,18 @@ impl Database {
             source,
         };
         let options = PgConnectOptions::from_str(url).map_err(connect_error)?;
+        // No ping before each acquire: it is a round trip per statement, and a dead connection fails the
+        // statement anyway, which callers already treat as a store failure.
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await
             .map_err(connect_error)?;
         let any = AnyPoolOptions::new()
             .max_connections(max_connections)
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(5))
             .connect(url)
             .await

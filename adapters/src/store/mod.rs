@@ -2,8 +2,11 @@
 //! global log in commit order that projections and the reconciler read.
 
 mod aggregate_store;
+mod append_batcher;
+mod cached_store;
 mod database;
 mod log;
+mod postgres_repository;
 mod sequencer;
 
 pub use aggregate_store::{AggregateStore, CommandError};

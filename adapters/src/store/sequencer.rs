@@ -20,13 +20,13 @@ use super::log::LogSignal;
 pub const LOG_CHANNEL: &str = "whist_event_log";
 
 /// How long the sequencer waits after a local append before its pass, so that one pass serves many appends.
-const GATHER_WINDOW: Duration = Duration::from_millis(5);
+const GATHER_WINDOW: Duration = Duration::from_millis(20);
 
 /// What one pass of the sequencer did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SequencerPass {
-    /// Positions up to `head` were handed out to `count` events.
-    Assigned { count: u64, head: i64 },
+    /// Positions were handed out to `count` events.
+    Assigned { count: u64 },
     /// Nothing was waiting.
     Idle,
     /// Another process's sequencer holds the lock right now.
@@ -50,66 +50,25 @@ impl Sequencer {
         }
     }
 
-    /// Gives positions to up to one batch of committed events.
+    /// Gives positions to up to one batch of committed events (see `whist_sequence_events` in `migrations/`).
     ///
     /// # Errors
     /// The database failed; nothing was assigned.
     pub async fn pass(&self) -> Result<SequencerPass, sqlx::Error> {
-        let waiting: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE position IS NULL)")
-                .fetch_one(&self.pool)
-                .await?;
-        if !waiting {
-            return Ok(SequencerPass::Idle);
-        }
-        let mut transaction = self.pool.begin().await?;
-        // The lock is taken in its own statement so that the statement below takes its snapshot after the
-        // previous holder committed, and so sees every position that holder handed out.
-        let head: Option<i64> = sqlx::query_scalar(
-            "SELECT position FROM event_log_head WHERE id = 1 FOR UPDATE SKIP LOCKED",
-        )
-        .fetch_optional(&mut *transaction)
-        .await?;
-        let Some(head) = head else {
-            return Ok(SequencerPass::Busy);
-        };
-        let count = sqlx::query(
-            "
-WITH ready AS (
-    SELECT insert_id FROM events WHERE position IS NULL ORDER BY insert_id LIMIT $2
-), numbered AS (
-    SELECT insert_id, $1 + row_number() OVER (ORDER BY insert_id) AS position FROM ready
-)
-UPDATE events
-   SET position = numbered.position
-  FROM numbered
- WHERE events.insert_id = numbered.insert_id AND events.position IS NULL",
-        )
-        .bind(head)
-        .bind(self.batch_size)
-        .execute(&mut *transaction)
-        .await?
-        .rows_affected();
-        if count == 0 {
-            transaction.rollback().await?;
-            return Ok(SequencerPass::Idle);
-        }
-        let new_head = head + i64::try_from(count).unwrap_or(i64::MAX);
-        sqlx::query("UPDATE event_log_head SET position = $1 WHERE id = 1")
-            .bind(new_head)
-            .execute(&mut *transaction)
+        let assigned: i64 = sqlx::query_scalar("SELECT whist_sequence_events($1)")
+            .bind(i32::try_from(self.batch_size).unwrap_or(i32::MAX))
+            .fetch_one(&self.pool)
             .await?;
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(LOG_CHANNEL)
-            .bind(new_head.to_string())
-            .execute(&mut *transaction)
-            .await?;
-        transaction.commit().await?;
-        self.signal.advanced();
-        Ok(SequencerPass::Assigned {
-            count,
-            head: new_head,
-        })
+        match assigned {
+            -1 => Ok(SequencerPass::Busy),
+            0 => Ok(SequencerPass::Idle),
+            count => {
+                self.signal.advanced();
+                Ok(SequencerPass::Assigned {
+                    count: u64::try_from(count).unwrap_or_default(),
+                })
+            }
+        }
     }
 
     /// Runs passes until `shutdown` turns true: at once when this process appends, 5 ms after this process appends, and every 20 ms for

@@ -1,0 +1,146 @@
+//! An event store that remembers the aggregates it has loaded or committed.
+//!
+//! cqrs-es loads an aggregate's whole history before every command. This store keeps each aggregate's state and
+//! version after a successful commit, and hands a copy to the next command. A copy can be stale when another
+//! process appended since; the append then collides with that process's sequence number (the primary key), the
+//! command fails with a conflict, the copy is forgotten, and a retry loads from the database. So a stale copy can
+//! cost a retry but never a decision on old state. (cqrs-es's own snapshot modes are not used: in 0.5 they apply
+//! every event twice.)
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cqrs_es::persist::{EventStoreAggregateContext, PersistedEventRepository, PersistedEventStore};
+use cqrs_es::{Aggregate, AggregateError, EventEnvelope, EventStore};
+
+/// See the module documentation. Clones share the same store and memory.
+pub struct CachedEventStore<R: PersistedEventRepository, A: Aggregate> {
+    shared: Arc<Shared<R, A>>,
+}
+
+struct Shared<R: PersistedEventRepository, A: Aggregate> {
+    inner: PersistedEventStore<R, A>,
+    cache: Mutex<HashMap<String, (A, usize)>>,
+    capacity: usize,
+}
+
+impl<R: PersistedEventRepository, A: Aggregate> Clone for CachedEventStore<R, A> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<R, A> CachedEventStore<R, A>
+where
+    R: PersistedEventRepository,
+    A: Aggregate + Clone,
+{
+    /// A store over `repository` that remembers up to `capacity` aggregates.
+    pub fn new(repository: R, capacity: usize) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                inner: PersistedEventStore::new_event_store(repository),
+                cache: Mutex::new(HashMap::new()),
+                capacity,
+            }),
+        }
+    }
+
+    fn remembered(&self, aggregate_id: &str) -> Option<(A, usize)> {
+        self.shared
+            .cache
+            .lock()
+            .ok()
+            .and_then(|cache| cache.get(aggregate_id).cloned())
+    }
+
+    fn remember(&self, aggregate_id: &str, aggregate: A, version: usize) {
+        if let Ok(mut cache) = self.shared.cache.lock() {
+            if cache.len() >= self.shared.capacity && !cache.contains_key(aggregate_id) {
+                // Forget an arbitrary entry: the cache is an optimisation, any entry may go.
+                if let Some(victim) = cache.keys().next().cloned() {
+                    cache.remove(&victim);
+                }
+            }
+            cache.insert(aggregate_id.to_string(), (aggregate, version));
+        }
+    }
+
+    /// Forgets one aggregate (after a conflict, or when its copy may be stale).
+    pub fn forget(&self, aggregate_id: &str) {
+        if let Ok(mut cache) = self.shared.cache.lock() {
+            cache.remove(aggregate_id);
+        }
+    }
+
+    /// Loads from the database, ignoring and then refreshing the remembered copy.
+    ///
+    /// # Errors
+    /// The database failed or an event could not be read.
+    pub async fn load_fresh(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<EventStoreAggregateContext<A>, AggregateError<A::Error>> {
+        let context = self.shared.inner.load_aggregate(aggregate_id).await?;
+        self.remember(
+            aggregate_id,
+            context.aggregate.clone(),
+            context.current_sequence,
+        );
+        Ok(context)
+    }
+}
+
+impl<R, A> EventStore<A> for CachedEventStore<R, A>
+where
+    R: PersistedEventRepository,
+    A: Aggregate + Clone + Send + Sync,
+{
+    type AC = EventStoreAggregateContext<A>;
+
+    async fn load_events(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
+        self.shared.inner.load_events(aggregate_id).await
+    }
+
+    async fn load_aggregate(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<EventStoreAggregateContext<A>, AggregateError<A::Error>> {
+        match self.remembered(aggregate_id) {
+            Some((aggregate, version)) => Ok(EventStoreAggregateContext {
+                aggregate_id: aggregate_id.to_string(),
+                aggregate,
+                current_sequence: version,
+                current_snapshot: None,
+            }),
+            None => self.load_fresh(aggregate_id).await,
+        }
+    }
+
+    async fn commit(
+        &self,
+        events: Vec<A::Event>,
+        context: EventStoreAggregateContext<A>,
+        metadata: HashMap<String, String>,
+    ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
+        let aggregate_id = context.aggregate_id.clone();
+        let version = context.current_sequence + events.len();
+        // The command's events were already applied to the context's aggregate by the event sink.
+        let after = context.aggregate.clone();
+        match self.shared.inner.commit(events, context, metadata).await {
+            Ok(committed) => {
+                self.remember(&aggregate_id, after, version);
+                Ok(committed)
+            }
+            Err(error) => {
+                self.forget(&aggregate_id);
+                Err(error)
+            }
+        }
+    }
+}
