@@ -153,6 +153,7 @@ pub fn with_database(url: &str, database: &str) -> String {
 pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
+    pub state: whist_api::AppState,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -169,6 +170,7 @@ pub async fn spawn_app_with(database: &TestDatabase, settings: Settings) -> Test
         .await
         .expect("the server starts");
     let address = format!("http://127.0.0.1:{}", application.port());
+    let state = application.state().clone();
     let (shutdown, receiver) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(application.run_until(async move {
         let _ = receiver.await;
@@ -176,6 +178,7 @@ pub async fn spawn_app_with(database: &TestDatabase, settings: Settings) -> Test
     TestApp {
         address,
         client: reqwest::Client::new(),
+        state,
         shutdown: Some(shutdown),
         server: Some(server),
     }

@@ -136,3 +136,20 @@ async fn readiness_fails_when_the_store_is_gone() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_draining_server_refuses_new_requests_with_503() {
+    let database = TestDatabase::sqlite();
+    let app = spawn_app(&database).await;
+    app.state.start_draining();
+    let response = app
+        .client
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "SHUTTING_DOWN");
+    app.stop().await;
+}

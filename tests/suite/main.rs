@@ -1,5 +1,6 @@
 //! The black-box suite. One test binary (link time is the dominant cost of this stack), one module per capability.
 
+mod config;
 mod http;
 mod process;
 mod projections;

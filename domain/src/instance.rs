@@ -1,0 +1,844 @@
+//! The instance aggregate: one EC2 host (or simulated host) and the mandelbox slots it holds.
+//!
+//! Life: `PRE_CONNECTION` (launch decided, waiting for the host to register) → `ACTIVE` (registered, takes
+//! mandelboxes) → `DRAINING` (takes no new mandelbox, ends when empty) → `TERMINATING` → `TERMINATED`, with
+//! `UNRESPONSIVE` for a host whose heartbeats stopped. Slots are allocated here, under the aggregate's optimistic
+//! concurrency, so two allocations can never take the same slot and a host never holds more than its capacity.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, DomainEvent};
+use serde::{Deserialize, Serialize};
+
+/// Where a host is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum InstanceStatus {
+    PreConnection,
+    Active,
+    Draining,
+    Unresponsive,
+    Terminating,
+    Terminated,
+}
+
+impl InstanceStatus {
+    /// The contract's spelling (`PRE_CONNECTION`, `ACTIVE`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PreConnection => "PRE_CONNECTION",
+            Self::Active => "ACTIVE",
+            Self::Draining => "DRAINING",
+            Self::Unresponsive => "UNRESPONSIVE",
+            Self::Terminating => "TERMINATING",
+            Self::Terminated => "TERMINATED",
+        }
+    }
+
+    /// Whether the host is gone or going (its heartbeats are answered 410).
+    pub fn is_ending(self) -> bool {
+        matches!(self, Self::Terminating | Self::Terminated)
+    }
+}
+
+/// What a launch decided: the identity the host must present when it registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchSpec {
+    pub region: String,
+    pub image_id: String,
+    pub client_commit_hash: String,
+    pub instance_type: String,
+}
+
+/// The host as the aggregate knows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    pub status: Option<InstanceStatus>,
+    pub spec: Option<LaunchSpec>,
+    pub bootstrap_token_hash: Option<String>,
+    pub auth_token_hash: Option<String>,
+    pub cloud_instance_id: Option<String>,
+    pub ip: Option<String>,
+    pub capacity: u32,
+    pub mandelboxes: BTreeSet<String>,
+    pub launch_requested_at: Option<DateTime<Utc>>,
+    /// The status to return to when an unresponsive host is heard from again.
+    pub status_before_silence: Option<InstanceStatus>,
+}
+
+/// Commands the instance takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstanceCommand {
+    /// Decide to launch a host with this identity; the host proves it is this launch with the bootstrap token.
+    RequestLaunch {
+        spec: LaunchSpec,
+        bootstrap_token_hash: String,
+        at: DateTime<Utc>,
+    },
+    /// The cloud started the host.
+    RecordLaunch {
+        cloud_instance_id: String,
+        at: DateTime<Utc>,
+    },
+    /// The cloud refused to start the host.
+    RecordLaunchFailure { reason: String, at: DateTime<Utc> },
+    /// The host service called `/host/register`.
+    Register {
+        identity: LaunchSpec,
+        presented_token_hash: String,
+        auth_token_hash: String,
+        ip: String,
+        mandelbox_capacity: u32,
+        at: DateTime<Utc>,
+    },
+    /// Reserve one slot for a mandelbox.
+    AllocateMandelbox {
+        mandelbox_id: String,
+        user_id: String,
+        at: DateTime<Utc>,
+    },
+    /// The mandelbox ended; its slot is free. Idempotent.
+    FreeMandelbox {
+        mandelbox_id: String,
+        at: DateTime<Utc>,
+    },
+    /// Take no new mandelbox; end once empty. Idempotent.
+    Drain {
+        reason: DrainReason,
+        at: DateTime<Utc>,
+    },
+    /// Heartbeats stopped for longer than the timeout.
+    MarkUnresponsive { at: DateTime<Utc> },
+    /// A heartbeat arrived from a host marked unresponsive.
+    MarkResponsive { at: DateTime<Utc> },
+    /// Start ending the host (through its host service, or the cloud when it is unresponsive). Idempotent.
+    Terminate {
+        reason: TerminationReason,
+        at: DateTime<Utc>,
+    },
+    /// The cloud reports the host gone. Idempotent.
+    RecordTerminated { at: DateTime<Utc> },
+}
+
+/// Why a host drains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainReason {
+    ScaleDown,
+    ImageRetired,
+    HostDying,
+    Operator,
+}
+
+/// Why a host is terminated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TerminationReason {
+    Drained,
+    Unresponsive,
+    NeverRegistered,
+    Orphaned,
+    Operator,
+    LaunchFailed,
+}
+
+/// Events of the instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InstanceEvent {
+    LaunchRequested {
+        spec: LaunchSpec,
+        bootstrap_token_hash: String,
+        at: DateTime<Utc>,
+    },
+    Launched {
+        cloud_instance_id: String,
+        at: DateTime<Utc>,
+    },
+    LaunchFailed {
+        reason: String,
+        at: DateTime<Utc>,
+    },
+    Registered {
+        ip: String,
+        mandelbox_capacity: u32,
+        auth_token_hash: String,
+        at: DateTime<Utc>,
+    },
+    MandelboxAllocated {
+        mandelbox_id: String,
+        user_id: String,
+        live_after: u32,
+        at: DateTime<Utc>,
+    },
+    MandelboxFreed {
+        mandelbox_id: String,
+        live_after: u32,
+        at: DateTime<Utc>,
+    },
+    DrainStarted {
+        reason: DrainReason,
+        at: DateTime<Utc>,
+    },
+    BecameUnresponsive {
+        at: DateTime<Utc>,
+    },
+    BecameResponsive {
+        at: DateTime<Utc>,
+    },
+    TerminationStarted {
+        reason: TerminationReason,
+        at: DateTime<Utc>,
+    },
+    Terminated {
+        at: DateTime<Utc>,
+    },
+}
+
+impl DomainEvent for InstanceEvent {
+    fn event_type(&self) -> String {
+        let name = match self {
+            Self::LaunchRequested { .. } => "InstanceLaunchRequested",
+            Self::Launched { .. } => "InstanceLaunched",
+            Self::LaunchFailed { .. } => "InstanceLaunchFailed",
+            Self::Registered { .. } => "InstanceRegistered",
+            Self::MandelboxAllocated { .. } => "InstanceMandelboxAllocated",
+            Self::MandelboxFreed { .. } => "InstanceMandelboxFreed",
+            Self::DrainStarted { .. } => "InstanceDrainStarted",
+            Self::BecameUnresponsive { .. } => "InstanceBecameUnresponsive",
+            Self::BecameResponsive { .. } => "InstanceBecameResponsive",
+            Self::TerminationStarted { .. } => "InstanceTerminationStarted",
+            Self::Terminated { .. } => "InstanceTerminated",
+        };
+        name.to_string()
+    }
+
+    fn event_version(&self) -> String {
+        "1.0".to_string()
+    }
+}
+
+/// Why the instance refused a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InstanceError {
+    #[error("the instance already exists")]
+    AlreadyExists,
+    #[error("no such instance")]
+    Unknown,
+    #[error("the bootstrap token does not belong to this launch")]
+    WrongBootstrapToken,
+    #[error("the host has already registered")]
+    AlreadyRegistered,
+    #[error("the host's identity differs from its launch record")]
+    IdentityMismatch,
+    #[error("the host is not taking new mandelboxes")]
+    NotAcceptingMandelboxes,
+    #[error("the host has no free slot")]
+    AtCapacity,
+    #[error("the launch already recorded a different cloud instance")]
+    CloudInstanceMismatch,
+    #[error("the host is not in a state that allows this")]
+    InvalidTransition,
+}
+
+impl Instance {
+    /// Live mandelboxes on the host.
+    pub fn live(&self) -> u32 {
+        u32::try_from(self.mandelboxes.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Free slots (0 unless the host takes mandelboxes).
+    pub fn free_slots(&self) -> u32 {
+        match self.status {
+            Some(InstanceStatus::Active) => self.capacity.saturating_sub(self.live()),
+            _ => 0,
+        }
+    }
+
+    fn status(&self) -> Result<InstanceStatus, InstanceError> {
+        self.status.ok_or(InstanceError::Unknown)
+    }
+
+    fn decide(&self, command: InstanceCommand) -> Result<Vec<InstanceEvent>, InstanceError> {
+        use InstanceCommand as C;
+        use InstanceEvent as E;
+        use InstanceStatus as S;
+        match command {
+            C::RequestLaunch {
+                spec,
+                bootstrap_token_hash,
+                at,
+            } => match self.status {
+                Some(_) => Err(InstanceError::AlreadyExists),
+                None => Ok(vec![E::LaunchRequested {
+                    spec,
+                    bootstrap_token_hash,
+                    at,
+                }]),
+            },
+            C::RecordLaunch {
+                cloud_instance_id,
+                at,
+            } => {
+                let status = self.status()?;
+                match &self.cloud_instance_id {
+                    Some(known) if *known == cloud_instance_id => Ok(vec![]),
+                    Some(_) => Err(InstanceError::CloudInstanceMismatch),
+                    None if status == S::Terminated => Err(InstanceError::InvalidTransition),
+                    None => Ok(vec![E::Launched {
+                        cloud_instance_id,
+                        at,
+                    }]),
+                }
+            }
+            C::RecordLaunchFailure { reason, at } => match self.status()? {
+                S::PreConnection if self.cloud_instance_id.is_none() => {
+                    Ok(vec![E::LaunchFailed { reason, at }])
+                }
+                S::Terminated => Ok(vec![]),
+                _ => Err(InstanceError::InvalidTransition),
+            },
+            C::Register {
+                identity,
+                presented_token_hash,
+                auth_token_hash,
+                ip,
+                mandelbox_capacity,
+                at,
+            } => {
+                self.status()?;
+                if self.bootstrap_token_hash.as_deref() != Some(presented_token_hash.as_str()) {
+                    return Err(InstanceError::WrongBootstrapToken);
+                }
+                if self.status != Some(S::PreConnection) {
+                    return Err(InstanceError::AlreadyRegistered);
+                }
+                if self.spec.as_ref() != Some(&identity) {
+                    return Err(InstanceError::IdentityMismatch);
+                }
+                Ok(vec![E::Registered {
+                    ip,
+                    mandelbox_capacity,
+                    auth_token_hash,
+                    at,
+                }])
+            }
+            C::AllocateMandelbox {
+                mandelbox_id,
+                user_id,
+                at,
+            } => {
+                if self.status()? != S::Active {
+                    return Err(InstanceError::NotAcceptingMandelboxes);
+                }
+                if self.mandelboxes.contains(&mandelbox_id) {
+                    return Ok(vec![]);
+                }
+                if self.live() >= self.capacity {
+                    return Err(InstanceError::AtCapacity);
+                }
+                Ok(vec![E::MandelboxAllocated {
+                    mandelbox_id,
+                    user_id,
+                    live_after: self.live() + 1,
+                    at,
+                }])
+            }
+            C::FreeMandelbox { mandelbox_id, at } => {
+                self.status()?;
+                if !self.mandelboxes.contains(&mandelbox_id) {
+                    return Ok(vec![]);
+                }
+                Ok(vec![E::MandelboxFreed {
+                    mandelbox_id,
+                    live_after: self.live().saturating_sub(1),
+                    at,
+                }])
+            }
+            C::Drain { reason, at } => match self.status()? {
+                S::PreConnection | S::Active | S::Unresponsive => {
+                    Ok(vec![E::DrainStarted { reason, at }])
+                }
+                S::Draining | S::Terminating | S::Terminated => Ok(vec![]),
+            },
+            C::MarkUnresponsive { at } => match self.status()? {
+                S::Active | S::Draining => Ok(vec![E::BecameUnresponsive { at }]),
+                S::Unresponsive | S::Terminating | S::Terminated => Ok(vec![]),
+                S::PreConnection => Err(InstanceError::InvalidTransition),
+            },
+            C::MarkResponsive { at } => match self.status()? {
+                S::Unresponsive => Ok(vec![E::BecameResponsive { at }]),
+                _ => Ok(vec![]),
+            },
+            C::Terminate { reason, at } => match self.status()? {
+                S::Terminating | S::Terminated => Ok(vec![]),
+                _ => Ok(vec![E::TerminationStarted { reason, at }]),
+            },
+            C::RecordTerminated { at } => match self.status()? {
+                S::Terminated => Ok(vec![]),
+                _ => Ok(vec![E::Terminated { at }]),
+            },
+        }
+    }
+}
+
+impl Aggregate for Instance {
+    const TYPE: &'static str = "instance";
+    type Command = InstanceCommand;
+    type Event = InstanceEvent;
+    type Error = InstanceError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        _services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        for event in self.decide(command)? {
+            sink.write(event, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        use InstanceEvent as E;
+        use InstanceStatus as S;
+        match event {
+            E::LaunchRequested {
+                spec,
+                bootstrap_token_hash,
+                at,
+            } => {
+                self.status = Some(S::PreConnection);
+                self.spec = Some(spec);
+                self.bootstrap_token_hash = Some(bootstrap_token_hash);
+                self.launch_requested_at = Some(at);
+            }
+            E::Launched {
+                cloud_instance_id, ..
+            } => self.cloud_instance_id = Some(cloud_instance_id),
+            E::LaunchFailed { .. } => self.status = Some(S::Terminated),
+            E::Registered {
+                ip,
+                mandelbox_capacity,
+                auth_token_hash,
+                ..
+            } => {
+                self.status = Some(S::Active);
+                self.ip = Some(ip);
+                self.capacity = mandelbox_capacity;
+                self.auth_token_hash = Some(auth_token_hash);
+            }
+            E::MandelboxAllocated { mandelbox_id, .. } => {
+                self.mandelboxes.insert(mandelbox_id);
+            }
+            E::MandelboxFreed { mandelbox_id, .. } => {
+                self.mandelboxes.remove(&mandelbox_id);
+            }
+            E::DrainStarted { .. } => self.status = Some(S::Draining),
+            E::BecameUnresponsive { .. } => {
+                self.status_before_silence = self.status;
+                self.status = Some(S::Unresponsive);
+            }
+            E::BecameResponsive { .. } => {
+                self.status = self.status_before_silence.take().or(Some(S::Active));
+            }
+            E::TerminationStarted { .. } => self.status = Some(S::Terminating),
+            E::Terminated { .. } => self.status = Some(S::Terminated),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cqrs_es::test::TestFramework;
+    use proptest::prelude::*;
+
+    type InstanceTest = TestFramework<Instance>;
+
+    fn at() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000, 0).expect("a valid time")
+    }
+
+    fn spec() -> LaunchSpec {
+        LaunchSpec {
+            region: "us-east-1".to_string(),
+            image_id: "ami-1".to_string(),
+            client_commit_hash: "abc".to_string(),
+            instance_type: "g4dn.2xlarge".to_string(),
+        }
+    }
+
+    fn launched() -> Vec<InstanceEvent> {
+        vec![InstanceEvent::LaunchRequested {
+            spec: spec(),
+            bootstrap_token_hash: "boot".to_string(),
+            at: at(),
+        }]
+    }
+
+    fn active(capacity: u32) -> Vec<InstanceEvent> {
+        let mut events = launched();
+        events.push(InstanceEvent::Registered {
+            ip: "10.0.0.1".to_string(),
+            mandelbox_capacity: capacity,
+            auth_token_hash: "auth".to_string(),
+            at: at(),
+        });
+        events
+    }
+
+    fn allocated(events: &mut Vec<InstanceEvent>, mandelbox_id: &str, live_after: u32) {
+        events.push(InstanceEvent::MandelboxAllocated {
+            mandelbox_id: mandelbox_id.to_string(),
+            user_id: "u".to_string(),
+            live_after,
+            at: at(),
+        });
+    }
+
+    fn register(token: &str, identity: LaunchSpec) -> InstanceCommand {
+        InstanceCommand::Register {
+            identity,
+            presented_token_hash: token.to_string(),
+            auth_token_hash: "auth".to_string(),
+            ip: "10.0.0.1".to_string(),
+            mandelbox_capacity: 2,
+            at: at(),
+        }
+    }
+
+    fn allocate(mandelbox_id: &str) -> InstanceCommand {
+        InstanceCommand::AllocateMandelbox {
+            mandelbox_id: mandelbox_id.to_string(),
+            user_id: "u".to_string(),
+            at: at(),
+        }
+    }
+
+    #[test]
+    fn a_launch_records_the_identity_the_host_must_present() {
+        InstanceTest::with(())
+            .given_no_previous_events()
+            .when(InstanceCommand::RequestLaunch {
+                spec: spec(),
+                bootstrap_token_hash: "boot".to_string(),
+                at: at(),
+            })
+            .then_expect_events(launched());
+    }
+
+    #[test]
+    fn an_instance_cannot_be_launched_twice() {
+        InstanceTest::with(())
+            .given(launched())
+            .when(InstanceCommand::RequestLaunch {
+                spec: spec(),
+                bootstrap_token_hash: "boot".to_string(),
+                at: at(),
+            })
+            .then_expect_error(InstanceError::AlreadyExists);
+    }
+
+    #[test]
+    fn a_host_with_the_launch_token_and_identity_becomes_active() {
+        InstanceTest::with(())
+            .given(launched())
+            .when(register("boot", spec()))
+            .then_expect_events(vec![InstanceEvent::Registered {
+                ip: "10.0.0.1".to_string(),
+                mandelbox_capacity: 2,
+                auth_token_hash: "auth".to_string(),
+                at: at(),
+            }]);
+    }
+
+    #[test]
+    fn a_host_with_another_token_is_refused() {
+        InstanceTest::with(())
+            .given(launched())
+            .when(register("forged", spec()))
+            .then_expect_error(InstanceError::WrongBootstrapToken);
+    }
+
+    #[test]
+    fn a_bootstrap_token_works_only_once() {
+        InstanceTest::with(())
+            .given(active(2))
+            .when(register("boot", spec()))
+            .then_expect_error(InstanceError::AlreadyRegistered);
+    }
+
+    #[test]
+    fn a_host_whose_identity_differs_from_its_launch_is_refused() {
+        for identity in [
+            LaunchSpec {
+                region: "eu-west-1".to_string(),
+                ..spec()
+            },
+            LaunchSpec {
+                image_id: "ami-2".to_string(),
+                ..spec()
+            },
+            LaunchSpec {
+                client_commit_hash: "def".to_string(),
+                ..spec()
+            },
+            LaunchSpec {
+                instance_type: "g4dn.xlarge".to_string(),
+                ..spec()
+            },
+        ] {
+            InstanceTest::with(())
+                .given(launched())
+                .when(register("boot", identity))
+                .then_expect_error(InstanceError::IdentityMismatch);
+        }
+    }
+
+    #[test]
+    fn an_unknown_instance_cannot_register() {
+        InstanceTest::with(())
+            .given_no_previous_events()
+            .when(register("boot", spec()))
+            .then_expect_error(InstanceError::Unknown);
+    }
+
+    #[test]
+    fn an_active_host_with_room_takes_a_mandelbox() {
+        InstanceTest::with(())
+            .given(active(2))
+            .when(allocate("m1"))
+            .then_expect_events(vec![InstanceEvent::MandelboxAllocated {
+                mandelbox_id: "m1".to_string(),
+                user_id: "u".to_string(),
+                live_after: 1,
+                at: at(),
+            }]);
+    }
+
+    #[test]
+    fn a_full_host_takes_no_mandelbox() {
+        let mut events = active(2);
+        allocated(&mut events, "m1", 1);
+        allocated(&mut events, "m2", 2);
+        InstanceTest::with(())
+            .given(events)
+            .when(allocate("m3"))
+            .then_expect_error(InstanceError::AtCapacity);
+    }
+
+    #[test]
+    fn allocating_the_same_mandelbox_twice_changes_nothing() {
+        let mut events = active(2);
+        allocated(&mut events, "m1", 1);
+        InstanceTest::with(())
+            .given(events)
+            .when(allocate("m1"))
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn a_host_that_has_not_registered_takes_no_mandelbox() {
+        InstanceTest::with(())
+            .given(launched())
+            .when(allocate("m1"))
+            .then_expect_error(InstanceError::NotAcceptingMandelboxes);
+    }
+
+    #[test]
+    fn a_draining_host_takes_no_new_mandelbox() {
+        let mut events = active(2);
+        events.push(InstanceEvent::DrainStarted {
+            reason: DrainReason::ScaleDown,
+            at: at(),
+        });
+        InstanceTest::with(())
+            .given(events)
+            .when(allocate("m1"))
+            .then_expect_error(InstanceError::NotAcceptingMandelboxes);
+    }
+
+    #[test]
+    fn freeing_a_mandelbox_frees_its_slot() {
+        let mut events = active(1);
+        allocated(&mut events, "m1", 1);
+        InstanceTest::with(())
+            .given(events)
+            .when(InstanceCommand::FreeMandelbox {
+                mandelbox_id: "m1".to_string(),
+                at: at(),
+            })
+            .then_expect_events(vec![InstanceEvent::MandelboxFreed {
+                mandelbox_id: "m1".to_string(),
+                live_after: 0,
+                at: at(),
+            }]);
+    }
+
+    #[test]
+    fn freeing_an_unknown_mandelbox_changes_nothing() {
+        InstanceTest::with(())
+            .given(active(1))
+            .when(InstanceCommand::FreeMandelbox {
+                mandelbox_id: "m9".to_string(),
+                at: at(),
+            })
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn draining_twice_records_one_drain() {
+        let mut events = active(1);
+        events.push(InstanceEvent::DrainStarted {
+            reason: DrainReason::Operator,
+            at: at(),
+        });
+        InstanceTest::with(())
+            .given(events)
+            .when(InstanceCommand::Drain {
+                reason: DrainReason::Operator,
+                at: at(),
+            })
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn a_silent_host_becomes_unresponsive_and_takes_no_mandelbox() {
+        let mut events = active(2);
+        events.push(InstanceEvent::BecameUnresponsive { at: at() });
+        InstanceTest::with(())
+            .given(events)
+            .when(allocate("m1"))
+            .then_expect_error(InstanceError::NotAcceptingMandelboxes);
+    }
+
+    #[test]
+    fn a_host_heard_from_again_returns_to_its_former_state() {
+        let mut instance = Instance::default();
+        for event in active(2) {
+            instance.apply(event);
+        }
+        instance.apply(InstanceEvent::DrainStarted {
+            reason: DrainReason::ScaleDown,
+            at: at(),
+        });
+        instance.apply(InstanceEvent::BecameUnresponsive { at: at() });
+        instance.apply(InstanceEvent::BecameResponsive { at: at() });
+        assert_eq!(instance.status, Some(InstanceStatus::Draining));
+    }
+
+    #[test]
+    fn a_host_that_never_registered_cannot_become_unresponsive() {
+        InstanceTest::with(())
+            .given(launched())
+            .when(InstanceCommand::MarkUnresponsive { at: at() })
+            .then_expect_error(InstanceError::InvalidTransition);
+    }
+
+    #[test]
+    fn terminating_twice_records_one_termination() {
+        let mut events = active(1);
+        events.push(InstanceEvent::TerminationStarted {
+            reason: TerminationReason::Drained,
+            at: at(),
+        });
+        InstanceTest::with(())
+            .given(events)
+            .when(InstanceCommand::Terminate {
+                reason: TerminationReason::Operator,
+                at: at(),
+            })
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn a_launch_reports_one_cloud_instance_only() {
+        let mut events = launched();
+        events.push(InstanceEvent::Launched {
+            cloud_instance_id: "i-1".to_string(),
+            at: at(),
+        });
+        InstanceTest::with(())
+            .given(events.clone())
+            .when(InstanceCommand::RecordLaunch {
+                cloud_instance_id: "i-1".to_string(),
+                at: at(),
+            })
+            .then_expect_events(vec![]);
+        InstanceTest::with(())
+            .given(events)
+            .when(InstanceCommand::RecordLaunch {
+                cloud_instance_id: "i-2".to_string(),
+                at: at(),
+            })
+            .then_expect_error(InstanceError::CloudInstanceMismatch);
+    }
+
+    #[test]
+    fn a_failed_launch_ends_the_instance() {
+        let mut instance = Instance::default();
+        for event in launched() {
+            instance.apply(event);
+        }
+        instance.apply(InstanceEvent::LaunchFailed {
+            reason: "InsufficientInstanceCapacity".to_string(),
+            at: at(),
+        });
+        assert_eq!(instance.status, Some(InstanceStatus::Terminated));
+    }
+
+    fn any_command() -> impl Strategy<Value = InstanceCommand> {
+        let mandelbox = (0u8..8).prop_map(|n| format!("m{n}"));
+        prop_oneof![
+            4 => mandelbox.clone().prop_map(|id| allocate(&id)),
+            2 => mandelbox.prop_map(|id| InstanceCommand::FreeMandelbox { mandelbox_id: id, at: at() }),
+            1 => Just(InstanceCommand::Drain { reason: DrainReason::ScaleDown, at: at() }),
+            1 => Just(InstanceCommand::MarkUnresponsive { at: at() }),
+            1 => Just(InstanceCommand::MarkResponsive { at: at() }),
+            1 => Just(InstanceCommand::Terminate { reason: TerminationReason::Drained, at: at() }),
+            1 => Just(register("boot", spec())),
+        ]
+    }
+
+    fn decide_and_apply(instance: &mut Instance, command: InstanceCommand) -> Vec<InstanceEvent> {
+        match instance.decide(command) {
+            Ok(events) => {
+                for event in &events {
+                    instance.apply(event.clone());
+                }
+                events
+            }
+            Err(_) => vec![],
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn no_sequence_of_commands_puts_a_host_over_capacity_or_feeds_a_host_that_is_not_active(
+            capacity in 0u32..5,
+            commands in proptest::collection::vec(any_command(), 0..60),
+        ) {
+            let mut instance = Instance::default();
+            for event in active(capacity) {
+                instance.apply(event);
+            }
+            for command in commands {
+                let before = instance.status;
+                let events = decide_and_apply(&mut instance, command);
+                prop_assert!(instance.live() <= capacity, "over capacity");
+                for event in events {
+                    if matches!(event, InstanceEvent::MandelboxAllocated { .. }) {
+                        prop_assert_eq!(before, Some(InstanceStatus::Active));
+                    }
+                }
+                if before == Some(InstanceStatus::Terminated) {
+                    prop_assert_eq!(instance.status, Some(InstanceStatus::Terminated));
+                }
+            }
+        }
+    }
+}
