@@ -3,5 +3,7 @@
 //! Architecture invariant: adapters carry facts in and out; they make no business decision. What an adapter learns
 //! (an EC2 id, a Stripe status) goes back to the domain inside a command.
 
+pub mod auth;
 pub mod config;
 pub mod store;
+pub mod tokens;

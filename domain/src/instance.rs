@@ -185,6 +185,8 @@ pub enum InstanceEvent {
         at: DateTime<Utc>,
     },
     BecameResponsive {
+        /// The status the host returns to (the one it had when it went silent).
+        returned_to: InstanceStatus,
         at: DateTime<Utc>,
     },
     TerminationStarted {
@@ -368,7 +370,10 @@ impl Instance {
                 S::PreConnection => Err(InstanceError::InvalidTransition),
             },
             C::MarkResponsive { at } => match self.status()? {
-                S::Unresponsive => Ok(vec![E::BecameResponsive { at }]),
+                S::Unresponsive => Ok(vec![E::BecameResponsive {
+                    returned_to: self.status_before_silence.unwrap_or(S::Active),
+                    at,
+                }]),
                 _ => Ok(vec![]),
             },
             C::Terminate { reason, at } => match self.status()? {
@@ -442,8 +447,9 @@ impl Aggregate for Instance {
                 self.status_before_silence = self.status;
                 self.status = Some(S::Unresponsive);
             }
-            E::BecameResponsive { .. } => {
-                self.status = self.status_before_silence.take().or(Some(S::Active));
+            E::BecameResponsive { returned_to, .. } => {
+                self.status_before_silence = None;
+                self.status = Some(returned_to);
             }
             E::TerminationStarted { .. } => self.status = Some(S::Terminating),
             E::Terminated { .. } => self.status = Some(S::Terminated),
@@ -727,8 +733,16 @@ mod tests {
             at: at(),
         });
         instance.apply(InstanceEvent::BecameUnresponsive { at: at() });
-        instance.apply(InstanceEvent::BecameResponsive { at: at() });
-        assert_eq!(instance.status, Some(InstanceStatus::Draining));
+        let events = instance
+            .decide(InstanceCommand::MarkResponsive { at: at() })
+            .expect("decided");
+        assert_eq!(
+            events,
+            vec![InstanceEvent::BecameResponsive {
+                returned_to: InstanceStatus::Draining,
+                at: at()
+            }]
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! position 0 at any time with the same result.
 
 pub mod aggregate_index;
+pub mod fleet;
 mod projection;
 mod runner;
 
@@ -17,5 +18,9 @@ use std::sync::Arc;
 
 /// Every projection the webserver maintains, in the order they are registered.
 pub fn all() -> Vec<Arc<dyn Projection>> {
-    vec![Arc::new(aggregate_index::AggregateIndex)]
+    vec![
+        Arc::new(aggregate_index::AggregateIndex),
+        Arc::new(fleet::Instances),
+        Arc::new(fleet::Mandelboxes),
+    ]
 }
