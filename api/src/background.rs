@@ -32,6 +32,24 @@ impl Background {
         Self { shutdown, tasks }
     }
 
+    /// Runs the heartbeat flusher until stopped.
+    pub fn spawn_with_shutdown(heartbeats: crate::heartbeats::HeartbeatBook) -> Self {
+        let (shutdown, receiver) = watch::channel(false);
+        let tasks = vec![tokio::spawn(heartbeats.run(receiver))];
+        Self { shutdown, tasks }
+    }
+
+    /// Takes over another set of tasks, to be stopped with these.
+    pub fn adopt(&mut self, other: Background) {
+        let other_shutdown = other.shutdown;
+        let mut receiver = self.shutdown.subscribe();
+        self.tasks.push(tokio::spawn(async move {
+            let _ = receiver.changed().await;
+            let _ = other_shutdown.send(true);
+        }));
+        self.tasks.extend(other.tasks);
+    }
+
     /// Asks every task to stop and waits for them.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);

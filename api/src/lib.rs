@@ -4,9 +4,17 @@
 //! rejections become HTTP status codes in one place (`error`), failures are logged with their cause chain and
 //! answered with a generic body.
 
+pub mod allocation;
 pub mod background;
+pub mod desktop;
+pub mod entitlement;
+pub mod error;
+pub mod heartbeats;
+pub mod host;
 pub mod middleware;
 pub mod ops;
+pub mod security;
+pub mod services;
 pub mod startup;
 pub mod state;
 pub mod telemetry;

@@ -11,9 +11,18 @@ use whist_adapters::config::Settings;
 use whist_adapters::store::{Database, DatabaseError};
 use whist_projections::ProjectionRunner;
 
+use std::collections::BTreeMap;
+
+use whist_adapters::config::CloudKind;
+use whist_domain::images::{ImageCatalogCommand, CATALOG_ID};
+use whist_domain::{Actor, EventMetadata};
+
 use crate::background::Background;
+use crate::desktop::DesktopApi;
+use crate::host::HostApi;
 use crate::middleware::RequestContext;
 use crate::ops::OpsApi;
+use crate::services::Services;
 use crate::state::AppState;
 
 /// Options of `whist serve`.
@@ -28,6 +37,8 @@ pub struct ServeOptions {
 pub enum StartupError {
     #[error(transparent)]
     Database(#[from] DatabaseError),
+    #[error("could not prepare the server's services")]
+    Services(#[from] sqlx::Error),
     #[error("could not listen on port {port}")]
     Listen {
         port: u16,
@@ -76,8 +87,18 @@ impl Application {
         options: ServeOptions,
     ) -> Result<Self, StartupError> {
         let projections = ProjectionRunner::new(database.clone(), whist_projections::all());
-        let background =
+        let services = Arc::new(Services::new(&settings, &database).await?);
+        if settings.cloud == CloudKind::Local {
+            activate_simulated_images(&settings, &services).await;
+        }
+        let mut background =
             (!options.api_only).then(|| Background::start(&database, projections.clone()));
+        let heartbeat_flusher = Background::spawn_with_shutdown(services.heartbeats.clone());
+        if let Some(background) = background.as_mut() {
+            background.adopt(heartbeat_flusher);
+        } else {
+            background = Some(heartbeat_flusher);
+        }
         let port = settings.port;
         let acceptor = TcpListener::bind(format!("0.0.0.0:{port}"))
             .into_acceptor()
@@ -88,7 +109,7 @@ impl Application {
             .first()
             .and_then(|address| address.as_socket_addr().map(|socket| socket.port()))
             .unwrap_or(port);
-        let state = AppState::new(Arc::new(settings), database, projections);
+        let state = AppState::new(Arc::new(settings), database, projections, services);
         Ok(Self {
             port,
             acceptor,
@@ -131,9 +152,55 @@ impl Application {
     }
 }
 
+/// The image simulated hosts run, and the commit hash it carries, in `WHIST_CLOUD=local`.
+pub const SIMULATED_IMAGE_ID: &str = "sim-image-local";
+pub const SIMULATED_COMMIT_HASH: &str = "local-simulated";
+
+/// With simulated hosts there is no release workflow: make the simulated image active in every enabled region that
+/// has none, so that the default server can assign mandelboxes at once.
+async fn activate_simulated_images(settings: &Settings, services: &Services) {
+    let catalog = match services.catalog.load(CATALOG_ID).await {
+        Ok((catalog, _)) => catalog,
+        Err(error) => {
+            crate::error::log_failure("could not read the image catalog", &error);
+            return;
+        }
+    };
+    let missing: BTreeMap<String, String> = settings
+        .enabled_regions
+        .iter()
+        .filter(|region| catalog.active_in(region).is_none())
+        .map(|region| (region.clone(), SIMULATED_IMAGE_ID.to_string()))
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    let command = ImageCatalogCommand::Activate {
+        client_commit_hash: SIMULATED_COMMIT_HASH.to_string(),
+        images: missing,
+        at: chrono::Utc::now(),
+    };
+    let metadata = EventMetadata::new(Actor::System, chrono::Utc::now());
+    if let Err(error) = services
+        .catalog
+        .execute(CATALOG_ID, command, &metadata)
+        .await
+    {
+        tracing::warn!(error = %error, "could not activate the simulated image");
+    }
+}
+
+fn api_service() -> OpenApiService<(OpsApi, DesktopApi, HostApi), ()> {
+    OpenApiService::new(
+        (OpsApi, DesktopApi, HostApi),
+        "Whist webserver",
+        env!("CARGO_PKG_VERSION"),
+    )
+}
+
 /// Every route of the webserver.
 pub fn routes(state: AppState) -> impl poem::Endpoint {
-    let api = OpenApiService::new(OpsApi, "Whist webserver", env!("CARGO_PKG_VERSION"));
+    let api = api_service();
     let spec = api.spec_endpoint();
     let docs = api.swagger_ui();
     Route::new()
@@ -146,7 +213,7 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
 
 /// The OpenAPI document, without a server (for the contract test and `whist openapi`).
 pub fn openapi_spec() -> String {
-    OpenApiService::new(OpsApi, "Whist webserver", env!("CARGO_PKG_VERSION")).spec()
+    api_service().spec()
 }
 
 /// Completes on SIGTERM or Ctrl-C.

@@ -37,6 +37,20 @@ impl InstanceStatus {
         }
     }
 
+    /// Reads the contract's spelling back.
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            Self::PreConnection,
+            Self::Active,
+            Self::Draining,
+            Self::Unresponsive,
+            Self::Terminating,
+            Self::Terminated,
+        ]
+        .into_iter()
+        .find(|status| status.as_str() == text)
+    }
+
     /// Whether the host is gone or going (its heartbeats are answered 410).
     pub fn is_ending(self) -> bool {
         matches!(self, Self::Terminating | Self::Terminated)

@@ -13,7 +13,7 @@ CREATE TABLE host_heartbeats (
     total_ram_kb     bigint  NOT NULL,
     free_ram_kb      bigint  NOT NULL,
     avail_ram_kb     bigint  NOT NULL,
-    is_dying         boolean NOT NULL
+    is_dying         bigint  NOT NULL
 );
 
 -- Read model of the `instances` projection: every host and its fill.

@@ -1,0 +1,228 @@
+//! The desktop app's endpoints: assign, mandelbox status, regions.
+
+use chrono::SecondsFormat;
+use poem::web::{Data, RemoteAddr};
+use poem_openapi::param::Path;
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
+use whist_domain::images::CATALOG_ID;
+use whist_domain::{Actor, EventMetadata};
+
+use crate::allocation::{assign, AssignRequest};
+use crate::security::UserAuth;
+use crate::state::AppState;
+
+#[derive(Tags)]
+enum DesktopTag {
+    /// Called by the desktop app with the user's Auth0 token.
+    DesktopApp,
+}
+
+/// Body of `POST /mandelbox/assign`.
+#[derive(Debug, Object)]
+pub struct AssignBody {
+    /// Regions to try, in order of preference.
+    pub regions: Vec<String>,
+    /// The commit hash of the desktop app; the host's image must match it.
+    pub client_commit_hash: String,
+    /// The desktop app's session number.
+    pub session_id: i64,
+    pub user_email: String,
+    pub version: Option<String>,
+}
+
+/// Answer of `POST /mandelbox/assign` (200 and 503 alike).
+#[derive(Debug, Object)]
+pub struct AssignAnswer {
+    pub ip: String,
+    pub mandelbox_id: String,
+    /// Empty on success, else one of REGION_NOT_ENABLED, NO_INSTANCE_AVAILABLE, COMMIT_HASH_MISMATCH,
+    /// USER_ALREADY_ACTIVE, MAINTENANCE.
+    pub error: String,
+}
+
+/// A plain error body.
+#[derive(Debug, Object)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[derive(ApiResponse)]
+pub enum AssignResponse {
+    /// A slot is reserved.
+    #[oai(status = 200)]
+    Assigned(Json<AssignAnswer>),
+    /// Only subscribers are served.
+    #[oai(status = 402)]
+    PaymentRequired(Json<ErrorBody>),
+    /// Too many assigns from this user or address.
+    #[oai(status = 429)]
+    TooManyRequests(Json<ErrorBody>),
+    /// No slot could be reserved; `error` says why.
+    #[oai(status = 503)]
+    Unavailable(Json<AssignAnswer>),
+}
+
+/// A mandelbox as its owner sees it.
+#[derive(Debug, Object)]
+pub struct MandelboxView {
+    pub mandelbox_id: String,
+    /// ALLOCATED, CONNECTING, RUNNING, DYING or DEAD.
+    pub status: String,
+    pub ip: String,
+    pub region: String,
+    pub created_at: String,
+}
+
+#[derive(ApiResponse)]
+pub enum MandelboxResponse {
+    #[oai(status = 200)]
+    Found(Json<MandelboxView>),
+    /// No mandelbox of this user has that id.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+#[derive(ApiResponse)]
+pub enum RegionsResponse {
+    #[oai(status = 200)]
+    Regions(Json<Vec<String>>),
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+fn unavailable(code: &str) -> Json<AssignAnswer> {
+    Json(AssignAnswer {
+        ip: String::new(),
+        mandelbox_id: String::new(),
+        error: code.to_string(),
+    })
+}
+
+/// The desktop app's API.
+pub struct DesktopApi;
+
+#[OpenApi(tag = "DesktopTag::DesktopApp")]
+impl DesktopApi {
+    /// Reserve a mandelbox for the user on a host with room.
+    #[oai(path = "/mandelbox/assign", method = "post")]
+    async fn assign(
+        &self,
+        state: Data<&AppState>,
+        remote: &RemoteAddr,
+        auth: UserAuth,
+        body: Json<AssignBody>,
+    ) -> AssignResponse {
+        let principal = auth.0;
+        let client_ip = remote
+            .as_socket_addr()
+            .map(|address| address.ip().to_string())
+            .unwrap_or_default();
+        if !state.services.ip_rate.allow(&client_ip)
+            || !state.services.user_rate.allow(&principal.user_id)
+        {
+            return AssignResponse::TooManyRequests(Json(ErrorBody {
+                error: "RATE_LIMITED".to_string(),
+            }));
+        }
+        if !crate::entitlement::is_entitled(&state, &principal).await {
+            return AssignResponse::PaymentRequired(Json(ErrorBody {
+                error: "That resource is only available to Whist subscribers".to_string(),
+            }));
+        }
+        let request = AssignRequest {
+            user_id: principal.user_id.clone(),
+            regions: body.0.regions,
+            client_commit_hash: body.0.client_commit_hash,
+            session_id: body.0.session_id,
+            app_name: "browsers/chrome".to_string(),
+        };
+        let metadata = EventMetadata::new(Actor::User(principal.user_id), chrono::Utc::now());
+        let started = std::time::Instant::now();
+        let outcome = assign(&state, &request, &metadata).await;
+        metrics::histogram!("whist_assign_seconds").record(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(Ok(assigned)) => {
+                metrics::counter!("whist_assigns_total", "outcome" => "assigned").increment(1);
+                AssignResponse::Assigned(Json(AssignAnswer {
+                    ip: assigned.ip,
+                    mandelbox_id: assigned.mandelbox_id,
+                    error: String::new(),
+                }))
+            }
+            Ok(Err(refusal)) => {
+                metrics::counter!("whist_assigns_total", "outcome" => refusal.code()).increment(1);
+                AssignResponse::Unavailable(unavailable(refusal.code()))
+            }
+            Err(_) => {
+                metrics::counter!("whist_assigns_total", "outcome" => "failed").increment(1);
+                AssignResponse::Unavailable(unavailable("STORE_UNAVAILABLE"))
+            }
+        }
+    }
+
+    /// One of the user's mandelboxes.
+    #[oai(path = "/mandelbox/:mandelbox_id", method = "get")]
+    async fn mandelbox(
+        &self,
+        state: Data<&AppState>,
+        auth: UserAuth,
+        mandelbox_id: Path<String>,
+    ) -> MandelboxResponse {
+        let not_found = || {
+            MandelboxResponse::NotFound(Json(ErrorBody {
+                error: "NOT_FOUND".to_string(),
+            }))
+        };
+        let (mandelbox, _) = match state.services.mandelboxes.load(&mandelbox_id.0).await {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                crate::error::log_failure("could not load a mandelbox", &error);
+                return MandelboxResponse::Unavailable(Json(ErrorBody {
+                    error: "STORE_UNAVAILABLE".to_string(),
+                }));
+            }
+        };
+        let (Some(status), Some(placement), Some(allocated_at)) = (
+            mandelbox.status,
+            mandelbox.placement,
+            mandelbox.allocated_at,
+        ) else {
+            return not_found();
+        };
+        if placement.user_id != auth.0.user_id {
+            return not_found();
+        }
+        MandelboxResponse::Found(Json(MandelboxView {
+            mandelbox_id: mandelbox_id.0,
+            status: status.as_str().to_string(),
+            ip: placement.ip,
+            region: placement.region,
+            created_at: allocated_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+        }))
+    }
+
+    /// Enabled regions that have an active image.
+    #[oai(path = "/regions", method = "get")]
+    async fn regions(&self, state: Data<&AppState>) -> RegionsResponse {
+        match state.services.catalog.load(CATALOG_ID).await {
+            Ok((catalog, _)) => RegionsResponse::Regions(Json(
+                state
+                    .settings
+                    .enabled_regions
+                    .iter()
+                    .filter(|region| catalog.active_in(region).is_some())
+                    .cloned()
+                    .collect(),
+            )),
+            Err(error) => {
+                crate::error::log_failure("could not load the image catalog", &error);
+                RegionsResponse::Unavailable(Json(ErrorBody {
+                    error: "STORE_UNAVAILABLE".to_string(),
+                }))
+            }
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! The one place where outcomes become HTTP responses: domain rejections get stable codes, failures are logged
+//! with their cause chain and answered with a generic body.
+
+use poem::http::StatusCode;
+use poem::Response;
+
+/// A JSON `{"error": CODE}` response as a `poem::Error`.
+pub fn json_error(status: StatusCode, code: &str) -> poem::Error {
+    poem::Error::from_response(
+        Response::builder()
+            .status(status)
+            .content_type("application/json")
+            .body(serde_json::json!({ "error": code }).to_string()),
+    )
+}
+
+/// Logs a failure with its whole cause chain; the caller answers with a generic body.
+pub fn log_failure(context: &str, error: &(dyn std::error::Error + 'static)) {
+    let mut chain = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        chain.push_str(": ");
+        chain.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    tracing::error!(error = %chain, "{context}");
+}

@@ -1,0 +1,423 @@
+//! The host service's endpoints (register, heartbeat, mandelbox status) and the protocol server's disconnect.
+
+use chrono::Utc;
+use poem::web::Data;
+use poem_openapi::param::Path;
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
+use whist_adapters::store::CommandError;
+use whist_adapters::tokens::{fingerprint, Purpose};
+use whist_domain::instance::{
+    DrainReason, InstanceCommand, InstanceError, InstanceStatus, LaunchSpec,
+};
+use whist_domain::mandelbox::{MandelboxCommand, ReportedStatus};
+use whist_domain::session::{session_aggregate_id, SessionCommand};
+use whist_domain::user::UserCommand;
+use whist_domain::{Actor, EventMetadata};
+
+use crate::desktop::ErrorBody;
+use crate::heartbeats::{now_ms, Heartbeat};
+use crate::security::PeerToken;
+use crate::state::AppState;
+
+/// Seconds between heartbeats the webserver asks of hosts.
+pub const HEARTBEAT_INTERVAL_S: u32 = 60;
+
+#[derive(Tags)]
+enum HostTag {
+    /// Called by the host service on every host.
+    HostService,
+    /// Called by the protocol server inside a mandelbox.
+    ProtocolServer,
+}
+
+/// Body of `POST /host/register`.
+#[derive(Debug, Object)]
+pub struct RegisterBody {
+    pub instance_id: String,
+    pub region: String,
+    pub image_id: String,
+    pub instance_type: String,
+    pub client_commit_hash: String,
+    pub ip: String,
+    pub mandelbox_capacity: u32,
+}
+
+#[derive(Debug, Object)]
+pub struct RegisterAnswer {
+    pub auth_token: String,
+    pub heartbeat_interval_s: u32,
+}
+
+/// An empty JSON object.
+#[derive(Debug, Object)]
+pub struct Empty {}
+
+#[derive(ApiResponse)]
+pub enum RegisterResponse {
+    #[oai(status = 200)]
+    Registered(Json<RegisterAnswer>),
+    /// Unknown or already used bootstrap token.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
+    /// The host's identity differs from its launch record.
+    #[oai(status = 409)]
+    Mismatch(Json<ErrorBody>),
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+/// Body of `POST /host/heartbeat`.
+#[derive(Debug, Object)]
+pub struct HeartbeatBody {
+    pub instance_id: String,
+    pub timestamp: String,
+    pub heartbeat_number: i64,
+    pub total_ram_kb: i64,
+    pub free_ram_kb: i64,
+    pub avail_ram_kb: i64,
+    pub is_dying: bool,
+}
+
+#[derive(ApiResponse)]
+pub enum HeartbeatResponse {
+    #[oai(status = 200)]
+    Ok(Json<Empty>),
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
+    /// The host is done (drained or terminated): it shuts down.
+    #[oai(status = 410)]
+    Gone(Json<ErrorBody>),
+}
+
+/// A status the host reports for a mandelbox.
+#[derive(Debug, Clone, Copy, Enum)]
+#[oai(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ReportedStatusBody {
+    Connecting,
+    Running,
+    Dying,
+}
+
+#[derive(Debug, Object)]
+pub struct StatusBody {
+    pub status: ReportedStatusBody,
+}
+
+#[derive(ApiResponse)]
+pub enum PeerResponse {
+    #[oai(status = 200)]
+    Ok(Json<Empty>),
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+fn error_body(code: &str) -> Json<ErrorBody> {
+    Json(ErrorBody {
+        error: code.to_string(),
+    })
+}
+
+/// The host service's and protocol server's API.
+pub struct HostApi;
+
+#[OpenApi]
+impl HostApi {
+    /// A host proves it is the launch it claims with its one-time bootstrap token, and becomes ACTIVE.
+    #[oai(path = "/host/register", method = "post", tag = "HostTag::HostService")]
+    async fn register(
+        &self,
+        state: Data<&AppState>,
+        token: PeerToken,
+        body: Json<RegisterBody>,
+    ) -> RegisterResponse {
+        let body = body.0;
+        let services = &state.services;
+        let presented = token.0.token;
+        if !services
+            .tokens
+            .verify(Purpose::Bootstrap, &body.instance_id, &presented)
+        {
+            return RegisterResponse::Unauthorized(error_body("UNKNOWN_TOKEN"));
+        }
+        let auth_token = services.tokens.derive(Purpose::HostAuth, &body.instance_id);
+        let metadata = EventMetadata::new(Actor::Host(body.instance_id.clone()), Utc::now());
+        let command = InstanceCommand::Register {
+            identity: LaunchSpec {
+                region: body.region,
+                image_id: body.image_id,
+                client_commit_hash: body.client_commit_hash,
+                instance_type: body.instance_type,
+            },
+            presented_token_hash: fingerprint(&presented),
+            auth_token_hash: fingerprint(&auth_token),
+            ip: body.ip,
+            mandelbox_capacity: body.mandelbox_capacity,
+            at: Utc::now(),
+        };
+        match services
+            .instances
+            .execute(&body.instance_id, command, &metadata)
+            .await
+        {
+            Ok(()) => RegisterResponse::Registered(Json(RegisterAnswer {
+                auth_token,
+                heartbeat_interval_s: HEARTBEAT_INTERVAL_S,
+            })),
+            Err(CommandError::Rejected(
+                InstanceError::Unknown
+                | InstanceError::WrongBootstrapToken
+                | InstanceError::AlreadyRegistered,
+            )) => RegisterResponse::Unauthorized(error_body("UNKNOWN_OR_USED_TOKEN")),
+            Err(CommandError::Rejected(_)) => {
+                RegisterResponse::Mismatch(error_body("IDENTITY_MISMATCH"))
+            }
+            Err(error) => {
+                crate::error::log_failure("could not register a host", &error);
+                RegisterResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
+            }
+        }
+    }
+
+    /// A host says it is alive. Not an event: only changes of liveness become events.
+    #[oai(
+        path = "/host/heartbeat",
+        method = "post",
+        tag = "HostTag::HostService"
+    )]
+    async fn heartbeat(
+        &self,
+        state: Data<&AppState>,
+        token: PeerToken,
+        body: Json<HeartbeatBody>,
+    ) -> HeartbeatResponse {
+        let body = body.0;
+        let services = &state.services;
+        if !services
+            .tokens
+            .verify(Purpose::HostAuth, &body.instance_id, &token.0.token)
+        {
+            return HeartbeatResponse::Unauthorized(error_body("UNAUTHORIZED"));
+        }
+        let known = services.heartbeats.status_of(&body.instance_id).await;
+        if let Some((status, live)) = known {
+            let drained = status == InstanceStatus::Draining && live == 0;
+            if status.is_ending() || drained {
+                return HeartbeatResponse::Gone(error_body("HOST_DONE"));
+            }
+        }
+        services.heartbeats.record(Heartbeat {
+            instance_id: body.instance_id.clone(),
+            received_at_ms: now_ms(),
+            heartbeat_number: body.heartbeat_number,
+            total_ram_kb: body.total_ram_kb,
+            free_ram_kb: body.free_ram_kb,
+            avail_ram_kb: body.avail_ram_kb,
+            is_dying: body.is_dying,
+        });
+        // Changes of liveness are events; the cache spares a command per heartbeat.
+        let change = match known {
+            Some((InstanceStatus::Unresponsive, _)) => {
+                Some(InstanceCommand::MarkResponsive { at: Utc::now() })
+            }
+            Some((InstanceStatus::Active, _)) if body.is_dying => Some(InstanceCommand::Drain {
+                reason: DrainReason::HostDying,
+                at: Utc::now(),
+            }),
+            _ => None,
+        };
+        if let Some(command) = change {
+            let metadata = EventMetadata::new(Actor::Host(body.instance_id.clone()), Utc::now());
+            if let Err(error) = services
+                .instances
+                .execute(&body.instance_id, command, &metadata)
+                .await
+            {
+                tracing::warn!(instance_id = body.instance_id, error = %error, "liveness change not recorded");
+            }
+        }
+        HeartbeatResponse::Ok(Json(Empty {}))
+    }
+
+    /// A host reports a mandelbox's status.
+    #[oai(
+        path = "/host/mandelbox/:mandelbox_id/status",
+        method = "post",
+        tag = "HostTag::HostService"
+    )]
+    async fn mandelbox_status(
+        &self,
+        state: Data<&AppState>,
+        token: PeerToken,
+        mandelbox_id: Path<String>,
+        body: Json<StatusBody>,
+    ) -> PeerResponse {
+        let services = &state.services;
+        let (mandelbox, _) = match services.mandelboxes.load(&mandelbox_id.0).await {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                crate::error::log_failure("could not load a mandelbox", &error);
+                return PeerResponse::Unavailable(error_body("STORE_UNAVAILABLE"));
+            }
+        };
+        let Some(placement) = mandelbox.placement else {
+            return PeerResponse::NotFound(error_body("NOT_FOUND"));
+        };
+        if !services
+            .tokens
+            .verify(Purpose::HostAuth, &placement.instance_id, &token.0.token)
+        {
+            return PeerResponse::Unauthorized(error_body("UNAUTHORIZED"));
+        }
+        let status = match body.0.status {
+            ReportedStatusBody::Connecting => ReportedStatus::Connecting,
+            ReportedStatusBody::Running => ReportedStatus::Running,
+            ReportedStatusBody::Dying => ReportedStatus::Dying,
+        };
+        let metadata = EventMetadata::new(Actor::Host(placement.instance_id.clone()), Utc::now());
+        if let Err(error) = services
+            .mandelboxes
+            .execute(
+                &mandelbox_id.0,
+                MandelboxCommand::ReportStatus {
+                    status,
+                    at: Utc::now(),
+                },
+                &metadata,
+            )
+            .await
+        {
+            crate::error::log_failure("could not record a mandelbox status", &error);
+            return PeerResponse::Unavailable(error_body("STORE_UNAVAILABLE"));
+        }
+        if status == ReportedStatus::Running {
+            let session = session_aggregate_id(&placement.user_id, placement.session_id);
+            if let Err(error) = services
+                .sessions
+                .execute(
+                    &session,
+                    SessionCommand::MarkConnected { at: Utc::now() },
+                    &metadata,
+                )
+                .await
+            {
+                tracing::info!(session, error = %error, "session not marked connected");
+            }
+        }
+        PeerResponse::Ok(Json(Empty {}))
+    }
+
+    /// The protocol server says the user disconnected: the mandelbox ends and its slot frees. Idempotent.
+    #[oai(
+        path = "/mandelbox/:mandelbox_id/disconnect",
+        method = "post",
+        tag = "HostTag::ProtocolServer"
+    )]
+    async fn disconnect(
+        &self,
+        state: Data<&AppState>,
+        token: PeerToken,
+        mandelbox_id: Path<String>,
+    ) -> PeerResponse {
+        let services = &state.services;
+        let (mandelbox, _) = match services.mandelboxes.load(&mandelbox_id.0).await {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                crate::error::log_failure("could not load a mandelbox", &error);
+                return PeerResponse::Unavailable(error_body("STORE_UNAVAILABLE"));
+            }
+        };
+        let Some(placement) = mandelbox.placement.clone() else {
+            return PeerResponse::NotFound(error_body("NOT_FOUND"));
+        };
+        if !services
+            .tokens
+            .verify(Purpose::Protocol, &mandelbox_id.0, &token.0.token)
+        {
+            return PeerResponse::Unauthorized(error_body("UNAUTHORIZED"));
+        }
+        let metadata = EventMetadata::new(Actor::User(placement.user_id.clone()), Utc::now());
+        match end_mandelbox(&state, &mandelbox_id.0, &placement, &metadata).await {
+            Ok(()) => PeerResponse::Ok(Json(Empty {})),
+            Err(error) => {
+                tracing::error!(
+                    mandelbox_id = mandelbox_id.0,
+                    error,
+                    "could not end a mandelbox"
+                );
+                PeerResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
+            }
+        }
+    }
+}
+
+/// Ends a mandelbox everywhere it counts: itself, its host's slot, its user's limit, its session. Every step is
+/// idempotent, so a retry after a failure part-way finishes the job.
+pub async fn end_mandelbox(
+    state: &AppState,
+    mandelbox_id: &str,
+    placement: &whist_domain::mandelbox::Placement,
+    metadata: &EventMetadata,
+) -> Result<(), String> {
+    let services = &state.services;
+    let now = Utc::now();
+    with_retries(|| {
+        services.mandelboxes.execute(
+            mandelbox_id,
+            MandelboxCommand::Disconnect { at: now },
+            metadata,
+        )
+    })
+    .await?;
+    with_retries(|| {
+        services.instances.execute(
+            &placement.instance_id,
+            InstanceCommand::FreeMandelbox {
+                mandelbox_id: mandelbox_id.to_string(),
+                at: now,
+            },
+            metadata,
+        )
+    })
+    .await?;
+    with_retries(|| {
+        services.users.execute(
+            &placement.user_id,
+            UserCommand::ReleaseMandelbox {
+                mandelbox_id: mandelbox_id.to_string(),
+                at: now,
+            },
+            metadata,
+        )
+    })
+    .await?;
+    let session = session_aggregate_id(&placement.user_id, placement.session_id);
+    if let Err(error) = services
+        .sessions
+        .execute(&session, SessionCommand::End { at: now }, metadata)
+        .await
+    {
+        tracing::info!(session, error = %error, "session not ended");
+    }
+    Ok(())
+}
+
+async fn with_retries<F, Fut, E>(mut attempt: F) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), CommandError<E>>>,
+    E: std::error::Error + 'static,
+{
+    for _ in 0..10 {
+        match attempt().await {
+            Ok(()) => return Ok(()),
+            Err(CommandError::Conflict) => continue,
+            Err(error) => return Err(error.to_string()),
+        }
+    }
+    Err("too many conflicts".to_string())
+}

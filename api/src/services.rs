@@ -1,0 +1,108 @@
+//! What handlers act through: the aggregate stores, token services and in-memory books of one process.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use whist_adapters::auth::TokenVerifier;
+use whist_adapters::config::Settings;
+use whist_adapters::store::{AggregateStore, Database};
+use whist_adapters::tokens::Tokens;
+use whist_domain::images::ImageCatalog;
+use whist_domain::instance::Instance;
+use whist_domain::mandelbox::Mandelbox;
+use whist_domain::session::Session;
+use whist_domain::user::User;
+
+use crate::heartbeats::HeartbeatBook;
+
+/// The aggregate stores and services of one process.
+pub struct Services {
+    pub verifier: TokenVerifier,
+    pub tokens: Tokens,
+    pub instances: AggregateStore<Instance>,
+    pub mandelboxes: AggregateStore<Mandelbox>,
+    pub sessions: AggregateStore<Session>,
+    pub users: AggregateStore<User>,
+    pub catalog: AggregateStore<ImageCatalog>,
+    pub heartbeats: HeartbeatBook,
+    pub user_rate: RateLimiter,
+    pub ip_rate: RateLimiter,
+}
+
+impl Services {
+    /// Builds the services over `database`.
+    ///
+    /// # Errors
+    /// The server key could not be read or created.
+    pub async fn new(settings: &Settings, database: &Database) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            verifier: TokenVerifier::new(settings),
+            tokens: Tokens::load(database).await?,
+            instances: AggregateStore::new(database, ()),
+            mandelboxes: AggregateStore::new(database, ()),
+            sessions: AggregateStore::new(database, ()),
+            users: AggregateStore::new(database, ()),
+            catalog: AggregateStore::new(database, ()),
+            heartbeats: HeartbeatBook::new(database.clone(), settings.heartbeat_timeout),
+            user_rate: RateLimiter::new(settings.assign_rate_limit_per_minute),
+            ip_rate: RateLimiter::new(settings.assign_rate_limit_per_ip_per_minute),
+        })
+    }
+}
+
+/// A fixed-window limit of requests per key per minute, in this process (0 turns it off).
+pub struct RateLimiter {
+    per_minute: u32,
+    windows: Mutex<HashMap<String, (Instant, u32)>>,
+}
+
+impl RateLimiter {
+    pub fn new(per_minute: u32) -> Self {
+        Self {
+            per_minute,
+            windows: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts one request for `key`; whether it is within the limit.
+    pub fn allow(&self, key: &str) -> bool {
+        if self.per_minute == 0 {
+            return true;
+        }
+        let Ok(mut windows) = self.windows.lock() else {
+            return true;
+        };
+        let now = Instant::now();
+        if windows.len() > 100_000 {
+            windows
+                .retain(|_, (started, _)| now.duration_since(*started) < Duration::from_secs(60));
+        }
+        let window = windows.entry(key.to_string()).or_insert((now, 0));
+        if now.duration_since(window.0) >= Duration::from_secs(60) {
+            *window = (now, 0);
+        }
+        window.1 += 1;
+        window.1 <= self.per_minute
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RateLimiter;
+
+    #[test]
+    fn a_key_over_its_limit_is_refused_and_others_are_not() {
+        let limiter = RateLimiter::new(2);
+        assert!(limiter.allow("a"));
+        assert!(limiter.allow("a"));
+        assert!(!limiter.allow("a"));
+        assert!(limiter.allow("b"));
+    }
+
+    #[test]
+    fn a_limit_of_zero_turns_limiting_off() {
+        let limiter = RateLimiter::new(0);
+        assert!((0..1000).all(|_| limiter.allow("a")));
+    }
+}
