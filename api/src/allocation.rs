@@ -143,7 +143,9 @@ pub async fn assign(
             any_matching_image = true;
         }
         let candidates = candidates(state, region, &wanted_hash).await?;
-        if !candidates.is_empty() {
+        if !candidates.is_empty()
+            || (!any_matching_image && runs_image(state, region, &wanted_hash).await?)
+        {
             any_matching_image = true;
         }
         for (instance_id, ip) in candidates {
@@ -244,6 +246,27 @@ async fn candidates(
         .map(|row| Ok((row.try_get("instance_id")?, row.try_get("ip")?)))
         .collect::<Result<Vec<_>, sqlx::Error>>()
         .map_err(|error| AssignFailure(error.to_string()))
+}
+
+/// Whether any host in `region` that is up or coming up runs `client_commit_hash` (full or not).
+async fn runs_image(
+    state: &AppState,
+    region: &str,
+    client_commit_hash: &str,
+) -> Result<bool, AssignFailure> {
+    let count: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM instances WHERE region = $1 AND client_commit_hash = $2 \
+         AND status IN ('ACTIVE', 'PRE_CONNECTION')",
+    )
+    .bind(region)
+    .bind(client_commit_hash)
+    .fetch_one(state.database.any())
+    .await
+    .map_err(|error| {
+        crate::error::log_failure("could not read hosts", &error);
+        AssignFailure(error.to_string())
+    })?;
+    Ok(count > 0)
 }
 
 async fn retry_conflicts<F, Fut, E>(mut attempt: F) -> Result<(), CommandError<E>>

@@ -326,3 +326,172 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A host launched by a test: its aggregate was told to launch, and it registered like a host service would.
+pub struct TestHost {
+    pub instance_id: String,
+    pub auth_token: String,
+}
+
+/// The identity tests launch hosts with.
+pub fn launch_spec(
+    region: &str,
+    image_id: &str,
+    commit_hash: &str,
+) -> whist_domain::instance::LaunchSpec {
+    whist_domain::instance::LaunchSpec {
+        region: region.to_string(),
+        image_id: image_id.to_string(),
+        client_commit_hash: commit_hash.to_string(),
+        instance_type: "g4dn.2xlarge".to_string(),
+    }
+}
+
+impl TestApp {
+    /// Records a launch decision for a new host and returns its id and bootstrap token.
+    pub async fn launch(&self, spec: whist_domain::instance::LaunchSpec) -> (String, String) {
+        use whist_adapters::tokens::{fingerprint, Purpose};
+        let instance_id = uuid::Uuid::new_v4().to_string();
+        let bootstrap = self
+            .state
+            .services
+            .tokens
+            .derive(Purpose::Bootstrap, &instance_id);
+        self.state
+            .services
+            .instances
+            .execute(
+                &instance_id,
+                whist_domain::instance::InstanceCommand::RequestLaunch {
+                    spec,
+                    bootstrap_token_hash: fingerprint(&bootstrap),
+                    at: chrono::Utc::now(),
+                },
+                &whist_domain::EventMetadata::new(whist_domain::Actor::System, chrono::Utc::now()),
+            )
+            .await
+            .expect("the launch is recorded");
+        (instance_id, bootstrap)
+    }
+
+    /// Launches a host, registers it over HTTP with `capacity` slots, and waits until assigns can see it.
+    pub async fn active_host(
+        &self,
+        spec: whist_domain::instance::LaunchSpec,
+        capacity: u32,
+    ) -> TestHost {
+        let (instance_id, bootstrap) = self.launch(spec.clone()).await;
+        let response = self
+            .client
+            .post(self.url("/host/register"))
+            .bearer_auth(&bootstrap)
+            .json(&serde_json::json!({
+                "instance_id": instance_id,
+                "region": spec.region,
+                "image_id": spec.image_id,
+                "instance_type": spec.instance_type,
+                "client_commit_hash": spec.client_commit_hash,
+                "ip": format!("10.1.{}.{}", rand::random::<u8>(), rand::random::<u8>()),
+                "mandelbox_capacity": capacity,
+            }))
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(
+            response.status(),
+            200,
+            "{}",
+            response.text().await.unwrap_or_default()
+        );
+        let body: serde_json::Value = response.json().await.expect("json");
+        let auth_token = body["auth_token"].as_str().expect("a token").to_string();
+        self.wait_for_instance(&instance_id, "ACTIVE").await;
+        TestHost {
+            instance_id,
+            auth_token,
+        }
+    }
+
+    /// Waits until the `instances` read model shows the host in `status`.
+    pub async fn wait_for_instance(&self, instance_id: &str, status: &str) {
+        let database = self.state.database.clone();
+        let reached = eventually(Duration::from_secs(10), || {
+            let database = database.clone();
+            let instance_id = instance_id.to_string();
+            let status = status.to_string();
+            async move {
+                sqlx::query_scalar::<_, String>(
+                    "SELECT status FROM instances WHERE instance_id = $1",
+                )
+                .bind(instance_id)
+                .fetch_optional(database.any())
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|found| found == status)
+            }
+        })
+        .await;
+        assert!(reached, "host {instance_id} reached {status}");
+    }
+
+    /// Waits until the read model shows `live` mandelboxes on the host.
+    pub async fn wait_for_live(&self, instance_id: &str, live: i64) {
+        let database = self.state.database.clone();
+        let reached = eventually(Duration::from_secs(10), || {
+            let database = database.clone();
+            let instance_id = instance_id.to_string();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT live_mandelboxes FROM instances WHERE instance_id = $1",
+                )
+                .bind(instance_id)
+                .fetch_optional(database.any())
+                .await
+                .ok()
+                .flatten()
+                    == Some(live)
+            }
+        })
+        .await;
+        assert!(
+            reached,
+            "host {instance_id} reached {live} live mandelboxes"
+        );
+    }
+
+    /// POST /mandelbox/assign as `user`; (status, body).
+    pub async fn assign(&self, token: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let response = self
+            .client
+            .post(self.url("/mandelbox/assign"))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .expect("answers");
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(serde_json::Value::Null);
+        (status, body)
+    }
+}
+
+/// A development token (accepted while `ENVIRONMENT=local`).
+pub fn user_token(user_id: &str) -> String {
+    whist_adapters::auth::dev_token(user_id, false, Duration::from_secs(3600)).expect("signed")
+}
+
+/// A development token with scope `admin`.
+pub fn admin_token(user_id: &str) -> String {
+    whist_adapters::auth::dev_token(user_id, true, Duration::from_secs(3600)).expect("signed")
+}
+
+/// An assign body for `region` and `commit_hash`.
+pub fn assign_body(regions: &[&str], commit_hash: &str, session_id: i64) -> serde_json::Value {
+    serde_json::json!({
+        "regions": regions,
+        "client_commit_hash": commit_hash,
+        "session_id": session_id,
+        "user_email": "user@example.com",
+    })
+}

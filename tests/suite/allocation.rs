@@ -1,0 +1,434 @@
+//! Assigning mandelboxes, their status, and ending them (desktop app, host service and protocol server).
+
+use whist_api::startup::SIMULATED_COMMIT_HASH;
+use whist_tests::{assign_body, launch_spec, spawn_app, spawn_app_with, user_token, TestDatabase};
+
+fn new_user() -> String {
+    format!("auth0|{}", uuid::Uuid::new_v4().simple())
+}
+
+async fn live_on(app: &whist_tests::TestApp, instance_id: &str) -> i64 {
+    sqlx::query_scalar("SELECT live_mandelboxes FROM instances WHERE instance_id = $1")
+        .bind(instance_id)
+        .fetch_one(app.state.database.any())
+        .await
+        .expect("the host is in the read model")
+}
+
+#[tokio::test]
+async fn an_assign_goes_to_the_fullest_host_with_room() {
+    let database = TestDatabase::sqlite();
+    let app = spawn_app(&database).await;
+    let first = app
+        .active_host(launch_spec("us-east-1", "ami-a", "hash-a"), 3)
+        .await;
+    let second = app
+        .active_host(launch_spec("us-east-1", "ami-a", "hash-a"), 3)
+        .await;
+    let (status, body) = app
+        .assign(
+            &user_token(&new_user()),
+            assign_body(&["us-east-1"], "hash-a", 1),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        whist_tests::eventually(std::time::Duration::from_secs(10), || async {
+            live_on(&app, &first.instance_id).await + live_on(&app, &second.instance_id).await == 1
+        })
+        .await
+    );
+    // Whichever host took the first is now the fuller one; the next two go to it too (bin packing).
+    let (fuller, emptier) = if live_on(&app, &first.instance_id).await == 1 {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    for session in 2..4 {
+        app.wait_for_live(&fuller.instance_id, session - 1).await;
+        let (status, body) = app
+            .assign(
+                &user_token(&new_user()),
+                assign_body(&["us-east-1"], "hash-a", session),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    app.wait_for_live(&fuller.instance_id, 3).await;
+    assert_eq!(live_on(&app, &emptier.instance_id).await, 0);
+    // The fuller host is full now: the emptier one takes the next.
+    let (status, _) = app
+        .assign(
+            &user_token(&new_user()),
+            assign_body(&["us-east-1"], "hash-a", 9),
+        )
+        .await;
+    assert_eq!(status, 200);
+    app.wait_for_live(&emptier.instance_id, 1).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_assign_answers_with_the_ip_and_a_new_mandelbox_the_owner_can_read() {
+    let database = TestDatabase::sqlite();
+    let app = spawn_app(&database).await;
+    app.active_host(launch_spec("us-east-1", "ami-a", "hash-a"), 2)
+        .await;
+    let user = new_user();
+    let (status, body) = app
+        .assign(&user_token(&user), assign_body(&["us-east-1"], "hash-a", 7))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["error"], "");
+    assert!(body["ip"].as_str().expect("ip").starts_with("10.1."));
+    let mandelbox_id = body["mandelbox_id"].as_str().expect("id").to_string();
+    assert!(uuid::Uuid::parse_str(&mandelbox_id).is_ok());
+
+    let owner = app
+        .client
+        .get(app.url(&format!("/mandelbox/{mandelbox_id}")))
+        .bearer_auth(user_token(&user))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(owner.status(), 200);
+    let view: serde_json::Value = owner.json().await.expect("json");
+    assert_eq!(view["mandelbox_id"], mandelbox_id);
+    assert_eq!(view["status"], "ALLOCATED");
+    assert_eq!(view["region"], "us-east-1");
+    assert_eq!(view["ip"], body["ip"]);
+    assert!(view["created_at"].as_str().is_some());
+
+    let stranger = app
+        .client
+        .get(app.url(&format!("/mandelbox/{mandelbox_id}")))
+        .bearer_auth(user_token(&new_user()))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(stranger.status(), 404);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn every_host_full_answers_no_instance_available() {
+    let database = TestDatabase::sqlite();
+    let app = spawn_app(&database).await;
+    let host = app
+        .active_host(launch_spec("us-east-1", "ami-a", "hash-a"), 1)
+        .await;
+    let (status, _) = app
+        .assign(
+            &user_token(&new_user()),
+            assign_body(&["us-east-1"], "hash-a", 1),
+        )
+        .await;
+    assert_eq!(status, 200);
+    app.wait_for_live(&host.instance_id, 1).await;
+    let (status, body) = app
+        .assign(
+            &user_token(&new_user()),
+            assign_body(&["us-east-1"], "hash-a", 2),
+        )
+        .await;
+    assert_eq!(status, 503);
+    assert_eq!(body["error"], "NO_INSTANCE_AVAILABLE");
+    assert_eq!(body["ip"], "");
+    assert_eq!(body["mandelbox_id"], "");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_commit_hash_answers_commit_hash_mismatch() {
+    let database = TestDatabase::sqlite();
+    let app = spawn_app(&database).await;
+    app.active_host(launch_spec("us-east-1", "ami-a", "hash-a"), 2)
+        .await;
+    let (status, body) = app
+        .assign(
+            &user_token(&new_user()),
+            assign_body(&["us-east-1"], "hash-old", 1),
+        )
+        .await;
+    assert_eq!(status, 503);
+    assert_eq!(body["error"], "COMMIT_HASH_MISMATCH");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn regions_that_are_not_enabled_answer_region_not_enabled() {
+    let database = TestDatabase::sqlite();
+    let app = spawn_app(&database).await;
+    let (status, body) = app
+        .assign(
+            &user_token(&new_user()),
+            assign_body(&["ap-south-9"], "hash-a", 1),
+        )
+        .await;
+    assert_eq!(status, 503);
+    assert_eq!(body["error"], "REGION_NOT_ENABLED");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn regions_are_tried_in_the_order_asked() {
+    let database = TestDatabase::sqlite();
+    let mut settings = database.settings();
+    settings.enabled_regions = vec!["us-east-1".to_string(), "eu-west-1".to_string()];
+    let app = spawn_app_with(&database, settings).await;
+    let east = app
+        .active_host(launch_spec("us-east-1", "ami-a", "hash-a"), 4)
+        .await;
+    let west = app
+        .active_host(launch_spec("eu-west-1", "ami-b", "hash-a"), 4)
+        .await;
+    let (status, body) = app
+        .assign(
+            &user_token(&new_user()),
+            assign_body(&["eu-west-1", "us-east-1"], "hash-a", 1),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    app.wait_for_live(&west.instance_id, 1).await;
+    app.wait_for_live(&east.instance_id, 0).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn local_dev_matches_the_regions_active_image_in_local() {
+    let database = TestDatabase::sqlite();
+    let app = spawn_app(&database).await;
+    app.active_host(
+        launch_spec("us-east-1", "sim-image-local", SIMULATED_COMMIT_HASH),
+        2,
+    )
+    .await;
+    let (status, body) = app
+        .assign(
+            &user_token(&new_user()),
+            assign_body(&["us-east-1"], "local_dev", 1),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_user_holding_the_limit_gets_user_already_active_until_one_ends() {
+    let database = TestDatabase::sqlite();
+    let mut settings = database.settings();
+    settings.mandelbox_limit_per_user = 2;
+    let app = spawn_app_with(&database, settings).await;
+    app.active_host(launch_spec("us-east-1", "ami-a", "hash-a"), 5)
+        .await;
+    let user = new_user();
+    let mut ids = Vec::new();
+    for session in 0..2 {
+        let (status, body) = app
+            .assign(
+                &user_token(&user),
+                assign_body(&["us-east-1"], "hash-a", session),
+            )
+            .await;
+        assert_eq!(status, 200);
+        ids.push(body["mandelbox_id"].as_str().expect("id").to_string());
+    }
+    let (status, body) = app
+        .assign(&user_token(&user), assign_body(&["us-east-1"], "hash-a", 3))
+        .await;
+    assert_eq!(status, 503);
+    assert_eq!(body["error"], "USER_ALREADY_ACTIVE");
+
+    let secret = app
+        .state
+        .services
+        .tokens
+        .derive(whist_adapters::tokens::Purpose::Protocol, &ids[0]);
+    let ended = app
+        .client
+        .post(app.url(&format!("/mandelbox/{}/disconnect", ids[0])))
+        .bearer_auth(secret)
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(ended.status(), 200);
+    let (status, _) = app
+        .assign(&user_token(&user), assign_body(&["us-east-1"], "hash-a", 4))
+        .await;
+    assert_eq!(status, 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_disconnect_ends_the_mandelbox_frees_its_slot_and_can_be_repeated() {
+    let database = TestDatabase::sqlite();
+    let app = spawn_app(&database).await;
+    let host = app
+        .active_host(launch_spec("us-east-1", "ami-a", "hash-a"), 1)
+        .await;
+    let user = new_user();
+    let (_, body) = app
+        .assign(&user_token(&user), assign_body(&["us-east-1"], "hash-a", 1))
+        .await;
+    let mandelbox_id = body["mandelbox_id"].as_str().expect("id").to_string();
+    app.wait_for_live(&host.instance_id, 1).await;
+
+    let wrong = app
+        .client
+        .post(app.url(&format!("/mandelbox/{mandelbox_id}/disconnect")))
+        .bearer_auth("not-the-secret")
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(wrong.status(), 401);
+
+    let secret = app
+        .state
+        .services
+        .tokens
+        .derive(whist_adapters::tokens::Purpose::Protocol, &mandelbox_id);
+    for _ in 0..2 {
+        let response = app
+            .client
+            .post(app.url(&format!("/mandelbox/{mandelbox_id}/disconnect")))
+            .bearer_auth(&secret)
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(response.status(), 200);
+    }
+    app.wait_for_live(&host.instance_id, 0).await;
+    let view: serde_json::Value = app
+        .client
+        .get(app.url(&format!("/mandelbox/{mandelbox_id}")))
+        .bearer_auth(user_token(&user))
+        .send()
+        .await
+        .expect("answers")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(view["status"], "DEAD");
+    // The freed slot takes the next user.
+    let (status, _) = app
+        .assign(
+            &user_token(&new_user()),
+            assign_body(&["us-east-1"], "hash-a", 2),
+        )
+        .await;
+    assert_eq!(status, 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_host_reports_mandelbox_statuses_with_its_own_token_only() {
+    let database = TestDatabase::sqlite();
+    let app = spawn_app(&database).await;
+    let host = app
+        .active_host(launch_spec("us-east-1", "ami-a", "hash-a"), 2)
+        .await;
+    let other = app
+        .active_host(launch_spec("us-east-1", "ami-a", "hash-b"), 2)
+        .await;
+    let user = new_user();
+    let (_, body) = app
+        .assign(&user_token(&user), assign_body(&["us-east-1"], "hash-a", 1))
+        .await;
+    let mandelbox_id = body["mandelbox_id"].as_str().expect("id").to_string();
+    let report = |token: String, status: &'static str| {
+        let request = app
+            .client
+            .post(app.url(&format!("/host/mandelbox/{mandelbox_id}/status")))
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "status": status }));
+        async move { request.send().await.expect("answers").status().as_u16() }
+    };
+    assert_eq!(report(other.auth_token.clone(), "RUNNING").await, 401);
+    assert_eq!(report(host.auth_token.clone(), "CONNECTING").await, 200);
+    assert_eq!(report(host.auth_token.clone(), "RUNNING").await, 200);
+    assert_eq!(
+        report(host.auth_token.clone(), "CONNECTING").await,
+        200,
+        "a late report is harmless"
+    );
+    let view: serde_json::Value = app
+        .client
+        .get(app.url(&format!("/mandelbox/{mandelbox_id}")))
+        .bearer_auth(user_token(&user))
+        .send()
+        .await
+        .expect("answers")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(view["status"], "RUNNING");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn regions_lists_the_enabled_regions_that_have_an_active_image() {
+    let database = TestDatabase::sqlite();
+    let app = spawn_app(&database).await;
+    let regions: Vec<String> = app
+        .client
+        .get(app.url("/regions"))
+        .send()
+        .await
+        .expect("answers")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(regions, vec!["us-east-1".to_string()]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn too_many_assigns_from_one_user_answer_429() {
+    let database = TestDatabase::sqlite();
+    let mut settings = database.settings();
+    settings.assign_rate_limit_per_minute = 3;
+    let app = spawn_app_with(&database, settings).await;
+    let token = user_token(&new_user());
+    let mut statuses = Vec::new();
+    for session in 0..4 {
+        statuses.push(
+            app.assign(&token, assign_body(&["ap-south-9"], "h", session))
+                .await
+                .0,
+        );
+    }
+    assert_eq!(statuses, vec![503, 503, 503, 429]);
+    let (status, _) = app
+        .assign(
+            &user_token(&new_user()),
+            assign_body(&["ap-south-9"], "h", 9),
+        )
+        .await;
+    assert_eq!(status, 503, "another user is not limited");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_malformed_assign_body_answers_400_and_no_token_answers_401() {
+    let database = TestDatabase::sqlite();
+    let app = spawn_app(&database).await;
+    let malformed = app
+        .client
+        .post(app.url("/mandelbox/assign"))
+        .bearer_auth(user_token(&new_user()))
+        .header("content-type", "application/json")
+        .body("{\"regions\": 5}")
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(malformed.status(), 400);
+    let anonymous = app
+        .client
+        .post(app.url("/mandelbox/assign"))
+        .json(&assign_body(&["us-east-1"], "h", 1))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(anonymous.status(), 401);
+    app.stop().await;
+}

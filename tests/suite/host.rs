@@ -1,0 +1,181 @@
+//! The host service protocol: registration, heartbeats.
+
+use whist_tests::{launch_spec, spawn_app, TestDatabase};
+
+fn register_body(
+    instance_id: &str,
+    spec: &whist_domain::instance::LaunchSpec,
+) -> serde_json::Value {
+    serde_json::json!({
+        "instance_id": instance_id,
+        "region": spec.region,
+        "image_id": spec.image_id,
+        "instance_type": spec.instance_type,
+        "client_commit_hash": spec.client_commit_hash,
+        "ip": "10.9.9.9",
+        "mandelbox_capacity": 4,
+    })
+}
+
+#[tokio::test]
+async fn registration_needs_the_launchs_own_token_and_works_once() {
+    let database = TestDatabase::sqlite();
+    let app = spawn_app(&database).await;
+    let spec = launch_spec("us-east-1", "ami-a", "hash-a");
+    let (instance_id, bootstrap) = app.launch(spec.clone()).await;
+    let (other_id, other_bootstrap) = app.launch(spec.clone()).await;
+    let register = |token: String, body: serde_json::Value| {
+        let request = app
+            .client
+            .post(app.url("/host/register"))
+            .bearer_auth(token)
+            .json(&body);
+        async move { request.send().await.expect("answers").status().as_u16() }
+    };
+    assert_eq!(
+        register("forged".to_string(), register_body(&instance_id, &spec)).await,
+        401
+    );
+    assert_eq!(
+        register(other_bootstrap.clone(), register_body(&instance_id, &spec)).await,
+        401,
+        "another launch's token"
+    );
+    let mut mismatched = register_body(&instance_id, &spec);
+    mismatched["image_id"] = serde_json::json!("ami-other");
+    assert_eq!(register(bootstrap.clone(), mismatched).await, 409);
+    assert_eq!(
+        register(bootstrap.clone(), register_body(&instance_id, &spec)).await,
+        200
+    );
+    assert_eq!(
+        register(bootstrap.clone(), register_body(&instance_id, &spec)).await,
+        401,
+        "a replayed bootstrap token"
+    );
+    assert_eq!(
+        register(other_bootstrap, register_body(&other_id, &spec)).await,
+        200
+    );
+    app.stop().await;
+}
+
+fn heartbeat(instance_id: &str, number: i64, is_dying: bool) -> serde_json::Value {
+    serde_json::json!({
+        "instance_id": instance_id,
+        "timestamp": chrono::Utc::now().to_rfc3339(),
+        "heartbeat_number": number,
+        "total_ram_kb": 32_000_000,
+        "free_ram_kb": 16_000_000,
+        "avail_ram_kb": 20_000_000,
+        "is_dying": is_dying,
+    })
+}
+
+#[tokio::test]
+async fn heartbeats_need_the_hosts_token_and_are_written_in_batches() {
+    let database = TestDatabase::sqlite();
+    let app = spawn_app(&database).await;
+    let host = app
+        .active_host(launch_spec("us-east-1", "ami-a", "hash-a"), 2)
+        .await;
+    let wrong = app
+        .client
+        .post(app.url("/host/heartbeat"))
+        .bearer_auth("wrong")
+        .json(&heartbeat(&host.instance_id, 1, false))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(wrong.status(), 401);
+    for number in 1..=3 {
+        let response = app
+            .client
+            .post(app.url("/host/heartbeat"))
+            .bearer_auth(&host.auth_token)
+            .json(&heartbeat(&host.instance_id, number, false))
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(response.status(), 200);
+    }
+    app.state
+        .services
+        .heartbeats
+        .flush()
+        .await
+        .expect("flushes");
+    let number: i64 =
+        sqlx::query_scalar("SELECT heartbeat_number FROM host_heartbeats WHERE instance_id = $1")
+            .bind(&host.instance_id)
+            .fetch_one(app.state.database.any())
+            .await
+            .expect("the heartbeat is written");
+    assert_eq!(number, 3);
+    let events: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type NOT IN \
+         ('InstanceLaunchRequested', 'InstanceRegistered')",
+    )
+    .bind(&host.instance_id)
+    .fetch_one(app.state.database.any())
+    .await
+    .expect("counts");
+    assert_eq!(events, 0, "heartbeats are not events");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_heartbeat_after_termination_answers_410() {
+    let database = TestDatabase::sqlite();
+    let app = spawn_app(&database).await;
+    let host = app
+        .active_host(launch_spec("us-east-1", "ami-a", "hash-a"), 2)
+        .await;
+    app.state
+        .services
+        .instances
+        .execute(
+            &host.instance_id,
+            whist_domain::instance::InstanceCommand::Terminate {
+                reason: whist_domain::instance::TerminationReason::Operator,
+                at: chrono::Utc::now(),
+            },
+            &whist_domain::EventMetadata::new(whist_domain::Actor::System, chrono::Utc::now()),
+        )
+        .await
+        .expect("terminating");
+    app.wait_for_instance(&host.instance_id, "TERMINATING")
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let response = app
+        .client
+        .post(app.url("/host/heartbeat"))
+        .bearer_auth(&host.auth_token)
+        .json(&heartbeat(&host.instance_id, 9, false))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(response.status(), 410);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_dying_host_is_drained() {
+    let database = TestDatabase::sqlite();
+    let app = spawn_app(&database).await;
+    let host = app
+        .active_host(launch_spec("us-east-1", "ami-a", "hash-a"), 2)
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let response = app
+        .client
+        .post(app.url("/host/heartbeat"))
+        .bearer_auth(&host.auth_token)
+        .json(&heartbeat(&host.instance_id, 1, true))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(response.status(), 200);
+    app.wait_for_instance(&host.instance_id, "DRAINING").await;
+    app.stop().await;
+}
