@@ -22,9 +22,10 @@ pub const DEV_AUDIENCE: &str = "whist-local";
 const DEV_SIGNING_KEY: &[u8] = include_bytes!("dev_signing_key.pem");
 const DEV_VERIFYING_KEY: &[u8] = include_bytes!("dev_verifying_key.pem");
 
-/// The shortest time between two JWKS fetches caused by unknown `kid`s (a forged `kid` must not make us hammer
-/// Auth0).
+/// The shortest time between two JWKS fetches caused by unknown `kid`s once keys are known (a forged `kid` must
+/// not make us hammer Auth0), and while none could be fetched yet.
 const REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+const FIRST_FETCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Who a valid token speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +70,14 @@ struct Auth0 {
     issuer: Option<String>,
     audience: Option<String>,
     keys: RwLock<JwkSet>,
-    last_fetch: std::sync::Mutex<Option<Instant>>,
+    fetches: std::sync::Mutex<FetchTimes>,
+}
+
+/// When the JWKS was last fetched while no key was known, and when it was last re-fetched for an unknown `kid`.
+#[derive(Default)]
+struct FetchTimes {
+    first: Option<Instant>,
+    refetch: Option<Instant>,
 }
 
 /// Verifies bearer tokens. Cheap to clone.
@@ -89,7 +97,7 @@ impl TokenVerifier {
                 issuer: settings.auth0.issuer.clone(),
                 audience: settings.auth0.audience.clone(),
                 keys: RwLock::new(JwkSet { keys: vec![] }),
-                last_fetch: std::sync::Mutex::new(None),
+                fetches: std::sync::Mutex::new(FetchTimes::default()),
             })
         });
         let dev_key = (settings.environment == Environment::Local)
@@ -145,16 +153,23 @@ impl TokenVerifier {
             .and_then(|jwk| DecodingKey::from_jwk(jwk).ok())
     }
 
-    /// Fetches the JWKS again, at most once per `REFETCH_INTERVAL`; on failure the cached keys stay.
+    /// Fetches the JWKS: the first time whenever asked (at most once a second), then again at most once per
+    /// `REFETCH_INTERVAL`; on failure the cached keys stay.
     async fn refetch(&self, auth0: &Auth0) {
+        let have_keys = !auth0.keys.read().await.keys.is_empty();
         {
-            let Ok(mut last_fetch) = auth0.last_fetch.lock() else {
+            let Ok(mut fetches) = auth0.fetches.lock() else {
                 return;
             };
-            if last_fetch.is_some_and(|at| at.elapsed() < REFETCH_INTERVAL) {
+            let (last, interval) = if have_keys {
+                (&mut fetches.refetch, REFETCH_INTERVAL)
+            } else {
+                (&mut fetches.first, FIRST_FETCH_INTERVAL)
+            };
+            if last.is_some_and(|at| at.elapsed() < interval) {
                 return;
             }
-            *last_fetch = Some(Instant::now());
+            *last = Some(Instant::now());
         }
         let fetched = async {
             self.http
