@@ -2,6 +2,7 @@
 
 mod allocation;
 mod auth;
+mod concurrency;
 mod config;
 mod host;
 mod http;

@@ -1,0 +1,204 @@
+//! Two `serve` processes on one database, many concurrent assigns, fewer slots than requests: no slot is ever held
+//! twice and no host goes over capacity.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use whist_adapters::store::AggregateStore;
+use whist_adapters::tokens::{fingerprint, Purpose, Tokens};
+use whist_domain::instance::{Instance, InstanceCommand};
+use whist_domain::{Actor, EventMetadata};
+use whist_tests::{assign_body, free_port, launch_spec, user_token, ChildProcess, TestDatabase};
+
+const HOSTS: usize = 12;
+const CAPACITY: u32 = 40;
+const REQUESTS: usize = 2_000;
+const CLIENTS: usize = 64;
+
+#[tokio::test]
+async fn two_servers_never_give_one_slot_twice_nor_overfill_a_host() {
+    let test_database = TestDatabase::postgres().await;
+    let database = test_database.open().await;
+    let url = test_database.url.clone().expect("url");
+    let mut servers = Vec::new();
+    for index in 0..2 {
+        let port = free_port();
+        let mut server = ChildProcess::start(
+            &crate::whist_binary(),
+            &["serve"],
+            test_database.data_dir.path(),
+            &[
+                ("DATABASE_URL", url.clone()),
+                ("PORT", port.to_string()),
+                ("ASSIGN_RATE_LIMIT_PER_MINUTE", "0".to_string()),
+                ("ASSIGN_RATE_LIMIT_PER_IP_PER_MINUTE", "0".to_string()),
+                ("HOST_SERVICE_PORT", free_port().to_string()),
+                ("RUST_LOG", "warn".to_string()),
+            ],
+            &format!("serve-{index}.log"),
+        );
+        server.wait_healthy(Duration::from_secs(60)).await;
+        servers.push((server, port));
+    }
+    let ports: Vec<u16> = servers.iter().map(|(_, port)| *port).collect();
+
+    // The fleet: launches recorded here, registrations over HTTP like real hosts.
+    let tokens = Tokens::load(&database).await.expect("the server key");
+    let instances = AggregateStore::<Instance>::new(&database, ());
+    let client = reqwest::Client::new();
+    let spec = launch_spec("us-east-1", "ami-load", "hash-load");
+    let mut host_ids = Vec::new();
+    for host in 0..HOSTS {
+        let instance_id = uuid::Uuid::new_v4().to_string();
+        let bootstrap = tokens.derive(Purpose::Bootstrap, &instance_id);
+        instances
+            .execute(
+                &instance_id,
+                InstanceCommand::RequestLaunch {
+                    spec: spec.clone(),
+                    bootstrap_token_hash: fingerprint(&bootstrap),
+                    at: chrono::Utc::now(),
+                },
+                &EventMetadata::new(Actor::System, chrono::Utc::now()),
+            )
+            .await
+            .expect("launch recorded");
+        let response = client
+            .post(format!(
+                "http://127.0.0.1:{}/host/register",
+                ports[host % 2]
+            ))
+            .bearer_auth(&bootstrap)
+            .json(&serde_json::json!({
+                "instance_id": instance_id,
+                "region": spec.region,
+                "image_id": spec.image_id,
+                "instance_type": spec.instance_type,
+                "client_commit_hash": spec.client_commit_hash,
+                "ip": format!("10.2.0.{host}"),
+                "mandelbox_capacity": CAPACITY,
+            }))
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(response.status(), 200);
+        host_ids.push(instance_id);
+    }
+    let any = database.any().clone();
+    assert!(
+        whist_tests::eventually(Duration::from_secs(30), || {
+            let any = any.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM instances WHERE status = 'ACTIVE'",
+                )
+                .fetch_one(&any)
+                .await
+                .unwrap_or(0)
+                    == HOSTS as i64
+            }
+        })
+        .await,
+        "every host is active in the read model"
+    );
+
+    // The load: REQUESTS assigns from CLIENTS concurrent clients, alternating between the two servers.
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let next = next.clone();
+        let client = client.clone();
+        let ports = ports.clone();
+        clients.push(tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            loop {
+                let request = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if request >= REQUESTS {
+                    return outcomes;
+                }
+                let response = client
+                    .post(format!(
+                        "http://127.0.0.1:{}/mandelbox/assign",
+                        ports[request % 2]
+                    ))
+                    .bearer_auth(user_token(&format!("load-user-{request}")))
+                    .json(&assign_body(&["us-east-1"], "hash-load", request as i64))
+                    .send()
+                    .await
+                    .expect("answers");
+                let status = response.status().as_u16();
+                let body: serde_json::Value = response.json().await.expect("json");
+                outcomes.push((status, body));
+            }
+        }));
+    }
+    let mut assigned = Vec::new();
+    let mut refused = 0;
+    for client in clients {
+        for (status, body) in client.await.expect("the client ran") {
+            match status {
+                200 => assigned.push(body["mandelbox_id"].as_str().expect("id").to_string()),
+                503 => {
+                    assert_eq!(body["error"], "NO_INSTANCE_AVAILABLE", "{body}");
+                    refused += 1;
+                }
+                other => panic!("unexpected answer {other}: {body}"),
+            }
+        }
+    }
+    assert_eq!(assigned.len() + refused, REQUESTS);
+
+    // The truth is the log: every allocation event, per host.
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT aggregate_id, CAST(payload AS TEXT) FROM events \
+         WHERE aggregate_type = 'instance' AND event_type = 'InstanceMandelboxAllocated'",
+    )
+    .fetch_all(database.any())
+    .await
+    .expect("reads");
+    let mut per_host: HashMap<String, usize> = HashMap::new();
+    let mut allocated = HashSet::new();
+    for (instance_id, payload) in rows {
+        *per_host.entry(instance_id).or_default() += 1;
+        let payload: serde_json::Value = serde_json::from_str(&payload).expect("json");
+        let mandelbox_id = payload["MandelboxAllocated"]["mandelbox_id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        assert!(
+            allocated.insert(mandelbox_id),
+            "a mandelbox was allocated twice"
+        );
+    }
+    for (instance_id, count) in &per_host {
+        assert!(
+            *count <= CAPACITY as usize,
+            "host {instance_id} holds {count} > {CAPACITY}"
+        );
+    }
+    let answered: HashSet<String> = assigned.iter().cloned().collect();
+    assert_eq!(
+        answered.len(),
+        assigned.len(),
+        "two requests got the same mandelbox"
+    );
+    assert!(
+        answered.is_subset(&allocated),
+        "every answered mandelbox holds a slot"
+    );
+    assert_eq!(
+        allocated.len(),
+        answered.len(),
+        "every slot taken belongs to an answered request"
+    );
+    let slots = HOSTS * CAPACITY as usize;
+    assert!(assigned.len() <= slots);
+    println!(
+        "2 servers, {CLIENTS} clients, {REQUESTS} requests, {slots} slots: {} assigned, {refused} refused",
+        assigned.len()
+    );
+    for (server, _) in servers {
+        server.kill();
+    }
+}
