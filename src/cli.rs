@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use whist_adapters::config::Settings;
 use whist_api::background::Background;
+use whist_api::services::Services;
 use whist_api::startup::{open_database, termination_signal, Application, ServeOptions};
+use whist_api::AppState;
 use whist_projections::{ProjectionRunner, RebuildProgress};
 
 /// The Whist webserver: control plane of the cloud-browser service.
@@ -36,6 +38,11 @@ enum Command {
         #[command(subcommand)]
         command: ProjectionsCommand,
     },
+    /// Development helpers.
+    Dev {
+        #[command(subcommand)]
+        command: DevCommand,
+    },
     /// Benchmarks that print figures next to the machine's own Postgres limit.
     Bench {
         #[command(subcommand)]
@@ -51,6 +58,22 @@ enum ProjectionsCommand {
     Rebuild {
         /// The projection's name (see `whist projections status`).
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DevCommand {
+    /// Print a bearer token signed by the local development key; servers accept it only when ENVIRONMENT=local.
+    Token {
+        /// The user id (the token's `sub`).
+        #[arg(long)]
+        user: String,
+        /// Add scope `admin` (a developer).
+        #[arg(long)]
+        admin: bool,
+        /// Hours the token stays valid.
+        #[arg(long, default_value_t = 12)]
+        hours: u64,
     },
 }
 
@@ -92,7 +115,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let settings = load_settings().await?;
             let database = open_database(&settings).await?;
             let projections = ProjectionRunner::new(database.clone(), whist_projections::all());
-            let background = Background::start(&database, projections);
+            let services = Arc::new(Services::new(&settings, &database).await?);
+            let state = AppState::new(
+                Arc::new(settings),
+                database.clone(),
+                projections.clone(),
+                services,
+            );
+            let mut background = Background::start(&database, projections);
+            background.adopt(Background::start_control(&state));
             tracing::info!("worker running");
             termination_signal().await;
             tracing::info!("worker stopping");
@@ -146,6 +177,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             database.close().await;
+            Ok(())
+        }
+        Command::Dev {
+            command: DevCommand::Token { user, admin, hours },
+        } => {
+            let token = whist_adapters::auth::dev_token(
+                &user,
+                admin,
+                Duration::from_secs(hours.saturating_mul(3600)),
+            )?;
+            println!("{token}");
             Ok(())
         }
         Command::Bench { command } => match command {

@@ -302,9 +302,14 @@ impl Settings {
                 desired_free_mandelboxes_by_region.insert(region.clone(), count);
             }
         }
+        // Simulated hosts serve plain HTTP on loopback; real hosts HTTPS.
+        let default_scheme = match cloud {
+            CloudKind::Local => "http",
+            CloudKind::Aws => "https",
+        };
         let host_service_scheme = sources.parse(
             "HOST_SERVICE_SCHEME",
-            "https".to_string(),
+            default_scheme.to_string(),
             "http or https",
             |value| matches!(value, "http" | "https").then(|| value.to_string()),
         )?;
@@ -421,13 +426,22 @@ mod tests {
         assert_eq!(settings.mandelbox_limit_per_user, 3);
         assert_eq!(settings.instance_type, "g4dn.2xlarge");
         assert_eq!(settings.host_service_port, 4678);
-        assert_eq!(settings.host_service_scheme, "https");
+        assert_eq!(
+            settings.host_service_scheme, "http",
+            "simulated hosts speak plain HTTP"
+        );
         assert_eq!(settings.public_url, "http://127.0.0.1:7730");
         assert_eq!(settings.heartbeat_timeout, Duration::from_secs(120));
         assert_eq!(settings.assign_rate_limit_per_minute, 10);
         assert_eq!(settings.assign_rate_limit_per_ip_per_minute, 600);
         assert_eq!(settings.stripe.api_base, "https://api.stripe.com");
         assert_eq!(settings.hirefire_token, None);
+    }
+
+    #[test]
+    fn real_hosts_are_reached_over_https_by_default() {
+        let settings = Settings::from_sources(&sources(&[("WHIST_CLOUD", "aws")])).expect("valid");
+        assert_eq!(settings.host_service_scheme, "https");
     }
 
     #[test]

@@ -5,5 +5,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod host_client;
+pub mod simulated_host;
 pub mod store;
 pub mod tokens;

@@ -32,6 +32,20 @@ impl Background {
         Self { shutdown, tasks }
     }
 
+    /// Starts the reconciler and, with simulated hosts, the autoscaler.
+    pub fn start_control(state: &crate::state::AppState) -> Self {
+        let (shutdown, receiver) = watch::channel(false);
+        let mut tasks = vec![tokio::spawn(
+            crate::reconciler::Reconciler::new(state.clone()).run(receiver.clone()),
+        )];
+        if state.settings.cloud == whist_adapters::config::CloudKind::Local {
+            tasks.push(tokio::spawn(
+                crate::autoscaler::Autoscaler::new(state.clone()).run(receiver),
+            ));
+        }
+        Self { shutdown, tasks }
+    }
+
     /// Runs the heartbeat flusher until stopped.
     pub fn spawn_with_shutdown(heartbeats: crate::heartbeats::HeartbeatBook) -> Self {
         let (shutdown, receiver) = watch::channel(false);

@@ -5,6 +5,7 @@
 //! answered with a generic body.
 
 pub mod allocation;
+pub mod autoscaler;
 pub mod background;
 pub mod desktop;
 pub mod entitlement;
@@ -13,6 +14,7 @@ pub mod heartbeats;
 pub mod host;
 pub mod middleware;
 pub mod ops;
+pub mod reconciler;
 pub mod security;
 pub mod services;
 pub mod startup;

@@ -91,25 +91,36 @@ impl Application {
         if settings.cloud == CloudKind::Local {
             activate_simulated_images(&settings, &services).await;
         }
-        let mut background =
-            (!options.api_only).then(|| Background::start(&database, projections.clone()));
-        let heartbeat_flusher = Background::spawn_with_shutdown(services.heartbeats.clone());
-        if let Some(background) = background.as_mut() {
-            background.adopt(heartbeat_flusher);
-        } else {
-            background = Some(heartbeat_flusher);
-        }
-        let port = settings.port;
-        let acceptor = TcpListener::bind(format!("0.0.0.0:{port}"))
+        let mut settings = settings;
+        let configured_port = settings.port;
+        let acceptor = TcpListener::bind(format!("0.0.0.0:{configured_port}"))
             .into_acceptor()
             .await
-            .map_err(|source| StartupError::Listen { port, source })?;
+            .map_err(|source| StartupError::Listen {
+                port: configured_port,
+                source,
+            })?;
         let port = acceptor
             .local_addr()
             .first()
             .and_then(|address| address.as_socket_addr().map(|socket| socket.port()))
-            .unwrap_or(port);
-        let state = AppState::new(Arc::new(settings), database, projections, services);
+            .unwrap_or(configured_port);
+        if configured_port == 0 && settings.public_url.ends_with(":0") {
+            // The default PUBLIC_URL names PORT; with a port picked by the system, name the one picked.
+            settings.public_url = format!("http://127.0.0.1:{port}");
+        }
+        let state = AppState::new(
+            Arc::new(settings),
+            database.clone(),
+            projections.clone(),
+            services,
+        );
+        let mut background = Background::spawn_with_shutdown(state.services.heartbeats.clone());
+        if !options.api_only {
+            background.adopt(Background::start(&database, projections));
+            background.adopt(Background::start_control(&state));
+        }
+        let background = Some(background);
         Ok(Self {
             port,
             acceptor,

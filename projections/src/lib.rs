@@ -6,6 +6,7 @@
 
 pub mod aggregate_index;
 pub mod fleet;
+pub mod jobs;
 mod projection;
 mod runner;
 
@@ -22,5 +23,6 @@ pub fn all() -> Vec<Arc<dyn Projection>> {
         Arc::new(aggregate_index::AggregateIndex),
         Arc::new(fleet::Instances),
         Arc::new(fleet::Mandelboxes),
+        Arc::new(jobs::JobPlanner),
     ]
 }

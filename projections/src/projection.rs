@@ -77,6 +77,11 @@ pub trait Projection: Send + Sync + 'static {
     /// The tables this projection owns (created by `migrations/`; rebuilt from scratch on a rebuild).
     fn tables(&self) -> &'static [&'static str];
 
+    /// Whether a rebuild from position 0 is allowed (false for projections that plan side effects).
+    fn rebuildable(&self) -> bool {
+        true
+    }
+
     /// Applies a batch of events, in order, to the tables named by `tables`.
     ///
     /// # Errors

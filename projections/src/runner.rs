@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use sqlx::{Any, AnyConnection, Row, Transaction};
 use tokio::sync::watch;
+use tracing::Instrument;
 use whist_adapters::store::{Database, EventLog, LoggedEvent};
 
 use crate::projection::{shadow_name, Projection, ProjectionError, Tables};
@@ -23,6 +24,8 @@ const STATUS_FAILED: &str = "failed";
 pub enum RunnerError {
     #[error("no projection is named {0}")]
     UnknownProjection(String),
+    #[error("projection {0} plans side effects and is never rebuilt")]
+    NotRebuildable(String),
     #[error("the database failed")]
     Database(#[from] sqlx::Error),
     #[error(transparent)]
@@ -242,8 +245,9 @@ impl ProjectionRunner {
             let runner = self.clone();
             let name = projection.name();
             let shutdown = shutdown.clone();
+            let span = tracing::info_span!("projection", projection = name);
             tasks.push(tokio::spawn(
-                async move { runner.run_one(name, shutdown).await },
+                async move { runner.run_one(name, shutdown).await }.instrument(span),
             ));
         }
         for task in tasks {
@@ -254,8 +258,6 @@ impl ProjectionRunner {
     }
 
     async fn run_one(&self, name: &'static str, mut shutdown: watch::Receiver<bool>) {
-        let span = tracing::info_span!("projection", projection = name);
-        let _entered = span.enter();
         let mut advanced = self.database.signal().on_advance();
         let mut registered = false;
         loop {
@@ -326,6 +328,9 @@ impl ProjectionRunner {
         progress: &(dyn Fn(RebuildProgress) + Send + Sync),
     ) -> Result<RebuildReport, RunnerError> {
         let projection = self.find(name)?;
+        if !projection.rebuildable() {
+            return Err(RunnerError::NotRebuildable(name.to_string()));
+        }
         self.register().await?;
         let started = Instant::now();
         let tables = projection.tables();

@@ -108,6 +108,16 @@ impl TestDatabase {
         );
         let mut settings = Settings::from_sources(&sources).expect("test settings are valid");
         settings.port = 0;
+        // The server names the port it is given once bound.
+        settings.public_url = "http://127.0.0.1:0".to_string();
+        // Tests run in parallel: simulated hosts of each server get a port of their own. No warm buffer unless a
+        // test asks for one.
+        settings.host_service_port = free_port();
+        settings.desired_free_mandelboxes = 0;
+        // Hosts are started by the tests themselves (simulated hosts in this process, on loopback), as real
+        // hosts are started outside the webserver; a test that wants the server's own simulated fleet says so.
+        settings.cloud = whist_adapters::config::CloudKind::Aws;
+        settings.host_service_scheme = "http".to_string();
         settings
     }
 }
@@ -327,10 +337,12 @@ where
     }
 }
 
-/// A host launched by a test: its aggregate was told to launch, and it registered like a host service would.
+/// A host launched by a test: its aggregate was told to launch, and a simulated host service in this process
+/// registered with the bootstrap token, heartbeats, and starts mandelboxes when asked.
 pub struct TestHost {
     pub instance_id: String,
     pub auth_token: String,
+    pub host: whist_adapters::simulated_host::SimulatedHost,
 }
 
 /// The identity tests launch hosts with.
@@ -347,68 +359,113 @@ pub fn launch_spec(
     }
 }
 
+/// Records a launch decision in `instances` and returns the new host's id and bootstrap token.
+pub async fn record_launch(
+    instances: &whist_adapters::store::AggregateStore<whist_domain::instance::Instance>,
+    tokens: &whist_adapters::tokens::Tokens,
+    spec: whist_domain::instance::LaunchSpec,
+) -> (String, String) {
+    use whist_adapters::tokens::{fingerprint, Purpose};
+    let instance_id = uuid::Uuid::new_v4().to_string();
+    let bootstrap = tokens.derive(Purpose::Bootstrap, &instance_id);
+    instances
+        .execute(
+            &instance_id,
+            whist_domain::instance::InstanceCommand::RequestLaunch {
+                spec,
+                bootstrap_token_hash: fingerprint(&bootstrap),
+                at: chrono::Utc::now(),
+            },
+            &whist_domain::EventMetadata::new(whist_domain::Actor::System, chrono::Utc::now()),
+        )
+        .await
+        .expect("the launch is recorded");
+    (instance_id, bootstrap)
+}
+
+/// Starts a simulated host service for a recorded launch; it registers with `webserver_url` by itself.
+pub async fn start_host(
+    instance_id: &str,
+    bootstrap: &str,
+    spec: &whist_domain::instance::LaunchSpec,
+    capacity: u32,
+    webserver_url: &str,
+    port: u16,
+) -> whist_adapters::simulated_host::SimulatedHost {
+    whist_adapters::simulated_host::start(whist_adapters::simulated_host::SimulatedHostSpec {
+        instance_id: instance_id.to_string(),
+        bootstrap_token: bootstrap.to_string(),
+        webserver_url: webserver_url.to_string(),
+        region: spec.region.clone(),
+        image_id: spec.image_id.clone(),
+        instance_type: spec.instance_type.clone(),
+        client_commit_hash: spec.client_commit_hash.clone(),
+        mandelbox_capacity: capacity,
+        port,
+    })
+    .await
+    .expect("the simulated host starts")
+}
+
 impl TestApp {
     /// Records a launch decision for a new host and returns its id and bootstrap token.
     pub async fn launch(&self, spec: whist_domain::instance::LaunchSpec) -> (String, String) {
-        use whist_adapters::tokens::{fingerprint, Purpose};
-        let instance_id = uuid::Uuid::new_v4().to_string();
-        let bootstrap = self
-            .state
-            .services
-            .tokens
-            .derive(Purpose::Bootstrap, &instance_id);
+        record_launch(
+            &self.state.services.instances,
+            &self.state.services.tokens,
+            spec,
+        )
+        .await
+    }
+
+    /// Makes `image_id` with `commit_hash` the active image of `regions`.
+    pub async fn activate_image(&self, regions: &[&str], image_id: &str, commit_hash: &str) {
         self.state
             .services
-            .instances
+            .catalog
             .execute(
-                &instance_id,
-                whist_domain::instance::InstanceCommand::RequestLaunch {
-                    spec,
-                    bootstrap_token_hash: fingerprint(&bootstrap),
+                whist_domain::images::CATALOG_ID,
+                whist_domain::images::ImageCatalogCommand::Activate {
+                    client_commit_hash: commit_hash.to_string(),
+                    images: regions
+                        .iter()
+                        .map(|region| (region.to_string(), image_id.to_string()))
+                        .collect(),
                     at: chrono::Utc::now(),
                 },
                 &whist_domain::EventMetadata::new(whist_domain::Actor::System, chrono::Utc::now()),
             )
             .await
-            .expect("the launch is recorded");
-        (instance_id, bootstrap)
+            .expect("the release is activated");
     }
 
-    /// Launches a host, registers it over HTTP with `capacity` slots, and waits until assigns can see it.
+    /// Launches a host with `capacity` slots, starts its simulated host service, and waits until assigns can
+    /// see it.
     pub async fn active_host(
         &self,
         spec: whist_domain::instance::LaunchSpec,
         capacity: u32,
     ) -> TestHost {
         let (instance_id, bootstrap) = self.launch(spec.clone()).await;
-        let response = self
-            .client
-            .post(self.url("/host/register"))
-            .bearer_auth(&bootstrap)
-            .json(&serde_json::json!({
-                "instance_id": instance_id,
-                "region": spec.region,
-                "image_id": spec.image_id,
-                "instance_type": spec.instance_type,
-                "client_commit_hash": spec.client_commit_hash,
-                "ip": format!("10.1.{}.{}", rand::random::<u8>(), rand::random::<u8>()),
-                "mandelbox_capacity": capacity,
-            }))
-            .send()
-            .await
-            .expect("answers");
-        assert_eq!(
-            response.status(),
-            200,
-            "{}",
-            response.text().await.unwrap_or_default()
-        );
-        let body: serde_json::Value = response.json().await.expect("json");
-        let auth_token = body["auth_token"].as_str().expect("a token").to_string();
+        let host = start_host(
+            &instance_id,
+            &bootstrap,
+            &spec,
+            capacity,
+            &self.address,
+            self.state.settings.host_service_port,
+        )
+        .await;
         self.wait_for_instance(&instance_id, "ACTIVE").await;
+        let auth_token = self
+            .state
+            .services
+            .tokens
+            .derive(whist_adapters::tokens::Purpose::HostAuth, &instance_id);
         TestHost {
             instance_id,
             auth_token,
+            host,
         }
     }
 

@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use whist_adapters::store::AggregateStore;
-use whist_adapters::tokens::{fingerprint, Purpose, Tokens};
-use whist_domain::instance::{Instance, InstanceCommand};
-use whist_domain::{Actor, EventMetadata};
+use whist_adapters::tokens::Tokens;
+use whist_domain::instance::Instance;
 use whist_tests::{assign_body, free_port, launch_spec, user_token, ChildProcess, TestDatabase};
 
 const HOSTS: usize = 12;
@@ -21,6 +20,7 @@ async fn two_servers_never_give_one_slot_twice_nor_overfill_a_host() {
     let test_database = TestDatabase::postgres().await;
     let database = test_database.open().await;
     let url = test_database.url.clone().expect("url");
+    let host_service_port = free_port();
     let mut servers = Vec::new();
     for index in 0..2 {
         let port = free_port();
@@ -33,7 +33,10 @@ async fn two_servers_never_give_one_slot_twice_nor_overfill_a_host() {
                 ("PORT", port.to_string()),
                 ("ASSIGN_RATE_LIMIT_PER_MINUTE", "0".to_string()),
                 ("ASSIGN_RATE_LIMIT_PER_IP_PER_MINUTE", "0".to_string()),
-                ("HOST_SERVICE_PORT", free_port().to_string()),
+                ("HOST_SERVICE_PORT", host_service_port.to_string()),
+                ("HOST_SERVICE_SCHEME", "http".to_string()),
+                // Hosts come from outside (this test), as they would from EC2.
+                ("WHIST_CLOUD", "aws".to_string()),
                 ("RUST_LOG", "warn".to_string()),
             ],
             &format!("serve-{index}.log"),
@@ -48,42 +51,21 @@ async fn two_servers_never_give_one_slot_twice_nor_overfill_a_host() {
     let instances = AggregateStore::<Instance>::new(&database, ());
     let client = reqwest::Client::new();
     let spec = launch_spec("us-east-1", "ami-load", "hash-load");
-    let mut host_ids = Vec::new();
+    let mut hosts = Vec::new();
     for host in 0..HOSTS {
-        let instance_id = uuid::Uuid::new_v4().to_string();
-        let bootstrap = tokens.derive(Purpose::Bootstrap, &instance_id);
-        instances
-            .execute(
+        let (instance_id, bootstrap) =
+            whist_tests::record_launch(&instances, &tokens, spec.clone()).await;
+        hosts.push(
+            whist_tests::start_host(
                 &instance_id,
-                InstanceCommand::RequestLaunch {
-                    spec: spec.clone(),
-                    bootstrap_token_hash: fingerprint(&bootstrap),
-                    at: chrono::Utc::now(),
-                },
-                &EventMetadata::new(Actor::System, chrono::Utc::now()),
+                &bootstrap,
+                &spec,
+                CAPACITY,
+                &format!("http://127.0.0.1:{}", ports[host % 2]),
+                host_service_port,
             )
-            .await
-            .expect("launch recorded");
-        let response = client
-            .post(format!(
-                "http://127.0.0.1:{}/host/register",
-                ports[host % 2]
-            ))
-            .bearer_auth(&bootstrap)
-            .json(&serde_json::json!({
-                "instance_id": instance_id,
-                "region": spec.region,
-                "image_id": spec.image_id,
-                "instance_type": spec.instance_type,
-                "client_commit_hash": spec.client_commit_hash,
-                "ip": format!("10.2.0.{host}"),
-                "mandelbox_capacity": CAPACITY,
-            }))
-            .send()
-            .await
-            .expect("answers");
-        assert_eq!(response.status(), 200);
-        host_ids.push(instance_id);
+            .await,
+        );
     }
     let any = database.any().clone();
     assert!(
@@ -139,11 +121,22 @@ async fn two_servers_never_give_one_slot_twice_nor_overfill_a_host() {
         for (status, body) in client.await.expect("the client ran") {
             match status {
                 200 => assigned.push(body["mandelbox_id"].as_str().expect("id").to_string()),
-                503 => {
-                    assert_eq!(body["error"], "NO_INSTANCE_AVAILABLE", "{body}");
-                    refused += 1;
+                503 if body["error"] == "NO_INSTANCE_AVAILABLE" => refused += 1,
+                other => {
+                    let logs: Vec<String> = servers
+                        .iter()
+                        .map(|(server, _)| {
+                            server
+                                .log_text()
+                                .lines()
+                                .filter(|line| line.contains("ERROR") || line.contains("WARN"))
+                                .take(20)
+                                .collect::<Vec<_>>()
+                                .join("\n")
+                        })
+                        .collect();
+                    panic!("unexpected answer {other}: {body}\n{}", logs.join("\n---\n"));
                 }
-                other => panic!("unexpected answer {other}: {body}"),
             }
         }
     }

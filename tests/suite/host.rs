@@ -12,7 +12,7 @@ fn register_body(
         "image_id": spec.image_id,
         "instance_type": spec.instance_type,
         "client_commit_hash": spec.client_commit_hash,
-        "ip": "10.9.9.9",
+        "ip": "127.9.9.9",
         "mandelbox_capacity": 4,
     })
 }

@@ -8,6 +8,7 @@ mod host;
 mod http;
 mod process;
 mod projections;
+mod simulated;
 mod store;
 
 /// The `whist` binary cargo built for this suite.

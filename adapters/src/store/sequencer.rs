@@ -13,6 +13,7 @@ use std::time::Duration;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::log::LogSignal;
 
@@ -73,10 +74,13 @@ impl Sequencer {
 
     /// Runs passes until `shutdown` turns true: at once when this process appends, 5 ms after this process appends, and every 20 ms for
     /// events other processes appended (their own sequencers usually get there first).
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut appended = self.signal.on_append();
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
         let span = tracing::info_span!("sequencer");
-        let _entered = span.enter();
+        self.run_passes(shutdown).instrument(span).await;
+    }
+
+    async fn run_passes(self, mut shutdown: watch::Receiver<bool>) {
+        let mut appended = self.signal.on_append();
         loop {
             if *shutdown.borrow() {
                 return;

@@ -1,0 +1,267 @@
+//! A simulated host service (`WHIST_CLOUD=local`): it speaks the host protocol over real HTTP on a loopback
+//! address of its own, exactly as a real host would: it registers with its bootstrap token, heartbeats, starts
+//! mandelboxes when asked (reporting CONNECTING then RUNNING), and drains and shuts down when asked.
+
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use poem::http::StatusCode;
+use poem::listener::{Listener, TcpListener};
+use poem::web::{Data, Json};
+use poem::{handler, EndpointExt, Request, Route};
+use tokio::sync::watch;
+
+/// What a launched host learns from its user data, plus what it reports about itself.
+#[derive(Debug, Clone)]
+pub struct SimulatedHostSpec {
+    pub instance_id: String,
+    pub bootstrap_token: String,
+    pub webserver_url: String,
+    pub region: String,
+    pub image_id: String,
+    pub instance_type: String,
+    pub client_commit_hash: String,
+    pub mandelbox_capacity: u32,
+    pub port: u16,
+}
+
+/// A running simulated host.
+pub struct SimulatedHost {
+    pub ip: Ipv4Addr,
+    shutdown: watch::Sender<bool>,
+}
+
+impl SimulatedHost {
+    /// Stops the host (as if its machine were switched off).
+    pub fn stop(&self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+impl Drop for SimulatedHost {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[derive(Clone)]
+struct HostState {
+    spec: SimulatedHostSpec,
+    auth_token: Arc<Mutex<Option<String>>>,
+    http: reqwest::Client,
+    shutdown: watch::Sender<bool>,
+}
+
+impl HostState {
+    fn authorised(&self, request: &Request) -> bool {
+        let presented = request
+            .headers()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "));
+        let known = self.auth_token.lock().ok().and_then(|token| token.clone());
+        matches!((presented, known), (Some(presented), Some(known)) if presented == known)
+    }
+}
+
+#[handler]
+async fn spin_up(
+    request: &Request,
+    Data(state): Data<&HostState>,
+    Json(body): Json<serde_json::Value>,
+) -> poem::Result<Json<serde_json::Value>> {
+    if !state.authorised(request) {
+        return Err(poem::Error::from_status(StatusCode::UNAUTHORIZED));
+    }
+    let Some(mandelbox_id) = body["mandelbox_id"].as_str().map(str::to_string) else {
+        return Err(poem::Error::from_status(StatusCode::BAD_REQUEST));
+    };
+    let state = state.clone();
+    tokio::spawn(async move {
+        for status in ["CONNECTING", "RUNNING"] {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let token = state.auth_token.lock().ok().and_then(|token| token.clone());
+            let Some(token) = token else { return };
+            let _ = state
+                .http
+                .post(format!(
+                    "{}/host/mandelbox/{mandelbox_id}/status",
+                    state.spec.webserver_url
+                ))
+                .bearer_auth(token)
+                .json(&serde_json::json!({ "status": status }))
+                .send()
+                .await;
+        }
+    });
+    Ok(Json(serde_json::json!({})))
+}
+
+#[handler]
+async fn drain_and_shutdown(
+    request: &Request,
+    Data(state): Data<&HostState>,
+) -> poem::Result<Json<serde_json::Value>> {
+    if !state.authorised(request) {
+        return Err(poem::Error::from_status(StatusCode::UNAUTHORIZED));
+    }
+    let _ = state.shutdown.send(true);
+    Ok(Json(serde_json::json!({})))
+}
+
+/// A loopback address for the host, picked from the instance id (127.0.0.1 is the webserver's own).
+fn address_for(instance_id: &str, attempt: u32) -> Ipv4Addr {
+    let mut hash: u32 = 2_166_136_261;
+    for byte in instance_id.bytes().chain(attempt.to_le_bytes()) {
+        hash = (hash ^ u32::from(byte)).wrapping_mul(16_777_619);
+    }
+    let [_, b, c, d] = hash.to_be_bytes();
+    Ipv4Addr::new(127, b, c, d.clamp(2, 254))
+}
+
+/// Starts a simulated host: binds its address, registers, heartbeats.
+///
+/// # Errors
+/// No loopback address could be bound.
+pub async fn start(spec: SimulatedHostSpec) -> std::io::Result<SimulatedHost> {
+    let mut bound = None;
+    for attempt in 0..8 {
+        let ip = address_for(&spec.instance_id, attempt);
+        if let Ok(acceptor) = TcpListener::bind(format!("{ip}:{}", spec.port))
+            .into_acceptor()
+            .await
+        {
+            bound = Some((ip, acceptor));
+            break;
+        }
+    }
+    let Some((ip, acceptor)) = bound else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "no loopback address was free for a simulated host",
+        ));
+    };
+    let (shutdown, receiver) = watch::channel(false);
+    let state = HostState {
+        spec: spec.clone(),
+        auth_token: Arc::new(Mutex::new(None)),
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_or_default(),
+        shutdown: shutdown.clone(),
+    };
+    let app = Route::new()
+        .at("/spin_up_mandelbox", poem::put(spin_up))
+        .at("/drain_and_shutdown", poem::post(drain_and_shutdown))
+        .data(state.clone());
+    let mut server_shutdown = receiver.clone();
+    tokio::spawn(async move {
+        let _ = poem::Server::new_with_acceptor(acceptor)
+            .run_with_graceful_shutdown(
+                app,
+                async move {
+                    let _ = server_shutdown.wait_for(|stop| *stop).await;
+                },
+                Some(Duration::from_secs(1)),
+            )
+            .await;
+    });
+    tokio::spawn(live(state, ip, receiver));
+    Ok(SimulatedHost { ip, shutdown })
+}
+
+/// Registers (retrying until the webserver answers), then heartbeats until stopped or told it is gone.
+async fn live(state: HostState, ip: Ipv4Addr, mut shutdown: watch::Receiver<bool>) {
+    let spec = &state.spec;
+    let interval = loop {
+        let response = state
+            .http
+            .post(format!("{}/host/register", spec.webserver_url))
+            .bearer_auth(&spec.bootstrap_token)
+            .json(&serde_json::json!({
+                "instance_id": spec.instance_id,
+                "region": spec.region,
+                "image_id": spec.image_id,
+                "instance_type": spec.instance_type,
+                "client_commit_hash": spec.client_commit_hash,
+                "ip": ip.to_string(),
+                "mandelbox_capacity": spec.mandelbox_capacity,
+            }))
+            .send()
+            .await;
+        match response {
+            Ok(response) if response.status().is_success() => {
+                let body: serde_json::Value = response.json().await.unwrap_or_default();
+                if let (Some(token), Ok(mut known)) =
+                    (body["auth_token"].as_str(), state.auth_token.lock())
+                {
+                    *known = Some(token.to_string());
+                }
+                break body["heartbeat_interval_s"].as_u64().unwrap_or(60).max(1);
+            }
+            Ok(response) if response.status().is_client_error() => {
+                tracing::warn!(
+                    instance_id = spec.instance_id,
+                    status = response.status().as_u16(),
+                    "simulated host was refused registration; stopping"
+                );
+                let _ = state.shutdown.send(true);
+                return;
+            }
+            _ => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.changed() => return,
+        }
+    };
+    let mut number = 0i64;
+    loop {
+        number += 1;
+        let token = state
+            .auth_token
+            .lock()
+            .ok()
+            .and_then(|token| token.clone())
+            .unwrap_or_default();
+        let response = state
+            .http
+            .post(format!("{}/host/heartbeat", spec.webserver_url))
+            .bearer_auth(token)
+            .json(&serde_json::json!({
+                "instance_id": spec.instance_id,
+                "timestamp": chrono::Utc::now().to_rfc3339(),
+                "heartbeat_number": number,
+                "total_ram_kb": 32_000_000,
+                "free_ram_kb": 24_000_000,
+                "avail_ram_kb": 28_000_000,
+                "is_dying": false,
+            }))
+            .send()
+            .await;
+        if matches!(&response, Ok(response) if response.status() == StatusCode::GONE) {
+            let _ = state.shutdown.send(true);
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(interval)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::address_for;
+
+    #[test]
+    fn a_simulated_host_never_takes_the_webservers_own_address() {
+        for index in 0..1000 {
+            let ip = address_for(&format!("instance-{index}"), 0);
+            assert_eq!(ip.octets()[0], 127);
+            assert!(ip.octets()[3] >= 2);
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! The `jobs` projection plans side effects: one job per decision that needs the outside world, keyed by the
+//! decision so that seeing an event twice plans nothing twice.
+//!
+//! Unlike a read model it is not rebuilt: a rebuild would plan every past side effect again. The reconciler
+//! that runs the jobs is level-triggered anyway (it checks the aggregate before acting), so a stale job is skipped.
+
+use async_trait::async_trait;
+use chrono::Utc;
+use sqlx::AnyConnection;
+use whist_adapters::store::LoggedEvent;
+use whist_domain::instance::InstanceEvent;
+use whist_domain::mandelbox::MandelboxEvent;
+
+use crate::projection::{Projection, ProjectionError, Tables};
+
+/// Kinds of job.
+pub const SPIN_UP: &str = "spin_up_mandelbox";
+pub const LAUNCH: &str = "launch_instance";
+
+/// The `jobs` projection.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JobPlanner;
+
+#[async_trait]
+impl Projection for JobPlanner {
+    fn name(&self) -> &'static str {
+        "jobs"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["jobs"]
+    }
+
+    fn rebuildable(&self) -> bool {
+        false
+    }
+
+    async fn apply(
+        &self,
+        connection: &mut AnyConnection,
+        tables: &Tables,
+        events: &[LoggedEvent],
+    ) -> Result<(), ProjectionError> {
+        let table = tables.get("jobs")?;
+        for event in events {
+            let job =
+                match (event.aggregate_type.as_str(), event.event_type.as_str()) {
+                    ("mandelbox", "MandelboxAllocated") => {
+                        let _: MandelboxEvent = event.payload_as().map_err(|error| {
+                            ProjectionError::UnreadableEvent {
+                                position: event.position,
+                                event_type: event.event_type.clone(),
+                                reason: error.to_string(),
+                            }
+                        })?;
+                        Some(SPIN_UP)
+                    }
+                    ("instance", "InstanceLaunchRequested") => {
+                        let _: InstanceEvent = event.payload_as().map_err(|error| {
+                            ProjectionError::UnreadableEvent {
+                                position: event.position,
+                                event_type: event.event_type.clone(),
+                                reason: error.to_string(),
+                            }
+                        })?;
+                        Some(LAUNCH)
+                    }
+                    _ => None,
+                };
+            let Some(kind) = job else { continue };
+            let now = Utc::now().timestamp_millis();
+            sqlx::query(&format!(
+                "INSERT INTO {table} (kind, job_key, aggregate_id, payload, status, attempts, run_after_ms, \
+                 claimed_until_ms, created_ms) VALUES ($1, $2, $3, $4, 'pending', 0, $5, 0, $5) \
+                 ON CONFLICT (job_key) DO NOTHING"
+            ))
+            .bind(kind)
+            .bind(format!("{kind}:{}", event.aggregate_id))
+            .bind(event.aggregate_id.as_str())
+            .bind(serde_json::json!({ "position": event.position }).to_string())
+            .bind(now)
+            .execute(&mut *connection)
+            .await?;
+        }
+        Ok(())
+    }
+}
