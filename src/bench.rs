@@ -169,7 +169,7 @@ async fn measure_appends(
 }
 
 /// Runs pgbench with a one-row insert script at `clients` clients; returns its transactions per second.
-fn pgbench_one_row_insert(url: &str, clients: usize, seconds: u64) -> anyhow::Result<f64> {
+pub fn pgbench_one_row_insert(url: &str, clients: usize, seconds: u64) -> anyhow::Result<f64> {
     let script = std::env::temp_dir().join(format!("whist-pgbench-{}.sql", std::process::id()));
     std::fs::write(
         &script,
@@ -246,6 +246,10 @@ fn redact(url: &str) -> String {
 }
 
 /// The same server URL with another database name.
+pub fn with_database(url: &str, database: &str) -> String {
+    replace_database(url, database)
+}
+
 fn replace_database(url: &str, database: &str) -> String {
     let (without_query, query) = match url.split_once('?') {
         Some((base, query)) => (base, Some(query)),

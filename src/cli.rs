@@ -38,6 +38,9 @@ enum Command {
         #[command(subcommand)]
         command: ProjectionsCommand,
     },
+    /// Load a live server on Postgres with simulated hosts; print assigns/s, latency and heartbeats/s beside
+    /// pgbench.
+    Loadtest(crate::loadtest::LoadTestOptions),
     /// Development helpers.
     Dev {
         #[command(subcommand)]
@@ -190,6 +193,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
+        Command::Loadtest(options) => crate::loadtest::run(options).await,
         Command::Bench { command } => match command {
             BenchCommand::Store(options) => crate::bench::store(options).await,
         },

@@ -3,6 +3,7 @@
 
 mod bench;
 mod cli;
+mod loadtest;
 
 use std::process::ExitCode;
 

@@ -106,6 +106,8 @@ pub struct Settings {
     pub host_service_scheme: String,
     pub public_url: String,
     pub heartbeat_timeout: Duration,
+    /// How long a mandelbox may stay `ALLOCATED` before it dies (`WHIST_STALE_ALLOCATION_S`, 90 s).
+    pub stale_allocation_timeout: Duration,
     pub assign_rate_limit_per_minute: u32,
     pub assign_rate_limit_per_ip_per_minute: u32,
     pub hirefire_token: Option<Secret>,
@@ -360,6 +362,12 @@ impl Settings {
             heartbeat_timeout: Duration::from_secs(sources.parse(
                 "HEARTBEAT_TIMEOUT_S",
                 120u64,
+                "a whole number of seconds, at least 1",
+                |value| value.parse().ok().filter(|seconds| *seconds > 0),
+            )?),
+            stale_allocation_timeout: Duration::from_secs(sources.parse(
+                "WHIST_STALE_ALLOCATION_S",
+                90u64,
                 "a whole number of seconds, at least 1",
                 |value| value.parse().ok().filter(|seconds| *seconds > 0),
             )?),

@@ -142,41 +142,61 @@ pub async fn assign(
         {
             any_matching_image = true;
         }
-        let candidates = candidates(state, region, &wanted_hash).await?;
-        if !candidates.is_empty()
-            || (!any_matching_image && runs_image(state, region, &wanted_hash).await?)
-        {
-            any_matching_image = true;
-        }
-        for (instance_id, ip) in candidates {
-            let allocate = InstanceCommand::AllocateMandelbox {
-                mandelbox_id: mandelbox_id.clone(),
-                user_id: request.user_id.clone(),
-                at: Utc::now(),
-            };
-            match retry_conflicts(|| {
-                services
+        // Candidates come from the read model, which may be a little behind: a host it shows with room may be
+        // full (refused), or taken by a concurrent assign (conflict). After a round lost to conflicts only, the
+        // candidates are read again.
+        for _round in 0..3 {
+            let candidates = candidates(state, region, &wanted_hash).await?;
+            if !candidates.is_empty()
+                || (!any_matching_image && runs_image(state, region, &wanted_hash).await?)
+            {
+                any_matching_image = true;
+            }
+            if candidates.is_empty() {
+                break;
+            }
+            let mut lost_to_conflicts = false;
+            for (instance_id, ip) in candidates {
+                let allocate = InstanceCommand::AllocateMandelbox {
+                    mandelbox_id: mandelbox_id.clone(),
+                    user_id: request.user_id.clone(),
+                    at: Utc::now(),
+                };
+                // One retry on a conflict, then the next candidate: concurrent assigns spread over the fullest
+                // hosts instead of queueing on one.
+                let outcome = match services
                     .instances
                     .execute(&instance_id, allocate.clone(), metadata)
-            })
-            .await
-            {
-                Ok(()) => {
-                    placed = Some((instance_id, ip, region.clone()));
-                    break 'regions;
+                    .await
+                {
+                    Err(CommandError::Conflict) => {
+                        services
+                            .instances
+                            .execute(&instance_id, allocate.clone(), metadata)
+                            .await
+                    }
+                    outcome => outcome,
+                };
+                match outcome {
+                    Ok(()) => {
+                        placed = Some((instance_id, ip, region.clone()));
+                        break 'regions;
+                    }
+                    Err(CommandError::Conflict) => lost_to_conflicts = true,
+                    Err(CommandError::Rejected(
+                        InstanceError::AtCapacity | InstanceError::NotAcceptingMandelboxes,
+                    )) => {}
+                    Err(CommandError::Rejected(other)) => {
+                        tracing::warn!(instance_id, error = %other, "candidate refused the allocation");
+                    }
+                    Err(error) => {
+                        release_user(state, request, &mandelbox_id, metadata).await;
+                        return Err(failure(error));
+                    }
                 }
-                Err(CommandError::Rejected(
-                    InstanceError::AtCapacity | InstanceError::NotAcceptingMandelboxes,
-                ))
-                | Err(CommandError::Conflict) => continue,
-                Err(CommandError::Rejected(other)) => {
-                    tracing::warn!(instance_id, error = %other, "candidate refused the allocation");
-                    continue;
-                }
-                Err(error) => {
-                    release_user(state, request, &mandelbox_id, metadata).await;
-                    return Err(failure(error));
-                }
+            }
+            if !lost_to_conflicts {
+                break;
             }
         }
     }

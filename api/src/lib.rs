@@ -19,6 +19,7 @@ pub mod security;
 pub mod services;
 pub mod startup;
 pub mod state;
+pub mod sweeper;
 pub mod telemetry;
 
 pub use startup::Application;

@@ -135,7 +135,10 @@ async fn two_servers_never_give_one_slot_twice_nor_overfill_a_host() {
                                 .join("\n")
                         })
                         .collect();
-                    panic!("unexpected answer {other}: {body}\n{}", logs.join("\n---\n"));
+                    panic!(
+                        "unexpected answer {other}: {body}\n{}",
+                        logs.join("\n---\n")
+                    );
                 }
             }
         }

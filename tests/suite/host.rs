@@ -179,3 +179,106 @@ async fn a_dying_host_is_drained() {
     app.wait_for_instance(&host.instance_id, "DRAINING").await;
     app.stop().await;
 }
+
+/// Registers a host by hand (no host service behind it: nothing answers at its loopback address).
+async fn register_by_hand(app: &whist_tests::TestApp, capacity: u32) -> (String, String) {
+    let spec = launch_spec("us-east-1", "ami-a", "hash-a");
+    let (instance_id, bootstrap) = app.launch(spec.clone()).await;
+    let mut body = register_body(&instance_id, &spec);
+    body["mandelbox_capacity"] = serde_json::json!(capacity);
+    let response = app
+        .client
+        .post(app.url("/host/register"))
+        .bearer_auth(bootstrap)
+        .json(&body)
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(response.status(), 200);
+    let answer: serde_json::Value = response.json().await.expect("json");
+    app.wait_for_instance(&instance_id, "ACTIVE").await;
+    (
+        instance_id,
+        answer["auth_token"].as_str().expect("token").to_string(),
+    )
+}
+
+#[tokio::test]
+async fn a_mandelbox_whose_host_never_reports_it_connecting_dies_and_frees_its_slot() {
+    let database = TestDatabase::sqlite();
+    let mut settings = database.settings();
+    settings.stale_allocation_timeout = std::time::Duration::from_secs(1);
+    let app = whist_tests::spawn_app_with(&database, settings).await;
+    let (instance_id, _) = register_by_hand(&app, 1).await;
+    let (status, body) = app
+        .assign(
+            &whist_tests::user_token("auth0|stale"),
+            whist_tests::assign_body(&["us-east-1"], "hash-a", 1),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let mandelbox_id = body["mandelbox_id"].as_str().expect("id").to_string();
+    app.wait_for_live(&instance_id, 1).await;
+    let sweeper = whist_api::sweeper::Sweeper::new(app.state.clone());
+    // Not yet stale.
+    assert_eq!(sweeper.expire_stale_allocations().await.expect("sweeps"), 0);
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert!(
+        whist_tests::eventually(std::time::Duration::from_secs(10), || async {
+            sweeper.expire_stale_allocations().await.unwrap_or(0) > 0
+                || app
+                    .state
+                    .services
+                    .mandelboxes
+                    .load(&mandelbox_id)
+                    .await
+                    .is_ok_and(|(mandelbox, _)| {
+                        mandelbox.status == Some(whist_domain::mandelbox::MandelboxStatus::Dead)
+                    })
+        })
+        .await
+    );
+    let (mandelbox, _) = app
+        .state
+        .services
+        .mandelboxes
+        .load(&mandelbox_id)
+        .await
+        .expect("loads");
+    assert_eq!(
+        mandelbox.status,
+        Some(whist_domain::mandelbox::MandelboxStatus::Dead)
+    );
+    assert_eq!(
+        mandelbox.end_reason,
+        Some(whist_domain::mandelbox::EndReason::NeverConnected)
+    );
+    app.wait_for_live(&instance_id, 0).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_host_becomes_unresponsive_and_a_heartbeat_brings_it_back() {
+    let database = TestDatabase::sqlite();
+    let mut settings = database.settings();
+    settings.heartbeat_timeout = std::time::Duration::from_secs(1);
+    let app = whist_tests::spawn_app_with(&database, settings).await;
+    let (instance_id, auth_token) = register_by_hand(&app, 2).await;
+    let sweeper = whist_api::sweeper::Sweeper::new(app.state.clone());
+    assert_eq!(sweeper.mark_silent_hosts().await.expect("sweeps"), 0);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(sweeper.mark_silent_hosts().await.expect("sweeps"), 1);
+    app.wait_for_instance(&instance_id, "UNRESPONSIVE").await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let response = app
+        .client
+        .post(app.url("/host/heartbeat"))
+        .bearer_auth(&auth_token)
+        .json(&heartbeat(&instance_id, 1, false))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(response.status(), 200);
+    app.wait_for_instance(&instance_id, "ACTIVE").await;
+    app.stop().await;
+}

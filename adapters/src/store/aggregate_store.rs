@@ -73,6 +73,7 @@ where
             Backend::Postgres(pool) => {
                 let store = CachedEventStore::new(
                     PostgresRepository::new(pool.clone()),
+                    PostgresRepository::new(pool.clone()),
                     REMEMBERED_AGGREGATES,
                 );
                 Frameworks::Postgres {
@@ -82,6 +83,7 @@ where
             }
             Backend::Sqlite(pool) => {
                 let store = CachedEventStore::new(
+                    SqliteEventRepository::new(pool.clone()),
                     SqliteEventRepository::new(pool.clone()),
                     REMEMBERED_AGGREGATES,
                 );
@@ -118,7 +120,7 @@ where
             // A remembered copy may be stale (another process appended since), and a rule can refuse a command on
             // stale state without any append revealing it. So a refusal is only final on fresh state.
             Err(CommandError::Rejected(_)) => {
-                self.forget(aggregate_id);
+                self.mark_stale(aggregate_id);
                 self.execute_once(aggregate_id, command, metadata).await
             }
             outcome => outcome,
@@ -157,6 +159,14 @@ where
             }
         };
         outcome.map_err(CommandError::from)
+    }
+
+    /// Marks the remembered copy of one aggregate as behind, so that the next command first reads what it missed.
+    pub fn mark_stale(&self, aggregate_id: &str) {
+        match &self.frameworks {
+            Frameworks::Postgres { store, .. } => store.mark_stale(aggregate_id),
+            Frameworks::Sqlite { store, .. } => store.mark_stale(aggregate_id),
+        }
     }
 
     /// Forgets the remembered copy of one aggregate, so that the next command loads it from the database.

@@ -3,7 +3,8 @@
 //! cqrs-es loads an aggregate's whole history before every command. This store keeps each aggregate's state and
 //! version after a successful commit, and hands a copy to the next command. A copy can be stale when another
 //! process appended since; the append then collides with that process's sequence number (the primary key), the
-//! command fails with a conflict, the copy is forgotten, and a retry loads from the database. So a stale copy can
+//! command fails with a conflict, the copy is marked stale, and a retry first reads the events it missed (only
+//! those, not the whole history). So a stale copy can
 //! cost a retry but never a decision on old state. (cqrs-es's own snapshot modes are not used: in 0.5 they apply
 //! every event twice.)
 
@@ -20,8 +21,18 @@ pub struct CachedEventStore<R: PersistedEventRepository, A: Aggregate> {
 
 struct Shared<R: PersistedEventRepository, A: Aggregate> {
     inner: PersistedEventStore<R, A>,
-    cache: Mutex<HashMap<String, (A, usize)>>,
+    /// Reads only the events after a remembered version, to bring a stale copy up to date cheaply.
+    catch_up: R,
+    cache: Mutex<HashMap<String, Remembered<A>>>,
     capacity: usize,
+}
+
+/// A remembered aggregate; `stale` after a conflict showed that someone else appended since.
+#[derive(Clone)]
+struct Remembered<A> {
+    aggregate: A,
+    version: usize,
+    stale: bool,
 }
 
 impl<R: PersistedEventRepository, A: Aggregate> Clone for CachedEventStore<R, A> {
@@ -37,18 +48,20 @@ where
     R: PersistedEventRepository,
     A: Aggregate + Clone,
 {
-    /// A store over `repository` that remembers up to `capacity` aggregates.
-    pub fn new(repository: R, capacity: usize) -> Self {
+    /// A store over `repository` that remembers up to `capacity` aggregates; `catch_up` reads the events a stale
+    /// copy misses.
+    pub fn new(repository: R, catch_up: R, capacity: usize) -> Self {
         Self {
             shared: Arc::new(Shared {
                 inner: PersistedEventStore::new_event_store(repository),
+                catch_up,
                 cache: Mutex::new(HashMap::new()),
                 capacity,
             }),
         }
     }
 
-    fn remembered(&self, aggregate_id: &str) -> Option<(A, usize)> {
+    fn remembered(&self, aggregate_id: &str) -> Option<Remembered<A>> {
         self.shared
             .cache
             .lock()
@@ -64,15 +77,63 @@ where
                     cache.remove(&victim);
                 }
             }
-            cache.insert(aggregate_id.to_string(), (aggregate, version));
+            cache.insert(
+                aggregate_id.to_string(),
+                Remembered {
+                    aggregate,
+                    version,
+                    stale: false,
+                },
+            );
         }
     }
 
-    /// Forgets one aggregate (after a conflict, or when its copy may be stale).
+    /// Forgets one aggregate, so that the next command loads it whole.
     pub fn forget(&self, aggregate_id: &str) {
         if let Ok(mut cache) = self.shared.cache.lock() {
             cache.remove(aggregate_id);
         }
+    }
+
+    /// Marks a remembered copy as behind the store, so that the next command first reads what it missed.
+    pub fn mark_stale(&self, aggregate_id: &str) {
+        if let Ok(mut cache) = self.shared.cache.lock() {
+            if let Some(remembered) = cache.get_mut(aggregate_id) {
+                remembered.stale = true;
+            }
+        }
+    }
+
+    /// Brings a stale copy up to date with the events after its version (one small read instead of the whole
+    /// history). Events are read as stored: this store registers no upcasters; when one is added, catch-up must
+    /// apply it too.
+    async fn catch_up(
+        &self,
+        aggregate_id: &str,
+        mut remembered: Remembered<A>,
+    ) -> Result<EventStoreAggregateContext<A>, AggregateError<A::Error>> {
+        let events = self
+            .shared
+            .catch_up
+            .get_last_events::<A>(aggregate_id, remembered.version)
+            .await?;
+        for event in events {
+            let payload: A::Event = serde_json::from_value(event.payload)
+                .map_err(|error| AggregateError::DeserializationError(Box::new(error)))?;
+            remembered.aggregate.apply(payload);
+            remembered.version = event.sequence;
+        }
+        self.remember(
+            aggregate_id,
+            remembered.aggregate.clone(),
+            remembered.version,
+        );
+        Ok(EventStoreAggregateContext {
+            aggregate_id: aggregate_id.to_string(),
+            aggregate: remembered.aggregate,
+            current_sequence: remembered.version,
+            current_snapshot: None,
+        })
     }
 
     /// Loads from the database, ignoring and then refreshing the remembered copy.
@@ -112,10 +173,11 @@ where
         aggregate_id: &str,
     ) -> Result<EventStoreAggregateContext<A>, AggregateError<A::Error>> {
         match self.remembered(aggregate_id) {
-            Some((aggregate, version)) => Ok(EventStoreAggregateContext {
+            Some(remembered) if remembered.stale => self.catch_up(aggregate_id, remembered).await,
+            Some(remembered) => Ok(EventStoreAggregateContext {
                 aggregate_id: aggregate_id.to_string(),
-                aggregate,
-                current_sequence: version,
+                aggregate: remembered.aggregate,
+                current_sequence: remembered.version,
                 current_snapshot: None,
             }),
             None => self.load_fresh(aggregate_id).await,
@@ -136,6 +198,10 @@ where
             Ok(committed) => {
                 self.remember(&aggregate_id, after, version);
                 Ok(committed)
+            }
+            Err(AggregateError::AggregateConflict) => {
+                self.mark_stale(&aggregate_id);
+                Err(AggregateError::AggregateConflict)
             }
             Err(error) => {
                 self.forget(&aggregate_id);

@@ -1,0 +1,348 @@
+//! `whist loadtest`: a live `whist serve` on a fresh Postgres database with simulated hosts, loaded by 64 desktop
+//! clients (assign, then disconnect) and by heartbeating hosts; prints assigns/s with p50/p99 latency and
+//! heartbeats/s next to pgbench's one-row insert at the same concurrency on the same server.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::Executor;
+use whist_adapters::store::{AggregateStore, Database};
+use whist_adapters::tokens::{fingerprint, Purpose, Tokens};
+use whist_domain::instance::{Instance, InstanceCommand, LaunchSpec};
+use whist_domain::{Actor, EventMetadata};
+
+/// Options of `whist loadtest`.
+#[derive(Debug, clap::Args)]
+pub struct LoadTestOptions {
+    /// A Postgres server URL; the load test creates (and afterwards drops) its own database there.
+    #[arg(
+        long,
+        env = "BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// Concurrent desktop clients (and heartbeat senders).
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Seconds of assign load.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Seconds of heartbeat load.
+    #[arg(long, default_value_t = 5)]
+    heartbeat_seconds: u64,
+    /// Simulated hosts in the fleet.
+    #[arg(long, default_value_t = 40)]
+    hosts: usize,
+    /// Mandelbox slots per host.
+    #[arg(long, default_value_t = 16)]
+    capacity: u32,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub async fn run(options: LoadTestOptions) -> anyhow::Result<()> {
+    let database_name = format!("whist_load_{}", std::process::id());
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&options.database_url)
+        .await
+        .context("Failed to connect to the Postgres server named by --database-url")?;
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS {database_name}").as_str())
+        .await?;
+    admin
+        .execute(format!("CREATE DATABASE {database_name}").as_str())
+        .await?;
+    let url = crate::bench::with_database(&options.database_url, &database_name);
+    let outcome = load(&options, &url).await;
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS {database_name} WITH (FORCE)").as_str())
+        .await?;
+    outcome
+}
+
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
+    let port = free_port()?;
+    let host_port = free_port()?;
+    let data_dir = std::env::temp_dir().join(format!("whist-load-{}", std::process::id()));
+    std::fs::create_dir_all(&data_dir)?;
+    let server = Server(
+        std::process::Command::new(std::env::current_exe()?)
+            .arg("serve")
+            .current_dir(&data_dir)
+            .env("DATABASE_URL", url)
+            .env("PORT", port.to_string())
+            .env("WHIST_CLOUD", "aws")
+            .env("HOST_SERVICE_SCHEME", "http")
+            .env("HOST_SERVICE_PORT", host_port.to_string())
+            .env("ASSIGN_RATE_LIMIT_PER_MINUTE", "0")
+            .env("ASSIGN_RATE_LIMIT_PER_IP_PER_MINUTE", "0")
+            .env("MANDELBOX_LIMIT_PER_USER", "1000")
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("Failed to start whist serve")?,
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(options.clients * 2)
+        .build()?;
+    let started = Instant::now();
+    loop {
+        if client.get(format!("{base}/healthz")).send().await.is_ok() {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "the server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The fleet.
+    let database = Database::connect(Some(url), &data_dir, 4).await?;
+    let tokens = Tokens::load(&database).await?;
+    let instances = AggregateStore::<Instance>::new(&database, ());
+    let spec = LaunchSpec {
+        region: "us-east-1".to_string(),
+        image_id: "ami-load".to_string(),
+        client_commit_hash: "load".to_string(),
+        instance_type: "g4dn.2xlarge".to_string(),
+    };
+    let mut hosts = Vec::new();
+    let mut host_ids = Vec::new();
+    for _ in 0..options.hosts {
+        let instance_id = uuid::Uuid::new_v4().to_string();
+        let bootstrap = tokens.derive(Purpose::Bootstrap, &instance_id);
+        instances
+            .execute(
+                &instance_id,
+                InstanceCommand::RequestLaunch {
+                    spec: spec.clone(),
+                    bootstrap_token_hash: fingerprint(&bootstrap),
+                    at: chrono::Utc::now(),
+                },
+                &EventMetadata::new(Actor::System, chrono::Utc::now()),
+            )
+            .await?;
+        hosts.push(
+            whist_adapters::simulated_host::start(
+                whist_adapters::simulated_host::SimulatedHostSpec {
+                    instance_id: instance_id.clone(),
+                    bootstrap_token: bootstrap,
+                    webserver_url: base.clone(),
+                    region: spec.region.clone(),
+                    image_id: spec.image_id.clone(),
+                    instance_type: spec.instance_type.clone(),
+                    client_commit_hash: spec.client_commit_hash.clone(),
+                    mandelbox_capacity: options.capacity,
+                    port: host_port,
+                },
+            )
+            .await?,
+        );
+        host_ids.push(instance_id);
+    }
+    let started = Instant::now();
+    loop {
+        let active: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM instances WHERE status = 'ACTIVE'")
+                .fetch_one(database.any())
+                .await?;
+        if active as usize >= options.hosts {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "the fleet did not register"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Assign load: every client assigns, then disconnects what it got.
+    let deadline = Instant::now() + Duration::from_secs(options.seconds);
+    let assigned = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let assign_started = Instant::now();
+    let mut tasks = Vec::new();
+    for client_index in 0..options.clients {
+        let client = client.clone();
+        let base = base.clone();
+        let tokens = tokens.clone();
+        let (assigned, refused, failed) = (assigned.clone(), refused.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            let token = whist_adapters::auth::dev_token(
+                &format!("load-user-{client_index}"),
+                false,
+                Duration::from_secs(3600),
+            )
+            .unwrap_or_default();
+            let mut latencies = Vec::new();
+            let mut session = 0i64;
+            while Instant::now() < deadline {
+                session += 1;
+                let sent = Instant::now();
+                let response = client
+                    .post(format!("{base}/mandelbox/assign"))
+                    .bearer_auth(&token)
+                    .json(&serde_json::json!({
+                        "regions": ["us-east-1"],
+                        "client_commit_hash": "load",
+                        "session_id": session,
+                        "user_email": "load@example.com",
+                    }))
+                    .send()
+                    .await;
+                let Ok(response) = response else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                let status = response.status().as_u16();
+                let body: serde_json::Value = response.json().await.unwrap_or_default();
+                latencies.push(sent.elapsed());
+                match (status, body["mandelbox_id"].as_str()) {
+                    (200, Some(mandelbox_id)) => {
+                        assigned.fetch_add(1, Ordering::Relaxed);
+                        let secret = tokens.derive(Purpose::Protocol, mandelbox_id);
+                        let _ = client
+                            .post(format!("{base}/mandelbox/{mandelbox_id}/disconnect"))
+                            .bearer_auth(secret)
+                            .send()
+                            .await;
+                    }
+                    (503, _) if body["error"] == "NO_INSTANCE_AVAILABLE" => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await?);
+    }
+    let assign_elapsed = assign_started.elapsed().as_secs_f64();
+    latencies.sort();
+    let percentile = |fraction: f64| {
+        latencies
+            .get(
+                ((latencies.len() as f64 * fraction) as usize)
+                    .min(latencies.len().saturating_sub(1)),
+            )
+            .map(|latency| latency.as_secs_f64() * 1000.0)
+            .unwrap_or(0.0)
+    };
+
+    // Heartbeat load.
+    let heartbeats = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(options.heartbeat_seconds);
+    let heartbeat_started = Instant::now();
+    let mut tasks = Vec::new();
+    for sender in 0..options.clients {
+        let client = client.clone();
+        let base = base.clone();
+        let tokens = tokens.clone();
+        let host_ids = host_ids.clone();
+        let heartbeats = heartbeats.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut number = 0i64;
+            while Instant::now() < deadline {
+                number += 1;
+                let instance_id = &host_ids[(sender + number as usize) % host_ids.len()];
+                let response = client
+                    .post(format!("{base}/host/heartbeat"))
+                    .bearer_auth(tokens.derive(Purpose::HostAuth, instance_id))
+                    .json(&serde_json::json!({
+                        "instance_id": instance_id,
+                        "timestamp": chrono::Utc::now().to_rfc3339(),
+                        "heartbeat_number": number,
+                        "total_ram_kb": 32_000_000,
+                        "free_ram_kb": 16_000_000,
+                        "avail_ram_kb": 20_000_000,
+                        "is_dying": false,
+                    }))
+                    .send()
+                    .await;
+                if matches!(&response, Ok(response) if response.status().is_success()) {
+                    heartbeats.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    let heartbeat_rate =
+        heartbeats.load(Ordering::Relaxed) as f64 / heartbeat_started.elapsed().as_secs_f64();
+    drop(hosts);
+    drop(server);
+    database.close().await;
+
+    let pool = PgPoolOptions::new().max_connections(1).connect(url).await?;
+    pool.execute("CREATE TABLE IF NOT EXISTS pgbench_one_row (id bigserial PRIMARY KEY, payload text NOT NULL)")
+        .await?;
+    pool.close().await;
+    let pgbench =
+        crate::bench::pgbench_one_row_insert(url, options.clients, options.seconds.min(10))?;
+    let assign_rate = assigned.load(Ordering::Relaxed) as f64 / assign_elapsed;
+    println!(
+        "whist loadtest: {} clients, {} hosts x {} slots, {} s of assigns, {} s of heartbeats",
+        options.clients,
+        options.hosts,
+        options.capacity,
+        options.seconds,
+        options.heartbeat_seconds
+    );
+    println!("{:<34} {:>12}", "measure", "figure");
+    println!(
+        "{:<34} {:>10.0}/s",
+        "assigns (200, then disconnect)", assign_rate
+    );
+    println!("{:<34} {:>10.1} ms", "assign latency p50", percentile(0.50));
+    println!("{:<34} {:>10.1} ms", "assign latency p99", percentile(0.99));
+    println!(
+        "{:<34} {:>12}",
+        "refused (NO_INSTANCE_AVAILABLE)",
+        refused.load(Ordering::Relaxed)
+    );
+    println!(
+        "{:<34} {:>12}",
+        "failed (other answers)",
+        failed.load(Ordering::Relaxed)
+    );
+    println!("{:<34} {:>10.0}/s", "heartbeats ingested", heartbeat_rate);
+    println!(
+        "{:<34} {:>10.0}/s",
+        format!("pgbench one-row insert, {} clients", options.clients),
+        pgbench
+    );
+    println!(
+        "{:<34} {:>11.0}%",
+        "assigns / pgbench",
+        100.0 * assign_rate / pgbench.max(1e-9)
+    );
+    println!("(targets: assigns >= 50% of pgbench with p99 <= 50 ms; heartbeats >= 20000/s)");
+    Ok(())
+}
