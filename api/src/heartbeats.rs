@@ -114,22 +114,7 @@ impl HeartbeatBook {
                 "INSERT INTO host_heartbeats (instance_id, last_seen_ms, heartbeat_number, total_ram_kb, \
                  free_ram_kb, avail_ram_kb, is_dying) VALUES ",
             );
-            for index in 0..chunk.len() {
-                let base = index * 7;
-                if index > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                    base + 1,
-                    base + 2,
-                    base + 3,
-                    base + 4,
-                    base + 5,
-                    base + 6,
-                    base + 7
-                ));
-            }
+            sql.push_str(&whist_adapters::store::values_placeholders(chunk.len(), 7));
             sql.push_str(
                 " ON CONFLICT (instance_id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms, \
                  heartbeat_number = excluded.heartbeat_number, total_ram_kb = excluded.total_ram_kb, \

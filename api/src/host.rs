@@ -257,15 +257,9 @@ impl HostApi {
         body: Json<StatusBody>,
     ) -> PeerResponse {
         let services = &state.services;
-        let (mandelbox, _) = match services.mandelboxes.load(&mandelbox_id.0).await {
-            Ok(loaded) => loaded,
-            Err(error) => {
-                crate::error::log_failure("could not load a mandelbox", &error);
-                return PeerResponse::Unavailable(error_body("STORE_UNAVAILABLE"));
-            }
-        };
-        let Some(placement) = mandelbox.placement else {
-            return PeerResponse::NotFound(error_body("NOT_FOUND"));
+        let placement = match placed_mandelbox(&state, &mandelbox_id.0).await {
+            Ok(placement) => placement,
+            Err(response) => return response,
         };
         if !services
             .tokens
@@ -324,15 +318,9 @@ impl HostApi {
         mandelbox_id: Path<String>,
     ) -> PeerResponse {
         let services = &state.services;
-        let (mandelbox, _) = match services.mandelboxes.load(&mandelbox_id.0).await {
-            Ok(loaded) => loaded,
-            Err(error) => {
-                crate::error::log_failure("could not load a mandelbox", &error);
-                return PeerResponse::Unavailable(error_body("STORE_UNAVAILABLE"));
-            }
-        };
-        let Some(placement) = mandelbox.placement.clone() else {
-            return PeerResponse::NotFound(error_body("NOT_FOUND"));
+        let placement = match placed_mandelbox(&state, &mandelbox_id.0).await {
+            Ok(placement) => placement,
+            Err(response) => return response,
         };
         if !services
             .tokens
@@ -351,6 +339,22 @@ impl HostApi {
                 );
                 PeerResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
             }
+        }
+    }
+}
+
+/// Where a mandelbox was placed; 404 for an unknown one, 503 when the store fails.
+async fn placed_mandelbox(
+    state: &AppState,
+    mandelbox_id: &str,
+) -> Result<whist_domain::mandelbox::Placement, PeerResponse> {
+    match state.services.mandelboxes.load(mandelbox_id).await {
+        Ok((mandelbox, _)) => mandelbox
+            .placement
+            .ok_or_else(|| PeerResponse::NotFound(error_body("NOT_FOUND"))),
+        Err(error) => {
+            crate::error::log_failure("could not load a mandelbox", &error);
+            Err(PeerResponse::Unavailable(error_body("STORE_UNAVAILABLE")))
         }
     }
 }

@@ -70,23 +70,7 @@ impl Projection for AggregateIndex {
                 "INSERT INTO {table} (aggregate_type, aggregate_id, version, event_count, first_position, \
                  last_position, last_event_type, last_recorded_at) VALUES "
             );
-            for row in 0..chunk.len() {
-                let base = row * 8;
-                if row > 0 {
-                    sql.push(',');
-                }
-                sql.push_str(&format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                    base + 1,
-                    base + 2,
-                    base + 3,
-                    base + 4,
-                    base + 5,
-                    base + 6,
-                    base + 7,
-                    base + 8
-                ));
-            }
+            sql.push_str(&whist_adapters::store::values_placeholders(chunk.len(), 8));
             sql.push_str(&format!(
                 " ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET \
                  version = excluded.version, \

@@ -103,22 +103,7 @@ async fn write(pool: &PgPool, batch: Vec<Append>) {
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
          VALUES ",
     );
-    for index in 0..batch.len() {
-        let base = index * 7;
-        if index > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(&format!(
-            "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
-            base + 1,
-            base + 2,
-            base + 3,
-            base + 4,
-            base + 5,
-            base + 6,
-            base + 7
-        ));
-    }
+    sql.push_str(&super::values_placeholders(batch.len(), 7));
     sql.push_str(
         " ON CONFLICT (aggregate_type, aggregate_id, sequence) DO NOTHING \
          RETURNING aggregate_type, aggregate_id, sequence",

@@ -13,3 +13,36 @@ pub use aggregate_store::{AggregateStore, CommandError};
 pub use database::{redact_url, Backend, Database, DatabaseError};
 pub use log::{EventLog, LogSignal, LoggedEvent};
 pub use sequencer::{Sequencer, SequencerPass};
+
+/// `($1, $2), ($3, $4)` for `rows` rows of `columns` parameters: the VALUES list of a multi-row INSERT, written the
+/// same way for both backends.
+pub fn values_placeholders(rows: usize, columns: usize) -> String {
+    let mut sql = String::with_capacity(rows * columns * 5);
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for column in 0..columns {
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('$');
+            sql.push_str(&(row * columns + column + 1).to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn placeholders_number_every_parameter_once_row_by_row() {
+        assert_eq!(
+            super::values_placeholders(2, 3),
+            "($1, $2, $3), ($4, $5, $6)"
+        );
+        assert_eq!(super::values_placeholders(0, 3), "");
+    }
+}

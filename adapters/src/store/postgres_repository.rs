@@ -106,22 +106,7 @@ impl PersistedEventRepository for PostgresRepository {
             "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, \
              metadata) VALUES ",
         );
-        for index in 0..events.len() {
-            let base = index * 7;
-            if index > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!(
-                "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                base + 1,
-                base + 2,
-                base + 3,
-                base + 4,
-                base + 5,
-                base + 6,
-                base + 7
-            ));
-        }
+        sql.push_str(&super::values_placeholders(events.len(), 7));
         let mut query = sqlx::query(&sql);
         for event in events {
             let sequence = i64::try_from(event.sequence)
