@@ -79,8 +79,9 @@ impl AppendBatcher {
 }
 
 async fn flush(pool: &PgPool, batch: Vec<Append>) {
-    // Two appends of the same aggregate and sequence cannot share a statement (it could not tell which one won):
-    // the later ones go in a statement of their own, after, where they meet the conflict they would have met.
+    // Two appends of the same aggregate and sequence cannot share a statement (it could not tell which one won).
+    // Once the statement has run, a row with that key exists (this batch's or an earlier one), so every later
+    // append of the same key has lost: it is answered with a conflict without another round trip.
     let mut keys = HashSet::new();
     let (now, later): (Vec<Append>, Vec<Append>) = batch.into_iter().partition(|append| {
         keys.insert((
@@ -89,15 +90,20 @@ async fn flush(pool: &PgPool, batch: Vec<Append>) {
             append.event.sequence,
         ))
     });
-    write(pool, now).await;
+    let written = write(pool, now).await;
     for append in later {
-        write(pool, vec![append]).await;
+        let outcome = match &written {
+            Ok(()) => Err(PersistenceError::OptimisticLockError),
+            Err(message) => Err(PersistenceError::UnknownError(message.clone().into())),
+        };
+        let _ = append.reply.send(outcome);
     }
 }
 
-async fn write(pool: &PgPool, batch: Vec<Append>) {
+/// Writes one statement and answers every append in it; `Err` carries the failure the appends were given.
+async fn write(pool: &PgPool, batch: Vec<Append>) -> Result<(), String> {
     if batch.is_empty() {
-        return;
+        return Ok(());
     }
     let mut sql = String::from(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
@@ -146,6 +152,7 @@ async fn write(pool: &PgPool, batch: Vec<Append>) {
                 };
                 let _ = append.reply.send(outcome);
             }
+            Ok(())
         }
         Err(error) => {
             let message = error.to_string();
@@ -164,6 +171,7 @@ async fn write(pool: &PgPool, batch: Vec<Append>) {
                     PersistenceError::UnknownError(failure)
                 }));
             }
+            Err(message)
         }
     }
 }
