@@ -296,6 +296,14 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
     }
     let heartbeat_rate =
         heartbeats.load(Ordering::Relaxed) as f64 / heartbeat_started.elapsed().as_secs_f64();
+    // The server's own view: time spent inside assign, and command outcomes (conflicts show contention).
+    let server_metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await
+        .unwrap_or_default();
     drop(hosts);
     drop(server);
     database.close().await;
@@ -344,5 +352,14 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
         100.0 * assign_rate / pgbench.max(1e-9)
     );
     println!("(targets: assigns >= 50% of pgbench with p99 <= 50 ms; heartbeats >= 20000/s)");
+    println!("server metrics:");
+    for line in server_metrics.lines().filter(|line| {
+        line.starts_with("whist_commands_total")
+            || line.starts_with("whist_assign_seconds_sum")
+            || line.starts_with("whist_assign_seconds_count")
+            || line.starts_with("whist_jobs_total")
+    }) {
+        println!("  {line}");
+    }
     Ok(())
 }

@@ -156,14 +156,37 @@ pub async fn assign(
                 break;
             }
             let mut lost_to_conflicts = false;
-            for (instance_id, ip) in candidates {
+            // A host another request of this process is allocating on right now is passed over for the next
+            // fullest (concurrent assigns spread instead of queueing); if every candidate is busy, wait for the
+            // fullest.
+            let mut attempts = Vec::new();
+            for (instance_id, ip) in &candidates {
+                let lock = services.host_locks.of(instance_id);
+                if let Ok(guard) = lock.try_lock_owned() {
+                    attempts.push((instance_id.clone(), ip.clone(), guard));
+                    break;
+                }
+            }
+            if attempts.is_empty() {
+                let (instance_id, ip) = &candidates[0];
+                let guard = services.host_locks.of(instance_id).lock_owned().await;
+                attempts.push((instance_id.clone(), ip.clone(), guard));
+            }
+            let mut remaining = candidates.clone();
+            let (first_id, first_ip, first_guard) = attempts.remove(0);
+            remaining.retain(|(instance_id, _)| *instance_id != first_id);
+            let mut next = Some((first_id, first_ip, Some(first_guard)));
+            let mut rest = remaining.into_iter();
+            while let Some((instance_id, ip, guard)) = next.take() {
+                let guard = match guard {
+                    Some(guard) => guard,
+                    None => services.host_locks.of(&instance_id).lock_owned().await,
+                };
                 let allocate = InstanceCommand::AllocateMandelbox {
                     mandelbox_id: mandelbox_id.clone(),
                     user_id: request.user_id.clone(),
                     at: Utc::now(),
                 };
-                // One retry on a conflict, then the next candidate: concurrent assigns spread over the fullest
-                // hosts instead of queueing on one.
                 let outcome = match services
                     .instances
                     .execute(&instance_id, allocate.clone(), metadata)
@@ -177,6 +200,7 @@ pub async fn assign(
                     }
                     outcome => outcome,
                 };
+                drop(guard);
                 match outcome {
                     Ok(()) => {
                         placed = Some((instance_id, ip, region.clone()));
@@ -194,6 +218,7 @@ pub async fn assign(
                         return Err(failure(error));
                     }
                 }
+                next = rest.next().map(|(instance_id, ip)| (instance_id, ip, None));
             }
             if !lost_to_conflicts {
                 break;

@@ -377,6 +377,8 @@ pub async fn end_mandelbox(
         )
     })
     .await?;
+    let host_lock = services.host_locks.of(&placement.instance_id);
+    let host_guard = host_lock.lock().await;
     with_retries(|| {
         services.instances.execute(
             &placement.instance_id,
@@ -388,6 +390,7 @@ pub async fn end_mandelbox(
         )
     })
     .await?;
+    drop(host_guard);
     with_retries(|| {
         services.users.execute(
             &placement.user_id,

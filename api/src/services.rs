@@ -1,7 +1,7 @@
 //! What handlers act through: the aggregate stores, token services and in-memory books of one process.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use whist_adapters::auth::TokenVerifier;
@@ -28,6 +28,31 @@ pub struct Services {
     pub heartbeats: HeartbeatBook,
     pub user_rate: RateLimiter,
     pub ip_rate: RateLimiter,
+    pub host_locks: HostLocks,
+}
+
+/// One lock per host within this process: commands on one host's aggregate from this process queue here instead of
+/// colliding in the store (a collision costs a round trip, a catch-up read and a retry). Across processes the
+/// store's optimistic concurrency still decides.
+#[derive(Default)]
+pub struct HostLocks {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl HostLocks {
+    /// The lock of one host.
+    pub fn of(&self, instance_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let Ok(mut locks) = self.locks.lock() else {
+            return Arc::new(tokio::sync::Mutex::new(()));
+        };
+        if locks.len() > 50_000 {
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        }
+        locks
+            .entry(instance_id.to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+            .clone()
+    }
 }
 
 impl Services {
@@ -47,6 +72,7 @@ impl Services {
             heartbeats: HeartbeatBook::new(database.clone(), settings.heartbeat_timeout),
             user_rate: RateLimiter::new(settings.assign_rate_limit_per_minute),
             ip_rate: RateLimiter::new(settings.assign_rate_limit_per_ip_per_minute),
+            host_locks: HostLocks::default(),
         })
     }
 }
