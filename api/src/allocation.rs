@@ -1,20 +1,23 @@
 //! Assigning a mandelbox: the product's main path.
 //!
-//! Order of decisions, each one a command under optimistic concurrency:
+//! Decisions, each a command on one aggregate, all staged in one unit and recorded together or not at all (one
+//! append under optimistic concurrency on every aggregate involved):
 //! 1. the user reserves one of their `MANDELBOX_LIMIT_PER_USER` live mandelboxes (user aggregate);
 //! 2. a host with room takes the slot (instance aggregate); candidates come from the `instances` read model, fullest
-//!    first, and a stale read costs a conflict or a refusal and the next candidate, never a double allocation;
-//! 3. the mandelbox and the session are recorded.
+//!    first; a stale read costs a refusal and the next candidate, or a conflict and another attempt on fresh
+//!    state, never a double allocation;
+//! 3. the mandelbox and the session.
 //!
 //! Starting the mandelbox on its host is the reconciler's job, after these are recorded, never this request's.
 
 use chrono::Utc;
 use sqlx::Row;
+use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
 use whist_adapters::config::Environment;
-use whist_adapters::store::CommandError;
+use whist_adapters::store::{CommandError, Unit, UnitError};
 use whist_adapters::tokens::{fingerprint, Purpose};
-use whist_domain::images::CATALOG_ID;
+use whist_domain::images::{ImageCatalog, CATALOG_ID};
 use whist_domain::instance::{InstanceCommand, InstanceError};
 use whist_domain::mandelbox::{MandelboxCommand, Placement};
 use whist_domain::session::{session_aggregate_id, SessionCommand};
@@ -26,8 +29,8 @@ use crate::state::AppState;
 /// The hash the desktop app sends in `local` and `dev` to mean "whatever the region runs".
 pub const LOCAL_DEV_HASH: &str = "local_dev";
 
-/// How often one command is retried after a conflict before giving up on that aggregate.
-const CONFLICT_RETRIES: usize = 5;
+/// Attempts of one assign that lose to concurrent writers before the request fails.
+const UNIT_ATTEMPTS: usize = 8;
 
 /// Candidates read per region per attempt.
 const CANDIDATES: i64 = 16;
@@ -83,7 +86,7 @@ fn failure<E: std::error::Error + 'static>(error: CommandError<E>) -> AssignFail
 /// Assigns a mandelbox, or says why not.
 ///
 /// # Errors
-/// The store failed part-way; whatever was recorded is ended by the sweeps.
+/// The store failed; nothing was recorded.
 pub async fn assign(
     state: &AppState,
     request: &AssignRequest,
@@ -98,26 +101,55 @@ pub async fn assign(
     if regions.is_empty() {
         return Ok(Err(Refusal::RegionNotEnabled));
     }
-    let services = &state.services;
-    let (catalog, _) = services.catalog.load(CATALOG_ID).await.map_err(failure)?;
-
     let mandelbox_id = Uuid::new_v4().to_string();
+    let mut catalog = None;
+    for _ in 0..UNIT_ATTEMPTS {
+        if let Some(outcome) = attempt(
+            state,
+            request,
+            metadata,
+            &regions,
+            &mandelbox_id,
+            &mut catalog,
+        )
+        .await?
+        {
+            return Ok(outcome);
+        }
+        metrics::counter!("whist_assign_conflicts_total").increment(1);
+    }
+    Err(AssignFailure(format!(
+        "{UNIT_ATTEMPTS} attempts in a row lost to concurrent writers"
+    )))
+}
+
+/// One attempt: every decision staged in one unit and recorded at once. `None` when another writer got to one of
+/// the aggregates first (nothing was recorded; the stores read what they missed before the next attempt).
+async fn attempt(
+    state: &AppState,
+    request: &AssignRequest,
+    metadata: &EventMetadata,
+    regions: &[&String],
+    mandelbox_id: &str,
+    catalog: &mut Option<ImageCatalog>,
+) -> Result<Option<Result<Assigned, Refusal>>, AssignFailure> {
+    let services = &state.services;
+    let mut unit = Unit::new(metadata);
+
     // 1. The user's own limit.
     let reserve = UserCommand::ReserveMandelbox {
-        mandelbox_id: mandelbox_id.clone(),
-        limit: settings.mandelbox_limit_per_user,
+        mandelbox_id: mandelbox_id.to_string(),
+        limit: state.settings.mandelbox_limit_per_user,
         at: Utc::now(),
     };
-    match retry_conflicts(|| {
-        services
-            .users
-            .execute(&request.user_id, reserve.clone(), metadata)
-    })
-    .await
+    match services
+        .users
+        .stage(&mut unit, &request.user_id, vec![reserve])
+        .await
     {
         Ok(()) => {}
         Err(CommandError::Rejected(UserError::LimitReached)) => {
-            return Ok(Err(Refusal::UserAlreadyActive))
+            return Ok(Some(Err(Refusal::UserAlreadyActive)))
         }
         Err(error) => return Err(failure(error)),
     }
@@ -127,143 +159,172 @@ pub async fn assign(
     let mut placed = None;
     'regions: for region in regions {
         let wanted_hash = if request.client_commit_hash == LOCAL_DEV_HASH
-            && matches!(settings.environment, Environment::Local | Environment::Dev)
-        {
-            match catalog.active_in(region) {
+            && matches!(
+                state.settings.environment,
+                Environment::Local | Environment::Dev
+            ) {
+            match current_catalog(state, catalog).await?.active_in(region) {
                 Some(image) => image.client_commit_hash.clone(),
                 None => continue,
             }
         } else {
             request.client_commit_hash.clone()
         };
-        if catalog
-            .active_in(region)
-            .is_some_and(|image| image.client_commit_hash == wanted_hash)
-        {
-            any_matching_image = true;
-        }
         // Candidates come from the read model, which may be a little behind: a host it shows with room may be
-        // full (refused), or taken by a concurrent assign (conflict). After a round lost to conflicts only, the
-        // candidates are read again.
-        for _round in 0..3 {
-            let candidates = candidates(state, region, &wanted_hash).await?;
-            if !candidates.is_empty()
-                || (!any_matching_image && runs_image(state, region, &wanted_hash).await?)
+        // full (refused on the host's own state, read fresh), or taken by a concurrent assign (the unit conflicts).
+        let candidates = candidates(state, region, &wanted_hash).await?;
+        if candidates.is_empty() {
+            // Refused here: the answer says whether the region runs this release at all.
+            if !any_matching_image {
+                any_matching_image = runs_image(state, region, &wanted_hash).await?
+                    || current_catalog(state, catalog)
+                        .await?
+                        .active_in(region)
+                        .is_some_and(|image| image.client_commit_hash == wanted_hash);
+            }
+            continue;
+        }
+        any_matching_image = true;
+        for (instance_id, ip, guard) in lock_order(services, candidates) {
+            let guard = match guard {
+                Some(guard) => guard,
+                None => services.host_locks.of(&instance_id).lock_owned().await,
+            };
+            let allocate = InstanceCommand::AllocateMandelbox {
+                mandelbox_id: mandelbox_id.to_string(),
+                user_id: request.user_id.clone(),
+                at: Utc::now(),
+            };
+            match services
+                .instances
+                .stage(&mut unit, &instance_id, vec![allocate])
+                .await
             {
-                any_matching_image = true;
-            }
-            if candidates.is_empty() {
-                break;
-            }
-            let mut lost_to_conflicts = false;
-            // A host another request of this process is allocating on right now is passed over for the next
-            // fullest (concurrent assigns spread instead of queueing); if every candidate is busy, wait for the
-            // fullest.
-            let mut attempts = Vec::new();
-            for (instance_id, ip) in &candidates {
-                let lock = services.host_locks.of(instance_id);
-                if let Ok(guard) = lock.try_lock_owned() {
-                    attempts.push((instance_id.clone(), ip.clone(), guard));
-                    break;
+                Ok(()) => {
+                    placed = Some((instance_id, ip, region.to_string(), guard));
+                    break 'regions;
                 }
-            }
-            if attempts.is_empty() {
-                let (instance_id, ip) = &candidates[0];
-                let guard = services.host_locks.of(instance_id).lock_owned().await;
-                attempts.push((instance_id.clone(), ip.clone(), guard));
-            }
-            let mut remaining = candidates.clone();
-            let (first_id, first_ip, first_guard) = attempts.remove(0);
-            remaining.retain(|(instance_id, _)| *instance_id != first_id);
-            let mut next = Some((first_id, first_ip, Some(first_guard)));
-            let mut rest = remaining.into_iter();
-            while let Some((instance_id, ip, guard)) = next.take() {
-                let guard = match guard {
-                    Some(guard) => guard,
-                    None => services.host_locks.of(&instance_id).lock_owned().await,
-                };
-                let allocate = InstanceCommand::AllocateMandelbox {
-                    mandelbox_id: mandelbox_id.clone(),
-                    user_id: request.user_id.clone(),
-                    at: Utc::now(),
-                };
-                let outcome = match services
-                    .instances
-                    .execute(&instance_id, allocate.clone(), metadata)
-                    .await
-                {
-                    Err(CommandError::Conflict) => {
-                        services
-                            .instances
-                            .execute(&instance_id, allocate.clone(), metadata)
-                            .await
-                    }
-                    outcome => outcome,
-                };
-                drop(guard);
-                match outcome {
-                    Ok(()) => {
-                        placed = Some((instance_id, ip, region.clone()));
-                        break 'regions;
-                    }
-                    Err(CommandError::Conflict) => lost_to_conflicts = true,
-                    Err(CommandError::Rejected(
-                        InstanceError::AtCapacity | InstanceError::NotAcceptingMandelboxes,
-                    )) => {}
-                    Err(CommandError::Rejected(other)) => {
-                        tracing::warn!(instance_id, error = %other, "candidate refused the allocation");
-                    }
-                    Err(error) => {
-                        release_user(state, request, &mandelbox_id, metadata).await;
-                        return Err(failure(error));
-                    }
+                Err(CommandError::Rejected(
+                    InstanceError::AtCapacity | InstanceError::NotAcceptingMandelboxes,
+                )) => {}
+                Err(CommandError::Rejected(other)) => {
+                    tracing::warn!(instance_id, error = %other, "candidate refused the allocation");
                 }
-                next = rest.next().map(|(instance_id, ip)| (instance_id, ip, None));
-            }
-            if !lost_to_conflicts {
-                break;
+                Err(error) => return Err(failure(error)),
             }
         }
     }
-    let Some((instance_id, ip, region)) = placed else {
-        release_user(state, request, &mandelbox_id, metadata).await;
+    let Some((instance_id, ip, region, _host_guard)) = placed else {
         let refusal = if any_matching_image {
             Refusal::NoInstanceAvailable
         } else {
             Refusal::CommitHashMismatch
         };
         record_refused_session(state, request, refusal, metadata).await;
-        return Ok(Err(refusal));
+        return Ok(Some(Err(refusal)));
     };
 
-    // 3. The mandelbox and its session.
-    let secret = services.tokens.derive(Purpose::Protocol, &mandelbox_id);
+    // 3. The mandelbox and its session, recorded with the reservations above.
+    let secret = services.tokens.derive(Purpose::Protocol, mandelbox_id);
+    let allocate = MandelboxCommand::Allocate {
+        placement: Placement {
+            instance_id,
+            user_id: request.user_id.clone(),
+            session_id: request.session_id,
+            region: region.clone(),
+            ip: ip.clone(),
+            app_name: request.app_name.clone(),
+        },
+        protocol_secret_hash: fingerprint(&secret),
+        at: Utc::now(),
+    };
     services
         .mandelboxes
-        .execute(
-            &mandelbox_id,
-            MandelboxCommand::Allocate {
-                placement: Placement {
-                    instance_id,
-                    user_id: request.user_id.clone(),
-                    session_id: request.session_id,
-                    region: region.clone(),
-                    ip: ip.clone(),
-                    app_name: request.app_name.clone(),
-                },
-                protocol_secret_hash: fingerprint(&secret),
-                at: Utc::now(),
-            },
-            metadata,
-        )
+        .stage(&mut unit, mandelbox_id, vec![allocate])
         .await
         .map_err(failure)?;
-    record_assigned_session(state, request, &mandelbox_id, metadata).await;
-    Ok(Ok(Assigned {
-        mandelbox_id,
-        ip,
-        region,
-    }))
+    let session = session_aggregate_id(&request.user_id, request.session_id);
+    let session_commands = vec![
+        session_request(request),
+        SessionCommand::Assign {
+            mandelbox_id: mandelbox_id.to_string(),
+            at: Utc::now(),
+        },
+    ];
+    match services
+        .sessions
+        .stage(&mut unit, &session, session_commands)
+        .await
+    {
+        Ok(()) => {}
+        // The mandelbox is placed either way; a session reused by the app keeps its first mandelbox.
+        Err(CommandError::Rejected(error)) => {
+            tracing::info!(session, error = %error, "session not updated for this assign");
+        }
+        Err(error) => return Err(failure(error)),
+    }
+    match unit.commit(&state.database).await {
+        Ok(()) => Ok(Some(Ok(Assigned {
+            mandelbox_id: mandelbox_id.to_string(),
+            ip,
+            region,
+        }))),
+        Err(UnitError::Conflict) => Ok(None),
+        Err(error) => {
+            crate::error::log_failure("assign failed", &error);
+            Err(AssignFailure(error.to_string()))
+        }
+    }
+}
+
+/// The candidates in the order to try them: first the fullest host no other request of this process is
+/// allocating on right now, with its lock already held (concurrent assigns spread instead of queueing), then the
+/// others in order, whose locks are taken when their turn comes.
+fn lock_order(
+    services: &crate::services::Services,
+    mut candidates: Vec<(String, String)>,
+) -> Vec<(String, String, Option<OwnedMutexGuard<()>>)> {
+    let free = candidates
+        .iter()
+        .enumerate()
+        .find_map(|(index, (instance_id, _))| {
+            services
+                .host_locks
+                .of(instance_id)
+                .try_lock_owned()
+                .ok()
+                .map(|guard| (index, guard))
+        });
+    let mut ordered = Vec::with_capacity(candidates.len());
+    if let Some((index, guard)) = free {
+        let (instance_id, ip) = candidates.remove(index);
+        ordered.push((instance_id, ip, Some(guard)));
+    }
+    ordered.extend(
+        candidates
+            .into_iter()
+            .map(|(instance_id, ip)| (instance_id, ip, None)),
+    );
+    ordered
+}
+
+/// The image catalog, read once per assign and only when needed, brought up to date first.
+async fn current_catalog<'a>(
+    state: &AppState,
+    catalog: &'a mut Option<ImageCatalog>,
+) -> Result<&'a ImageCatalog, AssignFailure> {
+    if catalog.is_none() {
+        let (loaded, _) = state
+            .services
+            .catalog
+            .load_current(CATALOG_ID)
+            .await
+            .map_err(failure)?;
+        *catalog = Some(loaded);
+    }
+    catalog
+        .as_ref()
+        .ok_or_else(|| AssignFailure("the image catalog could not be read".to_string()))
 }
 
 /// Hosts in `region` running `client_commit_hash` with a free slot, fullest first.
@@ -314,75 +375,7 @@ async fn runs_image(
     Ok(count > 0)
 }
 
-async fn retry_conflicts<F, Fut, E>(mut attempt: F) -> Result<(), CommandError<E>>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), CommandError<E>>>,
-    E: std::error::Error + 'static,
-{
-    let mut tries = 0;
-    loop {
-        match attempt().await {
-            Err(CommandError::Conflict) if tries < CONFLICT_RETRIES => tries += 1,
-            outcome => return outcome,
-        }
-    }
-}
-
-async fn release_user(
-    state: &AppState,
-    request: &AssignRequest,
-    mandelbox_id: &str,
-    metadata: &EventMetadata,
-) {
-    let release = UserCommand::ReleaseMandelbox {
-        mandelbox_id: mandelbox_id.to_string(),
-        at: Utc::now(),
-    };
-    if let Err(error) = retry_conflicts(|| {
-        state
-            .services
-            .users
-            .execute(&request.user_id, release.clone(), metadata)
-    })
-    .await
-    {
-        crate::error::log_failure("could not release the user's reservation", &error);
-    }
-}
-
-async fn record_assigned_session(
-    state: &AppState,
-    request: &AssignRequest,
-    mandelbox_id: &str,
-    metadata: &EventMetadata,
-) {
-    let id = session_aggregate_id(&request.user_id, request.session_id);
-    let sessions = &state.services.sessions;
-    let requested = sessions
-        .execute(&id, session_request(request), metadata)
-        .await;
-    let assigned = match requested {
-        Ok(()) => {
-            sessions
-                .execute(
-                    &id,
-                    SessionCommand::Assign {
-                        mandelbox_id: mandelbox_id.to_string(),
-                        at: Utc::now(),
-                    },
-                    metadata,
-                )
-                .await
-        }
-        Err(error) => Err(error),
-    };
-    if let Err(error) = assigned {
-        // The mandelbox is placed either way; a session reused by the app keeps its first mandelbox.
-        tracing::info!(session = id, error = %error, "session not updated for this assign");
-    }
-}
-
+/// The refused request is recorded on its session, for the record; a failure to do so changes nothing else.
 async fn record_refused_session(
     state: &AppState,
     request: &AssignRequest,
@@ -390,27 +383,28 @@ async fn record_refused_session(
     metadata: &EventMetadata,
 ) {
     let id = session_aggregate_id(&request.user_id, request.session_id);
-    let sessions = &state.services.sessions;
-    let outcome = match sessions
-        .execute(&id, session_request(request), metadata)
+    let mut unit = Unit::new(metadata);
+    let commands = vec![
+        session_request(request),
+        SessionCommand::Refuse {
+            code: refusal.code().to_string(),
+            at: Utc::now(),
+        },
+    ];
+    let outcome = match state
+        .services
+        .sessions
+        .stage(&mut unit, &id, commands)
         .await
     {
-        Ok(()) => {
-            sessions
-                .execute(
-                    &id,
-                    SessionCommand::Refuse {
-                        code: refusal.code().to_string(),
-                        at: Utc::now(),
-                    },
-                    metadata,
-                )
-                .await
-        }
-        Err(error) => Err(error),
+        Ok(()) => unit
+            .commit(&state.database)
+            .await
+            .map_err(|error| error.to_string()),
+        Err(error) => Err(error.to_string()),
     };
     if let Err(error) = outcome {
-        tracing::info!(session = id, error = %error, "session not updated for this refusal");
+        tracing::info!(session = id, error, "session not updated for this refusal");
     }
 }
 

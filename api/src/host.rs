@@ -5,7 +5,7 @@ use poem::web::Data;
 use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
-use whist_adapters::store::CommandError;
+use whist_adapters::store::{CommandError, Unit, UnitError};
 use whist_adapters::tokens::{fingerprint, Purpose};
 use whist_domain::instance::{
     DrainReason, InstanceCommand, InstanceError, InstanceStatus, LaunchSpec,
@@ -359,72 +359,80 @@ async fn placed_mandelbox(
     }
 }
 
-/// Ends a mandelbox everywhere it counts: itself, its host's slot, its user's limit, its session. Every step is
-/// idempotent, so a retry after a failure part-way finishes the job.
+/// Ends a mandelbox everywhere it counts: itself, its host's slot, its user's limit, its session, all recorded
+/// together or not at all. Every step is idempotent, so a retry finishes the job and a repeat records nothing.
 pub async fn end_mandelbox(
     state: &AppState,
     mandelbox_id: &str,
     placement: &whist_domain::mandelbox::Placement,
     metadata: &EventMetadata,
 ) -> Result<(), String> {
+    const ATTEMPTS: usize = 10;
     let services = &state.services;
     let now = Utc::now();
-    with_retries(|| {
-        services.mandelboxes.execute(
-            mandelbox_id,
-            MandelboxCommand::Disconnect { at: now },
-            metadata,
-        )
-    })
-    .await?;
-    let host_lock = services.host_locks.of(&placement.instance_id);
-    let host_guard = host_lock.lock().await;
-    with_retries(|| {
-        services.instances.execute(
-            &placement.instance_id,
-            InstanceCommand::FreeMandelbox {
-                mandelbox_id: mandelbox_id.to_string(),
-                at: now,
-            },
-            metadata,
-        )
-    })
-    .await?;
-    drop(host_guard);
-    with_retries(|| {
-        services.users.execute(
-            &placement.user_id,
-            UserCommand::ReleaseMandelbox {
-                mandelbox_id: mandelbox_id.to_string(),
-                at: now,
-            },
-            metadata,
-        )
-    })
-    .await?;
     let session = session_aggregate_id(&placement.user_id, placement.session_id);
-    if let Err(error) = services
-        .sessions
-        .execute(&session, SessionCommand::End { at: now }, metadata)
-        .await
-    {
-        tracing::info!(session, error = %error, "session not ended");
-    }
-    Ok(())
-}
-
-async fn with_retries<F, Fut, E>(mut attempt: F) -> Result<(), String>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), CommandError<E>>>,
-    E: std::error::Error + 'static,
-{
-    for _ in 0..10 {
-        match attempt().await {
+    for _ in 0..ATTEMPTS {
+        let mut unit = Unit::new(metadata);
+        services
+            .mandelboxes
+            .stage(
+                &mut unit,
+                mandelbox_id,
+                vec![MandelboxCommand::Disconnect { at: now }],
+            )
+            .await
+            .map_err(|error| error.to_string())?;
+        let _host_guard = services
+            .host_locks
+            .of(&placement.instance_id)
+            .lock_owned()
+            .await;
+        services
+            .instances
+            .stage(
+                &mut unit,
+                &placement.instance_id,
+                vec![InstanceCommand::FreeMandelbox {
+                    mandelbox_id: mandelbox_id.to_string(),
+                    at: now,
+                }],
+            )
+            .await
+            .map_err(|error| error.to_string())?;
+        services
+            .users
+            .stage(
+                &mut unit,
+                &placement.user_id,
+                vec![UserCommand::ReleaseMandelbox {
+                    mandelbox_id: mandelbox_id.to_string(),
+                    at: now,
+                }],
+            )
+            .await
+            .map_err(|error| error.to_string())?;
+        match services
+            .sessions
+            .stage(&mut unit, &session, vec![SessionCommand::End { at: now }])
+            .await
+        {
+            Ok(()) => {}
+            // A session that never was (or has ended) has nothing to record.
+            Err(CommandError::Rejected(error)) => {
+                tracing::debug!(session, error = %error, "session not ended");
+            }
+            Err(error) => return Err(error.to_string()),
+        }
+        if unit.is_empty() {
+            return Ok(());
+        }
+        match unit.commit(&state.database).await {
             Ok(()) => return Ok(()),
-            Err(CommandError::Conflict) => continue,
+            Err(UnitError::Conflict) => continue,
             Err(error) => return Err(error.to_string()),
         }
     }
-    Err("too many conflicts".to_string())
+    Err(format!(
+        "{ATTEMPTS} attempts in a row lost to concurrent writers"
+    ))
 }

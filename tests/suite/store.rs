@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use whist_adapters::store::{AggregateStore, Backend, CommandError, LoggedEvent, Sequencer};
+use whist_adapters::store::{
+    AggregateStore, Backend, CommandError, LoggedEvent, Sequencer, Unit, UnitError,
+};
 use whist_domain::probe::{Probe, ProbeCommand, ProbeError};
 use whist_domain::{Actor, EventMetadata};
 use whist_tests::{BackendKind, TestDatabase};
@@ -444,4 +446,145 @@ async fn a_polling_reader_sees_every_event_exactly_once_whatever_the_commit_orde
         inserted_out_of_order > 0,
         "the test must have produced commits out of insert order to prove anything"
     );
+}
+
+/// A unit that loses on one of its aggregates records nothing on any of them, and succeeds on fresh state.
+async fn a_unit_is_recorded_whole_or_not_at_all(kind: BackendKind) {
+    let test_database = TestDatabase::new(kind).await;
+    let database = test_database.open().await;
+    // Two stores with their own memories, like two processes.
+    let first = AggregateStore::<Probe>::new(&database, ());
+    let second = AggregateStore::<Probe>::new(&database, ());
+    let increment = |by| ProbeCommand::Increment { by };
+    first
+        .execute("x", increment(1), &metadata())
+        .await
+        .expect("x");
+    first
+        .execute("y", increment(1), &metadata())
+        .await
+        .expect("y");
+    // `second` remembers x at version 1, then `first` moves x on.
+    let mut warm = Unit::new(&metadata());
+    second
+        .stage(&mut warm, "x", vec![increment(1)])
+        .await
+        .expect("stages");
+    drop(warm);
+    first
+        .execute("x", increment(1), &metadata())
+        .await
+        .expect("x");
+
+    let mut unit = Unit::new(&metadata());
+    second
+        .stage(&mut unit, "y", vec![increment(10), increment(10)])
+        .await
+        .expect("stages y");
+    second
+        .stage(&mut unit, "x", vec![increment(100)])
+        .await
+        .expect("stages x on a stale copy");
+    assert_eq!(unit.len(), 3);
+    assert!(matches!(
+        unit.commit(&database).await,
+        Err(UnitError::Conflict)
+    ));
+    let (y, y_version) = first.load("y").await.expect("y loads");
+    assert_eq!(
+        (y.total, y_version),
+        (1, 1),
+        "y's events went with x's conflict"
+    );
+
+    let mut retry = Unit::new(&metadata());
+    second
+        .stage(&mut retry, "y", vec![increment(10)])
+        .await
+        .expect("stages y");
+    second
+        .stage(&mut retry, "x", vec![increment(100)])
+        .await
+        .expect("stages x after catching up");
+    retry
+        .commit(&database)
+        .await
+        .expect("commits on fresh state");
+    let (x, x_version) = first.load("x").await.expect("x loads");
+    let (y, _) = first.load("y").await.expect("y loads");
+    assert_eq!((x.total, x_version, y.total), (102, 3, 11));
+    sequence_everything(&database).await;
+    let logged = whole_log(&database).await;
+    assert_eq!(logged.len(), 5, "only recorded events reach the log");
+}
+
+#[tokio::test]
+async fn a_unit_is_recorded_whole_or_not_at_all_on_postgres() {
+    a_unit_is_recorded_whole_or_not_at_all(BackendKind::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_unit_is_recorded_whole_or_not_at_all_on_sqlite() {
+    a_unit_is_recorded_whole_or_not_at_all(BackendKind::Sqlite).await;
+}
+
+/// Concurrent transfers between two aggregates, from two stores sharing batches: every unit either moves its
+/// amount out of one and into the other, or moves nothing; the sum never changes.
+async fn concurrent_units_conserve_what_they_move(kind: BackendKind) {
+    let test_database = TestDatabase::new(kind).await;
+    let database = test_database.open().await;
+    let stores = [
+        Arc::new(AggregateStore::<Probe>::new(&database, ())),
+        Arc::new(AggregateStore::<Probe>::new(&database, ())),
+    ];
+    stores[0]
+        .execute("source", ProbeCommand::Increment { by: 1_000 }, &metadata())
+        .await
+        .expect("source");
+    let mut tasks = Vec::new();
+    for task in 0..32 {
+        let store = stores[task % 2].clone();
+        let database = database.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut moved = 0u64;
+            for _ in 0..10 {
+                let mut unit = Unit::new(&metadata());
+                store
+                    .stage(&mut unit, "source", vec![ProbeCommand::Decrement { by: 1 }])
+                    .await
+                    .expect("stages the withdrawal");
+                store
+                    .stage(&mut unit, "sink", vec![ProbeCommand::Increment { by: 1 }])
+                    .await
+                    .expect("stages the deposit");
+                match unit.commit(&database).await {
+                    Ok(()) => moved += 1,
+                    Err(UnitError::Conflict) => {}
+                    Err(other) => panic!("unexpected outcome {other:?}"),
+                }
+            }
+            moved
+        }));
+    }
+    let mut moved = 0;
+    for task in tasks {
+        moved += task.await.expect("the task ran");
+    }
+    assert!(moved >= 1);
+    let (source, source_version) = stores[0].load("source").await.expect("source loads");
+    let (sink, sink_version) = stores[0].load("sink").await.expect("sink loads");
+    assert_eq!(source.total + sink.total, 1_000, "nothing created or lost");
+    assert_eq!(sink.total, moved, "every recorded unit moved one");
+    assert_eq!(source_version as u64, 1 + moved);
+    assert_eq!(sink_version as u64, moved);
+}
+
+#[tokio::test]
+async fn concurrent_units_conserve_what_they_move_on_postgres() {
+    concurrent_units_conserve_what_they_move(BackendKind::Postgres).await;
+}
+
+#[tokio::test]
+async fn concurrent_units_conserve_what_they_move_on_sqlite() {
+    concurrent_units_conserve_what_they_move(BackendKind::Sqlite).await;
 }

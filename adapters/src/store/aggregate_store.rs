@@ -1,6 +1,10 @@
 //! Executing commands against aggregates, whichever backend stores them.
 
-use cqrs_es::{Aggregate, AggregateError, CqrsFramework};
+use std::collections::{HashMap, HashSet};
+
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::persist::{PersistenceError, SerializedEvent};
+use cqrs_es::{Aggregate, AggregateError, CqrsFramework, EventEnvelope, EventStore};
 use sqlite_es::SqliteEventRepository;
 use whist_domain::EventMetadata;
 
@@ -59,6 +63,7 @@ impl<E: std::error::Error + 'static> From<AggregateError<E>> for CommandError<E>
 /// store remembers aggregates between commands; a stale copy costs a conflict, never a wrong decision.
 pub struct AggregateStore<A: Aggregate + Clone> {
     frameworks: Frameworks<A>,
+    services: A::Services,
     signal: LogSignal,
 }
 
@@ -72,12 +77,12 @@ where
         let frameworks = match database.backend() {
             Backend::Postgres(pool) => {
                 let store = CachedEventStore::new(
-                    PostgresRepository::new(pool.clone()),
-                    PostgresRepository::new(pool.clone()),
+                    PostgresRepository::new(pool.clone(), database.clone()),
+                    PostgresRepository::new(pool.clone(), database.clone()),
                     REMEMBERED_AGGREGATES,
                 );
                 Frameworks::Postgres {
-                    framework: CqrsFramework::new(store.clone(), vec![], services),
+                    framework: CqrsFramework::new(store.clone(), vec![], services.clone()),
                     store,
                 }
             }
@@ -88,13 +93,14 @@ where
                     REMEMBERED_AGGREGATES,
                 );
                 Frameworks::Sqlite {
-                    framework: CqrsFramework::new(store.clone(), vec![], services),
+                    framework: CqrsFramework::new(store.clone(), vec![], services.clone()),
                     store,
                 }
             }
         };
         Self {
             frameworks,
+            services,
             signal: database.signal().clone(),
         }
     }
@@ -161,6 +167,113 @@ where
         outcome.map_err(CommandError::from)
     }
 
+    /// Lets the aggregate decide `commands`, one after the other, and stages the events in `unit`, to be recorded
+    /// with the rest of the unit or not at all (`Unit::commit`). Nothing is written here.
+    ///
+    /// # Errors
+    /// `Rejected` when a rule refuses a command (on fresh state: a refusal on a remembered copy is retried after
+    /// reading what the copy missed), `Store` when the database failed or the aggregate is already in the unit.
+    pub async fn stage(
+        &self,
+        unit: &mut Unit,
+        aggregate_id: &str,
+        commands: Vec<A::Command>,
+    ) -> Result<(), CommandError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        match self.stage_once(unit, aggregate_id, commands.clone()).await {
+            Err(CommandError::Rejected(_)) => {
+                self.mark_stale(aggregate_id);
+                self.stage_once(unit, aggregate_id, commands).await
+            }
+            outcome => outcome,
+        }
+    }
+
+    async fn stage_once(
+        &self,
+        unit: &mut Unit,
+        aggregate_id: &str,
+        commands: Vec<A::Command>,
+    ) -> Result<(), CommandError<A::Error>> {
+        if unit
+            .staged
+            .contains(&(A::TYPE.to_string(), aggregate_id.to_string()))
+        {
+            return Err(CommandError::Store(
+                format!("{} {aggregate_id} is staged twice in one unit", A::TYPE).into(),
+            ));
+        }
+        let context = match &self.frameworks {
+            Frameworks::Postgres { store, .. } => store.load_aggregate(aggregate_id).await?,
+            Frameworks::Sqlite { store, .. } => store.load_aggregate(aggregate_id).await?,
+        };
+        let version = context.current_sequence;
+        let mut aggregate = context.aggregate;
+        let mut events = Vec::new();
+        for command in commands {
+            let sink = EventSink::<A>::default();
+            aggregate
+                .handle(command, &self.services, &sink)
+                .await
+                .map_err(CommandError::Rejected)?;
+            events.extend(sink.collect().await);
+        }
+        let after = version + events.len();
+        for (payload, sequence) in events.into_iter().zip(version + 1..) {
+            let envelope = EventEnvelope::<A> {
+                aggregate_id: aggregate_id.to_string(),
+                sequence,
+                payload,
+                metadata: unit.metadata.clone(),
+            };
+            let serialized = SerializedEvent::try_from(&envelope)
+                .map_err(|error| CommandError::Store(Box::new(error)))?;
+            unit.events.push(serialized);
+        }
+        unit.staged
+            .insert((A::TYPE.to_string(), aggregate_id.to_string()));
+        let id = aggregate_id.to_string();
+        let settle: Box<dyn FnOnce(Settled) + Send> = match &self.frameworks {
+            Frameworks::Postgres { store, .. } => {
+                let store = store.clone();
+                Box::new(move |settled| match settled {
+                    Settled::Committed => store.remember(&id, aggregate, after),
+                    Settled::Conflicted => store.mark_stale(&id),
+                    Settled::Failed => store.forget(&id),
+                })
+            }
+            Frameworks::Sqlite { store, .. } => {
+                let store = store.clone();
+                Box::new(move |settled| match settled {
+                    Settled::Committed => store.remember(&id, aggregate, after),
+                    Settled::Conflicted => store.mark_stale(&id),
+                    Settled::Failed => store.forget(&id),
+                })
+            }
+        };
+        unit.settle.push(settle);
+        Ok(())
+    }
+
+    /// The aggregate as this process last knew it, brought up to date with the events it missed (one small read),
+    /// and its version.
+    ///
+    /// # Errors
+    /// The database failed or an event could not be read.
+    pub async fn load_current(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<(A, usize), CommandError<A::Error>> {
+        self.mark_stale(aggregate_id);
+        let context = match &self.frameworks {
+            Frameworks::Postgres { store, .. } => store.load_aggregate(aggregate_id).await?,
+            Frameworks::Sqlite { store, .. } => store.load_aggregate(aggregate_id).await?,
+        };
+        Ok((context.aggregate, context.current_sequence))
+    }
+
     /// Marks the remembered copy of one aggregate as behind, so that the next command first reads what it missed.
     pub fn mark_stale(&self, aggregate_id: &str) {
         match &self.frameworks {
@@ -194,5 +307,87 @@ where
                 Ok((context.aggregate, version))
             }
         }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Settled {
+    Committed,
+    Conflicted,
+    Failed,
+}
+
+/// Decisions of several aggregates (one command or more each), recorded together or not at all: either every
+/// event of the unit is stored, or none is. Built with `AggregateStore::stage`, recorded with `commit`.
+pub struct Unit {
+    metadata: HashMap<String, String>,
+    events: Vec<SerializedEvent>,
+    staged: HashSet<(String, String)>,
+    settle: Vec<Box<dyn FnOnce(Settled) + Send>>,
+}
+
+/// Why a unit was not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum UnitError {
+    /// Another writer appended to one of the unit's aggregates first; nothing was recorded. Staging again (on the
+    /// fresh state this reads) may succeed.
+    #[error("another command on one of the unit's aggregates committed first")]
+    Conflict,
+    /// The store failed; nothing was recorded.
+    #[error("the event store failed")]
+    Store(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+}
+
+impl Unit {
+    /// An empty unit whose events will all carry `metadata`.
+    pub fn new(metadata: &EventMetadata) -> Self {
+        Self {
+            metadata: metadata.to_map(),
+            events: Vec::new(),
+            staged: HashSet::new(),
+            settle: Vec::new(),
+        }
+    }
+
+    /// Events staged so far.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Records every staged event in one all-or-nothing append; afterwards the stores remember the new states
+    /// (or, after a conflict, read what they missed before their next decision).
+    ///
+    /// # Errors
+    /// `Conflict` when another writer appended to one of the aggregates first, `Store` when the database failed;
+    /// nothing was recorded either way.
+    pub async fn commit(self, database: &Database) -> Result<(), UnitError> {
+        let (outcome, settled) = match database.append_unit(self.events).await {
+            Ok(()) => (Ok(()), Settled::Committed),
+            Err(PersistenceError::OptimisticLockError) => {
+                (Err(UnitError::Conflict), Settled::Conflicted)
+            }
+            Err(
+                PersistenceError::ConnectionError(error)
+                | PersistenceError::DeserializationError(error)
+                | PersistenceError::UnknownError(error),
+            ) => (Err(UnitError::Store(error)), Settled::Failed),
+        };
+        let label = match settled {
+            Settled::Committed => "recorded",
+            Settled::Conflicted => "conflict",
+            Settled::Failed => "failed",
+        };
+        for settle in self.settle {
+            settle(settled);
+        }
+        metrics::counter!("whist_units_total", "outcome" => label).increment(1);
+        if outcome.is_ok() {
+            database.signal().appended();
+        }
+        outcome
     }
 }

@@ -1,40 +1,42 @@
-//! Group commit for single-event appends on Postgres.
+//! Group commit of whole commands on Postgres.
 //!
-//! Most commands append one event. Under load, many commands on different aggregates append at the same moment;
-//! writing each in its own transaction costs one commit (a WAL flush) per command. The batcher writes whatever
-//! appends are waiting as one `INSERT … ON CONFLICT DO NOTHING RETURNING`: one statement, one commit. A row the
-//! statement did not insert collided with an existing sequence number, and only its command gets a conflict —
-//! exactly what a separate insert would have told it. Nothing waits for a timer: a flusher takes everything queued
-//! while the previous statement ran, so a lone writer pays no extra latency.
+//! A unit is what one decision appends: one command's events, or the events of several commands on several
+//! aggregates that must be recorded together (an assign reserves the user's limit, the host's slot, the mandelbox
+//! and the session at once). Under load, many decisions append at the same moment; writing each in its own
+//! transaction costs one commit (a WAL flush) each. The batcher writes whatever units are waiting with one call of
+//! `whist_append_units` (migration 0004): one statement, one commit. A unit any of whose events collided with an
+//! existing sequence number keeps none of its events and gets a conflict, exactly what a transaction of its own
+//! would have told it. Nothing waits for a timer: a flusher takes everything queued while the previous statement
+//! ran, so a lone writer pays no extra latency.
 
 use std::collections::HashSet;
 
 use cqrs_es::persist::{PersistenceError, SerializedEvent};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
-/// How many appends one statement carries at most.
-const MAX_BATCH: usize = 256;
+/// How many events one statement carries at most (a unit is never split).
+const MAX_BATCH_EVENTS: usize = 1_024;
 /// Statements in flight at once.
 const FLUSHERS: usize = 4;
 
 type Reply = oneshot::Sender<Result<(), PersistenceError>>;
 
-struct Append {
-    event: SerializedEvent,
+struct Unit {
+    events: Vec<SerializedEvent>,
     reply: Reply,
 }
 
-/// Hands single-event appends to the flusher tasks.
+/// Hands units to the flusher tasks. Clones share the flushers.
 #[derive(Clone, Debug)]
 pub struct AppendBatcher {
-    queue: mpsc::Sender<Append>,
+    queue: mpsc::Sender<Unit>,
 }
 
 impl AppendBatcher {
     /// Starts the flushers on the current tokio runtime; they stop when every handle is dropped.
     pub fn start(pool: PgPool) -> Self {
-        let (queue, receiver) = mpsc::channel::<Append>(4 * MAX_BATCH);
+        let (queue, receiver) = mpsc::channel::<Unit>(4 * MAX_BATCH_EVENTS);
         let receiver = std::sync::Arc::new(tokio::sync::Mutex::new(receiver));
         for _ in 0..FLUSHERS {
             let pool = pool.clone();
@@ -46,10 +48,14 @@ impl AppendBatcher {
                         let Some(first) = receiver.recv().await else {
                             return;
                         };
+                        let mut events = first.events.len();
                         let mut batch = vec![first];
-                        while batch.len() < MAX_BATCH {
+                        while events < MAX_BATCH_EVENTS {
                             match receiver.try_recv() {
-                                Ok(append) => batch.push(append),
+                                Ok(unit) => {
+                                    events += unit.events.len();
+                                    batch.push(unit);
+                                }
                                 Err(_) => break,
                             }
                         }
@@ -62,14 +68,18 @@ impl AppendBatcher {
         Self { queue }
     }
 
-    /// Appends one event; `OptimisticLockError` when its sequence number is taken.
+    /// Appends `events` all together or not at all; `OptimisticLockError` when any of their sequence numbers is
+    /// taken (then none is stored).
     ///
     /// # Errors
     /// A conflict, or the database failed (then nothing was written).
-    pub async fn append(&self, event: SerializedEvent) -> Result<(), PersistenceError> {
+    pub async fn append(&self, events: Vec<SerializedEvent>) -> Result<(), PersistenceError> {
+        if events.is_empty() {
+            return Ok(());
+        }
         let (reply, answer) = oneshot::channel();
         self.queue
-            .send(Append { event, reply })
+            .send(Unit { events, reply })
             .await
             .map_err(|_| PersistenceError::UnknownError("the append batcher has stopped".into()))?;
         answer.await.map_err(|_| {
@@ -78,79 +88,92 @@ impl AppendBatcher {
     }
 }
 
-async fn flush(pool: &PgPool, batch: Vec<Append>) {
-    // Two appends of the same aggregate and sequence cannot share a statement (it could not tell which one won).
-    // Once the statement has run, a row with that key exists (this batch's or an earlier one), so every later
-    // append of the same key has lost: it is answered with a conflict without another round trip.
+type Key = (String, String, usize);
+
+fn key(event: &SerializedEvent) -> Key {
+    (
+        event.aggregate_type.clone(),
+        event.aggregate_id.clone(),
+        event.sequence,
+    )
+}
+
+async fn flush(pool: &PgPool, batch: Vec<Unit>) {
+    // Two events of the same aggregate and sequence cannot share a statement (it could not tell which one won).
+    // Once the statement has run, a row with that key exists (this batch's or an earlier one's), so every later
+    // unit wanting the same key has lost: it is answered with a conflict without another round trip (should the
+    // earlier unit have lost too, the conflict only costs the later one a retry on fresh state).
     let mut keys = HashSet::new();
-    let (now, later): (Vec<Append>, Vec<Append>) = batch.into_iter().partition(|append| {
-        keys.insert((
-            append.event.aggregate_type.clone(),
-            append.event.aggregate_id.clone(),
-            append.event.sequence,
-        ))
+    let (now, later): (Vec<Unit>, Vec<Unit>) = batch.into_iter().partition(|unit| {
+        let unit_keys: Vec<Key> = unit.events.iter().map(key).collect();
+        let unit_keys_distinct: HashSet<&Key> = unit_keys.iter().collect();
+        if unit_keys_distinct.len() != unit_keys.len()
+            || unit_keys.iter().any(|key| keys.contains(key))
+        {
+            return false;
+        }
+        keys.extend(unit_keys);
+        true
     });
     let written = write(pool, now).await;
-    for append in later {
+    for unit in later {
         let outcome = match &written {
             Ok(()) => Err(PersistenceError::OptimisticLockError),
             Err(message) => Err(PersistenceError::UnknownError(message.clone().into())),
         };
-        let _ = append.reply.send(outcome);
+        let _ = unit.reply.send(outcome);
     }
 }
 
-/// Writes one statement and answers every append in it; `Err` carries the failure the appends were given.
-async fn write(pool: &PgPool, batch: Vec<Append>) -> Result<(), String> {
+/// Writes one statement and answers every unit in it; `Err` carries the failure the units were given.
+async fn write(pool: &PgPool, batch: Vec<Unit>) -> Result<(), String> {
     if batch.is_empty() {
         return Ok(());
     }
-    let mut sql = String::from(
-        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-         VALUES ",
-    );
-    sql.push_str(&super::values_placeholders(batch.len(), 7));
-    sql.push_str(
-        " ON CONFLICT (aggregate_type, aggregate_id, sequence) DO NOTHING \
-         RETURNING aggregate_type, aggregate_id, sequence",
-    );
-    let mut query = sqlx::query(&sql);
-    for append in &batch {
-        let event = &append.event;
-        query = query
-            .bind(&event.aggregate_type)
-            .bind(&event.aggregate_id)
-            .bind(i64::try_from(event.sequence).unwrap_or(i64::MAX))
-            .bind(&event.event_type)
-            .bind(&event.event_version)
-            .bind(&event.payload)
-            .bind(&event.metadata);
+    let events: usize = batch.iter().map(|unit| unit.events.len()).sum();
+    let mut units = Vec::with_capacity(events);
+    let mut aggregate_types = Vec::with_capacity(events);
+    let mut aggregate_ids = Vec::with_capacity(events);
+    let mut sequences = Vec::with_capacity(events);
+    let mut event_types = Vec::with_capacity(events);
+    let mut event_versions = Vec::with_capacity(events);
+    let mut payloads = Vec::with_capacity(events);
+    let mut metadatas = Vec::with_capacity(events);
+    for (index, unit) in batch.iter().enumerate() {
+        for event in &unit.events {
+            units.push(i64::try_from(index).unwrap_or(i64::MAX));
+            aggregate_types.push(event.aggregate_type.as_str());
+            aggregate_ids.push(event.aggregate_id.as_str());
+            sequences.push(i64::try_from(event.sequence).unwrap_or(i64::MAX));
+            event_types.push(event.event_type.as_str());
+            event_versions.push(event.event_version.as_str());
+            payloads.push(event.payload.to_string());
+            metadatas.push(event.metadata.to_string());
+        }
     }
-    match query.fetch_all(pool).await {
-        Ok(rows) => {
-            let inserted: HashSet<(String, String, i64)> = rows
-                .iter()
-                .filter_map(|row| {
-                    Some((
-                        row.try_get("aggregate_type").ok()?,
-                        row.try_get("aggregate_id").ok()?,
-                        row.try_get("sequence").ok()?,
-                    ))
-                })
-                .collect();
-            metrics::histogram!("whist_append_batch_size").record(batch.len() as f64);
-            for append in batch {
-                let key = (
-                    append.event.aggregate_type,
-                    append.event.aggregate_id,
-                    i64::try_from(append.event.sequence).unwrap_or(i64::MAX),
-                );
-                let outcome = if inserted.contains(&key) {
-                    Ok(())
-                } else {
+    let outcome =
+        sqlx::query_scalar::<_, i64>("SELECT whist_append_units($1, $2, $3, $4, $5, $6, $7, $8)")
+            .bind(&units)
+            .bind(&aggregate_types)
+            .bind(&aggregate_ids)
+            .bind(&sequences)
+            .bind(&event_types)
+            .bind(&event_versions)
+            .bind(&payloads)
+            .bind(&metadatas)
+            .fetch_all(pool)
+            .await;
+    match outcome {
+        Ok(lost) => {
+            metrics::histogram!("whist_append_batch_units").record(batch.len() as f64);
+            let lost: HashSet<i64> = lost.into_iter().collect();
+            for (index, unit) in batch.into_iter().enumerate() {
+                let outcome = if lost.contains(&i64::try_from(index).unwrap_or(i64::MAX)) {
                     Err(PersistenceError::OptimisticLockError)
+                } else {
+                    Ok(())
                 };
-                let _ = append.reply.send(outcome);
+                let _ = unit.reply.send(outcome);
             }
             Ok(())
         }
@@ -163,9 +186,9 @@ async fn write(pool: &PgPool, batch: Vec<Append>) -> Result<(), String> {
                     | sqlx::Error::PoolTimedOut
                     | sqlx::Error::PoolClosed
             );
-            for append in batch {
+            for unit in batch {
                 let failure: Box<dyn std::error::Error + Send + Sync> = message.clone().into();
-                let _ = append.reply.send(Err(if connection {
+                let _ = unit.reply.send(Err(if connection {
                     PersistenceError::ConnectionError(failure)
                 } else {
                     PersistenceError::UnknownError(failure)

@@ -69,7 +69,8 @@ where
             .and_then(|cache| cache.get(aggregate_id).cloned())
     }
 
-    fn remember(&self, aggregate_id: &str, aggregate: A, version: usize) {
+    /// Remembers `aggregate` at `version`, as committed.
+    pub(crate) fn remember(&self, aggregate_id: &str, aggregate: A, version: usize) {
         if let Ok(mut cache) = self.shared.cache.lock() {
             if cache.len() >= self.shared.capacity && !cache.contains_key(aggregate_id) {
                 // Forget an arbitrary entry: the cache is an optimisation, any entry may go.

@@ -9,6 +9,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{AnyPool, PgPool, SqlitePool};
 
+use cqrs_es::persist::{PersistenceError, SerializedEvent};
+
+use super::append_batcher::AppendBatcher;
 use super::log::{EventLog, LogSignal};
 
 /// The concrete pool behind the event store.
@@ -45,6 +48,8 @@ pub enum DatabaseError {
 #[derive(Clone, Debug)]
 pub struct Database {
     backend: Backend,
+    /// Group commit of units on Postgres (`None` on SQLite, which writes one transaction at a time anyway).
+    batcher: Option<AppendBatcher>,
     any: AnyPool,
     signal: LogSignal,
     description: String,
@@ -90,6 +95,7 @@ impl Database {
             .await
             .map_err(connect_error)?;
         Ok(Self {
+            batcher: Some(AppendBatcher::start(pool.clone())),
             backend: Backend::Postgres(pool),
             any,
             signal: LogSignal::new(),
@@ -133,6 +139,7 @@ impl Database {
             .await
             .map_err(connect_error)?;
         Ok(Self {
+            batcher: None,
             backend: Backend::Sqlite(pool),
             any,
             signal: LogSignal::new(),
@@ -184,6 +191,22 @@ impl Database {
         EventLog::new(self.any.clone())
     }
 
+    /// Appends `events` (of one or several aggregates) all together or not at all.
+    ///
+    /// # Errors
+    /// `OptimisticLockError` when any event's sequence number is taken (then none is stored), else the database
+    /// failed and nothing was written.
+    pub async fn append_unit(&self, events: Vec<SerializedEvent>) -> Result<(), PersistenceError> {
+        match (&self.backend, &self.batcher) {
+            (Backend::Postgres(_), Some(batcher)) => batcher.append(events).await,
+            (Backend::Postgres(pool), None) => {
+                // Not reached: a Postgres database always has its batcher. Write directly all the same.
+                AppendBatcher::start(pool.clone()).append(events).await
+            }
+            (Backend::Sqlite(pool), _) => append_sqlite(pool, &events).await,
+        }
+    }
+
     /// Where the store lives, with any password removed (for logs).
     pub fn description(&self) -> &str {
         &self.description
@@ -197,6 +220,47 @@ impl Database {
         }
         self.any.close().await;
     }
+}
+
+/// One transaction: SQLite runs one writer at a time, so there is nothing to gather.
+async fn append_sqlite(
+    pool: &sqlx::SqlitePool,
+    events: &[SerializedEvent],
+) -> Result<(), PersistenceError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let classify = |error: sqlx::Error| match &error {
+        sqlx::Error::Database(database_error)
+            if database_error.code().as_deref() == Some("1555")
+                || database_error.code().as_deref() == Some("2067") =>
+        {
+            PersistenceError::OptimisticLockError
+        }
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
+            PersistenceError::ConnectionError(Box::new(error))
+        }
+        _ => PersistenceError::UnknownError(Box::new(error)),
+    };
+    let mut transaction = pool.begin().await.map_err(classify)?;
+    for event in events {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, \
+             metadata) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&event.aggregate_type)
+        .bind(&event.aggregate_id)
+        .bind(i64::try_from(event.sequence).unwrap_or(i64::MAX))
+        .bind(&event.event_type)
+        .bind(&event.event_version)
+        .bind(event.payload.to_string())
+        .bind(event.metadata.to_string())
+        .execute(&mut *transaction)
+        .await
+        .map_err(classify)?;
+    }
+    transaction.commit().await.map_err(classify)?;
+    Ok(())
 }
 
 /// Removes the password from a database URL so that it can be logged.

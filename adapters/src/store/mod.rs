@@ -9,7 +9,7 @@ mod log;
 mod postgres_repository;
 mod sequencer;
 
-pub use aggregate_store::{AggregateStore, CommandError};
+pub use aggregate_store::{AggregateStore, CommandError, Unit, UnitError};
 pub use database::{redact_url, Backend, Database, DatabaseError};
 pub use log::{EventLog, LogSignal, LoggedEvent};
 pub use sequencer::{Sequencer, SequencerPass};

@@ -1,8 +1,8 @@
 //! The Postgres event repository: postgres-es for reading, one statement for appending.
 //!
-//! postgres-es appends with three round trips (BEGIN, one INSERT per event, COMMIT). A single multi-row INSERT is
-//! atomic on its own, so this repository appends a command's events in one round trip, and a command's single event
-//! through the group commit of `append_batcher`; reads are postgres-es's own.
+//! postgres-es appends with three round trips (BEGIN, one INSERT per event, COMMIT). This repository hands a
+//! command's events to the database's group commit (`append_batcher`) as one all-or-nothing unit, so many commands
+//! share one statement and one commit; reads are postgres-es's own.
 //! Optimistic concurrency is unchanged: the primary key (aggregate_type, aggregate_id, sequence) refuses a second
 //! writer of the same sequence number.
 
@@ -14,41 +14,24 @@ use postgres_es::PostgresEventRepository;
 use serde_json::Value;
 use sqlx::PgPool;
 
-use super::append_batcher::AppendBatcher;
+use super::database::Database;
 
-/// Events of one command at most per statement (7 parameters each, far under Postgres's 65,535).
+/// Events of one command at most (a unit is never split across statements).
 const MAX_EVENTS_PER_COMMAND: usize = 1_000;
 
 /// See the module documentation.
 pub struct PostgresRepository {
     reads: PostgresEventRepository,
-    pool: PgPool,
-    batcher: AppendBatcher,
+    database: Database,
 }
 
 impl PostgresRepository {
-    /// A repository over `pool`; starts its append batcher on the current tokio runtime.
-    pub fn new(pool: PgPool) -> Self {
+    /// A repository reading through `pool` and appending through `database`'s group commit.
+    pub fn new(pool: PgPool, database: Database) -> Self {
         Self {
-            reads: PostgresEventRepository::new(pool.clone()),
-            batcher: AppendBatcher::start(pool.clone()),
-            pool,
+            reads: PostgresEventRepository::new(pool),
+            database,
         }
-    }
-}
-
-fn classify(error: sqlx::Error) -> PersistenceError {
-    match &error {
-        sqlx::Error::Database(database_error)
-            if database_error.code().as_deref() == Some("23505") =>
-        {
-            PersistenceError::OptimisticLockError
-        }
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed => PersistenceError::ConnectionError(Box::new(error)),
-        _ => PersistenceError::UnknownError(Box::new(error)),
     }
 }
 
@@ -88,11 +71,6 @@ impl PersistedEventRepository for PostgresRepository {
                     .into(),
             ));
         }
-        match events {
-            [] => return Ok(()),
-            [event] => return self.batcher.append(event.clone()).await,
-            _ => {}
-        }
         if events.len() > MAX_EVENTS_PER_COMMAND {
             return Err(PersistenceError::UnknownError(
                 format!(
@@ -102,26 +80,7 @@ impl PersistedEventRepository for PostgresRepository {
                 .into(),
             ));
         }
-        let mut sql = String::from(
-            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, \
-             metadata) VALUES ",
-        );
-        sql.push_str(&super::values_placeholders(events.len(), 7));
-        let mut query = sqlx::query(&sql);
-        for event in events {
-            let sequence = i64::try_from(event.sequence)
-                .map_err(|error| PersistenceError::UnknownError(Box::new(error)))?;
-            query = query
-                .bind(&event.aggregate_type)
-                .bind(&event.aggregate_id)
-                .bind(sequence)
-                .bind(&event.event_type)
-                .bind(&event.event_version)
-                .bind(&event.payload)
-                .bind(&event.metadata);
-        }
-        query.execute(&self.pool).await.map_err(classify)?;
-        Ok(())
+        self.database.append_unit(events.to_vec()).await
     }
 
     async fn stream_events<A: Aggregate>(
