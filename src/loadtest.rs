@@ -68,6 +68,28 @@ pub async fn run(options: LoadTestOptions) -> anyhow::Result<()> {
     outcome
 }
 
+/// Where the server's log goes: the file named by `WHIST_LOADTEST_SERVER_LOG`, else nowhere.
+fn server_log() -> anyhow::Result<std::process::Stdio> {
+    Ok(match std::env::var_os("WHIST_LOADTEST_SERVER_LOG") {
+        Some(path) => std::fs::File::create(&path)
+            .with_context(|| format!("Failed to create the server log {}", path.to_string_lossy()))?
+            .into(),
+        None => std::process::Stdio::null(),
+    })
+}
+
+/// The same file again, for the server's standard error.
+fn server_log_append() -> anyhow::Result<std::process::Stdio> {
+    Ok(match std::env::var_os("WHIST_LOADTEST_SERVER_LOG") {
+        Some(path) => std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("Failed to open the server log {}", path.to_string_lossy()))?
+            .into(),
+        None => std::process::Stdio::null(),
+    })
+}
+
 struct Server(std::process::Child);
 
 impl Drop for Server {
@@ -94,9 +116,9 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
             .env("ASSIGN_RATE_LIMIT_PER_MINUTE", "0")
             .env("ASSIGN_RATE_LIMIT_PER_IP_PER_MINUTE", "0")
             .env("MANDELBOX_LIMIT_PER_USER", "1000")
-            .env("RUST_LOG", "error")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .env("RUST_LOG", "warn")
+            .stdout(server_log()?)
+            .stderr(server_log_append()?)
             .spawn()
             .context("Failed to start whist serve")?,
     );
@@ -355,7 +377,13 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
     println!("server metrics:");
     for line in server_metrics.lines().filter(|line| {
         line.starts_with("whist_commands_total")
+            || line.starts_with("whist_units_total")
+            || line.starts_with("whist_assign_conflicts_total")
             || line.starts_with("whist_assign_seconds_sum")
+            || line.starts_with("whist_assign_phase_seconds_sum")
+            || line.starts_with("whist_assign_phase_seconds_count")
+            || (line.starts_with("whist_assign_phase_seconds") && line.contains("quantile=\"0.99\""))
+            || (line.starts_with("whist_assign_seconds") && line.contains("quantile=\"0.99\""))
             || line.starts_with("whist_assign_seconds_count")
             || line.starts_with("whist_jobs_total")
     }) {

@@ -10,6 +10,8 @@
 //!
 //! Starting the mandelbox on its host is the reconciler's job, after these are recorded, never this request's.
 
+use std::time::Instant;
+
 use chrono::Utc;
 use sqlx::Row;
 use tokio::sync::OwnedMutexGuard;
@@ -33,7 +35,7 @@ pub const LOCAL_DEV_HASH: &str = "local_dev";
 const UNIT_ATTEMPTS: usize = 8;
 
 /// Candidates read per region per attempt.
-const CANDIDATES: i64 = 16;
+const CANDIDATES: i64 = 64;
 
 /// What an assign request asks for.
 #[derive(Debug, Clone)]
@@ -135,6 +137,7 @@ async fn attempt(
 ) -> Result<Option<Result<Assigned, Refusal>>, AssignFailure> {
     let services = &state.services;
     let mut unit = Unit::new(metadata);
+    let user = Instant::now();
 
     // 1. The user's own limit.
     let reserve = UserCommand::ReserveMandelbox {
@@ -147,7 +150,7 @@ async fn attempt(
         .stage(&mut unit, &request.user_id, vec![reserve])
         .await
     {
-        Ok(()) => {}
+        Ok(()) => phase("user", user),
         Err(CommandError::Rejected(UserError::LimitReached)) => {
             return Ok(Some(Err(Refusal::UserAlreadyActive)))
         }
@@ -172,7 +175,9 @@ async fn attempt(
         };
         // Candidates come from the read model, which may be a little behind: a host it shows with room may be
         // full (refused on the host's own state, read fresh), or taken by a concurrent assign (the unit conflicts).
+        let read = Instant::now();
         let candidates = candidates(state, region, &wanted_hash).await?;
+        phase("candidates", read);
         if candidates.is_empty() {
             // Refused here: the answer says whether the region runs this release at all.
             if !any_matching_image {
@@ -188,7 +193,12 @@ async fn attempt(
         for (instance_id, ip, guard) in lock_order(services, candidates) {
             let guard = match guard {
                 Some(guard) => guard,
-                None => services.host_locks.of(&instance_id).lock_owned().await,
+                None => {
+                    let waited = Instant::now();
+                    let guard = services.host_locks.of(&instance_id).lock_owned().await;
+                    phase("host_lock", waited);
+                    guard
+                }
             };
             let allocate = InstanceCommand::AllocateMandelbox {
                 mandelbox_id: mandelbox_id.to_string(),
@@ -263,7 +273,10 @@ async fn attempt(
         }
         Err(error) => return Err(failure(error)),
     }
-    match unit.commit(&state.database).await {
+    let commit = Instant::now();
+    let committed = unit.commit(&state.database).await;
+    phase("commit", commit);
+    match committed {
         Ok(()) => Ok(Some(Ok(Assigned {
             mandelbox_id: mandelbox_id.to_string(),
             ip,
@@ -277,9 +290,15 @@ async fn attempt(
     }
 }
 
+/// Time spent in one phase of an assign (the load test prints these to show where latency goes).
+fn phase(name: &'static str, since: Instant) {
+    metrics::histogram!("whist_assign_phase_seconds", "phase" => name)
+        .record(since.elapsed().as_secs_f64());
+}
+
 /// The candidates in the order to try them: first the fullest host no other request of this process is
 /// allocating on right now, with its lock already held (concurrent assigns spread instead of queueing), then the
-/// others in order, whose locks are taken when their turn comes.
+/// others in order (from a random one when none is free), whose locks are taken when their turn comes.
 fn lock_order(
     services: &crate::services::Services,
     mut candidates: Vec<(String, String)>,
@@ -299,6 +318,10 @@ fn lock_order(
     if let Some((index, guard)) = free {
         let (instance_id, ip) = candidates.remove(index);
         ordered.push((instance_id, ip, Some(guard)));
+    } else if !candidates.is_empty() {
+        // Every candidate is busy: queue behind a random one rather than all behind the fullest.
+        let offset = usize::try_from(Uuid::new_v4().as_u128() % candidates.len() as u128).unwrap_or(0);
+        candidates.rotate_left(offset);
     }
     ordered.extend(
         candidates

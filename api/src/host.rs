@@ -382,23 +382,6 @@ pub async fn end_mandelbox(
             )
             .await
             .map_err(|error| error.to_string())?;
-        let _host_guard = services
-            .host_locks
-            .of(&placement.instance_id)
-            .lock_owned()
-            .await;
-        services
-            .instances
-            .stage(
-                &mut unit,
-                &placement.instance_id,
-                vec![InstanceCommand::FreeMandelbox {
-                    mandelbox_id: mandelbox_id.to_string(),
-                    at: now,
-                }],
-            )
-            .await
-            .map_err(|error| error.to_string())?;
         services
             .users
             .stage(
@@ -423,6 +406,25 @@ pub async fn end_mandelbox(
             }
             Err(error) => return Err(error.to_string()),
         }
+        // The host's lock in this process is held only from staging its slot to recording the unit, so that an
+        // assign of this process on the same host waits instead of conflicting.
+        let _host_guard = services
+            .host_locks
+            .of(&placement.instance_id)
+            .lock_owned()
+            .await;
+        services
+            .instances
+            .stage(
+                &mut unit,
+                &placement.instance_id,
+                vec![InstanceCommand::FreeMandelbox {
+                    mandelbox_id: mandelbox_id.to_string(),
+                    at: now,
+                }],
+            )
+            .await
+            .map_err(|error| error.to_string())?;
         if unit.is_empty() {
             return Ok(());
         }

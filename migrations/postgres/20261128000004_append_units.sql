@@ -5,8 +5,10 @@
 -- stored sequence number (another writer appended to that aggregate first), none of that unit's events stays.
 -- Many units share one call, one statement and one commit; the units that collided are returned.
 --
--- Rows are inserted in array order, so the identity (and with it the global position the sequencer hands out)
--- follows each aggregate's sequence. Callers must not put two events with the same key in one call.
+-- Rows are inserted in key order (aggregate type, id, sequence): every writer then waits for another's uncommitted
+-- row in one global order, so concurrent calls never deadlock; and the identity (with it the global position the
+-- sequencer hands out) follows each aggregate's sequence. Callers must not put two events with the same key in one
+-- call.
 CREATE FUNCTION whist_append_units(
     units bigint[],
     aggregate_types text[],
@@ -27,13 +29,12 @@ BEGIN
         SELECT *
         FROM unnest(units, aggregate_types, aggregate_ids, sequences, event_types, event_versions, payloads,
                     metadatas)
-             WITH ORDINALITY AS i(unit, aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
-                                  metadata, n)
+             AS i(unit, aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
     ), inserted AS (
         INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
         SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload::json, metadata::json
         FROM input
-        ORDER BY n
+        ORDER BY aggregate_type, aggregate_id, sequence
         ON CONFLICT (aggregate_type, aggregate_id, sequence) DO NOTHING
         RETURNING aggregate_type, aggregate_id, sequence, insert_id
     )
