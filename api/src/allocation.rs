@@ -320,7 +320,8 @@ fn lock_order(
         ordered.push((instance_id, ip, Some(guard)));
     } else if !candidates.is_empty() {
         // Every candidate is busy: queue behind a random one rather than all behind the fullest.
-        let offset = usize::try_from(Uuid::new_v4().as_u128() % candidates.len() as u128).unwrap_or(0);
+        let offset =
+            usize::try_from(Uuid::new_v4().as_u128() % candidates.len() as u128).unwrap_or(0);
         candidates.rotate_left(offset);
     }
     ordered.extend(
