@@ -83,6 +83,10 @@ pub struct StripeSettings {
     pub webhook_secret: Option<Secret>,
     pub price_id: Option<String>,
     pub api_base: String,
+    /// Days of trial Checkout offers a user who never subscribed (`STRIPE_TRIAL_DAYS`, 0 for none).
+    pub trial_days: u32,
+    /// Where Checkout and the billing portal send the user back to (`PAYMENT_RETURN_URL`).
+    pub return_url: String,
 }
 
 /// Every setting the webserver reads.
@@ -275,6 +279,18 @@ impl Settings {
             api_base: sources.parse(
                 "STRIPE_API_BASE",
                 "https://api.stripe.com".to_string(),
+                "an http:// or https:// URL",
+                parse_url,
+            )?,
+            trial_days: sources.parse(
+                "STRIPE_TRIAL_DAYS",
+                7u32,
+                "a whole number of days",
+                |value| value.parse().ok(),
+            )?,
+            return_url: sources.parse(
+                "PAYMENT_RETURN_URL",
+                "https://whist.com/".to_string(),
                 "an http:// or https:// URL",
                 parse_url,
             )?,

@@ -8,4 +8,5 @@ pub mod config;
 pub mod host_client;
 pub mod simulated_host;
 pub mod store;
+pub mod stripe;
 pub mod tokens;

@@ -127,10 +127,19 @@ impl DesktopApi {
                 error: "RATE_LIMITED".to_string(),
             }));
         }
-        if !crate::entitlement::is_entitled(&state, &principal).await {
-            return AssignResponse::PaymentRequired(Json(ErrorBody {
-                error: "That resource is only available to Whist subscribers".to_string(),
-            }));
+        match crate::entitlement::is_entitled(&state, &principal).await {
+            Ok(true) => {}
+            Ok(false) => {
+                metrics::counter!("whist_assigns_total", "outcome" => "payment_required")
+                    .increment(1);
+                return AssignResponse::PaymentRequired(Json(ErrorBody {
+                    error: "That resource is only available to Whist subscribers".to_string(),
+                }));
+            }
+            Err(error) => {
+                crate::error::log_failure("could not read the user's subscription", &error);
+                return AssignResponse::Unavailable(unavailable("STORE_UNAVAILABLE"));
+            }
         }
         let request = AssignRequest {
             user_id: principal.user_id.clone(),

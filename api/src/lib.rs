@@ -7,6 +7,7 @@
 pub mod allocation;
 pub mod autoscaler;
 pub mod background;
+pub mod billing;
 pub mod desktop;
 pub mod entitlement;
 pub mod error;

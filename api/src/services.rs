@@ -7,11 +7,13 @@ use std::time::{Duration, Instant};
 use whist_adapters::auth::TokenVerifier;
 use whist_adapters::config::Settings;
 use whist_adapters::store::{AggregateStore, Database};
+use whist_adapters::stripe::{StripeApi, StripeApiError};
 use whist_adapters::tokens::Tokens;
 use whist_domain::images::ImageCatalog;
 use whist_domain::instance::Instance;
 use whist_domain::mandelbox::Mandelbox;
 use whist_domain::session::Session;
+use whist_domain::subscription::{StripeCustomer, Subscription};
 use whist_domain::user::User;
 
 use crate::heartbeats::HeartbeatBook;
@@ -25,6 +27,10 @@ pub struct Services {
     pub sessions: AggregateStore<Session>,
     pub users: AggregateStore<User>,
     pub catalog: AggregateStore<ImageCatalog>,
+    pub subscriptions: AggregateStore<Subscription>,
+    pub stripe_customers: AggregateStore<StripeCustomer>,
+    /// The Stripe API; `None` when `STRIPE_SECRET` is not set.
+    pub stripe: Option<StripeApi>,
     pub heartbeats: HeartbeatBook,
     pub user_rate: RateLimiter,
     pub ip_rate: RateLimiter,
@@ -59,8 +65,8 @@ impl Services {
     /// Builds the services over `database`.
     ///
     /// # Errors
-    /// The server key could not be read or created.
-    pub async fn new(settings: &Settings, database: &Database) -> Result<Self, sqlx::Error> {
+    /// The server key could not be read or created, or the Stripe client could not be built.
+    pub async fn new(settings: &Settings, database: &Database) -> Result<Self, ServicesError> {
         Ok(Self {
             verifier: TokenVerifier::new(settings),
             tokens: Tokens::load(database).await?,
@@ -69,12 +75,24 @@ impl Services {
             sessions: AggregateStore::new(database, ()),
             users: AggregateStore::new(database, ()),
             catalog: AggregateStore::new(database, ()),
+            subscriptions: AggregateStore::new(database, ()),
+            stripe_customers: AggregateStore::new(database, ()),
+            stripe: StripeApi::from_settings(&settings.stripe)?,
             heartbeats: HeartbeatBook::new(database.clone(), settings.heartbeat_timeout),
             user_rate: RateLimiter::new(settings.assign_rate_limit_per_minute),
             ip_rate: RateLimiter::new(settings.assign_rate_limit_per_ip_per_minute),
             host_locks: HostLocks::default(),
         })
     }
+}
+
+/// Why the services could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ServicesError {
+    #[error("could not read or create the server key")]
+    Tokens(#[from] sqlx::Error),
+    #[error("could not build the Stripe client")]
+    Stripe(#[from] StripeApiError),
 }
 
 /// A fixed-window limit of requests per key per minute, in this process (0 turns it off).

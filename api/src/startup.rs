@@ -18,6 +18,7 @@ use whist_domain::images::{ImageCatalogCommand, CATALOG_ID};
 use whist_domain::{Actor, EventMetadata};
 
 use crate::background::Background;
+use crate::billing::BillingApi;
 use crate::desktop::DesktopApi;
 use crate::host::HostApi;
 use crate::middleware::RequestContext;
@@ -38,7 +39,7 @@ pub enum StartupError {
     #[error(transparent)]
     Database(#[from] DatabaseError),
     #[error("could not prepare the server's services")]
-    Services(#[from] sqlx::Error),
+    Services(#[from] crate::services::ServicesError),
     #[error("could not listen on port {port}")]
     Listen {
         port: u16,
@@ -201,9 +202,9 @@ async fn activate_simulated_images(settings: &Settings, services: &Services) {
     }
 }
 
-fn api_service() -> OpenApiService<(OpsApi, DesktopApi, HostApi), ()> {
+fn api_service() -> OpenApiService<(OpsApi, DesktopApi, HostApi, BillingApi), ()> {
     OpenApiService::new(
-        (OpsApi, DesktopApi, HostApi),
+        (OpsApi, DesktopApi, HostApi, BillingApi),
         "Whist webserver",
         env!("CARGO_PKG_VERSION"),
     )
@@ -216,6 +217,10 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
     let docs = api.swagger_ui();
     Route::new()
         .nest("/", api)
+        .at(
+            "/stripe/webhook",
+            poem::post(crate::billing::stripe_webhook),
+        )
         .at("/openapi.json", spec)
         .nest("/docs", docs)
         .with(RequestContext::new(state.clone()))

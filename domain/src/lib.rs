@@ -9,6 +9,7 @@ pub mod mandelbox;
 pub mod metadata;
 pub mod probe;
 pub mod session;
+pub mod subscription;
 pub mod user;
 
 pub use metadata::{Actor, EventMetadata};

@@ -118,6 +118,9 @@ impl TestDatabase {
         // hosts are started outside the webserver; a test that wants the server's own simulated fleet says so.
         settings.cloud = whist_adapters::config::CloudKind::Aws;
         settings.host_service_scheme = "http".to_string();
+        settings.stripe.webhook_secret = Some(whist_adapters::config::Secret::new(
+            STRIPE_WEBHOOK_SECRET.to_string(),
+        ));
         settings
     }
 }
@@ -164,6 +167,8 @@ pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub state: whist_api::AppState,
+    /// Users `assign` has made subscribers.
+    subscribed: std::sync::Mutex<std::collections::HashSet<String>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -189,6 +194,7 @@ pub async fn spawn_app_with(database: &TestDatabase, settings: Settings) -> Test
         address,
         client: reqwest::Client::new(),
         state,
+        subscribed: Default::default(),
         shutdown: Some(shutdown),
         server: Some(server),
     }
@@ -207,6 +213,114 @@ impl TestApp {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.address)
+    }
+
+    /// Delivers a Stripe webhook with the given `Stripe-Signature` header; the status.
+    pub async fn deliver_webhook(&self, payload: &str, signature: &str) -> u16 {
+        self.client
+            .post(self.url("/stripe/webhook"))
+            .header("Stripe-Signature", signature)
+            .header("Content-Type", "application/json")
+            .body(payload.to_string())
+            .send()
+            .await
+            .expect("answers")
+            .status()
+            .as_u16()
+    }
+
+    /// Makes `user_id` a subscriber the way Stripe would: a signed `checkout.session.completed` linking a customer,
+    /// then a signed `customer.subscription.created` with status `active`.
+    pub async fn subscribe(&self, user_id: &str) {
+        subscribe_at(&self.client, &self.address, user_id).await;
+    }
+}
+
+/// The webhook secret test servers are configured with.
+pub const STRIPE_WEBHOOK_SECRET: &str = "whsec_whist_tests";
+
+/// A `Stripe-Signature` header for `payload`, computed as Stripe documents it: `t=<unix seconds>,v1=<hex of
+/// HMAC-SHA256 over "<t>.<payload>" keyed with the endpoint secret>`.
+pub fn stripe_signature(payload: &str, secret: &str, timestamp: i64) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac =
+        Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key");
+    mac.update(format!("{timestamp}.{payload}").as_bytes());
+    format!(
+        "t={timestamp},v1={}",
+        hex::encode(mac.finalize().into_bytes())
+    )
+}
+
+/// A Stripe event body as Stripe sends it (the fields the webserver reads, plus the usual envelope).
+pub fn stripe_event(id: &str, event_type: &str, created: i64, object: serde_json::Value) -> String {
+    serde_json::json!({
+        "id": id,
+        "object": "event",
+        "api_version": "2025-03-31.basil",
+        "created": created,
+        "livemode": false,
+        "pending_webhooks": 1,
+        "request": {"id": null, "idempotency_key": null},
+        "type": event_type,
+        "data": {"object": object},
+    })
+    .to_string()
+}
+
+/// The Stripe customer id the test helpers give `user_id`.
+pub fn test_customer_id(user_id: &str) -> String {
+    use sha2::Digest;
+    format!(
+        "cus_{}",
+        &hex::encode(sha2::Sha256::digest(user_id.as_bytes()))[..14]
+    )
+}
+
+/// Subscribes `user_id` through the webhook of the server at `base` (see `TestApp::subscribe`).
+pub async fn subscribe_at(client: &reqwest::Client, base: &str, user_id: &str) {
+    let customer = test_customer_id(user_id);
+    let now = chrono::Utc::now().timestamp();
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    let events = [
+        stripe_event(
+            &format!("evt_checkout_{unique}"),
+            "checkout.session.completed",
+            now,
+            serde_json::json!({
+                "id": format!("cs_{unique}"),
+                "object": "checkout.session",
+                "mode": "subscription",
+                "customer": customer,
+                "client_reference_id": user_id,
+            }),
+        ),
+        stripe_event(
+            &format!("evt_created_{unique}"),
+            "customer.subscription.created",
+            now,
+            serde_json::json!({
+                "id": format!("sub_{unique}"),
+                "object": "subscription",
+                "customer": customer,
+                "status": "active",
+            }),
+        ),
+    ];
+    for payload in events {
+        let status = client
+            .post(format!("{base}/stripe/webhook"))
+            .header(
+                "Stripe-Signature",
+                stripe_signature(&payload, STRIPE_WEBHOOK_SECRET, now),
+            )
+            .header("Content-Type", "application/json")
+            .body(payload)
+            .send()
+            .await
+            .expect("the webhook answers")
+            .status();
+        assert_eq!(status.as_u16(), 200, "the webhook takes a signed event");
     }
 }
 
@@ -517,8 +631,19 @@ impl TestApp {
         );
     }
 
-    /// POST /mandelbox/assign as `user`; (status, body).
+    /// POST /mandelbox/assign; (status, body). Assigns as a paying user: the token's user is first made a subscriber through signed webhooks (once per
+    /// user), as Stripe would. Tests of the subscription gate itself post to the endpoint directly.
     pub async fn assign(&self, token: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        if let Some(user_id) = token_subject(token) {
+            let first_time = self
+                .subscribed
+                .lock()
+                .map(|mut subscribed| subscribed.insert(user_id.clone()))
+                .unwrap_or(true);
+            if first_time {
+                subscribe_at(&self.client, &self.address, &user_id).await;
+            }
+        }
         let response = self
             .client
             .post(self.url("/mandelbox/assign"))
@@ -531,6 +656,17 @@ impl TestApp {
         let body = response.json().await.unwrap_or(serde_json::Value::Null);
         (status, body)
     }
+}
+
+/// The `sub` of a JWT (read, not verified: the server verifies).
+pub fn token_subject(token: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims["sub"].as_str().map(str::to_string)
 }
 
 /// A development token (accepted while `ENVIRONMENT=local`).

@@ -8,7 +8,7 @@ use std::time::Duration;
 use whist_adapters::store::AggregateStore;
 use whist_adapters::tokens::Tokens;
 use whist_domain::instance::Instance;
-use whist_tests::{assign_body, free_port, launch_spec, user_token, ChildProcess, TestDatabase};
+use whist_tests::{admin_token, assign_body, free_port, launch_spec, ChildProcess, TestDatabase};
 
 const HOSTS: usize = 12;
 const CAPACITY: u32 = 40;
@@ -104,7 +104,8 @@ async fn two_servers_never_give_one_slot_twice_nor_overfill_a_host() {
                         "http://127.0.0.1:{}/mandelbox/assign",
                         ports[request % 2]
                     ))
-                    .bearer_auth(user_token(&format!("load-user-{request}")))
+                    // Developers are served without a subscription: this test is about slots, not billing.
+                    .bearer_auth(admin_token(&format!("load-user-{request}")))
                     .json(&assign_body(&["us-east-1"], "hash-load", request as i64))
                     .send()
                     .await
