@@ -90,6 +90,40 @@ fn server_log_append() -> anyhow::Result<std::process::Stdio> {
     })
 }
 
+/// The webhook secret the load test's server takes; the load test plays Stripe to make its users subscribers.
+const LOAD_WEBHOOK_SECRET: &str = "whsec_loadtest";
+
+/// Makes `user_id` a subscriber through signed webhooks, as Stripe would.
+async fn subscribe(client: &reqwest::Client, base: &str, user_id: &str) -> anyhow::Result<()> {
+    let now = chrono::Utc::now().timestamp();
+    let customer = format!(
+        "cus_load_{}",
+        user_id.replace(|c: char| !c.is_ascii_alphanumeric(), "")
+    );
+    let events = [
+        serde_json::json!({"id": format!("evt_link_{customer}"), "type": "checkout.session.completed",
+            "created": now, "data": {"object": {"id": format!("cs_{customer}"), "customer": customer,
+            "client_reference_id": user_id}}}),
+        serde_json::json!({"id": format!("evt_sub_{customer}"), "type": "customer.subscription.created",
+            "created": now, "data": {"object": {"id": format!("sub_{customer}"), "customer": customer,
+            "status": "active"}}}),
+    ];
+    for event in events {
+        let payload = event.to_string();
+        let signature = whist_adapters::stripe::sign_webhook(&payload, LOAD_WEBHOOK_SECRET, now);
+        let status = client
+            .post(format!("{base}/stripe/webhook"))
+            .header("Stripe-Signature", signature)
+            .header("Content-Type", "application/json")
+            .body(payload)
+            .send()
+            .await?
+            .status();
+        anyhow::ensure!(status.is_success(), "the webhook answered {status}");
+    }
+    Ok(())
+}
+
 struct Server(std::process::Child);
 
 impl Drop for Server {
@@ -116,6 +150,7 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
             .env("ASSIGN_RATE_LIMIT_PER_MINUTE", "0")
             .env("ASSIGN_RATE_LIMIT_PER_IP_PER_MINUTE", "0")
             .env("MANDELBOX_LIMIT_PER_USER", "1000")
+            .env("STRIPE_WEBHOOK_SECRET", LOAD_WEBHOOK_SECRET)
             .env("RUST_LOG", "warn")
             .stdout(server_log()?)
             .stderr(server_log_append()?)
@@ -196,6 +231,11 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
             "the fleet did not register"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Every load user is a subscriber, as Stripe said so.
+    for client_index in 0..options.clients {
+        subscribe(&client, &base, &format!("load-user-{client_index}")).await?;
     }
 
     // Assign load: every client assigns, then disconnects what it got.

@@ -256,6 +256,11 @@ impl StripeApi {
     }
 }
 
+/// A `Stripe-Signature` header for `payload` as Stripe makes it (for tools that play Stripe: `whist loadtest`).
+pub fn sign_webhook(payload: &str, secret: &str, timestamp: i64) -> String {
+    stripe_webhook::Webhook::generate_test_header(payload, secret, Some(timestamp))
+}
+
 /// The idempotency key of the customer creation for one user (user ids may hold characters Stripe's keys should
 /// not, so the key carries a digest).
 pub fn customer_idempotency_key(user_id: &str) -> String {

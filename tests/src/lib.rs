@@ -1,6 +1,8 @@
 //! Helpers for the black-box test suite: fresh databases, an in-process server on a free port, and the real
 //! `whist` binary as a child process.
 
+pub mod stripe_fake;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

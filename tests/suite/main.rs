@@ -10,6 +10,7 @@ mod process;
 mod projections;
 mod simulated;
 mod store;
+mod stripe;
 
 /// The `whist` binary cargo built for this suite.
 pub fn whist_binary() -> std::path::PathBuf {
