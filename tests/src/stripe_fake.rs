@@ -18,12 +18,15 @@ pub struct FakeRequest {
     pub idempotency_key: Option<String>,
 }
 
+/// The parameters of the first request with an idempotency key, and the answer it got.
+type Replay = (BTreeMap<String, String>, String);
+
 #[derive(Default)]
 struct FakeState {
     secret: String,
     requests: Mutex<Vec<FakeRequest>>,
     /// Idempotency key → (parameters, answer).
-    replays: Mutex<HashMap<String, (BTreeMap<String, String>, String)>>,
+    replays: Mutex<HashMap<String, Replay>>,
     counter: Mutex<u64>,
 }
 

@@ -95,11 +95,24 @@ async fn a_subscription_created_then_deleted_opens_then_closes_the_gate() {
     );
     let created = subscription_event("evt_s1", "created", now, customer, "active");
     assert_eq!(deliver(&app, &created).await, 200);
+    let response = app
+        .client
+        .post(app.url("/mandelbox/assign"))
+        .bearer_auth(user_token(&user))
+        .json(&assign_body(&["us-east-1"], "hash-a", 2))
+        .send()
+        .await
+        .expect("answers");
     assert_eq!(
-        assign_status(&app, &user, 2).await,
+        response.status().as_u16(),
         200,
         "an active subscriber is served"
     );
+    let assigned: serde_json::Value = response.json().await.expect("a body");
+    let mandelbox_id = assigned["mandelbox_id"]
+        .as_str()
+        .expect("an id")
+        .to_string();
 
     let deleted = subscription_event("evt_s2", "deleted", now + 1, customer, "canceled");
     assert_eq!(deliver(&app, &deleted).await, 200);
@@ -108,6 +121,19 @@ async fn a_subscription_created_then_deleted_opens_then_closes_the_gate() {
         402,
         "a cancelled subscriber is not"
     );
+    // The live mandelbox is left to finish.
+    let view: serde_json::Value = app
+        .client
+        .get(app.url(&format!("/mandelbox/{mandelbox_id}")))
+        .bearer_auth(user_token(&user))
+        .send()
+        .await
+        .expect("answers")
+        .json()
+        .await
+        .expect("a body");
+    assert_ne!(view["status"], "DEAD", "{view}");
+    assert_ne!(view["status"], "DYING", "{view}");
     app.stop().await;
 }
 
