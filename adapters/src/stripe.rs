@@ -314,6 +314,22 @@ mod tests {
         assert!(verify_webhook(EVENT, "garbage", "whsec_a", now).is_err());
     }
 
+    /// rustls panics when more than one crypto provider is compiled in and none is chosen; building the client
+    /// for Stripe's real (https) base would show it. No request is made.
+    #[test]
+    fn the_client_builds_for_the_real_https_api() {
+        let settings = StripeSettings {
+            secret: Some(crate::config::Secret::new("sk_test_x".to_string())),
+            webhook_secret: None,
+            price_id: None,
+            api_base: "https://api.stripe.com".to_string(),
+            trial_days: 7,
+            return_url: "https://whist.com/".to_string(),
+        };
+        let built = StripeApi::from_settings(&settings).expect("builds");
+        assert!(built.is_some());
+    }
+
     #[test]
     fn any_of_several_v1_signatures_may_match() {
         let now = 1_800_000_000;
