@@ -89,6 +89,7 @@ enum BenchCommand {
 /// Runs the command line; the exit code says whether the command succeeded.
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
+    whist_adapters::tls::ensure_crypto_provider();
     whist_api::telemetry::init_logs();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,

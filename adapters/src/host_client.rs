@@ -38,6 +38,7 @@ impl HostClient {
     /// A client for hosts at `{scheme}://{ip}:{port}`; with `loopback_only` (simulated hosts) it refuses to call
     /// any address outside 127.0.0.0/8, whatever a registration claimed.
     pub fn new(scheme: &str, port: u16, loopback_only: bool) -> Self {
+        crate::tls::ensure_crypto_provider();
         Self {
             loopback_only,
             http: reqwest::Client::builder()

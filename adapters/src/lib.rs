@@ -5,8 +5,10 @@
 
 pub mod auth;
 pub mod config;
+pub mod ec2;
 pub mod host_client;
 pub mod simulated_host;
 pub mod store;
 pub mod stripe;
+pub mod tls;
 pub mod tokens;

@@ -142,6 +142,7 @@ pub async fn start(spec: SimulatedHostSpec) -> std::io::Result<SimulatedHost> {
             "no loopback address was free for a simulated host",
         ));
     };
+    crate::tls::ensure_crypto_provider();
     let (shutdown, receiver) = watch::channel(false);
     let state = HostState {
         spec: spec.clone(),

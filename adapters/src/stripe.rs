@@ -160,6 +160,7 @@ impl StripeApi {
         if !base.ends_with('/') {
             base.push('/');
         }
+        crate::tls::ensure_crypto_provider();
         let client = stripe::ClientBuilder::new(secret.expose())
             .url(base)
             .timeout(API_TIMEOUT)

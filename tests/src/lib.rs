@@ -194,7 +194,7 @@ pub async fn spawn_app_with(database: &TestDatabase, settings: Settings) -> Test
     }));
     TestApp {
         address,
-        client: reqwest::Client::new(),
+        client: http_client(),
         state,
         subscribed: Default::default(),
         shutdown: Some(shutdown),
@@ -236,6 +236,12 @@ impl TestApp {
     pub async fn subscribe(&self, user_id: &str) {
         subscribe_at(&self.client, &self.address, user_id).await;
     }
+}
+
+/// An HTTP client for tests (with the process's TLS provider chosen first: see `whist_adapters::tls`).
+pub fn http_client() -> reqwest::Client {
+    whist_adapters::tls::ensure_crypto_provider();
+    reqwest::Client::new()
 }
 
 /// The webhook secret test servers are configured with.
@@ -406,7 +412,7 @@ impl ChildProcess {
     /// Polls `/healthz` until it answers 200.
     pub async fn wait_healthy(&mut self, timeout: Duration) {
         let port = self.port.expect("the process was given a PORT");
-        let client = reqwest::Client::new();
+        let client = http_client();
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(response) = client
@@ -689,4 +695,60 @@ pub fn assign_body(regions: &[&str], commit_hash: &str, session_id: i64) -> serd
         "session_id": session_id,
         "user_email": "user@example.com",
     })
+}
+
+/// moto's EC2 on a free loopback port, for the tests' EC2 (never a real cloud); stops when dropped.
+pub struct Moto {
+    pub endpoint: String,
+    child: Child,
+}
+
+impl Moto {
+    /// Starts `moto_server` (installed by `.ci/run` with `pip install 'moto[server]'`) and waits until EC2 answers.
+    pub async fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            // Unknown instance types are refused, as EC2 refuses them.
+            .env("MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "true")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server runs (pip install 'moto[server]')");
+        let moto = Self {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            child,
+        };
+        let ec2 = moto.ec2("whist-test");
+        let started = Instant::now();
+        loop {
+            if ec2.list("us-east-1").await.is_ok() {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "moto did not answer within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        moto
+    }
+
+    /// EC2 for `deployment` through this moto.
+    pub fn ec2(&self, deployment: &str) -> whist_adapters::ec2::Ec2 {
+        whist_adapters::ec2::Ec2::new(
+            deployment,
+            whist_adapters::ec2::Ec2Access {
+                endpoint_url: Some(self.endpoint.clone()),
+                static_credentials: Some(("testing".to_string(), "testing".to_string())),
+            },
+        )
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

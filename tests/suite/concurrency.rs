@@ -49,7 +49,7 @@ async fn two_servers_never_give_one_slot_twice_nor_overfill_a_host() {
     // The fleet: launches recorded here, registrations over HTTP like real hosts.
     let tokens = Tokens::load(&database).await.expect("the server key");
     let instances = AggregateStore::<Instance>::new(&database, ());
-    let client = reqwest::Client::new();
+    let client = whist_tests::http_client();
     let spec = launch_spec("us-east-1", "ami-load", "hash-load");
     let mut hosts = Vec::new();
     for host in 0..HOSTS {

@@ -4,6 +4,7 @@ mod allocation;
 mod auth;
 mod concurrency;
 mod config;
+mod ec2;
 mod host;
 mod http;
 mod process;

@@ -104,6 +104,7 @@ impl TokenVerifier {
             .then(|| DecodingKey::from_rsa_pem(DEV_VERIFYING_KEY).ok())
             .flatten()
             .map(Arc::new);
+        crate::tls::ensure_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()

@@ -1,0 +1,97 @@
+//! The EC2 adapter against moto's server on loopback, in two regions.
+
+use whist_adapters::ec2::{Ec2Error, LaunchRequest};
+use whist_tests::Moto;
+
+fn launch(region: &str) -> LaunchRequest {
+    let launch_id = uuid::Uuid::new_v4().to_string();
+    LaunchRequest {
+        user_data: format!("WHIST_INSTANCE_ID={launch_id}\nWHIST_BOOTSTRAP_TOKEN=secret\n"),
+        launch_id,
+        region: region.to_string(),
+        image_id: "ami-12c6146b".to_string(),
+        instance_type: "g4dn.2xlarge".to_string(),
+    }
+}
+
+#[tokio::test]
+async fn launches_are_tagged_listed_per_region_and_terminated() {
+    let moto = Moto::start().await;
+    let ec2 = moto.ec2("test-deployment");
+    let east = launch("us-east-1");
+    let west = launch("us-west-1");
+    let launched_east = ec2.launch(&east).await.expect("launches in us-east-1");
+    let launched_west = ec2.launch(&west).await.expect("launches in us-west-1");
+    assert!(launched_east.cloud_instance_id.starts_with("i-"));
+
+    let listed = ec2.list("us-east-1").await.expect("lists");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(
+        listed[0].launch_id.as_deref(),
+        Some(east.launch_id.as_str())
+    );
+    assert_eq!(ec2.list("us-west-1").await.expect("lists").len(), 1);
+    // Another deployment's instances are not ours.
+    let other = moto.ec2("other-deployment");
+    assert!(other.list("us-east-1").await.expect("lists").is_empty());
+
+    ec2.terminate("us-east-1", &[launched_east.cloud_instance_id.clone()])
+        .await
+        .expect("terminates");
+    ec2.terminate("us-east-1", &[launched_east.cloud_instance_id.clone()])
+        .await
+        .expect("terminating twice is fine");
+    assert!(ec2
+        .find_launch("us-east-1", &east.launch_id)
+        .await
+        .expect("asks")
+        .is_none());
+    assert!(ec2
+        .find_launch("us-west-1", &west.launch_id)
+        .await
+        .expect("asks")
+        .is_some_and(|instance| instance.cloud_instance_id == launched_west.cloud_instance_id));
+}
+
+#[tokio::test]
+async fn a_retried_launch_adopts_the_instance_instead_of_starting_a_second() {
+    let moto = Moto::start().await;
+    let ec2 = moto.ec2("test-deployment");
+    let request = launch("us-east-1");
+    let first = ec2.launch(&request).await.expect("launches");
+    let again = ec2.launch(&request).await.expect("the retry answers");
+    assert_eq!(first.cloud_instance_id, again.cloud_instance_id);
+    let live: Vec<_> = ec2
+        .list("us-east-1")
+        .await
+        .expect("lists")
+        .into_iter()
+        .filter(|instance| instance.is_live())
+        .collect();
+    assert_eq!(live.len(), 1, "exactly one instance per launch decision");
+}
+
+#[tokio::test]
+async fn a_refused_launch_is_final_and_an_unreachable_ec2_is_worth_retrying() {
+    let moto = Moto::start().await;
+    let ec2 = moto.ec2("test-deployment");
+    let mut bad = launch("us-east-1");
+    bad.instance_type = "no-such-type.huge".to_string();
+    match ec2.launch(&bad).await {
+        Err(Ec2Error::Refused(_)) => {}
+        other => panic!("an unknown instance type is refused for good: {other:?}"),
+    }
+    assert!(ec2.list("us-east-1").await.expect("lists").is_empty());
+    let port = whist_tests::free_port();
+    let nowhere = whist_adapters::ec2::Ec2::new(
+        "test-deployment",
+        whist_adapters::ec2::Ec2Access {
+            endpoint_url: Some(format!("http://127.0.0.1:{port}")),
+            static_credentials: Some(("testing".to_string(), "testing".to_string())),
+        },
+    );
+    assert!(matches!(
+        nowhere.launch(&launch("us-east-1")).await,
+        Err(Ec2Error::Retryable(_))
+    ));
+}
