@@ -145,6 +145,14 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
             .env("DATABASE_URL", url)
             .env("PORT", port.to_string())
             .env("WHIST_CLOUD", "aws")
+            // The load test starts the hosts itself; EC2 is never called for real: its endpoint is a loopback port
+            // nothing listens on.
+            .env(
+                "AWS_ENDPOINT_URL",
+                format!("http://127.0.0.1:{}", free_port()?),
+            )
+            .env("AWS_ACCESS_KEY_ID", "loadtest")
+            .env("AWS_SECRET_ACCESS_KEY", "loadtest")
             .env("HOST_SERVICE_SCHEME", "http")
             .env("HOST_SERVICE_PORT", host_port.to_string())
             .env("ASSIGN_RATE_LIMIT_PER_MINUTE", "0")

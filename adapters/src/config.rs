@@ -89,6 +89,18 @@ pub struct StripeSettings {
     pub return_url: String,
 }
 
+/// How EC2 is reached (`WHIST_CLOUD=aws`). Unset keys fall back to the AWS SDK's own chain (environment, profile,
+/// instance role).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsSettings {
+    /// `AWS_ENDPOINT_URL`: another EC2 endpoint (moto on loopback in tests).
+    pub endpoint_url: Option<String>,
+    /// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`, when both are set.
+    pub static_credentials: Option<(String, Secret)>,
+    /// `WHIST_DEPLOYMENT`: the tag value that marks this deployment's instances (default: the environment name).
+    pub deployment: String,
+}
+
 /// Every setting the webserver reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -100,6 +112,7 @@ pub struct Settings {
     pub cloud: CloudKind,
     pub auth0: Auth0Settings,
     pub stripe: StripeSettings,
+    pub aws: AwsSettings,
     pub enabled_regions: Vec<String>,
     pub desired_free_mandelboxes: u32,
     /// Per-region overrides of the warm buffer, keyed by region name (`us-east-1`).
@@ -295,6 +308,23 @@ impl Settings {
                 parse_url,
             )?,
         };
+        let aws = AwsSettings {
+            endpoint_url: match sources.raw("AWS_ENDPOINT_URL") {
+                Some(_) => Some(sources.parse(
+                    "AWS_ENDPOINT_URL",
+                    String::new(),
+                    "an http:// or https:// URL",
+                    parse_url,
+                )?),
+                None => None,
+            },
+            static_credentials: sources
+                .raw("AWS_ACCESS_KEY_ID")
+                .zip(sources.raw("AWS_SECRET_ACCESS_KEY").map(Secret::new)),
+            deployment: sources
+                .raw("WHIST_DEPLOYMENT")
+                .unwrap_or_else(|| environment.as_str().to_string()),
+        };
         let enabled_regions = sources.parse(
             "ENABLED_REGIONS",
             vec!["us-east-1".to_string()],
@@ -349,6 +379,7 @@ impl Settings {
             cloud,
             auth0,
             stripe,
+            aws,
             enabled_regions,
             desired_free_mandelboxes,
             desired_free_mandelboxes_by_region,

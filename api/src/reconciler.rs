@@ -11,8 +11,10 @@ use chrono::Utc;
 use sqlx::Row;
 use tokio::sync::{watch, Mutex};
 use whist_adapters::config::CloudKind;
+use whist_adapters::ec2::{Ec2Error, LaunchRequest};
 use whist_adapters::host_client::{HostClient, SpinUp};
 use whist_adapters::simulated_host::{self, SimulatedHost, SimulatedHostSpec};
+use whist_adapters::store::CommandError;
 use whist_adapters::tokens::Purpose;
 use whist_domain::instance::{InstanceCommand, InstanceStatus};
 use whist_domain::mandelbox::{EndReason, MandelboxCommand, MandelboxStatus};
@@ -66,13 +68,9 @@ impl Reconciler {
         }
     }
 
-    /// Kinds this process can run: launching needs a cloud adapter (simulated hosts here; EC2 arrives with the
-    /// reconciler issue, until then launch jobs in `aws` stay waiting and are counted by HireFire).
+    /// Kinds this process runs: launching goes to simulated hosts (`local`) or EC2 (`aws`).
     fn kinds(&self) -> Vec<&'static str> {
-        match self.state.settings.cloud {
-            CloudKind::Local => vec![SPIN_UP, LAUNCH],
-            CloudKind::Aws => vec![SPIN_UP],
-        }
+        vec![SPIN_UP, LAUNCH]
     }
 
     /// Claims up to `limit` runnable jobs.
@@ -152,7 +150,10 @@ impl Reconciler {
     async fn run_job(&self, job: &Job) -> Outcome {
         match job.kind.as_str() {
             SPIN_UP => self.spin_up(&job.aggregate_id).await,
-            LAUNCH => self.launch_simulated(&job.aggregate_id).await,
+            LAUNCH => match self.state.settings.cloud {
+                CloudKind::Local => self.launch_simulated(&job.aggregate_id).await,
+                CloudKind::Aws => self.launch_ec2(&job.aggregate_id).await,
+            },
             other => Outcome::GiveUp(format!("unknown job kind {other}")),
         }
     }
@@ -218,6 +219,58 @@ impl Reconciler {
                 error,
                 "could not free an abandoned mandelbox's slot"
             );
+        }
+    }
+
+    /// Launches the host of one launch decision on EC2, at least once and never twice: a retry (after a crash
+    /// between the call and its record, say) adopts the instance tagged with this launch instead of starting another.
+    async fn launch_ec2(&self, instance_id: &str) -> Outcome {
+        let services = &self.state.services;
+        let Some(ec2) = &services.ec2 else {
+            return Outcome::GiveUp("EC2 is not configured in this process".to_string());
+        };
+        let instance = match services.instances.load(instance_id).await {
+            Ok((instance, _)) => instance,
+            Err(error) => return Outcome::Retry(error.to_string()),
+        };
+        let (Some(InstanceStatus::PreConnection), Some(spec), None) = (
+            instance.status,
+            instance.spec.clone(),
+            instance.cloud_instance_id.clone(),
+        ) else {
+            return Outcome::Done;
+        };
+        let user_data = format!(
+            "WHIST_BOOTSTRAP_TOKEN={}\nWHIST_INSTANCE_ID={instance_id}\nWHIST_WEBSERVER_URL={}\n",
+            services.tokens.derive(Purpose::Bootstrap, instance_id),
+            self.state.settings.public_url,
+        );
+        let request = LaunchRequest {
+            launch_id: instance_id.to_string(),
+            region: spec.region.clone(),
+            image_id: spec.image_id.clone(),
+            instance_type: spec.instance_type.clone(),
+            user_data,
+        };
+        let metadata = EventMetadata::new(Actor::System, Utc::now());
+        let command = match ec2.launch(&request).await {
+            Ok(launched) => InstanceCommand::RecordLaunch {
+                cloud_instance_id: launched.cloud_instance_id,
+                at: Utc::now(),
+            },
+            Err(Ec2Error::Retryable(error)) => return Outcome::Retry(error),
+            Err(Ec2Error::Refused(reason)) => InstanceCommand::RecordLaunchFailure {
+                reason,
+                at: Utc::now(),
+            },
+        };
+        match services
+            .instances
+            .execute(instance_id, command, &metadata)
+            .await
+        {
+            Ok(()) | Err(CommandError::Rejected(_)) => Outcome::Done,
+            Err(error) => Outcome::Retry(error.to_string()),
         }
     }
 

@@ -5,7 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use whist_adapters::auth::TokenVerifier;
-use whist_adapters::config::Settings;
+use whist_adapters::config::{CloudKind, Settings};
+use whist_adapters::ec2::{Ec2, Ec2Access};
 use whist_adapters::store::{AggregateStore, Database};
 use whist_adapters::stripe::{StripeApi, StripeApiError};
 use whist_adapters::tokens::Tokens;
@@ -31,6 +32,8 @@ pub struct Services {
     pub stripe_customers: AggregateStore<StripeCustomer>,
     /// The Stripe API; `None` when `STRIPE_SECRET` is not set.
     pub stripe: Option<StripeApi>,
+    /// EC2, with `WHIST_CLOUD=aws`.
+    pub ec2: Option<Ec2>,
     pub heartbeats: HeartbeatBook,
     pub user_rate: RateLimiter,
     pub ip_rate: RateLimiter,
@@ -78,6 +81,19 @@ impl Services {
             subscriptions: AggregateStore::new(database, ()),
             stripe_customers: AggregateStore::new(database, ()),
             stripe: StripeApi::from_settings(&settings.stripe)?,
+            ec2: (settings.cloud == CloudKind::Aws).then(|| {
+                Ec2::new(
+                    &settings.aws.deployment,
+                    Ec2Access {
+                        endpoint_url: settings.aws.endpoint_url.clone(),
+                        static_credentials: settings
+                            .aws
+                            .static_credentials
+                            .as_ref()
+                            .map(|(key, secret)| (key.clone(), secret.expose().to_string())),
+                    },
+                )
+            }),
             heartbeats: HeartbeatBook::new(database.clone(), settings.heartbeat_timeout),
             user_rate: RateLimiter::new(settings.assign_rate_limit_per_minute),
             ip_rate: RateLimiter::new(settings.assign_rate_limit_per_ip_per_minute),

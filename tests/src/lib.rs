@@ -119,6 +119,14 @@ impl TestDatabase {
         // Hosts are started by the tests themselves (simulated hosts in this process, on loopback), as real
         // hosts are started outside the webserver; a test that wants the server's own simulated fleet says so.
         settings.cloud = whist_adapters::config::CloudKind::Aws;
+        // EC2 is never the real one: a loopback port nothing listens on, unless a test points it at its moto. (The
+        // launch jobs of hosts a test starts itself then fail to reach EC2 and are retried, harmlessly.)
+        settings.aws.endpoint_url = Some(format!("http://127.0.0.1:{}", free_port()));
+        settings.aws.static_credentials = Some((
+            "testing".to_string(),
+            whist_adapters::config::Secret::new("testing".to_string()),
+        ));
+        settings.aws.deployment = "whist-test".to_string();
         settings.host_service_scheme = "http".to_string();
         settings.stripe.webhook_secret = Some(whist_adapters::config::Secret::new(
             STRIPE_WEBHOOK_SECRET.to_string(),
@@ -366,6 +374,14 @@ impl ChildProcess {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", "info")
+            // EC2, should a test run this process with `WHIST_CLOUD=aws`, is never the real one: a loopback port
+            // nothing listens on, unless the test's own environment names its moto.
+            .env(
+                "AWS_ENDPOINT_URL",
+                format!("http://127.0.0.1:{}", free_port()),
+            )
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log handle"))
             .stderr(log_file);

@@ -35,12 +35,18 @@ async fn launches_are_tagged_listed_per_region_and_terminated() {
     let other = moto.ec2("other-deployment");
     assert!(other.list("us-east-1").await.expect("lists").is_empty());
 
-    ec2.terminate("us-east-1", &[launched_east.cloud_instance_id.clone()])
-        .await
-        .expect("terminates");
-    ec2.terminate("us-east-1", &[launched_east.cloud_instance_id.clone()])
-        .await
-        .expect("terminating twice is fine");
+    ec2.terminate(
+        "us-east-1",
+        std::slice::from_ref(&launched_east.cloud_instance_id),
+    )
+    .await
+    .expect("terminates");
+    ec2.terminate(
+        "us-east-1",
+        std::slice::from_ref(&launched_east.cloud_instance_id),
+    )
+    .await
+    .expect("terminating twice is fine");
     assert!(ec2
         .find_launch("us-east-1", &east.launch_id)
         .await
@@ -94,4 +100,79 @@ async fn a_refused_launch_is_final_and_an_unreachable_ec2_is_worth_retrying() {
         nowhere.launch(&launch("us-east-1")).await,
         Err(Ec2Error::Retryable(_))
     ));
+}
+
+async fn app_on_moto(database: &whist_tests::TestDatabase, moto: &Moto) -> whist_tests::TestApp {
+    let mut settings = database.settings();
+    settings.aws.endpoint_url = Some(moto.endpoint.clone());
+    whist_tests::spawn_app_with(database, settings).await
+}
+
+/// The cloud instance id each launch recorded, once all have one.
+async fn recorded_launches(app: &whist_tests::TestApp, ids: &[String]) -> Vec<String> {
+    let mut recorded = Vec::new();
+    let started = std::time::Instant::now();
+    for id in ids {
+        loop {
+            let (instance, _) = app.state.services.instances.load(id).await.expect("loads");
+            if let Some(cloud_instance_id) = instance.cloud_instance_id {
+                recorded.push(cloud_instance_id);
+                break;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "launch {id} was not recorded"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    recorded
+}
+
+#[tokio::test]
+async fn the_reconciler_launches_each_decision_once_in_its_region_even_with_two_processes() {
+    let moto = Moto::start().await;
+    let database = whist_tests::TestDatabase::postgres().await;
+    let first = app_on_moto(&database, &moto).await;
+    let second = app_on_moto(&database, &moto).await;
+    let mut ids = Vec::new();
+    for index in 0..6 {
+        let region = if index % 2 == 0 {
+            "us-east-1"
+        } else {
+            "us-west-1"
+        };
+        let app = if index % 3 == 0 { &first } else { &second };
+        let (id, _) = app
+            .launch(whist_tests::launch_spec(region, "ami-12c6146b", "hash-a"))
+            .await;
+        ids.push(id);
+    }
+    let recorded = recorded_launches(&first, &ids).await;
+    let ec2 = moto.ec2("whist-test");
+    let mut in_cloud = Vec::new();
+    for region in ["us-east-1", "us-west-1"] {
+        in_cloud.extend(
+            ec2.list(region)
+                .await
+                .expect("lists")
+                .into_iter()
+                .filter(|instance| instance.is_live()),
+        );
+    }
+    assert_eq!(
+        in_cloud.len(),
+        ids.len(),
+        "one instance per decision: {in_cloud:?}"
+    );
+    for (id, cloud_instance_id) in ids.iter().zip(&recorded) {
+        let matching: Vec<_> = in_cloud
+            .iter()
+            .filter(|instance| instance.launch_id.as_deref() == Some(id.as_str()))
+            .collect();
+        assert_eq!(matching.len(), 1, "launch {id}");
+        assert_eq!(&matching[0].cloud_instance_id, cloud_instance_id);
+    }
+    first.stop().await;
+    second.stop().await;
 }
