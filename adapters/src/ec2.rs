@@ -223,16 +223,7 @@ impl Ec2 {
             .instances()
             .first()
             .ok_or_else(|| Ec2Error::Retryable("RunInstances answered no instance".to_string()))?;
-        Ok(CloudInstance {
-            cloud_instance_id: instance.instance_id().unwrap_or_default().to_string(),
-            launch_id: Some(request.launch_id.clone()),
-            state: instance
-                .state()
-                .and_then(|state| state.name())
-                .map_or("pending", InstanceStateName::as_str)
-                .to_string(),
-            private_ip: instance.private_ip_address().map(str::to_string),
-        })
+        Ok(cloud_instance(instance, Some(request.launch_id.clone())))
     }
 
     /// The live instance of one launch, if EC2 has one.
@@ -293,16 +284,7 @@ impl Ec2 {
                         .find(|tag| tag.key() == Some(LAUNCH_TAG))
                         .and_then(|tag| tag.value())
                         .map(str::to_string);
-                    found.push(CloudInstance {
-                        cloud_instance_id: instance.instance_id().unwrap_or_default().to_string(),
-                        launch_id,
-                        state: instance
-                            .state()
-                            .and_then(|state| state.name())
-                            .map_or("pending", InstanceStateName::as_str)
-                            .to_string(),
-                        private_ip: instance.private_ip_address().map(str::to_string),
-                    });
+                    found.push(cloud_instance(instance, launch_id));
                 }
             }
         }
@@ -329,6 +311,22 @@ impl Ec2 {
             .await
             .map_err(classify)?;
         Ok(())
+    }
+}
+
+fn cloud_instance(
+    instance: &aws_sdk_ec2::types::Instance,
+    launch_id: Option<String>,
+) -> CloudInstance {
+    CloudInstance {
+        cloud_instance_id: instance.instance_id().unwrap_or_default().to_string(),
+        launch_id,
+        state: instance
+            .state()
+            .and_then(|state| state.name())
+            .map_or("pending", InstanceStateName::as_str)
+            .to_string(),
+        private_ip: instance.private_ip_address().map(str::to_string),
     }
 }
 

@@ -16,7 +16,7 @@ use whist_adapters::host_client::{HostClient, SpinUp};
 use whist_adapters::simulated_host::{self, SimulatedHost, SimulatedHostSpec};
 use whist_adapters::store::CommandError;
 use whist_adapters::tokens::Purpose;
-use whist_domain::instance::{InstanceCommand, InstanceStatus};
+use whist_domain::instance::{InstanceCommand, InstanceStatus, LaunchSpec};
 use whist_domain::mandelbox::{EndReason, MandelboxCommand, MandelboxStatus};
 use whist_domain::{Actor, EventMetadata};
 use whist_projections::jobs::{LAUNCH, SPIN_UP};
@@ -222,6 +222,23 @@ impl Reconciler {
         }
     }
 
+    /// The launch spec of a decision still waiting for its cloud instance; `None` when there is nothing to launch.
+    async fn awaiting_launch(&self, instance_id: &str) -> Result<Option<LaunchSpec>, Outcome> {
+        let (instance, _) = self
+            .state
+            .services
+            .instances
+            .load(instance_id)
+            .await
+            .map_err(|error| Outcome::Retry(error.to_string()))?;
+        Ok(
+            match (instance.status, instance.spec, instance.cloud_instance_id) {
+                (Some(InstanceStatus::PreConnection), Some(spec), None) => Some(spec),
+                _ => None,
+            },
+        )
+    }
+
     /// Launches the host of one launch decision on EC2, at least once and never twice: a retry (after a crash
     /// between the call and its record, say) adopts the instance tagged with this launch instead of starting another.
     async fn launch_ec2(&self, instance_id: &str) -> Outcome {
@@ -229,16 +246,10 @@ impl Reconciler {
         let Some(ec2) = &services.ec2 else {
             return Outcome::GiveUp("EC2 is not configured in this process".to_string());
         };
-        let instance = match services.instances.load(instance_id).await {
-            Ok((instance, _)) => instance,
-            Err(error) => return Outcome::Retry(error.to_string()),
-        };
-        let (Some(InstanceStatus::PreConnection), Some(spec), None) = (
-            instance.status,
-            instance.spec.clone(),
-            instance.cloud_instance_id.clone(),
-        ) else {
-            return Outcome::Done;
+        let spec = match self.awaiting_launch(instance_id).await {
+            Ok(Some(spec)) => spec,
+            Ok(None) => return Outcome::Done,
+            Err(outcome) => return outcome,
         };
         let user_data = format!(
             "WHIST_BOOTSTRAP_TOKEN={}\nWHIST_INSTANCE_ID={instance_id}\nWHIST_WEBSERVER_URL={}\n",
@@ -276,16 +287,10 @@ impl Reconciler {
 
     async fn launch_simulated(&self, instance_id: &str) -> Outcome {
         let services = &self.state.services;
-        let instance = match services.instances.load(instance_id).await {
-            Ok((instance, _)) => instance,
-            Err(error) => return Outcome::Retry(error.to_string()),
-        };
-        let (Some(InstanceStatus::PreConnection), Some(spec), None) = (
-            instance.status,
-            instance.spec.clone(),
-            instance.cloud_instance_id.clone(),
-        ) else {
-            return Outcome::Done;
+        let spec = match self.awaiting_launch(instance_id).await {
+            Ok(Some(spec)) => spec,
+            Ok(None) => return Outcome::Done,
+            Err(outcome) => return outcome,
         };
         let host = match simulated_host::start(SimulatedHostSpec {
             instance_id: instance_id.to_string(),
