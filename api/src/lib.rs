@@ -12,6 +12,7 @@ pub mod desktop;
 pub mod entitlement;
 pub mod error;
 pub mod heartbeats;
+pub mod hirefire;
 pub mod host;
 pub mod middleware;
 pub mod ops;

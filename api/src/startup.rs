@@ -20,6 +20,7 @@ use whist_domain::{Actor, EventMetadata};
 use crate::background::Background;
 use crate::billing::BillingApi;
 use crate::desktop::DesktopApi;
+use crate::hirefire::HireFireApi;
 use crate::host::HostApi;
 use crate::middleware::RequestContext;
 use crate::ops::OpsApi;
@@ -202,9 +203,9 @@ async fn activate_simulated_images(settings: &Settings, services: &Services) {
     }
 }
 
-fn api_service() -> OpenApiService<(OpsApi, DesktopApi, HostApi, BillingApi), ()> {
+fn api_service() -> OpenApiService<(OpsApi, DesktopApi, HostApi, BillingApi, HireFireApi), ()> {
     OpenApiService::new(
-        (OpsApi, DesktopApi, HostApi, BillingApi),
+        (OpsApi, DesktopApi, HostApi, BillingApi, HireFireApi),
         "Whist webserver",
         env!("CARGO_PKG_VERSION"),
     )

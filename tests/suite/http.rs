@@ -153,3 +153,51 @@ async fn a_draining_server_refuses_new_requests_with_503() {
     assert_eq!(body["error"], "SHUTTING_DOWN");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn hirefire_reads_the_number_of_waiting_jobs_behind_its_token() {
+    let database = whist_tests::TestDatabase::postgres().await;
+    let mut settings = database.settings();
+    settings.hirefire_token = Some(whist_adapters::config::Secret::new(
+        "hf-secret-token".to_string(),
+    ));
+    let app = whist_tests::spawn_app_with(&database, settings).await;
+    let get = |path: &str| app.client.get(app.url(path)).send();
+    assert_eq!(get("/hirefire/test").await.expect("answers").status(), 200);
+    assert_eq!(
+        get("/hirefire/not-the-token/info")
+            .await
+            .expect("answers")
+            .status(),
+        404
+    );
+    // Three launch decisions whose EC2 never answers (a dead loopback endpoint): three jobs wait.
+    for _ in 0..3 {
+        app.launch(whist_tests::launch_spec("us-east-1", "ami-a", "hash-a"))
+            .await;
+    }
+    let counted = whist_tests::eventually(std::time::Duration::from_secs(20), || async {
+        let body: serde_json::Value = get("/hirefire/hf-secret-token/info")
+            .await
+            .expect("answers")
+            .json()
+            .await
+            .expect("json");
+        body == serde_json::json!([{"name": "worker", "quantity": 3}])
+    })
+    .await;
+    assert!(counted, "HireFire sees the three waiting launches");
+    app.stop().await;
+
+    // Without a configured token the endpoint does not exist.
+    let unconfigured = whist_tests::spawn_app(&database).await;
+    let status = unconfigured
+        .client
+        .get(unconfigured.url("/hirefire/anything/info"))
+        .send()
+        .await
+        .expect("answers")
+        .status();
+    assert_eq!(status, 404);
+    unconfigured.stop().await;
+}

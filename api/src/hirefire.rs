@@ -1,0 +1,84 @@
+//! HireFire: the queue depth that sizes the workers.
+
+use poem::web::Data;
+use poem_openapi::param::Path;
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
+use whist_adapters::tokens::fingerprint;
+
+use crate::desktop::ErrorBody;
+use crate::state::AppState;
+
+#[derive(Tags)]
+enum HireFireTag {
+    /// Polled by HireFire to size the workers.
+    HireFire,
+}
+
+/// One process type and how many of it HireFire should run.
+#[derive(Debug, Object)]
+pub struct WorkerQuantity {
+    /// Always `worker`.
+    pub name: String,
+    /// Side-effect jobs waiting.
+    pub quantity: i64,
+}
+
+#[derive(ApiResponse)]
+pub enum InfoResponse {
+    #[oai(status = 200)]
+    Info(Json<Vec<WorkerQuantity>>),
+    /// Wrong token, or no `HIREFIRE_TOKEN` configured.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// The store does not answer.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+#[derive(ApiResponse)]
+pub enum TestResponse {
+    #[oai(status = 200)]
+    Ok(Json<serde_json::Value>),
+}
+
+/// HireFire's endpoints.
+pub struct HireFireApi;
+
+#[OpenApi(tag = "HireFireTag::HireFire")]
+impl HireFireApi {
+    /// HireFire's check that the endpoint exists.
+    #[oai(path = "/hirefire/test", method = "get")]
+    async fn test(&self) -> TestResponse {
+        TestResponse::Ok(Json(serde_json::json!({})))
+    }
+
+    /// The number of side-effect jobs waiting, as HireFire reads it.
+    #[oai(path = "/hirefire/:token/info", method = "get")]
+    async fn info(&self, state: Data<&AppState>, token: Path<String>) -> InfoResponse {
+        let not_found = || {
+            InfoResponse::NotFound(Json(ErrorBody {
+                error: "NOT_FOUND".to_string(),
+            }))
+        };
+        let Some(expected) = &state.settings.hirefire_token else {
+            return not_found();
+        };
+        // Compared as digests, so the time taken says nothing about the token.
+        if fingerprint(&token.0) != fingerprint(expected.expose()) {
+            return not_found();
+        }
+        match crate::reconciler::waiting_jobs(&state).await {
+            Ok(quantity) => InfoResponse::Info(Json(vec![WorkerQuantity {
+                name: "worker".to_string(),
+                quantity,
+            }])),
+            Err(error) => {
+                crate::error::log_failure("could not count the waiting jobs", &error);
+                InfoResponse::Unavailable(Json(ErrorBody {
+                    error: "STORE_UNAVAILABLE".to_string(),
+                }))
+            }
+        }
+    }
+}
