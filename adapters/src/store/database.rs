@@ -199,10 +199,10 @@ impl Database {
     pub async fn append_unit(&self, events: Vec<SerializedEvent>) -> Result<(), PersistenceError> {
         match (&self.backend, &self.batcher) {
             (Backend::Postgres(_), Some(batcher)) => batcher.append(events).await,
-            (Backend::Postgres(pool), None) => {
-                // Not reached: a Postgres database always has its batcher. Write directly all the same.
-                AppendBatcher::start(pool.clone()).append(events).await
-            }
+            // Not reached: `connect_postgres` always starts the batcher.
+            (Backend::Postgres(_), None) => Err(PersistenceError::UnknownError(
+                "the Postgres store has no append batcher".into(),
+            )),
             (Backend::Sqlite(pool), _) => append_sqlite(pool, &events).await,
         }
     }
