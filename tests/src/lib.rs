@@ -655,6 +655,19 @@ impl TestApp {
         );
     }
 
+    /// `GET /mandelbox/{id}` as `token`'s user; the body.
+    pub async fn mandelbox_view(&self, token: &str, mandelbox_id: &str) -> serde_json::Value {
+        self.client
+            .get(self.url(&format!("/mandelbox/{mandelbox_id}")))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("answers")
+            .json()
+            .await
+            .expect("a JSON body")
+    }
+
     /// POST /mandelbox/assign; (status, body). Assigns as a paying user: the token's user is first made a subscriber through signed webhooks (once per
     /// user), as Stripe would. Tests of the subscription gate itself post to the endpoint directly.
     pub async fn assign(&self, token: &str, body: serde_json::Value) -> (u16, serde_json::Value) {

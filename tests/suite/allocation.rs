@@ -303,16 +303,7 @@ async fn a_disconnect_ends_the_mandelbox_frees_its_slot_and_can_be_repeated() {
         assert_eq!(response.status(), 200);
     }
     app.wait_for_live(&host.instance_id, 0).await;
-    let view: serde_json::Value = app
-        .client
-        .get(app.url(&format!("/mandelbox/{mandelbox_id}")))
-        .bearer_auth(user_token(&user))
-        .send()
-        .await
-        .expect("answers")
-        .json()
-        .await
-        .expect("json");
+    let view = app.mandelbox_view(&user_token(&user), &mandelbox_id).await;
     assert_eq!(view["status"], "DEAD");
     // The freed slot takes the next user.
     let (status, _) = app
@@ -356,16 +347,7 @@ async fn a_host_reports_mandelbox_statuses_with_its_own_token_only() {
         200,
         "a late report is harmless"
     );
-    let view: serde_json::Value = app
-        .client
-        .get(app.url(&format!("/mandelbox/{mandelbox_id}")))
-        .bearer_auth(user_token(&user))
-        .send()
-        .await
-        .expect("answers")
-        .json()
-        .await
-        .expect("json");
+    let view = app.mandelbox_view(&user_token(&user), &mandelbox_id).await;
     assert_eq!(view["status"], "RUNNING");
     app.stop().await;
 }

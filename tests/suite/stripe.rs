@@ -122,16 +122,7 @@ async fn a_subscription_created_then_deleted_opens_then_closes_the_gate() {
         "a cancelled subscriber is not"
     );
     // The live mandelbox is left to finish.
-    let view: serde_json::Value = app
-        .client
-        .get(app.url(&format!("/mandelbox/{mandelbox_id}")))
-        .bearer_auth(user_token(&user))
-        .send()
-        .await
-        .expect("answers")
-        .json()
-        .await
-        .expect("a body");
+    let view = app.mandelbox_view(&user_token(&user), &mandelbox_id).await;
     assert_ne!(view["status"], "DEAD", "{view}");
     assert_ne!(view["status"], "DYING", "{view}");
     app.stop().await;

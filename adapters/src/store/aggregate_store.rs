@@ -3,7 +3,9 @@
 use std::collections::{HashMap, HashSet};
 
 use cqrs_es::event_sink::EventSink;
-use cqrs_es::persist::{PersistenceError, SerializedEvent};
+use cqrs_es::persist::{
+    EventStoreAggregateContext, PersistedEventRepository, PersistenceError, SerializedEvent,
+};
 use cqrs_es::{Aggregate, AggregateError, CqrsFramework, EventEnvelope, EventStore};
 use sqlite_es::SqliteEventRepository;
 use whist_domain::EventMetadata;
@@ -205,10 +207,7 @@ where
                 format!("{} {aggregate_id} is staged twice in one unit", A::TYPE).into(),
             ));
         }
-        let context = match &self.frameworks {
-            Frameworks::Postgres { store, .. } => store.load_aggregate(aggregate_id).await?,
-            Frameworks::Sqlite { store, .. } => store.load_aggregate(aggregate_id).await?,
-        };
+        let context = self.remembered_context(aggregate_id).await?;
         let version = context.current_sequence;
         let mut aggregate = context.aggregate;
         let mut events = Vec::new();
@@ -235,26 +234,23 @@ where
         unit.staged
             .insert((A::TYPE.to_string(), aggregate_id.to_string()));
         let id = aggregate_id.to_string();
-        let settle: Box<dyn FnOnce(Settled) + Send> = match &self.frameworks {
-            Frameworks::Postgres { store, .. } => {
-                let store = store.clone();
-                Box::new(move |settled| match settled {
-                    Settled::Committed => store.remember(&id, aggregate, after),
-                    Settled::Conflicted => store.mark_stale(&id),
-                    Settled::Failed => store.forget(&id),
-                })
-            }
-            Frameworks::Sqlite { store, .. } => {
-                let store = store.clone();
-                Box::new(move |settled| match settled {
-                    Settled::Committed => store.remember(&id, aggregate, after),
-                    Settled::Conflicted => store.mark_stale(&id),
-                    Settled::Failed => store.forget(&id),
-                })
-            }
+        let settle = match &self.frameworks {
+            Frameworks::Postgres { store, .. } => settler(store.clone(), id, aggregate, after),
+            Frameworks::Sqlite { store, .. } => settler(store.clone(), id, aggregate, after),
         };
         unit.settle.push(settle);
         Ok(())
+    }
+
+    /// The remembered copy (read whole on a miss, brought up to date when marked stale).
+    async fn remembered_context(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<EventStoreAggregateContext<A>, AggregateError<A::Error>> {
+        match &self.frameworks {
+            Frameworks::Postgres { store, .. } => store.load_aggregate(aggregate_id).await,
+            Frameworks::Sqlite { store, .. } => store.load_aggregate(aggregate_id).await,
+        }
     }
 
     /// The aggregate as this process last knew it, brought up to date with the events it missed (one small read),
@@ -267,10 +263,7 @@ where
         aggregate_id: &str,
     ) -> Result<(A, usize), CommandError<A::Error>> {
         self.mark_stale(aggregate_id);
-        let context = match &self.frameworks {
-            Frameworks::Postgres { store, .. } => store.load_aggregate(aggregate_id).await?,
-            Frameworks::Sqlite { store, .. } => store.load_aggregate(aggregate_id).await?,
-        };
+        let context = self.remembered_context(aggregate_id).await?;
         Ok((context.aggregate, context.current_sequence))
     }
 
@@ -308,6 +301,24 @@ where
             }
         }
     }
+}
+
+/// What a store does with its copy of a staged aggregate once the unit is settled.
+fn settler<R, A>(
+    store: CachedEventStore<R, A>,
+    id: String,
+    aggregate: A,
+    after: usize,
+) -> Box<dyn FnOnce(Settled) + Send>
+where
+    R: PersistedEventRepository + 'static,
+    A: Aggregate + Clone + 'static,
+{
+    Box::new(move |settled| match settled {
+        Settled::Committed => store.remember(&id, aggregate, after),
+        Settled::Conflicted => store.mark_stale(&id),
+        Settled::Failed => store.forget(&id),
+    })
 }
 
 #[derive(Clone, Copy)]
