@@ -145,6 +145,7 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
             .env("DATABASE_URL", url)
             .env("PORT", port.to_string())
             .env("WHIST_CLOUD", "aws")
+            .env("WHIST_AUTOSCALE", "false")
             // The load test starts the hosts itself; EC2 is never called for real: its endpoint is a loopback port
             // nothing listens on.
             .env(

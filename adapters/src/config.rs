@@ -128,6 +128,32 @@ pub struct Settings {
     pub assign_rate_limit_per_minute: u32,
     pub assign_rate_limit_per_ip_per_minute: u32,
     pub hirefire_token: Option<Secret>,
+    pub fleet: FleetSettings,
+}
+
+/// How the fleet is kept: the autoscaler, the repair against the cloud, and the timeouts that end hosts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetSettings {
+    /// `WHIST_AUTOSCALE` (`true`): whether this deployment's autoscaler launches and drains hosts. Off, hosts come
+    /// only from operators (and tests); everything else (jobs, repair, timeouts) still runs.
+    pub autoscale: bool,
+    /// `WHIST_HOST_CAPACITY` (4): the mandelboxes a host of the configured instance type is expected to hold,
+    /// counted for hosts still booting (a host reports its own capacity when it registers) and given to simulated
+    /// hosts.
+    pub host_capacity: u32,
+    /// `WHIST_REGISTRATION_TIMEOUT_S` (900): a host that has not registered this long after its launch decision is
+    /// terminated.
+    pub registration_timeout: Duration,
+    /// `WHIST_DRAINED_HOST_TIMEOUT_S` (120): a draining host that stays empty this long is terminated.
+    pub drained_host_timeout: Duration,
+    /// `WHIST_REPAIR_INTERVAL_S` (60): how often recorded hosts are compared with the cloud.
+    pub repair_interval: Duration,
+    /// `WHIST_JOB_CLAIM_S` (60): how long a claimed side-effect job is another process's to take over if its
+    /// claimant stops renewing it (the claimant renews it every third of this while the job runs).
+    pub job_claim: Duration,
+    /// `WHIST_FAULT_PAUSE_AFTER_LAUNCH_MS` (0): fault injection for crash tests — pause this long after EC2
+    /// accepted a launch and before the outcome is recorded, logging `launch call returned` first.
+    pub fault_pause_after_launch: Duration,
 }
 
 /// Why the settings could not be read.
@@ -431,6 +457,7 @@ impl Settings {
                 |value| value.parse().ok(),
             )?,
             hirefire_token: sources.raw("HIREFIRE_TOKEN").map(Secret::new),
+            fleet: FleetSettings::from_sources(sources)?,
         })
     }
 
@@ -440,6 +467,41 @@ impl Settings {
             .get(region)
             .copied()
             .unwrap_or(self.desired_free_mandelboxes)
+    }
+}
+
+fn seconds(sources: &Sources, key: &str, default: u64) -> Result<Duration, ConfigError> {
+    Ok(Duration::from_secs(sources.parse(
+        key,
+        default,
+        "a whole number of seconds, at least 1",
+        |value| value.parse().ok().filter(|seconds| *seconds > 0),
+    )?))
+}
+
+impl FleetSettings {
+    fn from_sources(sources: &Sources) -> Result<Self, ConfigError> {
+        Ok(Self {
+            autoscale: sources.parse("WHIST_AUTOSCALE", true, "true or false", |value| {
+                value.parse().ok()
+            })?,
+            host_capacity: sources.parse(
+                "WHIST_HOST_CAPACITY",
+                4u32,
+                "a whole number, at least 1",
+                |value| value.parse().ok().filter(|capacity| *capacity > 0),
+            )?,
+            registration_timeout: seconds(sources, "WHIST_REGISTRATION_TIMEOUT_S", 900)?,
+            drained_host_timeout: seconds(sources, "WHIST_DRAINED_HOST_TIMEOUT_S", 120)?,
+            repair_interval: seconds(sources, "WHIST_REPAIR_INTERVAL_S", 60)?,
+            job_claim: seconds(sources, "WHIST_JOB_CLAIM_S", 60)?,
+            fault_pause_after_launch: Duration::from_millis(sources.parse(
+                "WHIST_FAULT_PAUSE_AFTER_LAUNCH_MS",
+                0u64,
+                "a whole number of milliseconds",
+                |value| value.parse().ok(),
+            )?),
+        })
     }
 }
 
@@ -491,6 +553,17 @@ mod tests {
         assert_eq!(settings.assign_rate_limit_per_ip_per_minute, 600);
         assert_eq!(settings.stripe.api_base, "https://api.stripe.com");
         assert_eq!(settings.hirefire_token, None);
+        assert!(settings.fleet.autoscale);
+        assert_eq!(settings.fleet.host_capacity, 4);
+        assert_eq!(
+            settings.fleet.registration_timeout,
+            Duration::from_secs(900)
+        );
+        assert_eq!(
+            settings.fleet.drained_host_timeout,
+            Duration::from_secs(120)
+        );
+        assert_eq!(settings.fleet.fault_pause_after_launch, Duration::ZERO);
     }
 
     #[test]

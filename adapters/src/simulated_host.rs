@@ -37,6 +37,11 @@ impl SimulatedHost {
     pub fn stop(&self) {
         let _ = self.shutdown.send(true);
     }
+
+    /// Turns `true` once the host has stopped (switched off, or shut down after draining).
+    pub fn stopped(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
 }
 
 impl Drop for SimulatedHost {
@@ -51,6 +56,7 @@ struct HostState {
     auth_token: Arc<Mutex<Option<String>>>,
     http: reqwest::Client,
     shutdown: watch::Sender<bool>,
+    drain_requested: Arc<tokio::sync::Notify>,
 }
 
 impl HostState {
@@ -106,7 +112,9 @@ async fn drain_and_shutdown(
     if !state.authorised(request) {
         return Err(poem::Error::from_status(StatusCode::UNAUTHORIZED));
     }
-    let _ = state.shutdown.send(true);
+    // Like a real host service: take nothing new, keep heartbeating, and shut down once the webserver answers a
+    // heartbeat with 410 (draining complete). A heartbeat goes at once, so an empty host shuts down now.
+    state.drain_requested.notify_one();
     Ok(Json(serde_json::json!({})))
 }
 
@@ -152,6 +160,7 @@ pub async fn start(spec: SimulatedHostSpec) -> std::io::Result<SimulatedHost> {
             .build()
             .unwrap_or_default(),
         shutdown: shutdown.clone(),
+        drain_requested: Arc::new(tokio::sync::Notify::new()),
     };
     let app = Route::new()
         .at("/spin_up_mandelbox", poem::put(spin_up))
@@ -248,6 +257,7 @@ async fn live(state: HostState, ip: Ipv4Addr, mut shutdown: watch::Receiver<bool
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(interval)) => {}
+            _ = state.drain_requested.notified() => {}
             _ = shutdown.changed() => return,
         }
     }

@@ -1,31 +1,79 @@
-//! The autoscaler keeps a warm buffer of free mandelbox slots per enabled region, on hosts of the region's active
-//! image, counting hosts still booting. One process decides at a time (a Postgres advisory lock held on a
-//! dedicated connection; the embedded store has one process).
+//! The autoscaler keeps a warm buffer of free mandelbox slots per enabled region (`DESIRED_FREE_MANDELBOXES_<REGION>`,
+//! else `DESIRED_FREE_MANDELBOXES`) on hosts of the region's active image, and scales down empty hosts with
+//! hysteresis; the policy itself is pure (`whist_domain::scaling`). It records decisions (launch, drain) as instance
+//! commands; the reconciler carries them out.
 //!
-//! This is the launch half for simulated hosts (`WHIST_CLOUD=local`); scale-down and EC2 come with the reconciler
-//! issue.
+//! One process decides at a time: the leader holds a Postgres advisory lock on a dedicated connection (the embedded
+//! store has one process), checks before every pass that the connection (and so the lock) is still alive, and
+//! decides only on a read model that has caught up with the log as of the start of the pass, so that its own last
+//! decisions are counted. The leader also runs the repair against the cloud (`repair`).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use sqlx::Row;
+use sqlx::{PgConnection, Row};
 use tokio::sync::watch;
 use uuid::Uuid;
-use whist_adapters::store::Backend;
+use whist_adapters::config::CloudKind;
+use whist_adapters::store::{Backend, CommandError};
 use whist_adapters::tokens::{fingerprint, Purpose};
 use whist_domain::images::CATALOG_ID;
-use whist_domain::instance::{InstanceCommand, LaunchSpec};
+use whist_domain::instance::{
+    DrainReason, InstanceCommand, InstanceError, InstanceStatus, LaunchSpec,
+};
+use whist_domain::scaling::{plan_region, HostView, RegionPlan, Targets};
 use whist_domain::{Actor, EventMetadata};
 
-use crate::reconciler::SIMULATED_CAPACITY;
 use crate::state::AppState;
 
 /// The key of the autoscaler's advisory lock.
 const LOCK_KEY: i64 = 0x5768_6973_7441_5331;
+/// How long a pass waits for the read model to catch up before skipping.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
-/// Decides launches for the warm buffer.
+/// What one pass decided.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decisions {
+    pub launched: usize,
+    pub drained: usize,
+    /// Per region, the plan it followed.
+    pub plans: Vec<(String, RegionPlan)>,
+}
+
+/// Decides launches and drains.
 pub struct Autoscaler {
     state: AppState,
+}
+
+/// Reads a region's hosts from the `instances` read model (every host not yet ended).
+///
+/// # Errors
+/// The read model could not be read.
+pub async fn read_region(state: &AppState, region: &str) -> Result<Vec<HostView>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT instance_id, image_id, status, mandelbox_capacity, live_mandelboxes FROM instances \
+         WHERE region = $1 AND status IN ('PRE_CONNECTION', 'ACTIVE', 'DRAINING', 'UNRESPONSIVE')",
+    )
+    .bind(region)
+    .fetch_all(state.database.any())
+    .await?;
+    let mut hosts = Vec::with_capacity(rows.len());
+    for row in rows {
+        let status: String = row.try_get("status")?;
+        let Some(status) = InstanceStatus::parse(&status) else {
+            continue;
+        };
+        let capacity: i64 = row.try_get("mandelbox_capacity")?;
+        let live: i64 = row.try_get("live_mandelboxes")?;
+        hosts.push(HostView {
+            instance_id: row.try_get("instance_id")?,
+            image_id: row.try_get("image_id")?,
+            status,
+            capacity: u32::try_from(capacity).unwrap_or(0),
+            live: u32::try_from(live).unwrap_or(0),
+        });
+    }
+    Ok(hosts)
 }
 
 impl Autoscaler {
@@ -33,55 +81,70 @@ impl Autoscaler {
         Self { state }
     }
 
-    /// One decision for every enabled region; how many hosts it decided to launch.
+    /// Waits until the `instances` read model has applied every event sequenced before this call; whether it did
+    /// within `CATCH_UP_WAIT`.
+    async fn read_model_caught_up(&self) -> Result<bool, String> {
+        let head = self
+            .state
+            .database
+            .log()
+            .head()
+            .await
+            .map_err(|error| error.to_string())?;
+        let deadline = Instant::now() + CATCH_UP_WAIT;
+        loop {
+            let position: Option<i64> = sqlx::query_scalar(
+                "SELECT position FROM projection_checkpoints WHERE name = 'instances'",
+            )
+            .fetch_optional(self.state.database.any())
+            .await
+            .map_err(|error| error.to_string())?;
+            if position.unwrap_or(0) >= head {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// One decision for every enabled region.
     ///
     /// # Errors
     /// The store failed.
-    pub async fn decide_once(&self) -> Result<usize, String> {
+    pub async fn decide_once(&self) -> Result<Decisions, String> {
         let services = &self.state.services;
         let settings = &self.state.settings;
+        if !self.read_model_caught_up().await? {
+            tracing::warn!("autoscaler skipped a pass: the instances read model is behind the log");
+            return Ok(Decisions::default());
+        }
         let (catalog, _) = services
             .catalog
-            .load(CATALOG_ID)
+            .load_current(CATALOG_ID)
             .await
             .map_err(|error| error.to_string())?;
-        let mut launched = 0;
+        let mut decisions = Decisions::default();
         for region in &settings.enabled_regions {
             let Some(image) = catalog.active_in(region) else {
                 continue;
             };
-            let rows = sqlx::query(
-                "SELECT status, mandelbox_capacity, live_mandelboxes FROM instances \
-                 WHERE region = $1 AND image_id = $2 AND status IN ('ACTIVE', 'PRE_CONNECTION')",
-            )
-            .bind(region.as_str())
-            .bind(image.image_id.as_str())
-            .fetch_all(self.state.database.any())
-            .await
-            .map_err(|error| error.to_string())?;
-            let mut free = 0i64;
-            for row in &rows {
-                let status: String = row.try_get("status").map_err(|error| error.to_string())?;
-                let capacity: i64 = row
-                    .try_get("mandelbox_capacity")
-                    .map_err(|error| error.to_string())?;
-                let live: i64 = row
-                    .try_get("live_mandelboxes")
-                    .map_err(|error| error.to_string())?;
-                free += if status == "PRE_CONNECTION" {
-                    i64::from(SIMULATED_CAPACITY)
-                } else {
-                    (capacity - live).max(0)
-                };
-            }
-            let desired = i64::from(settings.desired_free_mandelboxes_in(region));
-            let missing = desired - free;
-            if missing <= 0 {
-                continue;
-            }
-            let hosts =
-                (missing + i64::from(SIMULATED_CAPACITY) - 1) / i64::from(SIMULATED_CAPACITY);
-            for _ in 0..hosts {
+            let hosts = read_region(&self.state, region)
+                .await
+                .map_err(|error| error.to_string())?;
+            let plan = plan_region(
+                &hosts,
+                Targets {
+                    active_image: &image.image_id,
+                    protected_images: &catalog.protected,
+                    desired_free: settings.desired_free_mandelboxes_in(region),
+                    expected_capacity: settings.fleet.host_capacity,
+                },
+            );
+            metrics::gauge!("whist_free_mandelboxes", "region" => region.clone())
+                .set(f64::from(plan.free));
+            for _ in 0..plan.launch {
                 let instance_id = Uuid::new_v4().to_string();
                 let bootstrap = services.tokens.derive(Purpose::Bootstrap, &instance_id);
                 let command = InstanceCommand::RequestLaunch {
@@ -103,45 +166,103 @@ impl Autoscaler {
                 tracing::info!(
                     region,
                     instance_id,
-                    free,
-                    desired,
+                    free = plan.free,
+                    desired = plan.desired,
                     "launching a host for the warm buffer"
                 );
-                launched += 1;
+                decisions.launched += 1;
             }
+            for instance_id in &plan.drain {
+                let metadata = EventMetadata::new(Actor::System, Utc::now());
+                let command = InstanceCommand::Drain {
+                    reason: DrainReason::ScaleDown,
+                    at: Utc::now(),
+                };
+                match services
+                    .instances
+                    .execute(instance_id, command, &metadata)
+                    .await
+                {
+                    Ok(()) => {
+                        tracing::info!(
+                            region,
+                            instance_id,
+                            free = plan.free,
+                            desired = plan.desired,
+                            "draining an empty host to scale down"
+                        );
+                        decisions.drained += 1;
+                    }
+                    // A mandelbox landed on it since the read: it stays.
+                    Err(CommandError::Rejected(InstanceError::NotEmpty)) => {}
+                    Err(error) => return Err(error.to_string()),
+                }
+            }
+            decisions.plans.push((region.clone(), plan));
         }
-        Ok(launched)
+        Ok(decisions)
     }
 
-    /// Decides every 2 s while this process holds the autoscaler lock, until `shutdown`.
+    /// Whether this process leads: it holds the advisory lock on a live connection (always, on the embedded store).
+    async fn lead(&self, held: &mut Option<PgConnection>) -> bool {
+        let Backend::Postgres(pool) = self.state.database.backend() else {
+            return true;
+        };
+        if let Some(connection) = held.as_mut() {
+            // The lock lives as long as the session: a dead connection means another process may lead now.
+            if sqlx::query("SELECT 1")
+                .execute(&mut *connection)
+                .await
+                .is_ok()
+            {
+                return true;
+            }
+            tracing::warn!("autoscaler lost its lock's connection; standing down");
+            *held = None;
+        }
+        let Ok(mut connection) = pool.acquire().await else {
+            return false;
+        };
+        let got: Result<bool, _> = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(LOCK_KEY)
+            .fetch_one(&mut *connection)
+            .await;
+        if matches!(got, Ok(true)) {
+            tracing::info!("this process now leads the autoscaler and the cloud repair");
+            // The connection must not go back to the pool holding the lock.
+            *held = Some(connection.detach());
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Decides every 2 s (and repairs every `WHIST_REPAIR_INTERVAL_S`) while this process leads, until `shutdown`.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut held = None;
+        let repair = crate::repair::Repair::new(self.state.clone());
+        let mut last_repair: Option<Instant> = None;
         loop {
             if *shutdown.borrow() {
                 return;
             }
-            let leading = match self.state.database.backend() {
-                Backend::Sqlite(_) => true,
-                Backend::Postgres(pool) => {
-                    if held.is_none() {
-                        if let Ok(mut connection) = pool.acquire().await {
-                            let got: Result<bool, _> =
-                                sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                                    .bind(LOCK_KEY)
-                                    .fetch_one(&mut *connection)
-                                    .await;
-                            if matches!(got, Ok(true)) {
-                                held = Some(connection);
-                            }
-                        }
+            if self.lead(&mut held).await {
+                if self.state.settings.fleet.autoscale {
+                    if let Err(error) = self.decide_once().await {
+                        tracing::warn!(error, "autoscaler decision failed");
                     }
-                    held.is_some()
                 }
-            };
-            if leading {
-                if let Err(error) = self.decide_once().await {
-                    tracing::warn!(error, "autoscaler decision failed");
-                    held = None;
+                let due = last_repair
+                    .is_none_or(|at| at.elapsed() >= self.state.settings.fleet.repair_interval);
+                if self.state.settings.cloud == CloudKind::Aws && due {
+                    last_repair = Some(Instant::now());
+                    match repair.run_once().await {
+                        Ok(report) if !report.is_quiet() => {
+                            tracing::info!(?report, "cloud repair acted");
+                        }
+                        Ok(_) => {}
+                        Err(error) => tracing::warn!(error, "cloud repair failed"),
+                    }
                 }
             }
             tokio::select! {

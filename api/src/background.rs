@@ -35,15 +35,11 @@ impl Background {
     /// Starts the reconciler and, with simulated hosts, the autoscaler.
     pub fn start_control(state: &crate::state::AppState) -> Self {
         let (shutdown, receiver) = watch::channel(false);
-        let mut tasks = vec![
+        let tasks = vec![
             tokio::spawn(crate::reconciler::Reconciler::new(state.clone()).run(receiver.clone())),
             tokio::spawn(crate::sweeper::Sweeper::new(state.clone()).run(receiver.clone())),
+            tokio::spawn(crate::autoscaler::Autoscaler::new(state.clone()).run(receiver)),
         ];
-        if state.settings.cloud == whist_adapters::config::CloudKind::Local {
-            tasks.push(tokio::spawn(
-                crate::autoscaler::Autoscaler::new(state.clone()).run(receiver),
-            ));
-        }
         Self { shutdown, tasks }
     }
 

@@ -20,8 +20,11 @@ use crate::heartbeats::{now_ms, Heartbeat};
 use crate::security::PeerToken;
 use crate::state::AppState;
 
-/// Seconds between heartbeats the webserver asks of hosts.
-pub const HEARTBEAT_INTERVAL_S: u32 = 60;
+/// Seconds between heartbeats the webserver asks of hosts: 60, or a quarter of `HEARTBEAT_TIMEOUT_S` when that is
+/// shorter, so that a live host is never judged silent.
+pub fn heartbeat_interval_s(timeout: std::time::Duration) -> u32 {
+    u32::try_from((timeout.as_secs() / 4).clamp(1, 60)).unwrap_or(60)
+}
 
 #[derive(Tags)]
 enum HostTag {
@@ -166,7 +169,7 @@ impl HostApi {
         {
             Ok(()) => RegisterResponse::Registered(Json(RegisterAnswer {
                 auth_token,
-                heartbeat_interval_s: HEARTBEAT_INTERVAL_S,
+                heartbeat_interval_s: heartbeat_interval_s(state.settings.heartbeat_timeout),
             })),
             Err(CommandError::Rejected(
                 InstanceError::Unknown
@@ -367,6 +370,59 @@ pub async fn end_mandelbox(
     placement: &whist_domain::mandelbox::Placement,
     metadata: &EventMetadata,
 ) -> Result<(), String> {
+    end_mandelbox_for(
+        state,
+        mandelbox_id,
+        placement,
+        metadata,
+        whist_domain::mandelbox::EndReason::Disconnected,
+    )
+    .await
+}
+
+/// Ends the mandelboxes still on a host that is gone (or going): each with `reason`, each as its own unit.
+///
+/// # Errors
+/// The store failed; the mandelboxes not yet ended are left for the next try.
+pub async fn end_mandelboxes_on(
+    state: &AppState,
+    instance_id: &str,
+    reason: whist_domain::mandelbox::EndReason,
+    metadata: &EventMetadata,
+) -> Result<usize, String> {
+    let services = &state.services;
+    let (instance, _) = services
+        .instances
+        .load_current(instance_id)
+        .await
+        .map_err(|error| error.to_string())?;
+    let mut ended = 0;
+    for mandelbox_id in &instance.mandelboxes {
+        let (mandelbox, _) = services
+            .mandelboxes
+            .load_current(mandelbox_id)
+            .await
+            .map_err(|error| error.to_string())?;
+        let Some(placement) = mandelbox.placement else {
+            continue;
+        };
+        end_mandelbox_for(state, mandelbox_id, &placement, metadata, reason).await?;
+        ended += 1;
+    }
+    Ok(ended)
+}
+
+/// `end_mandelbox`, saying why the mandelbox ends.
+///
+/// # Errors
+/// The store failed, or concurrent writers won every attempt.
+pub async fn end_mandelbox_for(
+    state: &AppState,
+    mandelbox_id: &str,
+    placement: &whist_domain::mandelbox::Placement,
+    metadata: &EventMetadata,
+    reason: whist_domain::mandelbox::EndReason,
+) -> Result<(), String> {
     const ATTEMPTS: usize = 10;
     let services = &state.services;
     let now = Utc::now();
@@ -378,7 +434,12 @@ pub async fn end_mandelbox(
             .stage(
                 &mut unit,
                 mandelbox_id,
-                vec![MandelboxCommand::Disconnect { at: now }],
+                vec![match reason {
+                    whist_domain::mandelbox::EndReason::Disconnected => {
+                        MandelboxCommand::Disconnect { at: now }
+                    }
+                    reason => MandelboxCommand::End { reason, at: now },
+                }],
             )
             .await
             .map_err(|error| error.to_string())?;

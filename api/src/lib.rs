@@ -17,6 +17,7 @@ pub mod host;
 pub mod middleware;
 pub mod ops;
 pub mod reconciler;
+pub mod repair;
 pub mod security;
 pub mod services;
 pub mod startup;

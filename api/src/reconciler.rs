@@ -1,7 +1,9 @@
 //! The reconciler: runs the side-effect jobs the `jobs` projection planned, at least once each, and records what
 //! happened as commands. Level-triggered: before acting it checks the aggregate, so a job whose decision is already
 //! carried out (or overtaken) is simply marked done. Any number of processes may run it: a job is claimed
-//! (`FOR UPDATE SKIP LOCKED` on Postgres) for a minute at a time, and a claim that expires is taken again.
+//! (`FOR UPDATE SKIP LOCKED` on Postgres) for `WHIST_JOB_CLAIM_S` and renewed while it runs; a claim that expires
+//! (its process died) is taken again. The attempt number is the claim's fencing token: a process whose claim was
+//! taken over can neither renew it nor record the job's outcome.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,19 +18,15 @@ use whist_adapters::host_client::{HostClient, SpinUp};
 use whist_adapters::simulated_host::{self, SimulatedHost, SimulatedHostSpec};
 use whist_adapters::store::CommandError;
 use whist_adapters::tokens::Purpose;
-use whist_domain::instance::{InstanceCommand, InstanceStatus, LaunchSpec};
+use whist_domain::instance::{Instance, InstanceCommand, InstanceStatus, LaunchSpec};
 use whist_domain::mandelbox::{EndReason, MandelboxCommand, MandelboxStatus};
 use whist_domain::{Actor, EventMetadata};
-use whist_projections::jobs::{LAUNCH, SPIN_UP};
+use whist_projections::jobs::{DRAIN, LAUNCH, SPIN_UP, TERMINATE, TERMINATE_STRAY};
 
 use crate::state::AppState;
 
-/// Mandelbox slots of a simulated host.
-pub const SIMULATED_CAPACITY: u32 = 4;
 /// Attempts before a job is given up.
 const MAX_ATTEMPTS: i64 = 6;
-/// How long a claim lasts.
-const CLAIM_MS: i64 = 60_000;
 
 /// A claimed job.
 #[derive(Debug, Clone)]
@@ -36,6 +34,8 @@ struct Job {
     id: i64,
     kind: String,
     aggregate_id: String,
+    payload: serde_json::Value,
+    /// The attempt this claim is; also the claim's fencing token.
     attempts: i64,
 }
 
@@ -70,7 +70,11 @@ impl Reconciler {
 
     /// Kinds this process runs: launching goes to simulated hosts (`local`) or EC2 (`aws`).
     fn kinds(&self) -> Vec<&'static str> {
-        vec![SPIN_UP, LAUNCH]
+        vec![SPIN_UP, LAUNCH, DRAIN, TERMINATE, TERMINATE_STRAY]
+    }
+
+    fn claim_ms(&self) -> i64 {
+        i64::try_from(self.state.settings.fleet.job_claim.as_millis()).unwrap_or(60_000)
     }
 
     /// Claims up to `limit` runnable jobs.
@@ -89,20 +93,25 @@ impl Reconciler {
             "UPDATE jobs SET status = 'running', attempts = attempts + 1, claimed_until_ms = $2 \
              WHERE id IN (SELECT id FROM jobs WHERE ((status = 'pending' AND run_after_ms <= $1) \
                OR (status = 'running' AND claimed_until_ms < $1)) AND kind IN ({}) ORDER BY id LIMIT $3{lock}) \
-             RETURNING id, kind, aggregate_id, attempts",
+             RETURNING id, kind, aggregate_id, payload, attempts",
             placeholders.join(", ")
         );
-        let mut query = sqlx::query(&sql).bind(now).bind(now + CLAIM_MS).bind(limit);
+        let mut query = sqlx::query(&sql)
+            .bind(now)
+            .bind(now + self.claim_ms())
+            .bind(limit);
         for kind in kinds {
             query = query.bind(kind);
         }
         let rows = query.fetch_all(self.state.database.any()).await?;
         rows.iter()
             .map(|row| {
+                let payload: String = row.try_get("payload")?;
                 Ok(Job {
                     id: row.try_get("id")?,
                     kind: row.try_get("kind")?,
                     aggregate_id: row.try_get("aggregate_id")?,
+                    payload: serde_json::from_str(&payload).unwrap_or_default(),
                     attempts: row.try_get("attempts")?,
                 })
             })
@@ -129,16 +138,27 @@ impl Reconciler {
                 "job did not complete"
             );
         }
-        sqlx::query(
+        let recorded = sqlx::query(
             "UPDATE jobs SET status = $2, run_after_ms = $3, last_error = $4, \
-             finished_ms = CASE WHEN $2 = 'done' OR $2 = 'failed' THEN $3 ELSE NULL END WHERE id = $1",
+             finished_ms = CASE WHEN $2 = 'done' OR $2 = 'failed' THEN $3 ELSE NULL END \
+             WHERE id = $1 AND attempts = $5 AND status = 'running'",
         )
         .bind(job.id)
         .bind(status)
         .bind(run_after)
         .bind(error)
+        .bind(job.attempts)
         .execute(self.state.database.any())
         .await?;
+        if recorded.rows_affected() == 0 {
+            // Another process took the job over (this claim expired); its outcome is that process's to record.
+            tracing::warn!(
+                job = job.id,
+                kind = job.kind,
+                "job was taken over; outcome left to its new claimant"
+            );
+            return Ok(());
+        }
         if status == "failed" && job.kind == SPIN_UP {
             self.abandon_mandelbox(&job.aggregate_id).await;
         }
@@ -154,6 +174,9 @@ impl Reconciler {
                 CloudKind::Local => self.launch_simulated(&job.aggregate_id).await,
                 CloudKind::Aws => self.launch_ec2(&job.aggregate_id).await,
             },
+            DRAIN => self.drain(&job.aggregate_id).await,
+            TERMINATE => self.terminate(&job.aggregate_id).await,
+            TERMINATE_STRAY => self.terminate_stray(job).await,
             other => Outcome::GiveUp(format!("unknown job kind {other}")),
         }
     }
@@ -264,7 +287,18 @@ impl Reconciler {
             user_data,
         };
         let metadata = EventMetadata::new(Actor::System, Utc::now());
-        let command = match ec2.launch(&request).await {
+        let launched = ec2.launch(&request).await;
+        let pause = self.state.settings.fleet.fault_pause_after_launch;
+        if !pause.is_zero() {
+            tracing::warn!(
+                instance_id,
+                outcome = ?launched.as_ref().map(|launched| &launched.cloud_instance_id),
+                pause_ms = pause.as_millis(),
+                "launch call returned; pausing before recording it (WHIST_FAULT_PAUSE_AFTER_LAUNCH_MS)"
+            );
+            tokio::time::sleep(pause).await;
+        }
+        let command = match launched {
             Ok(launched) => InstanceCommand::RecordLaunch {
                 cloud_instance_id: launched.cloud_instance_id,
                 at: Utc::now(),
@@ -300,7 +334,7 @@ impl Reconciler {
             image_id: spec.image_id,
             instance_type: spec.instance_type,
             client_commit_hash: spec.client_commit_hash,
-            mandelbox_capacity: SIMULATED_CAPACITY,
+            mandelbox_capacity: self.state.settings.fleet.host_capacity,
             port: self.state.settings.host_service_port,
         })
         .await
@@ -331,6 +365,154 @@ impl Reconciler {
         }
     }
 
+    async fn load_instance(&self, instance_id: &str) -> Result<Instance, Outcome> {
+        self.state
+            .services
+            .instances
+            .load_current(instance_id)
+            .await
+            .map(|(instance, _)| instance)
+            .map_err(|error| Outcome::Retry(error.to_string()))
+    }
+
+    /// Asks a draining host to drain and shut down. A host that does not answer is left to the timeouts: silent,
+    /// it becomes unresponsive; empty for `WHIST_DRAINED_HOST_TIMEOUT_S`, it is terminated.
+    async fn drain(&self, instance_id: &str) -> Outcome {
+        let instance = match self.load_instance(instance_id).await {
+            Ok(instance) => instance,
+            Err(outcome) => return outcome,
+        };
+        let (Some(InstanceStatus::Draining), Some(ip)) = (instance.status, instance.ip) else {
+            // Not draining any more, or never registered (nothing to ask).
+            return Outcome::Done;
+        };
+        let token = self
+            .state
+            .services
+            .tokens
+            .derive(Purpose::HostAuth, instance_id);
+        match self.hosts.drain_and_shutdown(&ip, &token).await {
+            Ok(()) => Outcome::Done,
+            Err(error) => Outcome::Retry(error.to_string()),
+        }
+    }
+
+    /// Ends a host whose termination was decided: in the cloud (EC2, or the simulated host of this process), then
+    /// records it gone and ends any mandelbox still recorded on it.
+    async fn terminate(&self, instance_id: &str) -> Outcome {
+        let instance = match self.load_instance(instance_id).await {
+            Ok(instance) => instance,
+            Err(outcome) => return outcome,
+        };
+        if instance.status != Some(InstanceStatus::Terminating) {
+            return Outcome::Done;
+        }
+        match self.state.settings.cloud {
+            CloudKind::Local => {
+                if let Some(host) = self.simulated.lock().await.remove(instance_id) {
+                    host.stop();
+                }
+            }
+            CloudKind::Aws => {
+                let Some(ec2) = &self.state.services.ec2 else {
+                    return Outcome::GiveUp("EC2 is not configured in this process".to_string());
+                };
+                let Some(spec) = &instance.spec else {
+                    return Outcome::Done;
+                };
+                // The launch may have happened without being recorded (a crash in between): find it by its tag.
+                let cloud_instance_id = match &instance.cloud_instance_id {
+                    Some(known) => Some(known.clone()),
+                    None => match ec2.find_launch(&spec.region, instance_id).await {
+                        Ok(found) => found.map(|found| found.cloud_instance_id),
+                        Err(error) => return Outcome::Retry(error.to_string()),
+                    },
+                };
+                if let Some(cloud_instance_id) = cloud_instance_id {
+                    if let Err(error) = ec2
+                        .terminate(&spec.region, std::slice::from_ref(&cloud_instance_id))
+                        .await
+                    {
+                        return Outcome::Retry(error.to_string());
+                    }
+                }
+            }
+        }
+        let metadata = EventMetadata::new(Actor::System, Utc::now());
+        if let Err(error) = self
+            .state
+            .services
+            .instances
+            .execute(
+                instance_id,
+                InstanceCommand::RecordTerminated { at: Utc::now() },
+                &metadata,
+            )
+            .await
+        {
+            return Outcome::Retry(error.to_string());
+        }
+        match crate::host::end_mandelboxes_on(
+            &self.state,
+            instance_id,
+            EndReason::HostLost,
+            &metadata,
+        )
+        .await
+        {
+            Ok(_) => Outcome::Done,
+            Err(error) => Outcome::Retry(error),
+        }
+    }
+
+    /// Terminates a cloud instance that is no live host's (the decision is recorded in the payload's event).
+    async fn terminate_stray(&self, job: &Job) -> Outcome {
+        let (Some(region), Some(cloud_instance_id)) = (
+            job.payload["region"].as_str(),
+            job.payload["cloud_instance_id"].as_str(),
+        ) else {
+            return Outcome::GiveUp("a stray job without region or instance".to_string());
+        };
+        let Some(ec2) = &self.state.services.ec2 else {
+            return Outcome::GiveUp("EC2 is not configured in this process".to_string());
+        };
+        match ec2
+            .terminate(region, &[cloud_instance_id.to_string()])
+            .await
+        {
+            Ok(()) => Outcome::Done,
+            Err(error) => Outcome::Retry(error.to_string()),
+        }
+    }
+
+    /// Runs one claimed job, renewing its claim every third of the claim time while it runs.
+    async fn run_claimed(&self, job: &Job) -> Outcome {
+        let claim_ms = self.claim_ms();
+        let renew_every =
+            Duration::from_millis(u64::try_from(claim_ms / 3).unwrap_or(1000).max(100));
+        let work = self.run_job(job);
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                outcome = &mut work => return outcome,
+                _ = tokio::time::sleep(renew_every) => {
+                    let until = Utc::now().timestamp_millis() + claim_ms;
+                    let renewed = sqlx::query(
+                        "UPDATE jobs SET claimed_until_ms = $2 WHERE id = $1 AND attempts = $3 AND status = 'running'",
+                    )
+                    .bind(job.id)
+                    .bind(until)
+                    .bind(job.attempts)
+                    .execute(self.state.database.any())
+                    .await;
+                    if let Err(error) = renewed {
+                        tracing::warn!(job = job.id, error = %error, "could not renew a job's claim");
+                    }
+                }
+            }
+        }
+    }
+
     /// Runs jobs until `shutdown`, waking when the log moves and at least every 500 ms.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut advanced = self.state.database.signal().on_advance();
@@ -349,7 +531,7 @@ impl Reconciler {
                     for job in jobs {
                         let reconciler = self.clone();
                         running.push(tokio::spawn(async move {
-                            let outcome = reconciler.run_job(&job).await;
+                            let outcome = reconciler.run_claimed(&job).await;
                             if let Err(error) = reconciler.finish(&job, outcome).await {
                                 tracing::warn!(job = job.id, error = %error, "could not record a job's outcome");
                             }

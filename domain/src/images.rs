@@ -3,7 +3,7 @@
 //! A release switches every region in one event of this one aggregate, so no reader can ever see some regions
 //! switched and others not, and replaying the log reproduces the switch exactly.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
@@ -25,6 +25,9 @@ pub struct RegionImage {
 pub struct ImageCatalog {
     /// Per region, the active image.
     pub active: BTreeMap<String, RegionImage>,
+    /// Images whose hosts the autoscaler never drains (a release's candidates, while it is prepared).
+    #[serde(default)]
+    pub protected: BTreeSet<String>,
 }
 
 /// Commands the catalog takes.
@@ -34,6 +37,16 @@ pub enum ImageCatalogCommand {
     Activate {
         client_commit_hash: String,
         images: BTreeMap<String, String>,
+        at: DateTime<Utc>,
+    },
+    /// Keep the hosts of these images from being scaled down. Idempotent.
+    Protect {
+        image_ids: BTreeSet<String>,
+        at: DateTime<Utc>,
+    },
+    /// Let these images' hosts be scaled down again. Idempotent.
+    Unprotect {
+        image_ids: BTreeSet<String>,
         at: DateTime<Utc>,
     },
 }
@@ -47,11 +60,24 @@ pub enum ImageCatalogEvent {
         images: BTreeMap<String, String>,
         at: DateTime<Utc>,
     },
+    ImagesProtected {
+        image_ids: BTreeSet<String>,
+        at: DateTime<Utc>,
+    },
+    ImagesUnprotected {
+        image_ids: BTreeSet<String>,
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for ImageCatalogEvent {
     fn event_type(&self) -> String {
-        "ImageReleaseActivated".to_string()
+        match self {
+            Self::ReleaseActivated { .. } => "ImageReleaseActivated",
+            Self::ImagesProtected { .. } => "ImagesProtected",
+            Self::ImagesUnprotected { .. } => "ImagesUnprotected",
+        }
+        .to_string()
     }
 
     fn event_version(&self) -> String {
@@ -100,6 +126,27 @@ impl ImageCatalog {
                     at,
                 }])
             }
+            ImageCatalogCommand::Protect { image_ids, at } => {
+                let new: BTreeSet<String> =
+                    image_ids.difference(&self.protected).cloned().collect();
+                Ok(if new.is_empty() {
+                    vec![]
+                } else {
+                    vec![ImageCatalogEvent::ImagesProtected { image_ids: new, at }]
+                })
+            }
+            ImageCatalogCommand::Unprotect { image_ids, at } => {
+                let held: BTreeSet<String> =
+                    image_ids.intersection(&self.protected).cloned().collect();
+                Ok(if held.is_empty() {
+                    vec![]
+                } else {
+                    vec![ImageCatalogEvent::ImagesUnprotected {
+                        image_ids: held,
+                        at,
+                    }]
+                })
+            }
         }
     }
 }
@@ -138,6 +185,14 @@ impl Aggregate for ImageCatalog {
                             client_commit_hash: client_commit_hash.clone(),
                         },
                     );
+                }
+            }
+            ImageCatalogEvent::ImagesProtected { image_ids, .. } => {
+                self.protected.extend(image_ids);
+            }
+            ImageCatalogEvent::ImagesUnprotected { image_ids, .. } => {
+                for image_id in image_ids {
+                    self.protected.remove(&image_id);
                 }
             }
         }
@@ -190,6 +245,35 @@ mod tests {
                 at: at(),
             })
             .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn protecting_records_only_images_not_yet_protected_and_unprotecting_only_those_held() {
+        let set = |ids: &[&str]| ids.iter().map(|id| id.to_string()).collect::<BTreeSet<_>>();
+        let given = vec![ImageCatalogEvent::ImagesProtected {
+            image_ids: set(&["ami-1"]),
+            at: at(),
+        }];
+        TestFramework::<ImageCatalog>::with(())
+            .given(given.clone())
+            .when(ImageCatalogCommand::Protect {
+                image_ids: set(&["ami-1", "ami-2"]),
+                at: at(),
+            })
+            .then_expect_events(vec![ImageCatalogEvent::ImagesProtected {
+                image_ids: set(&["ami-2"]),
+                at: at(),
+            }]);
+        TestFramework::<ImageCatalog>::with(())
+            .given(given)
+            .when(ImageCatalogCommand::Unprotect {
+                image_ids: set(&["ami-1", "ami-3"]),
+                at: at(),
+            })
+            .then_expect_events(vec![ImageCatalogEvent::ImagesUnprotected {
+                image_ids: set(&["ami-1"]),
+                at: at(),
+            }]);
     }
 
     #[test]

@@ -80,6 +80,9 @@ pub struct Instance {
     pub launch_requested_at: Option<DateTime<Utc>>,
     /// The status to return to when an unresponsive host is heard from again.
     pub status_before_silence: Option<InstanceStatus>,
+    /// Cloud instances carrying this launch's tag that were not (or no longer) its host, and were terminated.
+    #[serde(default)]
+    pub strays_terminated: BTreeSet<String>,
 }
 
 /// Commands the instance takes.
@@ -134,6 +137,14 @@ pub enum InstanceCommand {
     },
     /// The cloud reports the host gone. Idempotent.
     RecordTerminated { at: DateTime<Utc> },
+    /// The cloud holds an instance tagged with this launch that is not its live host (a second instance of the
+    /// launch, or one outliving its record, or one whose decision was never recorded): end it. Taken in any state,
+    /// even by an id with no launch decision. Idempotent per cloud instance.
+    TerminateStray {
+        region: String,
+        cloud_instance_id: String,
+        at: DateTime<Utc>,
+    },
 }
 
 /// Why a host drains.
@@ -210,6 +221,11 @@ pub enum InstanceEvent {
     Terminated {
         at: DateTime<Utc>,
     },
+    StrayTerminated {
+        region: String,
+        cloud_instance_id: String,
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for InstanceEvent {
@@ -226,6 +242,7 @@ impl DomainEvent for InstanceEvent {
             Self::BecameResponsive { .. } => "InstanceBecameResponsive",
             Self::TerminationStarted { .. } => "InstanceTerminationStarted",
             Self::Terminated { .. } => "InstanceTerminated",
+            Self::StrayTerminated { .. } => "InstanceStrayTerminated",
         };
         name.to_string()
     }
@@ -256,6 +273,10 @@ pub enum InstanceError {
     CloudInstanceMismatch,
     #[error("the host is not in a state that allows this")]
     InvalidTransition,
+    #[error("the host holds mandelboxes")]
+    NotEmpty,
+    #[error("the cloud instance is this launch's live host (or the one it awaits), not a stray")]
+    NotAStray,
 }
 
 impl Instance {
@@ -373,6 +394,12 @@ impl Instance {
                 }])
             }
             C::Drain { reason, at } => match self.status()? {
+                // Scaling down takes only an empty host: a mandelbox placed since the decision was read keeps it.
+                S::PreConnection | S::Active | S::Unresponsive
+                    if reason == DrainReason::ScaleDown && !self.mandelboxes.is_empty() =>
+                {
+                    Err(InstanceError::NotEmpty)
+                }
                 S::PreConnection | S::Active | S::Unresponsive => {
                     Ok(vec![E::DrainStarted { reason, at }])
                 }
@@ -392,12 +419,48 @@ impl Instance {
             },
             C::Terminate { reason, at } => match self.status()? {
                 S::Terminating | S::Terminated => Ok(vec![]),
+                // Only silence justifies ending a host through the cloud without asking it first.
+                status
+                    if reason == TerminationReason::Unresponsive && status != S::Unresponsive =>
+                {
+                    Err(InstanceError::InvalidTransition)
+                }
+                // Only a host that never registered can be ended for not registering.
+                status
+                    if reason == TerminationReason::NeverRegistered
+                        && status != S::PreConnection =>
+                {
+                    Err(InstanceError::InvalidTransition)
+                }
                 _ => Ok(vec![E::TerminationStarted { reason, at }]),
             },
             C::RecordTerminated { at } => match self.status()? {
                 S::Terminated => Ok(vec![]),
                 _ => Ok(vec![E::Terminated { at }]),
             },
+            C::TerminateStray {
+                region,
+                cloud_instance_id,
+                at,
+            } => {
+                let ended = matches!(self.status, Some(S::Terminating | S::Terminated) | None);
+                let its_host =
+                    self.cloud_instance_id.as_deref() == Some(cloud_instance_id.as_str());
+                // A launch still waiting for its instance adopts the one it finds rather than ending it.
+                let awaited =
+                    self.status == Some(S::PreConnection) && self.cloud_instance_id.is_none();
+                if (its_host || awaited) && !ended {
+                    return Err(InstanceError::NotAStray);
+                }
+                if self.strays_terminated.contains(&cloud_instance_id) {
+                    return Ok(vec![]);
+                }
+                Ok(vec![E::StrayTerminated {
+                    region,
+                    cloud_instance_id,
+                    at,
+                }])
+            }
         }
     }
 }
@@ -467,6 +530,11 @@ impl Aggregate for Instance {
             }
             E::TerminationStarted { .. } => self.status = Some(S::Terminating),
             E::Terminated { .. } => self.status = Some(S::Terminated),
+            E::StrayTerminated {
+                cloud_instance_id, ..
+            } => {
+                self.strays_terminated.insert(cloud_instance_id);
+            }
         }
     }
 }
@@ -817,6 +885,145 @@ mod tests {
             at: at(),
         });
         assert_eq!(instance.status, Some(InstanceStatus::Terminated));
+    }
+
+    #[test]
+    fn scaling_down_takes_only_an_empty_host() {
+        let mut events = active(2);
+        allocated(&mut events, "m1", 1);
+        InstanceTest::with(())
+            .given(events)
+            .when(InstanceCommand::Drain {
+                reason: DrainReason::ScaleDown,
+                at: at(),
+            })
+            .then_expect_error(InstanceError::NotEmpty);
+        InstanceTest::with(())
+            .given(active(2))
+            .when(InstanceCommand::Drain {
+                reason: DrainReason::ScaleDown,
+                at: at(),
+            })
+            .then_expect_events(vec![InstanceEvent::DrainStarted {
+                reason: DrainReason::ScaleDown,
+                at: at(),
+            }]);
+    }
+
+    #[test]
+    fn only_a_silent_host_is_ended_for_silence() {
+        InstanceTest::with(())
+            .given(active(2))
+            .when(InstanceCommand::Terminate {
+                reason: TerminationReason::Unresponsive,
+                at: at(),
+            })
+            .then_expect_error(InstanceError::InvalidTransition);
+        let mut events = active(2);
+        events.push(InstanceEvent::BecameUnresponsive { at: at() });
+        InstanceTest::with(())
+            .given(events)
+            .when(InstanceCommand::Terminate {
+                reason: TerminationReason::Unresponsive,
+                at: at(),
+            })
+            .then_expect_events(vec![InstanceEvent::TerminationStarted {
+                reason: TerminationReason::Unresponsive,
+                at: at(),
+            }]);
+    }
+
+    #[test]
+    fn only_a_host_still_booting_is_ended_for_never_registering() {
+        InstanceTest::with(())
+            .given(active(2))
+            .when(InstanceCommand::Terminate {
+                reason: TerminationReason::NeverRegistered,
+                at: at(),
+            })
+            .then_expect_error(InstanceError::InvalidTransition);
+        InstanceTest::with(())
+            .given(launched())
+            .when(InstanceCommand::Terminate {
+                reason: TerminationReason::NeverRegistered,
+                at: at(),
+            })
+            .then_expect_events(vec![InstanceEvent::TerminationStarted {
+                reason: TerminationReason::NeverRegistered,
+                at: at(),
+            }]);
+    }
+
+    fn stray(id: &str) -> InstanceCommand {
+        InstanceCommand::TerminateStray {
+            region: "us-east-1".to_string(),
+            cloud_instance_id: id.to_string(),
+            at: at(),
+        }
+    }
+
+    #[test]
+    fn a_second_instance_of_a_launch_is_a_stray_but_its_host_is_not() {
+        let mut events = active(2);
+        events.push(InstanceEvent::Launched {
+            cloud_instance_id: "i-1".to_string(),
+            at: at(),
+        });
+        InstanceTest::with(())
+            .given(events.clone())
+            .when(stray("i-1"))
+            .then_expect_error(InstanceError::NotAStray);
+        InstanceTest::with(())
+            .given(events)
+            .when(stray("i-2"))
+            .then_expect_events(vec![InstanceEvent::StrayTerminated {
+                region: "us-east-1".to_string(),
+                cloud_instance_id: "i-2".to_string(),
+                at: at(),
+            }]);
+    }
+
+    #[test]
+    fn a_launch_awaiting_its_instance_adopts_rather_than_ends_it() {
+        InstanceTest::with(())
+            .given(launched())
+            .when(stray("i-1"))
+            .then_expect_error(InstanceError::NotAStray);
+    }
+
+    #[test]
+    fn an_instance_outliving_its_record_or_without_one_is_a_stray_once() {
+        let mut events = launched();
+        events.push(InstanceEvent::Launched {
+            cloud_instance_id: "i-1".to_string(),
+            at: at(),
+        });
+        events.push(InstanceEvent::Terminated { at: at() });
+        InstanceTest::with(())
+            .given(events.clone())
+            .when(stray("i-1"))
+            .then_expect_events(vec![InstanceEvent::StrayTerminated {
+                region: "us-east-1".to_string(),
+                cloud_instance_id: "i-1".to_string(),
+                at: at(),
+            }]);
+        events.push(InstanceEvent::StrayTerminated {
+            region: "us-east-1".to_string(),
+            cloud_instance_id: "i-1".to_string(),
+            at: at(),
+        });
+        InstanceTest::with(())
+            .given(events)
+            .when(stray("i-1"))
+            .then_expect_events(vec![]);
+        InstanceTest::with(())
+            .given_no_previous_events()
+            .when(stray("i-9"))
+            .then_expect_events(vec![InstanceEvent::StrayTerminated {
+                region: "us-east-1".to_string(),
+                cloud_instance_id: "i-9".to_string(),
+                at: at(),
+            }]);
     }
 
     fn any_command() -> impl Strategy<Value = InstanceCommand> {

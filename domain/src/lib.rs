@@ -8,6 +8,7 @@ pub mod instance;
 pub mod mandelbox;
 pub mod metadata;
 pub mod probe;
+pub mod scaling;
 pub mod session;
 pub mod subscription;
 pub mod user;

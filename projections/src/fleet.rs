@@ -121,6 +121,8 @@ impl Projection for Instances {
                 InstanceEvent::TerminationStarted { at, .. } => {
                     set_status(connection, table, id, InstanceStatus::Terminating, at).await?;
                 }
+                // A cloud instance that was not the host: the host's own row is unchanged.
+                InstanceEvent::StrayTerminated { .. } => {}
             }
         }
         Ok(())

@@ -16,6 +16,51 @@ use crate::projection::{Projection, ProjectionError, Tables};
 /// Kinds of job.
 pub const SPIN_UP: &str = "spin_up_mandelbox";
 pub const LAUNCH: &str = "launch_instance";
+/// Ask a host service to drain and shut down.
+pub const DRAIN: &str = "drain_host";
+/// End a host in the cloud.
+pub const TERMINATE: &str = "terminate_instance";
+/// End a cloud instance that is no live host's (payload: region, cloud instance id).
+pub const TERMINATE_STRAY: &str = "terminate_stray";
+
+/// The job an event asks for: kind, key (unique per kind), payload.
+fn plan(
+    event: &LoggedEvent,
+) -> Result<Option<(&'static str, String, serde_json::Value)>, ProjectionError> {
+    let unreadable = |error: serde_json::Error| ProjectionError::UnreadableEvent {
+        position: event.position,
+        event_type: event.event_type.clone(),
+        reason: error.to_string(),
+    };
+    let id = event.aggregate_id.clone();
+    let position = serde_json::json!({ "position": event.position });
+    Ok(match event.aggregate_type.as_str() {
+        "mandelbox" if event.event_type == "MandelboxAllocated" => {
+            let _: MandelboxEvent = event.payload_as().map_err(unreadable)?;
+            Some((SPIN_UP, id, position))
+        }
+        "instance" => match event.payload_as::<InstanceEvent>().map_err(unreadable)? {
+            InstanceEvent::LaunchRequested { .. } => Some((LAUNCH, id, position)),
+            InstanceEvent::DrainStarted { .. } => Some((DRAIN, id, position)),
+            InstanceEvent::TerminationStarted { .. } => Some((TERMINATE, id, position)),
+            InstanceEvent::StrayTerminated {
+                region,
+                cloud_instance_id,
+                ..
+            } => Some((
+                TERMINATE_STRAY,
+                cloud_instance_id.clone(),
+                serde_json::json!({
+                    "position": event.position,
+                    "region": region,
+                    "cloud_instance_id": cloud_instance_id,
+                }),
+            )),
+            _ => None,
+        },
+        _ => None,
+    })
+}
 
 /// The `jobs` projection.
 #[derive(Debug, Clone, Copy, Default)]
@@ -43,31 +88,9 @@ impl Projection for JobPlanner {
     ) -> Result<(), ProjectionError> {
         let table = tables.get("jobs")?;
         for event in events {
-            let job =
-                match (event.aggregate_type.as_str(), event.event_type.as_str()) {
-                    ("mandelbox", "MandelboxAllocated") => {
-                        let _: MandelboxEvent = event.payload_as().map_err(|error| {
-                            ProjectionError::UnreadableEvent {
-                                position: event.position,
-                                event_type: event.event_type.clone(),
-                                reason: error.to_string(),
-                            }
-                        })?;
-                        Some(SPIN_UP)
-                    }
-                    ("instance", "InstanceLaunchRequested") => {
-                        let _: InstanceEvent = event.payload_as().map_err(|error| {
-                            ProjectionError::UnreadableEvent {
-                                position: event.position,
-                                event_type: event.event_type.clone(),
-                                reason: error.to_string(),
-                            }
-                        })?;
-                        Some(LAUNCH)
-                    }
-                    _ => None,
-                };
-            let Some(kind) = job else { continue };
+            let Some((kind, key, payload)) = plan(event)? else {
+                continue;
+            };
             let now = Utc::now().timestamp_millis();
             sqlx::query(&format!(
                 "INSERT INTO {table} (kind, job_key, aggregate_id, payload, status, attempts, run_after_ms, \
@@ -75,9 +98,9 @@ impl Projection for JobPlanner {
                  ON CONFLICT (job_key) DO NOTHING"
             ))
             .bind(kind)
-            .bind(format!("{kind}:{}", event.aggregate_id))
+            .bind(format!("{kind}:{key}"))
             .bind(event.aggregate_id.as_str())
-            .bind(serde_json::json!({ "position": event.position }).to_string())
+            .bind(payload.to_string())
             .bind(now)
             .execute(&mut *connection)
             .await?;

@@ -1,7 +1,10 @@
 //! Helpers for the black-box test suite: fresh databases, an in-process server on a free port, and the real
 //! `whist` binary as a child process.
 
+pub mod moto_hosts;
 pub mod stripe_fake;
+
+pub use moto_hosts::MotoHosts;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -116,6 +119,7 @@ impl TestDatabase {
         // test asks for one.
         settings.host_service_port = free_port();
         settings.desired_free_mandelboxes = 0;
+        settings.fleet.autoscale = false;
         // Hosts are started by the tests themselves (simulated hosts in this process, on loopback), as real
         // hosts are started outside the webserver; a test that wants the server's own simulated fleet says so.
         settings.cloud = whist_adapters::config::CloudKind::Aws;

@@ -37,6 +37,7 @@ async fn two_servers_never_give_one_slot_twice_nor_overfill_a_host() {
                 ("HOST_SERVICE_SCHEME", "http".to_string()),
                 // Hosts come from outside (this test), as they would from EC2.
                 ("WHIST_CLOUD", "aws".to_string()),
+                ("WHIST_AUTOSCALE", "false".to_string()),
                 ("RUST_LOG", "warn".to_string()),
             ],
             &format!("serve-{index}.log"),

@@ -19,6 +19,7 @@ async fn simulated_hosts_keep_the_buffer_and_run_a_mandelbox_from_assign_to_disc
     let database = TestDatabase::sqlite();
     let mut settings = database.settings();
     settings.desired_free_mandelboxes = 2;
+    settings.fleet.autoscale = true;
     settings.cloud = whist_adapters::config::CloudKind::Local;
     let app = spawn_app_with(&database, settings).await;
     assert!(
