@@ -613,8 +613,19 @@ impl TestApp {
 
     /// Waits until the `instances` read model shows the host in `status`.
     pub async fn wait_for_instance(&self, instance_id: &str, status: &str) {
+        self.wait_for_instance_within(instance_id, status, Duration::from_secs(10))
+            .await;
+    }
+
+    /// `wait_for_instance` with a longer patience.
+    pub async fn wait_for_instance_within(
+        &self,
+        instance_id: &str,
+        status: &str,
+        timeout: Duration,
+    ) {
         let database = self.state.database.clone();
-        let reached = eventually(Duration::from_secs(10), || {
+        let reached = eventually(timeout, || {
             let database = database.clone();
             let instance_id = instance_id.to_string();
             let status = status.to_string();
@@ -657,6 +668,23 @@ impl TestApp {
             reached,
             "host {instance_id} reached {live} live mandelboxes"
         );
+    }
+
+    /// The protocol server's `POST /mandelbox/{id}/disconnect` with the mandelbox's secret; the status.
+    pub async fn disconnect(&self, mandelbox_id: &str) -> u16 {
+        let secret = self
+            .state
+            .services
+            .tokens
+            .derive(whist_adapters::tokens::Purpose::Protocol, mandelbox_id);
+        self.client
+            .post(self.url(&format!("/mandelbox/{mandelbox_id}/disconnect")))
+            .bearer_auth(secret)
+            .send()
+            .await
+            .expect("answers")
+            .status()
+            .as_u16()
     }
 
     /// `GET /mandelbox/{id}` as `token`'s user; the body.

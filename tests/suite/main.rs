@@ -5,6 +5,7 @@ mod auth;
 mod concurrency;
 mod config;
 mod ec2;
+mod fleet;
 mod host;
 mod http;
 mod process;
