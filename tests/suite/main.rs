@@ -6,6 +6,7 @@ mod concurrency;
 mod config;
 mod ec2;
 mod fleet;
+mod fleet_crash;
 mod host;
 mod http;
 mod process;
