@@ -84,6 +84,9 @@ enum DevCommand {
 enum BenchCommand {
     /// Appends/s at 1, 4 and 64 writers and projection rebuild events/s, beside pgbench one-row inserts.
     Store(crate::bench::StoreBenchOptions),
+    /// The autoscaler's decision time over 10,000 hosts and 100,000 mandelboxes, and the reconciler's side effects
+    /// per second against an EC2 API (moto on loopback), beside that API's own rate.
+    Fleet(crate::bench_fleet::FleetBenchOptions),
 }
 
 /// Runs the command line; the exit code says whether the command succeeded.
@@ -197,6 +200,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Loadtest(options) => crate::loadtest::run(options).await,
         Command::Bench { command } => match command {
             BenchCommand::Store(options) => crate::bench::store(options).await,
+            BenchCommand::Fleet(options) => crate::bench_fleet::fleet(options).await,
         },
     }
 }

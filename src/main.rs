@@ -2,6 +2,7 @@
 //! library crates; see ARCHITECTURE.md for the map.
 
 mod bench;
+mod bench_fleet;
 mod cli;
 mod loadtest;
 

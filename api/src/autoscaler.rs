@@ -17,7 +17,7 @@ use uuid::Uuid;
 use whist_adapters::config::CloudKind;
 use whist_adapters::store::{Backend, CommandError};
 use whist_adapters::tokens::{fingerprint, Purpose};
-use whist_domain::images::CATALOG_ID;
+use whist_domain::images::{RegionImage, CATALOG_ID};
 use whist_domain::instance::{
     DrainReason, InstanceCommand, InstanceError, InstanceStatus, LaunchSpec,
 };
@@ -40,6 +40,14 @@ pub struct Decisions {
     pub plans: Vec<(String, RegionPlan)>,
 }
 
+/// One region's plan and the image it launches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionDecision {
+    pub region: String,
+    pub image: RegionImage,
+    pub plan: RegionPlan,
+}
+
 /// Decides launches and drains.
 pub struct Autoscaler {
     state: AppState,
@@ -49,13 +57,16 @@ pub struct Autoscaler {
 ///
 /// # Errors
 /// The read model could not be read.
-pub async fn read_region(state: &AppState, region: &str) -> Result<Vec<HostView>, sqlx::Error> {
+pub async fn read_region(
+    database: &whist_adapters::store::Database,
+    region: &str,
+) -> Result<Vec<HostView>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT instance_id, image_id, status, mandelbox_capacity, live_mandelboxes FROM instances \
          WHERE region = $1 AND status IN ('PRE_CONNECTION', 'ACTIVE', 'DRAINING', 'UNRESPONSIVE')",
     )
     .bind(region)
-    .fetch_all(state.database.any())
+    .fetch_all(database.any())
     .await?;
     let mut hosts = Vec::with_capacity(rows.len());
     for row in rows {
@@ -109,28 +120,25 @@ impl Autoscaler {
         }
     }
 
-    /// One decision for every enabled region.
+    /// Reads the fleet and plans every enabled region that has an active image (nothing is recorded).
     ///
     /// # Errors
     /// The store failed.
-    pub async fn decide_once(&self) -> Result<Decisions, String> {
-        let services = &self.state.services;
+    pub async fn plan(&self) -> Result<Vec<RegionDecision>, String> {
         let settings = &self.state.settings;
-        if !self.read_model_caught_up().await? {
-            tracing::warn!("autoscaler skipped a pass: the instances read model is behind the log");
-            return Ok(Decisions::default());
-        }
-        let (catalog, _) = services
+        let (catalog, _) = self
+            .state
+            .services
             .catalog
             .load_current(CATALOG_ID)
             .await
             .map_err(|error| error.to_string())?;
-        let mut decisions = Decisions::default();
+        let mut plans = Vec::new();
         for region in &settings.enabled_regions {
             let Some(image) = catalog.active_in(region) else {
                 continue;
             };
-            let hosts = read_region(&self.state, region)
+            let hosts = read_region(&self.state.database, region)
                 .await
                 .map_err(|error| error.to_string())?;
             let plan = plan_region(
@@ -142,6 +150,33 @@ impl Autoscaler {
                     expected_capacity: settings.fleet.host_capacity,
                 },
             );
+            plans.push(RegionDecision {
+                region: region.clone(),
+                image: image.clone(),
+                plan,
+            });
+        }
+        Ok(plans)
+    }
+
+    /// One decision for every enabled region.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn decide_once(&self) -> Result<Decisions, String> {
+        let services = &self.state.services;
+        let settings = &self.state.settings;
+        if !self.read_model_caught_up().await? {
+            tracing::warn!("autoscaler skipped a pass: the instances read model is behind the log");
+            return Ok(Decisions::default());
+        }
+        let mut decisions = Decisions::default();
+        for RegionDecision {
+            region,
+            image,
+            plan,
+        } in self.plan().await?
+        {
             metrics::gauge!("whist_free_mandelboxes", "region" => region.clone())
                 .set(f64::from(plan.free));
             for _ in 0..plan.launch {

@@ -27,6 +27,8 @@ use crate::state::AppState;
 
 /// Attempts before a job is given up.
 const MAX_ATTEMPTS: i64 = 6;
+/// Jobs one process runs at once.
+const IN_FLIGHT: usize = 16;
 
 /// A claimed job.
 #[derive(Debug, Clone)]
@@ -516,8 +518,14 @@ impl Reconciler {
     /// Runs jobs until `shutdown`, waking when the log moves and at least every 500 ms.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut advanced = self.state.database.signal().on_advance();
+        // Up to `IN_FLIGHT` jobs run at once; a finished one makes room for the next claim at once, so one slow
+        // side effect never holds up the others.
+        let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+        let finished = Arc::new(tokio::sync::Notify::new());
         loop {
             if *shutdown.borrow() {
+                // Let the jobs in flight finish and record their outcome.
+                let _ = slots.acquire_many(IN_FLIGHT as u32).await;
                 let hosts = self.simulated.lock().await;
                 for host in hosts.values() {
                     host.stop();
@@ -525,28 +533,34 @@ impl Reconciler {
                 return;
             }
             advanced.borrow_and_update();
-            match self.claim(16).await {
-                Ok(jobs) if !jobs.is_empty() => {
-                    let mut running = Vec::new();
-                    for job in jobs {
-                        let reconciler = self.clone();
-                        running.push(tokio::spawn(async move {
-                            let outcome = reconciler.run_claimed(&job).await;
-                            if let Err(error) = reconciler.finish(&job, outcome).await {
-                                tracing::warn!(job = job.id, error = %error, "could not record a job's outcome");
-                            }
-                        }));
+            let room = slots.available_permits();
+            if room > 0 {
+                match self.claim(room as i64).await {
+                    Ok(jobs) if !jobs.is_empty() => {
+                        for job in jobs {
+                            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                                break;
+                            };
+                            let reconciler = self.clone();
+                            let finished = finished.clone();
+                            tokio::spawn(async move {
+                                let outcome = reconciler.run_claimed(&job).await;
+                                if let Err(error) = reconciler.finish(&job, outcome).await {
+                                    tracing::warn!(job = job.id, error = %error, "could not record a job's outcome");
+                                }
+                                drop(permit);
+                                finished.notify_one();
+                            });
+                        }
+                        continue;
                     }
-                    for task in running {
-                        let _ = task.await;
-                    }
-                    continue;
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(error = %error, "could not claim jobs"),
                 }
-                Ok(_) => {}
-                Err(error) => tracing::warn!(error = %error, "could not claim jobs"),
             }
             tokio::select! {
                 _ = advanced.changed() => {}
+                _ = finished.notified(), if room == 0 => {}
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = shutdown.changed() => {}
             }
