@@ -189,8 +189,8 @@ impl Reconciler {
             Ok((mandelbox, _)) => mandelbox,
             Err(error) => return Outcome::Retry(error.to_string()),
         };
-        let (Some(MandelboxStatus::Allocated), Some(placement)) =
-            (mandelbox.status, mandelbox.placement)
+        let (Some(MandelboxStatus::Allocated), Some(placement), None) =
+            (mandelbox.status, mandelbox.placement, mandelbox.spun_up_at)
         else {
             // Already started, or ended: nothing to do.
             return Outcome::Done;
@@ -205,8 +205,21 @@ impl Reconciler {
         let token = services
             .tokens
             .derive(Purpose::HostAuth, &placement.instance_id);
-        match self.hosts.spin_up(&placement.ip, &token, &body).await {
+        if let Err(error) = self.hosts.spin_up(&placement.ip, &token, &body).await {
+            return Outcome::Retry(error.to_string());
+        }
+        let metadata = EventMetadata::new(Actor::System, Utc::now());
+        match services
+            .mandelboxes
+            .execute(
+                mandelbox_id,
+                MandelboxCommand::RecordSpunUp { at: Utc::now() },
+                &metadata,
+            )
+            .await
+        {
             Ok(()) => Outcome::Done,
+            // The host has it; a failed record only means a repeat call, which the host takes idempotently.
             Err(error) => Outcome::Retry(error.to_string()),
         }
     }

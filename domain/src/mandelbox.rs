@@ -90,6 +90,9 @@ pub struct Mandelbox {
     pub allocated_at: Option<DateTime<Utc>>,
     pub ended_at: Option<DateTime<Utc>>,
     pub end_reason: Option<EndReason>,
+    /// When its host accepted the spin-up.
+    #[serde(default)]
+    pub spun_up_at: Option<DateTime<Utc>>,
 }
 
 /// Commands the mandelbox takes.
@@ -118,6 +121,8 @@ pub enum MandelboxCommand {
         reason: EndReason,
         at: DateTime<Utc>,
     },
+    /// Its host accepted `PUT /spin_up_mandelbox`. Idempotent.
+    RecordSpunUp { at: DateTime<Utc> },
 }
 
 /// Events of the mandelbox.
@@ -138,6 +143,9 @@ pub enum MandelboxEvent {
         from: MandelboxStatus,
         at: DateTime<Utc>,
     },
+    SpunUp {
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for MandelboxEvent {
@@ -146,6 +154,7 @@ impl DomainEvent for MandelboxEvent {
             Self::Allocated { .. } => "MandelboxAllocated",
             Self::StatusChanged { .. } => "MandelboxStatusChanged",
             Self::Ended { .. } => "MandelboxEnded",
+            Self::SpunUp { .. } => "MandelboxSpunUp",
         };
         name.to_string()
     }
@@ -198,6 +207,14 @@ impl Mandelbox {
             }
             C::Disconnect { at } => self.end(EndReason::Disconnected, at),
             C::End { reason, at } => self.end(reason, at),
+            C::RecordSpunUp { at } => {
+                self.status.ok_or(MandelboxError::Unknown)?;
+                Ok(if self.spun_up_at.is_some() {
+                    vec![]
+                } else {
+                    vec![E::SpunUp { at }]
+                })
+            }
             C::ExpireIfNeverConnected { timeout, at } => {
                 let current = self.status.ok_or(MandelboxError::Unknown)?;
                 let waited = self
@@ -261,6 +278,7 @@ impl Aggregate for Mandelbox {
                 self.end_reason = Some(reason);
                 self.ended_at = Some(at);
             }
+            MandelboxEvent::SpunUp { at } => self.spun_up_at = Some(at),
         }
     }
 }
@@ -272,6 +290,30 @@ mod tests {
     use proptest::prelude::*;
 
     type MandelboxTest = TestFramework<Mandelbox>;
+
+    #[test]
+    fn a_spin_up_its_host_accepted_is_recorded_once() {
+        let allocated = MandelboxEvent::Allocated {
+            placement: Placement {
+                instance_id: "i".to_string(),
+                region: "us-east-1".to_string(),
+                ip: "10.0.0.1".to_string(),
+                user_id: "u".to_string(),
+                session_id: 1,
+                app_name: "chrome".to_string(),
+            },
+            protocol_secret_hash: "h".to_string(),
+            at: at(),
+        };
+        MandelboxTest::with(())
+            .given(vec![allocated.clone()])
+            .when(MandelboxCommand::RecordSpunUp { at: at() })
+            .then_expect_events(vec![MandelboxEvent::SpunUp { at: at() }]);
+        MandelboxTest::with(())
+            .given(vec![allocated, MandelboxEvent::SpunUp { at: at() }])
+            .when(MandelboxCommand::RecordSpunUp { at: at() })
+            .then_expect_events(vec![]);
+    }
 
     fn at() -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000, 0).expect("a valid time")

@@ -197,6 +197,8 @@ impl Projection for Mandelboxes {
                 }
                 MandelboxEvent::StatusChanged { to, at, .. } => (to, at),
                 MandelboxEvent::Ended { at, .. } => (MandelboxStatus::Dead, at),
+                // The host took it; its status moves when the host reports.
+                MandelboxEvent::SpunUp { .. } => continue,
             };
             sqlx::query(&format!(
                 "UPDATE {table} SET status = $2, updated_at = $3 WHERE mandelbox_id = $1"
