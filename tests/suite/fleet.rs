@@ -372,3 +372,66 @@ async fn the_repair_terminates_orphans_and_closes_records_whose_instance_is_gone
     assert_cloud_matches_records(&fleet, region).await;
     fleet.app.stop().await;
 }
+
+/// The reasons recorded for ending `instance_id`, from the global log.
+async fn termination_reasons(app: &TestApp, instance_id: &str) -> Vec<String> {
+    let events = app
+        .state
+        .database
+        .log()
+        .read_after(0, 10_000)
+        .await
+        .expect("the log reads");
+    events
+        .iter()
+        .filter(|event| {
+            event.aggregate_id == instance_id && event.event_type == "InstanceTerminationStarted"
+        })
+        .filter_map(|event| {
+            event.payload_json().ok().and_then(|payload| {
+                payload["TerminationStarted"]["reason"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_host_that_never_registers_and_a_drained_host_that_stays_are_terminated() {
+    let database = TestDatabase::sqlite();
+    let mut settings = database.settings();
+    settings.fleet.registration_timeout = Duration::from_secs(1);
+    settings.fleet.drained_host_timeout = Duration::from_secs(1);
+    let app = spawn_app_with(&database, settings).await;
+    // A launch whose host never comes up.
+    let (silent, _) = app
+        .launch(whist_tests::launch_spec("us-east-1", IMAGE, HASH))
+        .await;
+    // A host that registered and was drained, and whose host service is gone without its machine shutting down.
+    let drained = app
+        .active_host(whist_tests::launch_spec("us-east-1", IMAGE, HASH), 2)
+        .await;
+    drained.host.stop();
+    app.state
+        .services
+        .instances
+        .execute(
+            &drained.instance_id,
+            whist_domain::instance::InstanceCommand::Drain {
+                reason: whist_domain::instance::DrainReason::Operator,
+                at: chrono::Utc::now(),
+            },
+            &whist_domain::EventMetadata::new(whist_domain::Actor::System, chrono::Utc::now()),
+        )
+        .await
+        .expect("drains");
+    // (EC2 is a dead loopback port here: the terminations are decided and their jobs retry; the decisions are
+    // what this test is about.)
+    wait("both hosts are being terminated", 30, async || {
+        termination_reasons(&app, &silent).await == ["never_registered"]
+            && termination_reasons(&app, &drained.instance_id).await == ["drained"]
+    })
+    .await;
+    app.stop().await;
+}
