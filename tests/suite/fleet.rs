@@ -138,6 +138,20 @@ async fn assign(app: &TestApp, user: &str, region: &str) -> String {
         .to_string()
 }
 
+/// The host a mandelbox was placed on: its instance id and its EC2 instance id.
+async fn host_of(app: &TestApp, mandelbox_id: &str) -> (String, String) {
+    let services = &app.state.services;
+    let (mandelbox, _) = services
+        .mandelboxes
+        .load(mandelbox_id)
+        .await
+        .expect("loads");
+    let instance_id = mandelbox.placement.expect("placed").instance_id;
+    let (instance, _) = services.instances.load(&instance_id).await.expect("loads");
+    let cloud_instance_id = instance.cloud_instance_id.expect("launched on EC2");
+    (instance_id, cloud_instance_id)
+}
+
 #[tokio::test]
 async fn the_buffer_is_filled_in_two_regions_and_stays_filled_as_assigns_consume_it() {
     let fleet = fleet(&["us-east-1", "us-west-1"], |settings| {
@@ -246,22 +260,7 @@ async fn a_host_whose_heartbeats_stop_is_terminated_in_ec2_and_its_mandelboxes_e
     .await;
     let user = "silent-user";
     let mandelbox_id = assign(app, user, region).await;
-    let (mandelbox, _) = app
-        .state
-        .services
-        .mandelboxes
-        .load(&mandelbox_id)
-        .await
-        .expect("loads");
-    let instance_id = mandelbox.placement.expect("placed").instance_id;
-    let (instance, _) = app
-        .state
-        .services
-        .instances
-        .load(&instance_id)
-        .await
-        .expect("loads");
-    let cloud_instance_id = instance.cloud_instance_id.expect("launched on EC2");
+    let (instance_id, cloud_instance_id) = host_of(app, &mandelbox_id).await;
 
     fleet.hosts.silence(&cloud_instance_id);
     app.wait_for_instance_within(&instance_id, "TERMINATED", Duration::from_secs(60))
@@ -343,22 +342,8 @@ async fn the_repair_terminates_orphans_and_closes_records_whose_instance_is_gone
 
     // The host's instance disappears behind our back (EC2 retired it): its record is closed, its mandelbox ends,
     // and the buffer gets a new host.
-    let (mandelbox, _) = app
-        .state
-        .services
-        .mandelboxes
-        .load(&mandelbox_id)
-        .await
-        .expect("loads");
-    let instance_id = mandelbox.placement.expect("placed").instance_id;
-    let (instance, _) = app
-        .state
-        .services
-        .instances
-        .load(&instance_id)
-        .await
-        .expect("loads");
-    ec2.terminate(region, &[instance.cloud_instance_id.expect("launched")])
+    let (instance_id, cloud_instance_id) = host_of(app, &mandelbox_id).await;
+    ec2.terminate(region, &[cloud_instance_id])
         .await
         .expect("moto terminates");
     app.wait_for_instance_within(&instance_id, "TERMINATED", Duration::from_secs(30))
