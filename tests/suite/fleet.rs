@@ -8,7 +8,7 @@ use whist_adapters::config::Settings;
 use whist_adapters::ec2::{CloudInstance, LaunchRequest};
 use whist_tests::moto_hosts::HostImages;
 use whist_tests::{
-    assign_body, spawn_app_with, user_token, Moto, MotoHosts, TestApp, TestDatabase,
+    assign_body, eventually, spawn_app_with, user_token, Moto, MotoHosts, TestApp, TestDatabase,
 };
 
 const IMAGE: &str = "ami-12c6146b";
@@ -104,17 +104,18 @@ async fn live_in_moto(moto: &Moto, region: &str) -> Vec<CloudInstance> {
 }
 
 async fn wait(what: &str, seconds: u64, condition: impl AsyncFn() -> bool) {
-    let started = std::time::Instant::now();
-    loop {
-        if condition().await {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(seconds),
-            "waited {seconds} s for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert!(
+        eventually(Duration::from_secs(seconds), || condition()).await,
+        "waited {seconds} s for: {what}"
+    );
+}
+
+/// Waits until the region's buffer of 2 free slots is up.
+async fn wait_for_buffer(app: &TestApp, region: &str) {
+    wait("the buffer fills", 60, async || {
+        free_slots(app, region).await >= 2
+    })
+    .await;
 }
 
 /// Every region's cloud matches its records: one live instance per live record, none other.
@@ -209,10 +210,7 @@ async fn scale_down_follows_disconnects_with_hysteresis() {
     let region = "us-east-1";
     let fleet = fleet(&[region], |_| {}).await;
     let app = &fleet.app;
-    wait("the buffer fills", 60, async || {
-        free_slots(app, region).await >= 2
-    })
-    .await;
+    wait_for_buffer(app, region).await;
     let mut mandelboxes = Vec::new();
     for user in ["down-a", "down-b", "down-c"] {
         mandelboxes.push(assign(app, user, region).await);
@@ -266,10 +264,7 @@ async fn a_host_whose_heartbeats_stop_is_terminated_in_ec2_and_its_mandelboxes_e
     })
     .await;
     let app = &fleet.app;
-    wait("the buffer fills", 60, async || {
-        free_slots(app, region).await >= 2
-    })
-    .await;
+    wait_for_buffer(app, region).await;
     let user = "silent-user";
     let mandelbox_id = assign(app, user, region).await;
     let (instance_id, cloud_instance_id) = host_of(app, &mandelbox_id).await;
@@ -304,10 +299,7 @@ async fn the_repair_terminates_orphans_and_closes_records_whose_instance_is_gone
     let region = "us-east-1";
     let fleet = fleet(&[region], |_| {}).await;
     let app = &fleet.app;
-    wait("the buffer fills", 60, async || {
-        free_slots(app, region).await >= 2
-    })
-    .await;
+    wait_for_buffer(app, region).await;
     let user = "repair-user";
     let mandelbox_id = assign(app, user, region).await;
 
