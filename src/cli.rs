@@ -1,15 +1,18 @@
 //! The command line.
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use whist_adapters::config::Settings;
 use whist_api::background::Background;
-use whist_api::services::Services;
-use whist_api::startup::{open_database, termination_signal, Application, ServeOptions};
+use whist_api::release;
+use whist_api::startup::{
+    control_plane, open_database, termination_signal, Application, ServeOptions,
+};
 use whist_api::AppState;
 use whist_projections::{ProjectionRunner, RebuildProgress};
 
@@ -33,6 +36,11 @@ enum Command {
     Worker,
     /// Apply migrations/ to DATABASE_URL (or the embedded store) and exit.
     Migrate,
+    /// Host image releases (run by the release workflow; see deploy/release-workflow.yml).
+    Images {
+        #[command(subcommand)]
+        command: ImagesCommand,
+    },
     /// Inspect and rebuild projections.
     Projections {
         #[command(subcommand)]
@@ -51,6 +59,55 @@ enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImagesCommand {
+    /// Phase 1: record the images as protected and inactive, launch a buffer of hosts on them in every region, and
+    /// wait until every buffer is ACTIVE (exit 0); on a failed region or the timeout, drain what was started, roll
+    /// back, and exit non-zero naming the region. Needs a running `whist serve` or `whist worker` on the same
+    /// database (they launch the hosts). Safe to rerun.
+    CreateBuffers {
+        /// The desktop app's commit hash these images were built for.
+        #[arg(long)]
+        commit_hash: String,
+        /// JSON object, region → AMI id: '{"us-east-1": "ami-…", …}'. Must name every enabled region.
+        #[arg(long)]
+        amis: String,
+        /// How long to wait for the buffers (`900s`, `15m`, or seconds).
+        #[arg(long, default_value = "900s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Phase 2: make the release active in every region at once and drain the hosts of older images as their
+    /// mandelboxes end. Safe to rerun.
+    SwapOver {
+        #[arg(long)]
+        commit_hash: String,
+    },
+    /// Undo phase 1 of a release that was not swapped over: its hosts drain and the old release keeps serving.
+    Rollback {
+        #[arg(long)]
+        commit_hash: String,
+    },
+}
+
+/// `900s`, `15m`, `2h` or a number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((index, _)) => text.split_at(index),
+        None => (text, "s"),
+    };
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 900s, 15m or 2h"))?;
+    let seconds = match unit {
+        "s" => value,
+        "m" => value.saturating_mul(60),
+        "h" => value.saturating_mul(3600),
+        _ => return Err(format!("{text:?}: the unit must be s, m or h")),
+    };
+    Ok(Duration::from_secs(seconds))
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,24 +176,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Worker => {
-            let settings = load_settings().await?;
-            let database = open_database(&settings).await?;
-            let projections = ProjectionRunner::new(database.clone(), whist_projections::all());
-            let services = Arc::new(Services::new(&settings, &database).await?);
-            let state = AppState::new(
-                Arc::new(settings),
-                database.clone(),
-                projections.clone(),
-                services,
-            );
-            let mut background = Background::start(&database, projections);
+            let state = control_plane(load_settings().await?).await?;
+            let mut background = Background::start(&state.database, state.projections.clone());
             background.adopt(Background::start_control(&state));
             tracing::info!("worker running");
             termination_signal().await;
             tracing::info!("worker stopping");
             background.stop().await;
-            database.close().await;
+            state.database.close().await;
             Ok(())
+        }
+        Command::Images { command } => {
+            let state = control_plane(load_settings().await?).await?;
+            let outcome = images(&state, command).await;
+            state.database.close().await;
+            outcome
         }
         Command::Migrate => {
             let settings = load_settings().await?;
@@ -202,5 +256,91 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             BenchCommand::Store(options) => crate::bench::store(options).await,
             BenchCommand::Fleet(options) => crate::bench_fleet::fleet(options).await,
         },
+    }
+}
+
+async fn images(state: &AppState, command: ImagesCommand) -> anyhow::Result<()> {
+    match command {
+        ImagesCommand::CreateBuffers {
+            commit_hash,
+            amis,
+            timeout,
+        } => {
+            let images: BTreeMap<String, String> = serde_json::from_str(&amis)
+                .map_err(|error| anyhow::anyhow!("--amis must be a JSON object of region to AMI id: {error}"))?;
+            let started = Instant::now();
+            let mut report = |regions: &[release::RegionProgress]| {
+                let line = regions
+                    .iter()
+                    .map(|region| {
+                        let mut text = format!(
+                            "{} {}/{} ACTIVE, {} booting",
+                            region.region, region.active, region.wanted, region.booting
+                        );
+                        if !region.failed.is_empty() {
+                            text.push_str(&format!(", {} failed", region.failed.len()));
+                        }
+                        text
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" | ");
+                eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
+            };
+            match release::create_buffers(state, &commit_hash, &images, timeout, &mut report).await? {
+                release::Prepared::AlreadyActive => {
+                    println!("release {commit_hash} is already active; nothing to do");
+                }
+                release::Prepared::Ready(regions) => {
+                    println!(
+                        "release {commit_hash} is ready in {} region(s) after {:.1} s; run `whist images swap-over --commit-hash {commit_hash}`",
+                        regions.len(),
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+            }
+            Ok(())
+        }
+        ImagesCommand::SwapOver { commit_hash } => {
+            let swapped = release::swap_over(state, &commit_hash).await?;
+            let regions = swapped
+                .images
+                .iter()
+                .map(|(region, image)| format!("{region}={image}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            if swapped.switched {
+                println!("release {commit_hash} is active in every region ({regions})");
+            } else {
+                println!("release {commit_hash} was already active ({regions})");
+            }
+            println!(
+                "hosts of older images: {} draining, {} booting ones terminated",
+                swapped.retired.drained, swapped.retired.terminated
+            );
+            Ok(())
+        }
+        ImagesCommand::Rollback { commit_hash } => {
+            let retired = release::roll_back(state, &commit_hash).await?;
+            println!(
+                "release {commit_hash} rolled back: {} host(s) draining, {} booting one(s) terminated",
+                retired.drained, retired.terminated
+            );
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_with_or_without_a_unit() {
+        assert_eq!(parse_duration("900s"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5d").is_err());
     }
 }

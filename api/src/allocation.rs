@@ -158,7 +158,8 @@ async fn attempt(
     }
 
     // 2. A slot, region by region in the order asked.
-    let mut any_matching_image = false;
+    // Per region tried: the commit hash wanted there and whether the read model showed hosts of it with room.
+    let mut tried: Vec<(&str, String, bool)> = Vec::new();
     let mut placed = None;
     'regions: for region in regions {
         let wanted_hash = if request.client_commit_hash == LOCAL_DEV_HASH
@@ -178,18 +179,7 @@ async fn attempt(
         let read = Instant::now();
         let candidates = candidates(state, region, &wanted_hash).await?;
         phase("candidates", read);
-        if candidates.is_empty() {
-            // Refused here: the answer says whether the region runs this release at all.
-            if !any_matching_image {
-                any_matching_image = runs_image(state, region, &wanted_hash).await?
-                    || current_catalog(state, catalog)
-                        .await?
-                        .active_in(region)
-                        .is_some_and(|image| image.client_commit_hash == wanted_hash);
-            }
-            continue;
-        }
-        any_matching_image = true;
+        tried.push((region.as_str(), wanted_hash, !candidates.is_empty()));
         for (instance_id, ip, guard) in lock_order(services, candidates) {
             let guard = match guard {
                 Some(guard) => guard,
@@ -225,7 +215,7 @@ async fn attempt(
         }
     }
     let Some((instance_id, ip, region, _host_guard)) = placed else {
-        let refusal = if any_matching_image {
+        let refusal = if serves_release(state, catalog, &tried).await? {
             Refusal::NoInstanceAvailable
         } else {
             Refusal::CommitHashMismatch
@@ -376,6 +366,30 @@ async fn candidates(
         .map(|row| Ok((row.try_get("instance_id")?, row.try_get("ip")?)))
         .collect::<Result<Vec<_>, sqlx::Error>>()
         .map_err(|error| AssignFailure(error.to_string()))
+}
+
+/// Whether a refused assign asked for a release some tried region serves (then the answer is that no host has
+/// room) or for one no region serves (the client is out of date). The catalog decides first: a hash active or
+/// prepared in the region is served, a hash a release replaced is not, even while the read model still shows its
+/// hosts (during a swap-over); otherwise the hosts themselves say.
+async fn serves_release(
+    state: &AppState,
+    catalog: &mut Option<ImageCatalog>,
+    tried: &[(&str, String, bool)],
+) -> Result<bool, AssignFailure> {
+    for (region, wanted_hash, had_candidates) in tried {
+        let current = current_catalog(state, catalog).await?;
+        if current.serves(region, wanted_hash) {
+            return Ok(true);
+        }
+        if current.retired_hashes.contains(wanted_hash) {
+            continue;
+        }
+        if *had_candidates || runs_image(state, region, wanted_hash).await? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Whether any host in `region` that is up or coming up runs `client_commit_hash` (full or not).

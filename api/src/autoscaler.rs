@@ -1,7 +1,7 @@
 //! The autoscaler keeps a warm buffer of free mandelbox slots per enabled region (`DESIRED_FREE_MANDELBOXES_<REGION>`,
 //! else `DESIRED_FREE_MANDELBOXES`) on hosts of the region's active image, and scales down empty hosts with
-//! hysteresis; the policy itself is pure (`whist_domain::scaling`). It records decisions (launch, drain) as instance
-//! commands; the reconciler carries them out.
+//! hysteresis, and retires the hosts of images a release replaced; the policy itself is pure (`whist_domain::scaling`).
+//! It records decisions (launch, drain, retire) as instance commands; the reconciler carries them out.
 //!
 //! One process decides at a time: the leader holds a Postgres advisory lock on a dedicated connection (the embedded
 //! store has one process), checks before every pass that the connection (and so the lock) is still alive, and
@@ -36,6 +36,8 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 pub struct Decisions {
     pub launched: usize,
     pub drained: usize,
+    /// Hosts of retired images drained or terminated.
+    pub retired: usize,
     /// Per region, the plan it followed.
     pub plans: Vec<(String, RegionPlan)>,
 }
@@ -92,34 +94,6 @@ impl Autoscaler {
         Self { state }
     }
 
-    /// Waits until the `instances` read model has applied every event sequenced before this call; whether it did
-    /// within `CATCH_UP_WAIT`.
-    async fn read_model_caught_up(&self) -> Result<bool, String> {
-        let head = self
-            .state
-            .database
-            .log()
-            .head()
-            .await
-            .map_err(|error| error.to_string())?;
-        let deadline = Instant::now() + CATCH_UP_WAIT;
-        loop {
-            let position: Option<i64> = sqlx::query_scalar(
-                "SELECT position FROM projection_checkpoints WHERE name = 'instances'",
-            )
-            .fetch_optional(self.state.database.any())
-            .await
-            .map_err(|error| error.to_string())?;
-            if position.unwrap_or(0) >= head {
-                return Ok(true);
-            }
-            if Instant::now() >= deadline {
-                return Ok(false);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     /// Reads the fleet and plans every enabled region that has an active image (nothing is recorded).
     ///
     /// # Errors
@@ -133,6 +107,7 @@ impl Autoscaler {
             .load_current(CATALOG_ID)
             .await
             .map_err(|error| error.to_string())?;
+        let protected = catalog.protected_images();
         let mut plans = Vec::new();
         for region in &settings.enabled_regions {
             let Some(image) = catalog.active_in(region) else {
@@ -145,7 +120,7 @@ impl Autoscaler {
                 &hosts,
                 Targets {
                     active_image: &image.image_id,
-                    protected_images: &catalog.protected,
+                    protected_images: &protected,
                     desired_free: settings.desired_free_mandelboxes_in(region),
                     expected_capacity: settings.fleet.host_capacity,
                 },
@@ -166,7 +141,7 @@ impl Autoscaler {
     pub async fn decide_once(&self) -> Result<Decisions, String> {
         let services = &self.state.services;
         let settings = &self.state.settings;
-        if !self.read_model_caught_up().await? {
+        if !crate::release::instances_caught_up(&self.state, CATCH_UP_WAIT).await? {
             tracing::warn!("autoscaler skipped a pass: the instances read model is behind the log");
             return Ok(Decisions::default());
         }
@@ -232,6 +207,12 @@ impl Autoscaler {
                     Err(CommandError::Rejected(InstanceError::NotEmpty)) => {}
                     Err(error) => return Err(error.to_string()),
                 }
+            }
+            if !plan.retire.is_empty() {
+                let retired =
+                    crate::release::record_retirements(&self.state, &Actor::System, &plan.retire)
+                        .await?;
+                decisions.retired += retired.drained + retired.terminated;
             }
             decisions.plans.push((region.clone(), plan));
         }

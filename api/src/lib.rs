@@ -4,6 +4,7 @@
 //! rejections become HTTP status codes in one place (`error`), failures are logged with their cause chain and
 //! answered with a generic body.
 
+pub mod admin;
 pub mod allocation;
 pub mod autoscaler;
 pub mod background;
@@ -17,6 +18,7 @@ pub mod host;
 pub mod middleware;
 pub mod ops;
 pub mod reconciler;
+pub mod release;
 pub mod repair;
 pub mod security;
 pub mod services;

@@ -35,3 +35,18 @@ async fn check_user(request: &Request, bearer: Bearer) -> poem::Result<Principal
 #[derive(SecurityScheme)]
 #[oai(ty = "bearer")]
 pub struct PeerToken(pub Bearer);
+
+/// A developer's Auth0 token: as [`UserAuth`], and it must carry scope `admin` (else 403).
+#[derive(SecurityScheme)]
+#[oai(ty = "bearer", bearer_format = "JWT", checker = "check_admin")]
+pub struct AdminAuth(pub Principal);
+
+async fn check_admin(request: &Request, bearer: Bearer) -> poem::Result<Principal> {
+    let principal = check_user(request, bearer).await?;
+    if principal.is_admin {
+        Ok(principal)
+    } else {
+        tracing::info!(user_id = principal.user_id, "admin endpoint refused to a non-admin");
+        Err(crate::error::json_error(StatusCode::FORBIDDEN, "FORBIDDEN"))
+    }
+}

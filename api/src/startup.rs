@@ -17,6 +17,7 @@ use whist_adapters::config::CloudKind;
 use whist_domain::images::{ImageCatalogCommand, CATALOG_ID};
 use whist_domain::{Actor, EventMetadata};
 
+use crate::admin::AdminApi;
 use crate::background::Background;
 use crate::billing::BillingApi;
 use crate::desktop::DesktopApi;
@@ -67,6 +68,23 @@ pub async fn open_database(settings: &Settings) -> Result<Database, DatabaseErro
     database.migrate().await?;
     tracing::info!(store = database.description(), "event store ready");
     Ok(database)
+}
+
+/// A control plane without HTTP over the store named by the settings (migrated): its projections runner and
+/// services, for `whist worker` and the command-line tools. Nothing runs in the background until asked.
+///
+/// # Errors
+/// The store cannot be reached or migrated, or the services cannot be prepared.
+pub async fn control_plane(settings: Settings) -> Result<AppState, StartupError> {
+    let database = open_database(&settings).await?;
+    let projections = ProjectionRunner::new(database.clone(), whist_projections::all());
+    let services = Arc::new(Services::new(&settings, &database).await?);
+    Ok(AppState::new(
+        Arc::new(settings),
+        database,
+        projections,
+        services,
+    ))
 }
 
 impl Application {
@@ -203,9 +221,10 @@ async fn activate_simulated_images(settings: &Settings, services: &Services) {
     }
 }
 
-fn api_service() -> OpenApiService<(OpsApi, DesktopApi, HostApi, BillingApi, HireFireApi), ()> {
+fn api_service(
+) -> OpenApiService<(OpsApi, DesktopApi, HostApi, BillingApi, HireFireApi, AdminApi), ()> {
     OpenApiService::new(
-        (OpsApi, DesktopApi, HostApi, BillingApi, HireFireApi),
+        (OpsApi, DesktopApi, HostApi, BillingApi, HireFireApi, AdminApi),
         "Whist webserver",
         env!("CARGO_PKG_VERSION"),
     )

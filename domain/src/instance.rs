@@ -164,6 +164,8 @@ pub enum TerminationReason {
     Drained,
     Unresponsive,
     NeverRegistered,
+    /// A host still booting on an image a release retired or abandoned (a registered one is drained instead).
+    ImageRetired,
     Orphaned,
     Operator,
     LaunchFailed,
@@ -425,10 +427,13 @@ impl Instance {
                 {
                     Err(InstanceError::InvalidTransition)
                 }
-                // Only a host that never registered can be ended for not registering.
+                // Only a host that never registered can be ended for not registering, or ended outright for its
+                // image's retirement (a registered one drains, so its mandelboxes end first).
                 status
-                    if reason == TerminationReason::NeverRegistered
-                        && status != S::PreConnection =>
+                    if matches!(
+                        reason,
+                        TerminationReason::NeverRegistered | TerminationReason::ImageRetired
+                    ) && status != S::PreConnection =>
                 {
                     Err(InstanceError::InvalidTransition)
                 }
@@ -950,6 +955,48 @@ mod tests {
             })
             .then_expect_events(vec![InstanceEvent::TerminationStarted {
                 reason: TerminationReason::NeverRegistered,
+                at: at(),
+            }]);
+    }
+
+    #[test]
+    fn a_registered_host_on_a_retired_image_is_drained_not_terminated_outright() {
+        InstanceTest::with(())
+            .given(active(2))
+            .when(InstanceCommand::Terminate {
+                reason: TerminationReason::ImageRetired,
+                at: at(),
+            })
+            .then_expect_error(InstanceError::InvalidTransition);
+        InstanceTest::with(())
+            .given(launched())
+            .when(InstanceCommand::Terminate {
+                reason: TerminationReason::ImageRetired,
+                at: at(),
+            })
+            .then_expect_events(vec![InstanceEvent::TerminationStarted {
+                reason: TerminationReason::ImageRetired,
+                at: at(),
+            }]);
+    }
+
+    #[test]
+    fn a_host_with_mandelboxes_on_a_retired_image_drains_keeping_them() {
+        let mut events = active(2);
+        events.push(InstanceEvent::MandelboxAllocated {
+            mandelbox_id: "m1".to_string(),
+            user_id: "u1".to_string(),
+            live_after: 1,
+            at: at(),
+        });
+        InstanceTest::with(())
+            .given(events)
+            .when(InstanceCommand::Drain {
+                reason: DrainReason::ImageRetired,
+                at: at(),
+            })
+            .then_expect_events(vec![InstanceEvent::DrainStarted {
+                reason: DrainReason::ImageRetired,
                 at: at(),
             }]);
     }

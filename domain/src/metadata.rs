@@ -17,8 +17,10 @@ pub enum Actor {
     Host(String),
     /// Stripe, through a signed webhook.
     Stripe,
-    /// The webserver itself: the autoscaler, reconciler, sweeps, releases.
+    /// The webserver itself: the autoscaler, reconciler, sweeps.
     System,
+    /// The release workflow (`whist images …`, run by CI after a host image is built).
+    ReleaseWorkflow,
 }
 
 impl fmt::Display for Actor {
@@ -28,6 +30,7 @@ impl fmt::Display for Actor {
             Self::Host(instance_id) => write!(formatter, "host:{instance_id}"),
             Self::Stripe => formatter.write_str("stripe"),
             Self::System => formatter.write_str("system"),
+            Self::ReleaseWorkflow => formatter.write_str("release-workflow"),
         }
     }
 }
@@ -38,9 +41,9 @@ impl From<Actor> for String {
     }
 }
 
-/// The text of an actor was none of `user:…`, `host:…`, `stripe`, `system`.
+/// The text of an actor was none of `user:…`, `host:…`, `stripe`, `system`, `release-workflow`.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("unknown actor {0:?}: expected user:ID, host:ID, stripe or system")]
+#[error("unknown actor {0:?}: expected user:ID, host:ID, stripe, system or release-workflow")]
 pub struct UnknownActor(pub String);
 
 impl TryFrom<String> for Actor {
@@ -56,6 +59,7 @@ impl TryFrom<String> for Actor {
         match text.as_str() {
             "stripe" => Ok(Self::Stripe),
             "system" => Ok(Self::System),
+            "release-workflow" => Ok(Self::ReleaseWorkflow),
             _ => Err(UnknownActor(text)),
         }
     }
@@ -169,6 +173,7 @@ mod tests {
             Actor::Host("i-1".into()),
             Actor::Stripe,
             Actor::System,
+            Actor::ReleaseWorkflow,
         ] {
             assert_eq!(Actor::try_from(actor.to_string()), Ok(actor));
         }

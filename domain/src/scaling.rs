@@ -7,12 +7,14 @@
 //! - Free capacity counts only hosts of the region's active image: an `ACTIVE` host's free slots, and a host still
 //!   booting (`PRE_CONNECTION`) as `expected_capacity` (it reports its real capacity when it registers).
 //! - Below the target, launch `ceil(missing / expected_capacity)` hosts, and drain nothing.
-//! - Otherwise drain empty `ACTIVE` hosts, never one on a protected image: first every one on an image that is not
-//!   the active one (no assign can use it), then hosts of the active image one at a time while the free capacity
-//!   left after draining the host is still at least the target, i.e. while free capacity is at least the target plus
-//!   that host. That is the hysteresis: a launch leaves less than one host of capacity above the target, so nothing
-//!   launched is drained until disconnects free a whole host beyond it, and nothing drained brings free capacity
-//!   back under the target.
+//! - Hosts on an image that is neither the active one nor protected (a release replaced it, or its release was
+//!   rolled back) are retired whatever their fill: a registered one is drained (it takes no new mandelbox and shuts
+//!   down when its last one ends), one still booting is terminated. A silent host is left to the sweeper.
+//! - Otherwise (at or above the target) drain empty `ACTIVE` hosts of the active image one at a time while the free
+//!   capacity left after draining the host is still at least the target, i.e. while free capacity is at least the
+//!   target plus that host. That is the hysteresis: a launch leaves less than one host of capacity above the target,
+//!   so nothing launched is drained until disconnects free a whole host beyond it, and nothing drained brings free
+//!   capacity back under the target.
 
 use std::collections::BTreeSet;
 
@@ -37,8 +39,34 @@ pub struct RegionPlan {
     pub desired: u32,
     /// Hosts to launch on the active image.
     pub launch: u32,
-    /// Hosts to drain, in order.
+    /// Empty hosts of the active image to drain, in order.
     pub drain: Vec<String>,
+    /// Hosts on retired images: registered ones to drain, booting ones to terminate.
+    pub retire: Vec<Retirement>,
+}
+
+/// What to do with a host on a retired image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Retirement {
+    Drain(String),
+    Terminate(String),
+}
+
+/// Hosts of the region on an image that is neither `active_image` nor protected, that are still up or coming up.
+pub fn retirements(
+    hosts: &[HostView],
+    active_image: &str,
+    protected_images: &BTreeSet<String>,
+) -> Vec<Retirement> {
+    hosts
+        .iter()
+        .filter(|host| host.image_id != active_image && !protected_images.contains(&host.image_id))
+        .filter_map(|host| match host.status {
+            InstanceStatus::Active => Some(Retirement::Drain(host.instance_id.clone())),
+            InstanceStatus::PreConnection => Some(Retirement::Terminate(host.instance_id.clone())),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The settings the policy reads.
@@ -65,6 +93,7 @@ pub fn plan_region(hosts: &[HostView], targets: Targets<'_>) -> RegionPlan {
     let mut plan = RegionPlan {
         free,
         desired: targets.desired_free,
+        retire: retirements(hosts, targets.active_image, targets.protected_images),
         ..RegionPlan::default()
     };
     if free < targets.desired_free {
@@ -76,13 +105,6 @@ pub fn plan_region(hosts: &[HostView], targets: Targets<'_>) -> RegionPlan {
             && host.live == 0
             && !targets.protected_images.contains(&host.image_id)
     };
-    plan.drain.extend(
-        hosts
-            .iter()
-            .filter(drainable)
-            .filter(|host| host.image_id != targets.active_image)
-            .map(|host| host.instance_id.clone()),
-    );
     let mut left = free;
     let mut empty_on_active: Vec<&HostView> =
         hosts.iter().filter(drainable).filter(on_active).collect();
@@ -164,7 +186,8 @@ mod tests {
                 free: 2,
                 desired: 2,
                 launch: 0,
-                drain: vec![]
+                drain: vec![],
+                retire: vec![],
             }
         );
     }
@@ -197,16 +220,36 @@ mod tests {
     }
 
     #[test]
-    fn empty_hosts_on_older_images_go_first_and_protected_images_stay() {
+    fn hosts_on_retired_images_are_retired_whatever_their_fill_and_protected_images_stay() {
         let protected: BTreeSet<String> = ["ami-candidate".to_string()].into();
         let hosts = [
             host("new", "ami-new", InstanceStatus::Active, 4, 0),
             host("old", "ami-old", InstanceStatus::Active, 4, 0),
             host("candidate", "ami-candidate", InstanceStatus::Active, 4, 0),
             host("old-busy", "ami-old", InstanceStatus::Active, 4, 2),
+            host("old-booting", "ami-old", InstanceStatus::PreConnection, 0, 0),
+            host("old-silent", "ami-old", InstanceStatus::Unresponsive, 4, 1),
+            host("old-draining", "ami-old", InstanceStatus::Draining, 4, 1),
         ];
         let plan = plan_region(&hosts, targets(4, &protected));
-        assert_eq!(plan.drain, vec!["old"]);
+        assert!(plan.drain.is_empty());
+        assert_eq!(
+            plan.retire,
+            vec![
+                Retirement::Drain("old".to_string()),
+                Retirement::Drain("old-busy".to_string()),
+                Retirement::Terminate("old-booting".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_region_below_its_target_still_retires_its_old_hosts() {
+        let none = BTreeSet::new();
+        let hosts = [host("old", "ami-old", InstanceStatus::Active, 4, 1)];
+        let plan = plan_region(&hosts, targets(4, &none));
+        assert_eq!(plan.launch, 1);
+        assert_eq!(plan.retire, vec![Retirement::Drain("old".to_string())]);
     }
 
     fn any_host() -> impl Strategy<Value = HostView> {

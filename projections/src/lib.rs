@@ -5,6 +5,7 @@
 //! position 0 at any time with the same result.
 
 pub mod aggregate_index;
+pub mod catalog;
 pub mod fleet;
 pub mod jobs;
 mod projection;
@@ -23,6 +24,7 @@ pub fn all() -> Vec<Arc<dyn Projection>> {
         Arc::new(aggregate_index::AggregateIndex),
         Arc::new(fleet::Instances),
         Arc::new(fleet::Mandelboxes),
+        Arc::new(catalog::Images),
         Arc::new(jobs::JobPlanner),
     ]
 }

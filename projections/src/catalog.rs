@@ -1,0 +1,145 @@
+//! The `images` read model: per region, every image a release ever named and what it is now (`PREPARED`, `ACTIVE`,
+//! `RETIRED` or `ROLLED_BACK`). A swap-over is one event, applied in one transaction, so a reader sees every region
+//! switched or none.
+
+use async_trait::async_trait;
+use sqlx::AnyConnection;
+use whist_adapters::store::LoggedEvent;
+use whist_domain::images::ImageCatalogEvent;
+
+use crate::projection::{Projection, ProjectionError, Tables};
+
+/// The `images` projection.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Images;
+
+async fn set(
+    connection: &mut AnyConnection,
+    table: &str,
+    row: (&str, &str, &str),
+    status: &str,
+    generation: Option<i64>,
+    event: &LoggedEvent,
+    at: &str,
+) -> Result<(), ProjectionError> {
+    let (region, client_commit_hash, image_id) = row;
+    sqlx::query(&format!(
+        "INSERT INTO {table} (region, client_commit_hash, image_id, status, generation, position, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+         ON CONFLICT (region, client_commit_hash) DO UPDATE SET image_id = excluded.image_id, \
+         status = excluded.status, generation = COALESCE(excluded.generation, {table}.generation), \
+         position = excluded.position, updated_at = excluded.updated_at"
+    ))
+    .bind(region)
+    .bind(client_commit_hash)
+    .bind(image_id)
+    .bind(status)
+    .bind(generation)
+    .bind(event.position)
+    .bind(at)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+/// Marks the images active in `region` other than `client_commit_hash`'s as retired.
+async fn retire_others(
+    connection: &mut AnyConnection,
+    table: &str,
+    region: &str,
+    client_commit_hash: &str,
+    event: &LoggedEvent,
+    at: &str,
+) -> Result<(), ProjectionError> {
+    sqlx::query(&format!(
+        "UPDATE {table} SET status = 'RETIRED', position = $1, updated_at = $2 \
+         WHERE region = $3 AND status = 'ACTIVE' AND client_commit_hash <> $4"
+    ))
+    .bind(event.position)
+    .bind(at)
+    .bind(region)
+    .bind(client_commit_hash)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl Projection for Images {
+    fn name(&self) -> &'static str {
+        "images"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["region_images"]
+    }
+
+    async fn apply(
+        &self,
+        connection: &mut AnyConnection,
+        tables: &Tables,
+        events: &[LoggedEvent],
+    ) -> Result<(), ProjectionError> {
+        let table = tables.get("region_images")?;
+        for event in events
+            .iter()
+            .filter(|event| event.aggregate_type == "image_catalog")
+        {
+            let payload: ImageCatalogEvent =
+                event
+                    .payload_as()
+                    .map_err(|error| ProjectionError::UnreadableEvent {
+                        position: event.position,
+                        event_type: event.event_type.clone(),
+                        reason: error.to_string(),
+                    })?;
+            match payload {
+                ImageCatalogEvent::ReleaseActivated {
+                    client_commit_hash,
+                    images,
+                    at,
+                }
+                | ImageCatalogEvent::ReleaseSwappedOver {
+                    client_commit_hash,
+                    images,
+                    at,
+                    ..
+                } => {
+                    let at = at.to_rfc3339();
+                    for (region, image_id) in &images {
+                        retire_others(connection, table, region, &client_commit_hash, event, &at)
+                            .await?;
+                        let row = (region.as_str(), client_commit_hash.as_str(), image_id.as_str());
+                        set(connection, table, row, "ACTIVE", None, event, &at).await?;
+                    }
+                }
+                ImageCatalogEvent::ReleasePrepared {
+                    client_commit_hash,
+                    images,
+                    generation,
+                    at,
+                } => {
+                    let at = at.to_rfc3339();
+                    let generation = i64::try_from(generation).unwrap_or(i64::MAX);
+                    for (region, image_id) in &images {
+                        let row = (region.as_str(), client_commit_hash.as_str(), image_id.as_str());
+                        set(connection, table, row, "PREPARED", Some(generation), event, &at)
+                            .await?;
+                    }
+                }
+                ImageCatalogEvent::ReleaseRolledBack {
+                    client_commit_hash,
+                    images,
+                    at,
+                } => {
+                    let at = at.to_rfc3339();
+                    for (region, image_id) in &images {
+                        let row = (region.as_str(), client_commit_hash.as_str(), image_id.as_str());
+                        set(connection, table, row, "ROLLED_BACK", None, event, &at).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
