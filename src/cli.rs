@@ -266,8 +266,10 @@ async fn images(state: &AppState, command: ImagesCommand) -> anyhow::Result<()> 
             amis,
             timeout,
         } => {
-            let images: BTreeMap<String, String> = serde_json::from_str(&amis)
-                .map_err(|error| anyhow::anyhow!("--amis must be a JSON object of region to AMI id: {error}"))?;
+            let images: BTreeMap<String, String> =
+                serde_json::from_str(&amis).map_err(|error| {
+                    anyhow::anyhow!("--amis must be a JSON object of region to AMI id: {error}")
+                })?;
             let started = Instant::now();
             let mut report = |regions: &[release::RegionProgress]| {
                 let line = regions
@@ -286,7 +288,9 @@ async fn images(state: &AppState, command: ImagesCommand) -> anyhow::Result<()> 
                     .join(" | ");
                 eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
             };
-            match release::create_buffers(state, &commit_hash, &images, timeout, &mut report).await? {
+            match release::create_buffers(state, &commit_hash, &images, timeout, &mut report)
+                .await?
+            {
                 release::Prepared::AlreadyActive => {
                     println!("release {commit_hash} is already active; nothing to do");
                 }

@@ -76,7 +76,9 @@ pub enum ListResponse<T: poem_openapi::types::ToJSON + Send + Sync> {
     Unavailable(Json<ErrorBody>),
 }
 
-fn unavailable<T: poem_openapi::types::ToJSON + Send + Sync>(error: &sqlx::Error) -> ListResponse<T> {
+fn unavailable<T: poem_openapi::types::ToJSON + Send + Sync>(
+    error: &sqlx::Error,
+) -> ListResponse<T> {
     crate::error::log_failure("could not read a read model", error);
     ListResponse::Unavailable(Json(ErrorBody {
         error: "STORE_UNAVAILABLE".to_string(),

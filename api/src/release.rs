@@ -143,7 +143,9 @@ pub struct SwappedOver {
 pub fn buffer_hosts(state: &AppState, region: &str) -> usize {
     let settings = &state.settings;
     let capacity = settings.fleet.host_capacity.max(1);
-    let hosts = settings.desired_free_mandelboxes_in(region).div_ceil(capacity);
+    let hosts = settings
+        .desired_free_mandelboxes_in(region)
+        .div_ceil(capacity);
     usize::try_from(hosts.max(1)).unwrap_or(1)
 }
 
@@ -171,7 +173,10 @@ async fn catalog(state: &AppState) -> Result<ImageCatalog, ReleaseError> {
     Ok(catalog)
 }
 
-async fn execute_catalog(state: &AppState, command: ImageCatalogCommand) -> Result<(), ReleaseError> {
+async fn execute_catalog(
+    state: &AppState,
+    command: ImageCatalogCommand,
+) -> Result<(), ReleaseError> {
     match state
         .services
         .catalog
@@ -302,12 +307,14 @@ pub async fn progress(
 ) -> Result<Vec<RegionProgress>, ReleaseError> {
     let mut regions = Vec::with_capacity(buffers.regions.len());
     for (region, (image_id, ids)) in &buffers.regions {
-        let rows = sqlx::query("SELECT instance_id, status FROM instances WHERE region = $1 AND image_id = $2")
-            .bind(region)
-            .bind(image_id)
-            .fetch_all(state.database.any())
-            .await
-            .map_err(store_error)?;
+        let rows = sqlx::query(
+            "SELECT instance_id, status FROM instances WHERE region = $1 AND image_id = $2",
+        )
+        .bind(region)
+        .bind(image_id)
+        .fetch_all(state.database.any())
+        .await
+        .map_err(store_error)?;
         let mut statuses = BTreeMap::new();
         for row in rows {
             let instance_id: String = row.try_get("instance_id").map_err(store_error)?;
@@ -447,7 +454,10 @@ async fn abandon(state: &AppState, buffers: &Buffers) -> Result<Retired, Release
 ///
 /// # Errors
 /// The release was not prepared, some region has no `ACTIVE` host of it, or the store failed.
-pub async fn swap_over(state: &AppState, client_commit_hash: &str) -> Result<SwappedOver, ReleaseError> {
+pub async fn swap_over(
+    state: &AppState,
+    client_commit_hash: &str,
+) -> Result<SwappedOver, ReleaseError> {
     let before = catalog(state).await?;
     let mut switched = false;
     if let Some(prepared) = before.prepared.get(client_commit_hash) {
@@ -505,7 +515,10 @@ pub async fn swap_over(state: &AppState, client_commit_hash: &str) -> Result<Swa
 ///
 /// # Errors
 /// The release is the active one (refused), or the store failed.
-pub async fn roll_back(state: &AppState, client_commit_hash: &str) -> Result<Retired, ReleaseError> {
+pub async fn roll_back(
+    state: &AppState,
+    client_commit_hash: &str,
+) -> Result<Retired, ReleaseError> {
     let before = catalog(state).await?;
     execute_catalog(
         state,
@@ -558,7 +571,10 @@ pub async fn instances_caught_up(state: &AppState, wait: Duration) -> Result<boo
 ///
 /// # Errors
 /// The read model stayed behind, or the store failed.
-pub async fn retire_old_hosts(state: &AppState, regions: &[String]) -> Result<Retired, ReleaseError> {
+pub async fn retire_old_hosts(
+    state: &AppState,
+    regions: &[String],
+) -> Result<Retired, ReleaseError> {
     if !instances_caught_up(state, CATCH_UP_WAIT)
         .await
         .map_err(ReleaseError::Store)?
@@ -615,8 +631,7 @@ pub async fn record_retirements(
                 .services
                 .instances
                 .execute(instance_id, drain_command(), &metadata())
-                .await
-                .map(|()| ());
+                .await;
             if outcome.is_ok() {
                 retired.drained += 1;
                 tracing::info!(instance_id, "draining a host of a retired image");
@@ -629,7 +644,11 @@ pub async fn record_retirements(
                     InstanceCommand::Terminate { .. } => retired.terminated += 1,
                     _ => retired.drained += 1,
                 }
-                tracing::info!(instance_id, ?retirement, "retiring a host of a retired image");
+                tracing::info!(
+                    instance_id,
+                    ?retirement,
+                    "retiring a host of a retired image"
+                );
             }
             Err(CommandError::Rejected(error)) => {
                 tracing::info!(instance_id, error = %error, "host not retired: it changed meanwhile");

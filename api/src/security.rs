@@ -46,7 +46,10 @@ async fn check_admin(request: &Request, bearer: Bearer) -> poem::Result<Principa
     if principal.is_admin {
         Ok(principal)
     } else {
-        tracing::info!(user_id = principal.user_id, "admin endpoint refused to a non-admin");
+        tracing::info!(
+            user_id = principal.user_id,
+            "admin endpoint refused to a non-admin"
+        );
         Err(crate::error::json_error(StatusCode::FORBIDDEN, "FORBIDDEN"))
     }
 }

@@ -221,10 +221,26 @@ async fn activate_simulated_images(settings: &Settings, services: &Services) {
     }
 }
 
-fn api_service(
-) -> OpenApiService<(OpsApi, DesktopApi, HostApi, BillingApi, HireFireApi, AdminApi), ()> {
+fn api_service() -> OpenApiService<
+    (
+        OpsApi,
+        DesktopApi,
+        HostApi,
+        BillingApi,
+        HireFireApi,
+        AdminApi,
+    ),
+    (),
+> {
     OpenApiService::new(
-        (OpsApi, DesktopApi, HostApi, BillingApi, HireFireApi, AdminApi),
+        (
+            OpsApi,
+            DesktopApi,
+            HostApi,
+            BillingApi,
+            HireFireApi,
+            AdminApi,
+        ),
         "Whist webserver",
         env!("CARGO_PKG_VERSION"),
     )

@@ -173,7 +173,11 @@ impl ImageCatalog {
     }
 
     /// Whether the commit hash is active in every region of `images` with exactly those images.
-    fn is_active_release(&self, client_commit_hash: &str, images: &BTreeMap<String, String>) -> bool {
+    fn is_active_release(
+        &self,
+        client_commit_hash: &str,
+        images: &BTreeMap<String, String>,
+    ) -> bool {
         images.iter().all(|(region, image_id)| {
             self.active.get(region).is_some_and(|active| {
                 active.image_id == *image_id && active.client_commit_hash == client_commit_hash
@@ -397,8 +401,7 @@ impl Aggregate for ImageCatalog {
                 self.make_active(&client_commit_hash, images);
             }
             ImageCatalogEvent::ReleaseRolledBack {
-                client_commit_hash,
-                ..
+                client_commit_hash, ..
             } => {
                 self.prepared.remove(&client_commit_hash);
             }
@@ -582,7 +585,9 @@ mod tests {
                 .collect()
         );
         assert_eq!(
-            catalog.active_in("us-east-1").map(|image| image.image_id.as_str()),
+            catalog
+                .active_in("us-east-1")
+                .map(|image| image.image_id.as_str()),
             Some("ami-old-1")
         );
         assert!(catalog.serves("us-east-1", "new") && catalog.serves("us-east-1", "old"));
@@ -596,21 +601,18 @@ mod tests {
             .then_expect_events(vec![ImageCatalogEvent::ReleaseSwappedOver {
                 client_commit_hash: "new".to_string(),
                 images: new_images(),
-                replaced: [
-                    ("eu-west-1", "ami-old-2"),
-                    ("us-east-1", "ami-old-1"),
-                ]
-                .iter()
-                .map(|(region, image)| {
-                    (
-                        region.to_string(),
-                        RegionImage {
-                            image_id: image.to_string(),
-                            client_commit_hash: "old".to_string(),
-                        },
-                    )
-                })
-                .collect(),
+                replaced: [("eu-west-1", "ami-old-2"), ("us-east-1", "ami-old-1")]
+                    .iter()
+                    .map(|(region, image)| {
+                        (
+                            region.to_string(),
+                            RegionImage {
+                                image_id: image.to_string(),
+                                client_commit_hash: "old".to_string(),
+                            },
+                        )
+                    })
+                    .collect(),
                 at: at(),
             }]);
     }

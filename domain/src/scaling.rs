@@ -227,7 +227,13 @@ mod tests {
             host("old", "ami-old", InstanceStatus::Active, 4, 0),
             host("candidate", "ami-candidate", InstanceStatus::Active, 4, 0),
             host("old-busy", "ami-old", InstanceStatus::Active, 4, 2),
-            host("old-booting", "ami-old", InstanceStatus::PreConnection, 0, 0),
+            host(
+                "old-booting",
+                "ami-old",
+                InstanceStatus::PreConnection,
+                0,
+                0,
+            ),
             host("old-silent", "ami-old", InstanceStatus::Unresponsive, 4, 1),
             host("old-draining", "ami-old", InstanceStatus::Draining, 4, 1),
         ];

@@ -109,7 +109,11 @@ impl Projection for Images {
                     for (region, image_id) in &images {
                         retire_others(connection, table, region, &client_commit_hash, event, &at)
                             .await?;
-                        let row = (region.as_str(), client_commit_hash.as_str(), image_id.as_str());
+                        let row = (
+                            region.as_str(),
+                            client_commit_hash.as_str(),
+                            image_id.as_str(),
+                        );
                         set(connection, table, row, "ACTIVE", None, event, &at).await?;
                     }
                 }
@@ -122,9 +126,21 @@ impl Projection for Images {
                     let at = at.to_rfc3339();
                     let generation = i64::try_from(generation).unwrap_or(i64::MAX);
                     for (region, image_id) in &images {
-                        let row = (region.as_str(), client_commit_hash.as_str(), image_id.as_str());
-                        set(connection, table, row, "PREPARED", Some(generation), event, &at)
-                            .await?;
+                        let row = (
+                            region.as_str(),
+                            client_commit_hash.as_str(),
+                            image_id.as_str(),
+                        );
+                        set(
+                            connection,
+                            table,
+                            row,
+                            "PREPARED",
+                            Some(generation),
+                            event,
+                            &at,
+                        )
+                        .await?;
                     }
                 }
                 ImageCatalogEvent::ReleaseRolledBack {
@@ -134,7 +150,11 @@ impl Projection for Images {
                 } => {
                     let at = at.to_rfc3339();
                     for (region, image_id) in &images {
-                        let row = (region.as_str(), client_commit_hash.as_str(), image_id.as_str());
+                        let row = (
+                            region.as_str(),
+                            client_commit_hash.as_str(),
+                            image_id.as_str(),
+                        );
                         set(connection, table, row, "ROLLED_BACK", None, event, &at).await?;
                     }
                 }
