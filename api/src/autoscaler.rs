@@ -190,7 +190,7 @@ impl Autoscaler {
                 };
                 match services
                     .instances
-                    .execute(instance_id, command, &metadata)
+                    .execute_retrying(instance_id, command, &metadata)
                     .await
                 {
                     Ok(()) => {

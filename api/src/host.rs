@@ -164,7 +164,7 @@ impl HostApi {
         };
         match services
             .instances
-            .execute(&body.instance_id, command, &metadata)
+            .execute_retrying(&body.instance_id, command, &metadata)
             .await
         {
             Ok(()) => RegisterResponse::Registered(Json(RegisterAnswer {
@@ -237,7 +237,7 @@ impl HostApi {
             let metadata = EventMetadata::new(Actor::Host(body.instance_id.clone()), Utc::now());
             if let Err(error) = services
                 .instances
-                .execute(&body.instance_id, command, &metadata)
+                .execute_retrying(&body.instance_id, command, &metadata)
                 .await
             {
                 tracing::warn!(instance_id = body.instance_id, error = %error, "liveness change not recorded");
@@ -278,7 +278,7 @@ impl HostApi {
         let metadata = EventMetadata::new(Actor::Host(placement.instance_id.clone()), Utc::now());
         if let Err(error) = services
             .mandelboxes
-            .execute(
+            .execute_retrying(
                 &mandelbox_id.0,
                 MandelboxCommand::ReportStatus {
                     status,
@@ -295,7 +295,7 @@ impl HostApi {
             let session = session_aggregate_id(&placement.user_id, placement.session_id);
             if let Err(error) = services
                 .sessions
-                .execute(
+                .execute_retrying(
                     &session,
                     SessionCommand::MarkConnected { at: Utc::now() },
                     &metadata,

@@ -211,7 +211,7 @@ impl Reconciler {
         let metadata = EventMetadata::new(Actor::System, Utc::now());
         match services
             .mandelboxes
-            .execute(
+            .execute_retrying(
                 mandelbox_id,
                 MandelboxCommand::RecordSpunUp { at: Utc::now() },
                 &metadata,
@@ -236,7 +236,7 @@ impl Reconciler {
         let metadata = EventMetadata::new(Actor::System, Utc::now());
         if let Err(error) = services
             .mandelboxes
-            .execute(
+            .execute_retrying(
                 mandelbox_id,
                 MandelboxCommand::End {
                     reason: EndReason::SpinUpFailed,
@@ -326,7 +326,7 @@ impl Reconciler {
         };
         match services
             .instances
-            .execute(instance_id, command, &metadata)
+            .execute_retrying(instance_id, command, &metadata)
             .await
         {
             Ok(()) | Err(CommandError::Rejected(_)) => Outcome::Done,
@@ -365,7 +365,7 @@ impl Reconciler {
         let metadata = EventMetadata::new(Actor::System, Utc::now());
         match services
             .instances
-            .execute(
+            .execute_retrying(
                 instance_id,
                 InstanceCommand::RecordLaunch {
                     cloud_instance_id,
@@ -458,7 +458,7 @@ impl Reconciler {
             .state
             .services
             .instances
-            .execute(
+            .execute_retrying(
                 instance_id,
                 InstanceCommand::RecordTerminated { at: Utc::now() },
                 &metadata,

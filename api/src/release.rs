@@ -180,7 +180,7 @@ async fn execute_catalog(
     match state
         .services
         .catalog
-        .execute(CATALOG_ID, command, &metadata())
+        .execute_retrying(CATALOG_ID, command, &metadata())
         .await
     {
         Ok(()) => Ok(()),
@@ -276,7 +276,7 @@ async fn launch_buffers(state: &AppState, buffers: &Buffers) -> Result<usize, Re
             };
             match services
                 .instances
-                .execute(instance_id, command, &metadata())
+                .execute_retrying(instance_id, command, &metadata())
                 .await
             {
                 Ok(()) => {
@@ -619,7 +619,7 @@ pub async fn record_retirements(
         let mut outcome = state
             .services
             .instances
-            .execute(instance_id, first.clone(), &metadata())
+            .execute_retrying(instance_id, first.clone(), &metadata())
             .await;
         // A booting host that registered since the read drains instead.
         if matches!(
@@ -630,7 +630,7 @@ pub async fn record_retirements(
             outcome = state
                 .services
                 .instances
-                .execute(instance_id, drain_command(), &metadata())
+                .execute_retrying(instance_id, drain_command(), &metadata())
                 .await;
             if outcome.is_ok() {
                 retired.drained += 1;

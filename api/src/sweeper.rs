@@ -123,7 +123,7 @@ impl Sweeper {
                 .state
                 .services
                 .instances
-                .execute(
+                .execute_retrying(
                     &instance_id,
                     InstanceCommand::MarkUnresponsive { at: Utc::now() },
                     &metadata,
@@ -232,7 +232,7 @@ impl Sweeper {
             .state
             .services
             .instances
-            .execute(instance_id, command, &metadata)
+            .execute_retrying(instance_id, command, &metadata)
             .await
         {
             Ok(()) => {

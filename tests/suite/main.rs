@@ -11,6 +11,7 @@ mod host;
 mod http;
 mod process;
 mod projections;
+mod release;
 mod simulated;
 mod store;
 mod stripe;

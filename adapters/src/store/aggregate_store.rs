@@ -59,6 +59,9 @@ impl<E: std::error::Error + 'static> From<AggregateError<E>> for CommandError<E>
     }
 }
 
+/// How many times `execute_retrying` decides a command before it reports a conflict.
+const CONFLICT_ATTEMPTS: u64 = 10;
+
 /// Loads aggregates and executes commands on them; every event is stored with its metadata.
 ///
 /// Snapshots are deliberately not used: cqrs-es 0.5 applies every event twice in its snapshot modes. Instead the
@@ -145,6 +148,34 @@ where
             self.signal.appended();
         }
         outcome
+    }
+
+    /// As [`AggregateStore::execute`], but a conflict is not an answer: the command is decided again on fresh
+    /// state, up to `CONFLICT_ATTEMPTS` times, with a short growing pause between attempts. For decisions made
+    /// away from a request (the autoscaler, the sweeps, the release workflow) on aggregates others write to.
+    ///
+    /// # Errors
+    /// As `execute`; `Conflict` only after every attempt lost.
+    pub async fn execute_retrying(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        metadata: &EventMetadata,
+    ) -> Result<(), CommandError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        let mut attempt: u64 = 0;
+        loop {
+            match self.execute(aggregate_id, command.clone(), metadata).await {
+                Err(CommandError::Conflict) if attempt + 1 < CONFLICT_ATTEMPTS => {
+                    self.mark_stale(aggregate_id);
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(attempt * 5)).await;
+                }
+                outcome => return outcome,
+            }
+        }
     }
 
     async fn execute_once(
