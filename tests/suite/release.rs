@@ -213,6 +213,9 @@ async fn active_images(app: &TestApp, token: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// What a reader saw active: (region, commit hash) pairs.
+type Observation = Vec<(String, String)>;
+
 /// One assign of a client: the hash it asked for, whether it was sent after the swap-over started, the answer.
 #[derive(Debug, Clone)]
 struct Outcome {
@@ -285,7 +288,7 @@ async fn a_full_release_under_load_switches_every_region_at_once_and_retires_the
     // A reader that must never see the regions on different releases, in the read model or `GET /regions`.
     let observations = Arc::new(AtomicUsize::new(0));
     let seen: Arc<Mutex<BTreeSet<String>>> = Arc::default();
-    let mixed: Arc<Mutex<Vec<Vec<(String, String)>>>> = Arc::default();
+    let mixed: Arc<Mutex<Vec<Observation>>> = Arc::default();
     let reader = {
         let (app, stop, observations, seen, mixed) = (
             app.clone(),
