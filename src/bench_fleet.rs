@@ -266,6 +266,7 @@ async fn run(
                         instance_type: "g4dn.2xlarge".to_string(),
                     },
                     bootstrap_token_hash: "bench".to_string(),
+                    reason: whist_domain::instance::LaunchReason::WarmBuffer,
                     at: chrono::Utc::now(),
                 },
                 &metadata(),

@@ -41,6 +41,11 @@ enum Command {
         #[command(subcommand)]
         command: ImagesCommand,
     },
+    /// Read the event log: list, one aggregate's history or replayed state, export, verify the hash chain.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
     /// Inspect and rebuild projections.
     Projections {
         #[command(subcommand)]
@@ -119,6 +124,49 @@ enum ProjectionsCommand {
         /// The projection's name (see `whist projections status`).
         name: String,
     },
+    /// Rebuild one projection into shadow tables at the live model's position and compare; exit 1 on any
+    /// difference.
+    Verify {
+        /// The projection's name (see `whist projections status`).
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EventsCommand {
+    /// Events of the global log after a position, as JSON Lines.
+    List {
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Every event of one aggregate, in sequence order, as JSON Lines.
+    History {
+        /// instance, mandelbox, session, user, image_catalog, subscription or stripe_customer.
+        aggregate_type: String,
+        aggregate_id: String,
+    },
+    /// One aggregate's state replayed from its events (all, up to --at-version, or up to --as-of).
+    State {
+        aggregate_type: String,
+        aggregate_id: String,
+        #[arg(long, conflicts_with = "as_of")]
+        at_version: Option<i64>,
+        /// RFC 3339.
+        #[arg(long)]
+        as_of: Option<String>,
+    },
+    /// Every event after --after (default: all) as JSON Lines, streamed; resume with --after the last position.
+    Export {
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
+    },
+    /// Recompute the hash chain over every sealed event; exit 1 naming the first event that does not match.
+    Verify,
 }
 
 #[derive(Debug, Subcommand)]
@@ -192,6 +240,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             state.database.close().await;
             outcome
         }
+        Command::Events { command } => {
+            let settings = load_settings().await?;
+            let database = open_database(&settings).await?;
+            let outcome = events(&database, command).await;
+            database.close().await;
+            outcome
+        }
         Command::Migrate => {
             let settings = load_settings().await?;
             let database = open_database(&settings).await?;
@@ -208,6 +263,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ProjectionsCommand::Status => {
                     let statuses = runner.status().await?;
                     println!("{}", serde_json::to_string_pretty(&statuses)?);
+                }
+                ProjectionsCommand::Verify { name } => {
+                    let bar = progress_bar("verifying", &name);
+                    let reporter = bar.clone();
+                    let report = runner
+                        .verify(&name, &move |progress: RebuildProgress| {
+                            reporter.set_length(progress.head.max(0) as u64);
+                            reporter.set_position(progress.position.max(0) as u64);
+                        })
+                        .await;
+                    bar.finish_and_clear();
+                    database.close().await;
+                    let report = report?;
+                    println!(
+                        "verified {name} at position {}: {} events rebuilt in {:.1} s ({:.0} events/s)",
+                        report.position,
+                        report.events,
+                        report.elapsed.as_secs_f64(),
+                        report.events_per_second()
+                    );
+                    for table in &report.tables {
+                        println!(
+                            "  {}: {} rows; {} only in the live table, {} only in the rebuild",
+                            table.table, table.rows, table.only_live, table.only_rebuilt
+                        );
+                    }
+                    println!("diff: {}", report.differences());
+                    if report.differences() != 0 {
+                        anyhow::bail!("projection {name} differs from its rebuild");
+                    }
+                    return Ok(());
                 }
                 ProjectionsCommand::Rebuild { name } => {
                     let bar = ProgressBar::new(0);
@@ -332,6 +418,122 @@ async fn images(state: &AppState, command: ImagesCommand) -> anyhow::Result<()> 
             Ok(())
         }
     }
+}
+
+/// A progress bar with events/s, drawn on standard error (hidden when it is not a terminal).
+fn progress_bar(verb: &str, name: &str) -> Arc<ProgressBar> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {verb} {{msg}} [{{bar:40}}] {{pos}}/{{len}} events ({{per_sec}}, {{eta}} left)"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(name.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    Arc::new(bar)
+}
+
+async fn events(
+    database: &whist_adapters::store::Database,
+    command: EventsCommand,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use whist_api::audit;
+    let stdout = std::io::stdout();
+    match command {
+        EventsCommand::List { after, limit } => {
+            let mut out = stdout.lock();
+            for event in audit::events_after(database, after, limit).await? {
+                writeln!(out, "{}", serde_json::to_string(&event)?)?;
+            }
+        }
+        EventsCommand::History {
+            aggregate_type,
+            aggregate_id,
+        } => {
+            if !audit::AGGREGATE_TYPES.contains(&aggregate_type.as_str()) {
+                anyhow::bail!(audit::AuditError::UnknownAggregateType(aggregate_type));
+            }
+            let mut out = stdout.lock();
+            for event in audit::history(database, &aggregate_type, &aggregate_id).await? {
+                writeln!(out, "{}", serde_json::to_string(&event)?)?;
+            }
+        }
+        EventsCommand::State {
+            aggregate_type,
+            aggregate_id,
+            at_version,
+            as_of,
+        } => {
+            let until = match (at_version, as_of) {
+                (Some(version), _) => audit::ReplayUntil::Version(version),
+                (None, Some(moment)) => audit::ReplayUntil::AsOf(
+                    chrono::DateTime::parse_from_rfc3339(&moment)
+                        .map_err(|error| anyhow::anyhow!("--as-of must be RFC 3339: {error}"))?
+                        .with_timezone(&chrono::Utc),
+                ),
+                (None, None) => audit::ReplayUntil::Latest,
+            };
+            match audit::replay(database, &aggregate_type, &aggregate_id, until).await? {
+                Some(replayed) => println!("{}", serde_json::to_string_pretty(&replayed)?),
+                None => anyhow::bail!("{aggregate_type}/{aggregate_id} has no event that early"),
+            }
+        }
+        EventsCommand::Export { after, output } => {
+            let bar = progress_bar("exporting", "the log");
+            let reporter = bar.clone();
+            let progress = move |position: i64, head: i64| {
+                reporter.set_length(head.max(0) as u64);
+                reporter.set_position(position.max(0) as u64);
+            };
+            let report = match output {
+                Some(path) => {
+                    let file = std::fs::File::create(&path).map_err(|error| {
+                        anyhow::anyhow!("cannot write {}: {error}", path.display())
+                    })?;
+                    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+                    audit::export(database, after, &mut out, &progress).await?
+                }
+                None => {
+                    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
+                    audit::export(database, after, &mut out, &progress).await?
+                }
+            };
+            bar.finish_and_clear();
+            eprintln!(
+                "exported {} events up to position {} in {:.1} s ({:.0} events/s); resume with --after {}",
+                report.events,
+                report.last_position,
+                report.elapsed.as_secs_f64(),
+                report.events_per_second(),
+                report.last_position
+            );
+        }
+        EventsCommand::Verify => {
+            let bar = progress_bar("verifying", "the chain");
+            let reporter = bar.clone();
+            let started = Instant::now();
+            let report = whist_adapters::store::chain::verify(database, &move |progress| {
+                reporter.set_length(progress.sealed.max(0) as u64);
+                reporter.set_position(progress.position.max(0) as u64);
+            })
+            .await?;
+            bar.finish_and_clear();
+            let elapsed = started.elapsed().as_secs_f64();
+            println!(
+                "verified {} events in {elapsed:.1} s ({:.0} events/s); sealed up to {} of {}",
+                report.verified,
+                report.verified as f64 / elapsed.max(1e-9),
+                report.sealed,
+                report.head
+            );
+            if let Some(broken) = report.broken {
+                anyhow::bail!("the chain is broken at the {broken}");
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

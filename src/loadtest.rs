@@ -203,6 +203,7 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
                 InstanceCommand::RequestLaunch {
                     spec: spec.clone(),
                     bootstrap_token_hash: fingerprint(&bootstrap),
+                    reason: whist_domain::instance::LaunchReason::Operator,
                     at: chrono::Utc::now(),
                 },
                 &EventMetadata::new(Actor::System, chrono::Utc::now()),

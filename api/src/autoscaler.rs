@@ -165,6 +165,7 @@ impl Autoscaler {
                         instance_type: settings.instance_type.clone(),
                     },
                     bootstrap_token_hash: fingerprint(&bootstrap),
+                    reason: whist_domain::instance::LaunchReason::WarmBuffer,
                     at: Utc::now(),
                 };
                 let metadata = EventMetadata::new(Actor::System, Utc::now());

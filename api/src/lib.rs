@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod allocation;
+pub mod audit;
 pub mod autoscaler;
 pub mod background;
 pub mod billing;

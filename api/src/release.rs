@@ -272,6 +272,7 @@ async fn launch_buffers(state: &AppState, buffers: &Buffers) -> Result<usize, Re
                     instance_type: state.settings.instance_type.clone(),
                 },
                 bootstrap_token_hash: fingerprint(&bootstrap),
+                reason: whist_domain::instance::LaunchReason::ReleaseBuffer,
                 at: Utc::now(),
             };
             match services

@@ -92,6 +92,7 @@ pub enum InstanceCommand {
     RequestLaunch {
         spec: LaunchSpec,
         bootstrap_token_hash: String,
+        reason: LaunchReason,
         at: DateTime<Utc>,
     },
     /// The cloud started the host.
@@ -157,6 +158,20 @@ pub enum DrainReason {
     Operator,
 }
 
+/// Why a host was launched (recorded from version 2.0 of `InstanceLaunchRequested` on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LaunchReason {
+    /// The autoscaler, for the region's warm buffer.
+    WarmBuffer,
+    /// A release's buffer of hosts on its candidate image.
+    ReleaseBuffer,
+    /// A developer asked for it.
+    Operator,
+    /// Decided before launches recorded their reason (an upcast version 1.0 event).
+    Unrecorded,
+}
+
 /// Why a host is terminated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -174,9 +189,11 @@ pub enum TerminationReason {
 /// Events of the instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum InstanceEvent {
+    /// Version 2.0 (version 1.0 had no `reason`; see `crate::versions`).
     LaunchRequested {
         spec: LaunchSpec,
         bootstrap_token_hash: String,
+        reason: LaunchReason,
         at: DateTime<Utc>,
     },
     Launched {
@@ -250,7 +267,11 @@ impl DomainEvent for InstanceEvent {
     }
 
     fn event_version(&self) -> String {
-        "1.0".to_string()
+        match self {
+            Self::LaunchRequested { .. } => crate::versions::LAUNCH_REQUESTED_VERSION,
+            _ => "1.0",
+        }
+        .to_string()
     }
 }
 
@@ -307,12 +328,14 @@ impl Instance {
             C::RequestLaunch {
                 spec,
                 bootstrap_token_hash,
+                reason,
                 at,
             } => match self.status {
                 Some(_) => Err(InstanceError::AlreadyExists),
                 None => Ok(vec![E::LaunchRequested {
                     spec,
                     bootstrap_token_hash,
+                    reason,
                     at,
                 }]),
             },
@@ -497,6 +520,7 @@ impl Aggregate for Instance {
                 spec,
                 bootstrap_token_hash,
                 at,
+                ..
             } => {
                 self.status = Some(S::PreConnection);
                 self.spec = Some(spec);
@@ -569,6 +593,7 @@ mod tests {
         vec![InstanceEvent::LaunchRequested {
             spec: spec(),
             bootstrap_token_hash: "boot".to_string(),
+            reason: LaunchReason::WarmBuffer,
             at: at(),
         }]
     }
@@ -619,6 +644,7 @@ mod tests {
             .when(InstanceCommand::RequestLaunch {
                 spec: spec(),
                 bootstrap_token_hash: "boot".to_string(),
+                reason: LaunchReason::WarmBuffer,
                 at: at(),
             })
             .then_expect_events(launched());
@@ -631,6 +657,7 @@ mod tests {
             .when(InstanceCommand::RequestLaunch {
                 spec: spec(),
                 bootstrap_token_hash: "boot".to_string(),
+                reason: LaunchReason::WarmBuffer,
                 at: at(),
             })
             .then_expect_error(InstanceError::AlreadyExists);

@@ -12,5 +12,6 @@ pub mod scaling;
 pub mod session;
 pub mod subscription;
 pub mod user;
+pub mod versions;
 
 pub use metadata::{Actor, EventMetadata};

@@ -6,6 +6,7 @@
 
 pub mod aggregate_index;
 pub mod catalog;
+pub mod chain;
 pub mod fleet;
 pub mod jobs;
 mod projection;
@@ -14,6 +15,7 @@ mod runner;
 pub use projection::{Projection, ProjectionError, Tables};
 pub use runner::{
     ProjectionRunner, ProjectionStatus, RebuildProgress, RebuildReport, RunnerError, StepOutcome,
+    TableDifference, VerifyReport,
 };
 
 use std::sync::Arc;
@@ -25,6 +27,7 @@ pub fn all() -> Vec<Arc<dyn Projection>> {
         Arc::new(fleet::Instances),
         Arc::new(fleet::Mandelboxes),
         Arc::new(catalog::Images),
+        Arc::new(chain::EventChain),
         Arc::new(jobs::JobPlanner),
     ]
 }

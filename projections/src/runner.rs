@@ -24,7 +24,7 @@ const STATUS_FAILED: &str = "failed";
 pub enum RunnerError {
     #[error("no projection is named {0}")]
     UnknownProjection(String),
-    #[error("projection {0} plans side effects and is never rebuilt")]
+    #[error("projection {0} plans side effects or seals the log, and is never rebuilt")]
     NotRebuildable(String),
     #[error("the database failed")]
     Database(#[from] sqlx::Error),
@@ -32,7 +32,43 @@ pub enum RunnerError {
     Projection(#[from] ProjectionError),
 }
 
-/// What one step of a projection did.
+/// One table's comparison in `verify`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TableDifference {
+    pub table: String,
+    /// Rows in the live table.
+    pub rows: i64,
+    /// Live rows the rebuild did not produce.
+    pub only_live: i64,
+    /// Rebuilt rows the live table lacks.
+    pub only_rebuilt: i64,
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifyReport {
+    pub events: u64,
+    /// The position both models were compared at.
+    pub position: i64,
+    pub tables: Vec<TableDifference>,
+    pub elapsed: Duration,
+}
+
+impl VerifyReport {
+    /// Rows that differ, in all tables (0: the live model is what its events say).
+    pub fn differences(&self) -> i64 {
+        self.tables
+            .iter()
+            .map(|table| table.only_live + table.only_rebuilt)
+            .sum()
+    }
+
+    pub fn events_per_second(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// What one step of a projection did./// What one step of a projection did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StepOutcome {
     /// Events up to `position` were applied.
@@ -387,6 +423,107 @@ impl ProjectionRunner {
         Ok(RebuildReport {
             events: events_applied,
             position,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// Rebuilds the projection named `name` from position 0 into shadow tables, up to exactly the live model's
+    /// position, and compares the two: the rows of each that the other lacks. The live model is paused only for the
+    /// final catch-up and the comparison (its checkpoint is held), then the shadow tables are dropped; nothing live
+    /// changes.
+    ///
+    /// # Errors
+    /// The database failed or an event cannot be applied.
+    pub async fn verify(
+        &self,
+        name: &str,
+        progress: &(dyn Fn(RebuildProgress) + Send + Sync),
+    ) -> Result<VerifyReport, RunnerError> {
+        let projection = self.find(name)?;
+        if !projection.rebuildable() {
+            return Err(RunnerError::NotRebuildable(name.to_string()));
+        }
+        self.register().await?;
+        let started = Instant::now();
+        let tables = projection.tables();
+        let shadow = Tables::shadow(tables);
+        let mut connection = self.database.any().acquire().await?;
+        for table in tables {
+            create_shadow_table(&mut connection, self.database.is_postgres(), table).await?;
+        }
+        drop(connection);
+        // Bulk phase, up to where the live model stands now (it only moves forward).
+        let live_at_start: i64 =
+            sqlx::query_scalar("SELECT position FROM projection_checkpoints WHERE name = $1")
+                .bind(name)
+                .fetch_one(self.database.any())
+                .await?;
+        let log = self.database.log();
+        let mut position = 0i64;
+        let mut events_applied = 0u64;
+        while position < live_at_start {
+            let limit = self.rebuild_batch_size().min(live_at_start - position);
+            let events = log.read_after(position, limit).await?;
+            let Some(last) = events.last() else { break };
+            let last_position = last.position;
+            let mut transaction = self.database.any().begin().await?;
+            projection.apply(&mut transaction, &shadow, &events).await?;
+            transaction.commit().await?;
+            position = last_position;
+            events_applied += events.len() as u64;
+            progress(RebuildProgress {
+                position,
+                head: live_at_start,
+                events: events_applied,
+            });
+        }
+        // Compare phase: hold the live checkpoint, catch the shadow up to it, diff, and throw the shadow away.
+        let mut transaction = self.database.any().begin().await?;
+        let live_position = lock_checkpoint(&mut transaction, name)
+            .await?
+            .map(|(live, _)| live)
+            .unwrap_or(0);
+        while position < live_position {
+            let limit = self.rebuild_batch_size().min(live_position - position);
+            let events = EventLog::read_after_with(&mut *transaction, position, limit).await?;
+            let Some(last) = events.last() else { break };
+            position = last.position;
+            events_applied += events.len() as u64;
+            projection.apply(&mut transaction, &shadow, &events).await?;
+        }
+        let mut differences = Vec::with_capacity(tables.len());
+        for table in tables {
+            let shadow_table = shadow_name(table);
+            let count = |left: &str, right: &str| {
+                format!("SELECT COUNT(*) FROM (SELECT * FROM {left} EXCEPT SELECT * FROM {right}) AS difference")
+            };
+            let only_live: i64 = sqlx::query_scalar(&count(table, &shadow_table))
+                .fetch_one(&mut *transaction)
+                .await?;
+            let only_rebuilt: i64 = sqlx::query_scalar(&count(&shadow_table, table))
+                .fetch_one(&mut *transaction)
+                .await?;
+            let rows: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+                .fetch_one(&mut *transaction)
+                .await?;
+            differences.push(TableDifference {
+                table: (*table).to_string(),
+                rows,
+                only_live,
+                only_rebuilt,
+            });
+        }
+        transaction.rollback().await?;
+        let mut connection = self.database.any().acquire().await?;
+        for table in tables {
+            sqlx::query(&format!("DROP TABLE IF EXISTS {}", shadow_name(table)))
+                .execute(&mut *connection)
+                .await?;
+        }
+        Ok(VerifyReport {
+            events: events_applied,
+            position,
+            tables: differences,
             elapsed: started.elapsed(),
         })
     }

@@ -516,6 +516,7 @@ pub async fn record_launch(
             whist_domain::instance::InstanceCommand::RequestLaunch {
                 spec,
                 bootstrap_token_hash: fingerprint(&bootstrap),
+                reason: whist_domain::instance::LaunchReason::Operator,
                 at: chrono::Utc::now(),
             },
             &whist_domain::EventMetadata::new(whist_domain::Actor::System, chrono::Utc::now()),

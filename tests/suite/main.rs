@@ -1,6 +1,7 @@
 //! The black-box suite. One test binary (link time is the dominant cost of this stack), one module per capability.
 
 mod allocation;
+mod audit;
 mod auth;
 mod concurrency;
 mod config;

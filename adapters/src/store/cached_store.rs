@@ -11,7 +11,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cqrs_es::persist::{EventStoreAggregateContext, PersistedEventRepository, PersistedEventStore};
+use cqrs_es::persist::{
+    EventStoreAggregateContext, EventUpcaster, PersistedEventRepository, PersistedEventStore,
+    SerializedEvent,
+};
 use cqrs_es::{Aggregate, AggregateError, EventEnvelope, EventStore};
 
 /// See the module documentation. Clones share the same store and memory.
@@ -53,7 +56,8 @@ where
     pub fn new(repository: R, catch_up: R, capacity: usize) -> Self {
         Self {
             shared: Arc::new(Shared {
-                inner: PersistedEventStore::new_event_store(repository),
+                inner: PersistedEventStore::new_event_store(repository)
+                    .with_upcasters(vec![Box::new(DomainUpcaster)]),
                 catch_up,
                 cache: Mutex::new(HashMap::new()),
                 capacity,
@@ -106,8 +110,7 @@ where
     }
 
     /// Brings a stale copy up to date with the events after its version (one small read instead of the whole
-    /// history). Events are read as stored: this store registers no upcasters; when one is added, catch-up must
-    /// apply it too.
+    /// history), upcast as a full load would.
     async fn catch_up(
         &self,
         aggregate_id: &str,
@@ -119,6 +122,7 @@ where
             .get_last_events::<A>(aggregate_id, remembered.version)
             .await?;
         for event in events {
+            let event = DomainUpcaster.upcast_if_needed(event);
             let payload: A::Event = serde_json::from_value(event.payload)
                 .map_err(|error| AggregateError::DeserializationError(Box::new(error)))?;
             remembered.aggregate.apply(payload);
@@ -209,5 +213,40 @@ where
                 Err(error)
             }
         }
+    }
+}
+
+/// The domain's upcasters (`whist_domain::versions`), as cqrs-es calls them when it loads an aggregate.
+struct DomainUpcaster;
+
+impl DomainUpcaster {
+    fn upcast_if_needed(&self, event: SerializedEvent) -> SerializedEvent {
+        if self.can_upcast(&event.event_type, &event.event_version) {
+            self.upcast(event)
+        } else {
+            event
+        }
+    }
+}
+
+impl EventUpcaster for DomainUpcaster {
+    fn can_upcast(&self, event_type: &str, event_version: &str) -> bool {
+        whist_domain::versions::needs_upcast(event_type, event_version)
+    }
+
+    fn upcast(&self, mut event: SerializedEvent) -> SerializedEvent {
+        match whist_domain::versions::upcast(
+            &event.event_type,
+            &event.event_version,
+            event.payload.clone(),
+        ) {
+            Ok((version, payload)) => {
+                event.event_version = version;
+                event.payload = payload;
+            }
+            // Left as stored: reading it as the current shape then fails with the deserialisation error.
+            Err(error) => tracing::error!(error = %error, "an old event could not be upcast"),
+        }
+        event
     }
 }

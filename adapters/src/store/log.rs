@@ -32,12 +32,20 @@ impl LoggedEvent {
         serde_json::from_str(&self.payload)
     }
 
-    /// The payload as the aggregate's event type, upcast first where the caller needs old versions read.
+    /// The payload as the aggregate's event type, in its current shape: an old version is upcast first
+    /// (`whist_domain::versions`).
     ///
     /// # Errors
-    /// The payload does not have the event's shape.
+    /// The payload does not have the event's shape (or an old version's).
     pub fn payload_as<E: serde::de::DeserializeOwned>(&self) -> Result<E, serde_json::Error> {
-        serde_json::from_str(&self.payload)
+        if !whist_domain::versions::needs_upcast(&self.event_type, &self.event_version) {
+            return serde_json::from_str(&self.payload);
+        }
+        let stored: Value = serde_json::from_str(&self.payload)?;
+        let (_, current) =
+            whist_domain::versions::upcast(&self.event_type, &self.event_version, stored)
+                .map_err(serde::de::Error::custom)?;
+        serde_json::from_value(current)
     }
 
     /// The metadata recorded with the event.

@@ -4,12 +4,14 @@
 mod aggregate_store;
 mod append_batcher;
 mod cached_store;
+pub mod chain;
 mod database;
 mod log;
 mod postgres_repository;
 mod sequencer;
 
 pub use aggregate_store::{AggregateStore, CommandError, Unit, UnitError};
+pub use chain::{chain_hash, ChainBreak, ChainReport, VerifyProgress, GENESIS};
 pub use database::{redact_url, Backend, Database, DatabaseError};
 pub use log::{EventLog, LogSignal, LoggedEvent};
 pub use sequencer::{Sequencer, SequencerPass};

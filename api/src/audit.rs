@@ -1,0 +1,405 @@
+//! Reading history for auditors and developers: the global log, one aggregate's events, an aggregate's state replayed
+//! at a version or a moment, and the JSON Lines export. Shared by the admin endpoints and the `whist events` commands.
+//!
+//! Events are shown as stored (their stored version and payload: the record is what was written); a replayed state
+//! reads old versions through the upcasters, as the running system does.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use cqrs_es::Aggregate;
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use whist_adapters::store::{Database, LoggedEvent};
+use whist_domain::images::ImageCatalog;
+use whist_domain::instance::Instance;
+use whist_domain::mandelbox::Mandelbox;
+use whist_domain::session::Session;
+use whist_domain::subscription::{StripeCustomer, Subscription};
+use whist_domain::user::User;
+
+/// Why history could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("the store failed")]
+    Store(#[from] sqlx::Error),
+    #[error("no aggregate type {0:?} (known: {known})", known = AGGREGATE_TYPES.join(", "))]
+    UnknownAggregateType(String),
+    #[error("stored event {aggregate_type}/{aggregate_id} #{sequence} cannot be read: {reason}")]
+    Unreadable {
+        aggregate_type: String,
+        aggregate_id: String,
+        sequence: i64,
+        reason: String,
+    },
+    #[error("could not write the export")]
+    Write(#[from] std::io::Error),
+}
+
+/// The aggregate types a state can be replayed for.
+pub const AGGREGATE_TYPES: [&str; 7] = [
+    Instance::TYPE,
+    Mandelbox::TYPE,
+    Session::TYPE,
+    User::TYPE,
+    ImageCatalog::TYPE,
+    Subscription::TYPE,
+    StripeCustomer::TYPE,
+];
+
+/// One stored event, as auditors read it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventRecord {
+    /// The position in the global log (null for an event committed but not yet sequenced).
+    pub position: Option<i64>,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: Value,
+    pub metadata: MetadataRecord,
+    /// The event's chain hash (`whist events verify`), once sealed.
+    pub hash: Option<String>,
+}
+
+/// An event's metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MetadataRecord {
+    pub recorded_at: String,
+    pub actor: String,
+    pub correlation_id: String,
+    pub causation_id: Option<String>,
+}
+
+/// An aggregate's state replayed from its events.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReplayedState {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    /// The sequence of the last event applied.
+    pub version: i64,
+    /// When the last event applied was recorded.
+    pub recorded_at: Option<String>,
+    pub state: Value,
+}
+
+/// How far to replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayUntil {
+    Latest,
+    /// Up to and including this sequence number.
+    Version(i64),
+    /// Every event recorded at or before this moment.
+    AsOf(DateTime<Utc>),
+}
+
+const COLUMNS: &str =
+    "e.position, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, \
+    CAST(e.payload AS TEXT) AS payload, CAST(e.metadata AS TEXT) AS metadata, c.hash";
+
+fn logged(row: &AnyRow) -> Result<(LoggedEvent, Option<i64>, Option<String>), sqlx::Error> {
+    let position: Option<i64> = row.try_get("position")?;
+    Ok((
+        LoggedEvent {
+            position: position.unwrap_or(0),
+            aggregate_type: row.try_get("aggregate_type")?,
+            aggregate_id: row.try_get("aggregate_id")?,
+            sequence: row.try_get("sequence")?,
+            event_type: row.try_get("event_type")?,
+            event_version: row.try_get("event_version")?,
+            payload: row.try_get("payload")?,
+            metadata: row.try_get("metadata")?,
+        },
+        position,
+        row.try_get("hash")?,
+    ))
+}
+
+fn unreadable(event: &LoggedEvent, reason: impl std::fmt::Display) -> AuditError {
+    AuditError::Unreadable {
+        aggregate_type: event.aggregate_type.clone(),
+        aggregate_id: event.aggregate_id.clone(),
+        sequence: event.sequence,
+        reason: reason.to_string(),
+    }
+}
+
+fn record(
+    event: LoggedEvent,
+    position: Option<i64>,
+    hash: Option<String>,
+) -> Result<EventRecord, AuditError> {
+    let payload = event
+        .payload_json()
+        .map_err(|error| unreadable(&event, error))?;
+    let metadata = event
+        .metadata()
+        .map_err(|error| unreadable(&event, error))?;
+    Ok(EventRecord {
+        position,
+        aggregate_type: event.aggregate_type,
+        aggregate_id: event.aggregate_id,
+        sequence: event.sequence,
+        event_type: event.event_type,
+        event_version: event.event_version,
+        payload,
+        metadata: MetadataRecord {
+            recorded_at: metadata
+                .recorded_at
+                .to_rfc3339_opts(SecondsFormat::Micros, true),
+            actor: metadata.actor.to_string(),
+            correlation_id: metadata.correlation_id.to_string(),
+            causation_id: metadata.causation_id,
+        },
+        hash,
+    })
+}
+
+/// Up to `limit` events of the global log after `after`, in order.
+///
+/// # Errors
+/// The store failed or a stored event is unreadable.
+pub async fn events_after(
+    database: &Database,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<EventRecord>, AuditError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM events e LEFT JOIN event_chain c ON c.position = e.position \
+         WHERE e.position > $1 ORDER BY e.position LIMIT $2"
+    ))
+    .bind(after)
+    .bind(limit)
+    .fetch_all(database.any())
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let (event, position, hash) = logged(row)?;
+            record(event, position, hash)
+        })
+        .collect()
+}
+
+async fn aggregate_events(
+    database: &Database,
+    aggregate_type: &str,
+    aggregate_id: &str,
+) -> Result<Vec<(LoggedEvent, Option<i64>, Option<String>)>, AuditError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM events e LEFT JOIN event_chain c ON c.position = e.position \
+         WHERE e.aggregate_type = $1 AND e.aggregate_id = $2 ORDER BY e.sequence"
+    ))
+    .bind(aggregate_type)
+    .bind(aggregate_id)
+    .fetch_all(database.any())
+    .await?;
+    Ok(rows.iter().map(logged).collect::<Result<_, _>>()?)
+}
+
+/// Every event of one aggregate, in sequence order.
+///
+/// # Errors
+/// The store failed or a stored event is unreadable.
+pub async fn history(
+    database: &Database,
+    aggregate_type: &str,
+    aggregate_id: &str,
+) -> Result<Vec<EventRecord>, AuditError> {
+    aggregate_events(database, aggregate_type, aggregate_id)
+        .await?
+        .into_iter()
+        .map(|(event, position, hash)| record(event, position, hash))
+        .collect()
+}
+
+fn replay_as<A: Aggregate + Default + Serialize>(
+    events: &[LoggedEvent],
+) -> Result<Value, AuditError> {
+    let mut state = A::default();
+    for event in events {
+        let payload: A::Event = event
+            .payload_as()
+            .map_err(|error| unreadable(event, error))?;
+        state.apply(payload);
+    }
+    serde_json::to_value(&state).map_err(|error| AuditError::Unreadable {
+        aggregate_type: A::TYPE.to_string(),
+        aggregate_id: String::new(),
+        sequence: 0,
+        reason: error.to_string(),
+    })
+}
+
+/// The aggregate's state replayed from its events up to `until`; `None` when it has no event that early (or none).
+///
+/// # Errors
+/// The aggregate type is unknown, the store failed, or an event is unreadable.
+pub async fn replay(
+    database: &Database,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    until: ReplayUntil,
+) -> Result<Option<ReplayedState>, AuditError> {
+    if !AGGREGATE_TYPES.contains(&aggregate_type) {
+        return Err(AuditError::UnknownAggregateType(aggregate_type.to_string()));
+    }
+    let mut events = Vec::new();
+    let mut recorded_at = None;
+    for (event, _, _) in aggregate_events(database, aggregate_type, aggregate_id).await? {
+        let metadata = event
+            .metadata()
+            .map_err(|error| unreadable(&event, error))?;
+        let included = match until {
+            ReplayUntil::Latest => true,
+            ReplayUntil::Version(version) => event.sequence <= version,
+            ReplayUntil::AsOf(moment) => metadata.recorded_at <= moment,
+        };
+        if !included {
+            break;
+        }
+        recorded_at = Some(
+            metadata
+                .recorded_at
+                .to_rfc3339_opts(SecondsFormat::Micros, true),
+        );
+        events.push(event);
+    }
+    let Some(last) = events.last() else {
+        return Ok(None);
+    };
+    let version = last.sequence;
+    let state = match aggregate_type {
+        Instance::TYPE => replay_as::<Instance>(&events)?,
+        Mandelbox::TYPE => replay_as::<Mandelbox>(&events)?,
+        Session::TYPE => replay_as::<Session>(&events)?,
+        User::TYPE => replay_as::<User>(&events)?,
+        ImageCatalog::TYPE => replay_as::<ImageCatalog>(&events)?,
+        Subscription::TYPE => replay_as::<Subscription>(&events)?,
+        StripeCustomer::TYPE => replay_as::<StripeCustomer>(&events)?,
+        other => return Err(AuditError::UnknownAggregateType(other.to_string())),
+    };
+    Ok(Some(ReplayedState {
+        aggregate_type: aggregate_type.to_string(),
+        aggregate_id: aggregate_id.to_string(),
+        version,
+        recorded_at,
+        state,
+    }))
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExportReport {
+    pub events: u64,
+    /// The last position written (resume with `--after` this).
+    pub last_position: i64,
+    pub elapsed: Duration,
+}
+
+impl ExportReport {
+    pub fn events_per_second(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+const EXPORT_PAGE: i64 = 10_000;
+
+/// Writes every event after `after` (up to the head at the start) as JSON Lines, one event per line with the same
+/// fields as `GET /admin/events`, streaming page by page; `progress` gets (position, head) after each page.
+///
+/// # Errors
+/// The store failed or the writer failed.
+pub async fn export(
+    database: &Database,
+    after: i64,
+    out: &mut (dyn Write + Send),
+    progress: &(dyn Fn(i64, i64) + Send + Sync),
+) -> Result<ExportReport, AuditError> {
+    let started = Instant::now();
+    let head = database.log().head().await?;
+    let mut position = after;
+    let mut events = 0u64;
+    let mut line = String::with_capacity(1024);
+    while position < head {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM events e LEFT JOIN event_chain c ON c.position = e.position \
+             WHERE e.position > $1 AND e.position <= $2 ORDER BY e.position LIMIT $3"
+        ))
+        .bind(position)
+        .bind(head)
+        .bind(EXPORT_PAGE)
+        .fetch_all(database.any())
+        .await?;
+        if rows.is_empty() {
+            break;
+        }
+        for row in &rows {
+            let (event, _, hash) = logged(row)?;
+            let metadata = event
+                .metadata()
+                .map_err(|error| unreadable(&event, error))?;
+            line.clear();
+            // The payload is written as stored (it is JSON); the other fields are escaped by serde_json.
+            line.push_str("{\"position\":");
+            line.push_str(&event.position.to_string());
+            for (key, value) in [
+                ("aggregate_type", &event.aggregate_type),
+                ("aggregate_id", &event.aggregate_id),
+            ] {
+                push_field(&mut line, key, value);
+            }
+            line.push_str(",\"sequence\":");
+            line.push_str(&event.sequence.to_string());
+            push_field(&mut line, "event_type", &event.event_type);
+            push_field(&mut line, "event_version", &event.event_version);
+            line.push_str(",\"payload\":");
+            line.push_str(event.payload.trim());
+            line.push_str(",\"metadata\":");
+            let metadata = MetadataRecord {
+                recorded_at: metadata
+                    .recorded_at
+                    .to_rfc3339_opts(SecondsFormat::Micros, true),
+                actor: metadata.actor.to_string(),
+                correlation_id: metadata.correlation_id.to_string(),
+                causation_id: metadata.causation_id,
+            };
+            line.push_str(
+                &serde_json::to_string(&metadata).map_err(|error| unreadable(&event, error))?,
+            );
+            line.push_str(",\"hash\":");
+            match &hash {
+                Some(hash) => push_string(&mut line, hash),
+                None => line.push_str("null"),
+            }
+            line.push_str("}\n");
+            out.write_all(line.as_bytes())?;
+            position = event.position;
+            events += 1;
+        }
+        progress(position, head);
+    }
+    out.flush()?;
+    Ok(ExportReport {
+        events,
+        last_position: position,
+        elapsed: started.elapsed(),
+    })
+}
+
+fn push_field(line: &mut String, key: &str, value: &str) {
+    line.push_str(",\"");
+    line.push_str(key);
+    line.push_str("\":");
+    push_string(line, value);
+}
+
+fn push_string(line: &mut String, value: &str) {
+    match serde_json::to_string(value) {
+        Ok(quoted) => line.push_str(&quoted),
+        Err(_) => line.push_str("null"),
+    }
+}

@@ -1,0 +1,530 @@
+//! Audit and inspection: the global log, one aggregate's history and its state at a version or a moment, projections
+//! status, rebuild and verify, the JSON Lines export, the hash chain and its tamper evidence, and reading a history
+//! that mixes event versions.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use whist_domain::{Actor, EventMetadata};
+use whist_tests::{
+    admin_token, assign_body, eventually, http_client, launch_spec, spawn_app, user_token,
+    ChildProcess, TestApp, TestDatabase,
+};
+
+const HASH: &str = "hash-audit";
+
+async fn get(app: &TestApp, path: &str, token: Option<&str>) -> (u16, Value) {
+    let mut request = http_client().get(app.url(path));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// A small workload: a host, assigns and disconnects, a webhook-made subscriber; returns the host's instance id.
+async fn workload(app: &TestApp) -> String {
+    app.activate_image(&["us-east-1"], "ami-audit", HASH).await;
+    let host = app
+        .active_host(launch_spec("us-east-1", "ami-audit", HASH), 4)
+        .await;
+    for user in ["audit-a", "audit-b", "audit-c"] {
+        let (status, body) = app
+            .assign(&user_token(user), assign_body(&["us-east-1"], HASH, 1))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        if user != "audit-c" {
+            let mandelbox_id = body["mandelbox_id"].as_str().expect("an id");
+            assert_eq!(app.disconnect(mandelbox_id).await, 200);
+        }
+    }
+    host.instance_id
+}
+
+/// Waits until every stored event is in the log and every projection has caught up with it.
+async fn settled(app: &TestApp) {
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let unsequenced: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM events WHERE position IS NULL")
+                    .fetch_one(app.state.database.any())
+                    .await
+                    .unwrap_or(1);
+            unsequenced == 0
+                && app
+                    .state
+                    .projections
+                    .status()
+                    .await
+                    .map(|statuses| statuses.iter().all(|status| status.lag == 0))
+                    .unwrap_or(false)
+        })
+        .await,
+        "the projections catch up"
+    );
+}
+
+fn whist(database: &TestDatabase, arguments: &[&str], log: &str) -> (bool, String) {
+    let mut child = ChildProcess::start(
+        &crate::whist_binary(),
+        arguments,
+        database.data_dir.path(),
+        &[(
+            "DATABASE_URL",
+            database.url.clone().expect("a Postgres database"),
+        )],
+        log,
+    );
+    let status = child
+        .wait_exit(Duration::from_secs(120))
+        .expect("the command exits");
+    (status.success(), child.log_text())
+}
+
+#[tokio::test]
+async fn audit_endpoints_want_an_admin_token() {
+    let database = TestDatabase::postgres().await;
+    let app = spawn_app(&database).await;
+    let user = user_token("curious-user");
+    for path in [
+        "/admin/events",
+        "/admin/aggregates/instance/some-id/events",
+        "/admin/aggregates/instance/some-id",
+        "/admin/projections",
+    ] {
+        assert_eq!(get(&app, path, None).await.0, 401, "{path}");
+        assert_eq!(get(&app, path, Some(&user)).await.0, 403, "{path}");
+    }
+    let client = http_client();
+    let rebuild = app.url("/admin/projections/instances/rebuild");
+    let anonymous = client.post(&rebuild).send().await.expect("answers");
+    assert_eq!(anonymous.status(), 401);
+    let forbidden = client
+        .post(&rebuild)
+        .bearer_auth(&user)
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(forbidden.status(), 403);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_log_an_aggregates_history_and_its_state_at_a_version_or_a_moment() {
+    let database = TestDatabase::postgres().await;
+    let app = spawn_app(&database).await;
+    let instance_id = workload(&app).await;
+    settled(&app).await;
+    let admin = admin_token("auditor");
+
+    let (status, events) = get(&app, "/admin/events?after=0&limit=1000", Some(&admin)).await;
+    assert_eq!(status, 200);
+    let events = events.as_array().expect("a list").clone();
+    assert!(events.len() > 10, "{}", events.len());
+    for (index, event) in events.iter().enumerate() {
+        assert_eq!(
+            event["position"],
+            Value::from(index as i64 + 1),
+            "commit order"
+        );
+        for field in ["recorded_at", "actor", "correlation_id"] {
+            assert!(event["metadata"][field].is_string(), "{event}");
+        }
+        assert!(event["metadata"].get("causation_id").is_some(), "{event}");
+        assert!(event["payload"].is_object() && event["event_version"].is_string());
+    }
+    let (_, page) = get(&app, "/admin/events?after=5&limit=3", Some(&admin)).await;
+    let positions: Vec<i64> = page
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|event| event["position"].as_i64())
+        .collect();
+    assert_eq!(positions, vec![6, 7, 8]);
+    assert_eq!(
+        get(&app, "/admin/events?limit=0", Some(&admin)).await.0,
+        400
+    );
+
+    let (status, history) = get(
+        &app,
+        &format!("/admin/aggregates/instance/{instance_id}/events"),
+        Some(&admin),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let history = history.as_array().expect("a list").clone();
+    let types: Vec<&str> = history
+        .iter()
+        .filter_map(|event| event["event_type"].as_str())
+        .collect();
+    assert_eq!(
+        types[..2],
+        ["InstanceLaunchRequested", "InstanceRegistered"]
+    );
+    assert_eq!(history[0]["event_version"], "2.0");
+    assert_eq!(
+        history[0]["payload"]["LaunchRequested"]["reason"],
+        "operator"
+    );
+    for (index, event) in history.iter().enumerate() {
+        assert_eq!(event["sequence"], Value::from(index as i64 + 1));
+    }
+
+    let state = |query: String| {
+        let app = &app;
+        let admin = admin.clone();
+        let instance_id = instance_id.clone();
+        async move {
+            get(
+                app,
+                &format!("/admin/aggregates/instance/{instance_id}{query}"),
+                Some(&admin),
+            )
+            .await
+        }
+    };
+    let (status, first) = state("?at_version=1".to_string()).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["version"], 1);
+    assert_eq!(first["state"]["status"], "PRE_CONNECTION");
+    let (_, latest) = state(String::new()).await;
+    assert_eq!(latest["version"], Value::from(history.len() as i64));
+    assert_eq!(latest["state"]["status"], "ACTIVE");
+    assert_eq!(
+        latest["state"]["mandelboxes"].as_array().map(Vec::len),
+        Some(1),
+        "one mandelbox still live: {latest}"
+    );
+    // As of the moment the registration was recorded: two events.
+    let registered_at = history[1]["metadata"]["recorded_at"]
+        .as_str()
+        .expect("a time")
+        .to_string();
+    let (status, then) = state(format!("?as_of={}", registered_at.replace('+', "%2B"))).await;
+    assert_eq!(status, 200, "{then}");
+    assert_eq!(then["version"], 2);
+    assert_eq!(then["state"]["status"], "ACTIVE");
+    assert_eq!(
+        state("?as_of=2000-01-01T00:00:00Z".to_string()).await.0,
+        404
+    );
+    assert_eq!(
+        state("?at_version=1&as_of=2000-01-01T00:00:00Z".to_string())
+            .await
+            .0,
+        400
+    );
+    assert_eq!(state("?as_of=yesterday".to_string()).await.0, 400);
+    assert_eq!(
+        get(&app, "/admin/aggregates/spaceship/x", Some(&admin))
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        get(&app, "/admin/aggregates/spaceship/x/events", Some(&admin))
+            .await
+            .0,
+        404
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn projections_status_rebuild_and_verify_after_a_mixed_workload() {
+    let database = TestDatabase::postgres().await;
+    let app = spawn_app(&database).await;
+    workload(&app).await;
+    // Scale-ups: two more hosts decided and registered.
+    for _ in 0..2 {
+        app.active_host(launch_spec("us-east-1", "ami-audit", HASH), 2)
+            .await;
+    }
+    settled(&app).await;
+    let admin = admin_token("developer");
+    let (status, projections) = get(&app, "/admin/projections", Some(&admin)).await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = projections
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|projection| projection["name"].as_str())
+        .collect();
+    for name in [
+        "aggregate_index",
+        "instances",
+        "mandelboxes",
+        "images",
+        "jobs",
+        "event_chain",
+    ] {
+        assert!(names.contains(&name), "{name} in {names:?}");
+    }
+    for projection in projections.as_array().expect("a list") {
+        for field in ["position", "head", "lag"] {
+            assert!(projection[field].is_i64(), "{projection}");
+        }
+        assert_eq!(projection["status"], "running", "{projection}");
+    }
+
+    for name in ["aggregate_index", "instances", "mandelboxes", "images"] {
+        let report = app
+            .state
+            .projections
+            .verify(name, &|_| {})
+            .await
+            .expect("verifies");
+        assert_eq!(report.differences(), 0, "{name}: {report:?}");
+        assert!(
+            report.tables.iter().all(|table| table.rows > 0),
+            "{name}: {report:?}"
+        );
+    }
+    // The command-line twin, as a separate process beside the running server.
+    let (ok, log) = whist(
+        &database,
+        &["projections", "verify", "instances"],
+        "verify.log",
+    );
+    assert!(ok && log.contains("diff: 0"), "{log}");
+
+    // A read model edited behind the projection's back is caught.
+    sqlx::query("UPDATE instances SET live_mandelboxes = live_mandelboxes + 1")
+        .execute(app.state.database.any())
+        .await
+        .expect("edits");
+    let report = app
+        .state
+        .projections
+        .verify("instances", &|_| {})
+        .await
+        .expect("verifies");
+    assert_eq!(report.tables[0].only_live, 3, "{report:?}");
+    assert_eq!(report.tables[0].only_rebuilt, 3, "{report:?}");
+    let (ok, log) = whist(
+        &database,
+        &["projections", "verify", "instances"],
+        "verify-2.log",
+    );
+    assert!(!ok && log.contains("diff: 6"), "{log}");
+
+    // Rebuilding puts it right, and is refused for projections that plan side effects or seal the log.
+    let client = http_client();
+    let rebuilt = client
+        .post(app.url("/admin/projections/instances/rebuild"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(rebuilt.status(), 200);
+    let report = app
+        .state
+        .projections
+        .verify("instances", &|_| {})
+        .await
+        .expect("verifies");
+    assert_eq!(report.differences(), 0, "{report:?}");
+    for (name, expected) in [("jobs", 409), ("event_chain", 409), ("nonsense", 404)] {
+        let response = client
+            .post(app.url(&format!("/admin/projections/{name}/rebuild")))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(response.status(), expected, "{name}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn export_is_resumable_and_verify_names_the_first_tampered_event() {
+    let database = TestDatabase::postgres().await;
+    let app = spawn_app(&database).await;
+    workload(&app).await;
+    settled(&app).await;
+    let head = app.state.database.log().head().await.expect("a head");
+
+    let (ok, log) = whist(&database, &["events", "verify"], "verify-clean.log");
+    assert!(ok, "{log}");
+    assert!(
+        log.contains(&format!("verified {head} events")),
+        "every event is sealed and verified: {log}"
+    );
+
+    let folder = database.data_dir.path();
+    let all = folder.join("all.jsonl");
+    let (ok, log) = whist(
+        &database,
+        &[
+            "events",
+            "export",
+            "--output",
+            all.to_str().expect("a path"),
+        ],
+        "export.log",
+    );
+    assert!(ok, "{log}");
+    let lines: Vec<Value> = std::fs::read_to_string(&all)
+        .expect("the export")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len() as i64, head);
+    for (index, line) in lines.iter().enumerate() {
+        assert_eq!(line["position"], Value::from(index as i64 + 1));
+        assert!(
+            line["hash"].as_str().is_some_and(|hash| hash.len() == 64),
+            "{line}"
+        );
+        assert!(line["metadata"]["actor"].is_string() && line["payload"].is_object());
+    }
+    // Resuming after a position gives exactly the rest.
+    let rest = folder.join("rest.jsonl");
+    let (ok, log) = whist(
+        &database,
+        &[
+            "events",
+            "export",
+            "--after",
+            "10",
+            "--output",
+            rest.to_str().expect("a path"),
+        ],
+        "export-rest.log",
+    );
+    assert!(ok, "{log}");
+    let rest: Vec<Value> = std::fs::read_to_string(&rest)
+        .expect("the export")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    assert_eq!(rest[..], lines[10..]);
+
+    // Someone edits one stored payload directly in SQL.
+    let tampered = 7i64;
+    sqlx::query(
+        "UPDATE events SET payload = CAST(jsonb_set(CAST(payload AS jsonb), '{tampered}', 'true') AS json) \
+         WHERE position = $1",
+    )
+    .bind(tampered)
+    .execute(app.state.database.any())
+    .await
+    .expect("tampers");
+    let (ok, log) = whist(&database, &["events", "verify"], "verify-tampered.log");
+    assert!(!ok, "{log}");
+    assert!(
+        log.contains(&format!(
+            "the chain is broken at the event at position {tampered} ("
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("verified {} events", tampered - 1)),
+        "{log}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_history_mixing_event_versions_replays_through_the_upcaster() {
+    let database = TestDatabase::postgres().await;
+    let app = spawn_app(&database).await;
+    // A launch decided by an older server: InstanceLaunchRequested 1.0, without a reason.
+    let old = "launched-by-an-older-server";
+    let metadata =
+        serde_json::to_string(&EventMetadata::new(Actor::System, chrono::Utc::now()).to_map())
+            .expect("metadata");
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('instance', $1, 1, 'InstanceLaunchRequested', '1.0', CAST($2 AS json), CAST($3 AS json))",
+    )
+    .bind(old)
+    .bind(
+        serde_json::json!({"LaunchRequested": {
+            "spec": {"region": "us-east-1", "image_id": "ami-audit", "instance_type": "g4dn.2xlarge",
+                     "client_commit_hash": HASH},
+            "bootstrap_token_hash": "0000",
+            "at": "2026-01-01T00:00:00Z"
+        }})
+        .to_string(),
+    )
+    .bind(metadata)
+    .execute(app.state.database.any())
+    .await
+    .expect("an old event is stored");
+    app.state.database.signal().appended();
+    // The current server goes on with that host (version 1.0 first, then current events), and launches another
+    // (version 2.0).
+    let metadata = EventMetadata::new(Actor::System, chrono::Utc::now());
+    app.state
+        .services
+        .instances
+        .execute(
+            old,
+            whist_domain::instance::InstanceCommand::RecordLaunch {
+                cloud_instance_id: "i-0123456789".to_string(),
+                at: chrono::Utc::now(),
+            },
+            &metadata,
+        )
+        .await
+        .expect("the old launch loads through the upcaster and takes a command");
+    let (current, _) = app
+        .launch(launch_spec("us-east-1", "ami-audit", HASH))
+        .await;
+    settled(&app).await;
+
+    let (instance, version) = app.state.services.instances.load(old).await.expect("loads");
+    assert_eq!(version, 2);
+    assert_eq!(instance.cloud_instance_id.as_deref(), Some("i-0123456789"));
+    // The read model (a projection reading the log) has both hosts.
+    let hosts: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT instance_id, cloud_instance_id FROM instances ORDER BY instance_id")
+            .fetch_all(app.state.database.any())
+            .await
+            .expect("reads");
+    assert!(
+        hosts.contains(&(old.to_string(), Some("i-0123456789".to_string()))),
+        "{hosts:?}"
+    );
+    assert!(hosts.iter().any(|(id, _)| *id == current), "{hosts:?}");
+    // The record shows each event as stored; the replayed state reads the old one as the current shape.
+    let admin = admin_token("auditor");
+    let (_, history) = get(
+        &app,
+        &format!("/admin/aggregates/instance/{old}/events"),
+        Some(&admin),
+    )
+    .await;
+    assert_eq!(history[0]["event_version"], "1.0");
+    assert!(history[0]["payload"]["LaunchRequested"]
+        .get("reason")
+        .is_none());
+    let (_, history) = get(
+        &app,
+        &format!("/admin/aggregates/instance/{current}/events"),
+        Some(&admin),
+    )
+    .await;
+    assert_eq!(history[0]["event_version"], "2.0");
+    let (status, replayed) = get(
+        &app,
+        &format!("/admin/aggregates/instance/{old}"),
+        Some(&admin),
+    )
+    .await;
+    assert_eq!(status, 200, "{replayed}");
+    assert_eq!(replayed["version"], 2);
+    assert_eq!(replayed["state"]["cloud_instance_id"], "i-0123456789");
+    // A rebuild from position 0 reads the old version too.
+    let report = app
+        .state
+        .projections
+        .verify("instances", &|_| {})
+        .await
+        .expect("verifies");
+    assert_eq!(report.differences(), 0, "{report:?}");
+    app.stop().await;
+}
