@@ -41,6 +41,14 @@ enum Command {
         #[command(subcommand)]
         command: ImagesCommand,
     },
+    /// Developers' actions on the fleet (recorded with the developer as actor), for scripts.
+    Admin {
+        /// The developer's user id (their Auth0 subject), recorded as the actor of every decision.
+        #[arg(long = "as", value_name = "USER_ID")]
+        developer: String,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
     /// Read the event log: list, one aggregate's history or replayed state, export, verify the hash chain.
     Events {
         #[command(subcommand)]
@@ -129,6 +137,29 @@ enum ProjectionsCommand {
     Verify {
         /// The projection's name (see `whist projections status`).
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Launch hosts in a region on its active image.
+    Launch {
+        #[arg(long)]
+        region: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Makes a retried command launch nothing new.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Drain a host: no new mandelbox; it shuts down when its last one ends.
+    Drain { instance_id: String },
+    /// Terminate a host (through its host service when it answers, and in the cloud).
+    Terminate { instance_id: String },
+    /// Maintenance mode: `on`, `off` or `status`.
+    Maintenance {
+        #[arg(value_parser = ["on", "off", "status"])]
+        switch: String,
     },
 }
 
@@ -237,6 +268,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Images { command } => {
             let state = control_plane(load_settings().await?).await?;
             let outcome = images(&state, command).await;
+            state.database.close().await;
+            outcome
+        }
+        Command::Admin { developer, command } => {
+            let state = control_plane(load_settings().await?).await?;
+            let outcome = admin(&state, &whist_domain::Actor::User(developer), command).await;
             state.database.close().await;
             outcome
         }
@@ -418,6 +455,45 @@ async fn images(state: &AppState, command: ImagesCommand) -> anyhow::Result<()> 
             Ok(())
         }
     }
+}
+
+async fn admin(
+    state: &AppState,
+    actor: &whist_domain::Actor,
+    command: AdminCommand,
+) -> anyhow::Result<()> {
+    use whist_api::operator;
+    match command {
+        AdminCommand::Launch {
+            region,
+            count,
+            idempotency_key,
+        } => {
+            let ids =
+                operator::launch_hosts(state, actor, &region, count, idempotency_key.as_deref())
+                    .await?;
+            for id in ids {
+                println!("{id}");
+            }
+        }
+        AdminCommand::Drain { instance_id } => {
+            let status = operator::drain_host(state, actor, &instance_id).await?;
+            println!("{instance_id} {}", status.as_str());
+        }
+        AdminCommand::Terminate { instance_id } => {
+            let status = operator::terminate_host(state, actor, &instance_id).await?;
+            println!("{instance_id} {}", status.as_str());
+        }
+        AdminCommand::Maintenance { switch } => {
+            let enabled = match switch.as_str() {
+                "on" => operator::set_maintenance(state, actor, true).await?,
+                "off" => operator::set_maintenance(state, actor, false).await?,
+                _ => operator::maintenance(state).await?,
+            };
+            println!("maintenance {}", if enabled { "on" } else { "off" });
+        }
+    }
+    Ok(())
 }
 
 /// A progress bar with events/s, drawn on standard error (hidden when it is not a terminal).

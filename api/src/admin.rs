@@ -13,6 +13,7 @@ use crate::audit::{self, AuditError, EventRecord, ReplayUntil, ReplayedState};
 use crate::desktop::ErrorBody;
 use crate::security::AdminAuth;
 use crate::state::AppState;
+use whist_domain::Actor;
 
 #[derive(Tags)]
 enum AdminTag {
@@ -501,6 +502,429 @@ impl AdminApi {
             Err(error) => {
                 crate::error::log_failure("could not rebuild a projection", &error);
                 RebuildResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
+            }
+        }
+    }
+}
+
+/// Body of `POST /admin/instances`.
+#[derive(Debug, Object)]
+pub struct LaunchBody {
+    pub region: String,
+    /// Hosts to launch (1 to 50).
+    pub count: u32,
+}
+
+/// Hosts decided by `POST /admin/instances`.
+#[derive(Debug, Object)]
+pub struct Launched {
+    pub instance_ids: Vec<String>,
+}
+
+/// A host after an action.
+#[derive(Debug, Object)]
+pub struct HostAfterAction {
+    pub instance_id: String,
+    pub status: String,
+}
+
+/// Body and answer of `PUT /admin/maintenance`.
+#[derive(Debug, Object)]
+pub struct Maintenance {
+    pub enabled: bool,
+}
+
+#[derive(ApiResponse)]
+pub enum LaunchResponse {
+    /// Decided; the reconciler launches them.
+    #[oai(status = 202)]
+    Accepted(Json<Launched>),
+    /// The region is not enabled, or the count is out of range.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// The region has no active image.
+    #[oai(status = 409)]
+    Conflict(Json<ErrorBody>),
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+#[derive(ApiResponse)]
+pub enum HostActionResponse {
+    #[oai(status = 200)]
+    Done(Json<HostAfterAction>),
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// The host has already ended.
+    #[oai(status = 409)]
+    Conflict(Json<ErrorBody>),
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+#[derive(ApiResponse)]
+pub enum MaintenanceResponse {
+    #[oai(status = 200)]
+    Switch(Json<Maintenance>),
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+/// One region at a glance.
+#[derive(Debug, Object)]
+pub struct RegionOverview {
+    pub region: String,
+    pub active_image: Option<String>,
+    pub active_commit_hash: Option<String>,
+    /// The warm buffer's target (free slots).
+    pub desired_free: u32,
+    /// Free slots on active hosts of the active image.
+    pub free: i64,
+    /// Hosts by status (every status, zero included).
+    pub hosts: Vec<CountByStatus>,
+}
+
+/// A count per status.
+#[derive(Debug, Object)]
+pub struct CountByStatus {
+    pub status: String,
+    pub count: i64,
+}
+
+/// Assigns in one minute.
+#[derive(Debug, Object)]
+pub struct MinuteCount {
+    /// The minute's start, RFC 3339.
+    pub minute: String,
+    pub count: i64,
+}
+
+/// An event in the feed.
+#[derive(Debug, Object)]
+pub struct RecentEvent {
+    pub position: i64,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub actor: String,
+    pub recorded_at: String,
+}
+
+/// What the dashboard shows.
+#[derive(Debug, Object)]
+pub struct Overview {
+    pub maintenance: bool,
+    pub regions: Vec<RegionOverview>,
+    pub mandelboxes: Vec<CountByStatus>,
+    pub projections: Vec<AdminProjection>,
+    /// The last 25 events, newest first.
+    pub recent_events: Vec<RecentEvent>,
+    /// Mandelboxes allocated per minute over the last 30 minutes, oldest first.
+    pub assigns_per_minute: Vec<MinuteCount>,
+}
+
+#[derive(ApiResponse)]
+pub enum OverviewResponse {
+    #[oai(status = 200)]
+    Overview(Json<Overview>),
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+fn operator_failure<T>(
+    error: crate::operator::OperatorError,
+    bad: impl FnOnce(Json<ErrorBody>) -> T,
+    not_found: impl FnOnce(Json<ErrorBody>) -> T,
+    conflict: impl FnOnce(Json<ErrorBody>) -> T,
+    unavailable: impl FnOnce(Json<ErrorBody>) -> T,
+) -> T {
+    use crate::operator::OperatorError as E;
+    match error {
+        E::RegionNotEnabled(_) => bad(error_body("REGION_NOT_ENABLED")),
+        E::CountOutOfRange => bad(error_body("COUNT_OUT_OF_RANGE")),
+        E::UnknownHost(_) => not_found(error_body("NOT_FOUND")),
+        E::NoActiveImage(_) => conflict(error_body("NO_ACTIVE_IMAGE")),
+        E::HostEnded(_) => conflict(error_body("HOST_ENDED")),
+        E::Store(ref cause) => {
+            tracing::error!(error = cause.as_str(), "an admin action failed");
+            unavailable(error_body("STORE_UNAVAILABLE"))
+        }
+    }
+}
+
+async fn counts_by_status(
+    state: &AppState,
+    sql: &str,
+    region: Option<&str>,
+    statuses: &[&str],
+) -> Result<Vec<CountByStatus>, sqlx::Error> {
+    let mut query = sqlx::query(sql);
+    if let Some(region) = region {
+        query = query.bind(region);
+    }
+    let rows = query.fetch_all(state.database.any()).await?;
+    let mut counts: Vec<CountByStatus> = statuses
+        .iter()
+        .map(|status| CountByStatus {
+            status: (*status).to_string(),
+            count: 0,
+        })
+        .collect();
+    for row in rows {
+        let status: String = row.try_get("status")?;
+        let count: i64 = row.try_get("n")?;
+        match counts.iter_mut().find(|entry| entry.status == status) {
+            Some(entry) => entry.count = count,
+            None => counts.push(CountByStatus { status, count }),
+        }
+    }
+    Ok(counts)
+}
+
+async fn overview(state: &AppState) -> Result<Overview, String> {
+    let settings = &state.settings;
+    let (catalog, _) = state
+        .services
+        .catalog
+        .load_current(whist_domain::images::CATALOG_ID)
+        .await
+        .map_err(|error| error.to_string())?;
+    let mut regions = Vec::new();
+    for region in &settings.enabled_regions {
+        let active = catalog.active_in(region);
+        let free: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(mandelbox_capacity - live_mandelboxes), 0) AS BIGINT) FROM instances \
+             WHERE region = $1 AND status = 'ACTIVE' AND image_id = $2",
+        )
+        .bind(region)
+        .bind(active.map(|image| image.image_id.clone()).unwrap_or_default())
+        .fetch_one(state.database.any())
+        .await
+        .map_err(|error| error.to_string())?;
+        let hosts = counts_by_status(
+            state,
+            "SELECT status, count(*) AS n FROM instances WHERE region = $1 GROUP BY status",
+            Some(region),
+            &[
+                "PRE_CONNECTION",
+                "ACTIVE",
+                "DRAINING",
+                "UNRESPONSIVE",
+                "TERMINATING",
+                "TERMINATED",
+            ],
+        )
+        .await
+        .map_err(|error| error.to_string())?;
+        regions.push(RegionOverview {
+            region: region.clone(),
+            active_image: active.map(|image| image.image_id.clone()),
+            active_commit_hash: active.map(|image| image.client_commit_hash.clone()),
+            desired_free: settings.desired_free_mandelboxes_in(region),
+            free,
+            hosts,
+        });
+    }
+    let mandelboxes = counts_by_status(
+        state,
+        "SELECT status, count(*) AS n FROM mandelboxes GROUP BY status",
+        None,
+        &["ALLOCATED", "CONNECTING", "RUNNING", "DYING", "DEAD"],
+    )
+    .await
+    .map_err(|error| error.to_string())?;
+    let projections = state
+        .projections
+        .status()
+        .await
+        .map_err(|error| error.to_string())?
+        .into_iter()
+        .map(|status| AdminProjection {
+            name: status.name,
+            position: status.position,
+            head: status.head,
+            lag: status.lag,
+            status: status.status,
+            last_error: status.last_error,
+        })
+        .collect();
+    let recent_events = audit::latest_events(&state.database, 25)
+        .await
+        .map_err(|error| error.to_string())?
+        .into_iter()
+        .map(|event| RecentEvent {
+            position: event.position.unwrap_or(0),
+            aggregate_type: event.aggregate_type,
+            aggregate_id: event.aggregate_id,
+            event_type: event.event_type,
+            actor: event.metadata.actor,
+            recorded_at: event.metadata.recorded_at,
+        })
+        .collect();
+    let now = Utc::now();
+    let start = now - chrono::Duration::minutes(29);
+    let start = start - chrono::Duration::seconds(i64::from(chrono::Timelike::second(&start)));
+    let created: Vec<String> =
+        sqlx::query_scalar("SELECT created_at FROM mandelboxes WHERE created_at >= $1")
+            .bind(start.to_rfc3339())
+            .fetch_all(state.database.any())
+            .await
+            .map_err(|error| error.to_string())?;
+    let mut per_minute = vec![0i64; 30];
+    for at in created {
+        if let Ok(at) = DateTime::parse_from_rfc3339(&at) {
+            let minutes = (at.with_timezone(&Utc) - start).num_minutes();
+            if let Some(slot) = usize::try_from(minutes)
+                .ok()
+                .and_then(|index| per_minute.get_mut(index))
+            {
+                *slot += 1;
+            }
+        }
+    }
+    let assigns_per_minute = per_minute
+        .into_iter()
+        .enumerate()
+        .map(|(index, count)| MinuteCount {
+            minute: (start + chrono::Duration::minutes(index as i64))
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            count,
+        })
+        .collect();
+    Ok(Overview {
+        maintenance: crate::operator::maintenance(state)
+            .await
+            .map_err(|error| error.to_string())?,
+        regions,
+        mandelboxes,
+        projections,
+        recent_events,
+        assigns_per_minute,
+    })
+}
+
+/// Developers' actions on the fleet, and the dashboard's data.
+pub struct OperatorApi;
+
+#[OpenApi(tag = "AdminTag::Admin")]
+impl OperatorApi {
+    /// Launches hosts in a region on its active image. With an `Idempotency-Key` header a retried request
+    /// launches nothing new and answers the same ids.
+    #[oai(path = "/admin/instances", method = "post")]
+    async fn launch(
+        &self,
+        state: Data<&AppState>,
+        auth: AdminAuth,
+        body: Json<LaunchBody>,
+        #[oai(name = "Idempotency-Key")] idempotency_key: poem_openapi::param::Header<
+            Option<String>,
+        >,
+    ) -> LaunchResponse {
+        let actor = Actor::User(auth.0.user_id.clone());
+        match crate::operator::launch_hosts(
+            &state,
+            &actor,
+            &body.0.region,
+            body.0.count,
+            idempotency_key.0.as_deref(),
+        )
+        .await
+        {
+            Ok(instance_ids) => LaunchResponse::Accepted(Json(Launched { instance_ids })),
+            Err(error) => operator_failure(
+                error,
+                LaunchResponse::BadRequest,
+                LaunchResponse::BadRequest,
+                LaunchResponse::Conflict,
+                LaunchResponse::Unavailable,
+            ),
+        }
+    }
+
+    /// Drains a host: no new mandelbox; it shuts down when its last one ends.
+    #[oai(path = "/admin/instances/:instance_id/drain", method = "post")]
+    async fn drain(
+        &self,
+        state: Data<&AppState>,
+        auth: AdminAuth,
+        instance_id: Path<String>,
+    ) -> HostActionResponse {
+        let actor = Actor::User(auth.0.user_id.clone());
+        match crate::operator::drain_host(&state, &actor, &instance_id.0).await {
+            Ok(status) => HostActionResponse::Done(Json(HostAfterAction {
+                instance_id: instance_id.0,
+                status: status.as_str().to_string(),
+            })),
+            Err(error) => operator_failure(
+                error,
+                HostActionResponse::Conflict,
+                HostActionResponse::NotFound,
+                HostActionResponse::Conflict,
+                HostActionResponse::Unavailable,
+            ),
+        }
+    }
+
+    /// Terminates a host: through its host service when it answers, and in the cloud; its mandelboxes end.
+    #[oai(path = "/admin/instances/:instance_id", method = "delete")]
+    async fn terminate(
+        &self,
+        state: Data<&AppState>,
+        auth: AdminAuth,
+        instance_id: Path<String>,
+    ) -> HostActionResponse {
+        let actor = Actor::User(auth.0.user_id.clone());
+        match crate::operator::terminate_host(&state, &actor, &instance_id.0).await {
+            Ok(status) => HostActionResponse::Done(Json(HostAfterAction {
+                instance_id: instance_id.0,
+                status: status.as_str().to_string(),
+            })),
+            Err(error) => operator_failure(
+                error,
+                HostActionResponse::Conflict,
+                HostActionResponse::NotFound,
+                HostActionResponse::Conflict,
+                HostActionResponse::Unavailable,
+            ),
+        }
+    }
+
+    /// Whether maintenance mode is on.
+    #[oai(path = "/admin/maintenance", method = "get")]
+    async fn maintenance(&self, state: Data<&AppState>, _auth: AdminAuth) -> MaintenanceResponse {
+        match crate::operator::maintenance(&state).await {
+            Ok(enabled) => MaintenanceResponse::Switch(Json(Maintenance { enabled })),
+            Err(_) => MaintenanceResponse::Unavailable(error_body("STORE_UNAVAILABLE")),
+        }
+    }
+
+    /// Turns maintenance mode on or off: while on, assigns answer `503 MAINTENANCE` and the autoscaler launches
+    /// nothing; everything else keeps working.
+    #[oai(path = "/admin/maintenance", method = "put")]
+    async fn set_maintenance(
+        &self,
+        state: Data<&AppState>,
+        auth: AdminAuth,
+        body: Json<Maintenance>,
+    ) -> MaintenanceResponse {
+        let actor = Actor::User(auth.0.user_id.clone());
+        match crate::operator::set_maintenance(&state, &actor, body.0.enabled).await {
+            Ok(enabled) => MaintenanceResponse::Switch(Json(Maintenance { enabled })),
+            Err(error) => {
+                tracing::error!(error = %error, "could not switch maintenance mode");
+                MaintenanceResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
+            }
+        }
+    }
+
+    /// Everything the dashboard shows, in one read.
+    #[oai(path = "/admin/overview", method = "get")]
+    async fn overview(&self, state: Data<&AppState>, _auth: AdminAuth) -> OverviewResponse {
+        match overview(&state).await {
+            Ok(overview) => OverviewResponse::Overview(Json(overview)),
+            Err(error) => {
+                tracing::error!(error, "could not read the overview");
+                OverviewResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
             }
         }
     }

@@ -50,6 +50,8 @@ pub struct AssignRequest {
 /// A refusal the contract names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
+    /// Maintenance mode is on: no new sessions.
+    Maintenance,
     RegionNotEnabled,
     NoInstanceAvailable,
     CommitHashMismatch,
@@ -59,6 +61,7 @@ pub enum Refusal {
 impl Refusal {
     pub fn code(self) -> &'static str {
         match self {
+            Self::Maintenance => "MAINTENANCE",
             Self::RegionNotEnabled => "REGION_NOT_ENABLED",
             Self::NoInstanceAvailable => "NO_INSTANCE_AVAILABLE",
             Self::CommitHashMismatch => "COMMIT_HASH_MISMATCH",
@@ -78,7 +81,7 @@ pub struct Assigned {
 /// The store failed; the request answers 503 and may be retried.
 #[derive(Debug, thiserror::Error)]
 #[error("the assign could not be recorded: {0}")]
-pub struct AssignFailure(String);
+pub struct AssignFailure(pub String);
 
 fn failure<E: std::error::Error + 'static>(error: CommandError<E>) -> AssignFailure {
     crate::error::log_failure("assign failed", &error);
@@ -94,6 +97,9 @@ pub async fn assign(
     request: &AssignRequest,
     metadata: &EventMetadata,
 ) -> Result<Result<Assigned, Refusal>, AssignFailure> {
+    if in_maintenance(state).await? {
+        return Ok(Err(Refusal::Maintenance));
+    }
     let settings = &state.settings;
     let regions: Vec<&String> = request
         .regions
@@ -278,6 +284,23 @@ async fn attempt(
             Err(AssignFailure(error.to_string()))
         }
     }
+}
+
+/// Whether maintenance mode is on (read fresh: another process may have switched it).
+///
+/// # Errors
+/// The store failed.
+pub async fn in_maintenance(state: &AppState) -> Result<bool, AssignFailure> {
+    state
+        .services
+        .service
+        .load_current(whist_domain::service::SERVICE_ID)
+        .await
+        .map(|(service, _)| service.maintenance)
+        .map_err(|error| {
+            crate::error::log_failure("could not read the maintenance switch", &error);
+            AssignFailure(error.to_string())
+        })
 }
 
 /// Time spent in one phase of an assign (the load test prints these to show where latency goes).

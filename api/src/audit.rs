@@ -184,6 +184,29 @@ pub async fn events_after(
         .collect()
 }
 
+/// The last `limit` events of the global log, newest first.
+///
+/// # Errors
+/// The store failed or a stored event is unreadable.
+pub async fn latest_events(
+    database: &Database,
+    limit: i64,
+) -> Result<Vec<EventRecord>, AuditError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM events e LEFT JOIN event_chain c ON c.position = e.position \
+         WHERE e.position IS NOT NULL ORDER BY e.position DESC LIMIT $1"
+    ))
+    .bind(limit)
+    .fetch_all(database.any())
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let (event, position, hash) = logged(row)?;
+            record(event, position, hash)
+        })
+        .collect()
+}
+
 async fn aggregate_events(
     database: &Database,
     aggregate_type: &str,

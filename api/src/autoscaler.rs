@@ -145,6 +145,10 @@ impl Autoscaler {
             tracing::warn!("autoscaler skipped a pass: the instances read model is behind the log");
             return Ok(Decisions::default());
         }
+        // In maintenance mode nothing is launched; drains and retirements go on.
+        let maintenance = crate::allocation::in_maintenance(&self.state)
+            .await
+            .map_err(|error| error.0)?;
         let mut decisions = Decisions::default();
         for RegionDecision {
             region,
@@ -154,7 +158,8 @@ impl Autoscaler {
         {
             metrics::gauge!("whist_free_mandelboxes", "region" => region.clone())
                 .set(f64::from(plan.free));
-            for _ in 0..plan.launch {
+            let launches = if maintenance { 0 } else { plan.launch };
+            for _ in 0..launches {
                 let instance_id = Uuid::new_v4().to_string();
                 let bootstrap = services.tokens.derive(Purpose::Bootstrap, &instance_id);
                 let command = InstanceCommand::RequestLaunch {

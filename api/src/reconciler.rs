@@ -18,7 +18,9 @@ use whist_adapters::host_client::{HostClient, SpinUp};
 use whist_adapters::simulated_host::{self, SimulatedHost, SimulatedHostSpec};
 use whist_adapters::store::CommandError;
 use whist_adapters::tokens::Purpose;
-use whist_domain::instance::{Instance, InstanceCommand, InstanceStatus, LaunchSpec};
+use whist_domain::instance::{
+    Instance, InstanceCommand, InstanceStatus, LaunchSpec, TerminationReason,
+};
 use whist_domain::mandelbox::{EndReason, MandelboxCommand, MandelboxStatus};
 use whist_domain::{Actor, EventMetadata};
 use whist_projections::jobs::{DRAIN, LAUNCH, SPIN_UP, TERMINATE, TERMINATE_STRAY};
@@ -421,6 +423,20 @@ impl Reconciler {
         };
         if instance.status != Some(InstanceStatus::Terminating) {
             return Outcome::Done;
+        }
+        // A developer's termination goes through the host service first, when there is one to ask; the cloud
+        // call below ends the machine whether or not it answered.
+        if let (Some(TerminationReason::Operator), Some(ip)) =
+            (instance.termination_reason, instance.ip.as_deref())
+        {
+            let token = self
+                .state
+                .services
+                .tokens
+                .derive(Purpose::HostAuth, instance_id);
+            if let Err(error) = self.hosts.drain_and_shutdown(ip, &token).await {
+                tracing::info!(instance_id, error = %error, "the host did not take its shutdown; ending it in the cloud");
+            }
         }
         match self.state.settings.cloud {
             CloudKind::Local => {

@@ -13,6 +13,7 @@ use whist_adapters::tokens::Tokens;
 use whist_domain::images::ImageCatalog;
 use whist_domain::instance::Instance;
 use whist_domain::mandelbox::Mandelbox;
+use whist_domain::service::Service;
 use whist_domain::session::Session;
 use whist_domain::subscription::{StripeCustomer, Subscription};
 use whist_domain::user::User;
@@ -30,6 +31,7 @@ pub struct Services {
     pub catalog: AggregateStore<ImageCatalog>,
     pub subscriptions: AggregateStore<Subscription>,
     pub stripe_customers: AggregateStore<StripeCustomer>,
+    pub service: AggregateStore<Service>,
     /// The Stripe API; `None` when `STRIPE_SECRET` is not set.
     pub stripe: Option<StripeApi>,
     /// EC2, with `WHIST_CLOUD=aws`.
@@ -80,6 +82,7 @@ impl Services {
             catalog: AggregateStore::new(database, ()),
             subscriptions: AggregateStore::new(database, ()),
             stripe_customers: AggregateStore::new(database, ()),
+            service: AggregateStore::new(database, ()),
             stripe: StripeApi::from_settings(&settings.stripe)?,
             ec2: (settings.cloud == CloudKind::Aws).then(|| {
                 Ec2::new(

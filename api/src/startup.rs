@@ -17,7 +17,7 @@ use whist_adapters::config::CloudKind;
 use whist_domain::images::{ImageCatalogCommand, CATALOG_ID};
 use whist_domain::{Actor, EventMetadata};
 
-use crate::admin::AdminApi;
+use crate::admin::{AdminApi, OperatorApi};
 use crate::background::Background;
 use crate::billing::BillingApi;
 use crate::desktop::DesktopApi;
@@ -221,17 +221,17 @@ async fn activate_simulated_images(settings: &Settings, services: &Services) {
     }
 }
 
-fn api_service() -> OpenApiService<
-    (
-        OpsApi,
-        DesktopApi,
-        HostApi,
-        BillingApi,
-        HireFireApi,
-        AdminApi,
-    ),
-    (),
-> {
+type Apis = (
+    OpsApi,
+    DesktopApi,
+    HostApi,
+    BillingApi,
+    HireFireApi,
+    AdminApi,
+    OperatorApi,
+);
+
+fn api_service() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
         (
             OpsApi,
@@ -240,6 +240,7 @@ fn api_service() -> OpenApiService<
             BillingApi,
             HireFireApi,
             AdminApi,
+            OperatorApi,
         ),
         "Whist webserver",
         env!("CARGO_PKG_VERSION"),
@@ -257,6 +258,7 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
             "/stripe/webhook",
             poem::post(crate::billing::stripe_webhook),
         )
+        .at("/dashboard", poem::get(crate::dashboard::page))
         .at("/openapi.json", spec)
         .nest("/docs", docs)
         .with(RequestContext::new(state.clone()))

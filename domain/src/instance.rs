@@ -83,6 +83,9 @@ pub struct Instance {
     /// Cloud instances carrying this launch's tag that were not (or no longer) its host, and were terminated.
     #[serde(default)]
     pub strays_terminated: BTreeSet<String>,
+    /// Why the termination was decided, once it was.
+    #[serde(default)]
+    pub termination_reason: Option<TerminationReason>,
 }
 
 /// Commands the instance takes.
@@ -557,7 +560,10 @@ impl Aggregate for Instance {
                 self.status_before_silence = None;
                 self.status = Some(returned_to);
             }
-            E::TerminationStarted { .. } => self.status = Some(S::Terminating),
+            E::TerminationStarted { reason, .. } => {
+                self.status = Some(S::Terminating);
+                self.termination_reason = Some(reason);
+            }
             E::Terminated { .. } => self.status = Some(S::Terminated),
             E::StrayTerminated {
                 cloud_instance_id, ..

@@ -9,6 +9,7 @@ pub mod mandelbox;
 pub mod metadata;
 pub mod probe;
 pub mod scaling;
+pub mod service;
 pub mod session;
 pub mod subscription;
 pub mod user;

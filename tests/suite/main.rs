@@ -5,6 +5,7 @@ mod audit;
 mod auth;
 mod concurrency;
 mod config;
+mod console;
 mod ec2;
 mod fleet;
 mod fleet_crash;
