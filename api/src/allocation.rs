@@ -185,6 +185,11 @@ async fn attempt(
         let read = Instant::now();
         let candidates = candidates(state, region, &wanted_hash).await?;
         phase("candidates", read);
+        tracing::debug!(
+            region = region.as_str(),
+            candidates = candidates.len(),
+            "candidates read"
+        );
         tried.push((region.as_str(), wanted_hash, !candidates.is_empty()));
         for (instance_id, ip, guard) in lock_order(services, candidates) {
             let guard = match guard {
@@ -211,8 +216,10 @@ async fn attempt(
                     break 'regions;
                 }
                 Err(CommandError::Rejected(
-                    InstanceError::AtCapacity | InstanceError::NotAcceptingMandelboxes,
-                )) => {}
+                    refusal @ (InstanceError::AtCapacity | InstanceError::NotAcceptingMandelboxes),
+                )) => {
+                    tracing::debug!(instance_id, %refusal, "a candidate from the read model refused the slot");
+                }
                 Err(CommandError::Rejected(other)) => {
                     tracing::warn!(instance_id, error = %other, "candidate refused the allocation");
                 }

@@ -195,6 +195,10 @@ pub async fn spawn_app(database: &TestDatabase) -> TestApp {
 /// Starts a server with explicit settings.
 pub async fn spawn_app_with(database: &TestDatabase, settings: Settings) -> TestApp {
     let _ = database;
+    // The server's logs, on the test's stderr (shown for a failed test), when asked for.
+    if std::env::var_os("WHIST_TEST_LOGS").is_some() {
+        whist_api::telemetry::init_logs();
+    }
     let application = Application::build(settings, ServeOptions::default())
         .await
         .expect("the server starts");

@@ -446,7 +446,7 @@ async fn a_history_mixing_event_versions_replays_through_the_upcaster() {
             "spec": {"region": "us-east-1", "image_id": "ami-audit", "instance_type": "g4dn.2xlarge",
                      "client_commit_hash": HASH},
             "bootstrap_token_hash": "0000",
-            "at": "2026-01-01T00:00:00Z"
+            "at": chrono::Utc::now().to_rfc3339()
         }})
         .to_string(),
     )
@@ -477,7 +477,13 @@ async fn a_history_mixing_event_versions_replays_through_the_upcaster() {
     settled(&app).await;
 
     let (instance, version) = app.state.services.instances.load(old).await.expect("loads");
-    assert_eq!(version, 2);
+    let (_, events) = get(
+        &app,
+        &format!("/admin/aggregates/instance/{old}/events"),
+        Some(&admin_token("auditor")),
+    )
+    .await;
+    assert_eq!(version, 2, "{events}");
     assert_eq!(instance.cloud_instance_id.as_deref(), Some("i-0123456789"));
     // The read model (a projection reading the log) has both hosts.
     let hosts: Vec<(String, Option<String>)> =
@@ -526,5 +532,62 @@ async fn a_history_mixing_event_versions_replays_through_the_upcaster() {
         .await
         .expect("verifies");
     assert_eq!(report.differences(), 0, "{report:?}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_events_commands_list_history_and_replay() {
+    let database = TestDatabase::postgres().await;
+    let app = spawn_app(&database).await;
+    let instance_id = workload(&app).await;
+    settled(&app).await;
+    let json_lines = |log: &str| -> Vec<Value> {
+        log.lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|value| value.get("event_type").is_some())
+            .collect()
+    };
+    let (ok, log) = whist(
+        &database,
+        &["events", "list", "--after", "2", "--limit", "5"],
+        "list.log",
+    );
+    assert!(ok, "{log}");
+    let positions: Vec<i64> = json_lines(&log)
+        .iter()
+        .filter_map(|event| event["position"].as_i64())
+        .collect();
+    assert_eq!(positions, vec![3, 4, 5, 6, 7]);
+    let (ok, log) = whist(
+        &database,
+        &["events", "history", "instance", &instance_id],
+        "history.log",
+    );
+    assert!(ok, "{log}");
+    let history = json_lines(&log);
+    assert_eq!(history[0]["event_type"], "InstanceLaunchRequested");
+    assert!(history
+        .iter()
+        .all(|event| event["aggregate_id"] == instance_id.as_str()));
+    let (ok, log) = whist(
+        &database,
+        &[
+            "events",
+            "state",
+            "instance",
+            &instance_id,
+            "--at-version",
+            "1",
+        ],
+        "state.log",
+    );
+    assert!(ok, "{log}");
+    assert!(log.contains("\"status\": \"PRE_CONNECTION\""), "{log}");
+    let (ok, log) = whist(
+        &database,
+        &["events", "history", "spaceship", "x"],
+        "unknown.log",
+    );
+    assert!(!ok && log.contains("no aggregate type"), "{log}");
     app.stop().await;
 }

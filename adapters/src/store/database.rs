@@ -14,6 +14,10 @@ use cqrs_es::persist::{PersistenceError, SerializedEvent};
 use super::append_batcher::AppendBatcher;
 use super::log::{EventLog, LogSignal};
 
+/// How long a request waits for a pooled connection before the store counts as unavailable (503): long enough to
+/// ride out a burst on a loaded machine, short enough that an outage answers instead of hanging.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The concrete pool behind the event store.
 #[derive(Clone, Debug)]
 pub enum Backend {
@@ -83,14 +87,14 @@ impl Database {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .test_before_acquire(false)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await
             .map_err(connect_error)?;
         let any = AnyPoolOptions::new()
             .max_connections(max_connections)
             .test_before_acquire(false)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect(url)
             .await
             .map_err(connect_error)?;
