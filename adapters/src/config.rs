@@ -106,6 +106,9 @@ pub struct AwsSettings {
 pub struct Settings {
     /// Postgres event store; `None` means the embedded SQLite store in `data_dir`.
     pub database_url: Option<Secret>,
+    /// `WHIST_DB_POOL_SIZE` (20): connections per pool to Postgres (a process keeps two pools). Many processes on
+    /// one server (tests, a fleet of workers) must fit in its `max_connections`.
+    pub database_pool_size: u32,
     pub data_dir: PathBuf,
     pub environment: Environment,
     pub port: u16,
@@ -395,6 +398,12 @@ impl Settings {
         )?;
         Ok(Self {
             database_url,
+            database_pool_size: sources.parse(
+                "WHIST_DB_POOL_SIZE",
+                20u32,
+                "a whole number of connections, at least 2",
+                |value| value.parse().ok().filter(|size| *size >= 2),
+            )?,
             data_dir: PathBuf::from(
                 sources
                     .raw("WHIST_DATA_DIR")

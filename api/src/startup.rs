@@ -64,7 +64,7 @@ pub struct Application {
 /// The store cannot be reached or migrated.
 pub async fn open_database(settings: &Settings) -> Result<Database, DatabaseError> {
     let url = settings.database_url.as_ref().map(|url| url.expose());
-    let database = Database::connect(url, &settings.data_dir, 20).await?;
+    let database = Database::connect(url, &settings.data_dir, settings.database_pool_size).await?;
     database.migrate().await?;
     tracing::info!(store = database.description(), "event store ready");
     Ok(database)

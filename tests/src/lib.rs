@@ -120,6 +120,8 @@ impl TestDatabase {
         settings.host_service_port = free_port();
         settings.desired_free_mandelboxes = 0;
         settings.fleet.autoscale = false;
+        // Tests run in parallel, some with several servers each, against one Postgres (max_connections 100).
+        settings.database_pool_size = TEST_POOL_SIZE;
         // Hosts are started by the tests themselves (simulated hosts in this process, on loopback), as real
         // hosts are started outside the webserver; a test that wants the server's own simulated fleet says so.
         settings.cloud = whist_adapters::config::CloudKind::Aws;
@@ -348,6 +350,10 @@ pub async fn subscribe_at(client: &reqwest::Client, base: &str, user_id: &str) {
     }
 }
 
+/// Connections per pool of a server under test (it keeps two): small enough that the parallel tests, some with
+/// three servers on one database, fit in the machine's Postgres `max_connections` (100).
+pub const TEST_POOL_SIZE: u32 = 8;
+
 /// A `whist` child process.
 pub struct ChildProcess {
     pub child: Child,
@@ -388,6 +394,7 @@ impl ChildProcess {
                 "AWS_ENDPOINT_URL",
                 format!("http://127.0.0.1:{}", free_port()),
             )
+            .env("WHIST_DB_POOL_SIZE", TEST_POOL_SIZE.to_string())
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .stdin(Stdio::null())
