@@ -345,36 +345,34 @@ pub async fn export(
     let started = Instant::now();
     let head = database.log().head().await?;
     let mut position = after;
-    let mut events = 0u64;
+    let mut events_written = 0u64;
     let mut line = String::with_capacity(1024);
     while position < head {
-        let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM events e LEFT JOIN event_chain c ON c.position = e.position \
-             WHERE e.position > $1 AND e.position <= $2 ORDER BY e.position LIMIT $3"
-        ))
-        .bind(position)
-        .bind(head)
-        .bind(EXPORT_PAGE)
-        .fetch_all(database.any())
-        .await?;
-        if rows.is_empty() {
-            break;
-        }
-        for row in &rows {
-            let (event, _, hash) = logged(row)?;
-            let metadata = event
-                .metadata()
-                .map_err(|error| unreadable(&event, error))?;
+        let until = (position + EXPORT_PAGE).min(head);
+        let (events, seals) =
+            whist_adapters::store::chain::read_range(database, position, until).await?;
+        let mut seals = seals.into_iter().peekable();
+        for event in &events {
+            // Seals come in the same order; an event not sealed yet has none.
+            while seals
+                .peek()
+                .is_some_and(|(sealed, _)| *sealed < event.position)
+            {
+                seals.next();
+            }
+            let hash = match seals.peek() {
+                Some((sealed, _)) if *sealed == event.position => {
+                    seals.next().map(|(_, hash)| hash)
+                }
+                _ => None,
+            };
+            let metadata = event.metadata().map_err(|error| unreadable(event, error))?;
             line.clear();
             // The payload is written as stored (it is JSON); the other fields are escaped by serde_json.
             line.push_str("{\"position\":");
             line.push_str(&event.position.to_string());
-            for (key, value) in [
-                ("aggregate_type", &event.aggregate_type),
-                ("aggregate_id", &event.aggregate_id),
-            ] {
-                push_field(&mut line, key, value);
-            }
+            push_field(&mut line, "aggregate_type", &event.aggregate_type);
+            push_field(&mut line, "aggregate_id", &event.aggregate_id);
             line.push_str(",\"sequence\":");
             line.push_str(&event.sequence.to_string());
             push_field(&mut line, "event_type", &event.event_type);
@@ -391,7 +389,7 @@ pub async fn export(
                 causation_id: metadata.causation_id,
             };
             line.push_str(
-                &serde_json::to_string(&metadata).map_err(|error| unreadable(&event, error))?,
+                &serde_json::to_string(&metadata).map_err(|error| unreadable(event, error))?,
             );
             line.push_str(",\"hash\":");
             match &hash {
@@ -400,14 +398,14 @@ pub async fn export(
             }
             line.push_str("}\n");
             out.write_all(line.as_bytes())?;
-            position = event.position;
-            events += 1;
+            events_written += 1;
         }
+        position = until;
         progress(position, head);
     }
     out.flush()?;
     Ok(ExportReport {
-        events,
+        events: events_written,
         last_position: position,
         elapsed: started.elapsed(),
     })

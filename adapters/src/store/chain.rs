@@ -86,13 +86,67 @@ pub struct VerifyProgress {
 
 const PAGE: i64 = 10_000;
 
-const SELECT_SEALED: &str = "
-SELECT c.position AS sealed_position, c.hash AS seal, e.position, e.aggregate_type, e.aggregate_id, e.sequence,
-       e.event_type, e.event_version, CAST(e.payload AS TEXT) AS payload, CAST(e.metadata AS TEXT) AS metadata
-  FROM event_chain c LEFT JOIN events e ON e.position = c.position
- WHERE c.position > $1
- ORDER BY c.position
- LIMIT $2";
+const SELECT_EVENTS: &str = "
+SELECT position, aggregate_type, aggregate_id, sequence, event_type, event_version,
+       CAST(payload AS TEXT) AS payload, CAST(metadata AS TEXT) AS metadata
+  FROM events
+ WHERE position > $1 AND position <= $2
+ ORDER BY position";
+
+const SELECT_SEALS: &str = "SELECT position, hash FROM event_chain WHERE position > $1 AND position <= $2 ORDER BY position";
+
+/// The events and the seals with positions in `(after, until]`, each in position order: two range scans on their
+/// position indexes (no join), for the verification and the export.
+///
+/// # Errors
+/// The database failed.
+pub async fn read_range(
+    database: &Database,
+    after: i64,
+    until: i64,
+) -> Result<(Vec<LoggedEvent>, Vec<(i64, String)>), sqlx::Error> {
+    let pool = database.any();
+    let events = sqlx::query(SELECT_EVENTS)
+        .bind(after)
+        .bind(until)
+        .fetch_all(pool);
+    let seals = sqlx::query(SELECT_SEALS)
+        .bind(after)
+        .bind(until)
+        .fetch_all(pool);
+    let (events, seals) = tokio::try_join!(events, seals)?;
+    let events = events
+        .iter()
+        .map(|row| {
+            Ok(LoggedEvent {
+                position: row.try_get("position")?,
+                aggregate_type: row.try_get("aggregate_type")?,
+                aggregate_id: row.try_get("aggregate_id")?,
+                sequence: row.try_get("sequence")?,
+                event_type: row.try_get("event_type")?,
+                event_version: row.try_get("event_version")?,
+                payload: row.try_get("payload")?,
+                metadata: row.try_get("metadata")?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let seals = seals
+        .iter()
+        .map(|row| Ok((row.try_get("position")?, row.try_get("hash")?)))
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok((events, seals))
+}
+
+fn describe(event: Option<&LoggedEvent>, position: i64, reason: String) -> ChainBreak {
+    ChainBreak {
+        position,
+        aggregate_type: event.map(|event| event.aggregate_type.clone()),
+        aggregate_id: event.map(|event| event.aggregate_id.clone()),
+        sequence: event.map(|event| event.sequence),
+        event_type: event.map(|event| event.event_type.clone()),
+        reason,
+    }
+}
 
 /// Recomputes the chain over every sealed event, in position order, and stops at the first that does not match.
 ///
@@ -115,68 +169,55 @@ pub async fn verify(
         broken: None,
     };
     let mut previous = GENESIS.to_string();
-    let mut expected_position = 1i64;
     let mut after = 0i64;
-    loop {
-        let rows = sqlx::query(SELECT_SEALED)
-            .bind(after)
-            .bind(PAGE)
-            .fetch_all(pool)
-            .await?;
-        let Some(last) = rows.last() else { break };
-        after = last.try_get("sealed_position")?;
-        for row in &rows {
-            let sealed_position: i64 = row.try_get("sealed_position")?;
-            let seal: String = row.try_get("seal")?;
-            let broken = |reason: String, event: Option<&LoggedEvent>| ChainBreak {
-                position: sealed_position,
-                aggregate_type: event.map(|event| event.aggregate_type.clone()),
-                aggregate_id: event.map(|event| event.aggregate_id.clone()),
-                sequence: event.map(|event| event.sequence),
-                event_type: event.map(|event| event.event_type.clone()),
-                reason,
+    while after < sealed {
+        let until = (after + PAGE).min(sealed);
+        let (events, seals) = read_range(database, after, until).await?;
+        let mut events = events.iter().peekable();
+        // Every position of the range must have its seal and its event, in order.
+        let mut seals = seals.iter();
+        for position in after + 1..=until {
+            let seal = match seals.next() {
+                Some((sealed_at, seal)) if *sealed_at == position => seal,
+                Some((sealed_at, _)) => {
+                    report.broken = Some(describe(
+                        None,
+                        position,
+                        format!("it has no seal (the next seal is at {sealed_at})"),
+                    ));
+                    return Ok(report);
+                }
+                None => {
+                    report.broken = Some(describe(None, position, "it has no seal".to_string()));
+                    return Ok(report);
+                }
             };
-            if sealed_position != expected_position {
-                report.broken = Some(broken(
-                    format!(
-                        "the seals skip from position {} to {sealed_position}",
-                        expected_position - 1
-                    ),
+            let event = match events.peek() {
+                Some(event) if event.position == position => events.next(),
+                _ => None,
+            };
+            let Some(event) = event else {
+                report.broken = Some(describe(
                     None,
-                ));
-                return Ok(report);
-            }
-            let position: Option<i64> = row.try_get("position")?;
-            if position.is_none() {
-                report.broken = Some(broken(
+                    position,
                     "the event is missing from the store (its seal remains)".to_string(),
-                    None,
                 ));
                 return Ok(report);
-            }
-            let event = LoggedEvent {
-                position: sealed_position,
-                aggregate_type: row.try_get("aggregate_type")?,
-                aggregate_id: row.try_get("aggregate_id")?,
-                sequence: row.try_get("sequence")?,
-                event_type: row.try_get("event_type")?,
-                event_version: row.try_get("event_version")?,
-                payload: row.try_get("payload")?,
-                metadata: row.try_get("metadata")?,
             };
-            let hash = chain_hash(&previous, &event);
-            if hash != seal {
-                report.broken = Some(broken(
+            let hash = chain_hash(&previous, event);
+            if hash != *seal {
+                report.broken = Some(describe(
+                    Some(event),
+                    position,
                     "its content or metadata, or an event before it, changed after it was sealed"
                         .to_string(),
-                    Some(&event),
                 ));
                 return Ok(report);
             }
             previous = hash;
-            expected_position += 1;
             report.verified += 1;
         }
+        after = until;
         progress(VerifyProgress {
             position: after,
             sealed,
