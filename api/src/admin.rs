@@ -259,6 +259,19 @@ pub struct AdminProjection {
     pub last_error: Option<String>,
 }
 
+impl From<whist_projections::ProjectionStatus> for AdminProjection {
+    fn from(status: whist_projections::ProjectionStatus) -> Self {
+        Self {
+            name: status.name,
+            position: status.position,
+            head: status.head,
+            lag: status.lag,
+            status: status.status,
+            last_error: status.last_error,
+        }
+    }
+}
+
 #[derive(ApiResponse)]
 pub enum ProjectionsResponse {
     #[oai(status = 200)]
@@ -458,17 +471,7 @@ impl AdminApi {
     async fn projections(&self, state: Data<&AppState>, _auth: AdminAuth) -> ProjectionsResponse {
         match state.projections.status().await {
             Ok(statuses) => ProjectionsResponse::Listed(Json(
-                statuses
-                    .into_iter()
-                    .map(|status| AdminProjection {
-                        name: status.name,
-                        position: status.position,
-                        head: status.head,
-                        lag: status.lag,
-                        status: status.status,
-                        last_error: status.last_error,
-                    })
-                    .collect(),
+                statuses.into_iter().map(AdminProjection::from).collect(),
             )),
             Err(error) => {
                 crate::error::log_failure("could not read projection status", &error);
@@ -739,14 +742,7 @@ async fn overview(state: &AppState) -> Result<Overview, String> {
         .await
         .map_err(|error| error.to_string())?
         .into_iter()
-        .map(|status| AdminProjection {
-            name: status.name,
-            position: status.position,
-            head: status.head,
-            lag: status.lag,
-            status: status.status,
-            last_error: status.last_error,
-        })
+        .map(AdminProjection::from)
         .collect();
     let recent_events = audit::latest_events(&state.database, 25)
         .await

@@ -371,32 +371,10 @@ impl ProjectionRunner {
         let started = Instant::now();
         let tables = projection.tables();
         let shadow = Tables::shadow(tables);
-        let mut connection = self.database.any().acquire().await?;
-        for table in tables {
-            create_shadow_table(&mut connection, self.database.is_postgres(), table).await?;
-        }
-        drop(connection);
-
-        let log = self.database.log();
-        let mut position = 0i64;
-        let mut events_applied = 0u64;
-        let head = log.head().await?;
-        // Bulk phase: no lock is held, the live projection keeps running beside us.
-        loop {
-            let events = log.read_after(position, self.rebuild_batch_size()).await?;
-            let Some(last) = events.last() else { break };
-            let last_position = last.position;
-            let mut transaction = self.database.any().begin().await?;
-            projection.apply(&mut transaction, &shadow, &events).await?;
-            transaction.commit().await?;
-            position = last_position;
-            events_applied += events.len() as u64;
-            progress(RebuildProgress {
-                position,
-                head: head.max(position),
-                events: events_applied,
-            });
-        }
+        // Bulk phase, up to the head as it stands now: no lock is held, the live projection keeps running beside us.
+        let head = self.database.log().head().await?;
+        let (mut position, mut events_applied) =
+            self.fill_shadow(&projection, head, progress).await?;
 
         // Swap phase: hold the checkpoint so the live runner pauses, apply what arrived meanwhile, swap.
         let mut transaction = self.database.any().begin().await?;
@@ -447,36 +425,15 @@ impl ProjectionRunner {
         let started = Instant::now();
         let tables = projection.tables();
         let shadow = Tables::shadow(tables);
-        let mut connection = self.database.any().acquire().await?;
-        for table in tables {
-            create_shadow_table(&mut connection, self.database.is_postgres(), table).await?;
-        }
-        drop(connection);
         // Bulk phase, up to where the live model stands now (it only moves forward).
         let live_at_start: i64 =
             sqlx::query_scalar("SELECT position FROM projection_checkpoints WHERE name = $1")
                 .bind(name)
                 .fetch_one(self.database.any())
                 .await?;
-        let log = self.database.log();
-        let mut position = 0i64;
-        let mut events_applied = 0u64;
-        while position < live_at_start {
-            let limit = self.rebuild_batch_size().min(live_at_start - position);
-            let events = log.read_after(position, limit).await?;
-            let Some(last) = events.last() else { break };
-            let last_position = last.position;
-            let mut transaction = self.database.any().begin().await?;
-            projection.apply(&mut transaction, &shadow, &events).await?;
-            transaction.commit().await?;
-            position = last_position;
-            events_applied += events.len() as u64;
-            progress(RebuildProgress {
-                position,
-                head: live_at_start,
-                events: events_applied,
-            });
-        }
+        let (mut position, mut events_applied) = self
+            .fill_shadow(&projection, live_at_start, progress)
+            .await?;
         // Compare phase: hold the live checkpoint, catch the shadow up to it, diff, and throw the shadow away.
         let mut transaction = self.database.any().begin().await?;
         let live_position = lock_checkpoint(&mut transaction, name)
@@ -526,6 +483,43 @@ impl ProjectionRunner {
             tables: differences,
             elapsed: started.elapsed(),
         })
+    }
+
+    /// Creates the projection's shadow tables and applies the log to them from position 0 up to `until`, batch by
+    /// batch, each in its own transaction; where it stopped and how many events it applied.
+    async fn fill_shadow(
+        &self,
+        projection: &Arc<dyn Projection>,
+        until: i64,
+        progress: &(dyn Fn(RebuildProgress) + Send + Sync),
+    ) -> Result<(i64, u64), RunnerError> {
+        let tables = projection.tables();
+        let shadow = Tables::shadow(tables);
+        let mut connection = self.database.any().acquire().await?;
+        for table in tables {
+            create_shadow_table(&mut connection, self.database.is_postgres(), table).await?;
+        }
+        drop(connection);
+        let log = self.database.log();
+        let mut position = 0i64;
+        let mut events_applied = 0u64;
+        while position < until {
+            let limit = self.rebuild_batch_size().min(until - position);
+            let events = log.read_after(position, limit).await?;
+            let Some(last) = events.last() else { break };
+            let last_position = last.position;
+            let mut transaction = self.database.any().begin().await?;
+            projection.apply(&mut transaction, &shadow, &events).await?;
+            transaction.commit().await?;
+            position = last_position;
+            events_applied += events.len() as u64;
+            progress(RebuildProgress {
+                position,
+                head: until,
+                events: events_applied,
+            });
+        }
+        Ok((position, events_applied))
     }
 
     fn rebuild_batch_size(&self) -> i64 {
