@@ -591,3 +591,45 @@ async fn the_events_commands_list_history_and_replay() {
     assert!(!ok && log.contains("no aggregate type"), "{log}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_projections_commands_show_status_and_rebuild() {
+    let database = TestDatabase::postgres().await;
+    let app = spawn_app(&database).await;
+    workload(&app).await;
+    settled(&app).await;
+    let (ok, log) = whist(&database, &["projections", "status"], "status.log");
+    assert!(ok, "{log}");
+    let start = log.find('[').expect("a JSON list");
+    let end = log.rfind(']').expect("a JSON list");
+    let statuses: Vec<Value> = serde_json::from_str(&log[start..=end]).expect("JSON");
+    let names: Vec<&str> = statuses
+        .iter()
+        .filter_map(|status| status["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"mandelboxes") && names.contains(&"event_chain"),
+        "{names:?}"
+    );
+    assert!(statuses.iter().all(|status| status["lag"].is_i64()));
+    let (ok, log) = whist(
+        &database,
+        &["projections", "rebuild", "mandelboxes"],
+        "rebuild.log",
+    );
+    assert!(ok && log.contains("rebuilt mandelboxes"), "{log}");
+    let report = app
+        .state
+        .projections
+        .verify("mandelboxes", &|_| {})
+        .await
+        .expect("verifies");
+    assert_eq!(report.differences(), 0, "{report:?}");
+    let (ok, log) = whist(
+        &database,
+        &["projections", "rebuild", "event_chain"],
+        "refused.log",
+    );
+    assert!(!ok && log.contains("never rebuilt"), "{log}");
+    app.stop().await;
+}
