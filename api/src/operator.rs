@@ -117,6 +117,22 @@ pub async fn launch_hosts(
     Ok(ids)
 }
 
+/// Records `command` on the host with the developer as actor, re-deciding after a concurrent write.
+async fn decide(
+    state: &AppState,
+    actor: &Actor,
+    instance_id: &str,
+    command: InstanceCommand,
+) -> Result<(), OperatorError> {
+    let metadata = EventMetadata::new(actor.clone(), Utc::now());
+    state
+        .services
+        .instances
+        .execute_retrying(instance_id, command, &metadata)
+        .await
+        .map_err(store_error)
+}
+
 /// The host's status now (after an action).
 async fn status_of(state: &AppState, instance_id: &str) -> Result<InstanceStatus, OperatorError> {
     let (instance, _) = state
@@ -144,20 +160,16 @@ pub async fn drain_host(
     if status.is_ending() {
         return Err(OperatorError::HostEnded(instance_id.to_string()));
     }
-    let metadata = EventMetadata::new(actor.clone(), Utc::now());
-    state
-        .services
-        .instances
-        .execute_retrying(
-            instance_id,
-            InstanceCommand::Drain {
-                reason: DrainReason::Operator,
-                at: Utc::now(),
-            },
-            &metadata,
-        )
-        .await
-        .map_err(store_error)?;
+    decide(
+        state,
+        actor,
+        instance_id,
+        InstanceCommand::Drain {
+            reason: DrainReason::Operator,
+            at: Utc::now(),
+        },
+    )
+    .await?;
     tracing::info!(instance_id, %actor, "a developer drained a host");
     status_of(state, instance_id).await
 }
@@ -173,20 +185,16 @@ pub async fn terminate_host(
     instance_id: &str,
 ) -> Result<InstanceStatus, OperatorError> {
     status_of(state, instance_id).await?;
-    let metadata = EventMetadata::new(actor.clone(), Utc::now());
-    state
-        .services
-        .instances
-        .execute_retrying(
-            instance_id,
-            InstanceCommand::Terminate {
-                reason: TerminationReason::Operator,
-                at: Utc::now(),
-            },
-            &metadata,
-        )
-        .await
-        .map_err(store_error)?;
+    decide(
+        state,
+        actor,
+        instance_id,
+        InstanceCommand::Terminate {
+            reason: TerminationReason::Operator,
+            at: Utc::now(),
+        },
+    )
+    .await?;
     tracing::info!(instance_id, %actor, "a developer terminated a host");
     status_of(state, instance_id).await
 }

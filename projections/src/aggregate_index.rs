@@ -85,11 +85,7 @@ impl Projection for AggregateIndex {
                 let recorded_at = entry
                     .last
                     .metadata()
-                    .map_err(|error| ProjectionError::UnreadableEvent {
-                        position: entry.last.position,
-                        event_type: entry.last.event_type.clone(),
-                        reason: error.to_string(),
-                    })?
+                    .map_err(|error| ProjectionError::unreadable(entry.last, error))?
                     .recorded_at
                     .to_rfc3339();
                 query = query

@@ -85,14 +85,9 @@ impl Projection for Images {
             .iter()
             .filter(|event| event.aggregate_type == "image_catalog")
         {
-            let payload: ImageCatalogEvent =
-                event
-                    .payload_as()
-                    .map_err(|error| ProjectionError::UnreadableEvent {
-                        position: event.position,
-                        event_type: event.event_type.clone(),
-                        reason: error.to_string(),
-                    })?;
+            let payload: ImageCatalogEvent = event
+                .payload_as()
+                .map_err(|error| ProjectionError::unreadable(event, error))?;
             match payload {
                 ImageCatalogEvent::ReleaseActivated {
                     client_commit_hash,

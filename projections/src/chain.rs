@@ -48,14 +48,13 @@ impl Projection for EventChain {
             Some(hash) => hash,
             None if first.position == 1 => GENESIS.to_string(),
             None => {
-                return Err(ProjectionError::UnreadableEvent {
-                    position: first.position,
-                    event_type: first.event_type.clone(),
-                    reason: format!(
+                return Err(ProjectionError::unreadable(
+                    first,
+                    format!(
                         "the event before it (position {}) has no seal",
                         first.position - 1
                     ),
-                })
+                ))
             }
         };
         let mut sealed = Vec::with_capacity(events.len());

@@ -9,14 +9,6 @@ use whist_domain::mandelbox::{MandelboxEvent, MandelboxStatus};
 
 use crate::projection::{Projection, ProjectionError, Tables};
 
-fn unreadable(event: &LoggedEvent, error: impl std::fmt::Display) -> ProjectionError {
-    ProjectionError::UnreadableEvent {
-        position: event.position,
-        event_type: event.event_type.clone(),
-        reason: error.to_string(),
-    }
-}
-
 /// The `instances` projection.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Instances;
@@ -44,7 +36,7 @@ impl Projection for Instances {
         {
             let payload: InstanceEvent = event
                 .payload_as()
-                .map_err(|error| unreadable(event, error))?;
+                .map_err(|error| ProjectionError::unreadable(event, error))?;
             let id = event.aggregate_id.as_str();
             match payload {
                 InstanceEvent::LaunchRequested { spec, at, .. } => {
@@ -174,7 +166,7 @@ impl Projection for Mandelboxes {
         {
             let payload: MandelboxEvent = event
                 .payload_as()
-                .map_err(|error| unreadable(event, error))?;
+                .map_err(|error| ProjectionError::unreadable(event, error))?;
             let id = event.aggregate_id.as_str();
             let (status, at) = match payload {
                 MandelboxEvent::Allocated { placement, at, .. } => {

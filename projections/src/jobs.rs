@@ -27,11 +27,7 @@ pub const TERMINATE_STRAY: &str = "terminate_stray";
 fn plan(
     event: &LoggedEvent,
 ) -> Result<Option<(&'static str, String, serde_json::Value)>, ProjectionError> {
-    let unreadable = |error: serde_json::Error| ProjectionError::UnreadableEvent {
-        position: event.position,
-        event_type: event.event_type.clone(),
-        reason: error.to_string(),
-    };
+    let unreadable = |error: serde_json::Error| ProjectionError::unreadable(event, error);
     let id = event.aggregate_id.clone();
     let position = serde_json::json!({ "position": event.position });
     Ok(match event.aggregate_type.as_str() {

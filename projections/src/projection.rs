@@ -65,6 +65,17 @@ pub enum ProjectionError {
     UndeclaredTable(String),
 }
 
+impl ProjectionError {
+    /// `event` could not be read (its payload or metadata), for `reason`.
+    pub fn unreadable(event: &LoggedEvent, reason: impl std::fmt::Display) -> Self {
+        Self::UnreadableEvent {
+            position: event.position,
+            event_type: event.event_type.clone(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
 /// A read model fed from the global log.
 ///
 /// `apply` receives events in log order, inside the transaction that will also store the checkpoint; it must be
