@@ -14,6 +14,7 @@ mod http;
 mod process;
 mod projections;
 mod release;
+mod resilience;
 mod simulated;
 mod store;
 mod stripe;
