@@ -542,14 +542,15 @@ async fn events(
             at_version,
             as_of,
         } => {
-            let until = match (at_version, as_of) {
-                (Some(version), _) => audit::ReplayUntil::Version(version),
-                (None, Some(moment)) => audit::ReplayUntil::AsOf(
-                    chrono::DateTime::parse_from_rfc3339(&moment)
-                        .map_err(|error| anyhow::anyhow!("--as-of must be RFC 3339: {error}"))?
-                        .with_timezone(&chrono::Utc),
-                ),
-                (None, None) => audit::ReplayUntil::Latest,
+            let until = audit::ReplayUntil {
+                version: at_version,
+                as_of: as_of
+                    .map(|moment| {
+                        chrono::DateTime::parse_from_rfc3339(&moment)
+                            .map(|moment| moment.with_timezone(&chrono::Utc))
+                            .map_err(|error| anyhow::anyhow!("--as-of must be RFC 3339: {error}"))
+                    })
+                    .transpose()?,
             };
             match audit::replay(database, &aggregate_type, &aggregate_id, until).await? {
                 Some(replayed) => println!("{}", serde_json::to_string_pretty(&replayed)?),

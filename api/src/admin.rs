@@ -26,11 +26,13 @@ enum AdminTag {
 pub struct AdminInstance {
     pub instance_id: String,
     /// The EC2 instance id; null before the launch is recorded.
+    #[oai(nullable)]
     pub cloud_instance_id: Option<String>,
     pub region: String,
     pub image_id: String,
     pub client_commit_hash: String,
     pub instance_type: String,
+    #[oai(nullable)]
     pub ip: Option<String>,
     /// PRE_CONNECTION, ACTIVE, DRAINING, UNRESPONSIVE, TERMINATING or TERMINATED.
     pub status: String,
@@ -64,6 +66,7 @@ pub struct AdminImage {
     /// PREPARED (a release's candidate, protected, not yet serving), ACTIVE, RETIRED or ROLLED_BACK.
     pub status: String,
     /// The preparation that recorded a candidate (null for an image activated without one).
+    #[oai(nullable)]
     pub generation: Option<i64>,
     /// The log position of the event that last changed this row.
     pub position: i64,
@@ -155,6 +158,7 @@ pub struct AdminEventMetadata {
     /// `user:ID`, `host:ID`, `stripe`, `system` or `release-workflow`.
     pub actor: String,
     pub correlation_id: String,
+    #[oai(nullable)]
     pub causation_id: Option<String>,
 }
 
@@ -162,6 +166,7 @@ pub struct AdminEventMetadata {
 #[derive(Debug, Object)]
 pub struct AdminEvent {
     /// The position in the global log (null while the event is not yet sequenced).
+    #[oai(nullable)]
     pub position: Option<i64>,
     pub aggregate_type: String,
     pub aggregate_id: String,
@@ -172,6 +177,7 @@ pub struct AdminEvent {
     pub payload: serde_json::Value,
     pub metadata: AdminEventMetadata,
     /// The event's chain hash, once sealed (`whist events verify`).
+    #[oai(nullable)]
     pub hash: Option<String>,
 }
 
@@ -204,6 +210,7 @@ pub struct AdminAggregateState {
     /// The sequence of the last event applied.
     pub version: i64,
     /// When the last event applied was recorded.
+    #[oai(nullable)]
     pub recorded_at: Option<String>,
     pub state: serde_json::Value,
 }
@@ -224,9 +231,6 @@ impl From<ReplayedState> for AdminAggregateState {
 pub enum EventsResponse {
     #[oai(status = 200)]
     Listed(Json<Vec<AdminEvent>>),
-    /// A malformed parameter.
-    #[oai(status = 400)]
-    BadRequest(Json<ErrorBody>),
     /// Unknown aggregate type.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
@@ -238,9 +242,6 @@ pub enum EventsResponse {
 pub enum StateResponse {
     #[oai(status = 200)]
     Found(Json<AdminAggregateState>),
-    /// `at_version` and `as_of` together, or a malformed `as_of`.
-    #[oai(status = 400)]
-    BadRequest(Json<ErrorBody>),
     /// Unknown aggregate type, or no event of the aggregate that early.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
@@ -256,6 +257,7 @@ pub struct AdminProjection {
     pub head: i64,
     pub lag: i64,
     pub status: String,
+    #[oai(nullable)]
     pub last_error: Option<String>,
 }
 
@@ -389,14 +391,12 @@ impl AdminApi {
         &self,
         state: Data<&AppState>,
         _auth: AdminAuth,
-        after: Query<Option<i64>>,
-        limit: Query<Option<i64>>,
+        #[oai(validator(minimum(value = "0")))] after: Query<Option<i64>>,
+        #[oai(validator(minimum(value = "1"), maximum(value = "10000")))] limit: Query<Option<i64>>,
     ) -> EventsResponse {
+        // Both are bounded by their validators (a value out of range is answered 400 before this).
         let limit = limit.0.unwrap_or(100);
-        if !(1..=10_000).contains(&limit) {
-            return EventsResponse::BadRequest(error_body("LIMIT_OUT_OF_RANGE"));
-        }
-        match audit::events_after(&state.database, after.0.unwrap_or(0).max(0), limit).await {
+        match audit::events_after(&state.database, after.0.unwrap_or(0), limit).await {
             Ok(events) => {
                 EventsResponse::Listed(Json(events.into_iter().map(AdminEvent::from).collect()))
             }
@@ -427,8 +427,8 @@ impl AdminApi {
         }
     }
 
-    /// The aggregate's state replayed from its events: all of them, up to `at_version` (a sequence number), or
-    /// those recorded at or before `as_of` (RFC 3339).
+    /// The aggregate's state replayed from its events: all of them, or those up to `at_version` (a sequence
+    /// number) and recorded at or before `as_of` (RFC 3339), whichever of the two bounds are given.
     #[oai(
         path = "/admin/aggregates/:aggregate_type/:aggregate_id",
         method = "get"
@@ -440,18 +440,11 @@ impl AdminApi {
         aggregate_type: Path<String>,
         aggregate_id: Path<String>,
         at_version: Query<Option<i64>>,
-        as_of: Query<Option<String>>,
+        as_of: Query<Option<DateTime<Utc>>>,
     ) -> StateResponse {
-        let until = match (at_version.0, as_of.0) {
-            (Some(_), Some(_)) => {
-                return StateResponse::BadRequest(error_body("AT_VERSION_OR_AS_OF"))
-            }
-            (Some(version), None) => ReplayUntil::Version(version),
-            (None, Some(moment)) => match DateTime::parse_from_rfc3339(&moment) {
-                Ok(moment) => ReplayUntil::AsOf(moment.with_timezone(&Utc)),
-                Err(_) => return StateResponse::BadRequest(error_body("MALFORMED_AS_OF")),
-            },
-            (None, None) => ReplayUntil::Latest,
+        let until = ReplayUntil {
+            version: at_version.0,
+            as_of: as_of.0,
         };
         match audit::replay(&state.database, &aggregate_type.0, &aggregate_id.0, until).await {
             Ok(Some(replayed)) => StateResponse::Found(Json(replayed.into())),
@@ -515,6 +508,7 @@ impl AdminApi {
 pub struct LaunchBody {
     pub region: String,
     /// Hosts to launch (1 to 50).
+    #[oai(validator(minimum(value = "1"), maximum(value = "50")))]
     pub count: u32,
 }
 
@@ -542,10 +536,10 @@ pub enum LaunchResponse {
     /// Decided; the reconciler launches them.
     #[oai(status = 202)]
     Accepted(Json<Launched>),
-    /// The region is not enabled, or the count is out of range.
+    /// The count is out of range.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
-    /// The region has no active image.
+    /// The region is not enabled (`REGION_NOT_ENABLED`) or has no active image (`NO_ACTIVE_IMAGE`).
     #[oai(status = 409)]
     Conflict(Json<ErrorBody>),
     #[oai(status = 503)]
@@ -577,7 +571,9 @@ pub enum MaintenanceResponse {
 #[derive(Debug, Object)]
 pub struct RegionOverview {
     pub region: String,
+    #[oai(nullable)]
     pub active_image: Option<String>,
+    #[oai(nullable)]
     pub active_commit_hash: Option<String>,
     /// The warm buffer's target (free slots).
     pub desired_free: u32,
@@ -643,7 +639,7 @@ fn operator_failure<T>(
 ) -> T {
     use crate::operator::OperatorError as E;
     match error {
-        E::RegionNotEnabled(_) => bad(error_body("REGION_NOT_ENABLED")),
+        E::RegionNotEnabled(_) => conflict(error_body("REGION_NOT_ENABLED")),
         E::CountOutOfRange => bad(error_body("COUNT_OUT_OF_RANGE")),
         E::UnknownHost(_) => not_found(error_body("NOT_FOUND")),
         E::NoActiveImage(_) => conflict(error_body("NO_ACTIVE_IMAGE")),

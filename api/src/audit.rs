@@ -87,14 +87,13 @@ pub struct ReplayedState {
     pub state: Value,
 }
 
-/// How far to replay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplayUntil {
-    Latest,
+/// How far to replay: the events that meet both bounds (none given: every event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReplayUntil {
     /// Up to and including this sequence number.
-    Version(i64),
+    pub version: Option<i64>,
     /// Every event recorded at or before this moment.
-    AsOf(DateTime<Utc>),
+    pub as_of: Option<DateTime<Utc>>,
 }
 
 const COLUMNS: &str =
@@ -276,11 +275,12 @@ pub async fn replay(
         let metadata = event
             .metadata()
             .map_err(|error| unreadable(&event, error))?;
-        let included = match until {
-            ReplayUntil::Latest => true,
-            ReplayUntil::Version(version) => event.sequence <= version,
-            ReplayUntil::AsOf(moment) => metadata.recorded_at <= moment,
-        };
+        let included = until
+            .version
+            .is_none_or(|version| event.sequence <= version)
+            && until
+                .as_of
+                .is_none_or(|moment| metadata.recorded_at <= moment);
         if !included {
             break;
         }

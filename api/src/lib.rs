@@ -18,6 +18,7 @@ pub mod heartbeats;
 pub mod hirefire;
 pub mod host;
 pub mod middleware;
+pub mod openapi;
 pub mod operator;
 pub mod ops;
 pub mod reconciler;

@@ -1,6 +1,10 @@
 //! Cross-cutting request handling: refusal while shutting down, the 1 MiB body limit, a request id and span on
-//! every request, and request metrics.
+//! every request, request metrics, and one shape for every refusal: the extractors' plain-text errors (a missing
+//! token, a parameter that does not parse, a body that is not JSON, a method the route does not take) become
+//! `{"error": CODE, "detail": …}` JSON, as the OpenAPI document declares, and a `405` names the route's methods in
+//! `Allow`.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use poem::http::{HeaderValue, StatusCode};
@@ -8,6 +12,7 @@ use poem::{Body, Endpoint, IntoResponse, Middleware, Request, Response, Result};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::openapi::Methods;
 use crate::state::AppState;
 
 /// Requests whose body is larger are answered 413.
@@ -16,11 +21,16 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// The middleware every route goes through.
 pub struct RequestContext {
     state: AppState,
+    methods: Arc<Methods>,
 }
 
 impl RequestContext {
-    pub fn new(state: AppState) -> Self {
-        Self { state }
+    /// `methods`: each route's methods, for the `Allow` header of a `405`.
+    pub fn new(state: AppState, methods: Methods) -> Self {
+        Self {
+            state,
+            methods: Arc::new(methods),
+        }
     }
 }
 
@@ -31,6 +41,7 @@ impl<E: Endpoint> Middleware<E> for RequestContext {
         RequestContextEndpoint {
             inner: endpoint,
             state: self.state.clone(),
+            methods: self.methods.clone(),
         }
     }
 }
@@ -38,13 +49,70 @@ impl<E: Endpoint> Middleware<E> for RequestContext {
 pub struct RequestContextEndpoint<E> {
     inner: E,
     state: AppState,
+    methods: Arc<Methods>,
 }
 
 fn json_error(status: StatusCode, error: &str) -> Response {
     Response::builder()
         .status(status)
-        .content_type("application/json")
+        .content_type(crate::openapi::JSON)
         .body(serde_json::json!({ "error": error }).to_string())
+}
+
+/// The code of a refusal made outside a handler, by its status.
+fn refusal_code(status: StatusCode) -> String {
+    match status {
+        StatusCode::BAD_REQUEST => "INVALID_REQUEST".to_string(),
+        StatusCode::METHOD_NOT_ALLOWED => "METHOD_NOT_ALLOWED".to_string(),
+        other => other
+            .canonical_reason()
+            .unwrap_or("ERROR")
+            .to_uppercase()
+            .replace([' ', '-'], "_"),
+    }
+}
+
+/// Longest extractor message kept in `detail`.
+const MAX_DETAIL: usize = 300;
+
+/// An error answer that is not JSON (an extractor's plain text) becomes `{"error": CODE, "detail": text}`; a `405`
+/// gets `Allow`. Other answers pass unchanged.
+async fn normalise_refusal(mut response: Response, methods: &Methods, path: &str) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        if let Some(allow) = methods
+            .allow(path)
+            .and_then(|allow| HeaderValue::from_str(&allow).ok())
+        {
+            response
+                .headers_mut()
+                .insert(poem::http::header::ALLOW, allow);
+        }
+    }
+    let is_json = response
+        .content_type()
+        .is_some_and(|content_type| content_type.starts_with("application/json"));
+    if is_json {
+        return response;
+    }
+    let text = response.take_body().into_string().await.unwrap_or_default();
+    let mut detail: String = text.chars().take(MAX_DETAIL).collect();
+    if detail.is_empty() {
+        detail = status.canonical_reason().unwrap_or_default().to_string();
+    }
+    let body = serde_json::json!({ "error": refusal_code(status), "detail": detail }).to_string();
+    response.set_body(body);
+    response.headers_mut().insert(
+        poem::http::header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::openapi::JSON),
+    );
+    response
+        .headers_mut()
+        .remove(poem::http::header::CONTENT_LENGTH);
+    response
 }
 
 impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
@@ -53,7 +121,8 @@ impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
     async fn call(&self, mut request: Request) -> Result<Self::Output> {
         let started = Instant::now();
         let method = request.method().to_string();
-        let route = route_label(request.uri().path());
+        let path = request.uri().path().to_string();
+        let route = route_label(&path);
         let request_id = request
             .headers()
             .get("x-request-id")
@@ -85,10 +154,11 @@ impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
                     Err(_) => return json_error(StatusCode::BAD_REQUEST, "UNREADABLE_BODY"),
                 }
             }
-            match self.inner.call(request).await {
+            let response = match self.inner.call(request).await {
                 Ok(output) => output.into_response(),
                 Err(error) => error.into_response(),
-            }
+            };
+            normalise_refusal(response, &self.methods, &path).await
         }
         .instrument(span.clone())
         .await;

@@ -247,10 +247,20 @@ fn api_service() -> OpenApiService<Apis, ()> {
     )
 }
 
+/// Routes served outside the OpenAPI document, with their methods.
+const UNDOCUMENTED_ROUTES: [(&str, &[&str]); 4] = [
+    ("/stripe/webhook", &["POST"]),
+    ("/dashboard", &["GET", "HEAD"]),
+    ("/openapi.json", &["GET", "HEAD"]),
+    ("/docs", &["GET", "HEAD"]),
+];
+
 /// Every route of the webserver.
 pub fn routes(state: AppState) -> impl poem::Endpoint {
     let api = api_service();
-    let spec = api.spec_endpoint();
+    let document = openapi_document();
+    let methods = crate::openapi::Methods::of(&document, &UNDOCUMENTED_ROUTES);
+    let document = document.to_string();
     let docs = api.swagger_ui();
     Route::new()
         .nest("/", api)
@@ -259,15 +269,25 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
             poem::post(crate::billing::stripe_webhook),
         )
         .at("/dashboard", poem::get(crate::dashboard::page))
-        .at("/openapi.json", spec)
+        .at(
+            "/openapi.json",
+            poem::get(poem::endpoint::make_sync(move |_| {
+                poem::Response::builder()
+                    .content_type(crate::openapi::JSON)
+                    .body(document.clone())
+            })),
+        )
         .nest("/docs", docs)
-        .with(RequestContext::new(state.clone()))
+        .with(RequestContext::new(state.clone(), methods))
         .data(state)
 }
 
-/// The OpenAPI document, without a server (for the contract test and `whist openapi`).
-pub fn openapi_spec() -> String {
-    api_service().spec()
+/// The OpenAPI document served at `/openapi.json` (poem-openapi's, completed by [`crate::openapi::complete`]).
+pub fn openapi_document() -> serde_json::Value {
+    let spec = api_service().spec();
+    // The document poem-openapi wrote is JSON; should that ever fail, serve it as written rather than nothing.
+    crate::openapi::complete(&spec)
+        .unwrap_or_else(|_| serde_json::from_str(&spec).unwrap_or(serde_json::Value::Null))
 }
 
 /// Completes on SIGTERM or Ctrl-C.

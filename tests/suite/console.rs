@@ -146,7 +146,8 @@ async fn developers_launch_drain_and_terminate_hosts_as_recorded_actors() {
     let (status, body) = launch(0, None).await;
     assert_eq!(
         (status, body["error"].as_str()),
-        (400, Some("COUNT_OUT_OF_RANGE"))
+        (400, Some("INVALID_REQUEST")),
+        "the count is bounded in the document and refused by the parser"
     );
     let (status, body) = send(
         &app,
@@ -158,7 +159,7 @@ async fn developers_launch_drain_and_terminate_hosts_as_recorded_actors() {
     .await;
     assert_eq!(
         (status, body["error"].as_str()),
-        (400, Some("REGION_NOT_ENABLED"))
+        (409, Some("REGION_NOT_ENABLED"))
     );
     let launched = first["instance_ids"][0]
         .as_str()
