@@ -17,6 +17,7 @@ use whist_adapters::store::{Database, LoggedEvent};
 use whist_domain::images::ImageCatalog;
 use whist_domain::instance::Instance;
 use whist_domain::mandelbox::Mandelbox;
+use whist_domain::service::Service;
 use whist_domain::session::Session;
 use whist_domain::subscription::{StripeCustomer, Subscription};
 use whist_domain::user::User;
@@ -40,7 +41,7 @@ pub enum AuditError {
 }
 
 /// The aggregate types a state can be replayed for.
-pub const AGGREGATE_TYPES: [&str; 7] = [
+pub const AGGREGATE_TYPES: [&str; 8] = [
     Instance::TYPE,
     Mandelbox::TYPE,
     Session::TYPE,
@@ -48,6 +49,7 @@ pub const AGGREGATE_TYPES: [&str; 7] = [
     ImageCatalog::TYPE,
     Subscription::TYPE,
     StripeCustomer::TYPE,
+    Service::TYPE,
 ];
 
 /// One stored event, as auditors read it.
@@ -303,6 +305,7 @@ pub async fn replay(
         ImageCatalog::TYPE => replay_as::<ImageCatalog>(&events)?,
         Subscription::TYPE => replay_as::<Subscription>(&events)?,
         StripeCustomer::TYPE => replay_as::<StripeCustomer>(&events)?,
+        Service::TYPE => replay_as::<Service>(&events)?,
         other => return Err(AuditError::UnknownAggregateType(other.to_string())),
     };
     Ok(Some(ReplayedState {

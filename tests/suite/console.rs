@@ -383,6 +383,22 @@ async fn maintenance_mode_refuses_assigns_and_launches_but_nothing_else() {
     assert!(switches
         .iter()
         .all(|(_, metadata)| metadata.contains("user:dev-grace")));
+    // Auditors replay the switch like any aggregate: on after its first event, off after both.
+    for (version, on) in [(1, true), (2, false)] {
+        let (status, replayed) = send(
+            &app,
+            reqwest::Method::GET,
+            &format!("/admin/aggregates/service/service?at_version={version}"),
+            Some(&admin),
+            None,
+        )
+        .await;
+        assert_eq!(
+            (status, replayed["state"]["maintenance"].as_bool()),
+            (200, Some(on)),
+            "{replayed}"
+        );
+    }
     app.stop().await;
 }
 
