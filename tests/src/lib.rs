@@ -2,6 +2,7 @@
 //! `whist` binary as a child process.
 
 pub mod moto_hosts;
+pub mod private_postgres;
 pub mod stripe_fake;
 
 pub use moto_hosts::MotoHosts;

@@ -3,6 +3,9 @@
 //! for the summary table `scripts/resilience` prints. The short form (the default, and what CI runs) keeps each
 //! scenario under a couple of minutes; `WHIST_RESILIENCE=long` (`scripts/resilience --long`) runs the long form.
 
+mod crash;
+mod outage;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
