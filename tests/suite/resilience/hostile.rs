@@ -33,7 +33,10 @@ async fn serve(dir: &std::path::Path, stripe: &StripeFake) -> ChildProcess {
             ("STRIPE_PRICE_ID", "price_hostile".to_string()),
             ("STRIPE_API_BASE", stripe.base_url.clone()),
             ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.to_string()),
-            ("PAYMENT_RETURN_URL", "https://whist.example/back".to_string()),
+            (
+                "PAYMENT_RETURN_URL",
+                "https://whist.example/back".to_string(),
+            ),
             ("HIREFIRE_TOKEN", "hirefire-hostile".to_string()),
             ("ASSIGN_RATE_LIMIT_PER_MINUTE", "0".to_string()),
             ("ASSIGN_RATE_LIMIT_PER_IP_PER_MINUTE", "0".to_string()),
@@ -82,8 +85,12 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_spec() {
     let port = server.port.expect("a port");
     let examples = scaled(25, 400);
     let hooks = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/schemathesis");
+    let config = dir.path().join("schemathesis.toml");
+    std::fs::write(&config, known_ids(port).await).expect("the config is written");
     let run = tokio::process::Command::new("st")
         .args([
+            "--config-file",
+            config.to_str().expect("a UTF-8 path"),
             "run",
             &format!("http://127.0.0.1:{port}/openapi.json"),
             "--checks",
@@ -142,6 +149,64 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_spec() {
             .to_string(),
         seconds: started.elapsed().as_secs_f64(),
     });
+}
+
+/// A schemathesis configuration that mixes ids that exist (a mandelbox of the fuzzing user, the hosts, the HireFire
+/// token, the aggregate types) into half of the generated path parameters, so that the fuzzer reaches past `404`.
+async fn known_ids(port: u16) -> String {
+    let client = whist_tests::http_client();
+    let token = admin_token("fuzz-admin");
+    // The warm buffer's first host registers within seconds of start-up.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let assigned: serde_json::Value = loop {
+        let response = client
+            .post(format!("http://127.0.0.1:{port}/mandelbox/assign"))
+            .bearer_auth(&token)
+            .json(&whist_tests::assign_body(&["us-east-1"], "local_dev", 1))
+            .send()
+            .await
+            .expect("answers");
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.expect("json");
+        if status == 200 {
+            break body;
+        }
+        assert!(
+            status == 503 && Instant::now() < deadline,
+            "the fuzzing user gets a mandelbox: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let instances: Vec<serde_json::Value> = client
+        .get(format!("http://127.0.0.1:{port}/admin/instances"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("answers")
+        .json()
+        .await
+        .expect("json");
+    let instance_ids: Vec<&str> = instances
+        .iter()
+        .filter_map(|instance| instance["instance_id"].as_str())
+        .collect();
+    let list =
+        |values: &[&str]| serde_json::to_string(values).expect("a TOML array is a JSON array");
+    format!(
+        "[dictionaries.instances]\nvalues = {instances}\n\
+         [dictionaries.mandelboxes]\nvalues = {mandelboxes}\n\
+         [dictionaries.aggregate_types]\nvalues = {types}\n\
+         [dictionaries.hirefire]\nvalues = [\"hirefire-hostile\"]\n\
+         [parameters]\n\
+         \"path.instance_id\" = {{ dictionary = \"instances\", probability = 0.5 }}\n\
+         \"path.aggregate_id\" = {{ dictionary = \"instances\", probability = 0.5 }}\n\
+         \"path.aggregate_type\" = {{ dictionary = \"aggregate_types\", probability = 0.5 }}\n\
+         \"path.mandelbox_id\" = {{ dictionary = \"mandelboxes\", probability = 0.5 }}\n\
+         \"path.token\" = {{ dictionary = \"hirefire\", probability = 0.5 }}\n",
+        instances = list(&instance_ids),
+        mandelboxes = list(&[assigned["mandelbox_id"].as_str().expect("an id")]),
+        types = list(&whist_api::audit::AGGREGATE_TYPES),
+    )
 }
 
 /// Every operation of the document that takes a body, as (method, path with its parameters filled in).
