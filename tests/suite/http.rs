@@ -33,8 +33,36 @@ async fn health_readiness_docs_and_metrics_answer(kind: BackendKind) {
         .as_str()
         .expect("a version")
         .starts_with("3."));
-    for path in ["/healthz", "/readyz", "/metrics"] {
-        assert!(spec["paths"].get(path).is_some(), "{path} is documented");
+    // Every operation of the contract (a path served by two API groups once lost one of its methods).
+    for (method, path) in [
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+        ("get", "/metrics"),
+        ("post", "/mandelbox/assign"),
+        ("get", "/mandelbox/{mandelbox_id}"),
+        ("post", "/mandelbox/{mandelbox_id}/disconnect"),
+        ("get", "/regions"),
+        ("get", "/payment_portal_url"),
+        ("post", "/host/register"),
+        ("post", "/host/heartbeat"),
+        ("post", "/host/mandelbox/{mandelbox_id}/status"),
+        ("get", "/hirefire/test"),
+        ("get", "/hirefire/{token}/info"),
+        ("get", "/admin/events"),
+        ("get", "/admin/projections"),
+        ("post", "/admin/projections/{name}/rebuild"),
+        ("get", "/admin/instances"),
+        ("post", "/admin/instances"),
+        ("post", "/admin/instances/{instance_id}/drain"),
+        ("delete", "/admin/instances/{instance_id}"),
+        ("get", "/admin/mandelboxes"),
+        ("get", "/admin/maintenance"),
+        ("put", "/admin/maintenance"),
+    ] {
+        assert!(
+            spec["paths"][path].get(method).is_some(),
+            "{method} {path} is documented"
+        );
     }
     let docs = app
         .client
