@@ -3,13 +3,20 @@
 //! Every instance carries two tags: `whist:deployment` (which webserver deployment owns it) and `whist:launch` (the
 //! instance aggregate id, i.e. the launch decision). A launch first looks for an instance already tagged with its
 //! launch id and adopts it: the `ClientToken` alone does not make a retried launch safe (tokens expire, and moto
-//! ignores them), the tag does. Capacity and throttling errors, timeouts and 5xx answers are worth retrying; other
-//! refusals are final.
+//! ignores them), the tag does; so `RunInstances` is never retried by the SDK itself (a retry after a lost answer
+//! would rely on the token alone), only by the launch job, which looks for the tag first. Capacity and throttling
+//! errors, timeouts and 5xx answers (whatever their body) are worth retrying; other refusals are final. Every call is
+//! bounded in time (`ATTEMPT_TIMEOUT`, `OPERATION_TIMEOUT`): an EC2 endpoint that takes a request and never answers
+//! costs a retry, never a job (or the repair) waiting for ever.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use aws_config::BehaviorVersion;
+use aws_sdk_ec2::config::http::HttpResponse;
+use aws_sdk_ec2::config::retry::RetryConfig;
+use aws_sdk_ec2::config::timeout::TimeoutConfig;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
     Filter, InstanceStateName, InstanceType, ResourceType, Tag, TagSpecification,
@@ -21,6 +28,11 @@ use tokio::sync::Mutex;
 pub const DEPLOYMENT_TAG: &str = "whist:deployment";
 /// Tag naming the launch decision (the instance aggregate id).
 pub const LAUNCH_TAG: &str = "whist:launch";
+
+/// How long one attempt of an EC2 call may wait for its answer (the SDK sets no read timeout of its own).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one EC2 call may take, the SDK's own retries included.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Error codes EC2 uses for a refusal that may pass: capacity, throttling, its own trouble.
 const RETRYABLE_CODES: &[&str] = &[
@@ -47,17 +59,18 @@ pub enum Ec2Error {
     Refused(String),
 }
 
-fn classify<E, R>(error: SdkError<E, R>) -> Ec2Error
+fn classify<E>(error: SdkError<E, HttpResponse>) -> Ec2Error
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
     let text = match &error {
         SdkError::ServiceError(service) => {
             let code = service.err().code().unwrap_or_default().to_string();
             let message = service.err().message().unwrap_or_default().to_string();
-            let text = format!("{code}: {message}");
-            if RETRYABLE_CODES.contains(&code.as_str()) {
+            let status = service.raw().status();
+            let text = format!("{code}: {message} (HTTP {})", status.as_u16());
+            // A 5xx is EC2's (or a proxy's) trouble, not a verdict on the request, whatever its body says.
+            if RETRYABLE_CODES.contains(&code.as_str()) || status.is_server_error() {
                 return Ec2Error::Retryable(text);
             }
             return Ec2Error::Refused(text);
@@ -163,7 +176,11 @@ impl Ec2 {
                 "whist-static",
             ));
         }
-        let config = loader.load().await;
+        let timeouts = TimeoutConfig::builder()
+            .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+            .operation_timeout(OPERATION_TIMEOUT)
+            .build();
+        let config = loader.timeout_config(timeouts).load().await;
         let client = aws_sdk_ec2::Client::new(&config);
         clients.insert(region.to_string(), client.clone());
         client
@@ -216,6 +233,9 @@ impl Ec2 {
             .user_data(base64::engine::general_purpose::STANDARD.encode(&request.user_data))
             .client_token(client_token(&request.launch_id))
             .tag_specifications(tags)
+            .customize()
+            // A lost answer must lead back to the tag lookup above, not to a second `RunInstances`.
+            .config_override(aws_sdk_ec2::Config::builder().retry_config(RetryConfig::disabled()))
             .send()
             .await
             .map_err(classify)?;

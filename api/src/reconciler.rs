@@ -27,10 +27,21 @@ use whist_projections::jobs::{DRAIN, LAUNCH, SPIN_UP, TERMINATE, TERMINATE_STRAY
 
 use crate::state::AppState;
 
-/// Attempts before a job is given up.
+/// Attempts before a job is given up (except the kinds `retries_until_done` names).
 const MAX_ATTEMPTS: i64 = 6;
+/// The longest wait between two attempts of a job.
+const MAX_BACKOFF_MS: i64 = 15_000;
 /// Jobs one process runs at once.
 const IN_FLIGHT: usize = 16;
+
+/// Whether a job of `kind` keeps being retried, however many attempts fail for reasons worth retrying: a launch or
+/// a termination that was decided stands until the cloud carries it out or refuses it (an EC2 outage of any length
+/// must not leave a decision that nobody carries out; a launch given up would be counted as a booting host until
+/// the registration timeout). A launch that can never be carried out is ended by that timeout (the sweeper), which
+/// makes its job a no-op. Spin-ups and drains give up: a host that cannot be reached is left to the timeouts.
+fn retries_until_done(kind: &str) -> bool {
+    matches!(kind, LAUNCH | TERMINATE | TERMINATE_STRAY)
+}
 
 /// A claimed job.
 #[derive(Debug, Clone)]
@@ -126,8 +137,10 @@ impl Reconciler {
         let now = Utc::now().timestamp_millis();
         let (status, run_after, error) = match outcome {
             Outcome::Done => ("done", now, None),
-            Outcome::Retry(error) if job.attempts < MAX_ATTEMPTS => {
-                let backoff = 250i64 << job.attempts.clamp(0, 8);
+            Outcome::Retry(error)
+                if job.attempts < MAX_ATTEMPTS || retries_until_done(&job.kind) =>
+            {
+                let backoff = (250i64 << job.attempts.clamp(0, 8)).min(MAX_BACKOFF_MS);
                 ("pending", now + backoff, Some(error))
             }
             Outcome::Retry(error) | Outcome::GiveUp(error) => ("failed", now, Some(error)),

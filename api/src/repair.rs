@@ -2,7 +2,8 @@
 //! tag) and fixes both directions, whatever crash or lost message caused the difference.
 //!
 //! - An instance tagged with a launch still waiting for its instance is adopted (`RecordLaunch`): the launch call
-//!   happened but its outcome was never recorded.
+//!   happened but its outcome was never recorded. That includes a launch whose host registered first (the call's
+//!   answer was lost and the machine booted meanwhile): its instance is its host's, not a stray.
 //! - Any other live instance that is not its launch's live host is a stray: a second instance of a launch, one that
 //!   outlived its record, or one whose launch id has no record at all. The decision is recorded
 //!   (`TerminateStray`) and the reconciler terminates it.
@@ -185,9 +186,11 @@ impl Repair {
             // Its host (a host being terminated is the reconciler's to end).
             return Ok(Fix::None);
         }
-        if instance.status == Some(InstanceStatus::PreConnection)
-            && instance.cloud_instance_id.is_none()
-        {
+        let ended = matches!(
+            instance.status,
+            None | Some(InstanceStatus::Terminating | InstanceStatus::Terminated)
+        );
+        if instance.cloud_instance_id.is_none() && !ended {
             let command = InstanceCommand::RecordLaunch {
                 cloud_instance_id: cloud_instance_id.to_string(),
                 at: Utc::now(),

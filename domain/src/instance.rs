@@ -477,9 +477,9 @@ impl Instance {
                 let ended = matches!(self.status, Some(S::Terminating | S::Terminated) | None);
                 let its_host =
                     self.cloud_instance_id.as_deref() == Some(cloud_instance_id.as_str());
-                // A launch still waiting for its instance adopts the one it finds rather than ending it.
-                let awaited =
-                    self.status == Some(S::PreConnection) && self.cloud_instance_id.is_none();
+                // A launch whose instance is not recorded yet adopts the one it finds rather than ending it, even
+                // when its host registered first (the launch call's answer was lost, the machine booted anyway).
+                let awaited = self.cloud_instance_id.is_none();
                 if (its_host || awaited) && !ended {
                     return Err(InstanceError::NotAStray);
                 }
@@ -1067,6 +1067,15 @@ mod tests {
     fn a_launch_awaiting_its_instance_adopts_rather_than_ends_it() {
         InstanceTest::with(())
             .given(launched())
+            .when(stray("i-1"))
+            .then_expect_error(InstanceError::NotAStray);
+    }
+
+    #[test]
+    fn a_host_that_registered_before_its_launch_was_recorded_adopts_rather_than_ends_its_instance()
+    {
+        InstanceTest::with(())
+            .given(active(2))
             .when(stray("i-1"))
             .then_expect_error(InstanceError::NotAStray);
     }

@@ -1,6 +1,7 @@
 //! Helpers for the black-box test suite: fresh databases, an in-process server on a free port, and the real
 //! `whist` binary as a child process.
 
+pub mod fault_proxy;
 pub mod moto_hosts;
 pub mod private_postgres;
 pub mod stripe_fake;

@@ -1,9 +1,12 @@
 //! A Stripe API on loopback, for tests: customers, Checkout sessions and billing-portal sessions, answered with
 //! objects shaped like Stripe's, after checking each request the way Stripe does (the secret key as a bearer token,
-//! a form-encoded body, idempotency keys that replay the first answer and refuse different parameters).
+//! a form-encoded body, idempotency keys that replay the first answer and refuse different parameters). It can be
+//! made slow (`set_delay`): each request is still carried out at once (a customer is created), but its answer is
+//! held back for the delay, as a Stripe that times out after doing the work would.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use poem::http::StatusCode;
 use poem::listener::{Acceptor, Listener, TcpListener};
@@ -28,6 +31,10 @@ struct FakeState {
     /// Idempotency key → (parameters, answer).
     replays: Mutex<HashMap<String, Replay>>,
     counter: Mutex<u64>,
+    /// How long each answer is held back.
+    delay: Mutex<Option<Duration>>,
+    /// Ids of the customers created (replays excluded).
+    customers: Mutex<Vec<String>>,
 }
 
 /// A running fake; stops when dropped.
@@ -72,6 +79,22 @@ impl StripeFake {
             state,
             server,
         }
+    }
+
+    /// Holds every answer back for `delay` from now on (`None`: answers at once). The work is done first.
+    pub fn set_delay(&self, delay: Option<Duration>) {
+        if let Ok(mut current) = self.state.delay.lock() {
+            *current = delay;
+        }
+    }
+
+    /// The ids of the customers created so far (an idempotent replay creates none).
+    pub fn customers(&self) -> Vec<String> {
+        self.state
+            .customers
+            .lock()
+            .map(|customers| customers.clone())
+            .unwrap_or_default()
     }
 
     /// Every request taken so far, in order.
@@ -145,7 +168,7 @@ async fn stripe_call(request: &Request, body: String, state: Data<&Arc<FakeState
                     "Keys for idempotent requests can only be used with the same parameters",
                 );
             }
-            return json(answer);
+            return delayed(&state, json(answer)).await;
         }
     }
     let number = state
@@ -215,12 +238,26 @@ async fn stripe_call(request: &Request, body: String, state: Data<&Arc<FakeState
         _ => return stripe_error(StatusCode::NOT_FOUND, "invalid_request_error", "no route"),
     }
     .to_string();
+    if path == "/v1/customers" {
+        if let Ok(mut customers) = state.customers.lock() {
+            customers.push(format!("cus_fake{number:08}"));
+        }
+    }
     if let Some(key) = idempotency_key {
         if let Ok(mut replays) = state.replays.lock() {
             replays.insert(key, (pairs, answer.clone()));
         }
     }
-    json(answer)
+    delayed(&state, json(answer)).await
+}
+
+/// Holds `response` back for the configured delay.
+async fn delayed(state: &FakeState, response: Response) -> Response {
+    let delay = state.delay.lock().ok().and_then(|delay| *delay);
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
+    response
 }
 
 fn json(body: String) -> Response {

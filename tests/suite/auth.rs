@@ -11,13 +11,14 @@ use rsa::traits::PublicKeyParts;
 use rsa::RsaPrivateKey;
 use whist_tests::{spawn_app_with, TestDatabase};
 
-const ISSUER: &str = "https://whist-test.auth0.example/";
-const AUDIENCE: &str = "https://api.whist.test";
+pub(crate) const ISSUER: &str = "https://whist-test.auth0.example/";
+pub(crate) const AUDIENCE: &str = "https://api.whist.test";
 
-struct TestKey {
-    kid: String,
+/// An RSA key pair as a tenant publishes it (the JWK) and signs with it (the private PEM).
+pub(crate) struct TestKey {
+    pub(crate) kid: String,
     private_pem: String,
-    jwk: serde_json::Value,
+    pub(crate) jwk: serde_json::Value,
     public_pem: String,
 }
 
@@ -49,7 +50,7 @@ fn make_key(kid: &str) -> TestKey {
 }
 
 /// The keys the tenant publishes, and one an attacker made.
-fn keys() -> &'static (TestKey, TestKey, TestKey) {
+pub(crate) fn keys() -> &'static (TestKey, TestKey, TestKey) {
     static KEYS: OnceLock<(TestKey, TestKey, TestKey)> = OnceLock::new();
     KEYS.get_or_init(|| {
         (
@@ -68,7 +69,7 @@ fn jwks(
 }
 
 /// Serves a JWKS on loopback; returns its URL and the document it serves (changeable).
-async fn serve_jwks(
+pub(crate) async fn serve_jwks(
     keys: Vec<serde_json::Value>,
 ) -> (
     String,
@@ -97,7 +98,8 @@ async fn serve_jwks(
     )
 }
 
-fn claims(
+/// Claims of a token for `sub`, expiring in `expires_in` seconds.
+pub(crate) fn claims(
     sub: &str,
     scope: &str,
     issuer: &str,
@@ -115,7 +117,8 @@ fn claims(
     })
 }
 
-fn sign(key: &TestKey, claims: &serde_json::Value) -> String {
+/// An RS256 token signed with `key`, naming its kid.
+pub(crate) fn sign(key: &TestKey, claims: &serde_json::Value) -> String {
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some(key.kid.clone());
     jsonwebtoken::encode(
@@ -137,7 +140,11 @@ fn unsigned(kid: &str, claims: &serde_json::Value) -> String {
     )
 }
 
-async fn app_with_auth0(jwks_url: &str, environment: &str) -> (TestDatabase, whist_tests::TestApp) {
+/// A server on a fresh embedded store that takes Auth0 tokens checked against the JWKS at `jwks_url`.
+pub(crate) async fn app_with_auth0(
+    jwks_url: &str,
+    environment: &str,
+) -> (TestDatabase, whist_tests::TestApp) {
     let database = TestDatabase::sqlite();
     let mut settings = database.settings();
     settings.auth0.jwks_url = Some(jwks_url.to_string());
@@ -151,7 +158,8 @@ async fn app_with_auth0(jwks_url: &str, environment: &str) -> (TestDatabase, whi
     (database, app)
 }
 
-async fn regions_status(app: &whist_tests::TestApp, token: &str) -> u16 {
+/// The status of `GET /mandelbox/{unknown id}` for `token`: 404 for a valid token, 401 for an invalid one.
+pub(crate) async fn regions_status(app: &whist_tests::TestApp, token: &str) -> u16 {
     // GET /mandelbox/{id} needs a user; an unknown id answers 404 to a valid token and 401 to an invalid one.
     app.client
         .get(app.url("/mandelbox/00000000-0000-0000-0000-000000000000"))

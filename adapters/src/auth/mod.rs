@@ -26,6 +26,10 @@ const DEV_VERIFYING_KEY: &[u8] = include_bytes!("dev_verifying_key.pem");
 /// not make us hammer Auth0), and while none could be fetched yet.
 const REFETCH_INTERVAL: Duration = Duration::from_secs(30);
 const FIRST_FETCH_INTERVAL: Duration = Duration::from_secs(1);
+/// After a fetch that failed (the JWKS endpoint down or hanging), the next may come this soon: a failed fetch fetched
+/// nothing, so it must not hold back the fetch that brings a rotated key once the endpoint is back for a whole
+/// `REFETCH_INTERVAL`.
+const FAILED_FETCH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Who a valid token speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,11 +77,22 @@ struct Auth0 {
     fetches: std::sync::Mutex<FetchTimes>,
 }
 
-/// When the JWKS was last fetched while no key was known, and when it was last re-fetched for an unknown `kid`.
+/// Before when no new fetch may start: while no key is known (`first`), and once keys are known, for an unknown
+/// `kid` (`refetch`).
 #[derive(Default)]
 struct FetchTimes {
     first: Option<Instant>,
     refetch: Option<Instant>,
+}
+
+impl FetchTimes {
+    fn not_before(&mut self, have_keys: bool) -> &mut Option<Instant> {
+        if have_keys {
+            &mut self.refetch
+        } else {
+            &mut self.first
+        }
+    }
 }
 
 /// Verifies bearer tokens. Cheap to clone.
@@ -155,22 +170,25 @@ impl TokenVerifier {
     }
 
     /// Fetches the JWKS: the first time whenever asked (at most once a second), then again at most once per
-    /// `REFETCH_INTERVAL`; on failure the cached keys stay.
+    /// `REFETCH_INTERVAL`; on failure the cached keys stay, and the next fetch may come after
+    /// `FAILED_FETCH_INTERVAL`.
     async fn refetch(&self, auth0: &Auth0) {
         let have_keys = !auth0.keys.read().await.keys.is_empty();
+        let interval = if have_keys {
+            REFETCH_INTERVAL
+        } else {
+            FIRST_FETCH_INTERVAL
+        };
         {
             let Ok(mut fetches) = auth0.fetches.lock() else {
                 return;
             };
-            let (last, interval) = if have_keys {
-                (&mut fetches.refetch, REFETCH_INTERVAL)
-            } else {
-                (&mut fetches.first, FIRST_FETCH_INTERVAL)
-            };
-            if last.is_some_and(|at| at.elapsed() < interval) {
+            let now = Instant::now();
+            let not_before = fetches.not_before(have_keys);
+            if not_before.is_some_and(|at| now < at) {
                 return;
             }
-            *last = Some(Instant::now());
+            *not_before = Some(now + interval);
         }
         let fetched = async {
             self.http
@@ -189,6 +207,10 @@ impl TokenVerifier {
             }
             Err(error) => {
                 tracing::warn!(error = %error, "could not fetch the token signing keys; keeping the cached ones");
+                if let Ok(mut fetches) = auth0.fetches.lock() {
+                    *fetches.not_before(have_keys) =
+                        Some(Instant::now() + FAILED_FETCH_INTERVAL.min(interval));
+                }
             }
         }
     }
