@@ -7,8 +7,8 @@
 //! - A body over 1 MiB on every operation that takes a body (and the Stripe webhook), declared and chunked: `413`.
 //! - Stripe webhook forgeries: refused with `400`, and nothing recorded.
 //!
-//! The JWT attacks run against a server in production mode with its JWKS on loopback (`faults`/`auth` hold the
-//! tenant); here every request schemathesis makes without a token, or with a mangled one, is an attack too.
+//! - Every JWT attack (`auth::forgeries`) and no token at all, on every operation that takes an Auth0 token, against
+//!   a server in production mode whose JWKS is served on loopback: `401` JSON, nothing recorded.
 
 use std::time::{Duration, Instant};
 
@@ -215,17 +215,7 @@ fn operations_with_a_body(document: &serde_json::Value) -> Vec<(String, String)>
     for (path, item) in document["paths"].as_object().expect("paths") {
         for (method, operation) in item.as_object().expect("a path item") {
             if operation.get("requestBody").is_some() {
-                let path = path
-                    .split('/')
-                    .map(|segment| {
-                        if segment.starts_with('{') {
-                            "00000000-0000-0000-0000-000000000000"
-                        } else {
-                            segment
-                        }
-                    })
-                    .collect::<Vec<_>>()
-                    .join("/");
+                let path = fill_path(path);
                 operations.push((method.to_uppercase(), path));
             }
         }
@@ -430,4 +420,135 @@ async fn log_length(client: &reqwest::Client, base: &str, admin: &str) -> usize 
             .count();
         after = last["position"].as_i64().expect("a position");
     }
+}
+
+/// Every operation of the document that takes an Auth0 token (user or admin), as (method, path filled in).
+fn operations_with_a_token(document: &serde_json::Value) -> Vec<(String, String)> {
+    let mut operations = Vec::new();
+    for (path, item) in document["paths"].as_object().expect("paths") {
+        for (method, operation) in item.as_object().expect("a path item") {
+            let schemes: Vec<&str> = operation["security"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(serde_json::Value::as_object)
+                .flat_map(|requirement| requirement.keys().map(String::as_str))
+                .collect();
+            if schemes
+                .iter()
+                .any(|scheme| *scheme == "UserAuth" || *scheme == "AdminAuth")
+            {
+                operations.push((method.to_uppercase(), fill_path(path)));
+            }
+        }
+    }
+    operations
+}
+
+fn fill_path(path: &str) -> String {
+    path.split('/')
+        .map(|segment| {
+            if segment.starts_with('{') {
+                "00000000-0000-0000-0000-000000000000"
+            } else {
+                segment
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+#[tokio::test]
+async fn every_forged_token_is_refused_on_every_operation_that_takes_one() {
+    use crate::auth::{
+        app_with_auth0, claims, forgeries, keys, serve_jwks, sign, AUDIENCE, ISSUER,
+    };
+    let started = Instant::now();
+    let (tenant, _, attacker) = keys();
+    let (jwks_url, _, _jwks) = serve_jwks(vec![tenant.jwk.clone()]).await;
+    let (_database, app) = app_with_auth0(&jwks_url, "prod").await;
+    let document: serde_json::Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .expect("answers")
+        .json()
+        .await
+        .expect("the document");
+    let operations = operations_with_a_token(&document);
+    assert!(
+        operations.len() >= 15,
+        "the document names the operations that take a token: {operations:?}"
+    );
+    let attacks = forgeries(tenant, attacker);
+    let send = |method: &str, path: &str, token: Option<&str>| {
+        let mut request = app
+            .client
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).expect("a method"),
+                app.url(path),
+            )
+            .header("content-type", "application/json")
+            .body("{}");
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    let mut tried = 0u64;
+    for (method, path) in &operations {
+        for (name, token) in &attacks {
+            let response = send(method, path, Some(token)).await.expect("answers");
+            assert_eq!(response.status(), 401, "{name} on {method} {path}");
+            let body: serde_json::Value = response.json().await.expect("a JSON refusal");
+            assert_eq!(body["error"], "UNAUTHORIZED", "{name} on {method} {path}");
+            tried += 1;
+        }
+        let response = send(method, path, None).await.expect("answers");
+        assert_eq!(response.status(), 401, "no token on {method} {path}");
+        tried += 1;
+    }
+    // The tenant's own token passes the same door (a developer's: every operation is open to it).
+    let developer = sign(
+        tenant,
+        &claims("auth0|dev", "openid admin", ISSUER, AUDIENCE, 600),
+    );
+    for (method, path) in &operations {
+        let response = send(method, path, Some(&developer)).await.expect("answers");
+        assert!(
+            response.status() != 401 && response.status() != 403,
+            "a valid developer token on {method} {path}: {}",
+            response.status()
+        );
+    }
+    let events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE metadata LIKE '%alice%'")
+            .fetch_one(app.state.database.any())
+            .await
+            .expect("reads");
+    assert_eq!(
+        events, 0,
+        "nothing was recorded in the name of a forged token's subject"
+    );
+    app.stop().await;
+    record(&Row {
+        scenario: "hostile input: JWT attacks",
+        load: format!(
+            "{} operations that take an Auth0 token, server in production mode, JWKS on loopback",
+            operations.len()
+        ),
+        faults: format!(
+            "{} forged tokens per operation ({}), and none",
+            attacks.len(),
+            attacks
+                .iter()
+                .map(|(name, _)| *name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        bad_inputs: tried,
+        lost: "nothing: every one 401 JSON, 0 events recorded for the forged subject".to_string(),
+        seconds: started.elapsed().as_secs_f64(),
+    });
 }

@@ -5,6 +5,7 @@
 
 mod crash;
 mod faults;
+mod hostile;
 mod outage;
 
 use std::path::PathBuf;
@@ -59,6 +60,9 @@ pub fn record(row: &Row) {
     std::fs::create_dir_all(&dir).expect("the summary folder");
     let text = serde_json::to_string(row).expect("a row is JSON");
     println!("resilience row: {text}");
-    std::fs::write(dir.join(format!("{}.json", row.scenario.replace(' ', "_"))), text)
-        .expect("the summary row is written");
+    std::fs::write(
+        dir.join(format!("{}.json", row.scenario.replace(' ', "_"))),
+        text,
+    )
+    .expect("the summary row is written");
 }
