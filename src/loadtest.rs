@@ -346,15 +346,10 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
                 let response = client
                     .post(format!("{base}/host/heartbeat"))
                     .bearer_auth(tokens.derive(Purpose::HostAuth, instance_id))
-                    .json(&serde_json::json!({
-                        "instance_id": instance_id,
-                        "timestamp": chrono::Utc::now().to_rfc3339(),
-                        "heartbeat_number": number,
-                        "total_ram_kb": 32_000_000,
-                        "free_ram_kb": 16_000_000,
-                        "avail_ram_kb": 20_000_000,
-                        "is_dying": false,
-                    }))
+                    .json(&whist_adapters::simulated_host::heartbeat_body(
+                        instance_id,
+                        number,
+                    ))
                     .send()
                     .await;
                 if matches!(&response, Ok(response) if response.status().is_success()) {

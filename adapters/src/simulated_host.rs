@@ -182,6 +182,19 @@ pub async fn start(spec: SimulatedHostSpec) -> std::io::Result<SimulatedHost> {
     Ok(SimulatedHost { ip, shutdown })
 }
 
+/// The body of a healthy host's `POST /host/heartbeat` (the contract's fields, with a host's usual memory figures).
+pub fn heartbeat_body(instance_id: &str, heartbeat_number: i64) -> serde_json::Value {
+    serde_json::json!({
+        "instance_id": instance_id,
+        "timestamp": chrono::Utc::now().to_rfc3339(),
+        "heartbeat_number": heartbeat_number,
+        "total_ram_kb": 32_000_000,
+        "free_ram_kb": 24_000_000,
+        "avail_ram_kb": 28_000_000,
+        "is_dying": false,
+    })
+}
+
 /// Registers (retrying until the webserver answers), then heartbeats until stopped or told it is gone.
 async fn live(state: HostState, ip: Ipv4Addr, mut shutdown: watch::Receiver<bool>) {
     let spec = &state.spec;
@@ -240,15 +253,7 @@ async fn live(state: HostState, ip: Ipv4Addr, mut shutdown: watch::Receiver<bool
             .http
             .post(format!("{}/host/heartbeat", spec.webserver_url))
             .bearer_auth(token)
-            .json(&serde_json::json!({
-                "instance_id": spec.instance_id,
-                "timestamp": chrono::Utc::now().to_rfc3339(),
-                "heartbeat_number": number,
-                "total_ram_kb": 32_000_000,
-                "free_ram_kb": 24_000_000,
-                "avail_ram_kb": 28_000_000,
-                "is_dying": false,
-            }))
+            .json(&heartbeat_body(&spec.instance_id, number))
             .send()
             .await;
         if matches!(&response, Ok(response) if response.status() == StatusCode::GONE) {

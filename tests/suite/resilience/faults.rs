@@ -518,15 +518,7 @@ impl HangingHost {
                 let _ = client
                     .post(&url)
                     .bearer_auth(&token)
-                    .json(&serde_json::json!({
-                        "instance_id": id,
-                        "timestamp": chrono::Utc::now().to_rfc3339(),
-                        "heartbeat_number": number,
-                        "total_ram_kb": 32_000_000,
-                        "free_ram_kb": 16_000_000,
-                        "avail_ram_kb": 20_000_000,
-                        "is_dying": false,
-                    }))
+                    .json(&whist_adapters::simulated_host::heartbeat_body(&id, number))
                     .send()
                     .await;
                 tokio::select! {
