@@ -260,12 +260,18 @@ impl Autoscaler {
     }
 
     /// Decides every 2 s (and repairs every `WHIST_REPAIR_INTERVAL_S`) while this process leads, until `shutdown`.
+    /// The repair runs beside the decisions, not between them: an EC2 listing that hangs until its timeout must not
+    /// hold back the warm buffer.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut held = None;
-        let repair = crate::repair::Repair::new(self.state.clone());
+        let repair = std::sync::Arc::new(crate::repair::Repair::new(self.state.clone()));
+        let mut repairing: Option<tokio::task::JoinHandle<()>> = None;
         let mut last_repair: Option<Instant> = None;
         loop {
             if *shutdown.borrow() {
+                if let Some(task) = repairing.take() {
+                    task.abort();
+                }
                 return;
             }
             if self.lead(&mut held).await {
@@ -276,15 +282,19 @@ impl Autoscaler {
                 }
                 let due = last_repair
                     .is_none_or(|at| at.elapsed() >= self.state.settings.fleet.repair_interval);
-                if self.state.settings.cloud == CloudKind::Aws && due {
+                let idle = repairing.as_ref().is_none_or(|task| task.is_finished());
+                if self.state.settings.cloud == CloudKind::Aws && due && idle {
                     last_repair = Some(Instant::now());
-                    match repair.run_once().await {
-                        Ok(report) if !report.is_quiet() => {
-                            tracing::info!(?report, "cloud repair acted");
+                    let repair = repair.clone();
+                    repairing = Some(tokio::spawn(async move {
+                        match repair.run_once().await {
+                            Ok(report) if !report.is_quiet() => {
+                                tracing::info!(?report, "cloud repair acted");
+                            }
+                            Ok(_) => {}
+                            Err(error) => tracing::warn!(error, "cloud repair failed"),
                         }
-                        Ok(_) => {}
-                        Err(error) => tracing::warn!(error, "cloud repair failed"),
-                    }
+                    }));
                 }
             }
             tokio::select! {
