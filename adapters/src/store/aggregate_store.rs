@@ -206,6 +206,11 @@ where
     /// # Errors
     /// `Rejected` when a rule refuses a command (on fresh state: a refusal on a remembered copy is retried after
     /// reading what the copy missed), `Store` when the database failed or the aggregate is already in the unit.
+    ///
+    /// Deciding nothing is only final on fresh state too: a remembered copy that missed another process's events
+    /// can find an idempotent command already satisfied (a slot freed that, to the copy, was never taken). Staging
+    /// nothing would then record the rest of the unit without this aggregate and without any check of its version,
+    /// so the decision is taken again after reading what the copy missed.
     pub async fn stage(
         &self,
         unit: &mut Unit,
@@ -215,12 +220,17 @@ where
     where
         A::Command: Clone,
     {
-        match self.stage_once(unit, aggregate_id, commands.clone()).await {
-            Err(CommandError::Rejected(_)) => {
+        match self
+            .stage_once(unit, aggregate_id, commands.clone(), Freshness::Remembered)
+            .await
+        {
+            Err(CommandError::Rejected(_)) | Ok(Staged::Nothing) => {
                 self.mark_stale(aggregate_id);
-                self.stage_once(unit, aggregate_id, commands).await
+                self.stage_once(unit, aggregate_id, commands, Freshness::CaughtUp)
+                    .await
+                    .map(|_| ())
             }
-            outcome => outcome,
+            outcome => outcome.map(|_| ()),
         }
     }
 
@@ -229,7 +239,8 @@ where
         unit: &mut Unit,
         aggregate_id: &str,
         commands: Vec<A::Command>,
-    ) -> Result<(), CommandError<A::Error>> {
+        copy: Freshness,
+    ) -> Result<Staged, CommandError<A::Error>> {
         if unit
             .staged
             .contains(&(A::TYPE.to_string(), aggregate_id.to_string()))
@@ -249,6 +260,9 @@ where
                 .await
                 .map_err(CommandError::Rejected)?;
             events.extend(sink.collect().await);
+        }
+        if events.is_empty() && copy == Freshness::Remembered {
+            return Ok(Staged::Nothing);
         }
         let after = version + events.len();
         for (payload, sequence) in events.into_iter().zip(version + 1..) {
@@ -270,7 +284,7 @@ where
             Frameworks::Sqlite { store, .. } => settler(store.clone(), id, aggregate, after),
         };
         unit.settle.push(settle);
-        Ok(())
+        Ok(Staged::Decided)
     }
 
     /// The remembered copy (read whole on a miss, brought up to date when marked stale).
@@ -350,6 +364,24 @@ where
         Settled::Conflicted => store.mark_stale(&id),
         Settled::Failed => store.forget(&id),
     })
+}
+
+/// Which copy of an aggregate a staging decides on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Freshness {
+    /// The copy this process remembers, possibly behind other processes' appends.
+    Remembered,
+    /// The remembered copy after reading what it missed.
+    CaughtUp,
+}
+
+/// What a staging did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Staged {
+    /// Events (possibly none, on a caught-up copy) are staged and the aggregate is part of the unit.
+    Decided,
+    /// The remembered copy decided nothing; nothing was staged, and the decision must be taken on fresh state.
+    Nothing,
 }
 
 #[derive(Clone, Copy)]

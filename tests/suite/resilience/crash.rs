@@ -160,7 +160,8 @@ struct Tally {
     unanswered_assigns: u64,
     /// 503 answers to assigns, by error code.
     refused: BTreeMap<String, u64>,
-    disconnected: u64,
+    /// Mandelboxes whose disconnect answered 200.
+    disconnected: Vec<String>,
     /// Disconnect attempts that got no answer or a 503 (retried).
     disconnect_retries: u64,
     /// Anything else: a 500, a 4xx, a body that is not JSON. Must stay empty.
@@ -267,7 +268,7 @@ async fn client_loop(
             match answer.map(|response| response.status().as_u16()) {
                 Ok(200) => {
                     if let Ok(mut tally) = tally.lock() {
-                        tally.disconnected += 1;
+                        tally.disconnected.push(mandelbox_id.clone());
                     }
                     break;
                 }
@@ -347,9 +348,20 @@ async fn cloud_matches_records(moto: &Moto, database: &Database) -> (bool, usize
     (orphans == 0 && missing == 0, orphans, missing)
 }
 
-/// Replays the instances' slot events in log order: (mandelboxes allocated twice, allocations over capacity,
-/// allocations per mandelbox).
-async fn replay_slots(database: &Database) -> (usize, usize, HashMap<String, usize>) {
+/// What replaying the instances' slot events in log order shows.
+struct Slots {
+    /// Allocations of a mandelbox its host already held.
+    twice: usize,
+    /// Allocations that took a host over its capacity.
+    over: usize,
+    /// Allocations per mandelbox.
+    allocations: HashMap<String, usize>,
+    /// Mandelboxes still holding a slot at the end.
+    held: BTreeSet<String>,
+}
+
+/// Replays the instances' slot events in log order.
+async fn replay_slots(database: &Database) -> Slots {
     let rows: Vec<(String, String, String)> = sqlx::query_as(
         "SELECT aggregate_id, event_type, CAST(payload AS TEXT) FROM events \
          WHERE aggregate_type = 'instance' \
@@ -397,7 +409,12 @@ async fn replay_slots(database: &Database) -> (usize, usize, HashMap<String, usi
             }
         }
     }
-    (twice, over, allocations)
+    Slots {
+        twice,
+        over,
+        allocations,
+        held: live.into_values().flatten().collect(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -562,7 +579,12 @@ async fn processes_killed_at_random_under_load_lose_and_double_nothing() {
     );
 
     // (a) Nothing lost or doubled.
-    let (twice, over, allocations) = replay_slots(&store).await;
+    let Slots {
+        twice,
+        over,
+        allocations,
+        held,
+    } = replay_slots(&store).await;
     let acknowledged: BTreeSet<&String> = tally.acknowledged.iter().collect();
     assert_eq!(
         acknowledged.len(),
@@ -622,6 +644,17 @@ async fn processes_killed_at_random_under_load_lose_and_double_nothing() {
     // (b) No slot held twice, no host over capacity.
     assert_eq!(twice, 0, "a mandelbox held a slot twice");
     assert_eq!(over, 0, "a host went over its capacity");
+    // A disconnect frees the slot whichever process records it, including one whose remembered copy of the host
+    // had not seen the allocation (made through the other server).
+    let leaked: Vec<&String> = tally
+        .disconnected
+        .iter()
+        .filter(|mandelbox_id| held.contains(*mandelbox_id))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "disconnected mandelboxes still hold their slot: {leaked:?}"
+    );
 
     // (c) The cloud matches the records once the fleet has converged.
     let converged = eventually(Duration::from_secs(90), || async {
@@ -649,7 +682,7 @@ async fn processes_killed_at_random_under_load_lose_and_double_nothing() {
             "2 serve + 1 worker, {clients} clients: {} assigns acknowledged ({} disconnected), {refused} refused \
              with 503 {:?}, {} unanswered while a process was down, {} disconnect retries; {hosts} hosts at the end",
             tally.acknowledged.len(),
-            tally.disconnected,
+            tally.disconnected.len(),
             tally.refused,
             tally.unanswered_assigns,
             tally.disconnect_retries,
@@ -658,6 +691,7 @@ async fn processes_killed_at_random_under_load_lose_and_double_nothing() {
         bad_inputs: 0,
         lost: format!(
             "nothing: 0 events lost/doubled ({events} events, {} verified), 0 slots twice, 0 over capacity, \
+             0 slots leaked by a disconnect, \
              0 orphan instances, 0 records without an instance; {unheard} allocations unacknowledged (cut off by \
              a kill)",
             verified.join("/")
