@@ -18,7 +18,8 @@ impl Background {
         let mut tasks = Vec::new();
         match database.backend() {
             Backend::Postgres(pool) => {
-                let sequencer = Sequencer::new(pool.clone(), database.signal().clone());
+                let sequencer = Sequencer::new(pool.clone(), database.signal().clone())
+                    .watching(database.reachability().clone());
                 tasks.push(tokio::spawn(sequencer.run(receiver.clone())));
                 tasks.push(tokio::spawn(Sequencer::listen(
                     pool.clone(),

@@ -72,6 +72,36 @@ fn refusal_code(status: StatusCode) -> String {
     }
 }
 
+/// Routes that answer without the store (process health, metrics, the documents, static pages).
+fn needs_the_store(path: &str) -> bool {
+    !(matches!(
+        path,
+        "/healthz" | "/metrics" | "/openapi.json" | "/dashboard" | "/hirefire/test"
+    ) || path.starts_with("/docs"))
+}
+
+/// A handler that found the store unavailable (`500`, or `503 STORE_UNAVAILABLE`) makes the process suspect an
+/// outage, so that the next requests are answered at once while it lasts. Other answers pass unchanged.
+async fn report_store_failure(
+    mut response: Response,
+    reachability: &whist_adapters::store::Reachability,
+) -> Response {
+    let status = response.status();
+    if status == StatusCode::INTERNAL_SERVER_ERROR {
+        reachability.suspect();
+    } else if status == StatusCode::SERVICE_UNAVAILABLE {
+        let body = response.take_body().into_bytes().await.unwrap_or_default();
+        if body
+            .windows(b"STORE_UNAVAILABLE".len())
+            .any(|window| window == b"STORE_UNAVAILABLE")
+        {
+            reachability.suspect();
+        }
+        response.set_body(body);
+    }
+    response
+}
+
 /// Longest extractor message kept in `detail`.
 const MAX_DETAIL: usize = 300;
 
@@ -136,6 +166,12 @@ impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
             if self.state.is_draining() {
                 return json_error(StatusCode::SERVICE_UNAVAILABLE, "SHUTTING_DOWN");
             }
+            let reachability = self.state.database.reachability();
+            if reachability.is_down() && needs_the_store(&path) {
+                // Known down (a probe's connection was refused just now): answer at once instead of waiting out
+                // the pool's acquire timeout.
+                return json_error(StatusCode::SERVICE_UNAVAILABLE, "STORE_UNAVAILABLE");
+            }
             let declared_length = request
                 .headers()
                 .get(poem::http::header::CONTENT_LENGTH)
@@ -158,6 +194,7 @@ impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
                 Ok(output) => output.into_response(),
                 Err(error) => error.into_response(),
             };
+            let response = report_store_failure(response, reachability).await;
             normalise_refusal(response, &self.methods, &path).await
         }
         .instrument(span.clone())

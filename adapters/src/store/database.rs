@@ -13,6 +13,7 @@ use cqrs_es::persist::{PersistenceError, SerializedEvent};
 
 use super::append_batcher::AppendBatcher;
 use super::log::{EventLog, LogSignal};
+use super::reachability::Reachability;
 
 /// How long a request waits for a pooled connection before the store counts as unavailable (503): long enough to
 /// ride out a burst on a loaded machine, short enough that an outage answers instead of hanging.
@@ -57,6 +58,7 @@ pub struct Database {
     any: AnyPool,
     signal: LogSignal,
     description: String,
+    reachability: Reachability,
 }
 
 impl Database {
@@ -84,6 +86,7 @@ impl Database {
         let options = PgConnectOptions::from_str(url).map_err(connect_error)?;
         // No ping before each acquire: it is a round trip per statement, and a dead connection fails the
         // statement anyway, which callers already treat as a store failure.
+        let reachability = Reachability::probing(options.clone());
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .test_before_acquire(false)
@@ -104,6 +107,7 @@ impl Database {
             any,
             signal: LogSignal::new(),
             description: redact_url(url),
+            reachability,
         })
     }
 
@@ -148,6 +152,7 @@ impl Database {
             any,
             signal: LogSignal::new(),
             description: url,
+            reachability: Reachability::embedded(),
         })
     }
 
@@ -170,6 +175,11 @@ impl Database {
     pub async fn ping(&self) -> Result<(), DatabaseError> {
         sqlx::query("SELECT 1").execute(&self.any).await?;
         Ok(())
+    }
+
+    /// Whether the server is known to be down (see [`Reachability`]); failures should be reported to it.
+    pub fn reachability(&self) -> &Reachability {
+        &self.reachability
     }
 
     pub fn backend(&self) -> &Backend {

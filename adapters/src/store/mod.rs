@@ -8,12 +8,14 @@ pub mod chain;
 mod database;
 mod log;
 mod postgres_repository;
+mod reachability;
 mod sequencer;
 
 pub use aggregate_store::{AggregateStore, CommandError, Unit, UnitError};
 pub use chain::{chain_hash, ChainBreak, ChainReport, VerifyProgress, GENESIS};
 pub use database::{redact_url, Backend, Database, DatabaseError};
 pub use log::{EventLog, LogSignal, LoggedEvent};
+pub use reachability::Reachability;
 pub use sequencer::{Sequencer, SequencerPass};
 
 /// `($1, $2), ($3, $4)` for `rows` rows of `columns` parameters: the VALUES list of a multi-row INSERT, written the

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::log::LogSignal;
+use super::reachability::Reachability;
 
 /// The channel on which a sequencer announces that the head moved.
 pub const LOG_CHANNEL: &str = "whist_event_log";
@@ -40,6 +41,8 @@ pub struct Sequencer {
     pool: PgPool,
     signal: LogSignal,
     batch_size: i64,
+    /// Told when a pass fails, so that an outage is noticed within one pass.
+    reachability: Option<Reachability>,
 }
 
 impl Sequencer {
@@ -48,7 +51,14 @@ impl Sequencer {
             pool,
             signal,
             batch_size: 5_000,
+            reachability: None,
         }
+    }
+
+    /// Reports failed passes to `reachability`.
+    pub fn watching(mut self, reachability: Reachability) -> Self {
+        self.reachability = Some(reachability);
+        self
     }
 
     /// Gives positions to up to one batch of committed events (see `whist_sequence_events` in `migrations/`).
@@ -96,6 +106,9 @@ impl Sequencer {
                 Ok(SequencerPass::Busy) => Duration::from_millis(2),
                 Err(error) => {
                     tracing::warn!(error = %error, "sequencer pass failed; retrying");
+                    if let Some(reachability) = &self.reachability {
+                        reachability.suspect();
+                    }
                     Duration::from_millis(500)
                 }
             };

@@ -221,9 +221,9 @@ async fn a_database_outage_answers_503_promptly_and_loses_no_acknowledged_assign
     tokio::time::sleep(duration(3, 10)).await;
     postgres.stop_server(StopMode::Immediate).await;
     let down_at = Instant::now();
-    // Longer than a request waits for a connection (the store's acquire timeout, 10 s), so that requests caught at
-    // the start of the outage come back as 503s and later ones wait and succeed once the server is back.
-    let outage = duration(12, 60);
+    // Requests caught at the very start wait for a connection (at most the store's acquire timeout, 10 s); once
+    // a failure has made the process probe the server and find it down, requests are answered 503 at once.
+    let outage = duration(8, 60);
     tokio::time::sleep(outage).await;
     let restart_at = Instant::now();
     postgres.start_server().await;
@@ -302,6 +302,19 @@ async fn a_database_outage_answers_503_promptly_and_loses_no_acknowledged_assign
         .collect();
     outage_latencies.sort();
     let p50 = percentile(&outage_latencies, 0.5);
+    // Once the outage is known (a second in), refusals come at once, not after the pool's acquire timeout.
+    let mut later: Vec<Duration> = during
+        .iter()
+        .filter(|answer| {
+            answer.status == Some(503) && answer.started >= down_at + Duration::from_secs(1)
+        })
+        .map(|answer| answer.latency)
+        .collect();
+    later.sort();
+    assert!(
+        !later.is_empty() && percentile(&later, 0.5) < Duration::from_secs(1),
+        "refusals once the outage is known are quick: {later:?}"
+    );
     let max = percentile(&outage_latencies, 1.0);
     let first_success = answers
         .iter()
