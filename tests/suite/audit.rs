@@ -210,11 +210,22 @@ async fn the_log_an_aggregates_history_and_its_state_at_a_version_or_a_moment() 
         state("?as_of=2000-01-01T00:00:00Z".to_string()).await.0,
         404
     );
+    // Both bounds together: the events that meet both (here none, so nothing to replay).
     assert_eq!(
         state("?at_version=1&as_of=2000-01-01T00:00:00Z".to_string())
             .await
             .0,
-        400
+        404
+    );
+    let (status, both) = state(format!(
+        "?at_version=1&as_of={}",
+        registered_at.replace('+', "%2B")
+    ))
+    .await;
+    assert_eq!(
+        (status, &both["version"]),
+        (200, &serde_json::json!(1)),
+        "{both}"
     );
     assert_eq!(state("?as_of=yesterday".to_string()).await.0, 400);
     assert_eq!(

@@ -255,10 +255,11 @@ async fn a_full_release_under_load_switches_every_region_at_once_and_retires_the
                 } else {
                     OLD_HASH
                 };
-                let after_swap = swapping.load(Ordering::SeqCst);
                 let (status, body) = app
                     .assign(&token, assign_body(&[region], hash, session))
                     .await;
+                // Read once answered: a request sent just before the swap-over began may be decided after it.
+                let after_swap = swapping.load(Ordering::SeqCst);
                 let error = body["error"].as_str().unwrap_or_default().to_string();
                 outcomes.lock().expect("outcomes").push(Outcome {
                     hash,
