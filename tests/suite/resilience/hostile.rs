@@ -83,7 +83,7 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_spec() {
     let stripe = StripeFake::start("sk_test_hostile").await;
     let server = serve(dir.path(), &stripe).await;
     let port = server.port.expect("a port");
-    let examples = scaled(25, 400);
+    let examples = scaled(25, 150);
     let hooks = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/schemathesis");
     let config = dir.path().join("schemathesis.toml");
     std::fs::write(&config, known_ids(port).await).expect("the config is written");
