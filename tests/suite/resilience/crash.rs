@@ -23,7 +23,7 @@ use whist_tests::{
     admin_token, assign_body, eventually, free_port, ChildProcess, Moto, MotoHosts, TestDatabase,
 };
 
-use super::{duration, record, scaled, Row};
+use super::{duration, log_settled, record, scalar, scaled, Row};
 
 const REGION: &str = "us-east-1";
 const IMAGE: &str = "ami-12c6146b";
@@ -289,13 +289,6 @@ async fn client_loop(
             }
         }
     }
-}
-
-async fn scalar(database: &Database, sql: &str) -> i64 {
-    sqlx::query_scalar(sql)
-        .fetch_one(database.any())
-        .await
-        .unwrap_or(-1)
 }
 
 /// Live instances of the deployment in moto: launch id → cloud instance id (and instances without a launch id).
@@ -566,12 +559,7 @@ async fn processes_killed_at_random_under_load_lose_and_double_nothing() {
     let runner = ProjectionRunner::new(store.clone(), whist_projections::all());
     assert!(
         eventually(Duration::from_secs(60), || async {
-            scalar(&store, "SELECT count(*) FROM events WHERE position IS NULL").await == 0
-                && runner
-                    .status()
-                    .await
-                    .map(|statuses| statuses.iter().all(|status| status.lag == 0))
-                    .unwrap_or(false)
+            log_settled(&store, &runner).await
         })
         .await,
         "the log and the projections settle: {}",

@@ -11,6 +11,9 @@ mod outage;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use whist_adapters::store::Database;
+use whist_projections::ProjectionRunner;
+
 /// One row of the summary table.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Row {
@@ -65,4 +68,27 @@ pub fn record(row: &Row) {
         text,
     )
     .expect("the summary row is written");
+}
+
+/// One number from the database (`-1` when the query fails, e.g. while it is down).
+pub async fn scalar(database: &Database, sql: &str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(database.any())
+        .await
+        .unwrap_or(-1)
+}
+
+/// Whether every event has its position and every projection has caught up with the log.
+pub async fn log_settled(database: &Database, runner: &ProjectionRunner) -> bool {
+    scalar(
+        database,
+        "SELECT count(*) FROM events WHERE position IS NULL",
+    )
+    .await
+        == 0
+        && runner
+            .status()
+            .await
+            .map(|statuses| statuses.iter().all(|status| status.lag == 0))
+            .unwrap_or(false)
 }

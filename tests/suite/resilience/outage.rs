@@ -18,7 +18,7 @@ use whist_projections::ProjectionRunner;
 use whist_tests::private_postgres::{PrivatePostgres, StopMode};
 use whist_tests::{admin_token, assign_body, eventually, free_port, ChildProcess};
 
-use super::{duration, record, scaled, Row};
+use super::{duration, log_settled, record, scalar, scaled, Row};
 
 const REGION: &str = "us-east-1";
 /// The commit hash of the simulated hosts' image (`whist_api::startup::SIMULATED_COMMIT_HASH`).
@@ -122,13 +122,6 @@ fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
     }
     let index = ((sorted.len() - 1) as f64 * fraction).round() as usize;
     sorted[index.min(sorted.len() - 1)]
-}
-
-async fn scalar(database: &Database, sql: &str) -> i64 {
-    sqlx::query_scalar(sql)
-        .fetch_one(database.any())
-        .await
-        .unwrap_or(-1)
 }
 
 fn log_troubles(processes: &[&ChildProcess]) -> String {
@@ -338,12 +331,7 @@ async fn a_database_outage_answers_503_promptly_and_loses_no_acknowledged_assign
     let runner = ProjectionRunner::new(store.clone(), whist_projections::all());
     assert!(
         eventually(Duration::from_secs(60), || async {
-            scalar(&store, "SELECT count(*) FROM events WHERE position IS NULL").await == 0
-                && runner
-                    .status()
-                    .await
-                    .map(|statuses| statuses.iter().all(|status| status.lag == 0))
-                    .unwrap_or(false)
+            log_settled(&store, &runner).await
                 && scalar(&store, FREE_SLOTS).await >= i64::from(DESIRED_FREE)
         })
         .await,
