@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use poem::http::{HeaderName, StatusCode};
-use poem::listener::{Acceptor, Listener, TcpListener};
 use poem::web::Data;
 use poem::{handler, Body, EndpointExt, Request, Response, Server};
 use tokio::sync::watch;
@@ -89,15 +88,7 @@ impl FaultProxy {
     /// Starts a proxy to `upstream` (a base URL such as `http://127.0.0.1:5000`) on a free loopback port, passing
     /// everything.
     pub async fn start(upstream: &str) -> Self {
-        let acceptor = TcpListener::bind("127.0.0.1:0")
-            .into_acceptor()
-            .await
-            .expect("a loopback port");
-        let port = acceptor
-            .local_addr()
-            .first()
-            .and_then(|address| address.as_socket_addr().map(|socket| socket.port()))
-            .expect("a port");
+        let (acceptor, port) = crate::loopback_acceptor().await;
         let (stop, stopped) = watch::channel(false);
         let state = Arc::new(ProxyState {
             upstream: upstream.trim_end_matches('/').to_string(),

@@ -363,6 +363,40 @@ pub struct ChildProcess {
     pub log: PathBuf,
 }
 
+/// A poem acceptor bound to a free loopback port, and that port: where the tests' own servers (fakes, proxies,
+/// a JWKS) listen.
+pub async fn loopback_acceptor() -> (poem::listener::TcpAcceptor, u16) {
+    use poem::listener::{Acceptor, Listener};
+    let acceptor = poem::listener::TcpListener::bind("127.0.0.1:0")
+        .into_acceptor()
+        .await
+        .expect("a loopback port");
+    let port = acceptor
+        .local_addr()
+        .first()
+        .and_then(|address| address.as_socket_addr().map(|socket| socket.port()))
+        .expect("a port");
+    (acceptor, port)
+}
+
+/// The warnings, errors and panics in each log file (at most 20 lines each), for a failing test's message.
+pub fn log_troubles<'a>(logs: impl IntoIterator<Item = &'a Path>) -> String {
+    logs.into_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|line| {
+                    line.contains("ERROR") || line.contains("WARN") || line.contains("panick")
+                })
+                .take(20)
+                .collect();
+            format!("{}:\n{}", path.display(), lines.join("\n"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
 /// A free TCP port on loopback (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use poem::http::StatusCode;
-use poem::listener::{Acceptor, Listener, TcpListener};
 use poem::web::Data;
 use poem::{handler, post, EndpointExt, Request, Response, Route, Server};
 
@@ -57,15 +56,7 @@ impl StripeFake {
             secret: secret.to_string(),
             ..FakeState::default()
         });
-        let acceptor = TcpListener::bind("127.0.0.1:0")
-            .into_acceptor()
-            .await
-            .expect("a loopback port");
-        let port = acceptor
-            .local_addr()
-            .first()
-            .and_then(|address| address.as_socket_addr().map(|socket| socket.port()))
-            .expect("a port");
+        let (acceptor, port) = crate::loopback_acceptor().await;
         let routes = Route::new()
             .at("/v1/customers", post(stripe_call))
             .at("/v1/checkout/sessions", post(stripe_call))

@@ -4,7 +4,6 @@ use std::sync::{Arc, OnceLock};
 
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use poem::listener::{Acceptor, Listener, TcpListener};
 use poem::{handler, web::Data, EndpointExt, Route};
 use rsa::pkcs1::EncodeRsaPrivateKey;
 use rsa::traits::PublicKeyParts;
@@ -77,14 +76,7 @@ pub(crate) async fn serve_jwks(
     tokio::task::JoinHandle<()>,
 ) {
     let published = Arc::new(std::sync::Mutex::new(serde_json::json!({ "keys": keys })));
-    let acceptor = TcpListener::bind("127.0.0.1:0")
-        .into_acceptor()
-        .await
-        .expect("binds");
-    let port = acceptor.local_addr()[0]
-        .as_socket_addr()
-        .expect("tcp")
-        .port();
+    let (acceptor, port) = whist_tests::loopback_acceptor().await;
     let app = Route::new()
         .at("/.well-known/jwks.json", poem::get(jwks))
         .data(published.clone());

@@ -133,21 +133,7 @@ impl Cluster {
 
     /// Warnings and errors of every process so far (for a failure's message).
     fn troubles(&self) -> String {
-        self.logs
-            .iter()
-            .map(|path| {
-                let text = std::fs::read_to_string(path).unwrap_or_default();
-                let lines: Vec<&str> = text
-                    .lines()
-                    .filter(|line| {
-                        line.contains("ERROR") || line.contains("WARN") || line.contains("panick")
-                    })
-                    .take(15)
-                    .collect();
-                format!("{}:\n{}", path.display(), lines.join("\n"))
-            })
-            .collect::<Vec<_>>()
-            .join("\n---\n")
+        whist_tests::log_troubles(self.logs.iter().map(std::path::PathBuf::as_path))
     }
 }
 

@@ -125,21 +125,7 @@ fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
 }
 
 fn log_troubles(processes: &[&ChildProcess]) -> String {
-    processes
-        .iter()
-        .map(|process| {
-            let text = process.log_text();
-            let lines: Vec<&str> = text
-                .lines()
-                .filter(|line| {
-                    line.contains("ERROR") || line.contains("panick") || line.contains("WARN")
-                })
-                .take(20)
-                .collect();
-            format!("{}:\n{}", process.log.display(), lines.join("\n"))
-        })
-        .collect::<Vec<_>>()
-        .join("\n---\n")
+    whist_tests::log_troubles(processes.iter().map(|process| process.log.as_path()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
