@@ -117,18 +117,7 @@ pub async fn read_range(
     let (events, seals) = tokio::try_join!(events, seals)?;
     let events = events
         .iter()
-        .map(|row| {
-            Ok(LoggedEvent {
-                position: row.try_get("position")?,
-                aggregate_type: row.try_get("aggregate_type")?,
-                aggregate_id: row.try_get("aggregate_id")?,
-                sequence: row.try_get("sequence")?,
-                event_type: row.try_get("event_type")?,
-                event_version: row.try_get("event_version")?,
-                payload: row.try_get("payload")?,
-                metadata: row.try_get("metadata")?,
-            })
-        })
+        .map(LoggedEvent::from_row)
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
     let seals = seals
         .iter()

@@ -58,7 +58,8 @@ impl LoggedEvent {
         EventMetadata::from_map(&map)
     }
 
-    fn from_row(row: &AnyRow) -> Result<Self, sqlx::Error> {
+    /// One event from a row with the log's columns (`position` … `metadata`).
+    pub(crate) fn from_row(row: &AnyRow) -> Result<Self, sqlx::Error> {
         Ok(Self {
             position: row.try_get("position")?,
             aggregate_type: row.try_get("aggregate_type")?,
