@@ -11,8 +11,9 @@
 //!   rolled back) are retired whatever their fill: a registered one is drained (it takes no new mandelbox and shuts
 //!   down when its last one ends), one still booting is terminated. A silent host is left to the sweeper.
 //! - Otherwise (at or above the target) drain empty `ACTIVE` hosts of the active image one at a time while the free
-//!   capacity left after draining the host is still at least the target, i.e. while free capacity is at least the
-//!   target plus that host. That is the hysteresis: a launch leaves less than one host of capacity above the target,
+//!   capacity on `ACTIVE` hosts left after draining the host is still at least the target, i.e. while it is at least
+//!   the target plus that host. Capacity still booting does not permit a drain: it cannot take a mandelbox yet, and
+//!   draining the host that can would leave assigns with nowhere to go until the new one registers. That is the hysteresis: a launch leaves less than one host of capacity above the target,
 //!   so nothing launched is drained until disconnects free a whole host beyond it, and nothing drained brings free
 //!   capacity back under the target.
 
@@ -83,12 +84,17 @@ pub fn plan_region(hosts: &[HostView], targets: Targets<'_>) -> RegionPlan {
     let expected = targets.expected_capacity.max(1);
     let on_active = |host: &&HostView| host.image_id == targets.active_image;
     let mut free: u32 = 0;
+    let mut free_now: u32 = 0;
     for host in hosts.iter().filter(on_active) {
-        free = free.saturating_add(match host.status {
-            InstanceStatus::PreConnection => expected,
-            InstanceStatus::Active => host.capacity.saturating_sub(host.live),
-            _ => 0,
-        });
+        match host.status {
+            InstanceStatus::PreConnection => free = free.saturating_add(expected),
+            InstanceStatus::Active => {
+                let slots = host.capacity.saturating_sub(host.live);
+                free = free.saturating_add(slots);
+                free_now = free_now.saturating_add(slots);
+            }
+            _ => {}
+        }
     }
     let mut plan = RegionPlan {
         free,
@@ -105,7 +111,8 @@ pub fn plan_region(hosts: &[HostView], targets: Targets<'_>) -> RegionPlan {
             && host.live == 0
             && !targets.protected_images.contains(&host.image_id)
     };
-    let mut left = free;
+    // What registered hosts can take now: only that may be drained down to the target.
+    let mut left = free_now;
     let mut empty_on_active: Vec<&HostView> =
         hosts.iter().filter(drainable).filter(on_active).collect();
     // The smallest hosts first (they free the least); ties by id, so the plan is reproducible.
@@ -207,6 +214,19 @@ mod tests {
             host("b", "ami-new", InstanceStatus::Active, 4, 1),
         ];
         assert!(plan_region(&hosts, targets(4, &none)).drain.is_empty());
+    }
+
+    #[test]
+    fn capacity_still_booting_never_permits_draining_the_host_that_can_take_mandelboxes_now() {
+        let none = BTreeSet::new();
+        // 8 free on paper for a target of 4, but 4 of them are still booting: "a" is all there is to assign on.
+        let hosts = [
+            host("a", "ami-new", InstanceStatus::Active, 4, 0),
+            host("b", "ami-new", InstanceStatus::PreConnection, 0, 0),
+        ];
+        let plan = plan_region(&hosts, targets(4, &none));
+        assert_eq!((plan.free, plan.launch), (8, 0));
+        assert!(plan.drain.is_empty(), "{plan:?}");
     }
 
     #[test]
@@ -314,6 +334,16 @@ mod tests {
                 .sum::<u32>()
                 + plan.launch * 4;
             prop_assert!(free_after >= desired);
+            // A drain never leaves less than the target on hosts that can take a mandelbox now.
+            if !plan.drain.is_empty() {
+                let free_now_after: u32 = hosts
+                    .iter()
+                    .filter(|host| host.image_id == "ami-new" && !drained.contains(&host.instance_id))
+                    .filter(|host| host.status == InstanceStatus::Active)
+                    .map(|host| host.capacity - host.live)
+                    .sum();
+                prop_assert!(free_now_after >= desired);
+            }
             // Launching never overshoots by a whole host: the next plan drains nothing it launched.
             if plan.launch > 0 {
                 prop_assert!(free_after < desired + 4);
