@@ -276,33 +276,15 @@ impl HostApi {
             ReportedStatusBody::Dying => ReportedStatus::Dying,
         };
         let metadata = EventMetadata::new(Actor::Host(placement.instance_id.clone()), Utc::now());
-        if let Err(error) = services
-            .mandelboxes
-            .execute_retrying(
-                &mandelbox_id.0,
-                MandelboxCommand::ReportStatus {
-                    status,
-                    at: Utc::now(),
-                },
-                &metadata,
-            )
-            .await
-        {
-            crate::error::log_failure("could not record a mandelbox status", &error);
-            return PeerResponse::Unavailable(error_body("STORE_UNAVAILABLE"));
-        }
-        if status == ReportedStatus::Running {
-            let session = session_aggregate_id(&placement.user_id, placement.session_id);
-            if let Err(error) = services
-                .sessions
-                .execute_retrying(
-                    &session,
-                    SessionCommand::MarkConnected { at: Utc::now() },
-                    &metadata,
-                )
-                .await
-            {
-                tracing::info!(session, error = %error, "session not marked connected");
+        match record_status(&state, &mandelbox_id.0, &placement, status, &metadata).await {
+            Ok(()) => {}
+            Err(error) => {
+                tracing::error!(
+                    mandelbox_id = mandelbox_id.0,
+                    error,
+                    "could not record a mandelbox status"
+                );
+                return PeerResponse::Unavailable(error_body("STORE_UNAVAILABLE"));
             }
         }
         PeerResponse::Ok(Json(Empty {}))
@@ -346,11 +328,80 @@ impl HostApi {
     }
 }
 
+/// Records a status the host reported, and on `RUNNING` the session's connection, in one unit (one append).
+/// A session that cannot be marked (never recorded, already ended) leaves the mandelbox's status to be recorded alone.
+///
+/// # Errors
+/// The store failed, or concurrent writers won every attempt.
+async fn record_status(
+    state: &AppState,
+    mandelbox_id: &str,
+    placement: &whist_domain::mandelbox::Placement,
+    status: ReportedStatus,
+    metadata: &EventMetadata,
+) -> Result<(), String> {
+    const ATTEMPTS: usize = 10;
+    let services = &state.services;
+    let now = Utc::now();
+    let session = session_aggregate_id(&placement.user_id, placement.session_id);
+    for _ in 0..ATTEMPTS {
+        let mut unit = Unit::new(metadata);
+        services
+            .mandelboxes
+            .stage(
+                &mut unit,
+                mandelbox_id,
+                vec![MandelboxCommand::ReportStatus { status, at: now }],
+            )
+            .await
+            .map_err(|error| error.to_string())?;
+        if status == ReportedStatus::Running {
+            match services
+                .sessions
+                .stage(
+                    &mut unit,
+                    &session,
+                    vec![SessionCommand::MarkConnected { at: now }],
+                )
+                .await
+            {
+                Ok(()) => {}
+                Err(CommandError::Rejected(error)) => {
+                    tracing::info!(session, error = %error, "session not marked connected");
+                }
+                Err(error) => return Err(error.to_string()),
+            }
+        }
+        if unit.is_empty() {
+            return Ok(());
+        }
+        match unit.commit(&state.database).await {
+            Ok(()) => return Ok(()),
+            Err(UnitError::Conflict) => continue,
+            Err(error) => return Err(error.to_string()),
+        }
+    }
+    Err(format!(
+        "{ATTEMPTS} attempts in a row lost to concurrent writers"
+    ))
+}
+
 /// Where a mandelbox was placed; 404 for an unknown one, 503 when the store fails.
 async fn placed_mandelbox(
     state: &AppState,
     mandelbox_id: &str,
 ) -> Result<whist_domain::mandelbox::Placement, PeerResponse> {
+    // A placement never changes once recorded: the remembered copy answers when it has one, without a read.
+    if let Ok((mandelbox, _)) = state
+        .services
+        .mandelboxes
+        .load_remembered(mandelbox_id)
+        .await
+    {
+        if let Some(placement) = mandelbox.placement {
+            return Ok(placement);
+        }
+    }
     match state.services.mandelboxes.load(mandelbox_id).await {
         Ok((mandelbox, _)) => mandelbox
             .placement

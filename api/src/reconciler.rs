@@ -106,8 +106,9 @@ impl Reconciler {
         };
         let sql = format!(
             "UPDATE jobs SET status = 'running', attempts = attempts + 1, claimed_until_ms = $2 \
-             WHERE id IN (SELECT id FROM jobs WHERE ((status = 'pending' AND run_after_ms <= $1) \
-               OR (status = 'running' AND claimed_until_ms < $1)) AND kind IN ({}) ORDER BY id LIMIT $3{lock}) \
+             WHERE id IN (SELECT id FROM jobs WHERE status IN ('pending', 'running') \
+               AND ((status = 'pending' AND run_after_ms <= $1) OR (status = 'running' AND claimed_until_ms < $1)) \
+               AND kind IN ({}) ORDER BY id LIMIT $3{lock}) \
              RETURNING id, kind, aggregate_id, payload, attempts",
             placeholders.join(", ")
         );

@@ -1,11 +1,13 @@
 //! The fleet read models: `instances` (every host and its fill, which assigns choose candidates from) and
 //! `mandelboxes`.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use sqlx::AnyConnection;
-use whist_adapters::store::LoggedEvent;
+use whist_adapters::store::{values_placeholders, LoggedEvent};
 use whist_domain::instance::{InstanceEvent, InstanceStatus};
-use whist_domain::mandelbox::{MandelboxEvent, MandelboxStatus};
+use whist_domain::mandelbox::{MandelboxEvent, MandelboxStatus, Placement};
 
 use crate::projection::{Projection, ProjectionError, Tables};
 
@@ -30,6 +32,9 @@ impl Projection for Instances {
         events: &[LoggedEvent],
     ) -> Result<(), ProjectionError> {
         let table = tables.get("instances")?;
+        // A host's fill changes with every allocation and end: folded per batch to each host's last fill, written
+        // in one statement (per chunk) before any other change to the table, so the order of writes is kept.
+        let mut fills = LastWrite::default();
         for event in events
             .iter()
             .filter(|event| event.aggregate_type == "instance")
@@ -38,6 +43,12 @@ impl Projection for Instances {
                 .payload_as()
                 .map_err(|error| ProjectionError::unreadable(event, error))?;
             let id = event.aggregate_id.as_str();
+            if !matches!(
+                payload,
+                InstanceEvent::MandelboxAllocated { .. } | InstanceEvent::MandelboxFreed { .. }
+            ) {
+                write_fills(connection, table, &mut fills).await?;
+            }
             match payload {
                 InstanceEvent::LaunchRequested { spec, at, .. } => {
                     sqlx::query(&format!(
@@ -89,14 +100,8 @@ impl Projection for Instances {
                 }
                 InstanceEvent::MandelboxAllocated { live_after, at, .. }
                 | InstanceEvent::MandelboxFreed { live_after, at, .. } => {
-                    sqlx::query(&format!(
-                        "UPDATE {table} SET live_mandelboxes = $2, updated_at = $3 WHERE instance_id = $1"
-                    ))
-                    .bind(id)
-                    .bind(i64::from(live_after))
-                    .bind(at.to_rfc3339())
-                    .execute(&mut *connection)
-                    .await?;
+                    fills.set(id, (i64::from(live_after), at.to_rfc3339()));
+                    continue;
                 }
                 InstanceEvent::LaunchFailed { at, .. } | InstanceEvent::Terminated { at } => {
                     set_status(connection, table, id, InstanceStatus::Terminated, at).await?;
@@ -117,7 +122,68 @@ impl Projection for Instances {
                 InstanceEvent::StrayTerminated { .. } => {}
             }
         }
+        write_fills(connection, table, &mut fills).await?;
         Ok(())
+    }
+}
+
+/// Writes the hosts' folded fills (live mandelboxes, time of the change) and forgets them.
+async fn write_fills(
+    connection: &mut AnyConnection,
+    table: &str,
+    fills: &mut LastWrite<'_, (i64, String)>,
+) -> Result<(), sqlx::Error> {
+    for chunk in fills.rows().chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "UPDATE {table} SET live_mandelboxes = v.column2, updated_at = v.column3 FROM (VALUES {}) AS v \
+             WHERE {table}.instance_id = v.column1",
+            values_placeholders(chunk.len(), 3)
+        );
+        let mut query = sqlx::query(&sql);
+        for (id, (live, at)) in chunk {
+            query = query.bind(*id).bind(*live).bind(at.as_str());
+        }
+        query.execute(&mut *connection).await?;
+    }
+    fills.clear();
+    Ok(())
+}
+
+/// Rows per multi-row statement.
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// Per key, the last value a batch wrote, in the order the keys first appeared (so statements are deterministic).
+struct LastWrite<'a, V> {
+    order: Vec<&'a str>,
+    values: HashMap<&'a str, V>,
+}
+
+impl<V> Default for LastWrite<'_, V> {
+    fn default() -> Self {
+        Self {
+            order: Vec::new(),
+            values: HashMap::new(),
+        }
+    }
+}
+
+impl<'a, V> LastWrite<'a, V> {
+    fn set(&mut self, key: &'a str, value: V) {
+        if self.values.insert(key, value).is_none() {
+            self.order.push(key);
+        }
+    }
+
+    fn rows(&self) -> Vec<(&'a str, &V)> {
+        self.order
+            .iter()
+            .filter_map(|key| self.values.get(key).map(|value| (*key, value)))
+            .collect()
+    }
+
+    fn clear(&mut self) {
+        self.order.clear();
+        self.values.clear();
     }
 }
 
@@ -160,6 +226,10 @@ impl Projection for Mandelboxes {
         events: &[LoggedEvent],
     ) -> Result<(), ProjectionError> {
         let table = tables.get("mandelboxes")?;
+        // Folded per batch: the new rows (inserted first, as allocated), then each row's last status, so a batch
+        // costs two statements (per chunk) however many events it holds.
+        let mut inserts: Vec<(&str, Placement, String)> = Vec::new();
+        let mut statuses = LastWrite::default();
         for event in events
             .iter()
             .filter(|event| event.aggregate_type == "mandelbox")
@@ -168,38 +238,52 @@ impl Projection for Mandelboxes {
                 .payload_as()
                 .map_err(|error| ProjectionError::unreadable(event, error))?;
             let id = event.aggregate_id.as_str();
-            let (status, at) = match payload {
+            match payload {
                 MandelboxEvent::Allocated { placement, at, .. } => {
-                    sqlx::query(&format!(
-                        "INSERT INTO {table} (mandelbox_id, instance_id, user_id, session_id, region, ip, status, \
-                         created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) \
-                         ON CONFLICT (mandelbox_id) DO NOTHING"
-                    ))
-                    .bind(id)
-                    .bind(placement.instance_id)
-                    .bind(placement.user_id)
-                    .bind(placement.session_id)
-                    .bind(placement.region)
-                    .bind(placement.ip)
-                    .bind(MandelboxStatus::Allocated.as_str())
-                    .bind(at.to_rfc3339())
-                    .execute(&mut *connection)
-                    .await?;
-                    continue;
+                    inserts.push((id, placement, at.to_rfc3339()));
                 }
-                MandelboxEvent::StatusChanged { to, at, .. } => (to, at),
-                MandelboxEvent::Ended { at, .. } => (MandelboxStatus::Dead, at),
+                MandelboxEvent::StatusChanged { to, at, .. } => {
+                    statuses.set(id, (to.as_str(), at.to_rfc3339()));
+                }
+                MandelboxEvent::Ended { at, .. } => {
+                    statuses.set(id, (MandelboxStatus::Dead.as_str(), at.to_rfc3339()));
+                }
                 // The host took it; its status moves when the host reports.
-                MandelboxEvent::SpunUp { .. } => continue,
-            };
-            sqlx::query(&format!(
-                "UPDATE {table} SET status = $2, updated_at = $3 WHERE mandelbox_id = $1"
-            ))
-            .bind(id)
-            .bind(status.as_str())
-            .bind(at.to_rfc3339())
-            .execute(&mut *connection)
-            .await?;
+                MandelboxEvent::SpunUp { .. } => {}
+            }
+        }
+        for chunk in inserts.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO {table} (mandelbox_id, instance_id, user_id, session_id, region, ip, status, \
+                 created_at, updated_at) VALUES {} ON CONFLICT (mandelbox_id) DO NOTHING",
+                values_placeholders(chunk.len(), 9)
+            );
+            let mut query = sqlx::query(&sql);
+            for (id, placement, at) in chunk {
+                query = query
+                    .bind(*id)
+                    .bind(placement.instance_id.as_str())
+                    .bind(placement.user_id.as_str())
+                    .bind(placement.session_id)
+                    .bind(placement.region.as_str())
+                    .bind(placement.ip.as_str())
+                    .bind(MandelboxStatus::Allocated.as_str())
+                    .bind(at.as_str())
+                    .bind(at.as_str());
+            }
+            query.execute(&mut *connection).await?;
+        }
+        for chunk in statuses.rows().chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "UPDATE {table} SET status = v.column2, updated_at = v.column3 FROM (VALUES {}) AS v \
+                 WHERE {table}.mandelbox_id = v.column1",
+                values_placeholders(chunk.len(), 3)
+            );
+            let mut query = sqlx::query(&sql);
+            for (id, (status, at)) in chunk {
+                query = query.bind(*id).bind(*status).bind(at.as_str());
+            }
+            query.execute(&mut *connection).await?;
         }
         Ok(())
     }

@@ -7,11 +7,14 @@
 use async_trait::async_trait;
 use chrono::Utc;
 use sqlx::AnyConnection;
-use whist_adapters::store::LoggedEvent;
+use whist_adapters::store::{values_placeholders, LoggedEvent};
 use whist_domain::instance::InstanceEvent;
 use whist_domain::mandelbox::MandelboxEvent;
 
 use crate::projection::{Projection, ProjectionError, Tables};
+
+/// Planned jobs per INSERT statement.
+const ROWS_PER_STATEMENT: usize = 500;
 
 /// Kinds of job.
 pub const SPIN_UP: &str = "spin_up_mandelbox";
@@ -83,23 +86,34 @@ impl Projection for JobPlanner {
         events: &[LoggedEvent],
     ) -> Result<(), ProjectionError> {
         let table = tables.get("jobs")?;
+        let mut planned = Vec::new();
         for event in events {
-            let Some((kind, key, payload)) = plan(event)? else {
-                continue;
-            };
-            let now = Utc::now().timestamp_millis();
-            sqlx::query(&format!(
+            if let Some(job) = plan(event)? {
+                planned.push((job, event.aggregate_id.as_str()));
+            }
+        }
+        // One statement per chunk of planned jobs; a job already planned (its key taken) is left as it is.
+        let now = Utc::now().timestamp_millis();
+        for chunk in planned.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
                 "INSERT INTO {table} (kind, job_key, aggregate_id, payload, status, attempts, run_after_ms, \
-                 claimed_until_ms, created_ms) VALUES ($1, $2, $3, $4, 'pending', 0, $5, 0, $5) \
-                 ON CONFLICT (job_key) DO NOTHING"
-            ))
-            .bind(kind)
-            .bind(format!("{kind}:{key}"))
-            .bind(event.aggregate_id.as_str())
-            .bind(payload.to_string())
-            .bind(now)
-            .execute(&mut *connection)
-            .await?;
+                 claimed_until_ms, created_ms) VALUES {} ON CONFLICT (job_key) DO NOTHING",
+                values_placeholders(chunk.len(), 9)
+            );
+            let mut query = sqlx::query(&sql);
+            for ((kind, key, payload), aggregate_id) in chunk {
+                query = query
+                    .bind(*kind)
+                    .bind(format!("{kind}:{key}"))
+                    .bind(*aggregate_id)
+                    .bind(payload.to_string())
+                    .bind("pending")
+                    .bind(0i64)
+                    .bind(now)
+                    .bind(0i64)
+                    .bind(now);
+            }
+            query.execute(&mut *connection).await?;
         }
         Ok(())
     }

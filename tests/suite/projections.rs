@@ -399,3 +399,253 @@ async fn a_worker_killed_mid_stream_resumes_with_no_event_lost_or_applied_twice(
         .expect("counts");
     assert_eq!(aggregates, EVENTS / 10);
 }
+
+/// Gives positions to everything committed (Postgres); nothing to do on SQLite.
+async fn sequence_all(database: &Database) {
+    if let whist_adapters::store::Backend::Postgres(pool) = database.backend() {
+        let sequencer =
+            whist_adapters::store::Sequencer::new(pool.clone(), database.signal().clone());
+        while !matches!(
+            sequencer.pass().await.expect("the sequencer runs"),
+            whist_adapters::store::SequencerPass::Idle
+        ) {}
+    }
+}
+
+/// Every row of a table, sorted, as text (every column cast to text).
+async fn table_rows(database: &Database, table: &str, key: &str, columns: &[&str]) -> Vec<String> {
+    let select: Vec<String> = columns
+        .iter()
+        .map(|column| format!("COALESCE(CAST({column} AS TEXT), '-')"))
+        .collect();
+    let sql = format!("SELECT {} FROM {table} ORDER BY {key}", select.join(", "));
+    let rows = sqlx::query(&sql)
+        .fetch_all(database.any())
+        .await
+        .expect("the table reads");
+    rows.iter()
+        .map(|row| {
+            (0..columns.len())
+                .map(|index| row.get::<String, _>(index))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
+/// The fleet read models fold a batch (each host's last fill, each mandelbox's last status, planned jobs in one
+/// statement); applied one event at a time or in one batch, they hold the same rows, with a host's fill written
+/// before a status change that follows it.
+async fn the_fleet_read_models_are_the_same_one_event_at_a_time_as_in_one_batch(kind: BackendKind) {
+    use whist_domain::instance::{
+        DrainReason, Instance, InstanceCommand, LaunchReason, LaunchSpec,
+    };
+    use whist_domain::mandelbox::{Mandelbox, MandelboxCommand, Placement, ReportedStatus};
+
+    let test_database = TestDatabase::new(kind).await;
+    let database = test_database.open().await;
+    let instances = AggregateStore::<Instance>::new(&database, ());
+    let mandelboxes = AggregateStore::<Mandelbox>::new(&database, ());
+    let at = chrono::Utc::now();
+    let spec = LaunchSpec {
+        region: "us-east-1".to_string(),
+        image_id: "ami-fold".to_string(),
+        client_commit_hash: "fold".to_string(),
+        instance_type: "g4dn.2xlarge".to_string(),
+    };
+    let host = |number: usize| format!("host-{number}");
+    let mut host_commands: Vec<(String, InstanceCommand)> = Vec::new();
+    for number in 0..2 {
+        host_commands.push((
+            host(number),
+            InstanceCommand::RequestLaunch {
+                spec: spec.clone(),
+                bootstrap_token_hash: "bootstrap".to_string(),
+                reason: LaunchReason::Operator,
+                at,
+            },
+        ));
+        host_commands.push((
+            host(number),
+            InstanceCommand::Register {
+                identity: spec.clone(),
+                presented_token_hash: "bootstrap".to_string(),
+                auth_token_hash: "auth".to_string(),
+                ip: format!("10.0.0.{number}"),
+                mandelbox_capacity: 4,
+                at,
+            },
+        ));
+    }
+    let allocate = |mandelbox: &str| InstanceCommand::AllocateMandelbox {
+        mandelbox_id: mandelbox.to_string(),
+        user_id: "fold-user".to_string(),
+        at,
+    };
+    let free = |mandelbox: &str| InstanceCommand::FreeMandelbox {
+        mandelbox_id: mandelbox.to_string(),
+        at,
+    };
+    // host-0: fills, then a drain, then the last mandelbox leaves; host-1 keeps two.
+    for (id, command) in [
+        (host(0), allocate("m-1")),
+        (host(0), allocate("m-2")),
+        (host(1), allocate("m-3")),
+        (host(0), free("m-1")),
+        (host(1), allocate("m-4")),
+        (
+            host(0),
+            InstanceCommand::Drain {
+                reason: DrainReason::Operator,
+                at,
+            },
+        ),
+        (host(0), free("m-2")),
+    ] {
+        host_commands.push((id, command));
+    }
+    for (id, command) in host_commands {
+        instances
+            .execute(&id, command, &metadata())
+            .await
+            .expect("the host decides");
+    }
+    let placement = |instance: usize| Placement {
+        instance_id: host(instance),
+        user_id: "fold-user".to_string(),
+        session_id: 1,
+        region: "us-east-1".to_string(),
+        ip: format!("10.0.0.{instance}"),
+        app_name: "CHROME".to_string(),
+    };
+    for (mandelbox, instance, reports, disconnect) in [
+        (
+            "m-1",
+            0,
+            &[ReportedStatus::Connecting, ReportedStatus::Running][..],
+            true,
+        ),
+        ("m-2", 0, &[ReportedStatus::Connecting][..], false),
+        ("m-3", 1, &[][..], false),
+    ] {
+        mandelboxes
+            .execute(
+                mandelbox,
+                MandelboxCommand::Allocate {
+                    placement: placement(instance),
+                    protocol_secret_hash: "secret".to_string(),
+                    at,
+                },
+                &metadata(),
+            )
+            .await
+            .expect("allocated");
+        for status in reports {
+            mandelboxes
+                .execute(
+                    mandelbox,
+                    MandelboxCommand::ReportStatus {
+                        status: *status,
+                        at,
+                    },
+                    &metadata(),
+                )
+                .await
+                .expect("reported");
+        }
+        if disconnect {
+            mandelboxes
+                .execute(mandelbox, MandelboxCommand::Disconnect { at }, &metadata())
+                .await
+                .expect("disconnected");
+        }
+    }
+    sequence_all(&database).await;
+
+    // Live: one event per step.
+    let one_at_a_time =
+        ProjectionRunner::new(database.clone(), whist_projections::all()).with_batch_size(1);
+    one_at_a_time.register().await.expect("registers");
+    for name in ["instances", "mandelboxes", "jobs"] {
+        assert_eq!(
+            one_at_a_time.catch_up(name).await.expect("catches up"),
+            StepOutcome::CaughtUp
+        );
+    }
+    let hosts = table_rows(
+        &database,
+        "instances",
+        "instance_id",
+        &["instance_id", "status", "live_mandelboxes"],
+    )
+    .await;
+    assert_eq!(hosts, ["host-0 DRAINING 0", "host-1 ACTIVE 2"]);
+    let boxes = table_rows(
+        &database,
+        "mandelboxes",
+        "mandelbox_id",
+        &["mandelbox_id", "instance_id", "status"],
+    )
+    .await;
+    assert_eq!(
+        boxes,
+        [
+            "m-1 host-0 DEAD",
+            "m-2 host-0 CONNECTING",
+            "m-3 host-1 ALLOCATED"
+        ]
+    );
+    let jobs_one_at_a_time =
+        table_rows(&database, "jobs", "job_key", &["kind", "job_key", "status"]).await;
+
+    // A rebuild applies everything in one batch: the same rows.
+    for name in ["instances", "mandelboxes"] {
+        let report = one_at_a_time.verify(name, &|_| {}).await.expect("verifies");
+        assert_eq!(report.differences(), 0, "{name}: {report:?}");
+    }
+    // The job planner is never rebuilt: planning the same log in one batch into a fresh database gives the same jobs.
+    sqlx::query("DELETE FROM jobs")
+        .execute(database.any())
+        .await
+        .expect("jobs cleared");
+    sqlx::query("UPDATE projection_checkpoints SET position = 0 WHERE name = 'jobs'")
+        .execute(database.any())
+        .await
+        .expect("checkpoint reset");
+    let one_batch = ProjectionRunner::new(database.clone(), whist_projections::all());
+    assert!(matches!(
+        one_batch.step("jobs").await.expect("steps"),
+        StepOutcome::Applied { .. }
+    ));
+    assert_eq!(
+        table_rows(&database, "jobs", "job_key", &["kind", "job_key", "status"]).await,
+        jobs_one_at_a_time
+    );
+    let count = |kind: &str| {
+        jobs_one_at_a_time
+            .iter()
+            .filter(|row| row.starts_with(&format!("{kind} ")))
+            .count()
+    };
+    assert_eq!(
+        (
+            count("launch_instance"),
+            count("spin_up_mandelbox"),
+            count("drain_host")
+        ),
+        (2, 3, 1),
+        "a launch per host, a spin-up per mandelbox, the drain: {jobs_one_at_a_time:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_fleet_read_models_are_the_same_one_event_at_a_time_as_in_one_batch_on_postgres() {
+    the_fleet_read_models_are_the_same_one_event_at_a_time_as_in_one_batch(BackendKind::Postgres)
+        .await;
+}
+
+#[tokio::test]
+async fn the_fleet_read_models_are_the_same_one_event_at_a_time_as_in_one_batch_on_sqlite() {
+    the_fleet_read_models_are_the_same_one_event_at_a_time_as_in_one_batch(BackendKind::Sqlite)
+        .await;
+}

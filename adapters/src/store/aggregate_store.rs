@@ -328,6 +328,20 @@ where
         }
     }
 
+    /// The aggregate as this process remembers it, possibly behind the store (read from the database only when
+    /// nothing is remembered). Only for facts that never change once recorded, such as where a mandelbox was
+    /// placed: a caller that finds the fact missing must `load` before concluding it is absent.
+    ///
+    /// # Errors
+    /// The database failed or an event could not be read.
+    pub async fn load_remembered(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<(A, usize), CommandError<A::Error>> {
+        let context = self.remembered_context(aggregate_id).await?;
+        Ok((context.aggregate, context.current_sequence))
+    }
+
     /// The aggregate's current state and version (0 when it has no events), read from the database.
     ///
     /// # Errors
