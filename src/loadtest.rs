@@ -39,6 +39,11 @@ pub struct LoadTestOptions {
     /// Mandelbox slots per host.
     #[arg(long, default_value_t = 16)]
     capacity: u32,
+    /// Clients keep what they are assigned instead of disconnecting it at once: assigns alone (with the hosts'
+    /// spin-ups and status reports) instead of assign -> disconnect cycles. The fleet must then hold every assign
+    /// (hosts x capacity).
+    #[arg(long)]
+    keep_mandelboxes: bool,
 }
 
 pub fn free_port() -> anyhow::Result<u16> {
@@ -253,6 +258,9 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
     let assigned = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
+    let server_pid = server.0.id();
+    let head_before = log_head(&database).await?;
+    let cpu_before = CpuTimes::read(server_pid);
     let assign_started = Instant::now();
     let mut tasks = Vec::new();
     for client_index in 0..options.clients {
@@ -260,6 +268,7 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
         let base = base.clone();
         let tokens = tokens.clone();
         let (assigned, refused, failed) = (assigned.clone(), refused.clone(), failed.clone());
+        let keep = options.keep_mandelboxes;
         tasks.push(tokio::spawn(async move {
             let token = whist_adapters::auth::dev_token(
                 &format!("load-user-{client_index}"),
@@ -291,6 +300,9 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
                 let body: serde_json::Value = response.json().await.unwrap_or_default();
                 latencies.push(sent.elapsed());
                 match (status, body["mandelbox_id"].as_str()) {
+                    (200, Some(_)) if keep => {
+                        assigned.fetch_add(1, Ordering::Relaxed);
+                    }
                     (200, Some(mandelbox_id)) => {
                         assigned.fetch_add(1, Ordering::Relaxed);
                         let secret = tokens.derive(Purpose::Protocol, mandelbox_id);
@@ -316,6 +328,9 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
         latencies.extend(task.await?);
     }
     let assign_elapsed = assign_started.elapsed().as_secs_f64();
+    let cpu_assigns = CpuTimes::read(server_pid)
+        .zip(cpu_before)
+        .map(|(after, before)| after.since(&before));
     latencies.sort();
     let percentile = |fraction: f64| {
         latencies
@@ -330,6 +345,7 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
     // Heartbeat load.
     let heartbeats = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(options.heartbeat_seconds);
+    let cpu_before = CpuTimes::read(server_pid);
     let heartbeat_started = Instant::now();
     let mut tasks = Vec::new();
     for sender in 0..options.clients {
@@ -363,6 +379,9 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
     }
     let heartbeat_rate =
         heartbeats.load(Ordering::Relaxed) as f64 / heartbeat_started.elapsed().as_secs_f64();
+    let cpu_heartbeats = CpuTimes::read(server_pid)
+        .zip(cpu_before)
+        .map(|(after, before)| after.since(&before));
     // The server's own view: time spent inside assign, and command outcomes (conflicts show contention).
     let server_metrics = client
         .get(format!("{base}/metrics"))
@@ -371,6 +390,8 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
         .text()
         .await
         .unwrap_or_default();
+    // Every event the assign phase caused has been sequenced by now (the heartbeat phase records none).
+    let events_recorded = log_head(&database).await? - head_before;
     drop(hosts);
     drop(server);
     database.close().await;
@@ -379,8 +400,14 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
     pool.execute("CREATE TABLE IF NOT EXISTS pgbench_one_row (id bigserial PRIMARY KEY, payload text NOT NULL)")
         .await?;
     pool.close().await;
+    let machine_before = CpuTimes::read(std::process::id());
+    let pgbench_started = Instant::now();
     let pgbench =
         crate::bench::pgbench_one_row_insert(url, options.clients, options.seconds.min(10))?;
+    let pgbench_elapsed = pgbench_started.elapsed().as_secs_f64();
+    let cpu_per_insert = CpuTimes::read(std::process::id())
+        .zip(machine_before)
+        .map(|(after, before)| after.since(&before).machine / (pgbench * pgbench_elapsed).max(1.0));
     let assign_rate = assigned.load(Ordering::Relaxed) as f64 / assign_elapsed;
     println!(
         "whist loadtest: {} clients, {} hosts x {} slots, {} s of assigns, {} s of heartbeats",
@@ -393,7 +420,12 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
     println!("{:<34} {:>12}", "measure", "figure");
     println!(
         "{:<34} {:>10.0}/s",
-        "assigns (200, then disconnect)", assign_rate
+        if options.keep_mandelboxes {
+            "assigns (200, kept)"
+        } else {
+            "assigns (200, then disconnect)"
+        },
+        assign_rate
     );
     println!("{:<34} {:>10.1} ms", "assign latency p50", percentile(0.50));
     println!("{:<34} {:>10.1} ms", "assign latency p99", percentile(0.99));
@@ -408,6 +440,44 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
         failed.load(Ordering::Relaxed)
     );
     println!("{:<34} {:>10.0}/s", "heartbeats ingested", heartbeat_rate);
+    let assigned_count = assigned.load(Ordering::Relaxed).max(1) as f64;
+    if let Some(cpu) = cpu_heartbeats {
+        println!(
+            "{:<34} {:>10.3} ms (server {:.0}%, load generator {:.0}%)",
+            "machine CPU per heartbeat",
+            1000.0 * cpu.machine / (heartbeat_rate * options.heartbeat_seconds as f64).max(1.0),
+            100.0 * cpu.server / cpu.machine.max(1e-9),
+            100.0 * cpu.generator / cpu.machine.max(1e-9),
+        );
+    }
+    println!(
+        "{:<34} {:>12.1}",
+        "events recorded per assign",
+        events_recorded as f64 / assigned_count
+    );
+    // Where the machine's CPU went during the assign phase: what one assign costs (with its disconnect, unless
+    // kept), against one pgbench insert measured the same way (the machine's busy time divided by the work done).
+    if let (Some(cpu), Some(per_insert)) = (cpu_assigns, cpu_per_insert) {
+        let per_assign = cpu.machine / assigned_count;
+        println!(
+            "{:<34} {:>10.2} ms (server {:.0}%, load generator and its hosts {:.0}%, Postgres and the rest {:.0}%)",
+            "machine CPU per assign",
+            per_assign * 1000.0,
+            100.0 * cpu.server / cpu.machine.max(1e-9),
+            100.0 * cpu.generator / cpu.machine.max(1e-9),
+            100.0 * (cpu.machine - cpu.server - cpu.generator).max(0.0) / cpu.machine.max(1e-9),
+        );
+        println!(
+            "{:<34} {:>10.3} ms",
+            "machine CPU per pgbench insert",
+            per_insert * 1000.0
+        );
+        println!(
+            "{:<34} {:>11.0}x",
+            "assign / pgbench insert, in CPU",
+            per_assign / per_insert.max(1e-12)
+        );
+    }
     println!(
         "{:<34} {:>10.0}/s",
         format!("pgbench one-row insert, {} clients", options.clients),
@@ -436,4 +506,82 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
         println!("  {line}");
     }
     Ok(())
+}
+
+/// The log's head: how many events have been given a position.
+async fn log_head(database: &Database) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT position FROM event_log_head WHERE id = 1")
+            .fetch_one(database.any())
+            .await?,
+    )
+}
+
+/// Busy CPU time, in seconds, of the whole machine, of the server and of this process (the load generator and its
+/// simulated hosts), read from `/proc` (Linux); `None` where that cannot be read.
+#[derive(Debug, Clone, Copy)]
+struct CpuTimes {
+    machine: f64,
+    server: f64,
+    generator: f64,
+}
+
+impl CpuTimes {
+    fn read(server_pid: u32) -> Option<Self> {
+        let ticks = clock_ticks();
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|field| field.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal: all but idle and iowait are busy.
+        let busy: u64 = fields
+            .iter()
+            .take(8)
+            .enumerate()
+            .filter(|(index, _)| *index != 3 && *index != 4)
+            .map(|(_, value)| value)
+            .sum();
+        Some(Self {
+            machine: busy as f64 / ticks,
+            server: process_ticks(server_pid)? / ticks,
+            generator: process_ticks(std::process::id())? / ticks,
+        })
+    }
+
+    fn since(&self, earlier: &Self) -> Self {
+        Self {
+            machine: self.machine - earlier.machine,
+            server: self.server - earlier.server,
+            generator: self.generator - earlier.generator,
+        }
+    }
+}
+
+/// User plus system time of one process, in clock ticks (`/proc/PID/stat` fields 14 and 15).
+fn process_ticks(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count fields after its closing one.
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    let user: u64 = fields.get(11)?.parse().ok()?;
+    let system: u64 = fields.get(12)?.parse().ok()?;
+    Some((user + system) as f64)
+}
+
+/// Clock ticks per second of `/proc`'s times (`getconf CLK_TCK`; 100 on Linux when that cannot run).
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|output| String::from_utf8(output.stdout).ok())
+        .and_then(|text| text.trim().parse::<f64>().ok())
+        .filter(|ticks| *ticks > 0.0)
+        .unwrap_or(100.0)
 }
