@@ -133,19 +133,35 @@ async fn write_fills(
     table: &str,
     fills: &mut LastWrite<'_, (i64, String)>,
 ) -> Result<(), sqlx::Error> {
-    for chunk in fills.rows().chunks(ROWS_PER_STATEMENT) {
+    set_column(connection, table, "instance_id", "live_mandelboxes", fills).await?;
+    fills.clear();
+    Ok(())
+}
+
+/// Sets `column` and `updated_at` of every row a batch changed, in one statement per chunk: `rows` holds each key's
+/// last (value, time of the change).
+async fn set_column<V>(
+    connection: &mut AnyConnection,
+    table: &str,
+    key: &str,
+    column: &str,
+    rows: &LastWrite<'_, (V, String)>,
+) -> Result<(), sqlx::Error>
+where
+    V: Clone + Send + Sync + sqlx::Type<sqlx::Any> + for<'q> sqlx::Encode<'q, sqlx::Any>,
+{
+    for chunk in rows.rows().chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
-            "UPDATE {table} SET live_mandelboxes = v.column2, updated_at = v.column3 FROM (VALUES {}) AS v \
-             WHERE {table}.instance_id = v.column1",
+            "UPDATE {table} SET {column} = v.column2, updated_at = v.column3 FROM (VALUES {}) AS v \
+             WHERE {table}.{key} = v.column1",
             values_placeholders(chunk.len(), 3)
         );
         let mut query = sqlx::query(&sql);
-        for (id, (live, at)) in chunk {
-            query = query.bind(*id).bind(*live).bind(at.as_str());
+        for (id, (value, at)) in chunk {
+            query = query.bind(*id).bind(value.clone()).bind(at.as_str());
         }
         query.execute(&mut *connection).await?;
     }
-    fills.clear();
     Ok(())
 }
 
@@ -243,10 +259,13 @@ impl Projection for Mandelboxes {
                     inserts.push((id, placement, at.to_rfc3339()));
                 }
                 MandelboxEvent::StatusChanged { to, at, .. } => {
-                    statuses.set(id, (to.as_str(), at.to_rfc3339()));
+                    statuses.set(id, (to.as_str().to_string(), at.to_rfc3339()));
                 }
                 MandelboxEvent::Ended { at, .. } => {
-                    statuses.set(id, (MandelboxStatus::Dead.as_str(), at.to_rfc3339()));
+                    statuses.set(
+                        id,
+                        (MandelboxStatus::Dead.as_str().to_string(), at.to_rfc3339()),
+                    );
                 }
                 // The host took it; its status moves when the host reports.
                 MandelboxEvent::SpunUp { .. } => {}
@@ -273,18 +292,7 @@ impl Projection for Mandelboxes {
             }
             query.execute(&mut *connection).await?;
         }
-        for chunk in statuses.rows().chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "UPDATE {table} SET status = v.column2, updated_at = v.column3 FROM (VALUES {}) AS v \
-                 WHERE {table}.mandelbox_id = v.column1",
-                values_placeholders(chunk.len(), 3)
-            );
-            let mut query = sqlx::query(&sql);
-            for (id, (status, at)) in chunk {
-                query = query.bind(*id).bind(*status).bind(at.as_str());
-            }
-            query.execute(&mut *connection).await?;
-        }
+        set_column(connection, table, "mandelbox_id", "status", &statuses).await?;
         Ok(())
     }
 }
