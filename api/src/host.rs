@@ -372,18 +372,29 @@ async fn record_status(
                 Err(error) => return Err(error.to_string()),
             }
         }
-        if unit.is_empty() {
+        if record_staged(state, unit).await? {
             return Ok(());
-        }
-        match unit.commit(&state.database).await {
-            Ok(()) => return Ok(()),
-            Err(UnitError::Conflict) => continue,
-            Err(error) => return Err(error.to_string()),
         }
     }
     Err(format!(
         "{ATTEMPTS} attempts in a row lost to concurrent writers"
     ))
+}
+
+/// Records a staged unit: `true` once it is recorded (or decided nothing), `false` when another writer got to one
+/// of its aggregates first and it must be staged again on fresh state.
+///
+/// # Errors
+/// The store failed; nothing was recorded.
+async fn record_staged(state: &AppState, unit: Unit) -> Result<bool, String> {
+    if unit.is_empty() {
+        return Ok(true);
+    }
+    match unit.commit(&state.database).await {
+        Ok(()) => Ok(true),
+        Err(UnitError::Conflict) => Ok(false),
+        Err(error) => Err(error.to_string()),
+    }
 }
 
 /// Where a mandelbox was placed; 404 for an unknown one, 503 when the store fails.
@@ -537,13 +548,8 @@ pub async fn end_mandelbox_for(
             )
             .await
             .map_err(|error| error.to_string())?;
-        if unit.is_empty() {
+        if record_staged(state, unit).await? {
             return Ok(());
-        }
-        match unit.commit(&state.database).await {
-            Ok(()) => return Ok(()),
-            Err(UnitError::Conflict) => continue,
-            Err(error) => return Err(error.to_string()),
         }
     }
     Err(format!(
