@@ -177,12 +177,17 @@ impl ProjectionRunner {
         let Some((position, status)) = lock_checkpoint(&mut transaction, name).await? else {
             return Err(RunnerError::UnknownProjection(name.to_string()));
         };
+        // The checkpoint stays locked until this transaction ends: it is ended here on every path, not left to the
+        // pool (a dropped transaction's rollback waits for a background task, and meanwhile anything that touches the
+        // checkpoint waits too: a `whist projections` command once waited two minutes).
         if status == STATUS_FAILED {
+            transaction.rollback().await?;
             return Ok(StepOutcome::Stopped);
         }
         let events =
             EventLog::read_after_with(&mut *transaction, position, self.batch_size).await?;
         let Some(last) = events.last() else {
+            transaction.rollback().await?;
             return Ok(StepOutcome::CaughtUp);
         };
         let last_position = last.position;
@@ -220,6 +225,7 @@ impl ProjectionRunner {
                 return Err(RunnerError::UnknownProjection(name.to_string()));
             };
             if event.position <= position {
+                transaction.rollback().await?;
                 continue;
             }
             match projection
