@@ -471,6 +471,19 @@ impl ChildProcess {
         None
     }
 
+    /// As `wait_exit`, without blocking the thread: for tests whose app runs on the same runtime (a blocked
+    /// current-thread runtime freezes the app mid-transaction, and a command waiting on its locks never exits).
+    pub async fn exited(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
     /// What the process logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -65,7 +65,7 @@ async fn settled(app: &TestApp) {
     );
 }
 
-fn whist(database: &TestDatabase, arguments: &[&str], log: &str) -> (bool, String) {
+async fn whist(database: &TestDatabase, arguments: &[&str], log: &str) -> (bool, String) {
     let mut child = ChildProcess::start(
         &crate::whist_binary(),
         arguments,
@@ -76,9 +76,12 @@ fn whist(database: &TestDatabase, arguments: &[&str], log: &str) -> (bool, Strin
         )],
         log,
     );
-    let status = child
-        .wait_exit(Duration::from_secs(120))
-        .expect("the command exits");
+    let Some(status) = child.exited(Duration::from_secs(120)).await else {
+        panic!(
+            "whist {arguments:?} did not exit within 120 s; its log:\n{}",
+            child.log_text()
+        );
+    };
     (status.success(), child.log_text())
 }
 
@@ -298,7 +301,8 @@ async fn projections_status_rebuild_and_verify_after_a_mixed_workload() {
         &database,
         &["projections", "verify", "instances"],
         "verify.log",
-    );
+    )
+    .await;
     assert!(ok && log.contains("diff: 0"), "{log}");
 
     // A read model edited behind the projection's back is caught.
@@ -318,7 +322,8 @@ async fn projections_status_rebuild_and_verify_after_a_mixed_workload() {
         &database,
         &["projections", "verify", "instances"],
         "verify-2.log",
-    );
+    )
+    .await;
     assert!(!ok && log.contains("diff: 6"), "{log}");
 
     // Rebuilding puts it right, and is refused for projections that plan side effects or seal the log.
@@ -357,7 +362,7 @@ async fn export_is_resumable_and_verify_names_the_first_tampered_event() {
     settled(&app).await;
     let head = app.state.database.log().head().await.expect("a head");
 
-    let (ok, log) = whist(&database, &["events", "verify"], "verify-clean.log");
+    let (ok, log) = whist(&database, &["events", "verify"], "verify-clean.log").await;
     assert!(ok, "{log}");
     assert!(
         log.contains(&format!("verified {head} events")),
@@ -375,7 +380,8 @@ async fn export_is_resumable_and_verify_names_the_first_tampered_event() {
             all.to_str().expect("a path"),
         ],
         "export.log",
-    );
+    )
+    .await;
     assert!(ok, "{log}");
     let lines: Vec<Value> = std::fs::read_to_string(&all)
         .expect("the export")
@@ -404,7 +410,8 @@ async fn export_is_resumable_and_verify_names_the_first_tampered_event() {
             rest.to_str().expect("a path"),
         ],
         "export-rest.log",
-    );
+    )
+    .await;
     assert!(ok, "{log}");
     let rest: Vec<Value> = std::fs::read_to_string(&rest)
         .expect("the export")
@@ -423,7 +430,7 @@ async fn export_is_resumable_and_verify_names_the_first_tampered_event() {
     .execute(app.state.database.any())
     .await
     .expect("tampers");
-    let (ok, log) = whist(&database, &["events", "verify"], "verify-tampered.log");
+    let (ok, log) = whist(&database, &["events", "verify"], "verify-tampered.log").await;
     assert!(!ok, "{log}");
     assert!(
         log.contains(&format!(
@@ -562,7 +569,8 @@ async fn the_events_commands_list_history_and_replay() {
         &database,
         &["events", "list", "--after", "2", "--limit", "5"],
         "list.log",
-    );
+    )
+    .await;
     assert!(ok, "{log}");
     let positions: Vec<i64> = json_lines(&log)
         .iter()
@@ -573,7 +581,8 @@ async fn the_events_commands_list_history_and_replay() {
         &database,
         &["events", "history", "instance", &instance_id],
         "history.log",
-    );
+    )
+    .await;
     assert!(ok, "{log}");
     let history = json_lines(&log);
     assert_eq!(history[0]["event_type"], "InstanceLaunchRequested");
@@ -591,14 +600,16 @@ async fn the_events_commands_list_history_and_replay() {
             "1",
         ],
         "state.log",
-    );
+    )
+    .await;
     assert!(ok, "{log}");
     assert!(log.contains("\"status\": \"PRE_CONNECTION\""), "{log}");
     let (ok, log) = whist(
         &database,
         &["events", "history", "spaceship", "x"],
         "unknown.log",
-    );
+    )
+    .await;
     assert!(!ok && log.contains("no aggregate type"), "{log}");
     app.stop().await;
 }
@@ -609,7 +620,7 @@ async fn the_projections_commands_show_status_and_rebuild() {
     let app = spawn_app(&database).await;
     workload(&app).await;
     settled(&app).await;
-    let (ok, log) = whist(&database, &["projections", "status"], "status.log");
+    let (ok, log) = whist(&database, &["projections", "status"], "status.log").await;
     assert!(ok, "{log}");
     let start = log.find('[').expect("a JSON list");
     let end = log.rfind(']').expect("a JSON list");
@@ -627,7 +638,8 @@ async fn the_projections_commands_show_status_and_rebuild() {
         &database,
         &["projections", "rebuild", "mandelboxes"],
         "rebuild.log",
-    );
+    )
+    .await;
     assert!(ok && log.contains("rebuilt mandelboxes"), "{log}");
     let report = app
         .state
@@ -640,7 +652,8 @@ async fn the_projections_commands_show_status_and_rebuild() {
         &database,
         &["projections", "rebuild", "event_chain"],
         "refused.log",
-    );
+    )
+    .await;
     assert!(!ok && log.contains("never rebuilt"), "{log}");
     app.stop().await;
 }

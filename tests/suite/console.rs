@@ -408,7 +408,7 @@ async fn the_command_line_twins_act_as_the_named_developer() {
     let app = spawn_app(&database).await;
     app.activate_image(&["us-east-1"], IMAGE, HASH).await;
     let url = database.url.clone().expect("a Postgres database");
-    let run = |arguments: &[&str], log: &str| {
+    let run = async |arguments: &[&str], log: &str| {
         let mut child = ChildProcess::start(
             &crate::whist_binary(),
             arguments,
@@ -416,7 +416,7 @@ async fn the_command_line_twins_act_as_the_named_developer() {
             &[("DATABASE_URL", url.clone())],
             log,
         );
-        let status = child.wait_exit(Duration::from_secs(60)).expect("exits");
+        let status = child.exited(Duration::from_secs(60)).await.expect("exits");
         (status.success(), child.log_text())
     };
     let (ok, log) = run(
@@ -431,7 +431,8 @@ async fn the_command_line_twins_act_as_the_named_developer() {
             "1",
         ],
         "launch.log",
-    );
+    )
+    .await;
     assert!(ok, "{log}");
     let instance_id = log
         .lines()
@@ -441,12 +442,14 @@ async fn the_command_line_twins_act_as_the_named_developer() {
     let (ok, log) = run(
         &["admin", "--as", "dev-linus", "terminate", &instance_id],
         "terminate.log",
-    );
+    )
+    .await;
     assert!(ok && log.contains("TERMINATING"), "{log}");
     let (ok, log) = run(
         &["admin", "--as", "dev-linus", "maintenance", "on"],
         "on.log",
-    );
+    )
+    .await;
     assert!(ok && log.contains("maintenance on"), "{log}");
     let (status, body) = app
         .assign(
@@ -458,7 +461,8 @@ async fn the_command_line_twins_act_as_the_named_developer() {
     let (ok, log) = run(
         &["admin", "--as", "dev-linus", "maintenance", "off"],
         "off.log",
-    );
+    )
+    .await;
     assert!(ok && log.contains("maintenance off"), "{log}");
     assert!(
         eventually(Duration::from_secs(10), || async {
@@ -483,7 +487,8 @@ async fn the_command_line_twins_act_as_the_named_developer() {
     let (ok, log) = run(
         &["admin", "--as", "dev-linus", "drain", "no-such-host"],
         "drain.log",
-    );
+    )
+    .await;
     assert!(!ok && log.contains("no host no-such-host"), "{log}");
     app.stop().await;
 }
