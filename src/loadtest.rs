@@ -344,33 +344,34 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
 
     // Heartbeat load.
     let heartbeats = Arc::new(AtomicU64::new(0));
+    let heartbeat_failures = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(options.heartbeat_seconds);
     let cpu_before = CpuTimes::read(server_pid);
     let heartbeat_started = Instant::now();
     let mut tasks = Vec::new();
+    let address: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     for sender in 0..options.clients {
-        let client = client.clone();
-        let base = base.clone();
-        let tokens = tokens.clone();
-        let host_ids = host_ids.clone();
+        // Each sender is one host's connection; its bearer token is derived once, as a host does.
+        let senders_hosts: Vec<(String, String)> = host_ids
+            .iter()
+            .cycle()
+            .skip(sender % host_ids.len().max(1))
+            .take(host_ids.len())
+            .map(|instance_id| {
+                (
+                    instance_id.clone(),
+                    format!("Bearer {}", tokens.derive(Purpose::HostAuth, instance_id)),
+                )
+            })
+            .collect();
         let heartbeats = heartbeats.clone();
+        let failures = heartbeat_failures.clone();
         tasks.push(tokio::spawn(async move {
-            let mut number = 0i64;
-            while Instant::now() < deadline {
-                number += 1;
-                let instance_id = &host_ids[(sender + number as usize) % host_ids.len()];
-                let response = client
-                    .post(format!("{base}/host/heartbeat"))
-                    .bearer_auth(tokens.derive(Purpose::HostAuth, instance_id))
-                    .json(&whist_adapters::simulated_host::heartbeat_body(
-                        instance_id,
-                        number,
-                    ))
-                    .send()
-                    .await;
-                if matches!(&response, Ok(response) if response.status().is_success()) {
-                    heartbeats.fetch_add(1, Ordering::Relaxed);
-                }
+            if let Err(error) =
+                send_heartbeats(address, &senders_hosts, deadline, &heartbeats).await
+            {
+                failures.fetch_add(1, Ordering::Relaxed);
+                eprintln!("a heartbeat sender stopped: {error:#}");
             }
         }));
     }
@@ -440,6 +441,11 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
         failed.load(Ordering::Relaxed)
     );
     println!("{:<34} {:>10.0}/s", "heartbeats ingested", heartbeat_rate);
+    println!(
+        "{:<34} {:>12}",
+        "heartbeat senders failed",
+        heartbeat_failures.load(Ordering::Relaxed)
+    );
     let assigned_count = assigned.load(Ordering::Relaxed).max(1) as f64;
     if let Some(cpu) = cpu_heartbeats {
         println!(
@@ -509,6 +515,48 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
 }
 
 /// The log's head: how many events have been given a position.
+/// Heartbeats over one kept-alive HTTP/1.1 connection, one request at a time, as a host sends them; the hosts of
+/// `hosts` take turns. Built on hyper's connection API rather than reqwest: the load generator shares the machine
+/// with the server, and reqwest's pool and per-request building cost about as much CPU as the server's handling.
+async fn send_heartbeats(
+    address: std::net::SocketAddr,
+    hosts: &[(String, String)],
+    deadline: Instant,
+    heartbeats: &AtomicU64,
+) -> anyhow::Result<()> {
+    let stream = tokio::net::TcpStream::connect(address).await?;
+    stream.set_nodelay(true)?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let host_header = address.to_string();
+    let mut number = 0i64;
+    while Instant::now() < deadline {
+        for (instance_id, authorization) in hosts {
+            number += 1;
+            let body = serde_json::to_vec(&whist_adapters::simulated_host::heartbeat_body(
+                instance_id,
+                number,
+            ))?;
+            let request = hyper::Request::post("/host/heartbeat")
+                .header(hyper::header::HOST, &host_header)
+                .header(hyper::header::AUTHORIZATION, authorization)
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+            sender.ready().await?;
+            let response = sender.send_request(request).await?;
+            let status = response.status();
+            http_body_util::BodyExt::collect(response.into_body()).await?;
+            anyhow::ensure!(status.is_success(), "a heartbeat was answered {status}");
+            heartbeats.fetch_add(1, Ordering::Relaxed);
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn log_head(database: &Database) -> anyhow::Result<i64> {
     Ok(
         sqlx::query_scalar("SELECT position FROM event_log_head WHERE id = 1")
