@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::Executor;
-use whist_adapters::store::{AggregateStore, Backend, CommandError, Database, Sequencer};
+use whist_adapters::store::{AggregateStore, Backend, CommandError, Database};
 use whist_domain::probe::{Probe, ProbeCommand};
 use whist_domain::{Actor, EventMetadata};
 use whist_projections::ProjectionRunner;
@@ -86,15 +86,9 @@ async fn run_store_bench(options: &StoreBenchOptions, bench_url: &str) -> anyhow
         )
         .execute(&pool)
         .await?;
-        let (stop_sequencer, sequencer_shutdown) = tokio::sync::watch::channel(false);
-        let sequencer = tokio::spawn(
-            Sequencer::new(pool.clone(), database.signal().clone()).run(sequencer_shutdown),
-        );
         let store = Arc::new(AggregateStore::<Probe>::new(&database, ()));
         let appends =
             measure_appends(&store, writers, Duration::from_secs(options.seconds)).await?;
-        let _ = stop_sequencer.send(true);
-        let _ = sequencer.await;
         database.close().await;
         let pgbench = pgbench_one_row_insert(bench_url, writers, options.seconds)?;
         println!(

@@ -1,8 +1,8 @@
-//! The in-process background work of `serve` and `worker`: the sequencer, the log listener and the projections.
+//! The in-process background work of `serve` and `worker`: the log listener and the projections.
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use whist_adapters::store::{Backend, Database, Sequencer};
+use whist_adapters::store::{Backend, Database, LogListener};
 use whist_projections::ProjectionRunner;
 
 /// Handles of the running background tasks.
@@ -12,22 +12,17 @@ pub struct Background {
 }
 
 impl Background {
-    /// Starts the sequencer and the log listener (Postgres), and the projection runner.
+    /// Starts the log listener (Postgres) and the projection runner.
     pub fn start(database: &Database, projections: ProjectionRunner) -> Self {
         let (shutdown, receiver) = watch::channel(false);
         let mut tasks = Vec::new();
-        match database.backend() {
-            Backend::Postgres(pool) => {
-                let sequencer = Sequencer::new(pool.clone(), database.signal().clone())
-                    .watching(database.reachability().clone());
-                tasks.push(tokio::spawn(sequencer.run(receiver.clone())));
-                tasks.push(tokio::spawn(Sequencer::listen(
-                    pool.clone(),
-                    database.signal().clone(),
-                    receiver.clone(),
-                )));
-            }
-            Backend::Sqlite(_) => database.signal().set_positions_on_insert(),
+        if let Backend::Postgres(pool) = database.backend() {
+            let listener = LogListener::new(
+                pool.clone(),
+                database.signal().clone(),
+                database.reachability().clone(),
+            );
+            tasks.push(tokio::spawn(listener.run(receiver.clone())));
         }
         tasks.push(tokio::spawn(projections.run(receiver)));
         Self { shutdown, tasks }

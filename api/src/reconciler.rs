@@ -16,7 +16,7 @@ use whist_adapters::config::CloudKind;
 use whist_adapters::ec2::{Ec2Error, LaunchRequest};
 use whist_adapters::host_client::{HostClient, SpinUp};
 use whist_adapters::simulated_host::{self, SimulatedHost, SimulatedHostSpec};
-use whist_adapters::store::CommandError;
+use whist_adapters::store::{CommandError, GATHER_WINDOW};
 use whist_adapters::tokens::Purpose;
 use whist_domain::instance::{
     Instance, InstanceCommand, InstanceStatus, LaunchSpec, TerminationReason,
@@ -602,7 +602,7 @@ impl Reconciler {
                 }
             }
             tokio::select! {
-                _ = advanced.changed() => {}
+                _ = advanced.changed() => tokio::time::sleep(GATHER_WINDOW).await,
                 _ = finished.notified(), if room == 0 => {}
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = shutdown.changed() => {}

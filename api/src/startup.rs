@@ -31,7 +31,7 @@ use crate::state::AppState;
 /// Options of `whist serve`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ServeOptions {
-    /// Serve HTTP only: no projections, sequencer or (later) reconciler in this process.
+    /// Serve HTTP only: no projections, reconciler or autoscaler in this process.
     pub api_only: bool,
 }
 

@@ -12,7 +12,7 @@ use chrono::Utc;
 use sqlx::{Any, AnyConnection, Row, Transaction};
 use tokio::sync::watch;
 use tracing::Instrument;
-use whist_adapters::store::{Database, EventLog, LoggedEvent};
+use whist_adapters::store::{Database, EventLog, LoggedEvent, GATHER_WINDOW};
 
 use crate::projection::{shadow_name, Projection, ProjectionError, Tables};
 
@@ -324,7 +324,7 @@ impl ProjectionRunner {
                 }
             };
             tokio::select! {
-                _ = advanced.changed() => {}
+                _ = advanced.changed() => tokio::time::sleep(GATHER_WINDOW).await,
                 _ = tokio::time::sleep(pause) => {}
                 _ = shutdown.changed() => {}
             }

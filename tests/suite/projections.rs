@@ -400,18 +400,6 @@ async fn a_worker_killed_mid_stream_resumes_with_no_event_lost_or_applied_twice(
     assert_eq!(aggregates, EVENTS / 10);
 }
 
-/// Gives positions to everything committed (Postgres); nothing to do on SQLite.
-async fn sequence_all(database: &Database) {
-    if let whist_adapters::store::Backend::Postgres(pool) = database.backend() {
-        let sequencer =
-            whist_adapters::store::Sequencer::new(pool.clone(), database.signal().clone());
-        while !matches!(
-            sequencer.pass().await.expect("the sequencer runs"),
-            whist_adapters::store::SequencerPass::Idle
-        ) {}
-    }
-}
-
 /// Every row of a table, sorted, as text (every column cast to text).
 async fn table_rows(database: &Database, table: &str, key: &str, columns: &[&str]) -> Vec<String> {
     let select: Vec<String> = columns
@@ -560,7 +548,6 @@ async fn the_fleet_read_models_are_the_same_one_event_at_a_time_as_in_one_batch(
                 .expect("disconnected");
         }
     }
-    sequence_all(&database).await;
 
     // Live: one event per step.
     let one_at_a_time =

@@ -5,9 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use whist_adapters::store::{
-    AggregateStore, Backend, CommandError, LoggedEvent, Sequencer, Unit, UnitError,
-};
+use whist_adapters::store::{AggregateStore, Backend, CommandError, LoggedEvent, Unit, UnitError};
 use whist_domain::probe::{Probe, ProbeCommand, ProbeError};
 use whist_domain::{Actor, EventMetadata};
 use whist_tests::{BackendKind, TestDatabase};
@@ -28,19 +26,6 @@ async fn whole_log(database: &whist_adapters::store::Database) -> Vec<LoggedEven
         events.extend(batch);
     }
     events
-}
-
-/// Gives positions to everything committed (Postgres); nothing to do on SQLite.
-async fn sequence_everything(database: &whist_adapters::store::Database) {
-    if let Backend::Postgres(pool) = database.backend() {
-        let sequencer = Sequencer::new(pool.clone(), database.signal().clone());
-        loop {
-            match sequencer.pass().await.expect("the sequencer runs") {
-                whist_adapters::store::SequencerPass::Idle => break,
-                _ => continue,
-            }
-        }
-    }
 }
 
 async fn every_command_is_applied_exactly_once(kind: BackendKind) {
@@ -80,7 +65,6 @@ async fn a_rejected_command_records_nothing(kind: BackendKind) {
         outcome,
         Err(CommandError::Rejected(ProbeError::ZeroIncrement))
     ));
-    sequence_everything(&database).await;
     assert!(whole_log(&database).await.is_empty());
     assert_eq!(database.log().head().await.expect("head"), 0);
 }
@@ -104,7 +88,6 @@ async fn every_event_carries_its_metadata(kind: BackendKind) {
         .execute("counter", ProbeCommand::Increment { by: 2 }, &sent)
         .await
         .expect("recorded");
-    sequence_everything(&database).await;
     let events = whole_log(&database).await;
     assert_eq!(events.len(), 1);
     let event = &events[0];
@@ -199,7 +182,6 @@ async fn the_log_holds_every_aggregate_in_sequence_order(kind: BackendKind) {
     for task in tasks {
         task.await.expect("the writer ran");
     }
-    sequence_everything(&database).await;
     let events = whole_log(&database).await;
     assert_eq!(events.len(), 200);
     let positions: Vec<i64> = events.iter().map(|event| event.position).collect();
@@ -316,73 +298,142 @@ const INSERT_EVENT: &str =
     "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
      payload, metadata) VALUES ('probe', $1, 1, 'ProbeIncremented', '1.0', '{}', $2::json)";
 
-/// The case that loses events with a sequence-at-insert log: A takes the earlier slot, B the later, B commits,
-/// a reader passes B, then A commits.
+/// Appends one probe event to aggregate `id` the way every process appends (`whist_append_units`), inside an open
+/// transaction, so that a test decides when it commits.
+async fn append_in(connection: &mut sqlx::PgConnection, id: &str, metadata_json: &str) {
+    let lost: Vec<i64> = sqlx::query_scalar(
+        "SELECT whist_append_units(ARRAY[0]::bigint[], ARRAY['probe'], ARRAY[$1], ARRAY[1]::bigint[], \
+         ARRAY['ProbeIncremented'], ARRAY['1.0'], ARRAY['{}'], ARRAY[$2])",
+    )
+    .bind(id)
+    .bind(metadata_json)
+    .fetch_all(connection)
+    .await
+    .expect("appends");
+    assert!(lost.is_empty(), "a fresh aggregate cannot collide");
+}
+
+/// The case that loses events when a position is taken at insert: A inserts first, B second, B commits, a reader
+/// passes B, then A commits. Here an append holds the head until it commits, so B cannot begin before A is
+/// committed: the log shows nothing while A is open, then A before B.
 #[tokio::test]
-async fn a_transaction_that_commits_late_is_still_read_after_a_reader_has_passed_a_later_one() {
+async fn an_append_waits_for_the_one_before_it_to_commit_so_positions_follow_commit_order() {
     let test_database = TestDatabase::postgres().await;
     let database = test_database.open().await;
     let Backend::Postgres(pool) = database.backend().clone() else {
         unreachable!("a Postgres test database")
     };
-    let sequencer = Sequencer::new(pool.clone(), database.signal().clone());
     let metadata_json = serde_json::to_string(&metadata().to_map()).expect("json");
 
     let mut transaction_a = pool.begin().await.expect("A begins");
-    sqlx::query(INSERT_EVENT)
-        .bind("a")
-        .bind(&metadata_json)
-        .execute(&mut *transaction_a)
-        .await
-        .expect("A inserts first");
-    let mut transaction_b = pool.begin().await.expect("B begins");
-    sqlx::query(INSERT_EVENT)
-        .bind("b")
-        .bind(&metadata_json)
-        .execute(&mut *transaction_b)
-        .await
-        .expect("B inserts second");
-    transaction_b.commit().await.expect("B commits first");
-
-    sequencer.pass().await.expect("a pass");
+    append_in(&mut transaction_a, "a", &metadata_json).await;
+    let b = {
+        let pool = pool.clone();
+        let metadata_json = metadata_json.clone();
+        tokio::spawn(async move {
+            let mut transaction_b = pool.begin().await.expect("B begins");
+            append_in(&mut transaction_b, "b", &metadata_json).await;
+            transaction_b.commit().await.expect("B commits");
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!b.is_finished(), "B's append waits while A is open");
     let log = database.log();
-    let first = log.read_after(0, 100).await.expect("reads");
-    assert_eq!(
-        first
-            .iter()
-            .map(|event| event.aggregate_id.as_str())
-            .collect::<Vec<_>>(),
-        vec!["b"],
-        "only the committed event is in the log"
+    assert!(
+        log.read_after(0, 100).await.expect("reads").is_empty(),
+        "nothing uncommitted is in the log"
     );
-    let cursor = first[0].position;
 
-    transaction_a.commit().await.expect("A commits last");
-    sequencer.pass().await.expect("a pass");
-    let second = log.read_after(cursor, 100).await.expect("reads");
+    transaction_a.commit().await.expect("A commits");
+    b.await.expect("B ran");
+    let events = log.read_after(0, 100).await.expect("reads");
     assert_eq!(
-        second
+        events
             .iter()
-            .map(|event| event.aggregate_id.as_str())
+            .map(|event| (event.aggregate_id.as_str(), event.position))
             .collect::<Vec<_>>(),
-        vec!["a"],
-        "the late commit comes after the reader's cursor, not behind it"
+        vec![("a", 1), ("b", 2)],
+        "positions in commit order, with no gap"
     );
-    assert!(second[0].position > cursor);
+    assert_eq!(log.head().await.expect("head"), 2);
 }
 
-/// Many writers whose transactions commit in random order while a reader follows the log: the reader ends with
-/// every committed event exactly once, in increasing positions.
+/// An event inserted around the append, without a position, would never be read: the table refuses it.
 #[tokio::test]
-async fn a_polling_reader_sees_every_event_exactly_once_whatever_the_commit_order() {
+async fn an_event_inserted_without_a_position_is_refused() {
+    let test_database = TestDatabase::postgres().await;
+    let database = test_database.open().await;
+    let Backend::Postgres(pool) = database.backend().clone() else {
+        unreachable!("a Postgres test database")
+    };
+    let metadata_json = serde_json::to_string(&metadata().to_map()).expect("json");
+    let refused = sqlx::query(INSERT_EVENT)
+        .bind("around")
+        .bind(&metadata_json)
+        .execute(&pool)
+        .await
+        .expect_err("an insert without a position is refused");
+    let code = refused
+        .as_database_error()
+        .and_then(|error| error.code().map(|code| code.to_string()));
+    assert_eq!(
+        code.as_deref(),
+        Some("23514"),
+        "a check violation: {refused}"
+    );
+}
+
+/// Units share one call of the append: a unit that collides with a stored event keeps none of its events, the
+/// others are recorded, and the positions they take have no gap.
+#[tokio::test]
+async fn a_unit_that_collides_in_a_shared_append_keeps_nothing_and_leaves_no_gap() {
+    let test_database = TestDatabase::postgres().await;
+    let database = test_database.open().await;
+    let Backend::Postgres(pool) = database.backend().clone() else {
+        unreachable!("a Postgres test database")
+    };
+    let metadata_json = serde_json::to_string(&metadata().to_map()).expect("json");
+    let mut connection = pool.acquire().await.expect("a connection");
+    append_in(&mut connection, "taken", &metadata_json).await;
+    // Unit 0: "first" 1. Unit 1: "second" 1 and "taken" 1 (collides). Unit 2: "third" 1 and 2.
+    let lost: Vec<i64> = sqlx::query_scalar(
+        "SELECT whist_append_units(ARRAY[0, 1, 1, 2, 2]::bigint[], ARRAY['probe', 'probe', 'probe', 'probe', \
+         'probe'], ARRAY['first', 'second', 'taken', 'third', 'third'], ARRAY[1, 1, 1, 1, 2]::bigint[], \
+         array_fill('ProbeIncremented'::text, ARRAY[5]), array_fill('1.0'::text, ARRAY[5]), \
+         array_fill('{}'::text, ARRAY[5]), array_fill($1::text, ARRAY[5]))",
+    )
+    .bind(&metadata_json)
+    .fetch_all(&mut *connection)
+    .await
+    .expect("appends");
+    assert_eq!(lost, vec![1], "only the colliding unit is lost");
+    let logged: Vec<(String, i64, i64)> =
+        sqlx::query_as("SELECT aggregate_id, sequence, position FROM events ORDER BY position")
+            .fetch_all(&mut *connection)
+            .await
+            .expect("reads");
+    assert_eq!(
+        logged,
+        vec![
+            ("taken".to_string(), 1, 1),
+            ("first".to_string(), 1, 2),
+            ("third".to_string(), 1, 3),
+            ("third".to_string(), 2, 4),
+        ],
+        "the lost unit left nothing, not even a gap"
+    );
+    assert_eq!(database.log().head().await.expect("head"), 4);
+}
+
+/// Many writers whose transactions stay open for random times while a reader follows the log: the reader ends
+/// with every committed event exactly once, in increasing positions, and the positions have no gap.
+#[tokio::test]
+async fn a_polling_reader_sees_every_event_exactly_once_whatever_the_commit_timing() {
     let test_database = TestDatabase::postgres().await;
     let database = test_database.open_with(40).await;
     let Backend::Postgres(pool) = database.backend().clone() else {
         unreachable!("a Postgres test database")
     };
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let sequencer =
-        tokio::spawn(Sequencer::new(pool.clone(), database.signal().clone()).run(shutdown.clone()));
     let metadata_json = serde_json::to_string(&metadata().to_map()).expect("json");
 
     let log = database.log();
@@ -414,13 +465,13 @@ async fn a_polling_reader_sees_every_event_exactly_once_whatever_the_commit_orde
         writers.push(tokio::spawn(async move {
             for event in 0..40 {
                 let mut transaction = pool.begin().await.expect("begins");
-                sqlx::query(INSERT_EVENT)
-                    .bind(format!("w{writer}-e{event}"))
-                    .bind(&metadata_json)
-                    .execute(&mut *transaction)
-                    .await
-                    .expect("inserts");
-                let hold = rand::rng().random_range(0..15);
+                append_in(
+                    &mut transaction,
+                    &format!("w{writer}-e{event}"),
+                    &metadata_json,
+                )
+                .await;
+                let hold = rand::rng().random_range(0..3);
                 tokio::time::sleep(Duration::from_millis(hold)).await;
                 transaction.commit().await.expect("commits");
             }
@@ -430,21 +481,19 @@ async fn a_polling_reader_sees_every_event_exactly_once_whatever_the_commit_orde
         writer.await.expect("the writer ran");
     }
     let seen = reader.await.expect("the reader ran");
-    let _ = stop.send(true);
-    let _ = sequencer.await;
 
     let unique: HashSet<&String> = seen.iter().collect();
     assert_eq!(unique.len(), seen.len(), "no event was read twice");
     assert_eq!(seen.len(), 16 * 40, "no event was skipped");
-    let inserted_out_of_order: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM events a JOIN events b ON a.insert_id < b.insert_id AND a.position > b.position",
-    )
-    .fetch_one(&pool)
-    .await
-    .expect("counts");
-    assert!(
-        inserted_out_of_order > 0,
-        "the test must have produced commits out of insert order to prove anything"
+    let (count, first, last): (i64, i64, i64) =
+        sqlx::query_as("SELECT count(*), min(position), max(position) FROM events")
+            .fetch_one(&pool)
+            .await
+            .expect("counts");
+    assert_eq!(
+        (count, first, last),
+        (16 * 40, 1, 16 * 40),
+        "no gap in positions"
     );
 }
 
@@ -513,7 +562,6 @@ async fn a_unit_is_recorded_whole_or_not_at_all(kind: BackendKind) {
     let (x, x_version) = first.load("x").await.expect("x loads");
     let (y, _) = first.load("y").await.expect("y loads");
     assert_eq!((x.total, x_version, y.total), (102, 3, 11));
-    sequence_everything(&database).await;
     let logged = whole_log(&database).await;
     assert_eq!(logged.len(), 5, "only recorded events reach the log");
 }

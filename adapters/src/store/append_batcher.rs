@@ -4,10 +4,12 @@
 //! aggregates that must be recorded together (an assign reserves the user's limit, the host's slot, the mandelbox
 //! and the session at once). Under load, many decisions append at the same moment; writing each in its own
 //! transaction costs one commit (a WAL flush) each. The batcher writes whatever units are waiting with one call of
-//! `whist_append_units` (migration 0004): one statement, one commit. A unit any of whose events collided with an
-//! existing sequence number keeps none of its events and gets a conflict, exactly what a transaction of its own
-//! would have told it. Nothing waits for a timer: a flusher takes everything queued while the previous statement
-//! ran, so a lone writer pays no extra latency.
+//! `whist_append_units` (migration 0008): one statement, one commit. The function gives the events their global
+//! positions under the row lock on `event_log_head`, held until commit, so appends are serialised across every
+//! process and positions follow commit order. A unit any of whose events collided with an existing sequence number
+//! keeps none of its events and gets a conflict, exactly what a transaction of its own would have told it. Nothing
+//! waits for a timer: a flusher takes everything queued while the previous statement ran, so a lone writer pays no
+//! extra latency.
 
 use std::collections::HashSet;
 
@@ -125,43 +127,6 @@ async fn flush(pool: &PgPool, batch: Vec<Unit>) {
     }
 }
 
-/// A unit alone in its batch (a lone writer): one plain multi-row INSERT is atomic by itself and cheaper than the
-/// function; a collision fails the whole statement, which is exactly the unit's conflict.
-async fn write_alone(pool: &PgPool, unit: Unit) -> Result<(), String> {
-    let mut sql = String::from(
-        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-         VALUES ",
-    );
-    sql.push_str(&super::values_placeholders(unit.events.len(), 7));
-    let mut query = sqlx::query(&sql);
-    for event in &unit.events {
-        query = query
-            .bind(&event.aggregate_type)
-            .bind(&event.aggregate_id)
-            .bind(i64::try_from(event.sequence).unwrap_or(i64::MAX))
-            .bind(&event.event_type)
-            .bind(&event.event_version)
-            .bind(&event.payload)
-            .bind(&event.metadata);
-    }
-    match query.execute(pool).await {
-        Ok(_) => {
-            metrics::histogram!("whist_append_batch_units").record(1.0);
-            let _ = unit.reply.send(Ok(()));
-            Ok(())
-        }
-        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("23505") => {
-            let _ = unit.reply.send(Err(PersistenceError::OptimisticLockError));
-            Ok(())
-        }
-        Err(error) => {
-            let message = error.to_string();
-            let _ = unit.reply.send(Err(failure(&error, &message)));
-            Err(message)
-        }
-    }
-}
-
 fn failure(error: &sqlx::Error, message: &str) -> PersistenceError {
     let failure: Box<dyn std::error::Error + Send + Sync> = message.to_string().into();
     if matches!(
@@ -178,14 +143,9 @@ fn failure(error: &sqlx::Error, message: &str) -> PersistenceError {
 }
 
 /// Writes one statement and answers every unit in it; `Err` carries the failure the units were given.
-async fn write(pool: &PgPool, mut batch: Vec<Unit>) -> Result<(), String> {
+async fn write(pool: &PgPool, batch: Vec<Unit>) -> Result<(), String> {
     if batch.is_empty() {
         return Ok(());
-    }
-    if batch.len() == 1 {
-        if let Some(unit) = batch.pop() {
-            return write_alone(pool, unit).await;
-        }
     }
     let events: usize = batch.iter().map(|unit| unit.events.len()).sum();
     let mut units = Vec::with_capacity(events);

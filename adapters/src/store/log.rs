@@ -146,19 +146,17 @@ impl EventLog {
     }
 }
 
-/// Wakes the parts of this process that wait on the log: the sequencer when events were appended, and readers
-/// (projections, the reconciler) when the head moved. Other processes learn of the head through Postgres
-/// `LISTEN/NOTIFY` (see `Sequencer::listen`).
+/// How long a reader that was caught up waits after the head moved before it reads, so that one read (and one
+/// transaction of a projection, one claim of the reconciler) serves the appends of that window instead of one each.
+/// Appends come in bursts under load; without the window every projection would commit once per append.
+pub const GATHER_WINDOW: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Wakes the parts of this process that wait on the log (projections, the reconciler) when the head moved: this
+/// process appended (an append gives its events their positions), or another process did (Postgres
+/// `LISTEN/NOTIFY`, see `LogListener`).
 #[derive(Clone, Debug)]
 pub struct LogSignal {
-    inner: Arc<Signals>,
-}
-
-#[derive(Debug)]
-struct Signals {
-    appended: watch::Sender<u64>,
-    advanced: watch::Sender<u64>,
-    positions_on_insert: std::sync::atomic::AtomicBool,
+    inner: Arc<watch::Sender<u64>>,
 }
 
 impl Default for LogSignal {
@@ -170,46 +168,22 @@ impl Default for LogSignal {
 impl LogSignal {
     pub fn new() -> Self {
         Self {
-            inner: Arc::new(Signals {
-                appended: watch::channel(0).0,
-                advanced: watch::channel(0).0,
-                positions_on_insert: std::sync::atomic::AtomicBool::new(false),
-            }),
+            inner: Arc::new(watch::channel(0).0),
         }
     }
 
-    /// For stores that give events their position as they are inserted (SQLite), so that an append is also an
-    /// advance of the head.
-    pub fn set_positions_on_insert(&self) {
-        self.inner
-            .positions_on_insert
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// This process committed events.
+    /// This process committed events (which have their positions).
     pub fn appended(&self) {
-        self.inner.appended.send_modify(|count| *count += 1);
-        if self
-            .inner
-            .positions_on_insert
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            self.advanced();
-        }
+        self.advanced();
     }
 
-    /// The log's head moved (events received positions).
+    /// The log's head moved.
     pub fn advanced(&self) {
-        self.inner.advanced.send_modify(|count| *count += 1);
-    }
-
-    /// A receiver that changes on every append by this process.
-    pub fn on_append(&self) -> watch::Receiver<u64> {
-        self.inner.appended.subscribe()
+        self.inner.send_modify(|count| *count += 1);
     }
 
     /// A receiver that changes whenever the head moves.
     pub fn on_advance(&self) -> watch::Receiver<u64> {
-        self.inner.advanced.subscribe()
+        self.inner.subscribe()
     }
 }

@@ -6,17 +6,17 @@ mod append_batcher;
 mod cached_store;
 pub mod chain;
 mod database;
+mod listener;
 mod log;
 mod postgres_repository;
 mod reachability;
-mod sequencer;
 
 pub use aggregate_store::{AggregateStore, CommandError, Unit, UnitError};
 pub use chain::{chain_hash, ChainBreak, ChainReport, VerifyProgress, GENESIS};
 pub use database::{redact_url, Backend, Database, DatabaseError};
-pub use log::{EventLog, LogSignal, LoggedEvent};
+pub use listener::{LogListener, LOG_CHANNEL};
+pub use log::{EventLog, LogSignal, LoggedEvent, GATHER_WINDOW};
 pub use reachability::Reachability;
-pub use sequencer::{Sequencer, SequencerPass};
 
 /// `($1, $2), ($3, $4)` for `rows` rows of `columns` parameters: the VALUES list of a multi-row INSERT, written the
 /// same way for both backends.

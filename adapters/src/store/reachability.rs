@@ -1,7 +1,7 @@
 //! Whether the database is known to be down, so that requests answer `503` at once instead of each waiting out the
 //! pool's acquire timeout for a connection that cannot come.
 //!
-//! A failure (a sequencer pass, a request answered 5xx) makes the process *suspect* an outage: one probe task then
+//! A failure (the log listener's connection lost, a request answered 5xx) makes the process *suspect* an outage: one probe task then
 //! opens connections of its own (not the pool's, whose acquire would wait) every `PROBE_INTERVAL`. While they are
 //! refused (the server is down, shutting down or starting up) the database is marked unreachable; the first probe
 //! that connects and runs `SELECT 1` clears the mark and ends the probing. Any other failure (too many clients, a
@@ -19,7 +19,7 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// How long one probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Shared by every clone of a `Database` (and its sequencer). Cheap to clone.
+/// Shared by every clone of a `Database` (and its log listener). Cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct Reachability {
     inner: Arc<State>,
