@@ -251,9 +251,11 @@ async fn attempt(
         protocol_secret_hash: fingerprint(&secret),
         at: Utc::now(),
     };
+    // The mandelbox id was generated for this assign, and a desktop app names a new session for each: both are
+    // staged as new without a read (a wrong presumption costs this unit a conflict and another attempt).
     services
         .mandelboxes
-        .stage(&mut unit, mandelbox_id, vec![allocate])
+        .stage_new(&mut unit, mandelbox_id, vec![allocate])
         .await
         .map_err(failure)?;
     let session = session_aggregate_id(&request.user_id, request.session_id);
@@ -266,7 +268,7 @@ async fn attempt(
     ];
     match services
         .sessions
-        .stage(&mut unit, &session, session_commands)
+        .stage_new(&mut unit, &session, session_commands)
         .await
     {
         Ok(()) => {}

@@ -576,6 +576,82 @@ async fn a_unit_is_recorded_whole_or_not_at_all_on_sqlite() {
     a_unit_is_recorded_whole_or_not_at_all(BackendKind::Sqlite).await;
 }
 
+/// An aggregate staged as new without being read: recorded when it is new; when another process had already
+/// appended to it, the unit conflicts and records nothing, and the next decision is taken on its real state (here
+/// a second decision that must not presume again, and a decrement that only the real total allows).
+async fn an_aggregate_presumed_new_is_checked_by_the_append(kind: BackendKind) {
+    let test_database = TestDatabase::new(kind).await;
+    let database = test_database.open().await;
+    let first = AggregateStore::<Probe>::new(&database, ());
+    let second = AggregateStore::<Probe>::new(&database, ());
+
+    let mut unit = Unit::new(&metadata());
+    first
+        .stage_new(&mut unit, "fresh", vec![ProbeCommand::Increment { by: 2 }])
+        .await
+        .expect("stages");
+    unit.commit(&database)
+        .await
+        .expect("a new aggregate records");
+    let (fresh, version) = first.load("fresh").await.expect("loads");
+    assert_eq!((fresh.total, version), (2, 1));
+
+    // `second` never read "fresh": presumed new, its increment collides with the stored event.
+    let mut unit = Unit::new(&metadata());
+    second
+        .stage_new(&mut unit, "other", vec![ProbeCommand::Increment { by: 1 }])
+        .await
+        .expect("stages other");
+    second
+        .stage_new(&mut unit, "fresh", vec![ProbeCommand::Increment { by: 5 }])
+        .await
+        .expect("stages fresh as new");
+    assert!(matches!(
+        unit.commit(&database).await,
+        Err(UnitError::Conflict)
+    ));
+    let (other, other_version) = first.load("other").await.expect("loads");
+    assert_eq!(
+        (other.total, other_version),
+        (0, 0),
+        "nothing of the unit recorded"
+    );
+
+    // After the conflict the store knows better than to presume again: the next decision is on the real state.
+    let mut unit = Unit::new(&metadata());
+    second
+        .stage_new(&mut unit, "fresh", vec![ProbeCommand::Increment { by: 1 }])
+        .await
+        .expect("stages");
+    unit.commit(&database)
+        .await
+        .expect("decided on the real state after the conflict");
+    let (fresh, version) = first.load("fresh").await.expect("loads");
+    assert_eq!((fresh.total, version), (3, 2));
+
+    // A refusal on the presumed empty state is not final either: a third store, which never read "fresh", decides
+    // a decrement that only the real total allows.
+    let third = AggregateStore::<Probe>::new(&database, ());
+    let mut unit = Unit::new(&metadata());
+    third
+        .stage_new(&mut unit, "fresh", vec![ProbeCommand::Decrement { by: 3 }])
+        .await
+        .expect("the real total allows it");
+    unit.commit(&database).await.expect("records");
+    let (fresh, version) = first.load("fresh").await.expect("loads");
+    assert_eq!((fresh.total, version), (0, 3));
+}
+
+#[tokio::test]
+async fn an_aggregate_presumed_new_is_checked_by_the_append_on_postgres() {
+    an_aggregate_presumed_new_is_checked_by_the_append(BackendKind::Postgres).await;
+}
+
+#[tokio::test]
+async fn an_aggregate_presumed_new_is_checked_by_the_append_on_sqlite() {
+    an_aggregate_presumed_new_is_checked_by_the_append(BackendKind::Sqlite).await;
+}
+
 /// Concurrent transfers between two aggregates, from two stores sharing batches: every unit either moves its
 /// amount out of one and into the other, or moves nothing; the sum never changes.
 async fn concurrent_units_conserve_what_they_move(kind: BackendKind) {

@@ -234,6 +234,46 @@ where
         }
     }
 
+    /// Stages `commands` on an aggregate the caller presumes has no events yet (an id it has just generated, or a
+    /// session the desktop app names anew), without reading the store. The presumption is checked where every
+    /// decision is checked: the unit's append collides on sequence 1 if any event exists and records nothing, and
+    /// this store then reads the aggregate's history before its next decision. So a wrong presumption costs the
+    /// unit one attempt, never a decision on the wrong state. A refusal, or deciding nothing, is only final on the
+    /// real state: the aggregate is then read and the commands decided again. An aggregate this process remembers
+    /// is staged as `stage` does.
+    ///
+    /// # Errors
+    /// As `stage`.
+    pub async fn stage_new(
+        &self,
+        unit: &mut Unit,
+        aggregate_id: &str,
+        commands: Vec<A::Command>,
+    ) -> Result<(), CommandError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        if self.is_remembered(aggregate_id) {
+            return self.stage(unit, aggregate_id, commands).await;
+        }
+        match self
+            .stage_once(unit, aggregate_id, commands.clone(), Freshness::PresumedNew)
+            .await
+        {
+            Err(CommandError::Rejected(_)) | Ok(Staged::Nothing) => {
+                self.stage(unit, aggregate_id, commands).await
+            }
+            outcome => outcome.map(|_| ()),
+        }
+    }
+
+    fn is_remembered(&self, aggregate_id: &str) -> bool {
+        match &self.frameworks {
+            Frameworks::Postgres { store, .. } => store.is_remembered(aggregate_id),
+            Frameworks::Sqlite { store, .. } => store.is_remembered(aggregate_id),
+        }
+    }
+
     async fn stage_once(
         &self,
         unit: &mut Unit,
@@ -249,9 +289,12 @@ where
                 format!("{} {aggregate_id} is staged twice in one unit", A::TYPE).into(),
             ));
         }
-        let context = self.remembered_context(aggregate_id).await?;
-        let version = context.current_sequence;
-        let mut aggregate = context.aggregate;
+        let (mut aggregate, version) = if copy == Freshness::PresumedNew {
+            (A::default(), 0)
+        } else {
+            let context = self.remembered_context(aggregate_id).await?;
+            (context.aggregate, context.current_sequence)
+        };
         let mut events = Vec::new();
         for command in commands {
             let sink = EventSink::<A>::default();
@@ -261,7 +304,7 @@ where
                 .map_err(CommandError::Rejected)?;
             events.extend(sink.collect().await);
         }
-        if events.is_empty() && copy == Freshness::Remembered {
+        if events.is_empty() && copy != Freshness::CaughtUp {
             return Ok(Staged::Nothing);
         }
         let after = version + events.len();
@@ -279,9 +322,14 @@ where
         unit.staged
             .insert((A::TYPE.to_string(), aggregate_id.to_string()));
         let id = aggregate_id.to_string();
+        let presumed = copy == Freshness::PresumedNew;
         let settle = match &self.frameworks {
-            Frameworks::Postgres { store, .. } => settler(store.clone(), id, aggregate, after),
-            Frameworks::Sqlite { store, .. } => settler(store.clone(), id, aggregate, after),
+            Frameworks::Postgres { store, .. } => {
+                settler(store.clone(), id, aggregate, after, presumed)
+            }
+            Frameworks::Sqlite { store, .. } => {
+                settler(store.clone(), id, aggregate, after, presumed)
+            }
         };
         unit.settle.push(settle);
         Ok(Staged::Decided)
@@ -362,12 +410,14 @@ where
     }
 }
 
-/// What a store does with its copy of a staged aggregate once the unit is settled.
+/// What a store does with its copy of a staged aggregate once the unit is settled. `presumed_new`: the aggregate
+/// was staged as new without being read, so a conflict means it has events this process never read.
 fn settler<R, A>(
     store: CachedEventStore<R, A>,
     id: String,
     aggregate: A,
     after: usize,
+    presumed_new: bool,
 ) -> Box<dyn FnOnce(Settled) + Send>
 where
     R: PersistedEventRepository + 'static,
@@ -375,6 +425,7 @@ where
 {
     Box::new(move |settled| match settled {
         Settled::Committed => store.remember(&id, aggregate, after),
+        Settled::Conflicted if presumed_new => store.remember_unread(&id),
         Settled::Conflicted => store.mark_stale(&id),
         Settled::Failed => store.forget(&id),
     })
@@ -387,6 +438,8 @@ enum Freshness {
     Remembered,
     /// The remembered copy after reading what it missed.
     CaughtUp,
+    /// No copy: the aggregate is presumed to have no events, unread (`stage_new`).
+    PresumedNew,
 }
 
 /// What a staging did.

@@ -73,6 +73,21 @@ where
             .and_then(|cache| cache.get(aggregate_id).cloned())
     }
 
+    /// Whether a copy of the aggregate is remembered (up to date or stale).
+    pub(crate) fn is_remembered(&self, aggregate_id: &str) -> bool {
+        self.shared
+            .cache
+            .lock()
+            .is_ok_and(|cache| cache.contains_key(aggregate_id))
+    }
+
+    /// Remembers that the aggregate has events this process has not read (it was presumed new and was not): the
+    /// next command reads its whole history, through the catch-up from version 0.
+    pub(crate) fn remember_unread(&self, aggregate_id: &str) {
+        self.remember(aggregate_id, A::default(), 0);
+        self.mark_stale(aggregate_id);
+    }
+
     /// Remembers `aggregate` at `version`, as committed.
     pub(crate) fn remember(&self, aggregate_id: &str, aggregate: A, version: usize) {
         if let Ok(mut cache) = self.shared.cache.lock() {
