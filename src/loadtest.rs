@@ -328,6 +328,12 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
         latencies.extend(task.await?);
     }
     let assign_elapsed = assign_started.elapsed().as_secs_f64();
+    // Side effects the reconciler has not carried out yet: a backlog that grows over the phase means assigns
+    // came faster than the spin-ups they need can be handled, i.e. above the sustainable rate.
+    let jobs_waiting: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status IN ('pending', 'running')")
+            .fetch_one(database.any())
+            .await?;
     let cpu_assigns = CpuTimes::read(server_pid)
         .zip(cpu_before)
         .map(|(after, before)| after.since(&before));
@@ -456,6 +462,10 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
             100.0 * cpu.generator / cpu.machine.max(1e-9),
         );
     }
+    println!(
+        "{:<34} {:>12}",
+        "jobs waiting as assigns stopped", jobs_waiting
+    );
     println!(
         "{:<34} {:>12.1}",
         "events recorded per assign",

@@ -17,6 +17,8 @@ use whist_adapters::ec2::{Ec2Error, LaunchRequest};
 use whist_adapters::host_client::{HostClient, SpinUp};
 use whist_adapters::simulated_host::{self, SimulatedHost, SimulatedHostSpec};
 use whist_adapters::store::{CommandError, GATHER_WINDOW};
+
+use crate::job_outcomes::{JobOutcome, OutcomeError, OutcomeWriter};
 use whist_adapters::tokens::Purpose;
 use whist_domain::instance::{
     Instance, InstanceCommand, InstanceStatus, LaunchSpec, TerminationReason,
@@ -32,7 +34,10 @@ const MAX_ATTEMPTS: i64 = 6;
 /// The longest wait between two attempts of a job.
 const MAX_BACKOFF_MS: i64 = 15_000;
 /// Jobs one process runs at once.
-const IN_FLIGHT: usize = 16;
+const IN_FLIGHT: usize = 64;
+/// While jobs are waiting, the reconciler claims again once this many slots are free: one claim per job freed
+/// would read the waiting jobs once per job.
+const REFILL: usize = IN_FLIGHT / 4;
 
 /// Whether a job of `kind` keeps being retried, however many attempts fail for reasons worth retrying: a launch or
 /// a termination that was decided stands until the cloud carries it out or refuses it (an EC2 outage of any length
@@ -134,7 +139,12 @@ impl Reconciler {
             .collect()
     }
 
-    async fn finish(&self, job: &Job, outcome: Outcome) -> Result<(), sqlx::Error> {
+    async fn finish(
+        &self,
+        job: &Job,
+        outcome: Outcome,
+        outcomes: &OutcomeWriter,
+    ) -> Result<(), OutcomeError> {
         let now = Utc::now().timestamp_millis();
         let (status, run_after, error) = match outcome {
             Outcome::Done => ("done", now, None),
@@ -156,19 +166,16 @@ impl Reconciler {
                 "job did not complete"
             );
         }
-        let recorded = sqlx::query(
-            "UPDATE jobs SET status = $2, run_after_ms = $3, last_error = $4, \
-             finished_ms = CASE WHEN $2 = 'done' OR $2 = 'failed' THEN $3 ELSE NULL END \
-             WHERE id = $1 AND attempts = $5 AND status = 'running'",
-        )
-        .bind(job.id)
-        .bind(status)
-        .bind(run_after)
-        .bind(error)
-        .bind(job.attempts)
-        .execute(self.state.database.any())
-        .await?;
-        if recorded.rows_affected() == 0 {
+        let recorded = outcomes
+            .record(JobOutcome {
+                id: job.id,
+                attempts: job.attempts,
+                status,
+                run_after_ms: run_after,
+                error,
+            })
+            .await?;
+        if !recorded {
             // Another process took the job over (this claim expired); its outcome is that process's to record.
             tracing::warn!(
                 job = job.id,
@@ -201,7 +208,8 @@ impl Reconciler {
 
     async fn spin_up(&self, mandelbox_id: &str) -> Outcome {
         let services = &self.state.services;
-        let mandelbox = match services.mandelboxes.load(mandelbox_id).await {
+        // Fresh: the remembered copy (usually this process's, from the assign) and whatever it missed.
+        let mandelbox = match services.mandelboxes.load_current(mandelbox_id).await {
             Ok((mandelbox, _)) => mandelbox,
             Err(error) => return Outcome::Retry(error.to_string()),
         };
@@ -561,10 +569,13 @@ impl Reconciler {
     /// Runs jobs until `shutdown`, waking when the log moves and at least every 500 ms.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut advanced = self.state.database.signal().on_advance();
-        // Up to `IN_FLIGHT` jobs run at once; a finished one makes room for the next claim at once, so one slow
-        // side effect never holds up the others.
+        // Up to `IN_FLIGHT` jobs run at once, each in its own task, so one slow side effect never holds up the
+        // others; freed slots are filled by the next claim (at once when idle, `REFILL` at a time under a backlog).
         let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+        let outcomes = OutcomeWriter::start(self.state.database.clone());
         let finished = Arc::new(tokio::sync::Notify::new());
+        // Whether the last claim found as many jobs as it asked for.
+        let mut backlog = false;
         loop {
             if *shutdown.borrow() {
                 // Let the jobs in flight finish and record their outcome.
@@ -577,18 +588,24 @@ impl Reconciler {
             }
             advanced.borrow_and_update();
             let room = slots.available_permits();
-            if room > 0 {
+            if room >= REFILL || (room > 0 && !backlog) {
                 match self.claim(room as i64).await {
                     Ok(jobs) if !jobs.is_empty() => {
+                        // A full claim means more are likely waiting: claim again as slots free up, without
+                        // waiting for the log to move.
+                        backlog = jobs.len() == room;
                         for job in jobs {
                             let Ok(permit) = slots.clone().try_acquire_owned() else {
                                 break;
                             };
                             let reconciler = self.clone();
                             let finished = finished.clone();
+                            let outcomes = outcomes.clone();
                             tokio::spawn(async move {
                                 let outcome = reconciler.run_claimed(&job).await;
-                                if let Err(error) = reconciler.finish(&job, outcome).await {
+                                if let Err(error) =
+                                    reconciler.finish(&job, outcome, &outcomes).await
+                                {
                                     tracing::warn!(job = job.id, error = %error, "could not record a job's outcome");
                                 }
                                 drop(permit);
@@ -597,13 +614,14 @@ impl Reconciler {
                         }
                         continue;
                     }
-                    Ok(_) => {}
+                    Ok(_) => backlog = false,
                     Err(error) => tracing::warn!(error = %error, "could not claim jobs"),
                 }
             }
             tokio::select! {
-                _ = advanced.changed() => tokio::time::sleep(GATHER_WINDOW).await,
-                _ = finished.notified(), if room == 0 => {}
+                // Caught up: new jobs come from the log; gather a few milliseconds of it into one claim.
+                _ = advanced.changed(), if !backlog => tokio::time::sleep(GATHER_WINDOW).await,
+                _ = finished.notified(), if room < IN_FLIGHT => {}
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = shutdown.changed() => {}
             }

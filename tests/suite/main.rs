@@ -11,6 +11,7 @@ mod fleet;
 mod fleet_crash;
 mod host;
 mod http;
+mod jobs;
 mod process;
 mod projections;
 mod release;
