@@ -184,8 +184,11 @@ impl ProjectionRunner {
             transaction.rollback().await?;
             return Ok(StepOutcome::Stopped);
         }
-        let events =
-            EventLog::read_after_with(&mut *transaction, position, self.batch_size).await?;
+        let events = self
+            .database
+            .log()
+            .read_after_in(&mut *transaction, position, self.batch_size)
+            .await?;
         let Some(last) = events.last() else {
             transaction.rollback().await?;
             return Ok(StepOutcome::CaughtUp);

@@ -12,7 +12,7 @@ use sqlx::{AnyPool, PgPool, SqlitePool};
 use cqrs_es::persist::{PersistenceError, SerializedEvent};
 
 use super::append_batcher::AppendBatcher;
-use super::log::{EventLog, LogSignal};
+use super::log::{EventLog, LogSignal, RecentEvents};
 use super::reachability::Reachability;
 
 /// How long a request waits for a pooled connection before the store counts as unavailable (503): long enough to
@@ -57,6 +57,8 @@ pub struct Database {
     batcher: Option<AppendBatcher>,
     any: AnyPool,
     signal: LogSignal,
+    /// The stretch of the log this process read last, shared by its readers.
+    recent: RecentEvents,
     description: String,
     reachability: Reachability,
 }
@@ -106,6 +108,7 @@ impl Database {
             backend: Backend::Postgres(pool),
             any,
             signal: LogSignal::new(),
+            recent: RecentEvents::default(),
             description: redact_url(url),
             reachability,
         })
@@ -151,6 +154,7 @@ impl Database {
             backend: Backend::Sqlite(pool),
             any,
             signal: LogSignal::new(),
+            recent: RecentEvents::default(),
             description: url,
             reachability: Reachability::embedded(),
         })
@@ -202,7 +206,7 @@ impl Database {
 
     /// A reader of the global log.
     pub fn log(&self) -> EventLog {
-        EventLog::new(self.any.clone())
+        EventLog::new(self.any.clone()).sharing(self.recent.clone())
     }
 
     /// Appends `events` (of one or several aggregates) all together or not at all.

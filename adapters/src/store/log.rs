@@ -85,11 +85,46 @@ SELECT position, aggregate_type, aggregate_id, sequence, event_type, event_versi
 #[derive(Clone, Debug)]
 pub struct EventLog {
     pool: AnyPool,
+    recent: RecentEvents,
 }
 
 impl EventLog {
     pub fn new(pool: AnyPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            recent: RecentEvents::default(),
+        }
+    }
+
+    /// Shares `recent` with the other readers of this process (`Database::log` does).
+    pub(crate) fn sharing(mut self, recent: RecentEvents) -> Self {
+        self.recent = recent;
+        self
+    }
+
+    /// Up to `limit` events after `after`, in order: from the stretch of the log this process read last when it
+    /// holds the next event, else read through `executor` (and kept for the next reader). Every projection of a
+    /// process reads the same new events; the first reads them from the database, the others from memory. A read
+    /// from memory may return fewer events than the database holds (the reader asks again); never other ones:
+    /// positions have no gaps and a stored event never changes.
+    ///
+    /// # Errors
+    /// The database failed, or a row does not have the log's shape.
+    pub async fn read_after_in<'c, E>(
+        &self,
+        executor: E,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<LoggedEvent>, sqlx::Error>
+    where
+        E: Executor<'c, Database = Any>,
+    {
+        if let Some(events) = self.recent.after(after, limit) {
+            return Ok(events);
+        }
+        let events = Self::read_after_with(executor, after, limit).await?;
+        self.recent.keep(after, &events);
+        Ok(events)
     }
 
     /// Up to `limit` events after `after`, in order, through the given connection or transaction.
@@ -146,6 +181,54 @@ impl EventLog {
     }
 }
 
+/// Events to keep in memory for the other readers of the process.
+const RECENT_EVENTS: usize = 10_000;
+
+/// The stretch of the log a process read last: consecutive positions, extended as the readers move forward. A
+/// reader that lags (a projection catching up) reads from the database and leaves the stretch alone.
+#[derive(Clone, Debug, Default)]
+pub struct RecentEvents {
+    inner: Arc<std::sync::Mutex<std::collections::VecDeque<LoggedEvent>>>,
+}
+
+impl RecentEvents {
+    /// Up to `limit` events after `after` when the stretch holds the next one.
+    fn after(&self, after: i64, limit: i64) -> Option<Vec<LoggedEvent>> {
+        let recent = self.inner.lock().ok()?;
+        let first = recent.front()?.position;
+        let skip = usize::try_from(after + 1 - first).ok()?;
+        if skip >= recent.len() {
+            return None;
+        }
+        let take = usize::try_from(limit).unwrap_or(0);
+        Some(recent.iter().skip(skip).take(take).cloned().collect())
+    }
+
+    /// Keeps `events`, just read after `after`, when they continue the stretch (or start a new one ahead of it).
+    fn keep(&self, after: i64, events: &[LoggedEvent]) {
+        let consecutive = events
+            .iter()
+            .zip(after + 1..)
+            .all(|(event, position)| event.position == position);
+        if events.is_empty() || !consecutive {
+            return;
+        }
+        let Ok(mut recent) = self.inner.lock() else {
+            return;
+        };
+        let end = recent.back().map(|event| event.position);
+        match end {
+            Some(end) if end == after => {}
+            Some(end) if end > after => return,
+            _ => recent.clear(),
+        }
+        recent.extend(events.iter().cloned());
+        while recent.len() > RECENT_EVENTS {
+            recent.pop_front();
+        }
+    }
+}
+
 /// How long a reader that was caught up waits after the head moved before it reads, so that one read (and one
 /// transaction of a projection, one claim of the reconciler) serves the appends of that window instead of one each.
 /// Appends come in bursts under load; without the window every projection would commit once per append.
@@ -185,5 +268,75 @@ impl LogSignal {
     /// A receiver that changes whenever the head moves.
     pub fn on_advance(&self) -> watch::Receiver<u64> {
         self.inner.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LoggedEvent, RecentEvents};
+
+    fn events(positions: &[i64]) -> Vec<LoggedEvent> {
+        positions
+            .iter()
+            .map(|&position| LoggedEvent {
+                position,
+                aggregate_type: "probe".to_string(),
+                aggregate_id: format!("p-{position}"),
+                sequence: 1,
+                event_type: "ProbeIncremented".to_string(),
+                event_version: "1.0".to_string(),
+                payload: "{}".to_string(),
+                metadata: "{}".to_string(),
+            })
+            .collect()
+    }
+
+    fn positions(read: Option<Vec<LoggedEvent>>) -> Option<Vec<i64>> {
+        read.map(|events| events.iter().map(|event| event.position).collect())
+    }
+
+    #[test]
+    fn readers_after_the_first_get_the_same_events_from_memory() {
+        let recent = RecentEvents::default();
+        assert_eq!(positions(recent.after(0, 10)), None, "nothing read yet");
+        recent.keep(0, &events(&[1, 2, 3]));
+        assert_eq!(positions(recent.after(0, 10)), Some(vec![1, 2, 3]));
+        assert_eq!(
+            positions(recent.after(1, 1)),
+            Some(vec![2]),
+            "the limit holds"
+        );
+        assert_eq!(
+            positions(recent.after(3, 10)),
+            None,
+            "what follows is read from the database"
+        );
+        recent.keep(3, &events(&[4, 5]));
+        assert_eq!(positions(recent.after(2, 10)), Some(vec![3, 4, 5]));
+    }
+
+    #[test]
+    fn a_lagging_reader_leaves_the_stretch_alone_and_a_jump_ahead_starts_a_new_one() {
+        let recent = RecentEvents::default();
+        recent.keep(10, &events(&[11, 12]));
+        recent.keep(4, &events(&[5, 6]));
+        assert_eq!(
+            positions(recent.after(4, 10)),
+            None,
+            "the lagging read is not kept"
+        );
+        assert_eq!(positions(recent.after(10, 10)), Some(vec![11, 12]));
+        recent.keep(20, &events(&[21]));
+        assert_eq!(positions(recent.after(10, 10)), None, "a gap starts afresh");
+        assert_eq!(positions(recent.after(20, 10)), Some(vec![21]));
+    }
+
+    #[test]
+    fn events_with_a_gap_are_not_kept() {
+        let recent = RecentEvents::default();
+        recent.keep(0, &events(&[1, 3]));
+        assert_eq!(positions(recent.after(0, 10)), None);
+        recent.keep(0, &events(&[2]));
+        assert_eq!(positions(recent.after(0, 10)), None, "not after 0");
     }
 }
