@@ -220,18 +220,8 @@ where
     where
         A::Command: Clone,
     {
-        match self
-            .stage_once(unit, aggregate_id, commands.clone(), Freshness::Remembered)
+        self.stage_from(unit, aggregate_id, commands, Freshness::Remembered)
             .await
-        {
-            Err(CommandError::Rejected(_)) | Ok(Staged::Nothing) => {
-                self.mark_stale(aggregate_id);
-                self.stage_once(unit, aggregate_id, commands, Freshness::CaughtUp)
-                    .await
-                    .map(|_| ())
-            }
-            outcome => outcome.map(|_| ()),
-        }
     }
 
     /// Stages `commands` on an aggregate the caller presumes has no events yet (an id it has just generated, or a
@@ -253,15 +243,35 @@ where
     where
         A::Command: Clone,
     {
-        if self.is_remembered(aggregate_id) {
-            return self.stage(unit, aggregate_id, commands).await;
-        }
+        let first = if self.is_remembered(aggregate_id) {
+            Freshness::Remembered
+        } else {
+            Freshness::PresumedNew
+        };
+        self.stage_from(unit, aggregate_id, commands, first).await
+    }
+
+    /// Decides on the `first` copy; a refusal or no decision there is decided again on fresh state (the copy
+    /// brought up to date, or the aggregate read whole when there is none).
+    async fn stage_from(
+        &self,
+        unit: &mut Unit,
+        aggregate_id: &str,
+        commands: Vec<A::Command>,
+        first: Freshness,
+    ) -> Result<(), CommandError<A::Error>>
+    where
+        A::Command: Clone,
+    {
         match self
-            .stage_once(unit, aggregate_id, commands.clone(), Freshness::PresumedNew)
+            .stage_once(unit, aggregate_id, commands.clone(), first)
             .await
         {
             Err(CommandError::Rejected(_)) | Ok(Staged::Nothing) => {
-                self.stage(unit, aggregate_id, commands).await
+                self.mark_stale(aggregate_id);
+                self.stage_once(unit, aggregate_id, commands, Freshness::CaughtUp)
+                    .await
+                    .map(|_| ())
             }
             outcome => outcome.map(|_| ()),
         }
