@@ -441,8 +441,10 @@ async fn export_is_resumable_and_verify_names_the_first_tampered_event() {
 #[tokio::test]
 async fn a_history_mixing_event_versions_replays_through_the_upcaster() {
     let database = TestDatabase::postgres().await;
-    let app = spawn_app(&database).await;
-    // A launch decided by an older server: InstanceLaunchRequested 1.0, without a reason.
+    // A launch decided by an older server: InstanceLaunchRequested 1.0, without a reason. It and the current code's
+    // next command are recorded before the server starts, so that the server's reconciler, which would carry out
+    // the launch itself, finds it already carried out.
+    let store = database.open().await;
     let old = "launched-by-an-older-server";
     let metadata =
         serde_json::to_string(&EventMetadata::new(Actor::System, chrono::Utc::now()).to_map())
@@ -463,16 +465,13 @@ async fn a_history_mixing_event_versions_replays_through_the_upcaster() {
         .to_string(),
     )
     .bind(metadata)
-    .execute(app.state.database.any())
+    .execute(store.any())
     .await
     .expect("an old event is stored");
-    app.state.database.signal().appended();
-    // The current server goes on with that host (version 1.0 first, then current events), and launches another
-    // (version 2.0).
+    // The current code goes on with that host (version 1.0 first, then current events), and the server launches
+    // another (version 2.0).
     let metadata = EventMetadata::new(Actor::System, chrono::Utc::now());
-    app.state
-        .services
-        .instances
+    whist_adapters::store::AggregateStore::<whist_domain::instance::Instance>::new(&store, ())
         .execute(
             old,
             whist_domain::instance::InstanceCommand::RecordLaunch {
@@ -483,6 +482,8 @@ async fn a_history_mixing_event_versions_replays_through_the_upcaster() {
         )
         .await
         .expect("the old launch loads through the upcaster and takes a command");
+    store.close().await;
+    let app = spawn_app(&database).await;
     let (current, _) = app
         .launch(launch_spec("us-east-1", "ami-audit", HASH))
         .await;
