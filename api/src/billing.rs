@@ -6,7 +6,7 @@ use poem::web::Data;
 use poem::{handler, Body, Request, Response};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
-use whist_adapters::store::{CommandError, Unit, UnitError};
+use whist_adapters::store::{CommandError, Unit};
 use whist_adapters::stripe::{verify_webhook, StripeApiError, WebhookEvent};
 use whist_domain::subscription::{
     FactKind, StripeCustomerCommand, StripeCustomerError, SubscriptionCommand, SubscriptionFact,
@@ -160,7 +160,11 @@ pub async fn record(state: &AppState, event: &WebhookEvent) -> Result<Delivery, 
                 }
             }
         }
-        match commit(state, unit).await? {
+        match unit
+            .record(&state.database)
+            .await
+            .map_err(|error| error.to_string())?
+        {
             true => return Ok(Delivery::Recorded),
             false => continue,
         }
@@ -168,18 +172,6 @@ pub async fn record(state: &AppState, event: &WebhookEvent) -> Result<Delivery, 
     Err(format!(
         "{ATTEMPTS} attempts in a row lost to concurrent writers"
     ))
-}
-
-/// `Ok(false)` when the unit lost to a concurrent writer.
-async fn commit(state: &AppState, unit: Unit) -> Result<bool, String> {
-    if unit.is_empty() {
-        return Ok(true);
-    }
-    match unit.commit(&state.database).await {
-        Ok(()) => Ok(true),
-        Err(UnitError::Conflict) => Ok(false),
-        Err(error) => Err(error.to_string()),
-    }
 }
 
 /// Links a Stripe customer to a user, in both directions at once, and hands the user's subscription whatever the
@@ -251,7 +243,11 @@ pub async fn link_customer(
             }
             Err(error) => return Err(error.to_string()),
         }
-        if commit(state, unit).await? {
+        if unit
+            .record(&state.database)
+            .await
+            .map_err(|error| error.to_string())?
+        {
             return Ok(());
         }
     }

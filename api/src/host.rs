@@ -5,7 +5,7 @@ use poem::web::Data;
 use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
-use whist_adapters::store::{CommandError, Unit, UnitError};
+use whist_adapters::store::{CommandError, Unit};
 use whist_adapters::tokens::{fingerprint, Purpose};
 use whist_domain::instance::{
     DrainReason, InstanceCommand, InstanceError, InstanceStatus, LaunchSpec,
@@ -372,29 +372,17 @@ async fn record_status(
                 Err(error) => return Err(error.to_string()),
             }
         }
-        if record_staged(state, unit).await? {
+        if unit
+            .record(&state.database)
+            .await
+            .map_err(|error| error.to_string())?
+        {
             return Ok(());
         }
     }
     Err(format!(
         "{ATTEMPTS} attempts in a row lost to concurrent writers"
     ))
-}
-
-/// Records a staged unit: `true` once it is recorded (or decided nothing), `false` when another writer got to one
-/// of its aggregates first and it must be staged again on fresh state.
-///
-/// # Errors
-/// The store failed; nothing was recorded.
-async fn record_staged(state: &AppState, unit: Unit) -> Result<bool, String> {
-    if unit.is_empty() {
-        return Ok(true);
-    }
-    match unit.commit(&state.database).await {
-        Ok(()) => Ok(true),
-        Err(UnitError::Conflict) => Ok(false),
-        Err(error) => Err(error.to_string()),
-    }
 }
 
 /// Where a mandelbox was placed; 404 for an unknown one, 503 when the store fails.
@@ -548,7 +536,11 @@ pub async fn end_mandelbox_for(
             )
             .await
             .map_err(|error| error.to_string())?;
-        if record_staged(state, unit).await? {
+        if unit
+            .record(&state.database)
+            .await
+            .map_err(|error| error.to_string())?
+        {
             return Ok(());
         }
     }

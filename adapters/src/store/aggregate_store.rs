@@ -509,6 +509,23 @@ impl Unit {
         self.events.is_empty()
     }
 
+    /// Records the unit as part of a retry loop: `Ok(true)` once it is recorded (or when nothing was staged, so
+    /// there is nothing to record), `Ok(false)` when another writer got to one of its aggregates first and the
+    /// decisions must be staged again on the fresh state the stores now read.
+    ///
+    /// # Errors
+    /// The store failed; nothing was recorded.
+    pub async fn record(self, database: &Database) -> Result<bool, UnitError> {
+        if self.is_empty() {
+            return Ok(true);
+        }
+        match self.commit(database).await {
+            Ok(()) => Ok(true),
+            Err(UnitError::Conflict) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
     /// Records every staged event in one all-or-nothing append; afterwards the stores remember the new states
     /// (or, after a conflict, read what they missed before their next decision).
     ///
