@@ -145,7 +145,7 @@ where
         metrics::counter!("whist_commands_total", "aggregate" => A::TYPE, "outcome" => label)
             .increment(1);
         if outcome.is_ok() {
-            self.signal.appended();
+            self.signal.advanced();
         }
         outcome
     }
@@ -554,7 +554,7 @@ impl Unit {
         }
         metrics::counter!("whist_units_total", "outcome" => label).increment(1);
         if outcome.is_ok() {
-            database.signal().appended();
+            database.signal().advanced();
         }
         outcome
     }

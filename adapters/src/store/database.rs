@@ -206,7 +206,7 @@ impl Database {
 
     /// A reader of the global log.
     pub fn log(&self) -> EventLog {
-        EventLog::new(self.any.clone()).sharing(self.recent.clone())
+        EventLog::new(self.any.clone(), self.recent.clone())
     }
 
     /// Appends `events` (of one or several aggregates) all together or not at all.

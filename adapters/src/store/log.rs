@@ -89,17 +89,9 @@ pub struct EventLog {
 }
 
 impl EventLog {
-    pub fn new(pool: AnyPool) -> Self {
-        Self {
-            pool,
-            recent: RecentEvents::default(),
-        }
-    }
-
-    /// Shares `recent` with the other readers of this process (`Database::log` does).
-    pub(crate) fn sharing(mut self, recent: RecentEvents) -> Self {
-        self.recent = recent;
-        self
+    /// A reader of the log in `pool` that shares `recent` with the process's other readers.
+    pub(crate) fn new(pool: AnyPool, recent: RecentEvents) -> Self {
+        Self { pool, recent }
     }
 
     /// Up to `limit` events after `after`, in order: from the stretch of the log this process read last when it
@@ -255,12 +247,7 @@ impl LogSignal {
         }
     }
 
-    /// This process committed events (which have their positions).
-    pub fn appended(&self) {
-        self.advanced();
-    }
-
-    /// The log's head moved.
+    /// The log's head moved: this process appended (its events have their positions), or another did.
     pub fn advanced(&self) {
         self.inner.send_modify(|count| *count += 1);
     }
