@@ -127,7 +127,8 @@ async fn flush(pool: &PgPool, batch: Vec<Unit>) {
     }
 }
 
-fn failure(error: &sqlx::Error, message: &str) -> PersistenceError {
+/// A failed statement as the store reports it: connection trouble (worth waiting out) apart from the rest.
+pub(crate) fn failure(error: &sqlx::Error, message: &str) -> PersistenceError {
     let failure: Box<dyn std::error::Error + Send + Sync> = message.to_string().into();
     if matches!(
         error,

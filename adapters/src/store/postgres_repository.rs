@@ -2,7 +2,10 @@
 //!
 //! postgres-es appends with three round trips (BEGIN, one INSERT per event, COMMIT). This repository hands a
 //! command's events to the database's group commit (`append_batcher`) as one all-or-nothing unit, so many commands
-//! share one statement and one commit; reads are postgres-es's own.
+//! share one statement and one commit. Reads are postgres-es's own, except the catch-up read of the events after a
+//! version: postgres-es writes that version into the SQL text, so every version is a statement of its own that the
+//! server parses and plans anew and sqlx prepares with an extra round trip (and evicts from its statement cache);
+//! here it is a parameter of one prepared statement.
 //! Optimistic concurrency is unchanged: the primary key (aggregate_type, aggregate_id, sequence) refuses a second
 //! writer of the same sequence number.
 
@@ -12,8 +15,9 @@ use cqrs_es::persist::{
 use cqrs_es::Aggregate;
 use postgres_es::PostgresEventRepository;
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::{PgPool, Row};
 
+use super::append_batcher::failure;
 use super::database::Database;
 
 /// Events of one command at most (a unit is never split across statements).
@@ -22,6 +26,7 @@ const MAX_EVENTS_PER_COMMAND: usize = 1_000;
 /// See the module documentation.
 pub struct PostgresRepository {
     reads: PostgresEventRepository,
+    pool: PgPool,
     database: Database,
 }
 
@@ -29,7 +34,8 @@ impl PostgresRepository {
     /// A repository reading through `pool` and appending through `database`'s group commit.
     pub fn new(pool: PgPool, database: Database) -> Self {
         Self {
-            reads: PostgresEventRepository::new(pool),
+            reads: PostgresEventRepository::new(pool.clone()),
+            pool,
             database,
         }
     }
@@ -48,9 +54,36 @@ impl PersistedEventRepository for PostgresRepository {
         aggregate_id: &str,
         last_sequence: usize,
     ) -> Result<Vec<SerializedEvent>, PersistenceError> {
-        self.reads
-            .get_last_events::<A>(aggregate_id, last_sequence)
-            .await
+        let last_sequence = i64::try_from(last_sequence).map_err(|_| {
+            PersistenceError::UnknownError(
+                format!("sequence {last_sequence} is beyond what the store holds").into(),
+            )
+        })?;
+        let rows = sqlx::query(
+            "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata \
+             FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 ORDER BY sequence",
+        )
+        .bind(A::TYPE)
+        .bind(aggregate_id)
+        .bind(last_sequence)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|error| failure(&error, &error.to_string()))?;
+        rows.iter()
+            .map(|row| {
+                let sequence: i64 = row.try_get("sequence")?;
+                Ok(SerializedEvent::new(
+                    row.try_get("aggregate_id")?,
+                    usize::try_from(sequence).unwrap_or_default(),
+                    row.try_get("aggregate_type")?,
+                    row.try_get("event_type")?,
+                    row.try_get("event_version")?,
+                    row.try_get("payload")?,
+                    row.try_get("metadata")?,
+                ))
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(|error| PersistenceError::DeserializationError(Box::new(error)))
     }
 
     async fn get_snapshot<A: Aggregate>(
