@@ -459,20 +459,9 @@ impl ChildProcess {
         let _ = self.child.wait();
     }
 
-    /// Waits up to `timeout` for the process to exit; its exit status.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-
-    /// As `wait_exit`, without blocking the thread: for tests whose app runs on the same runtime (a blocked
-    /// current-thread runtime freezes the app mid-transaction, and a command waiting on its locks never exits).
+    /// The process's exit status once it has exited, `None` if it is still running after `timeout`. Polls
+    /// without blocking the thread: a test's app often runs on the same runtime (a blocked current-thread runtime
+    /// would freeze the app mid-transaction, and a command waiting on its locks would never exit).
     pub async fn exited(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {

@@ -597,5 +597,5 @@ async fn the_dashboard_drives_a_drain_in_headless_chromium() {
     );
     eprintln!("dashboard screenshot: {}", screenshot.display());
     server.signal(nix::sys::signal::Signal::SIGTERM);
-    let _ = server.wait_exit(Duration::from_secs(30));
+    let _ = server.exited(Duration::from_secs(30)).await;
 }

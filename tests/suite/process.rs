@@ -23,7 +23,7 @@ async fn serve_with_no_configuration_runs_on_the_embedded_store_and_stops_cleanl
         .expect("answers");
     assert_eq!(spec.status(), 200);
     server.signal(nix::sys::signal::Signal::SIGTERM);
-    let status = server.wait_exit(Duration::from_secs(30)).expect("exits");
+    let status = server.exited(Duration::from_secs(30)).await.expect("exits");
     assert!(status.success(), "exit 0 on SIGTERM: {}", server.log_text());
     assert!(
         server.log_text().contains("\"level\":\"INFO\""),
@@ -41,7 +41,7 @@ async fn a_malformed_key_stops_start_up_with_a_message_naming_it() {
         &[("HEARTBEAT_TIMEOUT_S", "soon".to_string())],
         "serve.log",
     );
-    let status = server.wait_exit(Duration::from_secs(30)).expect("exits");
+    let status = server.exited(Duration::from_secs(30)).await.expect("exits");
     assert!(!status.success());
     assert!(
         server.log_text().contains("HEARTBEAT_TIMEOUT_S"),
@@ -62,7 +62,10 @@ async fn migrate_applies_the_migrations_to_postgres_and_can_run_twice() {
             &[("DATABASE_URL", url.clone())],
             &format!("migrate-{attempt}.log"),
         );
-        let status = migrate.wait_exit(Duration::from_secs(30)).expect("exits");
+        let status = migrate
+            .exited(Duration::from_secs(30))
+            .await
+            .expect("exits");
         assert!(status.success(), "{}", migrate.log_text());
     }
     let pool = sqlx::PgPool::connect(&url).await.expect("connects");

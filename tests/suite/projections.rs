@@ -385,7 +385,8 @@ async fn a_worker_killed_mid_stream_resumes_with_no_event_lost_or_applied_twice(
     );
     worker.signal(nix::sys::signal::Signal::SIGTERM);
     let status = worker
-        .wait_exit(Duration::from_secs(20))
+        .exited(Duration::from_secs(20))
+        .await
         .expect("the worker exits");
     assert!(
         status.success(),

@@ -164,7 +164,7 @@ async fn images_command(release: &Release, arguments: &[&str]) -> (bool, String)
     ];
     let mut all = vec!["images"];
     all.extend_from_slice(arguments);
-    let child = ChildProcess::start(
+    let mut child = ChildProcess::start(
         &crate::whist_binary(),
         &all,
         release.database.data_dir.path(),
@@ -174,13 +174,8 @@ async fn images_command(release: &Release, arguments: &[&str]) -> (bool, String)
             arguments.first().copied().unwrap_or("none")
         ),
     );
-    let (status, log) = tokio::task::spawn_blocking(move || {
-        let mut child = child;
-        let status = child.wait_exit(Duration::from_secs(180));
-        (status, child.log_text())
-    })
-    .await
-    .expect("the wait finishes");
+    let status = child.exited(Duration::from_secs(180)).await;
+    let log = child.log_text();
     let status = status.unwrap_or_else(|| panic!("whist images did not exit: {log}"));
     (status.success(), log)
 }

@@ -608,7 +608,7 @@ async fn processes_killed_at_random_under_load_lose_and_double_nothing() {
         )],
         "events-verify.log",
     );
-    let chain_status = tokio::task::block_in_place(|| chain.wait_exit(Duration::from_secs(120)));
+    let chain_status = chain.exited(Duration::from_secs(120)).await;
     assert!(
         chain_status.is_some_and(|status| status.success()),
         "the hash chain holds after the crashes: {}",
