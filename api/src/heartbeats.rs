@@ -11,6 +11,9 @@ use tokio::sync::watch;
 use whist_adapters::store::Database;
 use whist_domain::instance::InstanceStatus;
 
+/// How long a heartbeat waits for the read of host statuses in flight before answering from the copy it has.
+const REFRESH_WAIT: Duration = Duration::from_millis(500);
+
 /// One heartbeat as the host sent it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Heartbeat {
@@ -24,18 +27,23 @@ pub struct Heartbeat {
 }
 
 /// The latest heartbeat of every host heard by this process, not yet written, and a copy of every host's status
-/// from the `instances` read model, refreshed at most once a second, so that a heartbeat costs no query.
+/// from the `instances` read model, refreshed once a second, so that a heartbeat costs no query.
 #[derive(Clone)]
 pub struct HeartbeatBook {
     pending: Arc<Mutex<HashMap<String, Heartbeat>>>,
-    statuses: Arc<tokio::sync::Mutex<StatusCopy>>,
+    statuses: Arc<Mutex<StatusCopy>>,
+    /// Held by the one request refreshing `statuses`.
+    refreshing: Arc<tokio::sync::Mutex<()>>,
     database: Database,
     timeout: Duration,
 }
 
 #[derive(Default)]
 struct StatusCopy {
+    /// When the copy was last read successfully.
     read_at: Option<std::time::Instant>,
+    /// When a read was last tried, successful or not.
+    tried_at: Option<std::time::Instant>,
     statuses: HashMap<String, (InstanceStatus, i64)>,
 }
 
@@ -43,42 +51,91 @@ impl HeartbeatBook {
     pub fn new(database: Database, timeout: Duration) -> Self {
         Self {
             pending: Arc::new(Mutex::new(HashMap::new())),
-            statuses: Arc::new(tokio::sync::Mutex::new(StatusCopy::default())),
+            statuses: Arc::new(Mutex::new(StatusCopy::default())),
+            refreshing: Arc::new(tokio::sync::Mutex::new(())),
             database,
             timeout,
         }
     }
 
-    /// The host's status and live mandelboxes as of at most a second ago (`None` when the read model does not
-    /// know it yet, or cannot be read).
+    /// The host's status and live mandelboxes as of the last read of the read model, read again when a second old
+    /// (`None` when the read model does not know the host yet, or has never been read).
+    ///
+    /// One read at a time, in a task of its own; heartbeats wait for it at most `REFRESH_WAIT` once a copy exists
+    /// and then answer from the copy they have, so a slow or unreachable database never holds heartbeats up. A
+    /// failed read is tried again a second later, not by every heartbeat in between.
     pub async fn status_of(&self, instance_id: &str) -> Option<(InstanceStatus, i64)> {
-        let mut copy = self.statuses.lock().await;
-        let stale = copy
-            .read_at
-            .is_none_or(|read_at| read_at.elapsed() >= Duration::from_secs(1));
-        if stale {
-            match sqlx::query("SELECT instance_id, status, live_mandelboxes FROM instances")
-                .fetch_all(self.database.any())
-                .await
-            {
-                Ok(rows) => {
-                    copy.statuses = rows
-                        .iter()
-                        .filter_map(|row| {
-                            let id: String = row.try_get("instance_id").ok()?;
-                            let status: String = row.try_get("status").ok()?;
-                            let live: i64 = row.try_get("live_mandelboxes").ok()?;
-                            Some((id, (InstanceStatus::parse(&status)?, live)))
-                        })
-                        .collect();
-                    copy.read_at = Some(std::time::Instant::now());
-                }
-                Err(error) => {
-                    tracing::warn!(error = %error, "could not read host statuses");
-                }
+        if self.copy_is_stale() {
+            if let Ok(guard) = self.refreshing.clone().try_lock_owned() {
+                let book = self.clone();
+                tokio::spawn(async move {
+                    if book.copy_is_stale() {
+                        book.refresh().await;
+                    }
+                    drop(guard);
+                });
+            }
+            // The lock is free again once the read in flight has ended.
+            let read = self.refreshing.lock();
+            if self.copy_exists() {
+                let _ = tokio::time::timeout(REFRESH_WAIT, read).await;
+            } else {
+                let _ = read.await;
             }
         }
-        copy.statuses.get(instance_id).copied()
+        self.statuses
+            .lock()
+            .ok()
+            .and_then(|copy| copy.statuses.get(instance_id).copied())
+    }
+
+    fn copy_exists(&self) -> bool {
+        self.statuses
+            .lock()
+            .is_ok_and(|copy| copy.read_at.is_some())
+    }
+
+    fn copy_is_stale(&self) -> bool {
+        self.statuses.lock().map_or(true, |copy| {
+            copy.tried_at
+                .is_none_or(|tried_at| tried_at.elapsed() >= Duration::from_secs(1))
+        })
+    }
+
+    /// Reads every host's status into the copy (the caller holds `refreshing`); on failure keeps the old copy.
+    /// While the database is known to be down it is not asked.
+    async fn refresh(&self) {
+        if self.database.reachability().is_down() {
+            if let Ok(mut copy) = self.statuses.lock() {
+                copy.tried_at = Some(std::time::Instant::now());
+            }
+            return;
+        }
+        let read = sqlx::query("SELECT instance_id, status, live_mandelboxes FROM instances")
+            .fetch_all(self.database.any())
+            .await;
+        let now = std::time::Instant::now();
+        let Ok(mut copy) = self.statuses.lock() else {
+            return;
+        };
+        copy.tried_at = Some(now);
+        match read {
+            Ok(rows) => {
+                copy.statuses = rows
+                    .iter()
+                    .filter_map(|row| {
+                        let id: String = row.try_get("instance_id").ok()?;
+                        let status: String = row.try_get("status").ok()?;
+                        let live: i64 = row.try_get("live_mandelboxes").ok()?;
+                        Some((id, (InstanceStatus::parse(&status)?, live)))
+                    })
+                    .collect();
+                copy.read_at = Some(now);
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "could not read host statuses; answering from the last copy");
+            }
+        }
     }
 
     /// The silence after which a host counts as unresponsive.

@@ -233,7 +233,9 @@ impl HostApi {
             }),
             _ => None,
         };
-        if let Some(command) = change {
+        // While the database is known to be down the change waits: the copy still shows the old status, so the
+        // host's next heartbeat brings it up again.
+        if let Some(command) = change.filter(|_| !state.database.reachability().is_down()) {
             let metadata = EventMetadata::new(Actor::Host(body.instance_id.clone()), Utc::now());
             if let Err(error) = services
                 .instances
