@@ -504,6 +504,28 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
         "assigns / pgbench",
         100.0 * assign_rate / pgbench.max(1e-9)
     );
+    // What the shape of the work allows: every recorded decision (a unit: one command's events, or an assign's
+    // four aggregates together) is one all-or-nothing append. Were each to cost one pgbench insert and everything
+    // else nothing (HTTP, projections, the reconciler, reads), assigns could not exceed pgbench / units per assign.
+    let units = metric_value(&server_metrics, "whist_append_batch_units_sum");
+    let statements = metric_value(&server_metrics, "whist_append_batch_units_count");
+    if let (Some(units), Some(statements)) = (units, statements) {
+        let per_assign = units / assigned_count;
+        println!(
+            "{:<34} {:>12.2}",
+            "decisions recorded per assign", per_assign
+        );
+        println!(
+            "{:<34} {:>12.1}",
+            "decisions per append statement",
+            units / statements.max(1.0)
+        );
+        println!(
+            "{:<34} {:>11.0}%",
+            "ceiling at 1 pgbench insert each",
+            100.0 / per_assign.max(1e-9)
+        );
+    }
     println!("(targets: assigns >= 50% of pgbench with p99 <= 50 ms; heartbeats >= 20000/s)");
     println!("server metrics:");
     for line in server_metrics.lines().filter(|line| {
@@ -524,7 +546,16 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The log's head: how many events have been given a position.
+/// The value of an unlabelled metric in Prometheus's text format (a summary's `_sum` or `_count`, say).
+fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (metric, value) = line.split_once(' ')?;
+        (metric == name)
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    })
+}
+
 /// Heartbeats over one kept-alive HTTP/1.1 connection, one request at a time, as a host sends them; the hosts of
 /// `hosts` take turns. Built on hyper's connection API rather than reqwest: the load generator shares the machine
 /// with the server, and reqwest's pool and per-request building cost about as much CPU as the server's handling.
@@ -567,6 +598,7 @@ async fn send_heartbeats(
     Ok(())
 }
 
+/// The log's head: how many events have been given a position.
 async fn log_head(database: &Database) -> anyhow::Result<i64> {
     Ok(
         sqlx::query_scalar("SELECT position FROM event_log_head WHERE id = 1")
@@ -642,4 +674,26 @@ fn clock_ticks() -> f64 {
         .and_then(|text| text.trim().parse::<f64>().ok())
         .filter(|ticks| *ticks > 0.0)
         .unwrap_or(100.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metric_value;
+
+    #[test]
+    fn a_metric_is_read_by_its_exact_name_from_the_prometheus_text() {
+        let text = "# TYPE whist_append_batch_units summary\n\
+                    whist_append_batch_units{quantile=\"0.5\"} 3\n\
+                    whist_append_batch_units_sum 5120\n\
+                    whist_append_batch_units_count 640\n";
+        assert_eq!(
+            metric_value(text, "whist_append_batch_units_sum"),
+            Some(5120.0)
+        );
+        assert_eq!(
+            metric_value(text, "whist_append_batch_units_count"),
+            Some(640.0)
+        );
+        assert_eq!(metric_value(text, "whist_append_batch_units"), None);
+    }
 }
