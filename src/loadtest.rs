@@ -1,6 +1,6 @@
-//! `whist loadtest`: a live `whist serve` on a fresh Postgres database with simulated hosts, loaded by 64 desktop
-//! clients (assign, then disconnect) and by heartbeating hosts; prints assigns/s with p50/p99 latency and
-//! heartbeats/s next to pgbench's one-row insert at the same concurrency on the same server.
+//! `whist loadtest`: a live `whist serve` (or several, `--servers`) on a fresh Postgres database with simulated
+//! hosts, loaded by 64 desktop clients (assign, then disconnect) and by heartbeating hosts; prints assigns/s with
+//! p50/p99 latency and heartbeats/s next to pgbench's one-row insert at the same concurrency on the same server.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,6 +33,9 @@ pub struct LoadTestOptions {
     /// Seconds of heartbeat load.
     #[arg(long, default_value_t = 5)]
     heartbeat_seconds: u64,
+    /// `whist serve` processes on the one database; clients and hosts are spread over them in turn.
+    #[arg(long, default_value_t = 1)]
+    servers: usize,
     /// Simulated hosts in the fleet.
     #[arg(long, default_value_t = 40)]
     hosts: usize,
@@ -138,25 +141,25 @@ impl Drop for Server {
     }
 }
 
-async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
-    let port = free_port()?;
-    let host_port = free_port()?;
-    let data_dir = std::env::temp_dir().join(format!("whist-load-{}", std::process::id()));
-    std::fs::create_dir_all(&data_dir)?;
-    let server = Server(
+/// Starts one `whist serve` on `url`, listening on `port`, whose hosts listen on `host_port`.
+fn start_server(
+    url: &str,
+    port: u16,
+    host_port: u16,
+    aws_endpoint: &str,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Server> {
+    Ok(Server(
         std::process::Command::new(std::env::current_exe()?)
             .arg("serve")
-            .current_dir(&data_dir)
+            .current_dir(data_dir)
             .env("DATABASE_URL", url)
             .env("PORT", port.to_string())
             .env("WHIST_CLOUD", "aws")
             .env("WHIST_AUTOSCALE", "false")
             // The load test starts the hosts itself; EC2 is never called for real: its endpoint is a loopback port
             // nothing listens on.
-            .env(
-                "AWS_ENDPOINT_URL",
-                format!("http://127.0.0.1:{}", free_port()?),
-            )
+            .env("AWS_ENDPOINT_URL", aws_endpoint)
             .env("AWS_ACCESS_KEY_ID", "loadtest")
             .env("AWS_SECRET_ACCESS_KEY", "loadtest")
             .env("HOST_SERVICE_SCHEME", "http")
@@ -170,23 +173,49 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
             .stderr(server_log_append()?)
             .spawn()
             .context("Failed to start whist serve")?,
-    );
-    let base = format!("http://127.0.0.1:{port}");
+    ))
+}
+
+async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(options.servers >= 1, "--servers must be at least 1");
+    let host_port = free_port()?;
+    let aws_endpoint = format!("http://127.0.0.1:{}", free_port()?);
+    let data_dir = std::env::temp_dir().join(format!("whist-load-{}", std::process::id()));
+    std::fs::create_dir_all(&data_dir)?;
+    let mut ports = Vec::new();
+    let mut servers = Vec::new();
+    for _ in 0..options.servers {
+        let port = free_port()?;
+        servers.push(start_server(
+            url,
+            port,
+            host_port,
+            &aws_endpoint,
+            &data_dir,
+        )?);
+        ports.push(port);
+    }
+    let bases: Vec<String> = ports
+        .iter()
+        .map(|port| format!("http://127.0.0.1:{port}"))
+        .collect();
+    let base = bases[0].clone();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(options.clients * 2)
         .build()?;
     let started = Instant::now();
-    loop {
-        if client.get(format!("{base}/healthz")).send().await.is_ok() {
-            break;
+    for base in &bases {
+        loop {
+            if client.get(format!("{base}/healthz")).send().await.is_ok() {
+                break;
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(60),
+                "the server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(60),
-            "the server did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-
     // The fleet.
     let database = Database::connect(Some(url), &data_dir, 4).await?;
     let tokens = Tokens::load(&database).await?;
@@ -199,7 +228,7 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
     };
     let mut hosts = Vec::new();
     let mut host_ids = Vec::new();
-    for _ in 0..options.hosts {
+    for host_index in 0..options.hosts {
         let instance_id = uuid::Uuid::new_v4().to_string();
         let bootstrap = tokens.derive(Purpose::Bootstrap, &instance_id);
         instances
@@ -219,7 +248,7 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
                 whist_adapters::simulated_host::SimulatedHostSpec {
                     instance_id: instance_id.clone(),
                     bootstrap_token: bootstrap,
-                    webserver_url: base.clone(),
+                    webserver_url: bases[host_index % bases.len()].clone(),
                     region: spec.region.clone(),
                     image_id: spec.image_id.clone(),
                     instance_type: spec.instance_type.clone(),
@@ -258,14 +287,14 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
     let assigned = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
-    let server_pid = server.0.id();
+    let server_pids: Vec<u32> = servers.iter().map(|server| server.0.id()).collect();
     let head_before = log_head(&database).await?;
-    let cpu_before = CpuTimes::read(server_pid);
+    let cpu_before = CpuTimes::read(&server_pids);
     let assign_started = Instant::now();
     let mut tasks = Vec::new();
     for client_index in 0..options.clients {
         let client = client.clone();
-        let base = base.clone();
+        let base = bases[client_index % bases.len()].clone();
         let tokens = tokens.clone();
         let (assigned, refused, failed) = (assigned.clone(), refused.clone(), failed.clone());
         let keep = options.keep_mandelboxes;
@@ -334,7 +363,7 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
         sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status IN ('pending', 'running')")
             .fetch_one(database.any())
             .await?;
-    let cpu_assigns = CpuTimes::read(server_pid)
+    let cpu_assigns = CpuTimes::read(&server_pids)
         .zip(cpu_before)
         .map(|(after, before)| after.since(&before));
     latencies.sort();
@@ -352,11 +381,11 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
     let heartbeats = Arc::new(AtomicU64::new(0));
     let heartbeat_failures = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(options.heartbeat_seconds);
-    let cpu_before = CpuTimes::read(server_pid);
+    let cpu_before = CpuTimes::read(&server_pids);
     let heartbeat_started = Instant::now();
     let mut tasks = Vec::new();
-    let address: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     for sender in 0..options.clients {
+        let address: std::net::SocketAddr = ([127, 0, 0, 1], ports[sender % ports.len()]).into();
         // Each sender is one host's connection; its bearer token is derived once, as a host does.
         let senders_hosts: Vec<(String, String)> = host_ids
             .iter()
@@ -386,38 +415,44 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
     }
     let heartbeat_rate =
         heartbeats.load(Ordering::Relaxed) as f64 / heartbeat_started.elapsed().as_secs_f64();
-    let cpu_heartbeats = CpuTimes::read(server_pid)
+    let cpu_heartbeats = CpuTimes::read(&server_pids)
         .zip(cpu_before)
         .map(|(after, before)| after.since(&before));
-    // The server's own view: time spent inside assign, and command outcomes (conflicts show contention).
-    let server_metrics = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await
-        .unwrap_or_default();
+    // The servers' own view: time spent inside assign, and command outcomes (conflicts show contention).
+    let mut server_metrics = Vec::new();
+    for base in &bases {
+        server_metrics.push(
+            client
+                .get(format!("{base}/metrics"))
+                .send()
+                .await?
+                .text()
+                .await
+                .unwrap_or_default(),
+        );
+    }
     // Every event the assign phase caused has been sequenced by now (the heartbeat phase records none).
     let events_recorded = log_head(&database).await? - head_before;
     drop(hosts);
-    drop(server);
+    drop(servers);
     database.close().await;
 
     let pool = PgPoolOptions::new().max_connections(1).connect(url).await?;
     pool.execute("CREATE TABLE IF NOT EXISTS pgbench_one_row (id bigserial PRIMARY KEY, payload text NOT NULL)")
         .await?;
     pool.close().await;
-    let machine_before = CpuTimes::read(std::process::id());
+    let machine_before = CpuTimes::read(&[std::process::id()]);
     let pgbench_started = Instant::now();
     let pgbench =
         crate::bench::pgbench_one_row_insert(url, options.clients, options.seconds.min(10))?;
     let pgbench_elapsed = pgbench_started.elapsed().as_secs_f64();
-    let cpu_per_insert = CpuTimes::read(std::process::id())
+    let cpu_per_insert = CpuTimes::read(&[std::process::id()])
         .zip(machine_before)
         .map(|(after, before)| after.since(&before).machine / (pgbench * pgbench_elapsed).max(1.0));
     let assign_rate = assigned.load(Ordering::Relaxed) as f64 / assign_elapsed;
     println!(
-        "whist loadtest: {} clients, {} hosts x {} slots, {} s of assigns, {} s of heartbeats",
+        "whist loadtest: {} server(s), {} clients, {} hosts x {} slots, {} s of assigns, {} s of heartbeats",
+        options.servers,
         options.clients,
         options.hosts,
         options.capacity,
@@ -507,8 +542,8 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
     // What the shape of the work allows: every recorded decision (a unit: one command's events, or an assign's
     // four aggregates together) is one all-or-nothing append. Were each to cost one pgbench insert and everything
     // else nothing (HTTP, projections, the reconciler, reads), assigns could not exceed pgbench / units per assign.
-    let units = metric_value(&server_metrics, "whist_append_batch_units_sum");
-    let statements = metric_value(&server_metrics, "whist_append_batch_units_count");
+    let units = metric_total(&server_metrics, "whist_append_batch_units_sum");
+    let statements = metric_total(&server_metrics, "whist_append_batch_units_count");
     if let (Some(units), Some(statements)) = (units, statements) {
         let per_assign = units / assigned_count;
         println!(
@@ -527,7 +562,15 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
         );
     }
     println!("(targets: assigns >= 50% of pgbench with p99 <= 50 ms; heartbeats >= 20000/s)");
-    println!("server metrics:");
+    for (index, metrics) in server_metrics.iter().enumerate() {
+        println!("server {index} metrics:");
+        print_assign_metrics(metrics);
+    }
+    Ok(())
+}
+
+/// The lines of a server's metrics that say where assigns spent their time and how commands fared.
+fn print_assign_metrics(server_metrics: &str) {
     for line in server_metrics.lines().filter(|line| {
         line.starts_with("whist_commands_total")
             || line.starts_with("whist_units_total")
@@ -543,7 +586,14 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
     }) {
         println!("  {line}");
     }
-    Ok(())
+}
+
+/// An unlabelled metric summed over several servers' metrics (`None` when no server has it).
+fn metric_total(texts: &[String], name: &str) -> Option<f64> {
+    texts
+        .iter()
+        .filter_map(|text| metric_value(text, name))
+        .fold(None, |total, value| Some(total.unwrap_or(0.0) + value))
 }
 
 /// The value of an unlabelled metric in Prometheus's text format (a summary's `_sum` or `_count`, say).
@@ -617,7 +667,7 @@ struct CpuTimes {
 }
 
 impl CpuTimes {
-    fn read(server_pid: u32) -> Option<Self> {
+    fn read(server_pids: &[u32]) -> Option<Self> {
         let ticks = clock_ticks();
         let stat = std::fs::read_to_string("/proc/stat").ok()?;
         let fields: Vec<u64> = stat
@@ -637,7 +687,11 @@ impl CpuTimes {
             .sum();
         Some(Self {
             machine: busy as f64 / ticks,
-            server: process_ticks(server_pid)? / ticks,
+            server: server_pids
+                .iter()
+                .map(|pid| process_ticks(*pid))
+                .sum::<Option<f64>>()?
+                / ticks,
             generator: process_ticks(std::process::id())? / ticks,
         })
     }
@@ -678,7 +732,7 @@ fn clock_ticks() -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::metric_value;
+    use super::{metric_total, metric_value};
 
     #[test]
     fn a_metric_is_read_by_its_exact_name_from_the_prometheus_text() {
@@ -695,5 +749,19 @@ mod tests {
             Some(640.0)
         );
         assert_eq!(metric_value(text, "whist_append_batch_units"), None);
+    }
+
+    #[test]
+    fn a_metric_is_summed_over_the_servers_that_have_it() {
+        let texts = [
+            "whist_append_batch_units_sum 10\n".to_string(),
+            "whist_append_batch_units_sum 32\n".to_string(),
+            "other 1\n".to_string(),
+        ];
+        assert_eq!(
+            metric_total(&texts, "whist_append_batch_units_sum"),
+            Some(42.0)
+        );
+        assert_eq!(metric_total(&texts, "missing"), None);
     }
 }
