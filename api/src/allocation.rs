@@ -112,6 +112,7 @@ pub async fn assign(
     let mandelbox_id = Uuid::new_v4().to_string();
     let mut catalog = None;
     for _ in 0..UNIT_ATTEMPTS {
+        let mut host = None;
         if let Some(outcome) = attempt(
             state,
             request,
@@ -119,10 +120,16 @@ pub async fn assign(
             &regions,
             &mandelbox_id,
             &mut catalog,
+            &mut host,
         )
         .await?
         {
             return Ok(outcome);
+        }
+        // Most often another process took a slot on the same host: this process tries other hosts first for a
+        // while (the next attempt included).
+        if let Some(host) = host {
+            state.services.host_locks.mark_contended(&host);
         }
         metrics::counter!("whist_assign_conflicts_total").increment(1);
     }
@@ -132,7 +139,8 @@ pub async fn assign(
 }
 
 /// One attempt: every decision staged in one unit and recorded at once. `None` when another writer got to one of
-/// the aggregates first (nothing was recorded; the stores read what they missed before the next attempt).
+/// the aggregates first (nothing was recorded; the stores read what they missed before the next attempt); `host`
+/// then names the host whose slot the attempt had staged.
 async fn attempt(
     state: &AppState,
     request: &AssignRequest,
@@ -140,6 +148,7 @@ async fn attempt(
     regions: &[&String],
     mandelbox_id: &str,
     catalog: &mut Option<ImageCatalog>,
+    host: &mut Option<String>,
 ) -> Result<Option<Result<Assigned, Refusal>>, AssignFailure> {
     let services = &state.services;
     let mut unit = Unit::new(metadata);
@@ -212,6 +221,7 @@ async fn attempt(
                 .await
             {
                 Ok(()) => {
+                    *host = Some(instance_id.clone());
                     placed = Some((instance_id, ip, region.to_string(), guard));
                     break 'regions;
                 }
@@ -320,11 +330,13 @@ fn phase(name: &'static str, since: Instant) {
 
 /// The candidates in the order to try them: first the fullest host no other request of this process is
 /// allocating on right now, with its lock already held (concurrent assigns spread instead of queueing), then the
-/// others in order (from a random one when none is free), whose locks are taken when their turn comes.
+/// others in order (from a random one when none is free), whose locks are taken when their turn comes. Hosts on
+/// which this process recently lost to another writer come after the rest, in the same order.
 fn lock_order(
     services: &crate::services::Services,
     mut candidates: Vec<(String, String)>,
 ) -> Vec<(String, String, Option<OwnedMutexGuard<()>>)> {
+    candidates.sort_by_key(|(instance_id, _)| services.host_locks.is_contended(instance_id));
     let free = candidates
         .iter()
         .enumerate()

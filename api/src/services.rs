@@ -44,13 +44,38 @@ pub struct Services {
 
 /// One lock per host within this process: commands on one host's aggregate from this process queue here instead of
 /// colliding in the store (a collision costs a round trip, a catch-up read and a retry). Across processes the
-/// store's optimistic concurrency still decides.
+/// store's optimistic concurrency still decides; a host on which an assign of this process lost to another writer
+/// is marked contended for `CONTENDED_FOR`, and assigns of this process try it after the others meanwhile, so that
+/// several processes spread over hosts instead of all racing for the fullest.
 #[derive(Default)]
 pub struct HostLocks {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    contended: Mutex<HashMap<String, std::time::Instant>>,
 }
 
+/// How long a host on which an assign lost to another writer is tried after the others.
+const CONTENDED_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl HostLocks {
+    /// Marks a host on which an assign of this process lost to another writer.
+    pub fn mark_contended(&self, instance_id: &str) {
+        if let Ok(mut contended) = self.contended.lock() {
+            if contended.len() > 10_000 {
+                contended.retain(|_, since| since.elapsed() < CONTENDED_FOR);
+            }
+            contended.insert(instance_id.to_string(), std::time::Instant::now());
+        }
+    }
+
+    /// Whether an assign of this process lost to another writer on this host within `CONTENDED_FOR`.
+    pub fn is_contended(&self, instance_id: &str) -> bool {
+        self.contended.lock().is_ok_and(|contended| {
+            contended
+                .get(instance_id)
+                .is_some_and(|since| since.elapsed() < CONTENDED_FOR)
+        })
+    }
+
     /// The lock of one host.
     pub fn of(&self, instance_id: &str) -> Arc<tokio::sync::Mutex<()>> {
         let Ok(mut locks) = self.locks.lock() else {
@@ -152,7 +177,7 @@ impl RateLimiter {
 
 #[cfg(test)]
 mod tests {
-    use super::RateLimiter;
+    use super::{HostLocks, RateLimiter, CONTENDED_FOR};
 
     #[test]
     fn a_key_over_its_limit_is_refused_and_others_are_not() {
@@ -167,5 +192,21 @@ mod tests {
     fn a_limit_of_zero_turns_limiting_off() {
         let limiter = RateLimiter::new(0);
         assert!((0..1000).all(|_| limiter.allow("a")));
+    }
+
+    #[test]
+    fn a_host_is_contended_only_once_an_assign_lost_on_it_and_only_for_a_while() {
+        let locks = HostLocks::default();
+        assert!(!locks.is_contended("i-1"));
+        locks.mark_contended("i-1");
+        assert!(locks.is_contended("i-1"));
+        assert!(!locks.is_contended("i-2"));
+        if let Ok(mut contended) = locks.contended.lock() {
+            contended.insert(
+                "i-1".to_string(),
+                std::time::Instant::now() - CONTENDED_FOR - std::time::Duration::from_millis(1),
+            );
+        }
+        assert!(!locks.is_contended("i-1"));
     }
 }
