@@ -336,7 +336,7 @@ fn lock_order(
     services: &crate::services::Services,
     mut candidates: Vec<(String, String)>,
 ) -> Vec<(String, String, Option<OwnedMutexGuard<()>>)> {
-    candidates.sort_by_key(|(instance_id, _)| services.host_locks.is_contended(instance_id));
+    services.host_locks.put_contended_last(&mut candidates);
     let free = candidates
         .iter()
         .enumerate()

@@ -56,12 +56,17 @@ pub struct HostLocks {
 /// How long a host on which an assign lost to another writer is tried after the others.
 const CONTENDED_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Whether a host marked contended at `since` still is.
+fn recently(since: Option<&std::time::Instant>) -> bool {
+    since.is_some_and(|since| since.elapsed() < CONTENDED_FOR)
+}
+
 impl HostLocks {
     /// Marks a host on which an assign of this process lost to another writer.
     pub fn mark_contended(&self, instance_id: &str) {
         if let Ok(mut contended) = self.contended.lock() {
             if contended.len() > 10_000 {
-                contended.retain(|_, since| since.elapsed() < CONTENDED_FOR);
+                contended.retain(|_, since| recently(Some(since)));
             }
             contended.insert(instance_id.to_string(), std::time::Instant::now());
         }
@@ -69,11 +74,19 @@ impl HostLocks {
 
     /// Whether an assign of this process lost to another writer on this host within `CONTENDED_FOR`.
     pub fn is_contended(&self, instance_id: &str) -> bool {
-        self.contended.lock().is_ok_and(|contended| {
-            contended
-                .get(instance_id)
-                .is_some_and(|since| since.elapsed() < CONTENDED_FOR)
-        })
+        self.contended
+            .lock()
+            .is_ok_and(|contended| recently(contended.get(instance_id)))
+    }
+
+    /// Moves the contended hosts among `candidates` after the others, each group keeping its order.
+    pub fn put_contended_last<T>(&self, candidates: &mut [(String, T)]) {
+        if let Ok(contended) = self.contended.lock() {
+            if !contended.is_empty() {
+                candidates
+                    .sort_by_cached_key(|(instance_id, _)| recently(contended.get(instance_id)));
+            }
+        }
     }
 
     /// The lock of one host.
@@ -208,5 +221,27 @@ mod tests {
             );
         }
         assert!(!locks.is_contended("i-1"));
+    }
+
+    #[test]
+    fn contended_hosts_go_last_and_each_group_keeps_its_order() {
+        let locks = HostLocks::default();
+        let mut candidates: Vec<(String, ())> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|id| (id.to_string(), ()))
+            .collect();
+        locks.put_contended_last(&mut candidates);
+        let order = |candidates: &[(String, ())]| {
+            candidates
+                .iter()
+                .map(|(id, _)| id.as_str())
+                .collect::<Vec<_>>()
+                .join("")
+        };
+        assert_eq!(order(&candidates), "abcd");
+        locks.mark_contended("a");
+        locks.mark_contended("c");
+        locks.put_contended_last(&mut candidates);
+        assert_eq!(order(&candidates), "bdac");
     }
 }
