@@ -583,6 +583,7 @@ fn print_assign_metrics(server_metrics: &str) {
             || (line.starts_with("whist_assign_seconds") && line.contains("quantile=\"0.99\""))
             || line.starts_with("whist_assign_seconds_count")
             || line.starts_with("whist_jobs_total")
+            || line.starts_with("whist_catch_up_events_total")
     }) {
         println!("  {line}");
     }

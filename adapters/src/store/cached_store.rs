@@ -136,6 +136,9 @@ where
             .catch_up
             .get_last_events::<A>(aggregate_id, remembered.version)
             .await?;
+        // Events another process appended since this copy was remembered: how stale copies of each type run.
+        metrics::counter!("whist_catch_up_events_total", "aggregate" => A::TYPE)
+            .increment(events.len() as u64);
         for event in events {
             let event = DomainUpcaster.upcast_if_needed(event);
             let payload: A::Event = serde_json::from_value(event.payload)
