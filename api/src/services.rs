@@ -72,8 +72,10 @@ impl HostLocks {
         }
     }
 
-    /// Whether an assign of this process lost to another writer on this host within `CONTENDED_FOR`.
-    pub fn is_contended(&self, instance_id: &str) -> bool {
+    /// Whether an assign of this process lost to another writer on this host within `CONTENDED_FOR` (assigns use
+    /// `put_contended_last`; this is for tests).
+    #[cfg(test)]
+    fn is_contended(&self, instance_id: &str) -> bool {
         self.contended
             .lock()
             .is_ok_and(|contended| recently(contended.get(instance_id)))
