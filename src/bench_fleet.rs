@@ -114,6 +114,7 @@ async fn state(
 ) -> anyhow::Result<(AppState, Background)> {
     let mut sources = Sources::default();
     for (key, value) in [
+        ("ENVIRONMENT", "local".to_string()),
         ("DATABASE_URL", url.to_string()),
         ("WHIST_CLOUD", "aws".to_string()),
         ("AWS_ENDPOINT_URL", endpoint.to_string()),

@@ -156,6 +156,9 @@ fn start_server(
             .env("DATABASE_URL", url)
             .env("PORT", port.to_string())
             .env("WHIST_CLOUD", "aws")
+            // Local: the load test's clients sign in with development tokens.
+            .env("ENVIRONMENT", "local")
+            .env("WHIST_DEPLOYMENT", "whist-loadtest")
             .env("WHIST_AUTOSCALE", "false")
             // The load test starts the hosts itself; EC2 is never called for real: its endpoint is a loopback port
             // nothing listens on.

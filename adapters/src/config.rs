@@ -24,9 +24,29 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str("Secret([redacted])")
+        formatter.write_str("[redacted]")
     }
 }
+
+/// One key of `WHIST_TOKEN_KEYS`: its id (carried by every token it signs) and its bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenKey {
+    pub id: String,
+    pub bytes: Vec<u8>,
+}
+
+impl fmt::Debug for TokenKey {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("TokenKey")
+            .field("id", &self.id)
+            .field("bytes", &"[redacted]")
+            .finish()
+    }
+}
+
+/// The shortest token key `WHIST_TOKEN_KEYS` accepts, in bytes.
+pub const MIN_TOKEN_KEY_BYTES: usize = 32;
 
 /// The stage this process runs in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +117,8 @@ pub struct AwsSettings {
     pub endpoint_url: Option<String>,
     /// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`, when both are set.
     pub static_credentials: Option<(String, Secret)>,
-    /// `WHIST_DEPLOYMENT`: the tag value that marks this deployment's instances (default: the environment name).
+    /// `WHIST_DEPLOYMENT`: the tag value that marks this deployment's instances. Required with `WHIST_CLOUD=aws`
+    /// (two deployments sharing a tag would terminate each other's hosts in repair); `local` otherwise.
     pub deployment: String,
 }
 
@@ -132,6 +153,26 @@ pub struct Settings {
     pub assign_rate_limit_per_ip_per_minute: u32,
     pub hirefire_token: Option<Secret>,
     pub fleet: FleetSettings,
+    /// `WHIST_TOKEN_KEYS`: the keys that derive host, bootstrap and protocol tokens, the first one signing. Required
+    /// outside `local`; empty in `local` when unset (a key is then generated and kept in the event database).
+    pub token_keys: Vec<TokenKey>,
+    /// `TRUSTED_PROXIES`: the load balancers in front of the webserver, whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// `HOST_NETWORK_CIDRS`: the networks a host's registered address must fall in.
+    pub host_network_cidrs: Vec<ipnet::IpNet>,
+    /// `MAX_MANDELBOX_CAPACITY` (64): the most mandelboxes one host may declare at registration.
+    pub max_mandelbox_capacity: u32,
+    /// `JWKS_CACHE_TTL_S` (600): how long fetched Auth0 signing keys are trusted before they must be fetched again.
+    pub jwks_cache_ttl: Duration,
+    /// `SWEEP_MAX_SILENT_FRACTION` (0.5): when more than this share of a region's registered hosts are silent at
+    /// once, the sweeper terminates none of them (our heartbeat path is broken, not the fleet).
+    pub sweep_max_silent_fraction: f64,
+    /// `WHIST_HTTP_HEADER_TIMEOUT_S` (15): a connection that has not sent a whole request head this long after it
+    /// opened, or after its previous answer, is closed (slowloris).
+    pub http_header_timeout: Duration,
+    /// `WHIST_FAULT_PANIC_LOOP` (unset): fault injection for resilience tests — the named background loop panics
+    /// once, shortly after it starts, so that its supervisor can be seen restarting it.
+    pub fault_panic_loop: Option<String>,
 }
 
 /// How the fleet is kept: the autoscaler, the repair against the cloud, and the timeouts that end hosts.
@@ -164,6 +205,11 @@ pub struct FleetSettings {
 pub enum ConfigError {
     #[error("configuration key {key} is malformed: {expected}")]
     Malformed { key: String, expected: &'static str },
+    #[error("configuration key {key} is required: {why}")]
+    Missing {
+        key: &'static str,
+        why: &'static str,
+    },
     #[error("could not read the config database table {table}")]
     ConfigDatabase {
         table: &'static str,
@@ -243,6 +289,29 @@ impl Sources {
     }
 }
 
+/// The stage, from `ENVIRONMENT`. Unset means `local` only while nothing production-shaped is configured: a Postgres
+/// `DATABASE_URL`, `WHIST_CLOUD=aws`, `AUTH0_DOMAIN` or `AUTH0_JWKS_URL`. Otherwise start-up fails naming
+/// `ENVIRONMENT`, so that a production deployment that forgot it never accepts development tokens.
+fn resolve_environment(sources: &Sources) -> Result<Environment, ConfigError> {
+    if let Some(value) = sources.raw("ENVIRONMENT") {
+        return parse_environment(Some(&value));
+    }
+    let production_shaped = sources.raw("DATABASE_URL").is_some()
+        || sources
+            .raw("WHIST_CLOUD")
+            .is_some_and(|cloud| cloud.trim() == "aws")
+        || sources.raw("AUTH0_DOMAIN").is_some()
+        || sources.raw("AUTH0_JWKS_URL").is_some();
+    if production_shaped {
+        return Err(ConfigError::Missing {
+            key: "ENVIRONMENT",
+            why: "a production-shaped setting (DATABASE_URL, WHIST_CLOUD=aws, AUTH0_DOMAIN or AUTH0_JWKS_URL) is \
+                  configured; set ENVIRONMENT to local, dev, staging or prod",
+        });
+    }
+    Ok(Environment::Local)
+}
+
 fn parse_environment(value: Option<&String>) -> Result<Environment, ConfigError> {
     match value.map(|value| value.trim()) {
         None | Some("") | Some("local") => Ok(Environment::Local),
@@ -278,7 +347,7 @@ impl Settings {
     /// # Errors
     /// A key is malformed.
     pub fn from_sources(sources: &Sources) -> Result<Self, ConfigError> {
-        let environment = parse_environment(sources.environment.get("ENVIRONMENT"))?;
+        let environment = resolve_environment(sources)?;
         let port = sources.parse("PORT", 7730u16, "a port number (1-65535)", |value| {
             value.parse::<u16>().ok().filter(|port| *port > 0)
         })?;
@@ -350,9 +419,19 @@ impl Settings {
             static_credentials: sources
                 .raw("AWS_ACCESS_KEY_ID")
                 .zip(sources.raw("AWS_SECRET_ACCESS_KEY").map(Secret::new)),
-            deployment: sources
-                .raw("WHIST_DEPLOYMENT")
-                .unwrap_or_else(|| environment.as_str().to_string()),
+            deployment: match (sources.raw("WHIST_DEPLOYMENT"), cloud) {
+                (Some(_), _) => sources.parse(
+                    "WHIST_DEPLOYMENT",
+                    String::new(),
+                    "a tag value of letters, digits, '.', '_' and '-' (at most 64)",
+                    |value| is_deployment_tag(value).then(|| value.to_string()),
+                )?,
+                (None, CloudKind::Aws) => return Err(ConfigError::Missing {
+                    key: "WHIST_DEPLOYMENT",
+                    why: "WHIST_CLOUD=aws needs the tag that marks this deployment's EC2 instances",
+                }),
+                (None, CloudKind::Local) => "local".to_string(),
+            },
         };
         let enabled_regions = sources.parse(
             "ENABLED_REGIONS",
@@ -467,6 +546,54 @@ impl Settings {
             )?,
             hirefire_token: sources.raw("HIREFIRE_TOKEN").map(Secret::new),
             fleet: FleetSettings::from_sources(sources)?,
+            token_keys: match sources.raw("WHIST_TOKEN_KEYS") {
+                Some(_) => sources.parse(
+                    "WHIST_TOKEN_KEYS",
+                    Vec::new(),
+                    "comma-separated id:base64 entries, each key at least 32 bytes, ids unique",
+                    parse_token_keys,
+                )?,
+                None if environment == Environment::Local => Vec::new(),
+                None => {
+                    return Err(ConfigError::Missing {
+                        key: "WHIST_TOKEN_KEYS",
+                        why: "outside ENVIRONMENT=local the keys that derive host, bootstrap and protocol tokens \
+                              must come from the environment (id:base64 entries, the first one signing)",
+                    })
+                }
+            },
+            trusted_proxies: sources.parse(
+                "TRUSTED_PROXIES",
+                Vec::new(),
+                "a JSON list of CIDRs, for example [\"10.0.0.0/8\"]",
+                parse_cidrs,
+            )?,
+            host_network_cidrs: sources.parse(
+                "HOST_NETWORK_CIDRS",
+                default_host_networks(cloud),
+                "a JSON list of CIDRs, for example [\"10.0.0.0/8\"]",
+                parse_cidrs,
+            )?,
+            max_mandelbox_capacity: sources.parse(
+                "MAX_MANDELBOX_CAPACITY",
+                64u32,
+                "a whole number, at least 1",
+                |value| value.parse().ok().filter(|capacity| *capacity > 0),
+            )?,
+            jwks_cache_ttl: seconds(sources, "JWKS_CACHE_TTL_S", 600)?,
+            sweep_max_silent_fraction: sources.parse(
+                "SWEEP_MAX_SILENT_FRACTION",
+                0.5f64,
+                "a fraction between 0 and 1",
+                |value| {
+                    value
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|fraction| (0.0..=1.0).contains(fraction))
+                },
+            )?,
+            http_header_timeout: seconds(sources, "WHIST_HTTP_HEADER_TIMEOUT_S", 15)?,
+            fault_panic_loop: sources.raw("WHIST_FAULT_PANIC_LOOP"),
         })
     }
 
@@ -512,6 +639,62 @@ impl FleetSettings {
             )?),
         })
     }
+}
+
+/// `id:base64,id:base64`: ids of letters, digits, `_` and `-` (at most 32, unique), keys of at least
+/// [`MIN_TOKEN_KEY_BYTES`] bytes in standard or URL-safe base64.
+fn parse_token_keys(value: &str) -> Option<Vec<TokenKey>> {
+    use base64::Engine;
+    let mut keys: Vec<TokenKey> = Vec::new();
+    for entry in value.split(',') {
+        let (id, encoded) = entry.trim().split_once(':')?;
+        let valid_id = !id.is_empty()
+            && id.len() <= 32
+            && id.chars().all(|character| {
+                character.is_ascii_alphanumeric() || matches!(character, '_' | '-')
+            });
+        if !valid_id || keys.iter().any(|key| key.id == id) {
+            return None;
+        }
+        let encoded = encoded.trim().trim_end_matches('=');
+        let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(encoded)
+            .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(encoded))
+            .ok()?;
+        if bytes.len() < MIN_TOKEN_KEY_BYTES {
+            return None;
+        }
+        keys.push(TokenKey {
+            id: id.to_string(),
+            bytes,
+        });
+    }
+    (!keys.is_empty()).then_some(keys)
+}
+
+fn parse_cidrs(value: &str) -> Option<Vec<ipnet::IpNet>> {
+    serde_json::from_str::<Vec<String>>(value)
+        .ok()?
+        .iter()
+        .map(|cidr| cidr.trim().parse::<ipnet::IpNet>().ok())
+        .collect()
+}
+
+/// Simulated hosts listen on loopback; EC2 hosts have private addresses.
+fn default_host_networks(cloud: CloudKind) -> Vec<ipnet::IpNet> {
+    let cidrs: &[&str] = match cloud {
+        CloudKind::Local => &["127.0.0.0/8"],
+        CloudKind::Aws => &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"],
+    };
+    cidrs.iter().filter_map(|cidr| cidr.parse().ok()).collect()
+}
+
+fn is_deployment_tag(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 64
+        && value.chars().all(|character| {
+            character.is_ascii_alphanumeric() || matches!(character, '.' | '_' | '-')
+        })
 }
 
 fn parse_url(value: &str) -> Option<String> {
@@ -573,11 +756,135 @@ mod tests {
             Duration::from_secs(120)
         );
         assert_eq!(settings.fleet.fault_pause_after_launch, Duration::ZERO);
+        assert_eq!(settings.aws.deployment, "local");
+        assert!(settings.token_keys.is_empty(), "local generates its key");
+        assert!(settings.trusted_proxies.is_empty());
+        assert_eq!(
+            settings.host_network_cidrs,
+            vec!["127.0.0.0/8".parse::<ipnet::IpNet>().expect("a CIDR")]
+        );
+        assert_eq!(settings.max_mandelbox_capacity, 64);
+        assert_eq!(settings.jwks_cache_ttl, Duration::from_secs(600));
+        assert_eq!(settings.sweep_max_silent_fraction, 0.5);
+    }
+
+    /// A key of `WHIST_TOKEN_KEYS` (32 bytes of `byte`, base64).
+    fn key_entry(id: &str, byte: u8) -> String {
+        use base64::Engine;
+        format!(
+            "{id}:{}",
+            base64::engine::general_purpose::STANDARD.encode([byte; 32])
+        )
+    }
+
+    #[test]
+    fn a_production_shaped_setting_without_environment_stops_start_up_naming_it() {
+        for shaped in [
+            ("DATABASE_URL", "postgres://127.0.0.1/whist"),
+            ("WHIST_CLOUD", "aws"),
+            ("AUTH0_DOMAIN", "whist.us.auth0.com"),
+            ("AUTH0_JWKS_URL", "http://127.0.0.1:9/jwks.json"),
+        ] {
+            let error = Settings::from_sources(&sources(&[shaped])).expect_err("refused");
+            assert!(
+                error.to_string().contains("ENVIRONMENT"),
+                "{shaped:?}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn outside_local_the_token_keys_are_required() {
+        let error =
+            Settings::from_sources(&sources(&[("ENVIRONMENT", "prod")])).expect_err("refused");
+        assert!(error.to_string().contains("WHIST_TOKEN_KEYS"), "{error}");
+        let settings = Settings::from_sources(&sources(&[
+            ("ENVIRONMENT", "prod"),
+            (
+                "WHIST_TOKEN_KEYS",
+                &format!("{},{}", key_entry("k2", 2), key_entry("k1", 1)),
+            ),
+        ]))
+        .expect("valid");
+        let ids: Vec<&str> = settings
+            .token_keys
+            .iter()
+            .map(|key| key.id.as_str())
+            .collect();
+        assert_eq!(ids, ["k2", "k1"], "the first one signs");
+        assert!(
+            !format!("{settings:?}").contains("AgICAgIC"),
+            "key bytes are redacted"
+        );
+    }
+
+    #[test]
+    fn a_short_or_repeated_token_key_is_malformed() {
+        for keys in [
+            "k1:c2hvcnQ".to_string(),
+            format!("{},{}", key_entry("k1", 1), key_entry("k1", 2)),
+            "no-colon".to_string(),
+            format!("bad id{}", &key_entry("", 1)),
+        ] {
+            let error = Settings::from_sources(&sources(&[
+                ("ENVIRONMENT", "dev"),
+                ("WHIST_TOKEN_KEYS", &keys),
+            ]))
+            .expect_err("refused");
+            assert!(error.to_string().contains("WHIST_TOKEN_KEYS"), "{error}");
+        }
+    }
+
+    #[test]
+    fn ec2_needs_a_deployment_tag() {
+        let error = Settings::from_sources(&sources(&[
+            ("ENVIRONMENT", "local"),
+            ("WHIST_CLOUD", "aws"),
+        ]))
+        .expect_err("refused");
+        assert!(error.to_string().contains("WHIST_DEPLOYMENT"), "{error}");
+        let settings = Settings::from_sources(&sources(&[
+            ("ENVIRONMENT", "local"),
+            ("WHIST_CLOUD", "aws"),
+            ("WHIST_DEPLOYMENT", "whist-staging"),
+        ]))
+        .expect("valid");
+        assert_eq!(settings.aws.deployment, "whist-staging");
+        assert_eq!(
+            settings.host_network_cidrs,
+            ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
+                .iter()
+                .map(|cidr| cidr.parse::<ipnet::IpNet>().expect("a CIDR"))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn network_lists_must_be_json_lists_of_cidrs() {
+        for key in ["TRUSTED_PROXIES", "HOST_NETWORK_CIDRS"] {
+            let error =
+                Settings::from_sources(&sources(&[(key, "10.0.0.0/8")])).expect_err("refused");
+            assert!(error.to_string().contains(key), "{error}");
+            let error = Settings::from_sources(&sources(&[(key, r#"["10.0.0.0/33"]"#)]))
+                .expect_err("refused");
+            assert!(error.to_string().contains(key), "{error}");
+        }
+        let settings = Settings::from_sources(&sources(&[(
+            "TRUSTED_PROXIES",
+            r#"["10.1.0.0/16","::1/128"]"#,
+        )]))
+        .expect("valid");
+        assert_eq!(settings.trusted_proxies.len(), 2);
     }
 
     #[test]
     fn real_hosts_are_reached_over_https_by_default() {
-        let settings = Settings::from_sources(&sources(&[("WHIST_CLOUD", "aws")])).expect("valid");
+        let settings = Settings::from_sources(&sources(&[
+            ("ENVIRONMENT", "local"),
+            ("WHIST_CLOUD", "aws"),
+            ("WHIST_DEPLOYMENT", "whist-test"),
+        ]))
+        .expect("valid");
         assert_eq!(settings.host_service_scheme, "https");
     }
 
@@ -592,8 +899,11 @@ mod tests {
 
     #[test]
     fn a_malformed_secret_is_named_but_never_shown() {
-        let error = Settings::from_sources(&sources(&[("DATABASE_URL", "mysql://u:hunter2@h/db")]))
-            .expect_err("refused");
+        let error = Settings::from_sources(&sources(&[
+            ("ENVIRONMENT", "local"),
+            ("DATABASE_URL", "mysql://u:hunter2@h/db"),
+        ]))
+        .expect_err("refused");
         let message = error.to_string();
         assert!(message.contains("DATABASE_URL"));
         assert!(!message.contains("hunter2"));
@@ -602,6 +912,7 @@ mod tests {
     #[test]
     fn secrets_are_redacted_in_debug_output() {
         let settings = Settings::from_sources(&sources(&[
+            ("ENVIRONMENT", "local"),
             ("STRIPE_SECRET", "sk_test_hunter2"),
             ("DATABASE_URL", "postgres://u:hunter2@127.0.0.1/db"),
         ]))
@@ -637,8 +948,11 @@ mod tests {
 
     #[test]
     fn auth0_urls_are_derived_from_the_domain_unless_overridden() {
-        let settings = Settings::from_sources(&sources(&[("AUTH0_DOMAIN", "whist.us.auth0.com")]))
-            .expect("valid");
+        let settings = Settings::from_sources(&sources(&[
+            ("ENVIRONMENT", "local"),
+            ("AUTH0_DOMAIN", "whist.us.auth0.com"),
+        ]))
+        .expect("valid");
         assert_eq!(
             settings.auth0.jwks_url.as_deref(),
             Some("https://whist.us.auth0.com/.well-known/jwks.json")
@@ -648,6 +962,7 @@ mod tests {
             Some("https://whist.us.auth0.com/")
         );
         let settings = Settings::from_sources(&sources(&[
+            ("ENVIRONMENT", "local"),
             ("AUTH0_DOMAIN", "whist.us.auth0.com"),
             ("AUTH0_JWKS_URL", "http://127.0.0.1:9/jwks.json"),
         ]))

@@ -114,7 +114,7 @@ impl Services {
     pub async fn new(settings: &Settings, database: &Database) -> Result<Self, ServicesError> {
         Ok(Self {
             verifier: TokenVerifier::new(settings),
-            tokens: Tokens::load(database).await?,
+            tokens: Tokens::for_settings(settings, database).await?,
             instances: AggregateStore::new(database, ()),
             mandelboxes: AggregateStore::new(database, ()),
             sessions: AggregateStore::new(database, ()),
@@ -148,8 +148,8 @@ impl Services {
 /// Why the services could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ServicesError {
-    #[error("could not read or create the server key")]
-    Tokens(#[from] sqlx::Error),
+    #[error("could not prepare the token keys")]
+    Tokens(#[from] whist_adapters::tokens::TokenKeysError),
     #[error("could not build the Stripe client")]
     Stripe(#[from] StripeApiError),
 }

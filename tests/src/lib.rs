@@ -100,6 +100,9 @@ impl TestDatabase {
     /// Settings for a server on this database: defaults, port 0.
     pub fn settings(&self) -> Settings {
         let mut sources = Sources::default();
+        sources
+            .environment
+            .insert("ENVIRONMENT".to_string(), "local".to_string());
         if let Some(url) = &self.url {
             sources
                 .environment
@@ -431,6 +434,10 @@ impl ChildProcess {
                 format!("http://127.0.0.1:{}", free_port()),
             )
             .env("WHIST_DB_POOL_SIZE", TEST_POOL_SIZE.to_string())
+            // Tests run the binary as a developer would, unless their own environment says otherwise (an empty
+            // value counts as unset); with `WHIST_CLOUD=aws` their instances carry the tests' tag.
+            .env("ENVIRONMENT", "local")
+            .env("WHIST_DEPLOYMENT", "whist-test")
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .stdin(Stdio::null())

@@ -26,6 +26,9 @@ async fn config_database_with(rows: &[(&str, &str)], table: &str) -> TestDatabas
     database
 }
 
+/// One token key (32 bytes), as production-shaped settings require.
+const TOKEN_KEYS: &str = "k1:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+
 fn environment(pairs: &[(&str, &str)]) -> Sources {
     Sources {
         environment: pairs
@@ -50,6 +53,7 @@ async fn the_config_database_table_of_the_stage_fills_what_the_environment_leave
     let sources = environment(&[
         ("CONFIG_DB_URL", config.url.as_deref().expect("url")),
         ("ENVIRONMENT", "staging"),
+        ("WHIST_TOKEN_KEYS", TOKEN_KEYS),
         ("PORT", "8000"),
     ])
     .with_config_database()
@@ -75,6 +79,7 @@ async fn a_malformed_value_in_the_config_database_names_its_key() {
     let sources = environment(&[
         ("CONFIG_DB_URL", config.url.as_deref().expect("url")),
         ("ENVIRONMENT", "prod"),
+        ("WHIST_TOKEN_KEYS", TOKEN_KEYS),
     ])
     .with_config_database()
     .await

@@ -295,6 +295,10 @@ mod tests {
         sources
             .environment
             .insert("ENVIRONMENT".to_string(), environment.to_string());
+        sources.environment.insert(
+            "WHIST_TOKEN_KEYS".to_string(),
+            "k1:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".to_string(),
+        );
         Settings::from_sources(&sources).expect("valid")
     }
 
