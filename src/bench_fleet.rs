@@ -121,6 +121,7 @@ async fn state(
         ("AWS_ACCESS_KEY_ID", "bench".to_string()),
         ("AWS_SECRET_ACCESS_KEY", "bench".to_string()),
         ("WHIST_DEPLOYMENT", "whist-bench".to_string()),
+        ("HOST_NETWORK_CIDRS", r#"["127.0.0.0/8"]"#.to_string()),
         ("ENABLED_REGIONS", serde_json::json!(regions).to_string()),
         // The benchmark makes the decisions; the reconciler carries them out.
         ("WHIST_AUTOSCALE", "false".to_string()),

@@ -148,6 +148,7 @@ fn start_server(
     host_port: u16,
     aws_endpoint: &str,
     data_dir: &std::path::Path,
+    capacity: u32,
 ) -> anyhow::Result<Server> {
     Ok(Server(
         std::process::Command::new(std::env::current_exe()?)
@@ -159,6 +160,10 @@ fn start_server(
             // Local: the load test's clients sign in with development tokens.
             .env("ENVIRONMENT", "local")
             .env("WHIST_DEPLOYMENT", "whist-loadtest")
+            // The load test's simulated hosts listen on loopback.
+            .env("HOST_NETWORK_CIDRS", r#"["127.0.0.0/8"]"#)
+            // `--capacity` may exceed the default bound on what one host may declare.
+            .env("MAX_MANDELBOX_CAPACITY", capacity.max(64).to_string())
             .env("WHIST_AUTOSCALE", "false")
             // The load test starts the hosts itself; EC2 is never called for real: its endpoint is a loopback port
             // nothing listens on.
@@ -195,6 +200,7 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
             host_port,
             &aws_endpoint,
             &data_dir,
+            options.capacity,
         )?);
         ports.push(port);
     }

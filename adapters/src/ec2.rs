@@ -84,7 +84,7 @@ where
 }
 
 /// What to launch.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct LaunchRequest {
     /// The instance aggregate id: the launch decision, tagged on the instance and the idempotency key.
     pub launch_id: String,
@@ -93,6 +93,20 @@ pub struct LaunchRequest {
     pub instance_type: String,
     /// Plain `KEY=value` lines (base64-encoded here, as EC2 wants).
     pub user_data: String,
+}
+
+impl std::fmt::Debug for LaunchRequest {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The user data carries the host's bootstrap token.
+        formatter
+            .debug_struct("LaunchRequest")
+            .field("launch_id", &self.launch_id)
+            .field("region", &self.region)
+            .field("image_id", &self.image_id)
+            .field("instance_type", &self.instance_type)
+            .field("user_data", &"[redacted]")
+            .finish()
+    }
 }
 
 /// An instance as EC2 describes it.
@@ -118,11 +132,27 @@ impl CloudInstance {
 
 /// How to reach EC2: the standard environment (`AWS_ENDPOINT_URL`, `AWS_REGION`, credentials), or an explicit
 /// endpoint with static credentials (tests against moto).
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Ec2Access {
     pub endpoint_url: Option<String>,
     /// `(access key id, secret access key)`.
     pub static_credentials: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for Ec2Access {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Ec2Access")
+            .field("endpoint_url", &self.endpoint_url)
+            .field(
+                "static_credentials",
+                &self
+                    .static_credentials
+                    .as_ref()
+                    .map(|(key_id, _)| (key_id, "[redacted]")),
+            )
+            .finish()
+    }
 }
 
 /// EC2 in any number of regions, for one deployment.
@@ -233,6 +263,14 @@ impl Ec2 {
             .user_data(base64::engine::general_purpose::STANDARD.encode(&request.user_data))
             .client_token(client_token(&request.launch_id))
             .tag_specifications(tags)
+            // IMDSv2 only: the metadata service answers only requests that first obtained a session token with a
+            // PUT, so a request forged through anything on the host that fetches URLs (SSRF) learns nothing.
+            .metadata_options(
+                aws_sdk_ec2::types::InstanceMetadataOptionsRequest::builder()
+                    .http_tokens(aws_sdk_ec2::types::HttpTokensState::Required)
+                    .http_endpoint(aws_sdk_ec2::types::InstanceMetadataEndpointState::Enabled)
+                    .build(),
+            )
             .customize()
             // A lost answer must lead back to the tag lookup above, not to a second `RunInstances`.
             .config_override(aws_sdk_ec2::Config::builder().retry_config(RetryConfig::disabled()))
@@ -358,4 +396,27 @@ pub fn client_token(launch_id: &str) -> String {
         .take(58)
         .collect();
     format!("whist-{token}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn neither_user_data_nor_a_secret_key_is_ever_printed() {
+        let request = LaunchRequest {
+            launch_id: "l".to_string(),
+            region: "us-east-1".to_string(),
+            image_id: "ami-1".to_string(),
+            instance_type: "g4dn.2xlarge".to_string(),
+            user_data: "WHIST_BOOTSTRAP_TOKEN=hunter2\n".to_string(),
+        };
+        assert!(!format!("{request:?}").contains("hunter2"));
+        let access = Ec2Access {
+            endpoint_url: None,
+            static_credentials: Some(("AKIA".to_string(), "hunter2".to_string())),
+        };
+        let printed = format!("{access:?}");
+        assert!(!printed.contains("hunter2") && printed.contains("AKIA"));
+    }
 }

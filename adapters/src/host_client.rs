@@ -3,15 +3,29 @@
 use std::time::Duration;
 
 use serde::Serialize;
+use whist_domain::instance::RegistrationRules;
 
 /// Body of `PUT /spin_up_mandelbox`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct SpinUp {
     pub mandelbox_id: String,
     pub session_id: i64,
     pub user_id: String,
     pub app_name: String,
     pub protocol_secret: String,
+}
+
+impl std::fmt::Debug for SpinUp {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("SpinUp")
+            .field("mandelbox_id", &self.mandelbox_id)
+            .field("session_id", &self.session_id)
+            .field("user_id", &self.user_id)
+            .field("app_name", &self.app_name)
+            .field("protocol_secret", &"[redacted]")
+            .finish()
+    }
 }
 
 /// A call to a host service failed.
@@ -21,8 +35,8 @@ pub enum HostCallError {
     Unreachable(String),
     #[error("the host service answered {0}")]
     Refused(u16),
-    #[error("{0} is not a loopback address, and simulated hosts only live on loopback")]
-    NotLoopback(String),
+    #[error("{0} is not an address hosts may have (a bare IP address in HOST_NETWORK_CIDRS, not link-local, multicast or unspecified)")]
+    AddressRefused(String),
 }
 
 /// Talks to host services at `{scheme}://{ip}:{port}`.
@@ -31,34 +45,40 @@ pub struct HostClient {
     http: reqwest::Client,
     scheme: String,
     port: u16,
-    loopback_only: bool,
+    /// The addresses a host may have, by the same rules as its registration: whatever the log says, the client
+    /// never calls an address a registration would have been refused for.
+    rules: RegistrationRules,
 }
 
 impl HostClient {
-    /// A client for hosts at `{scheme}://{ip}:{port}`; with `loopback_only` (simulated hosts) it refuses to call
-    /// any address outside 127.0.0.0/8, whatever a registration claimed.
-    pub fn new(scheme: &str, port: u16, loopback_only: bool) -> Self {
+    /// A client for hosts at `{scheme}://{ip}:{port}` that calls only addresses inside `host_networks`. It follows
+    /// no redirects: a host service that answers with one is refused, not followed elsewhere.
+    pub fn new(scheme: &str, port: u16, host_networks: Vec<ipnet::IpNet>) -> Self {
         crate::tls::ensure_crypto_provider();
         Self {
-            loopback_only,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .unwrap_or_default(),
             scheme: scheme.to_string(),
             port,
+            rules: RegistrationRules {
+                host_networks,
+                max_capacity: u32::MAX,
+            },
         }
     }
 
+    /// The URL of `path` on the host at `ip`, built from the parsed address (so nothing in `ip` can add a port,
+    /// a path or another host).
     fn url(&self, ip: &str, path: &str) -> Result<String, HostCallError> {
-        if self.loopback_only
-            && !ip
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|address| address.is_loopback())
-        {
-            return Err(HostCallError::NotLoopback(ip.to_string()));
-        }
-        Ok(format!("{}://{ip}:{}{path}", self.scheme, self.port))
+        let address = self
+            .rules
+            .host_address(ip)
+            .map_err(|_| HostCallError::AddressRefused(ip.to_string()))?;
+        let socket = std::net::SocketAddr::new(address, self.port);
+        Ok(format!("{}://{socket}{path}", self.scheme))
     }
 
     /// Asks the host to start a mandelbox.
@@ -115,9 +135,13 @@ impl HostClient {
 mod tests {
     use super::*;
 
+    fn loopback_client() -> HostClient {
+        HostClient::new("http", 9, vec!["127.0.0.0/8".parse().expect("a CIDR")])
+    }
+
     #[tokio::test]
-    async fn a_loopback_only_client_never_calls_another_address() {
-        let client = HostClient::new("http", 9, true);
+    async fn a_client_never_calls_an_address_outside_the_host_networks() {
+        let client = loopback_client();
         let body = SpinUp {
             mandelbox_id: "m".to_string(),
             session_id: 1,
@@ -125,11 +149,48 @@ mod tests {
             app_name: "a".to_string(),
             protocol_secret: "s".to_string(),
         };
-        for ip in ["10.0.0.1", "192.168.1.1", "8.8.8.8", "not-an-ip"] {
-            assert!(matches!(
-                client.spin_up(ip, "t", &body).await,
-                Err(HostCallError::NotLoopback(_))
-            ));
+        for ip in [
+            "10.0.0.1",
+            "169.254.169.254",
+            "8.8.8.8",
+            "not-an-ip",
+            "127.0.0.1:80",
+            "127.0.0.1/x",
+            "127.0.0.1@10.0.0.1",
+        ] {
+            assert!(
+                matches!(
+                    client.spin_up(ip, "t", &body).await,
+                    Err(HostCallError::AddressRefused(_))
+                ),
+                "{ip}"
+            );
         }
+    }
+
+    #[test]
+    fn a_spin_up_never_prints_its_protocol_secret() {
+        let body = SpinUp {
+            mandelbox_id: "m".to_string(),
+            session_id: 1,
+            user_id: "u".to_string(),
+            app_name: "a".to_string(),
+            protocol_secret: "hunter2".to_string(),
+        };
+        let printed = format!("{body:?}");
+        assert!(!printed.contains("hunter2") && printed.contains("[redacted]"));
+    }
+
+    #[test]
+    fn urls_are_built_from_the_parsed_address() {
+        let client = HostClient::new("https", 4678, vec!["::/0".parse().expect("a CIDR")]);
+        assert_eq!(
+            client.url("2001:db8::1", "/x").expect("allowed"),
+            "https://[2001:db8::1]:4678/x"
+        );
+        assert_eq!(
+            loopback_client().url("127.0.0.1", "/x").expect("allowed"),
+            "http://127.0.0.1:9/x"
+        );
     }
 }

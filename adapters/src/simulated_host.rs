@@ -13,7 +13,7 @@ use poem::{handler, EndpointExt, Request, Route};
 use tokio::sync::watch;
 
 /// What a launched host learns from its user data, plus what it reports about itself.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SimulatedHostSpec {
     pub instance_id: String,
     pub bootstrap_token: String,
@@ -24,6 +24,23 @@ pub struct SimulatedHostSpec {
     pub client_commit_hash: String,
     pub mandelbox_capacity: u32,
     pub port: u16,
+}
+
+impl std::fmt::Debug for SimulatedHostSpec {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("SimulatedHostSpec")
+            .field("instance_id", &self.instance_id)
+            .field("bootstrap_token", &"[redacted]")
+            .field("webserver_url", &self.webserver_url)
+            .field("region", &self.region)
+            .field("image_id", &self.image_id)
+            .field("instance_type", &self.instance_type)
+            .field("client_commit_hash", &self.client_commit_hash)
+            .field("mandelbox_capacity", &self.mandelbox_capacity)
+            .field("port", &self.port)
+            .finish()
+    }
 }
 
 /// A running simulated host.

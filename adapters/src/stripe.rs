@@ -48,31 +48,24 @@ pub struct WebhookEvent {
     pub client_reference_id: Option<String>,
 }
 
+/// The envelope of a Stripe event, read leniently: only `id` and `type` must be there. Stripe adds event types and
+/// fields on its own schedule, and a signed event we cannot read in full must still be acknowledged (a `400` makes
+/// Stripe retry it for three days); each field we use is taken only when it has the shape we expect.
 #[derive(Deserialize)]
 struct RawEvent {
     id: String,
     #[serde(rename = "type")]
     event_type: String,
-    created: i64,
-    data: RawData,
+    #[serde(default)]
+    created: Option<i64>,
+    #[serde(default)]
+    data: Option<RawData>,
 }
 
 #[derive(Deserialize)]
 struct RawData {
-    object: RawObject,
-}
-
-#[derive(Deserialize)]
-struct RawObject {
     #[serde(default)]
-    id: Option<String>,
-    /// A customer id, or an expanded customer object.
-    #[serde(default)]
-    customer: Option<serde_json::Value>,
-    #[serde(default)]
-    status: Option<String>,
-    #[serde(default)]
-    client_reference_id: Option<String>,
+    object: serde_json::Value,
 }
 
 /// Checks a webhook delivery's signature against `secret` at `now` (Unix seconds) and reads the event.
@@ -95,26 +88,30 @@ pub fn verify_webhook(
         Err(_) => return Err(WebhookRefusal::BadSignature),
     }
     let raw: RawEvent = serde_json::from_str(payload).map_err(|_| WebhookRefusal::NotAnEvent)?;
-    let customer = raw
-        .data
-        .object
-        .customer
-        .and_then(|customer| match customer {
-            serde_json::Value::String(id) => Some(id),
-            serde_json::Value::Object(object) => object
-                .get("id")
-                .and_then(serde_json::Value::as_str)
-                .map(str::to_string),
-            _ => None,
-        });
+    let object = raw.data.map(|data| data.object).unwrap_or_default();
+    let text = |field: &str| {
+        object
+            .get(field)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string)
+    };
+    // A customer id, or an expanded customer object.
+    let customer = match object.get("customer") {
+        Some(serde_json::Value::String(id)) => Some(id.clone()),
+        Some(serde_json::Value::Object(customer)) => customer
+            .get("id")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string),
+        _ => None,
+    };
     Ok(WebhookEvent {
         id: raw.id,
         event_type: raw.event_type,
-        created: raw.created,
-        object_id: raw.data.object.id.unwrap_or_default(),
+        created: raw.created.unwrap_or_default(),
+        object_id: text("id").unwrap_or_default(),
         customer,
-        status: raw.data.object.status,
-        client_reference_id: raw.data.object.client_reference_id,
+        status: text("status"),
+        client_reference_id: text("client_reference_id"),
     })
 }
 

@@ -1,7 +1,7 @@
 //! The desktop app's endpoints: assign, mandelbox status, regions.
 
 use chrono::SecondsFormat;
-use poem::web::{Data, RemoteAddr};
+use poem::web::Data;
 use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
@@ -9,6 +9,7 @@ use whist_domain::images::CATALOG_ID;
 use whist_domain::{Actor, EventMetadata};
 
 use crate::allocation::{assign, AssignRequest};
+use crate::middleware::ClientAddress;
 use crate::security::UserAuth;
 use crate::state::AppState;
 
@@ -21,13 +22,19 @@ enum DesktopTag {
 /// Body of `POST /mandelbox/assign`.
 #[derive(Debug, Object)]
 pub struct AssignBody {
-    /// Regions to try, in order of preference.
+    /// Regions to try, in order of preference (at most 32, each at most 32 characters).
+    #[oai(validator(max_items = 32, max_length = 32))]
     pub regions: Vec<String>,
-    /// The commit hash of the desktop app; the host's image must match it.
+    /// The commit hash of the desktop app; the host's image must match it (at most 64 characters).
+    #[oai(validator(max_length = 64))]
     pub client_commit_hash: String,
     /// The desktop app's session number.
     pub session_id: i64,
+    /// At most 320 characters.
+    #[oai(validator(max_length = 320))]
     pub user_email: String,
+    /// The desktop app's version (at most 64 characters).
+    #[oai(validator(max_length = 64))]
     pub version: Option<String>,
 }
 
@@ -55,9 +62,9 @@ pub enum AssignResponse {
     /// Only subscribers are served.
     #[oai(status = 402)]
     PaymentRequired(Json<ErrorBody>),
-    /// Too many assigns from this user or address.
+    /// Too many assigns from this user or address; `Retry-After` says in how many seconds to try again.
     #[oai(status = 429)]
-    TooManyRequests(Json<ErrorBody>),
+    TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
     /// No slot could be reserved; `error` says why.
     #[oai(status = 503)]
     Unavailable(Json<AssignAnswer>),
@@ -111,21 +118,25 @@ impl DesktopApi {
     async fn assign(
         &self,
         state: Data<&AppState>,
-        remote: &RemoteAddr,
+        client: Data<&ClientAddress>,
         auth: UserAuth,
         body: Json<AssignBody>,
     ) -> AssignResponse {
         let principal = auth.0;
-        let client_ip = remote
-            .as_socket_addr()
-            .map(|address| address.ip().to_string())
-            .unwrap_or_default();
-        if !state.services.ip_rate.allow(&client_ip)
-            || !state.services.user_rate.allow(&principal.user_id)
-        {
-            return AssignResponse::TooManyRequests(Json(ErrorBody {
-                error: "RATE_LIMITED".to_string(),
-            }));
+        // The user's own limit first: a user over it spends nothing of the budget their address shares with others.
+        let limited = state
+            .services
+            .user_rate
+            .check(&principal.user_id)
+            .and_then(|()| state.services.ip_rate.check_address(client.0 .0));
+        if let Err(retry_after) = limited {
+            metrics::counter!("whist_assigns_total", "outcome" => "rate_limited").increment(1);
+            return AssignResponse::TooManyRequests(
+                Json(ErrorBody {
+                    error: "RATE_LIMITED".to_string(),
+                }),
+                retry_after.seconds(),
+            );
         }
         match crate::entitlement::is_entitled(&state, &principal).await {
             Ok(true) => {}
@@ -185,6 +196,9 @@ impl DesktopApi {
                 error: "NOT_FOUND".to_string(),
             }))
         };
+        if !crate::host::is_uuid(&mandelbox_id.0) {
+            return not_found();
+        }
         let (mandelbox, _) = match state.services.mandelboxes.load(&mandelbox_id.0).await {
             Ok(loaded) => loaded,
             Err(error) => {

@@ -8,7 +8,7 @@ use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
 use whist_adapters::store::{CommandError, Unit};
 use whist_adapters::tokens::{fingerprint, Purpose};
 use whist_domain::instance::{
-    DrainReason, InstanceCommand, InstanceError, InstanceStatus, LaunchSpec,
+    DrainReason, InstanceCommand, InstanceError, InstanceStatus, LaunchSpec, RegistrationRules,
 };
 use whist_domain::mandelbox::{MandelboxCommand, ReportedStatus};
 use whist_domain::session::{session_aggregate_id, SessionCommand};
@@ -46,10 +46,20 @@ pub struct RegisterBody {
     pub mandelbox_capacity: u32,
 }
 
-#[derive(Debug, Object)]
+#[derive(Object)]
 pub struct RegisterAnswer {
     pub auth_token: String,
     pub heartbeat_interval_s: u32,
+}
+
+impl std::fmt::Debug for RegisterAnswer {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("RegisterAnswer")
+            .field("auth_token", &"[redacted]")
+            .field("heartbeat_interval_s", &self.heartbeat_interval_s)
+            .finish()
+    }
 }
 
 /// An empty JSON object.
@@ -63,7 +73,9 @@ pub enum RegisterResponse {
     /// Unknown or already used bootstrap token.
     #[oai(status = 401)]
     Unauthorized(Json<ErrorBody>),
-    /// The host's identity differs from its launch record.
+    /// The host's identity differs from its launch record (`IDENTITY_MISMATCH`), its address is not a bare IP
+    /// address in the host networks (`HOST_ADDRESS_REFUSED`), or its capacity is outside 1 to
+    /// `MAX_MANDELBOX_CAPACITY` (`CAPACITY_OUT_OF_RANGE`). The bootstrap token stays unused.
     #[oai(status = 409)]
     Mismatch(Json<ErrorBody>),
     #[oai(status = 503)]
@@ -119,6 +131,11 @@ pub enum PeerResponse {
     Unavailable(Json<ErrorBody>),
 }
 
+/// Whether a path id can name a mandelbox (mandelbox ids are UUIDs): anything else is answered 404 without a read.
+pub fn is_uuid(id: &str) -> bool {
+    uuid::Uuid::try_parse(id).is_ok()
+}
+
 fn error_body(code: &str) -> Json<ErrorBody> {
     Json(ErrorBody {
         error: code.to_string(),
@@ -160,6 +177,10 @@ impl HostApi {
             auth_token_hash: fingerprint(&auth_token),
             ip: body.ip,
             mandelbox_capacity: body.mandelbox_capacity,
+            rules: RegistrationRules {
+                host_networks: state.settings.host_network_cidrs.clone(),
+                max_capacity: state.settings.max_mandelbox_capacity,
+            },
             at: Utc::now(),
         };
         match services
@@ -176,6 +197,20 @@ impl HostApi {
                 | InstanceError::WrongBootstrapToken
                 | InstanceError::AlreadyRegistered,
             )) => RegisterResponse::Unauthorized(error_body("UNKNOWN_OR_USED_TOKEN")),
+            Err(CommandError::Rejected(InstanceError::AddressRefused)) => {
+                tracing::warn!(
+                    instance_id = body.instance_id,
+                    "host registration refused: address"
+                );
+                RegisterResponse::Mismatch(error_body("HOST_ADDRESS_REFUSED"))
+            }
+            Err(CommandError::Rejected(InstanceError::CapacityOutOfRange)) => {
+                tracing::warn!(
+                    instance_id = body.instance_id,
+                    "host registration refused: capacity"
+                );
+                RegisterResponse::Mismatch(error_body("CAPACITY_OUT_OF_RANGE"))
+            }
             Err(CommandError::Rejected(_)) => {
                 RegisterResponse::Mismatch(error_body("IDENTITY_MISMATCH"))
             }
@@ -262,14 +297,23 @@ impl HostApi {
         body: Json<StatusBody>,
     ) -> PeerResponse {
         let services = &state.services;
+        // The token names its host and is checked by HMAC alone: a forged one costs no read of the store.
+        let Some(reporting_host) = services
+            .tokens
+            .subject(Purpose::HostAuth, &token.0.token)
+            .map(str::to_string)
+        else {
+            return PeerResponse::Unauthorized(error_body("UNAUTHORIZED"));
+        };
+        if !is_uuid(&mandelbox_id.0) {
+            return PeerResponse::NotFound(error_body("NOT_FOUND"));
+        }
         let placement = match placed_mandelbox(&state, &mandelbox_id.0).await {
             Ok(placement) => placement,
             Err(response) => return response,
         };
-        if !services
-            .tokens
-            .verify(Purpose::HostAuth, &placement.instance_id, &token.0.token)
-        {
+        if placement.instance_id != reporting_host {
+            // Another host's token: as good as none for this mandelbox.
             return PeerResponse::Unauthorized(error_body("UNAUTHORIZED"));
         }
         let status = match body.0.status {
@@ -305,16 +349,20 @@ impl HostApi {
         mandelbox_id: Path<String>,
     ) -> PeerResponse {
         let services = &state.services;
-        let placement = match placed_mandelbox(&state, &mandelbox_id.0).await {
-            Ok(placement) => placement,
-            Err(response) => return response,
-        };
+        // The secret is derived from the mandelbox id: checked before anything is read.
         if !services
             .tokens
             .verify(Purpose::Protocol, &mandelbox_id.0, &token.0.token)
         {
             return PeerResponse::Unauthorized(error_body("UNAUTHORIZED"));
         }
+        if !is_uuid(&mandelbox_id.0) {
+            return PeerResponse::NotFound(error_body("NOT_FOUND"));
+        }
+        let placement = match placed_mandelbox(&state, &mandelbox_id.0).await {
+            Ok(placement) => placement,
+            Err(response) => return response,
+        };
         let metadata = EventMetadata::new(Actor::User(placement.user_id.clone()), Utc::now());
         match end_mandelbox(&state, &mandelbox_id.0, &placement, &metadata).await {
             Ok(()) => PeerResponse::Ok(Json(Empty {})),

@@ -17,6 +17,7 @@ pub mod error;
 pub mod heartbeats;
 pub mod hirefire;
 pub mod host;
+pub mod http_server;
 pub mod job_outcomes;
 pub mod middleware;
 pub mod openapi;

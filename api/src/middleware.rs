@@ -1,9 +1,12 @@
 //! Cross-cutting request handling: refusal while shutting down, the 1 MiB body limit, a request id and span on
-//! every request, request metrics, and one shape for every refusal: the extractors' plain-text errors (a missing
+//! every request, the client's address (behind `TRUSTED_PROXIES`), request metrics labelled by route template (so
+//! that unknown paths add no series and no secret in a path reaches a label or a log line), and one shape for
+//! every refusal: the extractors' plain-text errors (a missing
 //! token, a parameter that does not parse, a body that is not JSON, a method the route does not take) become
 //! `{"error": CODE, "detail": …}` JSON, as the OpenAPI document declares, and a `405` names the route's methods in
 //! `Allow`.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -157,9 +160,19 @@ impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
 
     async fn call(&self, mut request: Request) -> Result<Self::Output> {
         let started = Instant::now();
-        let method = request.method().to_string();
+        let method = method_label(request.method());
         let path = request.uri().path().to_string();
-        let route = route_label(&path);
+        let route = self.route_label(&path);
+        let peer = request
+            .remote_addr()
+            .as_socket_addr()
+            .map(|address| address.ip());
+        let client = ClientAddress(client_address(
+            peer,
+            request.headers(),
+            &self.state.settings.trusted_proxies,
+        ));
+        request.extensions_mut().insert(client);
         let request_id = request
             .headers()
             .get("x-request-id")
@@ -167,7 +180,8 @@ impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
             .filter(|value| !value.is_empty() && value.len() <= 128)
             .map(str::to_string)
             .unwrap_or_else(|| Uuid::new_v4().to_string());
-        let span = tracing::info_span!("request", request_id = %request_id, method = %method, route = %route);
+        let span = tracing::info_span!("request", request_id = %request_id, method = %method, route = %route,
+            client = %client.0);
 
         let response = async {
             if self.state.is_draining() {
@@ -237,36 +251,167 @@ impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
     }
 }
 
-/// The path with ids replaced by `{id}`, so that metrics have a bounded number of label values.
-pub fn route_label(path: &str) -> String {
-    let labelled: Vec<&str> = path
-        .split('/')
-        .map(|segment| {
-            let looks_like_id = segment.len() >= 16
-                || (!segment.is_empty()
-                    && segment.chars().all(|character| character.is_ascii_digit()))
-                || Uuid::parse_str(segment).is_ok();
-            if looks_like_id {
-                "{id}"
-            } else {
-                segment
-            }
-        })
+impl<E> RequestContextEndpoint<E> {
+    /// What metrics and logs call the route of `path`: its template, or `unmatched`. Never the path itself, which
+    /// may carry ids (unbounded label values) or a secret (HireFire's token).
+    fn route_label(&self, path: &str) -> String {
+        if path == "/docs" || path.starts_with("/docs/") {
+            return "/docs".to_string();
+        }
+        self.methods
+            .template(path)
+            .unwrap_or_else(|| "unmatched".to_string())
+    }
+}
+
+/// The method as a label: one of the methods HTTP defines, `OTHER` for anything else.
+fn method_label(method: &poem::http::Method) -> String {
+    use poem::http::Method;
+    let known = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+        Method::OPTIONS,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    if known.contains(method) {
+        method.to_string()
+    } else {
+        "OTHER".to_string()
+    }
+}
+
+/// The address a request is attributed to (what the per-IP limit counts): see [`client_address`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddress(pub IpAddr);
+
+/// The address a request comes from. A request whose peer is one of `trusted_proxies` (a load balancer) is
+/// attributed to the right-most `X-Forwarded-For` address that is not a trusted proxy: everything left of it was
+/// written by the client and proves nothing, so prepending addresses cannot move a client out of its budget. Any
+/// other request is attributed to its peer, whatever headers it sends. An entry that is not an address stops the
+/// walk at the last trusted hop, and IPv4 addresses written as IPv6 count as IPv4.
+pub fn client_address(
+    peer: Option<IpAddr>,
+    headers: &poem::http::HeaderMap,
+    trusted_proxies: &[ipnet::IpNet],
+) -> IpAddr {
+    let unspecified = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+    let Some(peer) = peer.map(|peer| peer.to_canonical()) else {
+        return unspecified;
+    };
+    let trusted = |address: &IpAddr| trusted_proxies.iter().any(|proxy| proxy.contains(address));
+    if !trusted(&peer) {
+        return peer;
+    }
+    let forwarded: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
         .collect();
-    labelled.join("/")
+    let mut attributed = peer;
+    for entry in forwarded.iter().rev() {
+        let Ok(address) = entry
+            .parse::<IpAddr>()
+            .map(|address| address.to_canonical())
+        else {
+            break;
+        };
+        attributed = address;
+        if !trusted(&address) {
+            break;
+        }
+    }
+    attributed
 }
 
 #[cfg(test)]
 mod tests {
-    use super::route_label;
+    use super::*;
+
+    fn proxies() -> Vec<ipnet::IpNet> {
+        vec!["10.0.0.0/8".parse().expect("a CIDR")]
+    }
+
+    fn forwarded(values: &[&str]) -> poem::http::HeaderMap {
+        let mut headers = poem::http::HeaderMap::new();
+        for value in values {
+            headers.append(
+                "x-forwarded-for",
+                HeaderValue::from_str(value).expect("a header value"),
+            );
+        }
+        headers
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("an address")
+    }
 
     #[test]
-    fn ids_in_paths_become_placeholders() {
+    fn a_request_from_an_untrusted_peer_is_its_peers_whatever_it_forwards() {
         assert_eq!(
-            route_label("/mandelbox/0b8a3c9e-4c1f-4e8b-9b1a-2f7d2c1e5a90"),
-            "/mandelbox/{id}"
+            client_address(
+                Some(ip("203.0.113.9")),
+                &forwarded(&["198.51.100.1"]),
+                &proxies()
+            ),
+            ip("203.0.113.9")
         );
-        assert_eq!(route_label("/healthz"), "/healthz");
-        assert_eq!(route_label("/admin/events/42"), "/admin/events/{id}");
+    }
+
+    #[test]
+    fn behind_a_trusted_proxy_the_right_most_untrusted_address_counts() {
+        assert_eq!(
+            client_address(
+                Some(ip("10.0.0.5")),
+                &forwarded(&["1.1.1.1, 198.51.100.7, 10.0.0.9"]),
+                &proxies()
+            ),
+            ip("198.51.100.7"),
+            "a prepended address is ignored; the second proxy hop is skipped"
+        );
+        assert_eq!(
+            client_address(
+                Some(ip("10.0.0.5")),
+                &forwarded(&["1.1.1.1", "198.51.100.7"]),
+                &proxies()
+            ),
+            ip("198.51.100.7"),
+            "several header lines read as one list"
+        );
+    }
+
+    #[test]
+    fn a_trusted_peer_without_a_usable_header_is_its_own_address() {
+        assert_eq!(
+            client_address(Some(ip("10.0.0.5")), &forwarded(&[]), &proxies()),
+            ip("10.0.0.5")
+        );
+        assert_eq!(
+            client_address(Some(ip("10.0.0.5")), &forwarded(&["not-an-ip"]), &proxies()),
+            ip("10.0.0.5")
+        );
+        assert_eq!(
+            client_address(
+                Some(ip("::ffff:10.0.0.5")),
+                &forwarded(&["198.51.100.7"]),
+                &proxies()
+            ),
+            ip("198.51.100.7"),
+            "an IPv4 peer written as IPv6 is still the proxy"
+        );
+    }
+
+    #[test]
+    fn unknown_methods_share_one_label() {
+        assert_eq!(method_label(&poem::http::Method::GET), "GET");
+        let odd = poem::http::Method::from_bytes(b"BREW").expect("a method");
+        assert_eq!(method_label(&odd), "OTHER");
     }
 }

@@ -210,16 +210,37 @@ impl Methods {
         Self { routes }
     }
 
+    /// The route that serves `path`: of the templates that match it, the one with the most literal segments
+    /// (`/mandelbox/assign` before `/mandelbox/{mandelbox_id}`).
+    fn route(&self, path: &str) -> Option<&(Vec<String>, Vec<String>)> {
+        let requested = segments(path);
+        self.routes
+            .iter()
+            .filter(|(template, _)| {
+                template.len() == requested.len()
+                    && template
+                        .iter()
+                        .zip(&requested)
+                        .all(|(expected, given)| expected.starts_with('{') || expected == given)
+            })
+            .max_by_key(|(template, _)| {
+                template
+                    .iter()
+                    .filter(|segment| !segment.starts_with('{'))
+                    .count()
+            })
+    }
+
+    /// The template of the route that serves `path` (`/mandelbox/{mandelbox_id}`), if one does: what metrics and
+    /// logs name a request by, so that neither ids nor secrets in a path become labels.
+    pub fn template(&self, path: &str) -> Option<String> {
+        self.route(path)
+            .map(|(template, _)| format!("/{}", template.join("/")))
+    }
+
     /// The `Allow` header value for `path`, if a route matches it.
     pub fn allow(&self, path: &str) -> Option<String> {
-        let requested = segments(path);
-        let (_, methods) = self.routes.iter().find(|(template, _)| {
-            template.len() == requested.len()
-                && template
-                    .iter()
-                    .zip(&requested)
-                    .all(|(expected, given)| expected.starts_with('{') || expected == given)
-        })?;
+        let (_, methods) = self.route(path)?;
         let mut methods = methods.clone();
         if methods.iter().any(|method| method == "GET") && !methods.iter().any(|m| m == "HEAD") {
             methods.push("HEAD".to_string());
@@ -318,5 +339,30 @@ mod tests {
         assert_eq!(methods.allow("/regions").as_deref(), Some("GET, HEAD"));
         assert_eq!(methods.allow("/stripe/webhook").as_deref(), Some("POST"));
         assert_eq!(methods.allow("/nowhere"), None);
+    }
+
+    #[test]
+    fn a_path_is_named_by_the_template_of_its_route_and_literal_segments_win() {
+        let document = complete(SPEC).expect("a document");
+        let methods = Methods::of(
+            &document,
+            &[
+                ("/hirefire/{token}/info", &["GET"]),
+                ("/mandelbox/{mandelbox_id}", &["GET"]),
+            ],
+        );
+        assert_eq!(
+            methods.template("/admin/instances/0b8a3c9e").as_deref(),
+            Some("/admin/instances/{instance_id}")
+        );
+        assert_eq!(
+            methods.template("/mandelbox/assign").as_deref(),
+            Some("/mandelbox/assign")
+        );
+        assert_eq!(
+            methods.template("/hirefire/s3cret-token/info").as_deref(),
+            Some("/hirefire/{token}/info")
+        );
+        assert_eq!(methods.template("/wp-login.php"), None);
     }
 }

@@ -79,7 +79,7 @@ impl Reconciler {
         let hosts = HostClient::new(
             &state.settings.host_service_scheme,
             state.settings.host_service_port,
-            state.settings.cloud == CloudKind::Local,
+            state.settings.host_network_cidrs.clone(),
         );
         Self {
             state,

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use whist_adapters::auth::TokenVerifier;
 use whist_adapters::config::{CloudKind, Settings};
@@ -154,59 +154,140 @@ pub enum ServicesError {
     Stripe(#[from] StripeApiError),
 }
 
-/// A fixed-window limit of requests per key per minute, in this process (0 turns it off).
+/// A limit of requests per key per minute, in this process (0 turns it off): `governor`'s GCRA, so a key may spend
+/// its whole minute's budget at once and then earns one request back every `60 / per_minute` seconds.
+///
+/// Memory is bounded by the keys seen within the last minute: keys whose budget is whole again are dropped every
+/// [`RateLimiter::SWEEP_EVERY`] checks, and IPv6 clients are counted per /64 (what one subscriber is usually
+/// given), so that cycling through addresses of one network buys no extra budget and no extra memory.
 pub struct RateLimiter {
-    per_minute: u32,
-    windows: Mutex<HashMap<String, (Instant, u32)>>,
+    limiter: Option<governor::DefaultKeyedRateLimiter<String>>,
+    checks: std::sync::atomic::AtomicU64,
+}
+
+/// A refusal: the key may try again after this long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryAfter(pub Duration);
+
+impl RetryAfter {
+    /// Whole seconds, rounded up, at least 1 (the `Retry-After` header's unit).
+    pub fn seconds(self) -> u64 {
+        let whole = self.0.as_secs() + u64::from(self.0.subsec_nanos() > 0);
+        whole.max(1)
+    }
 }
 
 impl RateLimiter {
+    /// Keys whose budget is whole again are forgotten once per this many checks.
+    pub const SWEEP_EVERY: u64 = 4096;
+
     pub fn new(per_minute: u32) -> Self {
         Self {
-            per_minute,
-            windows: Mutex::new(HashMap::new()),
+            limiter: std::num::NonZeroU32::new(per_minute).map(|per_minute| {
+                governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute))
+            }),
+            checks: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    /// Counts one request for `key`; whether it is within the limit.
-    pub fn allow(&self, key: &str) -> bool {
-        if self.per_minute == 0 {
-            return true;
-        }
-        let Ok(mut windows) = self.windows.lock() else {
-            return true;
+    /// Counts one request for `key`.
+    ///
+    /// # Errors
+    /// The key is over its limit: when it may try again.
+    pub fn check(&self, key: &str) -> Result<(), RetryAfter> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
         };
-        let now = Instant::now();
-        if windows.len() > 100_000 {
-            windows
-                .retain(|_, (started, _)| now.duration_since(*started) < Duration::from_secs(60));
+        let checks = self
+            .checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if checks % Self::SWEEP_EVERY == Self::SWEEP_EVERY - 1 {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
         }
-        let window = windows.entry(key.to_string()).or_insert((now, 0));
-        if now.duration_since(window.0) >= Duration::from_secs(60) {
-            *window = (now, 0);
+        limiter.check_key(&key.to_string()).map_err(|not_until| {
+            use governor::clock::Clock;
+            RetryAfter(not_until.wait_time_from(limiter.clock().now()))
+        })
+    }
+
+    /// Counts one request from a client address (IPv6 per /64).
+    ///
+    /// # Errors
+    /// The address is over its limit: when it may try again.
+    pub fn check_address(&self, address: std::net::IpAddr) -> Result<(), RetryAfter> {
+        self.check(&address_key(address))
+    }
+
+    /// Keys remembered now (for tests of the bound).
+    pub fn remembered_keys(&self) -> usize {
+        self.limiter.as_ref().map_or(0, |limiter| limiter.len())
+    }
+}
+
+/// The key an address is counted under: itself for IPv4, its /64 for IPv6.
+fn address_key(address: std::net::IpAddr) -> String {
+    match address.to_canonical() {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => {
+            let segments = v6.segments();
+            format!(
+                "{:x}:{:x}:{:x}:{:x}::/64",
+                segments[0], segments[1], segments[2], segments[3]
+            )
         }
-        window.1 += 1;
-        window.1 <= self.per_minute
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::{HostLocks, RateLimiter, CONTENDED_FOR};
+    use std::time::Duration;
 
     #[test]
-    fn a_key_over_its_limit_is_refused_and_others_are_not() {
+    fn a_key_over_its_limit_is_refused_with_a_retry_time_and_others_are_not() {
         let limiter = RateLimiter::new(2);
-        assert!(limiter.allow("a"));
-        assert!(limiter.allow("a"));
-        assert!(!limiter.allow("a"));
-        assert!(limiter.allow("b"));
+        assert!(limiter.check("a").is_ok());
+        assert!(limiter.check("a").is_ok());
+        let refused = limiter.check("a").expect_err("over the limit");
+        assert!(
+            (1..=30).contains(&refused.seconds()),
+            "one request comes back every 30 s: {refused:?}"
+        );
+        assert!(limiter.check("b").is_ok());
     }
 
     #[test]
     fn a_limit_of_zero_turns_limiting_off() {
         let limiter = RateLimiter::new(0);
-        assert!((0..1000).all(|_| limiter.allow("a")));
+        assert!((0..1000).all(|_| limiter.check("a").is_ok()));
+    }
+
+    #[test]
+    fn ipv6_clients_of_one_network_share_a_budget() {
+        let limiter = RateLimiter::new(1);
+        let first: std::net::IpAddr = "2001:db8:1:2::1".parse().expect("an address");
+        let second: std::net::IpAddr = "2001:db8:1:2:ffff::9".parse().expect("an address");
+        let elsewhere: std::net::IpAddr = "2001:db8:1:3::1".parse().expect("an address");
+        assert!(limiter.check_address(first).is_ok());
+        assert!(limiter.check_address(second).is_err());
+        assert!(limiter.check_address(elsewhere).is_ok());
+    }
+
+    #[test]
+    fn keys_whose_budget_is_whole_again_are_forgotten() {
+        // 6,000 a minute: a key's budget is whole again 10 ms after its one request.
+        let limiter = RateLimiter::new(6_000);
+        for key in 0..RateLimiter::SWEEP_EVERY - 1 {
+            assert!(limiter.check(&format!("key-{key}")).is_ok());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(limiter.check("the sweep runs on this check").is_ok());
+        assert!(
+            limiter.remembered_keys() <= 1,
+            "{} keys remembered",
+            limiter.remembered_keys()
+        );
     }
 
     #[test]

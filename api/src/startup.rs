@@ -4,8 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
-use poem::{EndpointExt, Route, Server};
+use poem::{EndpointExt, Route};
 use poem_openapi::OpenApiService;
 use whist_adapters::config::Settings;
 use whist_adapters::store::{Database, DatabaseError};
@@ -53,7 +52,7 @@ pub enum StartupError {
 /// A built server, bound to its port, not yet serving.
 pub struct Application {
     port: u16,
-    acceptor: TcpAcceptor,
+    listener: tokio::net::TcpListener,
     state: AppState,
     background: Option<Background>,
 }
@@ -113,17 +112,15 @@ impl Application {
         }
         let mut settings = settings;
         let configured_port = settings.port;
-        let acceptor = TcpListener::bind(format!("0.0.0.0:{configured_port}"))
-            .into_acceptor()
+        let listener = tokio::net::TcpListener::bind(("0.0.0.0", configured_port))
             .await
             .map_err(|source| StartupError::Listen {
                 port: configured_port,
                 source,
             })?;
-        let port = acceptor
+        let port = listener
             .local_addr()
-            .first()
-            .and_then(|address| address.as_socket_addr().map(|socket| socket.port()))
+            .map(|address| address.port())
             .unwrap_or(configured_port);
         if configured_port == 0 && settings.public_url.ends_with(":0") {
             // The default PUBLIC_URL names PORT; with a port picked by the system, name the one picked.
@@ -143,7 +140,7 @@ impl Application {
         let background = Some(background);
         Ok(Self {
             port,
-            acceptor,
+            listener,
             state,
             background,
         })
@@ -172,9 +169,11 @@ impl Application {
             tracing::info!("shutting down: refusing new requests, finishing those in flight");
             draining_state.start_draining();
         };
-        let served = Server::new_with_acceptor(self.acceptor)
-            .run_with_graceful_shutdown(app, signal, Some(Duration::from_secs(30)))
-            .await;
+        let limits = crate::http_server::ConnectionLimits {
+            header_timeout: state.settings.http_header_timeout,
+            grace: Duration::from_secs(30),
+        };
+        let served = crate::http_server::serve(self.listener, app, signal, limits).await;
         if let Some(background) = self.background {
             background.stop().await;
         }

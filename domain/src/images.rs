@@ -130,6 +130,8 @@ impl DomainEvent for ImageCatalogEvent {
 pub enum ImageCatalogError {
     #[error("a release must name at least one region")]
     NoRegions,
+    #[error("a commit hash is 1 to 64 letters, digits, '.', '_' or '-'; a region name 1 to 32 characters; an image id 1 to 128")]
+    Malformed,
     #[error("commit hash {0} is already prepared with other images; roll it back first")]
     PreparedWithOtherImages(String),
     #[error("commit hash {0} is already the active release")]
@@ -145,6 +147,24 @@ pub enum ImageCatalogError {
         image_id: String,
         client_commit_hash: String,
     },
+}
+
+/// A commit hash of 1 to 64 letters, digits, `.`, `_` or `-`; region names of 1 to 32 and image ids of 1 to 128
+/// printable characters.
+fn is_well_formed_release(client_commit_hash: &str, images: &BTreeMap<String, String>) -> bool {
+    let printable = |text: &str, longest: usize| {
+        !text.is_empty()
+            && text.len() <= longest
+            && text.chars().all(|character| character.is_ascii_graphic())
+    };
+    let hash_ok = (1..=64).contains(&client_commit_hash.len())
+        && client_commit_hash.chars().all(|character| {
+            character.is_ascii_alphanumeric() || matches!(character, '.' | '_' | '-')
+        });
+    hash_ok
+        && images
+            .iter()
+            .all(|(region, image_id)| printable(region, 32) && printable(image_id, 128))
 }
 
 impl ImageCatalog {
@@ -213,6 +233,22 @@ impl ImageCatalog {
         &self,
         command: ImageCatalogCommand,
     ) -> Result<Vec<ImageCatalogEvent>, ImageCatalogError> {
+        if let ImageCatalogCommand::Activate {
+            client_commit_hash,
+            images,
+            ..
+        }
+        | ImageCatalogCommand::Prepare {
+            client_commit_hash,
+            images,
+            ..
+        } = &command
+        {
+            // What the catalog records stays in the log for ever: nothing unbounded gets in.
+            if !is_well_formed_release(client_commit_hash, images) {
+                return Err(ImageCatalogError::Malformed);
+            }
+        }
         match command {
             ImageCatalogCommand::Activate {
                 client_commit_hash,
@@ -452,6 +488,35 @@ mod tests {
             images: new_images(),
             at: at(),
         }
+    }
+
+    #[test]
+    fn a_release_with_an_overlong_or_odd_commit_hash_is_refused() {
+        for client_commit_hash in [
+            "x".repeat(5_000),
+            String::new(),
+            "a b".to_string(),
+            "a\n".to_string(),
+        ] {
+            TestFramework::<ImageCatalog>::with(())
+                .given_no_previous_events()
+                .when(ImageCatalogCommand::Prepare {
+                    client_commit_hash,
+                    images: new_images(),
+                    at: at(),
+                })
+                .then_expect_error(ImageCatalogError::Malformed);
+        }
+        let mut images = new_images();
+        images.insert("r".repeat(33), "ami-1".to_string());
+        TestFramework::<ImageCatalog>::with(())
+            .given_no_previous_events()
+            .when(ImageCatalogCommand::Activate {
+                client_commit_hash: "abc123".to_string(),
+                images,
+                at: at(),
+            })
+            .then_expect_error(ImageCatalogError::Malformed);
     }
 
     fn swap_over() -> ImageCatalogCommand {

@@ -110,8 +110,11 @@ pub enum InstanceCommand {
         identity: LaunchSpec,
         presented_token_hash: String,
         auth_token_hash: String,
+        /// What the host claims; checked against `rules` before anything is recorded.
         ip: String,
         mandelbox_capacity: u32,
+        /// The deployment's rules for what a host may declare (`HOST_NETWORK_CIDRS`, `MAX_MANDELBOX_CAPACITY`).
+        rules: RegistrationRules,
         at: DateTime<Utc>,
     },
     /// Reserve one slot for a mandelbox.
@@ -278,9 +281,66 @@ impl DomainEvent for InstanceEvent {
     }
 }
 
+/// What a registering host may declare: the webserver later sends requests to its address and places mandelboxes
+/// by its capacity, so a host that lies about either could make the webserver call the cloud's metadata service or
+/// draw every assign of its region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrationRules {
+    /// The networks a host's address must fall in.
+    pub host_networks: Vec<ipnet::IpNet>,
+    /// The most mandelboxes one host may declare.
+    pub max_capacity: u32,
+}
+
+impl RegistrationRules {
+    /// The address a host declared, if the rules allow it: a bare IP address (no port, no path, no zone), never
+    /// link-local (the cloud metadata service is 169.254.169.254), multicast, broadcast or unspecified, inside one
+    /// of `host_networks`. An IPv4 address written as IPv6 (`::ffff:a.b.c.d`) is judged as the IPv4 address.
+    ///
+    /// # Errors
+    /// [`InstanceError::AddressRefused`] for anything else.
+    pub fn host_address(&self, ip: &str) -> Result<std::net::IpAddr, InstanceError> {
+        let address = ip
+            .parse::<std::net::IpAddr>()
+            .map_err(|_| InstanceError::AddressRefused)?
+            .to_canonical();
+        let special = address.is_unspecified()
+            || address.is_multicast()
+            || match address {
+                std::net::IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
+                std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
+            };
+        if special
+            || !self
+                .host_networks
+                .iter()
+                .any(|network| network.contains(&address))
+        {
+            return Err(InstanceError::AddressRefused);
+        }
+        Ok(address)
+    }
+
+    /// Whether a host may declare `capacity` slots: 1 to `max_capacity`.
+    ///
+    /// # Errors
+    /// [`InstanceError::CapacityOutOfRange`] otherwise.
+    pub fn capacity(&self, capacity: u32) -> Result<u32, InstanceError> {
+        if (1..=self.max_capacity).contains(&capacity) {
+            Ok(capacity)
+        } else {
+            Err(InstanceError::CapacityOutOfRange)
+        }
+    }
+}
+
 /// Why the instance refused a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum InstanceError {
+    #[error("the host's address is not a bare IP address in the host networks")]
+    AddressRefused,
+    #[error("the host's declared capacity is outside 1 to the deployment's maximum")]
+    CapacityOutOfRange,
     #[error("the instance already exists")]
     AlreadyExists,
     #[error("no such instance")]
@@ -370,6 +430,7 @@ impl Instance {
                 auth_token_hash,
                 ip,
                 mandelbox_capacity,
+                rules,
                 at,
             } => {
                 self.status()?;
@@ -382,8 +443,10 @@ impl Instance {
                 if self.spec.as_ref() != Some(&identity) {
                     return Err(InstanceError::IdentityMismatch);
                 }
+                let address = rules.host_address(&ip)?;
+                let mandelbox_capacity = rules.capacity(mandelbox_capacity)?;
                 Ok(vec![E::Registered {
-                    ip,
+                    ip: address.to_string(),
                     mandelbox_capacity,
                     auth_token_hash,
                     at,
@@ -631,8 +694,91 @@ mod tests {
             auth_token_hash: "auth".to_string(),
             ip: "10.0.0.1".to_string(),
             mandelbox_capacity: 2,
+            rules: rules(),
             at: at(),
         }
+    }
+
+    fn rules() -> RegistrationRules {
+        RegistrationRules {
+            host_networks: vec!["10.0.0.0/8".parse().expect("a CIDR")],
+            max_capacity: 64,
+        }
+    }
+
+    fn register_at(ip: &str, capacity: u32) -> InstanceCommand {
+        InstanceCommand::Register {
+            identity: spec(),
+            presented_token_hash: "boot".to_string(),
+            auth_token_hash: "auth".to_string(),
+            ip: ip.to_string(),
+            mandelbox_capacity: capacity,
+            rules: rules(),
+            at: at(),
+        }
+    }
+
+    #[test]
+    fn a_host_that_claims_the_metadata_service_or_an_address_with_a_port_or_path_is_refused() {
+        for ip in [
+            "169.254.169.254",
+            "::ffff:169.254.169.254",
+            "10.0.0.1:4678",
+            "10.0.0.1/latest",
+            "http://10.0.0.1",
+            "fe80::1",
+            "224.0.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "",
+        ] {
+            InstanceTest::with(())
+                .given(launched())
+                .when(register_at(ip, 2))
+                .then_expect_error(InstanceError::AddressRefused);
+        }
+    }
+
+    #[test]
+    fn a_host_outside_the_host_networks_is_refused() {
+        for ip in ["127.0.0.1", "192.168.1.10", "8.8.8.8", "::1"] {
+            InstanceTest::with(())
+                .given(launched())
+                .when(register_at(ip, 2))
+                .then_expect_error(InstanceError::AddressRefused);
+        }
+    }
+
+    #[test]
+    fn a_host_may_declare_one_to_the_maximum_capacity_only() {
+        for capacity in [0, 65, 1_000_000] {
+            InstanceTest::with(())
+                .given(launched())
+                .when(register_at("10.0.0.1", capacity))
+                .then_expect_error(InstanceError::CapacityOutOfRange);
+        }
+        InstanceTest::with(())
+            .given(launched())
+            .when(register_at("10.1.2.3", 64))
+            .then_expect_events(vec![InstanceEvent::Registered {
+                ip: "10.1.2.3".to_string(),
+                mandelbox_capacity: 64,
+                auth_token_hash: "auth".to_string(),
+                at: at(),
+            }]);
+    }
+
+    #[test]
+    fn an_ipv4_address_written_as_ipv6_is_recorded_as_ipv4() {
+        InstanceTest::with(())
+            .given(launched())
+            .when(register_at("::ffff:10.0.0.7", 2))
+            .then_expect_events(vec![InstanceEvent::Registered {
+                ip: "10.0.0.7".to_string(),
+                mandelbox_capacity: 2,
+                auth_token_hash: "auth".to_string(),
+                at: at(),
+            }]);
     }
 
     fn allocate(mandelbox_id: &str) -> InstanceCommand {

@@ -438,6 +438,8 @@ impl ChildProcess {
             // value counts as unset); with `WHIST_CLOUD=aws` their instances carry the tests' tag.
             .env("ENVIRONMENT", "local")
             .env("WHIST_DEPLOYMENT", "whist-test")
+            // The tests' hosts, simulated or standing in for EC2's, all listen on loopback.
+            .env("HOST_NETWORK_CIDRS", r#"["127.0.0.0/8"]"#)
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .stdin(Stdio::null())

@@ -176,3 +176,39 @@ async fn the_reconciler_launches_each_decision_once_in_its_region_even_with_two_
     first.stop().await;
     second.stop().await;
 }
+
+#[tokio::test]
+async fn every_launch_requires_imdsv2_session_tokens() {
+    let moto = Moto::start().await;
+    let ec2 = moto.ec2("test-deployment");
+    let launched = ec2.launch(&launch("us-east-1")).await.expect("launches");
+    // Asked of EC2 (moto) directly, not through the adapter under test.
+    let config = aws_sdk_ec2::Config::builder()
+        .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+        .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+        .endpoint_url(&moto.endpoint)
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            "testing", "testing", None, None, "tests",
+        ))
+        .build();
+    let described = aws_sdk_ec2::Client::from_conf(config)
+        .describe_instances()
+        .instance_ids(&launched.cloud_instance_id)
+        .send()
+        .await
+        .expect("EC2 describes the instance");
+    let instance = described
+        .reservations()
+        .iter()
+        .flat_map(|reservation| reservation.instances())
+        .next()
+        .expect("the instance is listed");
+    let options = instance
+        .metadata_options()
+        .expect("metadata options are reported");
+    assert_eq!(
+        options.http_tokens(),
+        Some(&aws_sdk_ec2::types::HttpTokensState::Required),
+        "IMDSv1 (no session token) must be off: {options:?}"
+    );
+}

@@ -7,6 +7,7 @@ mod concurrency;
 mod config;
 mod console;
 mod ec2;
+mod fail_closed;
 mod fleet;
 mod fleet_crash;
 mod host;

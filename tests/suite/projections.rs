@@ -462,6 +462,10 @@ async fn the_fleet_read_models_are_the_same_one_event_at_a_time_as_in_one_batch(
                 auth_token_hash: "auth".to_string(),
                 ip: format!("10.0.0.{number}"),
                 mandelbox_capacity: 4,
+                rules: whist_domain::instance::RegistrationRules {
+                    host_networks: vec!["10.0.0.0/8".parse().expect("a CIDR")],
+                    max_capacity: 64,
+                },
                 at,
             },
         ));

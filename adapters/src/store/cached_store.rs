@@ -168,11 +168,17 @@ where
         aggregate_id: &str,
     ) -> Result<EventStoreAggregateContext<A>, AggregateError<A::Error>> {
         let context = self.shared.inner.load_aggregate(aggregate_id).await?;
-        self.remember(
-            aggregate_id,
-            context.aggregate.clone(),
-            context.current_sequence,
-        );
+        if context.current_sequence == 0 {
+            // Nothing is remembered for an id that has no events: anyone can ask about any id, and remembering
+            // each would let requests for made-up ids fill the cache and push out the aggregates that matter.
+            self.forget(aggregate_id);
+        } else {
+            self.remember(
+                aggregate_id,
+                context.aggregate.clone(),
+                context.current_sequence,
+            );
+        }
         Ok(context)
     }
 }

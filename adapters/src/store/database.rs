@@ -281,18 +281,36 @@ async fn append_sqlite(
     Ok(())
 }
 
-/// Removes the password from a database URL so that it can be logged.
+/// Removes the password from a database URL so that it can be logged: the one in the authority
+/// (`user:password@host`) and any query parameter that carries one (`?password=`, `sslpassword=`).
 pub fn redact_url(url: &str) -> String {
-    match url.split_once("://") {
+    let (address, query) = match url.split_once('?') {
+        Some((address, query)) => (address, Some(query)),
+        None => (url, None),
+    };
+    let address = match address.split_once("://") {
         Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((credentials, host)) => {
-                let user = credentials.split(':').next().unwrap_or_default();
-                format!("{scheme}://{user}:***@{host}")
-            }
-            None => url.to_string(),
+            Some((credentials, host)) => match credentials.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => address.to_string(),
+            },
+            None => address.to_string(),
         },
-        None => url.to_string(),
-    }
+        None => address.to_string(),
+    };
+    let Some(query) = query else {
+        return address;
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|parameter| match parameter.split_once('=') {
+            Some((name, _)) if name.to_ascii_lowercase().contains("password") => {
+                format!("{name}=***")
+            }
+            _ => parameter.to_string(),
+        })
+        .collect();
+    format!("{address}?{}", query.join("&"))
 }
 
 #[cfg(test)]
@@ -308,6 +326,14 @@ mod tests {
         assert_eq!(
             redact_url("postgres://127.0.0.1/test"),
             "postgres://127.0.0.1/test"
+        );
+        assert_eq!(
+            redact_url("postgres://whist@db/whist?sslmode=require&password=s3cret"),
+            "postgres://whist@db/whist?sslmode=require&password=***"
+        );
+        assert_eq!(
+            redact_url("postgres://db/whist?PASSWORD=s3cret&sslpassword=k3y"),
+            "postgres://db/whist?PASSWORD=***&sslpassword=***"
         );
     }
 }
