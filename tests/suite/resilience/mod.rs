@@ -6,6 +6,7 @@
 mod crash;
 mod faults;
 mod hostile;
+mod hostile_peers;
 mod outage;
 
 use std::path::PathBuf;
