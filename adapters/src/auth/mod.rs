@@ -1,14 +1,33 @@
 //! Checking bearer tokens: Auth0 JWTs (RS256, key by `kid` from a cached JWKS) and, only when
 //! `ENVIRONMENT=local`, tokens signed by the project's local development key (`whist dev token`).
+//!
+//! # How the Auth0 signing keys are kept
+//! The keys come from the tenant's JWKS and are cached for `JWKS_CACHE_TTL_S` (the TTL), counted from the start of
+//! the fetch that brought them:
+//! - **One fetch at a time.** At most one JWKS fetch is in flight. A request that needs keys (none cached yet, the
+//!   cached ones expired, or a `kid` the cache does not know) waits for the fetch in flight instead of failing, and
+//!   looks again once it has finished. The wait is bounded by the fetch's own timeout ([`JWKS_FETCH_TIMEOUT`]).
+//! - **Refreshed in the background.** A request that finds its key in keys older than half the TTL starts a
+//!   refresh and does not wait for it. Keys older than the TTL are never used, so a key the tenant removed is
+//!   refused at the latest one TTL after its removal (about half a TTL under steady traffic).
+//! - **Fail closed at expiry.** A failed fetch keeps the cached keys while they are younger than the TTL; from
+//!   half the TTL on, refreshes are retried (at most every [`FAILED_FETCH_INTERVAL`], while requests arrive), so a
+//!   JWKS outage shorter than half the TTL (five minutes by default) goes unnoticed by users. Keys older than the
+//!   TTL are never used: once they expire without a successful refresh, every Auth0 token is refused (401,
+//!   logged as a warning) until a fetch succeeds. We prefer refusing sign-ins during a long Auth0 outage to
+//!   trusting, for an unbounded time, a key the tenant may have revoked.
+//! - **No hammering.** A `kid` the cache does not know makes us fetch again at most once per
+//!   [`UNKNOWN_KID_REFETCH_INTERVAL`] (a forged `kid` must not make us hammer Auth0), and after a failed fetch
+//!   no new fetch starts for [`FAILED_FETCH_INTERVAL`]; requests that would need one in between are refused at once.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use tokio::sync::RwLock;
+use tokio::sync::watch;
 
 use crate::config::{Environment, Settings};
 
@@ -22,14 +41,17 @@ pub const DEV_AUDIENCE: &str = "whist-local";
 const DEV_SIGNING_KEY: &[u8] = include_bytes!("dev_signing_key.pem");
 const DEV_VERIFYING_KEY: &[u8] = include_bytes!("dev_verifying_key.pem");
 
-/// The shortest time between two JWKS fetches caused by unknown `kid`s once keys are known (a forged `kid` must
-/// not make us hammer Auth0), and while none could be fetched yet.
-const REFETCH_INTERVAL: Duration = Duration::from_secs(30);
-const FIRST_FETCH_INTERVAL: Duration = Duration::from_secs(1);
-/// After a fetch that failed (the JWKS endpoint down or hanging), the next may come this soon: a failed fetch fetched
-/// nothing, so it must not hold back the fetch that brings a rotated key once the endpoint is back for a whole
-/// `REFETCH_INTERVAL`.
-const FAILED_FETCH_INTERVAL: Duration = Duration::from_secs(2);
+/// How long one JWKS fetch may take, connection included: a hanging JWKS endpoint holds a request that waits for
+/// keys no longer than this (twice this when a second fetch had to follow the one in flight).
+pub const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// The shortest time between two JWKS fetches caused by `kid`s the cache does not know: a forged `kid` must not
+/// make us hammer Auth0.
+pub const UNKNOWN_KID_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+/// After a fetch that failed (the JWKS endpoint down or hanging), the next may start this soon: a failed fetch
+/// fetched nothing, so it must not hold back for long the fetch that brings a rotated key once the endpoint is back.
+pub const FAILED_FETCH_INTERVAL: Duration = Duration::from_secs(2);
+/// How many seconds `exp` and `nbf` may be off, for clocks that disagree a little.
+const CLOCK_LEEWAY_SECONDS: u64 = 30;
 
 /// Who a valid token speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +73,9 @@ pub enum AuthError {
     WrongAlgorithm,
     #[error("no known key has the token's kid")]
     UnknownKey,
-    #[error("the token's signature, issuer, audience or expiry is invalid: {0}")]
+    #[error("no current token signing keys: the JWKS could not be fetched")]
+    KeysUnavailable,
+    #[error("the token's signature, issuer, audience, expiry or not-before is invalid: {0}")]
     Invalid(String),
     #[error("no token issuer is configured")]
     NotConfigured,
@@ -69,30 +93,291 @@ struct Claims {
     aud: serde_json::Value,
 }
 
+/// The tenant's signing keys, by `kid`, ready to check signatures with.
+type KeysById = HashMap<String, Arc<DecodingKey>>;
+
+/// The Auth0 tenant we take tokens from, and the cache of its signing keys.
 struct Auth0 {
     jwks_url: String,
     issuer: Option<String>,
     audience: Option<String>,
-    keys: RwLock<JwkSet>,
-    fetches: std::sync::Mutex<FetchTimes>,
+    cache_ttl: Duration,
+    http: reqwest::Client,
+    cache: Mutex<KeyCache>,
+    /// The number of the last fetch that finished (see [`KeyCache::fetches_finished`]), for requests waiting on it.
+    fetches_finished: watch::Sender<u64>,
 }
 
-/// Before when no new fetch may start: while no key is known (`first`), and once keys are known, for an unknown
-/// `kid` (`refetch`).
+/// The cached keys and the bookkeeping of the fetches that bring them. Fetches are numbered from 1 in the order
+/// they start; a request waiting for fetch `n` waits until `fetches_finished >= n`.
 #[derive(Default)]
-struct FetchTimes {
-    first: Option<Instant>,
-    refetch: Option<Instant>,
+struct KeyCache {
+    keys: Arc<KeysById>,
+    /// When the fetch that brought `keys` started; `None` until a fetch succeeds.
+    fetched_at: Option<Instant>,
+    /// Whether the fetch task runs (it runs one fetch at a time, and a follow-up when asked).
+    fetch_in_flight: bool,
+    /// Whether a fetch must follow the one in flight, because a request needs keys newer than its start.
+    follow_up_wanted: bool,
+    fetches_started: u64,
+    fetches_finished: u64,
+    /// No fetch may start before then (set after a failed fetch).
+    no_fetch_before: Option<Instant>,
+    /// No fetch for an unknown `kid` may start before then.
+    no_unknown_kid_fetch_before: Option<Instant>,
+    /// Whether the expiry of the keys without a successful refresh has been logged (it is logged once).
+    expiry_logged: bool,
 }
 
-impl FetchTimes {
-    fn not_before(&mut self, have_keys: bool) -> &mut Option<Instant> {
-        if have_keys {
-            &mut self.refetch
-        } else {
-            &mut self.first
+/// What a request does about the keys after looking in the cache.
+enum KeyLookup {
+    Found(Arc<DecodingKey>),
+    Refused(AuthError),
+    /// Wait until this fetch has finished, then look again.
+    WaitFor(u64),
+}
+
+impl KeyCache {
+    /// The keys, while they are younger than `ttl`.
+    fn current_keys(&self, now: Instant, ttl: Duration) -> Option<&Arc<KeysById>> {
+        self.fetched_at
+            .filter(|fetched_at| now.saturating_duration_since(*fetched_at) < ttl)
+            .map(|_| &self.keys)
+    }
+
+    fn may_start_fetch(&self, now: Instant) -> bool {
+        self.no_fetch_before.is_none_or(|at| now >= at)
+    }
+
+    fn may_fetch_for_unknown_kid(&self, now: Instant) -> bool {
+        self.no_unknown_kid_fetch_before.is_none_or(|at| now >= at)
+    }
+
+    /// The number of the last fetch that will run, counting a follow-up asked for.
+    fn last_scheduled_fetch(&self) -> u64 {
+        self.fetches_started + u64::from(self.follow_up_wanted)
+    }
+
+    /// Starts a fetch now if none is in flight and none is held back, and returns its number; the caller then
+    /// spawns the fetch task.
+    fn start_fetch_if_allowed(&mut self, now: Instant) -> Option<u64> {
+        if self.fetch_in_flight || !self.may_start_fetch(now) {
+            return None;
+        }
+        self.fetch_in_flight = true;
+        self.fetches_started += 1;
+        Some(self.fetches_started)
+    }
+
+    /// The number of a fetch that starts no earlier than now: the next one if a fetch is in flight (it may have
+    /// started before the change we are looking for), else one started now. The second value says whether the
+    /// fetch task must be spawned; `None` when no fetch may start yet.
+    fn fetch_starting_from_now(&mut self, now: Instant) -> Option<(u64, bool)> {
+        if self.fetch_in_flight {
+            self.follow_up_wanted = true;
+            return Some((self.fetches_started + 1, false));
+        }
+        self.start_fetch_if_allowed(now).map(|fetch| (fetch, true))
+    }
+
+    /// Decides what a request with `kid` does: use a cached key, wait for a fetch, or be refused. The second
+    /// value says whether the fetch task must be spawned.
+    fn look_up(&mut self, kid: &str, now: Instant, ttl: Duration) -> (KeyLookup, bool) {
+        if let Some(keys) = self.current_keys(now, ttl) {
+            if let Some(key) = keys.get(kid) {
+                let key = key.clone();
+                // Keys past half their life are refreshed in the background: this request does not wait.
+                let refresh_due = self
+                    .fetched_at
+                    .is_some_and(|fetched_at| now.saturating_duration_since(fetched_at) >= ttl / 2);
+                let spawn = refresh_due && self.start_fetch_if_allowed(now).is_some();
+                return (KeyLookup::Found(key), spawn);
+            }
+            // A kid we do not know: the tenant may have rotated its keys since our fetch, or the kid is forged.
+            if self.may_fetch_for_unknown_kid(now)
+                && (self.fetch_in_flight || self.may_start_fetch(now))
+            {
+                self.no_unknown_kid_fetch_before = Some(now + UNKNOWN_KID_REFETCH_INTERVAL);
+                if let Some((fetch, spawn)) = self.fetch_starting_from_now(now) {
+                    return (KeyLookup::WaitFor(fetch), spawn);
+                }
+            }
+            if self.fetch_in_flight {
+                return (KeyLookup::WaitFor(self.last_scheduled_fetch()), false);
+            }
+            return (KeyLookup::Refused(AuthError::UnknownKey), false);
+        }
+        // No current keys: none fetched yet, or they expired. Whichever fetch finishes next settles it.
+        if self.fetched_at.is_some() && !self.expiry_logged {
+            self.expiry_logged = true;
+            tracing::warn!(
+                "the token signing keys expired before a refresh succeeded; Auth0 tokens are refused until the \
+                 JWKS can be fetched"
+            );
+        }
+        if self.fetch_in_flight {
+            return (KeyLookup::WaitFor(self.last_scheduled_fetch()), false);
+        }
+        match self.start_fetch_if_allowed(now) {
+            Some(fetch) => (KeyLookup::WaitFor(fetch), true),
+            None => (KeyLookup::Refused(AuthError::KeysUnavailable), false),
         }
     }
+
+    /// Records the outcome of the fetch that started at `started_at`; whether the fetch task must fetch again.
+    fn finish_fetch(&mut self, started_at: Instant, fetched: Option<KeysById>) -> bool {
+        let succeeded = fetched.is_some();
+        match fetched {
+            Some(keys) => {
+                self.keys = Arc::new(keys);
+                self.fetched_at = Some(started_at);
+                self.no_fetch_before = None;
+                self.expiry_logged = false;
+            }
+            None => {
+                let retry_at = Instant::now() + FAILED_FETCH_INTERVAL;
+                self.no_fetch_before = Some(retry_at);
+                // A failed fetch brought no rotated key: the next unknown kid may try again soon.
+                self.no_unknown_kid_fetch_before = Some(
+                    self.no_unknown_kid_fetch_before
+                        .map_or(retry_at, |at| at.min(retry_at)),
+                );
+            }
+        }
+        let follow_up = std::mem::take(&mut self.follow_up_wanted);
+        if follow_up && succeeded {
+            // The follow-up starts at once; the fetch that just finished is done.
+            self.fetches_finished = self.fetches_started;
+            self.fetches_started += 1;
+            return true;
+        }
+        if follow_up {
+            // After a failure the follow-up would fail as well, and would fetch sooner than
+            // `FAILED_FETCH_INTERVAL` allows: it counts as finished without running.
+            self.fetches_started += 1;
+        }
+        self.fetches_finished = self.fetches_started;
+        self.fetch_in_flight = false;
+        false
+    }
+}
+
+impl Auth0 {
+    fn cache(&self) -> MutexGuard<'_, KeyCache> {
+        // The cache is consistent after every critical section (none of them panics), so a poisoned lock is safe
+        // to take over.
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The key for `kid`, fetching the JWKS first when needed (see the module documentation).
+    ///
+    /// # Errors
+    /// [`AuthError::UnknownKey`] when the current keys have no such `kid`, [`AuthError::KeysUnavailable`] when
+    /// there are no current keys (the JWKS could not be fetched).
+    async fn key_for(self: &Arc<Self>, kid: &str) -> Result<Arc<DecodingKey>, AuthError> {
+        let (lookup, spawn) = self.cache().look_up(kid, Instant::now(), self.cache_ttl);
+        if spawn {
+            self.spawn_fetches();
+        }
+        let fetch = match lookup {
+            KeyLookup::Found(key) => return Ok(key),
+            KeyLookup::Refused(error) => return Err(error),
+            KeyLookup::WaitFor(fetch) => fetch,
+        };
+        let mut finished = self.fetches_finished.subscribe();
+        // The fetch task bounds each fetch by `JWKS_FETCH_TIMEOUT`, and runs at most one follow-up; the bound here
+        // only guards against a fetch task that is gone.
+        let waited = tokio::time::timeout(
+            2 * JWKS_FETCH_TIMEOUT + Duration::from_secs(1),
+            finished.wait_for(|finished| *finished >= fetch),
+        )
+        .await;
+        if !matches!(waited, Ok(Ok(_))) {
+            tracing::warn!(fetch, "gave up waiting for a JWKS fetch");
+        }
+        let cache = self.cache();
+        match cache.current_keys(Instant::now(), self.cache_ttl) {
+            Some(keys) => keys.get(kid).cloned().ok_or(AuthError::UnknownKey),
+            None => Err(AuthError::KeysUnavailable),
+        }
+    }
+
+    /// Runs the fetch task: one fetch, and another right after it while a follow-up is wanted. It runs apart from
+    /// the requests that wait for it, so that a request given up by its client does not abandon the fetch.
+    fn spawn_fetches(self: &Arc<Self>) {
+        let auth0 = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                let started_at = Instant::now();
+                let fetched = auth0.fetch_keys().await;
+                let (again, finished) = {
+                    let mut cache = auth0.cache();
+                    let again = cache.finish_fetch(started_at, fetched);
+                    (again, cache.fetches_finished)
+                };
+                auth0.fetches_finished.send_replace(finished);
+                if !again {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// One fetch of the JWKS; its RSA keys by `kid`, or `None` (logged) when it failed.
+    async fn fetch_keys(&self) -> Option<KeysById> {
+        let fetched = tokio::time::timeout(JWKS_FETCH_TIMEOUT, async {
+            self.http
+                .get(&self.jwks_url)
+                .send()
+                .await?
+                .error_for_status()?
+                .json::<JwkSet>()
+                .await
+        })
+        .await;
+        match fetched {
+            Ok(Ok(set)) => {
+                let keys = rsa_keys_by_id(&set);
+                tracing::info!(
+                    keys = keys.len(),
+                    published = set.keys.len(),
+                    "fetched the token signing keys"
+                );
+                Some(keys)
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(error = %error, "could not fetch the token signing keys; keeping the cached ones");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    timeout_s = JWKS_FETCH_TIMEOUT.as_secs(),
+                    "the JWKS endpoint did not answer in time; keeping the cached token signing keys"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// The RSA keys of a JWKS by `kid` (the first of a `kid` wins); keys of another type, or without a `kid`, cannot
+/// check an RS256 token of ours and are left out.
+fn rsa_keys_by_id(set: &JwkSet) -> KeysById {
+    let mut keys = KeysById::new();
+    for jwk in &set.keys {
+        let (Some(kid), AlgorithmParameters::RSA(_)) = (&jwk.common.key_id, &jwk.algorithm) else {
+            continue;
+        };
+        match DecodingKey::from_jwk(jwk) {
+            Ok(key) => {
+                keys.entry(kid.clone()).or_insert_with(|| Arc::new(key));
+            }
+            Err(error) => {
+                tracing::warn!(kid, error = %error, "a published signing key is unusable")
+            }
+        }
+    }
+    keys
 }
 
 /// Verifies bearer tokens. Cheap to clone.
@@ -100,41 +385,43 @@ impl FetchTimes {
 pub struct TokenVerifier {
     auth0: Option<Arc<Auth0>>,
     dev_key: Option<Arc<DecodingKey>>,
-    http: reqwest::Client,
 }
 
 impl TokenVerifier {
-    /// A verifier for the configured Auth0 tenant, plus the development key when `ENVIRONMENT=local`.
+    /// A verifier for the configured Auth0 tenant (keys cached for `settings.jwks_cache_ttl`), plus the
+    /// development key when `ENVIRONMENT=local`.
     pub fn new(settings: &Settings) -> Self {
+        crate::tls::ensure_crypto_provider();
         let auth0 = settings.auth0.jwks_url.clone().map(|jwks_url| {
+            // Should the builder fail, the default client has no timeout; `fetch_keys` bounds every fetch itself.
+            let http = reqwest::Client::builder()
+                .timeout(JWKS_FETCH_TIMEOUT)
+                .build()
+                .unwrap_or_default();
             Arc::new(Auth0 {
                 jwks_url,
                 issuer: settings.auth0.issuer.clone(),
                 audience: settings.auth0.audience.clone(),
-                keys: RwLock::new(JwkSet { keys: vec![] }),
-                fetches: std::sync::Mutex::new(FetchTimes::default()),
+                cache_ttl: settings.jwks_cache_ttl,
+                http,
+                cache: Mutex::new(KeyCache::default()),
+                fetches_finished: watch::Sender::new(0),
             })
         });
         let dev_key = (settings.environment == Environment::Local)
             .then(|| DecodingKey::from_rsa_pem(DEV_VERIFYING_KEY).ok())
             .flatten()
             .map(Arc::new);
-        crate::tls::ensure_crypto_provider();
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build()
-            .unwrap_or_default();
-        Self {
-            auth0,
-            dev_key,
-            http,
-        }
+        Self { auth0, dev_key }
     }
 
-    /// Checks a token and says whom it speaks for.
+    /// Checks a token and says whom it speaks for: an RS256 signature by a key of the tenant's JWKS (found by
+    /// `kid`, waiting for a fetch when the cache needs one), the issuer, the audience, `exp` and `nbf` (with 30 s
+    /// of leeway) and a non-empty `sub`.
     ///
     /// # Errors
-    /// Any failure to prove the token genuine, current and meant for us.
+    /// Any failure to prove the token genuine, current and meant for us, including having no current signing keys
+    /// because the JWKS could not be fetched.
     pub async fn verify(&self, token: &str) -> Result<Principal, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
         if header.alg != Algorithm::RS256 {
@@ -146,73 +433,13 @@ impl TokenVerifier {
             return check(token, key, Some(DEV_ISSUER), Some(DEV_AUDIENCE));
         }
         let auth0 = self.auth0.as_ref().ok_or(AuthError::NotConfigured)?;
-        let key = match self.find_key(auth0, &kid).await {
-            Some(key) => key,
-            None => {
-                self.refetch(auth0).await;
-                self.find_key(auth0, &kid)
-                    .await
-                    .ok_or(AuthError::UnknownKey)?
-            }
-        };
+        let key = auth0.key_for(&kid).await?;
         check(
             token,
             &key,
             auth0.issuer.as_deref(),
             auth0.audience.as_deref(),
         )
-    }
-
-    async fn find_key(&self, auth0: &Auth0, kid: &str) -> Option<DecodingKey> {
-        let keys = auth0.keys.read().await;
-        keys.find(kid)
-            .and_then(|jwk| DecodingKey::from_jwk(jwk).ok())
-    }
-
-    /// Fetches the JWKS: the first time whenever asked (at most once a second), then again at most once per
-    /// `REFETCH_INTERVAL`; on failure the cached keys stay, and the next fetch may come after
-    /// `FAILED_FETCH_INTERVAL`.
-    async fn refetch(&self, auth0: &Auth0) {
-        let have_keys = !auth0.keys.read().await.keys.is_empty();
-        let interval = if have_keys {
-            REFETCH_INTERVAL
-        } else {
-            FIRST_FETCH_INTERVAL
-        };
-        {
-            let Ok(mut fetches) = auth0.fetches.lock() else {
-                return;
-            };
-            let now = Instant::now();
-            let not_before = fetches.not_before(have_keys);
-            if not_before.is_some_and(|at| now < at) {
-                return;
-            }
-            *not_before = Some(now + interval);
-        }
-        let fetched = async {
-            self.http
-                .get(&auth0.jwks_url)
-                .send()
-                .await?
-                .error_for_status()?
-                .json::<JwkSet>()
-                .await
-        }
-        .await;
-        match fetched {
-            Ok(keys) => {
-                tracing::info!(keys = keys.keys.len(), "fetched the token signing keys");
-                *auth0.keys.write().await = keys;
-            }
-            Err(error) => {
-                tracing::warn!(error = %error, "could not fetch the token signing keys; keeping the cached ones");
-                if let Ok(mut fetches) = auth0.fetches.lock() {
-                    *fetches.not_before(have_keys) =
-                        Some(Instant::now() + FAILED_FETCH_INTERVAL.min(interval));
-                }
-            }
-        }
     }
 }
 
@@ -223,7 +450,9 @@ fn check(
     audience: Option<&str>,
 ) -> Result<Principal, AuthError> {
     let mut validation = Validation::new(Algorithm::RS256);
-    validation.leeway = 30;
+    validation.leeway = CLOCK_LEEWAY_SECONDS;
+    // `nbf` is optional (Auth0 does not set it), but a token that says it is not valid yet is not.
+    validation.validate_nbf = true;
     validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
     match issuer {
         Some(issuer) => validation.set_issuer(&[issuer]),
@@ -335,5 +564,259 @@ mod tests {
         assert_eq!(bearer(Some("Basic abc")), Err(AuthError::Missing));
         assert_eq!(bearer(Some("Bearer ")), Err(AuthError::Missing));
         assert_eq!(bearer(None), Err(AuthError::Missing));
+    }
+
+    // -----------------------------------------------------------------------------------------------------------
+    // The Auth0 key cache, against a JWKS served on loopback by the test.
+    // -----------------------------------------------------------------------------------------------------------
+
+    const TENANT_KID: &str = "tenant-test";
+    const TENANT_ISSUER: &str = "https://whist-unit.auth0.example/";
+    const TENANT_AUDIENCE: &str = "https://api.whist.unit";
+    /// The modulus of `dev_verifying_key.pem`, base64url (`openssl rsa -pubin -in dev_verifying_key.pem -modulus`):
+    /// the tests publish the committed development key pair under another `kid`, as a tenant would publish its key.
+    const DEV_KEY_MODULUS: &str = "loDw7IwU-TdrTGzmaNkVlv3OVSLK_HHEaTNK8rQQUf1lZzv8qNGTxp-koJ7sVCy7kHVw9eVj4TM0dg5HXKJwRo\
+        OEAPymDBjth919Jq53V1FuJLQbEiy6-brK2CGN_M2s5aknp1SAx4aOtizUYtIfbTexWguiTsqML25i6fgLuq_fGW5qIbdh1jMRjxrRwfO1T9oY\
+        WZ3GFhGec9_ZkFvPF3cVIcTgjZaUADOMcNa8fqdiNd9GM0tno7san4_YFqJ-k8Cp5dt2VlUciGsSoilLyLeP28_Q0z7ZiAM6yiau0DoMx_6D_A\
+        AsHrqlr2sEzdCg6uc7UPFXIxQatlBqUvdmZQ";
+
+    /// What the fake tenant's JWKS endpoint does; the test changes it as it goes.
+    struct FakeJwks {
+        document: Mutex<serde_json::Value>,
+        delay: Mutex<Duration>,
+        failing: std::sync::atomic::AtomicBool,
+        fetches: std::sync::atomic::AtomicUsize,
+    }
+
+    impl FakeJwks {
+        fn fetches(&self) -> usize {
+            self.fetches.load(std::sync::atomic::Ordering::SeqCst)
+        }
+
+        fn publish(&self, kids: &[&str]) {
+            let keys: Vec<serde_json::Value> = kids
+                .iter()
+                .map(|kid| {
+                    serde_json::json!({
+                        "kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256", "n": DEV_KEY_MODULUS, "e": "AQAB",
+                    })
+                })
+                .collect();
+            *self.document.lock().expect("lock") = serde_json::json!({ "keys": keys });
+        }
+
+        fn set_delay(&self, delay: Duration) {
+            *self.delay.lock().expect("lock") = delay;
+        }
+    }
+
+    #[poem::handler]
+    async fn fake_jwks_document(
+        poem::web::Data(fake): poem::web::Data<&Arc<FakeJwks>>,
+    ) -> poem::Response {
+        fake.fetches
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let delay = *fake.delay.lock().expect("lock");
+        tokio::time::sleep(delay).await;
+        if fake.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return poem::Response::builder()
+                .status(poem::http::StatusCode::INTERNAL_SERVER_ERROR)
+                .finish();
+        }
+        let document = fake.document.lock().expect("lock").clone();
+        poem::Response::builder()
+            .content_type("application/json")
+            .body(document.to_string())
+    }
+
+    /// A JWKS endpoint on loopback publishing the tenant key, and a verifier for it with keys cached for `ttl`.
+    async fn verifier_with_fake_tenant(ttl_seconds: u64) -> (TokenVerifier, Arc<FakeJwks>) {
+        use poem::listener::{Acceptor, Listener};
+        use poem::EndpointExt;
+        let fake = Arc::new(FakeJwks {
+            document: Mutex::new(serde_json::Value::Null),
+            delay: Mutex::new(Duration::ZERO),
+            failing: std::sync::atomic::AtomicBool::new(false),
+            fetches: std::sync::atomic::AtomicUsize::new(0),
+        });
+        fake.publish(&[TENANT_KID]);
+        let acceptor = poem::listener::TcpListener::bind("127.0.0.1:0")
+            .into_acceptor()
+            .await
+            .expect("a loopback port");
+        let port = acceptor
+            .local_addr()
+            .first()
+            .and_then(|address| address.as_socket_addr().map(|socket| socket.port()))
+            .expect("a port");
+        let app = poem::Route::new()
+            .at("/jwks.json", poem::get(fake_jwks_document))
+            .data(fake.clone());
+        tokio::spawn(async move {
+            let _ = poem::Server::new_with_acceptor(acceptor).run(app).await;
+        });
+        let mut sources = Sources::default();
+        for (key, value) in [
+            ("ENVIRONMENT", "prod".to_string()),
+            (
+                "WHIST_TOKEN_KEYS",
+                "k1:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".to_string(),
+            ),
+            (
+                "AUTH0_JWKS_URL",
+                format!("http://127.0.0.1:{port}/jwks.json"),
+            ),
+            ("AUTH0_ISSUER", TENANT_ISSUER.to_string()),
+            ("AUTH0_AUDIENCE", TENANT_AUDIENCE.to_string()),
+            ("JWKS_CACHE_TTL_S", ttl_seconds.to_string()),
+        ] {
+            sources.environment.insert(key.to_string(), value);
+        }
+        let settings = Settings::from_sources(&sources).expect("valid");
+        (TokenVerifier::new(&settings), fake)
+    }
+
+    /// A token of the fake tenant signed with the key published as `kid`, with `claims` added to valid ones.
+    fn tenant_token(kid: &str, extra_claims: serde_json::Value) -> String {
+        let now = chrono::Utc::now().timestamp();
+        let mut claims = serde_json::json!({
+            "sub": "auth0|unit", "scope": "openid", "iss": TENANT_ISSUER, "aud": TENANT_AUDIENCE,
+            "iat": now, "exp": now + 600,
+        });
+        if let (Some(claims), Some(extra)) = (claims.as_object_mut(), extra_claims.as_object()) {
+            claims.extend(extra.clone());
+        }
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(kid.to_string());
+        let key = EncodingKey::from_rsa_pem(DEV_SIGNING_KEY).expect("the development key");
+        jsonwebtoken::encode(&header, &claims, &key).expect("signed")
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_on_a_cold_cache_share_one_fetch_and_are_all_accepted() {
+        let (verifier, fake) = verifier_with_fake_tenant(600).await;
+        fake.set_delay(Duration::from_millis(300));
+        let token = tenant_token(TENANT_KID, serde_json::json!({}));
+        let verifications = (0..32).map(|_| verifier.verify(&token));
+        let outcomes = futures::future::join_all(verifications).await;
+        let accepted = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
+        assert_eq!(accepted, 32, "{outcomes:?}");
+        assert_eq!(fake.fetches(), 1, "one fetch for all of them");
+    }
+
+    #[tokio::test]
+    async fn a_forged_kid_fetches_the_jwks_again_at_most_once_per_interval() {
+        let (verifier, fake) = verifier_with_fake_tenant(600).await;
+        let good = tenant_token(TENANT_KID, serde_json::json!({}));
+        assert!(verifier.verify(&good).await.is_ok());
+        let forged = tenant_token("forged-kid", serde_json::json!({}));
+        for _ in 0..20 {
+            assert_eq!(verifier.verify(&forged).await, Err(AuthError::UnknownKey));
+        }
+        assert_eq!(
+            fake.fetches(),
+            2,
+            "the first fetch and one for the unknown kid"
+        );
+    }
+
+    #[tokio::test]
+    async fn requests_with_a_rotated_kid_wait_for_one_fetch_and_are_all_accepted() {
+        let (verifier, fake) = verifier_with_fake_tenant(600).await;
+        assert!(verifier
+            .verify(&tenant_token(TENANT_KID, serde_json::json!({})))
+            .await
+            .is_ok());
+        fake.publish(&[TENANT_KID, "tenant-rotated"]);
+        fake.set_delay(Duration::from_millis(300));
+        let rotated = tenant_token("tenant-rotated", serde_json::json!({}));
+        let outcomes = futures::future::join_all((0..16).map(|_| verifier.verify(&rotated))).await;
+        assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+        assert_eq!(fake.fetches(), 2);
+    }
+
+    #[tokio::test]
+    async fn keys_past_half_their_life_are_refreshed_without_making_the_request_wait() {
+        let (verifier, fake) = verifier_with_fake_tenant(2).await;
+        let token = tenant_token(TENANT_KID, serde_json::json!({}));
+        assert!(verifier.verify(&token).await.is_ok());
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        fake.set_delay(Duration::from_millis(700));
+        let asked = Instant::now();
+        assert!(verifier.verify(&token).await.is_ok());
+        assert!(
+            asked.elapsed() < Duration::from_millis(300),
+            "answered from the cache in {:?}",
+            asked.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(fake.fetches(), 2, "a refresh ran in the background");
+    }
+
+    #[tokio::test]
+    async fn expired_keys_are_not_used_when_the_refresh_fails_and_are_used_again_once_it_succeeds()
+    {
+        let (verifier, fake) = verifier_with_fake_tenant(1).await;
+        let token = tenant_token(TENANT_KID, serde_json::json!({}));
+        assert!(verifier.verify(&token).await.is_ok());
+        fake.failing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            verifier.verify(&token).await,
+            Err(AuthError::KeysUnavailable)
+        );
+        fake.failing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(FAILED_FETCH_INTERVAL).await;
+        assert!(verifier.verify(&token).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_token_not_valid_yet_is_refused_and_one_within_the_clock_leeway_is_accepted() {
+        let (verifier, _fake) = verifier_with_fake_tenant(600).await;
+        let now = chrono::Utc::now().timestamp();
+        let not_yet = tenant_token(TENANT_KID, serde_json::json!({ "nbf": now + 120 }));
+        assert!(matches!(
+            verifier.verify(&not_yet).await,
+            Err(AuthError::Invalid(_))
+        ));
+        let within_leeway = tenant_token(TENANT_KID, serde_json::json!({ "nbf": now + 10 }));
+        assert!(verifier.verify(&within_leeway).await.is_ok());
+    }
+
+    #[test]
+    fn an_unknown_kid_while_a_fetch_is_in_flight_asks_for_a_fetch_that_starts_after_it() {
+        let now = Instant::now();
+        let ttl = Duration::from_secs(600);
+        let mut cache = KeyCache {
+            fetched_at: Some(now),
+            ..KeyCache::default()
+        };
+        assert_eq!(cache.start_fetch_if_allowed(now), Some(1));
+        let (lookup, spawn) = cache.look_up("rotated", now, ttl);
+        assert!(matches!(lookup, KeyLookup::WaitFor(2)));
+        assert!(!spawn, "the fetch task in flight runs the follow-up");
+        // The fetch in flight succeeds: the follow-up starts at once.
+        assert!(cache.finish_fetch(now, Some(KeysById::new())));
+        assert_eq!(cache.fetches_finished, 1);
+        assert!(!cache.finish_fetch(now, Some(KeysById::new())));
+        assert_eq!(cache.fetches_finished, 2);
+        assert!(!cache.fetch_in_flight);
+    }
+
+    #[test]
+    fn after_a_failed_fetch_no_fetch_starts_until_the_failed_fetch_interval_has_passed() {
+        let now = Instant::now();
+        let ttl = Duration::from_secs(600);
+        let mut cache = KeyCache::default();
+        let (lookup, spawn) = cache.look_up(TENANT_KID, now, ttl);
+        assert!(matches!(lookup, KeyLookup::WaitFor(1)) && spawn);
+        assert!(!cache.finish_fetch(now, None));
+        let (lookup, spawn) = cache.look_up(TENANT_KID, Instant::now(), ttl);
+        assert!(matches!(lookup, KeyLookup::Refused(AuthError::KeysUnavailable)) && !spawn);
+        let later = Instant::now() + FAILED_FETCH_INTERVAL;
+        let (lookup, spawn) = cache.look_up(TENANT_KID, later, ttl);
+        assert!(matches!(lookup, KeyLookup::WaitFor(2)) && spawn);
     }
 }
