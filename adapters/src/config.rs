@@ -123,7 +123,7 @@ pub struct AwsSettings {
 }
 
 /// Every setting the webserver reads.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     /// Postgres event store; `None` means the embedded SQLite store in `data_dir`.
     pub database_url: Option<Secret>,

@@ -7,6 +7,7 @@ mod crash;
 mod faults;
 mod hostile;
 mod outage;
+mod supervision;
 
 use std::path::PathBuf;
 use std::time::Duration;
