@@ -10,5 +10,6 @@ pub mod host_client;
 pub mod simulated_host;
 pub mod store;
 pub mod stripe;
+pub mod supervision;
 pub mod tls;
 pub mod tokens;

@@ -261,18 +261,26 @@ impl Autoscaler {
 
     /// Decides every 2 s (and repairs every `WHIST_REPAIR_INTERVAL_S`) while this process leads, until `shutdown`.
     /// The repair runs beside the decisions, not between them: an EC2 listing that hangs until its timeout must not
-    /// hold back the warm buffer.
+    /// hold back the warm buffer. A repair that panics panics the autoscaler with it, so that the autoscaler's
+    /// supervisor restarts both (and says so) instead of the repair failing unseen at every interval; the repair in
+    /// flight is aborted whenever the autoscaler stops.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut held = None;
         let repair = std::sync::Arc::new(crate::repair::Repair::new(self.state.clone()));
-        let mut repairing: Option<tokio::task::JoinHandle<()>> = None;
+        // At most one repair; dropping the set (the autoscaler ends or unwinds) aborts it.
+        let mut repairing = tokio::task::JoinSet::new();
         let mut last_repair: Option<Instant> = None;
         loop {
-            if *shutdown.borrow() {
-                if let Some(task) = repairing.take() {
-                    task.abort();
-                }
+            if whist_adapters::supervision::stopping(&shutdown) {
                 return;
+            }
+            while let Some(ended) = repairing.try_join_next() {
+                if let Err(error) = ended {
+                    if error.is_panic() {
+                        tracing::error!("the cloud repair panicked; the autoscaler stops with it");
+                        std::panic::resume_unwind(error.into_panic());
+                    }
+                }
             }
             if self.lead(&mut held).await {
                 if self.state.settings.fleet.autoscale {
@@ -282,11 +290,11 @@ impl Autoscaler {
                 }
                 let due = last_repair
                     .is_none_or(|at| at.elapsed() >= self.state.settings.fleet.repair_interval);
-                let idle = repairing.as_ref().is_none_or(|task| task.is_finished());
+                let idle = repairing.is_empty();
                 if self.state.settings.cloud == CloudKind::Aws && due && idle {
                     last_repair = Some(Instant::now());
                     let repair = repair.clone();
-                    repairing = Some(tokio::spawn(async move {
+                    repairing.spawn(async move {
                         match repair.run_once().await {
                             Ok(report) if !report.is_quiet() => {
                                 tracing::info!(?report, "cloud repair acted");
@@ -294,7 +302,7 @@ impl Autoscaler {
                             Ok(_) => {}
                             Err(error) => tracing::warn!(error, "cloud repair failed"),
                         }
-                    }));
+                    });
                 }
             }
             tokio::select! {

@@ -1,20 +1,37 @@
-//! The in-process background work of `serve` and `worker`: the log listener and the projections.
+//! The in-process background work of `serve` and `worker`: the log listener, the projections, the reconciler, the
+//! sweeper, the autoscaler (with its repair) and the heartbeat flusher. Every loop runs under a supervisor
+//! ([`BackgroundLoops::supervise`]) that restarts it with backoff should it panic or end before it is asked to
+//! stop, and whose standing `GET /readyz` reports; `whist worker`, which has no HTTP, has only the supervisors' logs.
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use whist_adapters::store::{Backend, Database, LogListener};
+use whist_adapters::supervision::BackgroundLoops;
 use whist_projections::ProjectionRunner;
 
-/// Handles of the running background tasks.
+/// The names of the supervised loops, as `/readyz`, the logs, the metrics and `WHIST_FAULT_PANIC_LOOP` spell them.
+pub mod loop_names {
+    pub const LOG_LISTENER: &str = "log_listener";
+    pub const PROJECTIONS: &str = "projections";
+    pub const RECONCILER: &str = "reconciler";
+    pub const SWEEPER: &str = "sweeper";
+    pub const AUTOSCALER: &str = "autoscaler";
+    pub const HEARTBEAT_FLUSHER: &str = "heartbeat_flusher";
+    /// Supervised by the store itself, which starts it when it connects.
+    pub const APPEND_BATCHER: &str = whist_adapters::store::APPEND_BATCHER_LOOP;
+}
+
+/// Handles of the running background tasks (their supervisors).
 pub struct Background {
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Background {
-    /// Starts the log listener (Postgres) and the projection runner.
+    /// Starts the log listener (Postgres) and the projection runner, supervised.
     pub fn start(database: &Database, projections: ProjectionRunner) -> Self {
         let (shutdown, receiver) = watch::channel(false);
+        let loops = database.background_loops();
         let mut tasks = Vec::new();
         if let Backend::Postgres(pool) = database.backend() {
             let listener = LogListener::new(
@@ -22,27 +39,53 @@ impl Background {
                 database.signal().clone(),
                 database.reachability().clone(),
             );
-            tasks.push(tokio::spawn(listener.run(receiver.clone())));
+            tasks.push(loops.supervise(
+                loop_names::LOG_LISTENER,
+                receiver.clone(),
+                move |shutdown| listener.clone().run(shutdown),
+            ));
         }
-        tasks.push(tokio::spawn(projections.run(receiver)));
+        tasks.push(
+            loops.supervise(loop_names::PROJECTIONS, receiver, move |shutdown| {
+                projections.clone().run(shutdown)
+            }),
+        );
         Self { shutdown, tasks }
     }
 
-    /// Starts the reconciler and, with simulated hosts, the autoscaler.
+    /// Starts the reconciler, the sweeper and the autoscaler (which runs the repair), supervised.
     pub fn start_control(state: &crate::state::AppState) -> Self {
         let (shutdown, receiver) = watch::channel(false);
+        let loops = &state.background_loops;
+        // One reconciler across its restarts: it holds the simulated hosts it launched (`WHIST_CLOUD=local`), which
+        // a new one would not know and whose host services would stop with the old one.
+        let reconciler = crate::reconciler::Reconciler::new(state.clone());
+        let sweeper_state = state.clone();
+        let autoscaler_state = state.clone();
         let tasks = vec![
-            tokio::spawn(crate::reconciler::Reconciler::new(state.clone()).run(receiver.clone())),
-            tokio::spawn(crate::sweeper::Sweeper::new(state.clone()).run(receiver.clone())),
-            tokio::spawn(crate::autoscaler::Autoscaler::new(state.clone()).run(receiver)),
+            loops.supervise(loop_names::RECONCILER, receiver.clone(), move |shutdown| {
+                reconciler.clone().run(shutdown)
+            }),
+            loops.supervise(loop_names::SWEEPER, receiver.clone(), move |shutdown| {
+                crate::sweeper::Sweeper::new(sweeper_state.clone()).run(shutdown)
+            }),
+            loops.supervise(loop_names::AUTOSCALER, receiver, move |shutdown| {
+                crate::autoscaler::Autoscaler::new(autoscaler_state.clone()).run(shutdown)
+            }),
         ];
         Self { shutdown, tasks }
     }
 
-    /// Runs the heartbeat flusher until stopped.
+    /// Runs the heartbeat flusher, supervised, until stopped.
     pub fn spawn_with_shutdown(heartbeats: crate::heartbeats::HeartbeatBook) -> Self {
         let (shutdown, receiver) = watch::channel(false);
-        let tasks = vec![tokio::spawn(heartbeats.run(receiver))];
+        let loops: BackgroundLoops = heartbeats.background_loops().clone();
+        let tasks =
+            vec![
+                loops.supervise(loop_names::HEARTBEAT_FLUSHER, receiver, move |shutdown| {
+                    heartbeats.clone().run(shutdown)
+                }),
+            ];
         Self { shutdown, tasks }
     }
 

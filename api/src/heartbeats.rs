@@ -138,6 +138,11 @@ impl HeartbeatBook {
         }
     }
 
+    /// The supervised background loops of the process (the store's), among which the flusher runs.
+    pub fn background_loops(&self) -> &whist_adapters::supervision::BackgroundLoops {
+        self.database.background_loops()
+    }
+
     /// The silence after which a host counts as unresponsive.
     pub fn timeout(&self) -> Duration {
         self.timeout

@@ -55,6 +55,11 @@ impl OutcomeWriter {
         Self { queue }
     }
 
+    /// Whether the writer task still takes outcomes (it stops only by panicking while handles remain).
+    pub fn is_running(&self) -> bool {
+        !self.queue.is_closed()
+    }
+
     /// Writes `outcome`; `false` when the job is no longer held by that claim (another process took it over after
     /// the claim expired, and its outcome is that process's to write).
     ///

@@ -21,10 +21,10 @@ pub struct ProbeBody {
 
 #[derive(ApiResponse)]
 pub enum ReadyResponse {
-    /// The event store answers.
+    /// The event store answers and every background loop of the process runs.
     #[oai(status = 200)]
     Ready(Json<ProbeBody>),
-    /// The event store does not answer.
+    /// The event store does not answer, or a background loop is down (stopped, waiting for its restart).
     #[oai(status = 503)]
     NotReady(Json<ProbeBody>),
 }
@@ -42,9 +42,14 @@ impl OpsApi {
         })
     }
 
-    /// The process can reach its event store.
+    /// The process can reach its event store and none of its background loops is down.
     #[oai(path = "/readyz", method = "get")]
     async fn readyz(&self, state: Data<&AppState>) -> ReadyResponse {
+        // A loop that is down is answered first, without a query: the process cannot keep its promises meanwhile
+        // (a stopped reconciler starts no mandelbox), whether or not the store answers.
+        if let Some(status) = loops_down_status(&state.background_loops.down()) {
+            return ReadyResponse::NotReady(Json(ProbeBody { status }));
+        }
         match tokio::time::timeout(std::time::Duration::from_secs(2), state.database.ping()).await {
             Ok(Ok(())) => ReadyResponse::Ready(Json(ProbeBody {
                 status: "ok".to_string(),
@@ -71,5 +76,35 @@ impl OpsApi {
             }
         }
         PlainText(state.metrics.render())
+    }
+}
+
+/// What `/readyz` says while the named loops are down (`None` when none is).
+fn loops_down_status(down: &[&str]) -> Option<String> {
+    match down {
+        [] => None,
+        [one] => Some(format!("background loop {one} is down (restarting)")),
+        several => Some(format!(
+            "background loops {} are down (restarting)",
+            several.join(", ")
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loops_down_status;
+
+    #[test]
+    fn readiness_names_every_loop_that_is_down() {
+        assert_eq!(loops_down_status(&[]), None);
+        assert_eq!(
+            loops_down_status(&["reconciler"]).as_deref(),
+            Some("background loop reconciler is down (restarting)")
+        );
+        assert_eq!(
+            loops_down_status(&["projections", "sweeper"]).as_deref(),
+            Some("background loops projections, sweeper are down (restarting)")
+        );
     }
 }

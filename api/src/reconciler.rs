@@ -577,13 +577,19 @@ impl Reconciler {
         // Whether the last claim found as many jobs as it asked for.
         let mut backlog = false;
         loop {
-            if *shutdown.borrow() {
+            if whist_adapters::supervision::stopping(&shutdown) {
                 // Let the jobs in flight finish and record their outcome.
                 let _ = slots.acquire_many(IN_FLIGHT as u32).await;
                 let hosts = self.simulated.lock().await;
                 for host in hosts.values() {
                     host.stop();
                 }
+                return;
+            }
+            if !outcomes.is_running() {
+                // Every outcome from now on would be lost (each job would run again once its claim expired): end,
+                // so that the supervisor restarts the reconciler with a writer of its own.
+                tracing::error!("the job outcome writer stopped; the reconciler stops with it");
                 return;
             }
             advanced.borrow_and_update();

@@ -4,7 +4,22 @@
 //! `WHIST_REGISTRATION_TIMEOUT_S` after its launch decision is terminated; a draining host empty for
 //! `WHIST_DRAINED_HOST_TIMEOUT_S` is terminated. Every process may sweep: the commands are idempotent and guarded by
 //! the aggregates, which refuse a decision the state no longer justifies.
+//!
+//! A brake holds the silence sweeps back: when more than `SWEEP_MAX_SILENT_FRACTION` of a region's registered hosts
+//! (those that registered and are not ending: `ACTIVE`, `DRAINING`, `UNRESPONSIVE`) are silent at once, counting
+//! those already unresponsive, and at least [`BRAKE_MIN_SILENT_HOSTS`] of them, no host of that region is marked
+//! unresponsive or terminated for its silence. So many hosts do not fall silent together; our own heartbeat path
+//! (the load balancer, the heartbeat endpoint, the flusher, the `host_heartbeats` table) breaking does, and acting
+//! on it would end a healthy fleet and every mandelbox on it. The sweeper logs an error and sets the gauge
+//! `whist_sweep_braked{region}` to 1 for as long as the brake holds (0 otherwise). Hosts that never registered,
+//! and drained hosts left empty, are not judged by their heartbeats and are ended as usual.
+//!
+//! Hosts that fall silent together do not cross the timeout together: their last heartbeats are spread over one
+//! heartbeat interval. So the brake counts a host as silent well before the timeout (half of it, see
+//! [`falling_silent_after`]); otherwise the sweeps, every 5 s, would take the first hosts one by one, each below the
+//! fraction, and the brake would hold only once half the region was gone.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -16,6 +31,84 @@ use whist_domain::mandelbox::{EndReason, MandelboxCommand, MandelboxError};
 use whist_domain::{Actor, EventMetadata};
 
 use crate::state::AppState;
+
+/// The fewest silent hosts that can hold the brake: one host falling silent is not a mass termination, whatever the
+/// size of its region (a region of one host would otherwise never replace a host that died).
+pub const BRAKE_MIN_SILENT_HOSTS: usize = 2;
+
+/// Whether the brake holds for a region with `registered` hosts of which `silent` are silent: more than
+/// `max_silent_fraction` of them, and at least [`BRAKE_MIN_SILENT_HOSTS`].
+pub fn brake_holds(silent: usize, registered: usize, max_silent_fraction: f64) -> bool {
+    silent >= BRAKE_MIN_SILENT_HOSTS && silent as f64 > max_silent_fraction * registered as f64
+}
+
+/// How long a host may go unheard before the brake counts it as silent: half the heartbeat timeout. Hosts are told
+/// to heartbeat every quarter of it (`host::heartbeat_interval_s`), so the last heartbeats of hosts silenced
+/// together lie within a quarter of each other (plus the delay of a heartbeat in flight): when the first crosses
+/// the timeout, the others have been unheard for about three quarters of it, past half. A healthy host reaches half
+/// only by missing a heartbeat.
+pub fn falling_silent_after(heartbeat_timeout: Duration) -> Duration {
+    heartbeat_timeout / 2
+}
+
+/// A host that registered and is not ending, as the silence sweeps see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisteredHost {
+    pub instance_id: String,
+    pub region: String,
+    /// `ACTIVE`, `DRAINING` or `UNRESPONSIVE`.
+    pub status: String,
+    /// Unresponsive already, or not heard from for longer than the heartbeat timeout: to be judged.
+    pub silent: bool,
+    /// Silent, or not heard from for longer than [`falling_silent_after`]: counted by the brake.
+    pub falling_silent: bool,
+}
+
+/// Every registered host with its silence, and the regions where the brake holds.
+#[derive(Debug, Clone, Default)]
+pub struct SilenceCensus {
+    pub hosts: Vec<RegisteredHost>,
+    pub braked_regions: BTreeSet<String>,
+}
+
+impl SilenceCensus {
+    /// Counts each region's registered and silent hosts and decides where the brake holds.
+    pub fn of(hosts: Vec<RegisteredHost>, max_silent_fraction: f64) -> Self {
+        let mut counts: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+        for host in &hosts {
+            let (registered, silent) = counts.entry(host.region.as_str()).or_default();
+            *registered += 1;
+            if host.falling_silent {
+                *silent += 1;
+            }
+        }
+        let braked_regions = counts
+            .into_iter()
+            .filter(|(_, (registered, silent))| {
+                brake_holds(*silent, *registered, max_silent_fraction)
+            })
+            .map(|(region, _)| region.to_string())
+            .collect();
+        Self {
+            hosts,
+            braked_regions,
+        }
+    }
+
+    /// How many registered hosts `region` has, and how many of them the brake counts as silent.
+    pub fn counts(&self, region: &str) -> (usize, usize) {
+        self.hosts.iter().filter(|host| host.region == region).fold(
+            (0, 0),
+            |(registered, silent), host| {
+                (registered + 1, silent + usize::from(host.falling_silent))
+            },
+        )
+    }
+
+    fn is_braked(&self, region: &str) -> bool {
+        self.braked_regions.contains(region)
+    }
+}
 
 /// Runs the sweeps.
 pub struct Sweeper {
@@ -89,25 +182,29 @@ impl Sweeper {
         Ok(ended)
     }
 
-    /// Marks hosts silent for longer than the heartbeat timeout as unresponsive; how many it marked.
+    /// Reads every registered host and its silence, decides where the brake holds, and reports it: an error in the
+    /// logs for each braked region, and the gauge `whist_sweep_braked{region}` for every enabled or populated region.
     ///
     /// # Errors
     /// The read model could not be read.
-    pub async fn mark_silent_hosts(&self) -> Result<usize, sqlx::Error> {
-        let timeout_ms =
-            i64::try_from(self.state.settings.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX);
+    pub async fn silence_census(&self) -> Result<SilenceCensus, sqlx::Error> {
+        let settings = &self.state.settings;
+        let timeout_ms = i64::try_from(settings.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX);
+        let falling_silent_ms =
+            i64::try_from(falling_silent_after(settings.heartbeat_timeout).as_millis())
+                .unwrap_or(i64::MAX);
         let now_ms = Utc::now().timestamp_millis();
         // A host that never sent a heartbeat counts from its last change of state (its registration).
         let rows = sqlx::query(
-            "SELECT i.instance_id, i.updated_at, h.last_seen_ms FROM instances i \
+            "SELECT i.instance_id, i.region, i.status, i.updated_at, h.last_seen_ms FROM instances i \
              LEFT JOIN host_heartbeats h ON h.instance_id = i.instance_id \
-             WHERE i.status IN ('ACTIVE', 'DRAINING')",
+             WHERE i.status IN ('ACTIVE', 'DRAINING', 'UNRESPONSIVE')",
         )
         .fetch_all(self.state.database.any())
         .await?;
-        let mut marked = 0;
+        let mut hosts = Vec::with_capacity(rows.len());
         for row in rows {
-            let instance_id: String = row.try_get("instance_id")?;
+            let status: String = row.try_get("status")?;
             let last_seen_ms: Option<i64> = row.try_get("last_seen_ms")?;
             let updated_at: String = row.try_get("updated_at")?;
             let since_ms = last_seen_ms.unwrap_or_else(|| {
@@ -115,16 +212,70 @@ impl Sweeper {
                     .map(|at| at.timestamp_millis())
                     .unwrap_or(now_ms)
             });
-            if now_ms - since_ms <= timeout_ms {
-                continue;
+            // An unresponsive host is silent by definition: a heartbeat would have brought it back.
+            let silent = status == "UNRESPONSIVE" || now_ms - since_ms > timeout_ms;
+            hosts.push(RegisteredHost {
+                instance_id: row.try_get("instance_id")?,
+                region: row.try_get("region")?,
+                status,
+                silent,
+                falling_silent: silent || now_ms - since_ms > falling_silent_ms,
+            });
+        }
+        let census = SilenceCensus::of(hosts, settings.sweep_max_silent_fraction);
+        let regions: BTreeSet<&str> = settings
+            .enabled_regions
+            .iter()
+            .map(String::as_str)
+            .chain(census.hosts.iter().map(|host| host.region.as_str()))
+            .collect();
+        for region in regions {
+            let braked = census.is_braked(region);
+            metrics::gauge!("whist_sweep_braked", "region" => region.to_string()).set(if braked {
+                1.0
+            } else {
+                0.0
+            });
+            if braked {
+                let (registered, silent) = census.counts(region);
+                tracing::error!(
+                    region,
+                    silent,
+                    registered,
+                    max_silent_fraction = settings.sweep_max_silent_fraction,
+                    "more of this region's registered hosts are silent at once than SWEEP_MAX_SILENT_FRACTION \
+                     allows: the heartbeat path is more likely broken than the fleet, so none of them is marked \
+                     unresponsive or terminated"
+                );
             }
+        }
+        Ok(census)
+    }
+
+    /// Marks hosts silent for longer than the heartbeat timeout as unresponsive, except in regions where the brake
+    /// holds; how many it marked.
+    ///
+    /// # Errors
+    /// The read model could not be read.
+    pub async fn mark_silent_hosts(&self) -> Result<usize, sqlx::Error> {
+        let census = self.silence_census().await?;
+        Ok(self.mark_silent_hosts_of(&census).await)
+    }
+
+    async fn mark_silent_hosts_of(&self, census: &SilenceCensus) -> usize {
+        let mut marked = 0;
+        let silent_hosts = census.hosts.iter().filter(|host| {
+            host.silent && host.status != "UNRESPONSIVE" && !census.is_braked(&host.region)
+        });
+        for host in silent_hosts {
+            let instance_id = host.instance_id.as_str();
             let metadata = EventMetadata::new(Actor::System, Utc::now());
             match self
                 .state
                 .services
                 .instances
                 .execute_retrying(
-                    &instance_id,
+                    instance_id,
                     InstanceCommand::MarkUnresponsive { at: Utc::now() },
                     &metadata,
                 )
@@ -139,20 +290,36 @@ impl Sweeper {
                 }
             }
         }
-        Ok(marked)
+        marked
     }
 
-    /// Ends the mandelboxes of unresponsive hosts and terminates the hosts; how many hosts it terminated.
+    /// Ends the mandelboxes of unresponsive hosts and terminates the hosts, except in regions where the brake
+    /// holds; how many hosts it terminated.
     ///
     /// # Errors
     /// The read model could not be read.
     pub async fn end_unresponsive_hosts(&self) -> Result<usize, sqlx::Error> {
-        let rows = sqlx::query("SELECT instance_id FROM instances WHERE status = 'UNRESPONSIVE'")
-            .fetch_all(self.state.database.any())
-            .await?;
+        let census = self.silence_census().await?;
+        self.end_unresponsive_hosts_of(&census).await
+    }
+
+    /// Reads the unresponsive hosts again rather than taking them from `census`, so that a host marked by this
+    /// sweep is ended by it when the read model already shows the mark.
+    async fn end_unresponsive_hosts_of(
+        &self,
+        census: &SilenceCensus,
+    ) -> Result<usize, sqlx::Error> {
+        let rows =
+            sqlx::query("SELECT instance_id, region FROM instances WHERE status = 'UNRESPONSIVE'")
+                .fetch_all(self.state.database.any())
+                .await?;
         let mut ended = 0;
         for row in rows {
             let instance_id: String = row.try_get("instance_id")?;
+            let region: String = row.try_get("region")?;
+            if census.is_braked(&region) {
+                continue;
+            }
             let metadata = EventMetadata::new(Actor::System, Utc::now());
             if let Err(error) = crate::host::end_mandelboxes_on(
                 &self.state,
@@ -260,15 +427,118 @@ impl Sweeper {
             if let Err(error) = self.expire_stale_allocations().await {
                 tracing::warn!(error = %error, "stale-allocation sweep failed");
             }
-            if let Err(error) = self.mark_silent_hosts().await {
-                tracing::warn!(error = %error, "silent-host sweep failed");
-            }
-            if let Err(error) = self.end_unresponsive_hosts().await {
-                tracing::warn!(error = %error, "unresponsive-host sweep failed");
+            // One census per sweep: both silence sweeps obey the same brake, and it is reported once.
+            match self.silence_census().await {
+                Ok(census) => {
+                    self.mark_silent_hosts_of(&census).await;
+                    if let Err(error) = self.end_unresponsive_hosts_of(&census).await {
+                        tracing::warn!(error = %error, "unresponsive-host sweep failed");
+                    }
+                }
+                Err(error) => tracing::warn!(error = %error, "silent-host sweep failed"),
             }
             if let Err(error) = self.end_idle_hosts().await {
                 tracing::warn!(error = %error, "idle-host sweep failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{brake_holds, falling_silent_after, RegisteredHost, SilenceCensus};
+
+    fn host(region: &str, silent: bool) -> RegisteredHost {
+        RegisteredHost {
+            instance_id: uuid::Uuid::new_v4().to_string(),
+            region: region.to_string(),
+            status: "ACTIVE".to_string(),
+            silent,
+            falling_silent: silent,
+        }
+    }
+
+    #[test]
+    fn a_host_counts_for_the_brake_once_unheard_for_half_the_timeout() {
+        assert_eq!(
+            falling_silent_after(Duration::from_secs(120)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            falling_silent_after(Duration::from_secs(3)),
+            Duration::from_millis(1_500)
+        );
+    }
+
+    #[test]
+    fn hosts_falling_silent_count_for_the_brake_before_they_are_judged() {
+        let mut hosts = vec![host("us-east-1", true), host("us-east-1", false)];
+        hosts.push(RegisteredHost {
+            falling_silent: true,
+            ..host("us-east-1", false)
+        });
+        hosts.push(host("us-east-1", false));
+        let census = SilenceCensus::of(hosts, 0.5);
+        assert!(
+            census.braked_regions.is_empty(),
+            "2 of 4 is not more than half"
+        );
+        let mut hosts = vec![host("us-east-1", true), host("us-east-1", false)];
+        for _ in 0..2 {
+            hosts.push(RegisteredHost {
+                falling_silent: true,
+                ..host("us-east-1", false)
+            });
+        }
+        let census = SilenceCensus::of(hosts, 0.5);
+        assert_eq!(census.counts("us-east-1"), (4, 3));
+        assert!(census.braked_regions.contains("us-east-1"));
+    }
+
+    #[test]
+    fn the_brake_holds_when_more_than_the_fraction_of_a_region_is_silent() {
+        assert!(brake_holds(3, 4, 0.5));
+        assert!(brake_holds(2, 2, 0.5));
+        assert!(brake_holds(2, 3, 0.5));
+    }
+
+    #[test]
+    fn the_brake_does_not_hold_at_exactly_the_fraction_or_below() {
+        assert!(!brake_holds(2, 4, 0.5));
+        assert!(!brake_holds(1, 4, 0.5));
+        assert!(!brake_holds(0, 4, 0.5));
+    }
+
+    #[test]
+    fn one_silent_host_never_holds_the_brake_even_alone_in_its_region() {
+        assert!(!brake_holds(1, 1, 0.5));
+        assert!(!brake_holds(1, 1, 0.0));
+    }
+
+    #[test]
+    fn a_fraction_of_one_never_brakes_and_of_zero_brakes_on_two_silent_hosts() {
+        assert!(!brake_holds(10, 10, 1.0));
+        assert!(brake_holds(2, 100, 0.0));
+    }
+
+    #[test]
+    fn the_census_brakes_each_region_on_its_own_hosts() {
+        let hosts = vec![
+            host("us-east-1", true),
+            host("us-east-1", true),
+            host("us-east-1", true),
+            host("us-east-1", false),
+            host("us-west-1", true),
+            host("us-west-1", true),
+            host("us-west-1", false),
+            host("us-west-1", false),
+        ];
+        let census = SilenceCensus::of(hosts, 0.5);
+        assert_eq!(
+            census.braked_regions.into_iter().collect::<Vec<_>>(),
+            ["us-east-1"]
+        );
     }
 }

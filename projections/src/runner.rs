@@ -280,24 +280,47 @@ impl ProjectionRunner {
     }
 
     /// Runs every projection until `shutdown` turns true, waking on every move of the log's head (and once a
-    /// second regardless). Database failures are logged and retried.
+    /// second regardless). Database failures are logged and retried. Should one projection's task panic, or end
+    /// before `shutdown`, the others are stopped and the panic goes on to the caller (a projection left behind
+    /// while the rest run would go unnoticed): the runner is meant to run under a supervisor that restarts it
+    /// whole, each projection from its checkpoint.
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
         if let Err(error) = self.register().await {
             tracing::error!(error = %error, "could not register projections; will retry in the loop");
         }
-        let mut tasks = Vec::new();
+        let mut tasks = tokio::task::JoinSet::new();
         for projection in &self.projections {
             let runner = self.clone();
             let name = projection.name();
             let shutdown = shutdown.clone();
             let span = tracing::info_span!("projection", projection = name);
-            tasks.push(tokio::spawn(
-                async move { runner.run_one(name, shutdown).await }.instrument(span),
-            ));
+            tasks.spawn(
+                async move {
+                    runner.run_one(name, shutdown).await;
+                    name
+                }
+                .instrument(span),
+            );
         }
-        for task in tasks {
-            if let Err(error) = task.await {
-                tracing::error!(error = %error, "projection task ended abnormally");
+        while let Some(ended) = tasks.join_next().await {
+            if whist_adapters::supervision::stopping(&shutdown) {
+                if let Err(error) = ended {
+                    tracing::error!(error = %error, "projection task ended abnormally");
+                }
+                continue;
+            }
+            // Aborting the others drops their open transactions, which roll back: nothing is half applied.
+            tasks.abort_all();
+            match ended {
+                Ok(name) => {
+                    tracing::error!(projection = name, "a projection stopped before shutdown");
+                    return;
+                }
+                Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+                Err(error) => {
+                    tracing::error!(error = %error, "a projection task was cancelled");
+                    return;
+                }
             }
         }
     }
@@ -306,7 +329,9 @@ impl ProjectionRunner {
         let mut advanced = self.database.signal().on_advance();
         let mut registered = false;
         loop {
-            if *shutdown.borrow() {
+            // A dropped sender counts as a request to stop: nobody could ask any more, and `changed()` would
+            // answer at once on every pass.
+            if whist_adapters::supervision::stopping(&shutdown) {
                 return;
             }
             advanced.borrow_and_update();

@@ -424,3 +424,98 @@ async fn a_host_that_never_registers_and_a_drained_host_that_stays_are_terminate
     .await;
     app.stop().await;
 }
+
+/// `GET /metrics` of the app, as text.
+async fn metrics_text(app: &TestApp) -> String {
+    app.client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("metrics are text")
+}
+
+#[tokio::test]
+async fn when_more_than_half_of_a_regions_hosts_fall_silent_at_once_none_of_them_is_terminated() {
+    let database = TestDatabase::sqlite();
+    let mut settings = database.settings();
+    settings.enabled_regions = vec!["us-east-1".to_string(), "us-west-1".to_string()];
+    // Hosts heartbeat every second with this timeout.
+    settings.heartbeat_timeout = Duration::from_secs(4);
+    settings.fleet.registration_timeout = Duration::from_secs(1);
+    assert_eq!(settings.sweep_max_silent_fraction, 0.5, "the default");
+    let app = spawn_app_with(&database, settings).await;
+    let mut east = Vec::new();
+    let mut west = Vec::new();
+    for _ in 0..4 {
+        east.push(
+            app.active_host(whist_tests::launch_spec("us-east-1", IMAGE, HASH), 2)
+                .await,
+        );
+        west.push(
+            app.active_host(whist_tests::launch_spec("us-west-1", IMAGE, HASH), 2)
+                .await,
+        );
+    }
+    // A launch in the east whose host never comes up: not judged by heartbeats, so the brake does not hold it.
+    let (never_registered, _) = app
+        .launch(whist_tests::launch_spec("us-east-1", IMAGE, HASH))
+        .await;
+
+    // At once, three of the east's four hosts fall silent (more than half: the brake holds), and two of the west's
+    // four (exactly half: it does not).
+    for host in east.iter().take(3).chain(west.iter().take(2)) {
+        host.host.stop();
+    }
+    wait(
+        "the west's silent hosts and the host that never registered are being terminated",
+        60,
+        async || {
+            termination_reasons(&app, &never_registered).await == ["never_registered"]
+                && termination_reasons(&app, &west[0].instance_id).await == ["unresponsive"]
+                && termination_reasons(&app, &west[1].instance_id).await == ["unresponsive"]
+        },
+    )
+    .await;
+    // Two more sweeps (every 5 s) judge the east's silent hosts as well: still nothing is decided about them.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    for host in &east {
+        assert!(
+            termination_reasons(&app, &host.instance_id)
+                .await
+                .is_empty(),
+            "no host of the braked region is terminated"
+        );
+        let status: String =
+            sqlx::query_scalar("SELECT status FROM instances WHERE instance_id = $1")
+                .bind(&host.instance_id)
+                .fetch_one(app.state.database.any())
+                .await
+                .expect("the read model answers");
+        assert_eq!(status, "ACTIVE", "no host of the braked region is marked");
+    }
+    for host in &west[2..] {
+        assert!(termination_reasons(&app, &host.instance_id)
+            .await
+            .is_empty());
+    }
+    let metrics = metrics_text(&app).await;
+    assert!(
+        metrics.contains("whist_sweep_braked{region=\"us-east-1\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("whist_sweep_braked{region=\"us-west-1\"} 0"),
+        "{metrics}"
+    );
+    let census = whist_api::sweeper::Sweeper::new(app.state.clone())
+        .silence_census()
+        .await
+        .expect("the read model answers");
+    assert_eq!(census.counts("us-east-1"), (4, 3));
+    assert!(census.braked_regions.contains("us-east-1"));
+    assert!(!census.braked_regions.contains("us-west-1"));
+    app.stop().await;
+}

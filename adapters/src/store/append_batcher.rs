@@ -15,12 +15,16 @@ use std::collections::HashSet;
 
 use cqrs_es::persist::{PersistenceError, SerializedEvent};
 use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::supervision::BackgroundLoops;
 
 /// How many events one statement carries at most (a unit is never split).
 const MAX_BATCH_EVENTS: usize = 1_024;
 /// Statements in flight at once.
 const FLUSHERS: usize = 4;
+/// The flushers' name among the supervised background loops.
+pub const LOOP_NAME: &str = "append_batcher";
 
 type Reply = oneshot::Sender<Result<(), PersistenceError>>;
 
@@ -32,42 +36,32 @@ struct Unit {
 /// Hands units to the flusher tasks. Clones share the flushers.
 #[derive(Clone, Debug)]
 pub struct AppendBatcher {
+    /// Dropped with the last handle, before `queue` (fields drop in order), so that the flushers' supervisors know,
+    /// when the closed queue ends the flushers, that they were meant to end.
+    _stop: std::sync::Arc<watch::Sender<bool>>,
     queue: mpsc::Sender<Unit>,
 }
 
 impl AppendBatcher {
-    /// Starts the flushers on the current tokio runtime; they stop when every handle is dropped.
-    pub fn start(pool: PgPool) -> Self {
+    /// Starts the flushers on the current tokio runtime, each supervised as the loop `append_batcher` of `loops`
+    /// (restarted should it panic); they stop when every handle is dropped. A unit in the batch of a flusher that
+    /// panics is answered with an error (its reply is dropped), never left waiting; units still queued wait for
+    /// the flusher's restart, or are taken by the other flushers meanwhile.
+    pub fn start(pool: PgPool, loops: &BackgroundLoops) -> Self {
         let (queue, receiver) = mpsc::channel::<Unit>(4 * MAX_BATCH_EVENTS);
         let receiver = std::sync::Arc::new(tokio::sync::Mutex::new(receiver));
+        let (stop, stopped) = watch::channel(false);
         for _ in 0..FLUSHERS {
             let pool = pool.clone();
             let receiver = receiver.clone();
-            tokio::spawn(async move {
-                loop {
-                    let batch = {
-                        let mut receiver = receiver.lock().await;
-                        let Some(first) = receiver.recv().await else {
-                            return;
-                        };
-                        let mut events = first.events.len();
-                        let mut batch = vec![first];
-                        while events < MAX_BATCH_EVENTS {
-                            match receiver.try_recv() {
-                                Ok(unit) => {
-                                    events += unit.events.len();
-                                    batch.push(unit);
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                        batch
-                    };
-                    flush(&pool, batch).await;
-                }
+            loops.supervise(LOOP_NAME, stopped.clone(), move |_| {
+                flush_until_closed(pool.clone(), receiver.clone())
             });
         }
-        Self { queue }
+        Self {
+            _stop: std::sync::Arc::new(stop),
+            queue,
+        }
     }
 
     /// Appends `events` all together or not at all; `OptimisticLockError` when any of their sequence numbers is
@@ -87,6 +81,34 @@ impl AppendBatcher {
         answer.await.map_err(|_| {
             PersistenceError::UnknownError("the append batcher dropped an append".into())
         })?
+    }
+}
+
+/// Takes whatever units are queued, up to `MAX_BATCH_EVENTS` events, and writes them, until the queue is closed.
+async fn flush_until_closed(
+    pool: PgPool,
+    receiver: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Unit>>>,
+) {
+    loop {
+        let batch = {
+            let mut receiver = receiver.lock().await;
+            let Some(first) = receiver.recv().await else {
+                return;
+            };
+            let mut events = first.events.len();
+            let mut batch = vec![first];
+            while events < MAX_BATCH_EVENTS {
+                match receiver.try_recv() {
+                    Ok(unit) => {
+                        events += unit.events.len();
+                        batch.push(unit);
+                    }
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        flush(&pool, batch).await;
     }
 }
 

@@ -14,6 +14,7 @@ use cqrs_es::persist::{PersistenceError, SerializedEvent};
 use super::append_batcher::AppendBatcher;
 use super::log::{EventLog, LogSignal, RecentEvents};
 use super::reachability::Reachability;
+use crate::supervision::BackgroundLoops;
 
 /// How long a request waits for a pooled connection before the store counts as unavailable (503): long enough to
 /// ride out a burst on a loaded machine, short enough that an outage answers instead of hanging.
@@ -61,6 +62,9 @@ pub struct Database {
     recent: RecentEvents,
     description: String,
     reachability: Reachability,
+    /// The supervised background loops of the process that opened this store: the append batcher's flushers from
+    /// the start, and whatever the process runs over the store later (projections, reconciler, …).
+    background_loops: BackgroundLoops,
 }
 
 impl Database {
@@ -103,14 +107,16 @@ impl Database {
             .connect(url)
             .await
             .map_err(connect_error)?;
+        let background_loops = BackgroundLoops::new();
         Ok(Self {
-            batcher: Some(AppendBatcher::start(pool.clone())),
+            batcher: Some(AppendBatcher::start(pool.clone(), &background_loops)),
             backend: Backend::Postgres(pool),
             any,
             signal: LogSignal::new(),
             recent: RecentEvents::default(),
             description: redact_url(url),
             reachability,
+            background_loops,
         })
     }
 
@@ -157,6 +163,7 @@ impl Database {
             recent: RecentEvents::default(),
             description: url,
             reachability: Reachability::embedded(),
+            background_loops: BackgroundLoops::new(),
         })
     }
 
@@ -184,6 +191,11 @@ impl Database {
     /// Whether the server is known to be down (see [`Reachability`]); failures should be reported to it.
     pub fn reachability(&self) -> &Reachability {
         &self.reachability
+    }
+
+    /// The supervised background loops of this process (see [`BackgroundLoops`]), which readiness reports on.
+    pub fn background_loops(&self) -> &BackgroundLoops {
+        &self.background_loops
     }
 
     pub fn backend(&self) -> &Backend {

@@ -12,6 +12,7 @@ mod postgres_repository;
 mod reachability;
 
 pub use aggregate_store::{AggregateStore, CommandError, Unit, UnitError};
+pub use append_batcher::LOOP_NAME as APPEND_BATCHER_LOOP;
 pub use chain::{chain_hash, ChainBreak, ChainReport, VerifyProgress, GENESIS};
 pub use database::{redact_url, Backend, Database, DatabaseError};
 pub use listener::{LogListener, LOG_CHANNEL};

@@ -8,6 +8,7 @@ mod faults;
 mod hostile;
 mod hostile_peers;
 mod outage;
+mod supervision;
 
 use std::path::PathBuf;
 use std::time::Duration;
