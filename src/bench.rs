@@ -130,7 +130,8 @@ async fn run_store_bench(options: &StoreBenchOptions, bench_url: &str) -> anyhow
     };
     let total = u64::try_from(loaded).unwrap_or(0);
     row(format!("seal event_chain, {total} events"), total, sealed);
-    let export = whist_api::audit::export(&database, 0, &mut std::io::sink(), &|_, _| {}).await?;
+    let export =
+        whist_api::control::audit::export(&database, 0, &mut std::io::sink(), &|_, _| {}).await?;
     row(
         format!("export JSON Lines, {} events", export.events),
         export.events,

@@ -11,10 +11,10 @@ use sqlx::Executor;
 use whist_adapters::config::{Settings, Sources};
 use whist_adapters::ec2::{Ec2, Ec2Access, LaunchRequest};
 use whist_adapters::store::{Backend, Database};
-use whist_api::autoscaler::Autoscaler;
-use whist_api::background::Background;
 use whist_api::services::Services;
-use whist_api::AppState;
+use whist_api::workers::autoscaler::Autoscaler;
+use whist_api::workers::background::Background;
+use whist_api::Context as ControlContext;
 use whist_domain::images::{ImageCatalogCommand, CATALOG_ID};
 use whist_domain::instance::{InstanceCommand, LaunchSpec, TerminationReason};
 use whist_domain::{Actor, EventMetadata};
@@ -111,7 +111,7 @@ async fn state(
     url: &str,
     endpoint: &str,
     regions: &[&str],
-) -> anyhow::Result<(AppState, Background)> {
+) -> anyhow::Result<(ControlContext, Background)> {
     let mut sources = Sources::default();
     for (key, value) in [
         ("ENVIRONMENT", "local".to_string()),
@@ -134,7 +134,7 @@ async fn state(
     database.migrate().await?;
     let projections = ProjectionRunner::new(database.clone(), whist_projections::all());
     let services = Arc::new(Services::new(&settings, &database).await?);
-    let state = AppState::new(
+    let state = ControlContext::new(
         Arc::new(settings),
         database.clone(),
         projections.clone(),
@@ -319,14 +319,14 @@ async fn run(
     Ok(())
 }
 
-fn postgres(state: &AppState) -> anyhow::Result<&sqlx::PgPool> {
+fn postgres(state: &ControlContext) -> anyhow::Result<&sqlx::PgPool> {
     match state.database.backend() {
         Backend::Postgres(pool) => Ok(pool),
         Backend::Sqlite(_) => anyhow::bail!("the fleet benchmark needs Postgres"),
     }
 }
 
-async fn wait_for(state: &AppState, condition: &str, count: usize) -> anyhow::Result<()> {
+async fn wait_for(state: &ControlContext, condition: &str, count: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let done: i64 =

@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use whist_adapters::config::Settings;
-use whist_api::background::Background;
-use whist_api::release;
+use whist_api::control::release;
 use whist_api::startup::{
     control_plane, open_database, termination_signal, Application, ServeOptions,
 };
-use whist_api::AppState;
+use whist_api::workers::background::Background;
+use whist_api::Context;
 use whist_projections::{ProjectionRunner, RebuildProgress};
 
 /// The Whist webserver: control plane of the cloud-browser service.
@@ -104,21 +104,24 @@ enum ImagesCommand {
     },
 }
 
+/// A duration on the command line that is not one.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a duration like 900s, 15m or 2h")]
+struct NotADuration(String);
+
 /// `900s`, `15m`, `2h` or a number of seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+fn parse_duration(text: &str) -> Result<Duration, NotADuration> {
     let text = text.trim();
     let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         Some((index, _)) => text.split_at(index),
         None => (text, "s"),
     };
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 900s, 15m or 2h"))?;
+    let value: u64 = number.parse().map_err(|_| NotADuration(text.to_string()))?;
     let seconds = match unit {
         "s" => value,
         "m" => value.saturating_mul(60),
         "h" => value.saturating_mul(3600),
-        _ => return Err(format!("{text:?}: the unit must be s, m or h")),
+        _ => return Err(NotADuration(text.to_string())),
     };
     Ok(Duration::from_secs(seconds))
 }
@@ -382,7 +385,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn images(state: &AppState, command: ImagesCommand) -> anyhow::Result<()> {
+async fn images(state: &Context, command: ImagesCommand) -> anyhow::Result<()> {
     match command {
         ImagesCommand::CreateBuffers {
             commit_hash,
@@ -458,11 +461,11 @@ async fn images(state: &AppState, command: ImagesCommand) -> anyhow::Result<()> 
 }
 
 async fn admin(
-    state: &AppState,
+    state: &Context,
     actor: &whist_domain::Actor,
     command: AdminCommand,
 ) -> anyhow::Result<()> {
-    use whist_api::operator;
+    use whist_api::control::operator;
     match command {
         AdminCommand::Launch {
             region,
@@ -515,7 +518,7 @@ async fn events(
     command: EventsCommand,
 ) -> anyhow::Result<()> {
     use std::io::Write;
-    use whist_api::audit;
+    use whist_api::control::audit;
     let stdout = std::io::stdout();
     match command {
         EventsCommand::List { after, limit } => {

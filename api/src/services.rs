@@ -18,7 +18,7 @@ use whist_domain::session::Session;
 use whist_domain::subscription::{StripeCustomer, Subscription};
 use whist_domain::user::User;
 
-use crate::heartbeats::HeartbeatBook;
+use crate::workers::heartbeats::HeartbeatBook;
 
 /// The aggregate stores and services of one process.
 pub struct Services {

@@ -16,16 +16,16 @@ use whist_adapters::config::CloudKind;
 use whist_domain::images::{ImageCatalogCommand, CATALOG_ID};
 use whist_domain::{Actor, EventMetadata};
 
-use crate::admin::{AdminApi, OperatorApi};
-use crate::background::Background;
-use crate::billing::BillingApi;
-use crate::desktop::DesktopApi;
-use crate::hirefire::HireFireApi;
-use crate::host::HostApi;
-use crate::middleware::RequestContext;
-use crate::ops::OpsApi;
+use crate::http::admin::{AdminApi, OperatorApi};
+use crate::http::billing::BillingApi;
+use crate::http::desktop::DesktopApi;
+use crate::http::hirefire::HireFireApi;
+use crate::http::host::HostApi;
+use crate::http::middleware::RequestContext;
+use crate::http::ops::OpsApi;
 use crate::services::Services;
-use crate::state::AppState;
+use crate::state::{AppState, Context};
+use crate::workers::background::Background;
 
 /// Options of `whist serve`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -74,11 +74,11 @@ pub async fn open_database(settings: &Settings) -> Result<Database, DatabaseErro
 ///
 /// # Errors
 /// The store cannot be reached or migrated, or the services cannot be prepared.
-pub async fn control_plane(settings: Settings) -> Result<AppState, StartupError> {
+pub async fn control_plane(settings: Settings) -> Result<Context, StartupError> {
     let database = open_database(&settings).await?;
     let projections = ProjectionRunner::new(database.clone(), whist_projections::all());
     let services = Arc::new(Services::new(&settings, &database).await?);
-    Ok(AppState::new(
+    Ok(Context::new(
         Arc::new(settings),
         database,
         projections,
@@ -169,11 +169,11 @@ impl Application {
             tracing::info!("shutting down: refusing new requests, finishing those in flight");
             draining_state.start_draining();
         };
-        let limits = crate::http_server::ConnectionLimits {
+        let limits = crate::http::server::ConnectionLimits {
             header_timeout: state.settings.http_header_timeout,
             grace: Duration::from_secs(30),
         };
-        let served = crate::http_server::serve(self.listener, app, signal, limits).await;
+        let served = crate::http::server::serve(self.listener, app, signal, limits).await;
         if let Some(background) = self.background {
             background.stop().await;
         }
@@ -192,7 +192,7 @@ async fn activate_simulated_images(settings: &Settings, services: &Services) {
     let catalog = match services.catalog.load(CATALOG_ID).await {
         Ok((catalog, _)) => catalog,
         Err(error) => {
-            crate::error::log_failure("could not read the image catalog", &error);
+            crate::telemetry::log_failure("could not read the image catalog", &error);
             return;
         }
     };
@@ -258,21 +258,21 @@ const UNDOCUMENTED_ROUTES: [(&str, &[&str]); 4] = [
 pub fn routes(state: AppState) -> impl poem::Endpoint {
     let api = api_service();
     let document = openapi_document();
-    let methods = crate::openapi::Methods::of(&document, &UNDOCUMENTED_ROUTES);
+    let methods = crate::http::openapi::Methods::of(&document, &UNDOCUMENTED_ROUTES);
     let document = document.to_string();
     let docs = api.swagger_ui();
     Route::new()
         .nest("/", api)
         .at(
             "/stripe/webhook",
-            poem::post(crate::billing::stripe_webhook),
+            poem::post(crate::http::billing::stripe_webhook),
         )
-        .at("/dashboard", poem::get(crate::dashboard::page))
+        .at("/dashboard", poem::get(crate::http::dashboard::page))
         .at(
             "/openapi.json",
             poem::get(poem::endpoint::make_sync(move |_| {
                 poem::Response::builder()
-                    .content_type(crate::openapi::JSON)
+                    .content_type(crate::http::openapi::JSON)
                     .body(document.clone())
             })),
         )
@@ -281,11 +281,11 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
         .data(state)
 }
 
-/// The OpenAPI document served at `/openapi.json` (poem-openapi's, completed by [`crate::openapi::complete`]).
+/// The OpenAPI document served at `/openapi.json` (poem-openapi's, completed by [`crate::http::openapi::complete`]).
 pub fn openapi_document() -> serde_json::Value {
     let spec = api_service().spec();
     // The document poem-openapi wrote is JSON; should that ever fail, serve it as written rather than nothing.
-    crate::openapi::complete(&spec)
+    crate::http::openapi::complete(&spec)
         .unwrap_or_else(|_| serde_json::from_str(&spec).unwrap_or(serde_json::Value::Null))
 }
 

@@ -1,4 +1,6 @@
-//! What every handler can reach.
+//! What the process's parts reach: [`Context`] for use cases and background workers (the settings, the store, the
+//! projections, the services; nothing of HTTP), and [`AppState`] for HTTP handlers (the context plus the metrics
+//! handle and the draining flag).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -11,20 +13,18 @@ use whist_projections::ProjectionRunner;
 
 use crate::services::Services;
 
-/// Shared state of one `serve` process.
+/// What use cases and workers act through: nothing of HTTP. Cheap to clone.
 #[derive(Clone)]
-pub struct AppState {
+pub struct Context {
     pub settings: Arc<Settings>,
     pub database: Database,
     pub projections: ProjectionRunner,
     pub services: Arc<Services>,
-    pub metrics: PrometheusHandle,
     /// The standing of the process's supervised background loops (the store's own), which `/readyz` reports.
     pub background_loops: BackgroundLoops,
-    draining: Arc<AtomicBool>,
 }
 
-impl AppState {
+impl Context {
     pub fn new(
         settings: Arc<Settings>,
         database: Database,
@@ -40,8 +40,43 @@ impl AppState {
             database,
             projections,
             services,
-            metrics: crate::telemetry::metrics_handle(),
             background_loops,
+        }
+    }
+}
+
+/// Shared state of one `serve` process's HTTP handlers: the [`Context`] (reached through `Deref`), the metrics
+/// handle `/metrics` renders and the flag that refuses new requests while shutting down.
+#[derive(Clone)]
+pub struct AppState {
+    pub context: Context,
+    pub metrics: PrometheusHandle,
+    draining: Arc<AtomicBool>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Context;
+
+    fn deref(&self) -> &Context {
+        &self.context
+    }
+}
+
+impl AppState {
+    pub fn new(
+        settings: Arc<Settings>,
+        database: Database,
+        projections: ProjectionRunner,
+        services: Arc<Services>,
+    ) -> Self {
+        Self::over(Context::new(settings, database, projections, services))
+    }
+
+    /// The HTTP state over an existing context.
+    pub fn over(context: Context) -> Self {
+        Self {
+            context,
+            metrics: crate::telemetry::metrics_handle(),
             draining: Arc::new(AtomicBool::new(false)),
         }
     }

@@ -39,3 +39,24 @@ pub fn metrics_handle() -> PrometheusHandle {
         })
         .clone()
 }
+
+/// An error and every cause under it, `outer: cause: root cause`, for a log field (`error = %Chain(&error)`): the
+/// `Display` of an error alone says what failed, its sources say why.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(formatter, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+/// Logs a failure with its whole cause chain; the caller answers with a generic body.
+pub fn log_failure(context: &str, error: &(dyn std::error::Error + 'static)) {
+    tracing::error!(error = %Chain(error), "{context}");
+}

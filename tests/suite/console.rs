@@ -327,7 +327,7 @@ async fn maintenance_mode_refuses_assigns_and_launches_but_nothing_else() {
     // The autoscaler launches nothing while it is on, even with a buffer to fill.
     let mut settings = (*app.state.settings).clone();
     settings.desired_free_mandelboxes = 40;
-    let scaler = whist_api::autoscaler::Autoscaler::new(whist_api::AppState::new(
+    let scaler = whist_api::workers::autoscaler::Autoscaler::new(whist_api::Context::new(
         std::sync::Arc::new(settings),
         app.state.database.clone(),
         app.state.projections.clone(),

@@ -510,7 +510,7 @@ async fn when_more_than_half_of_a_regions_hosts_fall_silent_at_once_none_of_them
         metrics.contains("whist_sweep_braked{region=\"us-west-1\"} 0"),
         "{metrics}"
     );
-    let census = whist_api::sweeper::Sweeper::new(app.state.clone())
+    let census = whist_api::workers::sweeper::Sweeper::new(app.state.context.clone())
         .silence_census()
         .await
         .expect("the read model answers");

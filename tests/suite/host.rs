@@ -219,7 +219,7 @@ async fn a_mandelbox_whose_host_never_reports_it_connecting_dies_and_frees_its_s
     assert_eq!(status, 200, "{body}");
     let mandelbox_id = body["mandelbox_id"].as_str().expect("id").to_string();
     app.wait_for_live(&instance_id, 1).await;
-    let sweeper = whist_api::sweeper::Sweeper::new(app.state.clone());
+    let sweeper = whist_api::workers::sweeper::Sweeper::new(app.state.context.clone());
     // Not yet stale.
     assert_eq!(sweeper.expire_stale_allocations().await.expect("sweeps"), 0);
     tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
@@ -264,7 +264,7 @@ async fn a_silent_host_becomes_unresponsive_and_a_heartbeat_brings_it_back() {
     settings.heartbeat_timeout = std::time::Duration::from_secs(1);
     let app = whist_tests::spawn_app_with(&database, settings).await;
     let (instance_id, auth_token) = register_by_hand(&app, 2).await;
-    let sweeper = whist_api::sweeper::Sweeper::new(app.state.clone());
+    let sweeper = whist_api::workers::sweeper::Sweeper::new(app.state.context.clone());
     assert_eq!(sweeper.mark_silent_hosts().await.expect("sweeps"), 0);
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     assert_eq!(sweeper.mark_silent_hosts().await.expect("sweeps"), 1);

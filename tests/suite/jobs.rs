@@ -1,6 +1,6 @@
 //! Job outcomes: written in batches, each only over the claim that ran the job.
 
-use whist_api::job_outcomes::{JobOutcome, OutcomeWriter};
+use whist_api::workers::job_outcomes::{JobOutcome, OutcomeWriter};
 use whist_tests::{BackendKind, TestDatabase};
 
 /// Inserts a running job claimed at `attempts`; returns its id.

@@ -87,7 +87,7 @@ async fn wait_for_positions(database: &Database, count: i64) {
 async fn a_projection_catches_up_and_counts_every_event_once(kind: BackendKind) {
     let test_database = TestDatabase::new(kind).await;
     let database = test_database.open().await;
-    let background = whist_api::background::Background::start(
+    let background = whist_api::workers::background::Background::start(
         &database,
         ProjectionRunner::new(database.clone(), vec![]),
     );
@@ -137,7 +137,7 @@ async fn a_running_projection_follows_new_events_promptly(kind: BackendKind) {
     let test_database = TestDatabase::new(kind).await;
     let database = test_database.open().await;
     let runner = ProjectionRunner::new(database.clone(), whist_projections::all());
-    let background = whist_api::background::Background::start(&database, runner.clone());
+    let background = whist_api::workers::background::Background::start(&database, runner.clone());
     append(&database, 3, 2).await;
     let started = std::time::Instant::now();
     assert!(
@@ -170,7 +170,7 @@ async fn a_rebuild_gives_the_same_read_model_as_live(kind: BackendKind) {
     let test_database = TestDatabase::new(kind).await;
     let database = test_database.open().await;
     let runner = ProjectionRunner::new(database.clone(), whist_projections::all());
-    let background = whist_api::background::Background::start(&database, runner.clone());
+    let background = whist_api::workers::background::Background::start(&database, runner.clone());
     append(&database, 20, 5).await;
     assert!(
         eventually(Duration::from_secs(10), || {
@@ -252,7 +252,7 @@ impl Projection for Picky {
 async fn a_projection_that_fails_stops_on_that_event_keeping_its_position(kind: BackendKind) {
     let test_database = TestDatabase::new(kind).await;
     let database = test_database.open().await;
-    let background = whist_api::background::Background::start(
+    let background = whist_api::workers::background::Background::start(
         &database,
         ProjectionRunner::new(database.clone(), vec![]),
     );

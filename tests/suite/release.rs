@@ -549,7 +549,7 @@ async fn rollback_retires_the_candidates_and_leaves_the_old_release_serving() {
         "one buffer host per region and attempt"
     );
     for region in REGIONS {
-        let instance_id = whist_api::release::buffer_instance_id(NEW_HASH, 2, region, 0);
+        let instance_id = whist_api::control::release::buffer_instance_id(NEW_HASH, 2, region, 0);
         let (instance, _) = app
             .state
             .services

@@ -143,15 +143,23 @@ async fn flush(pool: &PgPool, batch: Vec<Unit>) {
     for unit in later {
         let outcome = match &written {
             Ok(()) => Err(PersistenceError::OptimisticLockError),
-            Err(message) => Err(PersistenceError::UnknownError(message.clone().into())),
+            Err(shared) => Err(PersistenceError::UnknownError(Box::new(shared.clone()))),
         };
         let _ = unit.reply.send(outcome);
     }
 }
 
+/// A batched statement's failure, shared by every unit it carried (each unit's caller gets it with its cause).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the batched append failed")]
+pub(crate) struct BatchFailed(#[source] pub(crate) std::sync::Arc<sqlx::Error>);
+
 /// A failed statement as the store reports it: connection trouble (worth waiting out) apart from the rest.
-pub(crate) fn failure(error: &sqlx::Error, message: &str) -> PersistenceError {
-    let failure: Box<dyn std::error::Error + Send + Sync> = message.to_string().into();
+pub(crate) fn failure(
+    error: &sqlx::Error,
+    cause: impl std::error::Error + Send + Sync + 'static,
+) -> PersistenceError {
+    let failure: Box<dyn std::error::Error + Send + Sync> = Box::new(cause);
     if matches!(
         error,
         sqlx::Error::Io(_)
@@ -166,7 +174,7 @@ pub(crate) fn failure(error: &sqlx::Error, message: &str) -> PersistenceError {
 }
 
 /// Writes one statement and answers every unit in it; `Err` carries the failure the units were given.
-async fn write(pool: &PgPool, batch: Vec<Unit>) -> Result<(), String> {
+async fn write(pool: &PgPool, batch: Vec<Unit>) -> Result<(), BatchFailed> {
     if batch.is_empty() {
         return Ok(());
     }
@@ -218,11 +226,11 @@ async fn write(pool: &PgPool, batch: Vec<Unit>) -> Result<(), String> {
             Ok(())
         }
         Err(error) => {
-            let message = error.to_string();
+            let shared = BatchFailed(std::sync::Arc::new(error));
             for unit in batch {
-                let _ = unit.reply.send(Err(failure(&error, &message)));
+                let _ = unit.reply.send(Err(failure(&shared.0, shared.clone())));
             }
-            Err(message)
+            Err(shared)
         }
     }
 }

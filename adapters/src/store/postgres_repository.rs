@@ -68,7 +68,10 @@ impl PersistedEventRepository for PostgresRepository {
         .bind(last_sequence)
         .fetch_all(&self.pool)
         .await
-        .map_err(|error| failure(&error, &error.to_string()))?;
+        .map_err(|error| {
+            let shared = std::sync::Arc::new(error);
+            failure(&shared, shared.clone())
+        })?;
         rows.iter()
             .map(|row| {
                 let sequence: i64 = row.try_get("sequence")?;

@@ -205,7 +205,7 @@ async fn known_ids(port: u16) -> String {
          \"path.token\" = {{ dictionary = \"hirefire\", probability = 0.5 }}\n",
         instances = list(&instance_ids),
         mandelboxes = list(&[assigned["mandelbox_id"].as_str().expect("an id")]),
-        types = list(&whist_api::audit::AGGREGATE_TYPES),
+        types = list(&whist_api::control::audit::AGGREGATE_TYPES),
     )
 }
 

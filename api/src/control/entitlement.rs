@@ -5,7 +5,7 @@ use whist_adapters::auth::Principal;
 use whist_adapters::store::CommandError;
 use whist_domain::subscription::SubscriptionError;
 
-use crate::state::AppState;
+use crate::state::Context;
 
 /// Whether `principal` may be assigned a mandelbox now. The user's subscription is read fresh (the remembered copy
 /// plus whatever was recorded since, by any process), so a webhook answered 200 counts for the very next assign.
@@ -13,7 +13,7 @@ use crate::state::AppState;
 /// # Errors
 /// The store failed.
 pub async fn is_entitled(
-    state: &AppState,
+    state: &Context,
     principal: &Principal,
 ) -> Result<bool, CommandError<SubscriptionError>> {
     if principal.is_admin {

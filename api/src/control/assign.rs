@@ -26,7 +26,7 @@ use whist_domain::session::{session_aggregate_id, SessionCommand};
 use whist_domain::user::{UserCommand, UserError};
 use whist_domain::EventMetadata;
 
-use crate::state::AppState;
+use crate::state::Context;
 
 /// The hash the desktop app sends in `local` and `dev` to mean "whatever the region runs".
 pub const LOCAL_DEV_HASH: &str = "local_dev";
@@ -79,13 +79,11 @@ pub struct Assigned {
 }
 
 /// The store failed; the request answers 503 and may be retried.
-#[derive(Debug, thiserror::Error)]
-#[error("the assign could not be recorded: {0}")]
-pub struct AssignFailure(pub String);
+pub type AssignFailure = crate::control::UseCaseError;
 
-fn failure<E: std::error::Error + 'static>(error: CommandError<E>) -> AssignFailure {
-    crate::error::log_failure("assign failed", &error);
-    AssignFailure(error.to_string())
+fn failure<E: std::error::Error + Send + Sync + 'static>(error: CommandError<E>) -> AssignFailure {
+    crate::telemetry::log_failure("assign failed", &error);
+    AssignFailure::from(error)
 }
 
 /// Assigns a mandelbox, or says why not.
@@ -93,7 +91,7 @@ fn failure<E: std::error::Error + 'static>(error: CommandError<E>) -> AssignFail
 /// # Errors
 /// The store failed; nothing was recorded.
 pub async fn assign(
-    state: &AppState,
+    state: &Context,
     request: &AssignRequest,
     metadata: &EventMetadata,
 ) -> Result<Result<Assigned, Refusal>, AssignFailure> {
@@ -133,16 +131,16 @@ pub async fn assign(
         }
         metrics::counter!("whist_assign_conflicts_total").increment(1);
     }
-    Err(AssignFailure(format!(
-        "{UNIT_ATTEMPTS} attempts in a row lost to concurrent writers"
-    )))
+    Err(AssignFailure::Contended {
+        attempts: UNIT_ATTEMPTS,
+    })
 }
 
 /// One attempt: every decision staged in one unit and recorded at once. `None` when another writer got to one of
 /// the aggregates first (nothing was recorded; the stores read what they missed before the next attempt); `host`
 /// then names the host whose slot the attempt had staged.
 async fn attempt(
-    state: &AppState,
+    state: &Context,
     request: &AssignRequest,
     metadata: &EventMetadata,
     regions: &[&String],
@@ -299,8 +297,8 @@ async fn attempt(
         }))),
         Err(UnitError::Conflict) => Ok(None),
         Err(error) => {
-            crate::error::log_failure("assign failed", &error);
-            Err(AssignFailure(error.to_string()))
+            crate::telemetry::log_failure("assign failed", &error);
+            Err(AssignFailure::from(error))
         }
     }
 }
@@ -309,7 +307,7 @@ async fn attempt(
 ///
 /// # Errors
 /// The store failed.
-pub async fn in_maintenance(state: &AppState) -> Result<bool, AssignFailure> {
+pub async fn in_maintenance(state: &Context) -> Result<bool, AssignFailure> {
     state
         .services
         .service
@@ -317,8 +315,8 @@ pub async fn in_maintenance(state: &AppState) -> Result<bool, AssignFailure> {
         .await
         .map(|(service, _)| service.maintenance)
         .map_err(|error| {
-            crate::error::log_failure("could not read the maintenance switch", &error);
-            AssignFailure(error.to_string())
+            crate::telemetry::log_failure("could not read the maintenance switch", &error);
+            AssignFailure::from(error)
         })
 }
 
@@ -368,7 +366,7 @@ fn lock_order(
 
 /// The image catalog, read once per assign and only when needed, brought up to date first.
 async fn current_catalog<'a>(
-    state: &AppState,
+    state: &Context,
     catalog: &'a mut Option<ImageCatalog>,
 ) -> Result<&'a ImageCatalog, AssignFailure> {
     if catalog.is_none() {
@@ -382,12 +380,12 @@ async fn current_catalog<'a>(
     }
     catalog
         .as_ref()
-        .ok_or_else(|| AssignFailure("the image catalog could not be read".to_string()))
+        .ok_or_else(|| AssignFailure::Store("the image catalog was not loaded".into()))
 }
 
 /// Hosts in `region` running `client_commit_hash` with a free slot, fullest first.
 async fn candidates(
-    state: &AppState,
+    state: &Context,
     region: &str,
     client_commit_hash: &str,
 ) -> Result<Vec<(String, String)>, AssignFailure> {
@@ -403,13 +401,13 @@ async fn candidates(
     .fetch_all(state.database.any())
     .await
     .map_err(|error| {
-        crate::error::log_failure("could not read candidate hosts", &error);
-        AssignFailure(error.to_string())
+        crate::telemetry::log_failure("could not read candidate hosts", &error);
+        AssignFailure::from(error)
     })?;
     rows.iter()
         .map(|row| Ok((row.try_get("instance_id")?, row.try_get("ip")?)))
         .collect::<Result<Vec<_>, sqlx::Error>>()
-        .map_err(|error| AssignFailure(error.to_string()))
+        .map_err(AssignFailure::from)
 }
 
 /// Whether a refused assign asked for a release some tried region serves (then the answer is that no host has
@@ -417,7 +415,7 @@ async fn candidates(
 /// prepared in the region is served, a hash a release replaced is not, even while the read model still shows its
 /// hosts (during a swap-over); otherwise the hosts themselves say.
 async fn serves_release(
-    state: &AppState,
+    state: &Context,
     catalog: &mut Option<ImageCatalog>,
     tried: &[(&str, String, bool)],
 ) -> Result<bool, AssignFailure> {
@@ -438,7 +436,7 @@ async fn serves_release(
 
 /// Whether any host in `region` that is up or coming up runs `client_commit_hash` (full or not).
 async fn runs_image(
-    state: &AppState,
+    state: &Context,
     region: &str,
     client_commit_hash: &str,
 ) -> Result<bool, AssignFailure> {
@@ -451,15 +449,15 @@ async fn runs_image(
     .fetch_one(state.database.any())
     .await
     .map_err(|error| {
-        crate::error::log_failure("could not read hosts", &error);
-        AssignFailure(error.to_string())
+        crate::telemetry::log_failure("could not read hosts", &error);
+        AssignFailure::from(error)
     })?;
     Ok(count > 0)
 }
 
 /// The refused request is recorded on its session, for the record; a failure to do so changes nothing else.
 async fn record_refused_session(
-    state: &AppState,
+    state: &Context,
     request: &AssignRequest,
     refusal: Refusal,
     metadata: &EventMetadata,
@@ -473,20 +471,21 @@ async fn record_refused_session(
             at: Utc::now(),
         },
     ];
-    let outcome = match state
+    let outcome: Result<(), crate::control::UseCaseError> = match state
         .services
         .sessions
         .stage(&mut unit, &id, commands)
         .await
     {
-        Ok(()) => unit
-            .commit(&state.database)
-            .await
-            .map_err(|error| error.to_string()),
-        Err(error) => Err(error.to_string()),
+        Ok(()) => unit.commit(&state.database).await.map_err(Into::into),
+        Err(error) => Err(error.into()),
     };
     if let Err(error) = outcome {
-        tracing::info!(session = id, error, "session not updated for this refusal");
+        tracing::info!(
+            session = id,
+            error = %crate::telemetry::Chain(&error),
+            "session not updated for this refusal"
+        );
     }
 }
 

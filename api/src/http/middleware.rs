@@ -15,7 +15,7 @@ use poem::{Body, Endpoint, IntoResponse, Middleware, Request, Response, Result};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::openapi::Methods;
+use crate::http::openapi::Methods;
 use crate::state::AppState;
 
 /// Requests whose body is larger are answered 413.
@@ -58,7 +58,7 @@ pub struct RequestContextEndpoint<E> {
 fn json_error(status: StatusCode, error: &str) -> Response {
     Response::builder()
         .status(status)
-        .content_type(crate::openapi::JSON)
+        .content_type(crate::http::openapi::JSON)
         .body(serde_json::json!({ "error": error }).to_string())
 }
 
@@ -147,7 +147,7 @@ async fn normalise_refusal(mut response: Response, methods: &Methods, path: &str
     response.set_body(body);
     response.headers_mut().insert(
         poem::http::header::CONTENT_TYPE,
-        HeaderValue::from_static(crate::openapi::JSON),
+        HeaderValue::from_static(crate::http::openapi::JSON),
     );
     response
         .headers_mut()

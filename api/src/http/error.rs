@@ -13,15 +13,3 @@ pub fn json_error(status: StatusCode, code: &str) -> poem::Error {
             .body(serde_json::json!({ "error": code }).to_string()),
     )
 }
-
-/// Logs a failure with its whole cause chain; the caller answers with a generic body.
-pub fn log_failure(context: &str, error: &(dyn std::error::Error + 'static)) {
-    let mut chain = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        chain.push_str(": ");
-        chain.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    tracing::error!(error = %chain, "{context}");
-}

@@ -5,20 +5,18 @@ use poem::web::Data;
 use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
-use whist_adapters::store::{CommandError, Unit};
+use whist_adapters::store::CommandError;
 use whist_adapters::tokens::{fingerprint, Purpose};
 use whist_domain::instance::{
     DrainReason, InstanceCommand, InstanceError, InstanceStatus, LaunchSpec, RegistrationRules,
 };
-use whist_domain::mandelbox::{MandelboxCommand, ReportedStatus};
-use whist_domain::session::{session_aggregate_id, SessionCommand};
-use whist_domain::user::UserCommand;
+use whist_domain::mandelbox::ReportedStatus;
 use whist_domain::{Actor, EventMetadata};
 
-use crate::desktop::ErrorBody;
-use crate::heartbeats::{now_ms, Heartbeat};
-use crate::security::PeerToken;
+use crate::http::desktop::ErrorBody;
+use crate::http::security::PeerToken;
 use crate::state::AppState;
+use crate::workers::heartbeats::{now_ms, Heartbeat};
 
 /// Seconds between heartbeats the webserver asks of hosts: 60, or a quarter of `HEARTBEAT_TIMEOUT_S` when that is
 /// shorter, so that a live host is never judged silent.
@@ -215,7 +213,7 @@ impl HostApi {
                 RegisterResponse::Mismatch(error_body("IDENTITY_MISMATCH"))
             }
             Err(error) => {
-                crate::error::log_failure("could not register a host", &error);
+                crate::telemetry::log_failure("could not register a host", &error);
                 RegisterResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
             }
         }
@@ -322,12 +320,20 @@ impl HostApi {
             ReportedStatusBody::Dying => ReportedStatus::Dying,
         };
         let metadata = EventMetadata::new(Actor::Host(placement.instance_id.clone()), Utc::now());
-        match record_status(&state, &mandelbox_id.0, &placement, status, &metadata).await {
+        match crate::control::mandelboxes::record_status(
+            &state,
+            &mandelbox_id.0,
+            &placement,
+            status,
+            &metadata,
+        )
+        .await
+        {
             Ok(()) => {}
             Err(error) => {
                 tracing::error!(
                     mandelbox_id = mandelbox_id.0,
-                    error,
+                    error = %crate::telemetry::Chain(&error),
                     "could not record a mandelbox status"
                 );
                 return PeerResponse::Unavailable(error_body("STORE_UNAVAILABLE"));
@@ -364,12 +370,19 @@ impl HostApi {
             Err(response) => return response,
         };
         let metadata = EventMetadata::new(Actor::User(placement.user_id.clone()), Utc::now());
-        match end_mandelbox(&state, &mandelbox_id.0, &placement, &metadata).await {
+        match crate::control::mandelboxes::end_mandelbox(
+            &state,
+            &mandelbox_id.0,
+            &placement,
+            &metadata,
+        )
+        .await
+        {
             Ok(()) => PeerResponse::Ok(Json(Empty {})),
             Err(error) => {
                 tracing::error!(
                     mandelbox_id = mandelbox_id.0,
-                    error,
+                    error = %crate::telemetry::Chain(&error),
                     "could not end a mandelbox"
                 );
                 PeerResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
@@ -378,223 +391,17 @@ impl HostApi {
     }
 }
 
-/// Records a status the host reported, and on `RUNNING` the session's connection, in one unit (one append).
-/// A session that cannot be marked (never recorded, already ended) leaves the mandelbox's status to be recorded alone.
-///
-/// # Errors
-/// The store failed, or concurrent writers won every attempt.
-async fn record_status(
-    state: &AppState,
-    mandelbox_id: &str,
-    placement: &whist_domain::mandelbox::Placement,
-    status: ReportedStatus,
-    metadata: &EventMetadata,
-) -> Result<(), String> {
-    const ATTEMPTS: usize = 10;
-    let services = &state.services;
-    let now = Utc::now();
-    let session = session_aggregate_id(&placement.user_id, placement.session_id);
-    for _ in 0..ATTEMPTS {
-        let mut unit = Unit::new(metadata);
-        services
-            .mandelboxes
-            .stage(
-                &mut unit,
-                mandelbox_id,
-                vec![MandelboxCommand::ReportStatus { status, at: now }],
-            )
-            .await
-            .map_err(|error| error.to_string())?;
-        if status == ReportedStatus::Running {
-            match services
-                .sessions
-                .stage(
-                    &mut unit,
-                    &session,
-                    vec![SessionCommand::MarkConnected { at: now }],
-                )
-                .await
-            {
-                Ok(()) => {}
-                Err(CommandError::Rejected(error)) => {
-                    tracing::info!(session, error = %error, "session not marked connected");
-                }
-                Err(error) => return Err(error.to_string()),
-            }
-        }
-        if unit
-            .record(&state.database)
-            .await
-            .map_err(|error| error.to_string())?
-        {
-            return Ok(());
-        }
-    }
-    Err(format!(
-        "{ATTEMPTS} attempts in a row lost to concurrent writers"
-    ))
-}
-
 /// Where a mandelbox was placed; 404 for an unknown one, 503 when the store fails.
 async fn placed_mandelbox(
     state: &AppState,
     mandelbox_id: &str,
 ) -> Result<whist_domain::mandelbox::Placement, PeerResponse> {
-    // A placement never changes once recorded: the remembered copy answers when it has one, without a read.
-    if let Ok((mandelbox, _)) = state
-        .services
-        .mandelboxes
-        .load_remembered(mandelbox_id)
-        .await
-    {
-        if let Some(placement) = mandelbox.placement {
-            return Ok(placement);
-        }
-    }
-    match state.services.mandelboxes.load(mandelbox_id).await {
-        Ok((mandelbox, _)) => mandelbox
-            .placement
-            .ok_or_else(|| PeerResponse::NotFound(error_body("NOT_FOUND"))),
+    match crate::control::mandelboxes::placement(state, mandelbox_id).await {
+        Ok(Some(placement)) => Ok(placement),
+        Ok(None) => Err(PeerResponse::NotFound(error_body("NOT_FOUND"))),
         Err(error) => {
-            crate::error::log_failure("could not load a mandelbox", &error);
+            crate::telemetry::log_failure("could not load a mandelbox", &error);
             Err(PeerResponse::Unavailable(error_body("STORE_UNAVAILABLE")))
         }
     }
-}
-
-/// Ends a mandelbox everywhere it counts: itself, its host's slot, its user's limit, its session, all recorded
-/// together or not at all. Every step is idempotent, so a retry finishes the job and a repeat records nothing.
-pub async fn end_mandelbox(
-    state: &AppState,
-    mandelbox_id: &str,
-    placement: &whist_domain::mandelbox::Placement,
-    metadata: &EventMetadata,
-) -> Result<(), String> {
-    end_mandelbox_for(
-        state,
-        mandelbox_id,
-        placement,
-        metadata,
-        whist_domain::mandelbox::EndReason::Disconnected,
-    )
-    .await
-}
-
-/// Ends the mandelboxes still on a host that is gone (or going): each with `reason`, each as its own unit.
-///
-/// # Errors
-/// The store failed; the mandelboxes not yet ended are left for the next try.
-pub async fn end_mandelboxes_on(
-    state: &AppState,
-    instance_id: &str,
-    reason: whist_domain::mandelbox::EndReason,
-    metadata: &EventMetadata,
-) -> Result<usize, String> {
-    let services = &state.services;
-    let (instance, _) = services
-        .instances
-        .load_current(instance_id)
-        .await
-        .map_err(|error| error.to_string())?;
-    let mut ended = 0;
-    for mandelbox_id in &instance.mandelboxes {
-        let (mandelbox, _) = services
-            .mandelboxes
-            .load_current(mandelbox_id)
-            .await
-            .map_err(|error| error.to_string())?;
-        let Some(placement) = mandelbox.placement else {
-            continue;
-        };
-        end_mandelbox_for(state, mandelbox_id, &placement, metadata, reason).await?;
-        ended += 1;
-    }
-    Ok(ended)
-}
-
-/// `end_mandelbox`, saying why the mandelbox ends.
-///
-/// # Errors
-/// The store failed, or concurrent writers won every attempt.
-pub async fn end_mandelbox_for(
-    state: &AppState,
-    mandelbox_id: &str,
-    placement: &whist_domain::mandelbox::Placement,
-    metadata: &EventMetadata,
-    reason: whist_domain::mandelbox::EndReason,
-) -> Result<(), String> {
-    const ATTEMPTS: usize = 10;
-    let services = &state.services;
-    let now = Utc::now();
-    let session = session_aggregate_id(&placement.user_id, placement.session_id);
-    for _ in 0..ATTEMPTS {
-        let mut unit = Unit::new(metadata);
-        services
-            .mandelboxes
-            .stage(
-                &mut unit,
-                mandelbox_id,
-                vec![match reason {
-                    whist_domain::mandelbox::EndReason::Disconnected => {
-                        MandelboxCommand::Disconnect { at: now }
-                    }
-                    reason => MandelboxCommand::End { reason, at: now },
-                }],
-            )
-            .await
-            .map_err(|error| error.to_string())?;
-        services
-            .users
-            .stage(
-                &mut unit,
-                &placement.user_id,
-                vec![UserCommand::ReleaseMandelbox {
-                    mandelbox_id: mandelbox_id.to_string(),
-                    at: now,
-                }],
-            )
-            .await
-            .map_err(|error| error.to_string())?;
-        match services
-            .sessions
-            .stage(&mut unit, &session, vec![SessionCommand::End { at: now }])
-            .await
-        {
-            Ok(()) => {}
-            // A session that never was (or has ended) has nothing to record.
-            Err(CommandError::Rejected(error)) => {
-                tracing::debug!(session, error = %error, "session not ended");
-            }
-            Err(error) => return Err(error.to_string()),
-        }
-        // The host's lock in this process is held only from staging its slot to recording the unit, so that an
-        // assign of this process on the same host waits instead of conflicting.
-        let _host_guard = services
-            .host_locks
-            .of(&placement.instance_id)
-            .lock_owned()
-            .await;
-        services
-            .instances
-            .stage(
-                &mut unit,
-                &placement.instance_id,
-                vec![InstanceCommand::FreeMandelbox {
-                    mandelbox_id: mandelbox_id.to_string(),
-                    at: now,
-                }],
-            )
-            .await
-            .map_err(|error| error.to_string())?;
-        if unit
-            .record(&state.database)
-            .await
-            .map_err(|error| error.to_string())?
-        {
-            return Ok(());
-        }
-    }
-    Err(format!(
-        "{ATTEMPTS} attempts in a row lost to concurrent writers"
-    ))
 }

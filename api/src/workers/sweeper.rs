@@ -30,7 +30,7 @@ use whist_domain::instance::{InstanceCommand, InstanceError, TerminationReason};
 use whist_domain::mandelbox::{EndReason, MandelboxCommand, MandelboxError};
 use whist_domain::{Actor, EventMetadata};
 
-use crate::state::AppState;
+use crate::state::Context;
 
 /// The fewest silent hosts that can hold the brake: one host falling silent is not a mass termination, whatever the
 /// size of its region (a region of one host would otherwise never replace a host that died).
@@ -112,11 +112,11 @@ impl SilenceCensus {
 
 /// Runs the sweeps.
 pub struct Sweeper {
-    state: AppState,
+    state: Context,
 }
 
 impl Sweeper {
-    pub fn new(state: AppState) -> Self {
+    pub fn new(state: Context) -> Self {
         Self { state }
     }
 
@@ -164,13 +164,17 @@ impl Sweeper {
                 continue;
             };
             if let Some(placement) = mandelbox.placement {
-                if let Err(error) =
-                    crate::host::end_mandelbox(&self.state, &mandelbox_id, &placement, &metadata)
-                        .await
+                if let Err(error) = crate::control::mandelboxes::end_mandelbox(
+                    &self.state,
+                    &mandelbox_id,
+                    &placement,
+                    &metadata,
+                )
+                .await
                 {
                     tracing::warn!(
                         mandelbox_id,
-                        error,
+                        error = %crate::telemetry::Chain(&error),
                         "could not free a stale mandelbox's slot"
                     );
                     continue;
@@ -321,7 +325,7 @@ impl Sweeper {
                 continue;
             }
             let metadata = EventMetadata::new(Actor::System, Utc::now());
-            if let Err(error) = crate::host::end_mandelboxes_on(
+            if let Err(error) = crate::control::mandelboxes::end_mandelboxes_on(
                 &self.state,
                 &instance_id,
                 EndReason::HostLost,
@@ -331,7 +335,7 @@ impl Sweeper {
             {
                 tracing::warn!(
                     instance_id,
-                    error,
+                    error = %crate::telemetry::Chain(&error),
                     "could not end an unresponsive host's mandelboxes"
                 );
                 continue;

@@ -18,7 +18,7 @@ use whist_adapters::host_client::{HostClient, SpinUp};
 use whist_adapters::simulated_host::{self, SimulatedHost, SimulatedHostSpec};
 use whist_adapters::store::{CommandError, GATHER_WINDOW};
 
-use crate::job_outcomes::{JobOutcome, OutcomeError, OutcomeWriter};
+use crate::workers::job_outcomes::{JobOutcome, OutcomeError, OutcomeWriter};
 use whist_adapters::tokens::Purpose;
 use whist_domain::instance::{
     Instance, InstanceCommand, InstanceStatus, LaunchSpec, TerminationReason,
@@ -27,7 +27,7 @@ use whist_domain::mandelbox::{EndReason, MandelboxCommand, MandelboxStatus};
 use whist_domain::{Actor, EventMetadata};
 use whist_projections::jobs::{DRAIN, LAUNCH, SPIN_UP, TERMINATE, TERMINATE_STRAY};
 
-use crate::state::AppState;
+use crate::state::Context;
 
 /// Attempts before a job is given up (except the kinds `retries_until_done` names).
 const MAX_ATTEMPTS: i64 = 6;
@@ -69,13 +69,13 @@ enum Outcome {
 /// Runs jobs until shut down.
 #[derive(Clone)]
 pub struct Reconciler {
-    state: AppState,
+    state: Context,
     hosts: HostClient,
     simulated: Arc<Mutex<HashMap<String, SimulatedHost>>>,
 }
 
 impl Reconciler {
-    pub fn new(state: AppState) -> Self {
+    pub fn new(state: Context) -> Self {
         let hosts = HostClient::new(
             &state.settings.host_service_scheme,
             state.settings.host_service_port,
@@ -273,12 +273,17 @@ impl Reconciler {
             tracing::warn!(mandelbox_id, error = %error, "could not end an abandoned mandelbox");
             return;
         }
-        if let Err(error) =
-            crate::host::end_mandelbox(&self.state, mandelbox_id, &placement, &metadata).await
+        if let Err(error) = crate::control::mandelboxes::end_mandelbox(
+            &self.state,
+            mandelbox_id,
+            &placement,
+            &metadata,
+        )
+        .await
         {
             tracing::warn!(
                 mandelbox_id,
-                error,
+                error = %crate::telemetry::Chain(&error),
                 "could not free an abandoned mandelbox's slot"
             );
         }
@@ -505,7 +510,7 @@ impl Reconciler {
         {
             return Outcome::Retry(error.to_string());
         }
-        match crate::host::end_mandelboxes_on(
+        match crate::control::mandelboxes::end_mandelboxes_on(
             &self.state,
             instance_id,
             EndReason::HostLost,
@@ -514,7 +519,7 @@ impl Reconciler {
         .await
         {
             Ok(_) => Outcome::Done,
-            Err(error) => Outcome::Retry(error),
+            Err(error) => Outcome::Retry(crate::telemetry::Chain(&error).to_string()),
         }
     }
 
@@ -639,7 +644,7 @@ impl Reconciler {
 ///
 /// # Errors
 /// The database failed.
-pub async fn waiting_jobs(state: &AppState) -> Result<i64, sqlx::Error> {
+pub async fn waiting_jobs(state: &Context) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status IN ('pending', 'running')")
         .fetch_one(state.database.any())
         .await

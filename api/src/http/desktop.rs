@@ -8,9 +8,9 @@ use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use whist_domain::images::CATALOG_ID;
 use whist_domain::{Actor, EventMetadata};
 
-use crate::allocation::{assign, AssignRequest};
-use crate::middleware::ClientAddress;
-use crate::security::UserAuth;
+use crate::control::assign::{assign, AssignRequest};
+use crate::http::middleware::ClientAddress;
+use crate::http::security::UserAuth;
 use crate::state::AppState;
 
 #[derive(Tags)]
@@ -138,7 +138,7 @@ impl DesktopApi {
                 retry_after.seconds(),
             );
         }
-        match crate::entitlement::is_entitled(&state, &principal).await {
+        match crate::control::entitlement::is_entitled(&state, &principal).await {
             Ok(true) => {}
             Ok(false) => {
                 metrics::counter!("whist_assigns_total", "outcome" => "payment_required")
@@ -148,7 +148,7 @@ impl DesktopApi {
                 }));
             }
             Err(error) => {
-                crate::error::log_failure("could not read the user's subscription", &error);
+                crate::telemetry::log_failure("could not read the user's subscription", &error);
                 return AssignResponse::Unavailable(unavailable("STORE_UNAVAILABLE"));
             }
         }
@@ -196,13 +196,13 @@ impl DesktopApi {
                 error: "NOT_FOUND".to_string(),
             }))
         };
-        if !crate::host::is_uuid(&mandelbox_id.0) {
+        if !crate::http::host::is_uuid(&mandelbox_id.0) {
             return not_found();
         }
         let (mandelbox, _) = match state.services.mandelboxes.load(&mandelbox_id.0).await {
             Ok(loaded) => loaded,
             Err(error) => {
-                crate::error::log_failure("could not load a mandelbox", &error);
+                crate::telemetry::log_failure("could not load a mandelbox", &error);
                 return MandelboxResponse::Unavailable(Json(ErrorBody {
                     error: "STORE_UNAVAILABLE".to_string(),
                 }));
@@ -241,7 +241,7 @@ impl DesktopApi {
                     .collect(),
             )),
             Err(error) => {
-                crate::error::log_failure("could not load the image catalog", &error);
+                crate::telemetry::log_failure("could not load the image catalog", &error);
                 RegionsResponse::Unavailable(Json(ErrorBody {
                     error: "STORE_UNAVAILABLE".to_string(),
                 }))

@@ -23,7 +23,8 @@ use whist_domain::instance::{InstanceCommand, InstanceError, InstanceStatus};
 use whist_domain::mandelbox::EndReason;
 use whist_domain::{Actor, EventMetadata};
 
-use crate::state::AppState;
+use crate::control::UseCaseError;
+use crate::state::Context;
 
 /// What one repair pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,11 +52,11 @@ struct Recorded {
 
 /// Runs repair passes.
 pub struct Repair {
-    state: AppState,
+    state: Context,
 }
 
 impl Repair {
-    pub fn new(state: AppState) -> Self {
+    pub fn new(state: Context) -> Self {
         Self { state }
     }
 
@@ -104,7 +105,7 @@ impl Repair {
     ///
     /// # Errors
     /// The store or EC2 failed; what was done before stays done.
-    pub async fn run_once(&self) -> Result<RepairReport, String> {
+    pub async fn run_once(&self) -> Result<RepairReport, RepairError> {
         let Some(ec2) = &self.state.services.ec2 else {
             return Ok(RepairReport::default());
         };
@@ -117,16 +118,16 @@ impl Repair {
         )
         .unwrap_or_default();
         let mut report = RepairReport::default();
-        for region in self.regions().await.map_err(|error| error.to_string())? {
+        for region in self.regions().await? {
             // Recorded first, then EC2: see the module's note.
-            let recorded = self
-                .recorded(&region)
-                .await
-                .map_err(|error| error.to_string())?;
+            let recorded = self.recorded(&region).await?;
             let listed = ec2
                 .list(&region)
                 .await
-                .map_err(|error| format!("{region}: {error}"))?;
+                .map_err(|source| RepairError::Cloud {
+                    region: region.clone(),
+                    source,
+                })?;
             let live: HashMap<&str, _> = listed
                 .iter()
                 .filter(|instance| instance.is_live())
@@ -171,12 +172,12 @@ impl Repair {
         region: &str,
         launch_id: &str,
         cloud_instance_id: &str,
-    ) -> Result<Fix, String> {
+    ) -> Result<Fix, RepairError> {
         let instances = &self.state.services.instances;
         let (instance, _) = instances
             .load_current(launch_id)
             .await
-            .map_err(|error| error.to_string())?;
+            .map_err(UseCaseError::from)?;
         let metadata = EventMetadata::new(Actor::System, Utc::now());
         if instance.cloud_instance_id.as_deref() == Some(cloud_instance_id)
             && instance
@@ -209,7 +210,7 @@ impl Repair {
                     tracing::info!(instance_id = launch_id, error = %error, "adoption refused; next pass");
                     Ok(Fix::None)
                 }
-                Err(error) => Err(error.to_string()),
+                Err(error) => Err(UseCaseError::from(error).into()),
             };
         }
         if instance.strays_terminated.contains(cloud_instance_id) {
@@ -232,12 +233,12 @@ impl Repair {
                 Ok(Fix::Stray)
             }
             Err(CommandError::Rejected(InstanceError::NotAStray)) => Ok(Fix::None),
-            Err(error) => Err(error.to_string()),
+            Err(error) => Err(UseCaseError::from(error).into()),
         }
     }
 
     /// Closes a record whose instance is gone; whether it was closed now.
-    async fn close(&self, record: &Recorded) -> Result<bool, String> {
+    async fn close(&self, record: &Recorded) -> Result<bool, RepairError> {
         let metadata = EventMetadata::new(Actor::System, Utc::now());
         self.state
             .services
@@ -248,8 +249,8 @@ impl Repair {
                 &metadata,
             )
             .await
-            .map_err(|error| error.to_string())?;
-        crate::host::end_mandelboxes_on(
+            .map_err(UseCaseError::from)?;
+        crate::control::mandelboxes::end_mandelboxes_on(
             &self.state,
             &record.instance_id,
             EndReason::HostLost,
@@ -263,6 +264,21 @@ impl Repair {
         );
         Ok(true)
     }
+}
+
+/// Why a repair pass stopped; what it did before stays done.
+#[derive(Debug, thiserror::Error)]
+pub enum RepairError {
+    #[error("could not read the recorded hosts")]
+    Records(#[from] sqlx::Error),
+    #[error("could not list the EC2 instances of region {region}")]
+    Cloud {
+        region: String,
+        #[source]
+        source: whist_adapters::ec2::Ec2Error,
+    },
+    #[error("could not record a repair")]
+    Record(#[from] UseCaseError),
 }
 
 enum Fix {

@@ -22,7 +22,7 @@ async fn check_user(request: &Request, bearer: Bearer) -> poem::Result<Principal
         Err(error) => {
             tracing::info!(reason = %error, "bearer token refused");
             metrics::counter!("whist_auth_refusals_total").increment(1);
-            Err(crate::error::json_error(
+            Err(crate::http::error::json_error(
                 StatusCode::UNAUTHORIZED,
                 "UNAUTHORIZED",
             ))
@@ -50,6 +50,9 @@ async fn check_admin(request: &Request, bearer: Bearer) -> poem::Result<Principa
             user_id = principal.user_id,
             "admin endpoint refused to a non-admin"
         );
-        Err(crate::error::json_error(StatusCode::FORBIDDEN, "FORBIDDEN"))
+        Err(crate::http::error::json_error(
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN",
+        ))
     }
 }

@@ -54,12 +54,12 @@ impl Background {
     }
 
     /// Starts the reconciler, the sweeper and the autoscaler (which runs the repair), supervised.
-    pub fn start_control(state: &crate::state::AppState) -> Self {
+    pub fn start_control(state: &crate::state::Context) -> Self {
         let (shutdown, receiver) = watch::channel(false);
         let loops = &state.background_loops;
         // One reconciler across its restarts: it holds the simulated hosts it launched (`WHIST_CLOUD=local`), which
         // a new one would not know and whose host services would stop with the old one.
-        let reconciler = crate::reconciler::Reconciler::new(state.clone());
+        let reconciler = crate::workers::reconciler::Reconciler::new(state.clone());
         let sweeper_state = state.clone();
         let autoscaler_state = state.clone();
         let tasks = vec![
@@ -67,17 +67,17 @@ impl Background {
                 reconciler.clone().run(shutdown)
             }),
             loops.supervise(loop_names::SWEEPER, receiver.clone(), move |shutdown| {
-                crate::sweeper::Sweeper::new(sweeper_state.clone()).run(shutdown)
+                crate::workers::sweeper::Sweeper::new(sweeper_state.clone()).run(shutdown)
             }),
             loops.supervise(loop_names::AUTOSCALER, receiver, move |shutdown| {
-                crate::autoscaler::Autoscaler::new(autoscaler_state.clone()).run(shutdown)
+                crate::workers::autoscaler::Autoscaler::new(autoscaler_state.clone()).run(shutdown)
             }),
         ];
         Self { shutdown, tasks }
     }
 
     /// Runs the heartbeat flusher, supervised, until stopped.
-    pub fn spawn_with_shutdown(heartbeats: crate::heartbeats::HeartbeatBook) -> Self {
+    pub fn spawn_with_shutdown(heartbeats: crate::workers::heartbeats::HeartbeatBook) -> Self {
         let (shutdown, receiver) = watch::channel(false);
         let loops: BackgroundLoops = heartbeats.background_loops().clone();
         let tasks =

@@ -14,7 +14,8 @@ use whist_domain::instance::{
 use whist_domain::service::{ServiceCommand, SERVICE_ID};
 use whist_domain::{Actor, EventMetadata};
 
-use crate::state::AppState;
+use crate::control::UseCaseError;
+use crate::state::Context;
 
 /// The most hosts one request launches.
 pub const MAX_LAUNCH: u32 = 50;
@@ -35,12 +36,12 @@ pub enum OperatorError {
     UnknownHost(String),
     #[error("host {0} has already ended")]
     HostEnded(String),
-    #[error("the store failed: {0}")]
-    Store(String),
+    #[error("the store failed")]
+    Store(#[from] UseCaseError),
 }
 
-fn store_error(error: impl std::fmt::Display) -> OperatorError {
-    OperatorError::Store(error.to_string())
+fn store_error(error: impl Into<UseCaseError>) -> OperatorError {
+    OperatorError::Store(error.into())
 }
 
 /// Decides `count` hosts in `region` on its active image. With an idempotency key the instance ids derive from it,
@@ -49,7 +50,7 @@ fn store_error(error: impl std::fmt::Display) -> OperatorError {
 /// # Errors
 /// See [`OperatorError`].
 pub async fn launch_hosts(
-    state: &AppState,
+    state: &Context,
     actor: &Actor,
     region: &str,
     count: u32,
@@ -119,7 +120,7 @@ pub async fn launch_hosts(
 
 /// Records `command` on the host with the developer as actor, re-deciding after a concurrent write.
 async fn decide(
-    state: &AppState,
+    state: &Context,
     actor: &Actor,
     instance_id: &str,
     command: InstanceCommand,
@@ -134,7 +135,7 @@ async fn decide(
 }
 
 /// The host's status now (after an action).
-async fn status_of(state: &AppState, instance_id: &str) -> Result<InstanceStatus, OperatorError> {
+async fn status_of(state: &Context, instance_id: &str) -> Result<InstanceStatus, OperatorError> {
     let (instance, _) = state
         .services
         .instances
@@ -152,7 +153,7 @@ async fn status_of(state: &AppState, instance_id: &str) -> Result<InstanceStatus
 /// # Errors
 /// The host is unknown or has ended, or the store failed.
 pub async fn drain_host(
-    state: &AppState,
+    state: &Context,
     actor: &Actor,
     instance_id: &str,
 ) -> Result<InstanceStatus, OperatorError> {
@@ -180,7 +181,7 @@ pub async fn drain_host(
 /// # Errors
 /// The host is unknown or the store failed.
 pub async fn terminate_host(
-    state: &AppState,
+    state: &Context,
     actor: &Actor,
     instance_id: &str,
 ) -> Result<InstanceStatus, OperatorError> {
@@ -204,7 +205,7 @@ pub async fn terminate_host(
 /// # Errors
 /// The store failed.
 pub async fn set_maintenance(
-    state: &AppState,
+    state: &Context,
     actor: &Actor,
     enabled: bool,
 ) -> Result<bool, OperatorError> {
@@ -230,8 +231,8 @@ pub async fn set_maintenance(
 ///
 /// # Errors
 /// The store failed.
-pub async fn maintenance(state: &AppState) -> Result<bool, OperatorError> {
-    crate::allocation::in_maintenance(state)
+pub async fn maintenance(state: &Context) -> Result<bool, OperatorError> {
+    crate::control::assign::in_maintenance(state)
         .await
-        .map_err(|error| OperatorError::Store(error.0))
+        .map_err(OperatorError::Store)
 }

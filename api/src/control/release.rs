@@ -27,7 +27,8 @@ use whist_domain::instance::{
 use whist_domain::scaling::{retirements, Retirement};
 use whist_domain::{Actor, EventMetadata};
 
-use crate::state::AppState;
+use crate::control::UseCaseError;
+use crate::state::Context;
 
 /// The namespace of buffer hosts' instance ids (UUID v5 over `release/{hash}/{generation}/{region}/{index}`).
 const BUFFER_NAMESPACE: Uuid = Uuid::from_u128(0x5768_6973_7452_656c_6561_7365_4275_6666);
@@ -52,8 +53,8 @@ pub enum ReleaseError {
     ReadModelBehind(Duration),
     #[error("the buffer failed in {}; the release was rolled back", describe_failures(.0))]
     BuffersFailed(Vec<RegionFailure>),
-    #[error("the store failed: {0}")]
-    Store(String),
+    #[error("the store failed")]
+    Store(#[from] UseCaseError),
 }
 
 /// Why one region's buffer failed.
@@ -71,8 +72,8 @@ fn describe_failures(failures: &[RegionFailure]) -> String {
         .join(", ")
 }
 
-fn store_error(error: impl std::fmt::Display) -> ReleaseError {
-    ReleaseError::Store(error.to_string())
+fn store_error(error: impl Into<UseCaseError>) -> ReleaseError {
+    ReleaseError::Store(error.into())
 }
 
 fn metadata() -> EventMetadata {
@@ -140,7 +141,7 @@ pub struct SwappedOver {
 }
 
 /// Hosts in a region's buffer: enough for the region's warm buffer (`DESIRED_FREE_MANDELBOXES…`), at least one.
-pub fn buffer_hosts(state: &AppState, region: &str) -> usize {
+pub fn buffer_hosts(state: &Context, region: &str) -> usize {
     let settings = &state.settings;
     let capacity = settings.fleet.host_capacity.max(1);
     let hosts = settings
@@ -163,7 +164,7 @@ pub fn buffer_instance_id(
     .to_string()
 }
 
-async fn catalog(state: &AppState) -> Result<ImageCatalog, ReleaseError> {
+async fn catalog(state: &Context) -> Result<ImageCatalog, ReleaseError> {
     let (catalog, _) = state
         .services
         .catalog
@@ -174,7 +175,7 @@ async fn catalog(state: &AppState) -> Result<ImageCatalog, ReleaseError> {
 }
 
 async fn execute_catalog(
-    state: &AppState,
+    state: &Context,
     command: ImageCatalogCommand,
 ) -> Result<(), ReleaseError> {
     match state
@@ -196,7 +197,7 @@ async fn execute_catalog(
 /// The images do not cover exactly the enabled regions, the catalog refused (see [`ImageCatalogError`]), or the
 /// store failed.
 pub async fn prepare(
-    state: &AppState,
+    state: &Context,
     client_commit_hash: &str,
     images: &BTreeMap<String, String>,
 ) -> Result<Option<Buffers>, ReleaseError> {
@@ -236,9 +237,9 @@ pub async fn prepare(
     .await?;
     let after = catalog(state).await?;
     let Some(prepared) = after.prepared.get(client_commit_hash) else {
-        return Err(store_error(
-            "the catalog does not show the release it just prepared",
-        ));
+        return Err(store_error(UseCaseError::Store(
+            "the catalog does not show the release it just prepared".into(),
+        )));
     };
     let mut buffers = Buffers {
         client_commit_hash: client_commit_hash.to_string(),
@@ -258,7 +259,7 @@ pub async fn prepare(
 }
 
 /// Decides the launch of every buffer host not decided yet.
-async fn launch_buffers(state: &AppState, buffers: &Buffers) -> Result<usize, ReleaseError> {
+async fn launch_buffers(state: &Context, buffers: &Buffers) -> Result<usize, ReleaseError> {
     let services = &state.services;
     let mut launched = 0;
     for (region, (image_id, ids)) in &buffers.regions {
@@ -303,7 +304,7 @@ async fn launch_buffers(state: &AppState, buffers: &Buffers) -> Result<usize, Re
 /// # Errors
 /// The read model could not be read.
 pub async fn progress(
-    state: &AppState,
+    state: &Context,
     buffers: &Buffers,
 ) -> Result<Vec<RegionProgress>, ReleaseError> {
     let mut regions = Vec::with_capacity(buffers.regions.len());
@@ -352,7 +353,7 @@ pub async fn progress(
 /// # Errors
 /// See [`ReleaseError`]; on `BuffersFailed` the rollback has been recorded.
 pub async fn create_buffers(
-    state: &AppState,
+    state: &Context,
     client_commit_hash: &str,
     images: &BTreeMap<String, String>,
     timeout: Duration,
@@ -417,7 +418,7 @@ pub async fn create_buffers(
 
 /// Rolls a failed preparation back and retires every host it decided, by id (the read model may not show them
 /// all yet).
-async fn abandon(state: &AppState, buffers: &Buffers) -> Result<Retired, ReleaseError> {
+async fn abandon(state: &Context, buffers: &Buffers) -> Result<Retired, ReleaseError> {
     execute_catalog(
         state,
         ImageCatalogCommand::RollBack {
@@ -456,7 +457,7 @@ async fn abandon(state: &AppState, buffers: &Buffers) -> Result<Retired, Release
 /// # Errors
 /// The release was not prepared, some region has no `ACTIVE` host of it, or the store failed.
 pub async fn swap_over(
-    state: &AppState,
+    state: &Context,
     client_commit_hash: &str,
 ) -> Result<SwappedOver, ReleaseError> {
     let before = catalog(state).await?;
@@ -516,10 +517,7 @@ pub async fn swap_over(
 ///
 /// # Errors
 /// The release is the active one (refused), or the store failed.
-pub async fn roll_back(
-    state: &AppState,
-    client_commit_hash: &str,
-) -> Result<Retired, ReleaseError> {
+pub async fn roll_back(state: &Context, client_commit_hash: &str) -> Result<Retired, ReleaseError> {
     let before = catalog(state).await?;
     execute_catalog(
         state,
@@ -542,21 +540,15 @@ pub async fn roll_back(
 ///
 /// # Errors
 /// The store could not be read.
-pub async fn instances_caught_up(state: &AppState, wait: Duration) -> Result<bool, String> {
-    let head = state
-        .database
-        .log()
-        .head()
-        .await
-        .map_err(|error| error.to_string())?;
+pub async fn instances_caught_up(state: &Context, wait: Duration) -> Result<bool, UseCaseError> {
+    let head = state.database.log().head().await?;
     let deadline = Instant::now() + wait;
     loop {
         let position: Option<i64> = sqlx::query_scalar(
             "SELECT position FROM projection_checkpoints WHERE name = 'instances'",
         )
         .fetch_optional(state.database.any())
-        .await
-        .map_err(|error| error.to_string())?;
+        .await?;
         if position.unwrap_or(0) >= head {
             return Ok(true);
         }
@@ -573,7 +565,7 @@ pub async fn instances_caught_up(state: &AppState, wait: Duration) -> Result<boo
 /// # Errors
 /// The read model stayed behind, or the store failed.
 pub async fn retire_old_hosts(
-    state: &AppState,
+    state: &Context,
     regions: &[String],
 ) -> Result<Retired, ReleaseError> {
     if !instances_caught_up(state, CATCH_UP_WAIT)
@@ -589,7 +581,7 @@ pub async fn retire_old_hosts(
         let Some(active) = catalog.active_in(region) else {
             continue;
         };
-        let hosts = crate::autoscaler::read_region(&state.database, region)
+        let hosts = crate::workers::autoscaler::read_region(&state.database, region)
             .await
             .map_err(store_error)?;
         let plan = retirements(&hosts, &active.image_id, &protected);
@@ -606,10 +598,10 @@ pub async fn retire_old_hosts(
 /// # Errors
 /// The store failed.
 pub async fn record_retirements(
-    state: &AppState,
+    state: &Context,
     actor: &Actor,
     retirements: &[Retirement],
-) -> Result<Retired, String> {
+) -> Result<Retired, UseCaseError> {
     let metadata = || EventMetadata::new(actor.clone(), Utc::now());
     let mut retired = Retired::default();
     for retirement in retirements {
@@ -654,7 +646,7 @@ pub async fn record_retirements(
             Err(CommandError::Rejected(error)) => {
                 tracing::info!(instance_id, error = %error, "host not retired: it changed meanwhile");
             }
-            Err(error) => return Err(error.to_string()),
+            Err(error) => return Err(error.into()),
         }
     }
     Ok(retired)

@@ -9,9 +9,9 @@ use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use crate::audit::{self, AuditError, EventRecord, ReplayUntil, ReplayedState};
-use crate::desktop::ErrorBody;
-use crate::security::AdminAuth;
+use crate::control::audit::{self, AuditError, EventRecord, ReplayUntil, ReplayedState};
+use crate::http::desktop::ErrorBody;
+use crate::http::security::AdminAuth;
 use crate::state::AppState;
 use whist_domain::Actor;
 
@@ -85,7 +85,7 @@ pub enum ListResponse<T: poem_openapi::types::ToJSON + Send + Sync> {
 fn unavailable<T: poem_openapi::types::ToJSON + Send + Sync>(
     error: &sqlx::Error,
 ) -> ListResponse<T> {
-    crate::error::log_failure("could not read a read model", error);
+    crate::telemetry::log_failure("could not read a read model", error);
     ListResponse::Unavailable(Json(ErrorBody {
         error: "STORE_UNAVAILABLE".to_string(),
     }))
@@ -318,7 +318,7 @@ fn events_failure(error: &AuditError) -> EventsResponse {
             EventsResponse::NotFound(error_body("UNKNOWN_AGGREGATE_TYPE"))
         }
         other => {
-            crate::error::log_failure("could not read the log", other);
+            crate::telemetry::log_failure("could not read the log", other);
             EventsResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
         }
     }
@@ -453,7 +453,7 @@ impl AdminApi {
                 StateResponse::NotFound(error_body("UNKNOWN_AGGREGATE_TYPE"))
             }
             Err(error) => {
-                crate::error::log_failure("could not replay an aggregate", &error);
+                crate::telemetry::log_failure("could not replay an aggregate", &error);
                 StateResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
             }
         }
@@ -467,7 +467,7 @@ impl AdminApi {
                 statuses.into_iter().map(AdminProjection::from).collect(),
             )),
             Err(error) => {
-                crate::error::log_failure("could not read projection status", &error);
+                crate::telemetry::log_failure("could not read projection status", &error);
                 ProjectionsResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
             }
         }
@@ -496,7 +496,7 @@ impl AdminApi {
                 RebuildResponse::NotRebuildable(error_body("NOT_REBUILDABLE"))
             }
             Err(error) => {
-                crate::error::log_failure("could not rebuild a projection", &error);
+                crate::telemetry::log_failure("could not rebuild a projection", &error);
                 RebuildResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
             }
         }
@@ -631,13 +631,13 @@ pub enum OverviewResponse {
 }
 
 fn operator_failure<T>(
-    error: crate::operator::OperatorError,
+    error: crate::control::operator::OperatorError,
     bad: impl FnOnce(Json<ErrorBody>) -> T,
     not_found: impl FnOnce(Json<ErrorBody>) -> T,
     conflict: impl FnOnce(Json<ErrorBody>) -> T,
     unavailable: impl FnOnce(Json<ErrorBody>) -> T,
 ) -> T {
-    use crate::operator::OperatorError as E;
+    use crate::control::operator::OperatorError as E;
     match error {
         E::RegionNotEnabled(_) => conflict(error_body("REGION_NOT_ENABLED")),
         E::CountOutOfRange => bad(error_body("COUNT_OUT_OF_RANGE")),
@@ -645,7 +645,7 @@ fn operator_failure<T>(
         E::NoActiveImage(_) => conflict(error_body("NO_ACTIVE_IMAGE")),
         E::HostEnded(_) => conflict(error_body("HOST_ENDED")),
         E::Store(ref cause) => {
-            tracing::error!(error = cause.as_str(), "an admin action failed");
+            crate::telemetry::log_failure("an admin action failed", cause);
             unavailable(error_body("STORE_UNAVAILABLE"))
         }
     }
@@ -680,14 +680,15 @@ async fn counts_by_status(
     Ok(counts)
 }
 
-async fn overview(state: &AppState) -> Result<Overview, String> {
+async fn overview(
+    state: &AppState,
+) -> Result<Overview, Box<dyn std::error::Error + Send + Sync + 'static>> {
     let settings = &state.settings;
     let (catalog, _) = state
         .services
         .catalog
         .load_current(whist_domain::images::CATALOG_ID)
-        .await
-        .map_err(|error| error.to_string())?;
+        .await?;
     let mut regions = Vec::new();
     for region in &settings.enabled_regions {
         let active = catalog.active_in(region);
@@ -699,7 +700,7 @@ async fn overview(state: &AppState) -> Result<Overview, String> {
         .bind(active.map(|image| image.image_id.clone()).unwrap_or_default())
         .fetch_one(state.database.any())
         .await
-        .map_err(|error| error.to_string())?;
+        ?;
         let hosts = counts_by_status(
             state,
             "SELECT status, count(*) AS n FROM instances WHERE region = $1 GROUP BY status",
@@ -713,8 +714,7 @@ async fn overview(state: &AppState) -> Result<Overview, String> {
                 "TERMINATED",
             ],
         )
-        .await
-        .map_err(|error| error.to_string())?;
+        .await?;
         regions.push(RegionOverview {
             region: region.clone(),
             active_image: active.map(|image| image.image_id.clone()),
@@ -730,19 +730,16 @@ async fn overview(state: &AppState) -> Result<Overview, String> {
         None,
         &["ALLOCATED", "CONNECTING", "RUNNING", "DYING", "DEAD"],
     )
-    .await
-    .map_err(|error| error.to_string())?;
+    .await?;
     let projections = state
         .projections
         .status()
-        .await
-        .map_err(|error| error.to_string())?
+        .await?
         .into_iter()
         .map(AdminProjection::from)
         .collect();
     let recent_events = audit::latest_events(&state.database, 25)
-        .await
-        .map_err(|error| error.to_string())?
+        .await?
         .into_iter()
         .map(|event| RecentEvent {
             position: event.position.unwrap_or(0),
@@ -760,8 +757,7 @@ async fn overview(state: &AppState) -> Result<Overview, String> {
         sqlx::query_scalar("SELECT created_at FROM mandelboxes WHERE created_at >= $1")
             .bind(start.to_rfc3339())
             .fetch_all(state.database.any())
-            .await
-            .map_err(|error| error.to_string())?;
+            .await?;
     let mut per_minute = vec![0i64; 30];
     for at in created {
         if let Ok(at) = DateTime::parse_from_rfc3339(&at) {
@@ -784,9 +780,7 @@ async fn overview(state: &AppState) -> Result<Overview, String> {
         })
         .collect();
     Ok(Overview {
-        maintenance: crate::operator::maintenance(state)
-            .await
-            .map_err(|error| error.to_string())?,
+        maintenance: crate::control::operator::maintenance(state).await?,
         regions,
         mandelboxes,
         projections,
@@ -813,7 +807,7 @@ impl OperatorApi {
         >,
     ) -> LaunchResponse {
         let actor = Actor::User(auth.0.user_id.clone());
-        match crate::operator::launch_hosts(
+        match crate::control::operator::launch_hosts(
             &state,
             &actor,
             &body.0.region,
@@ -842,7 +836,7 @@ impl OperatorApi {
         instance_id: Path<String>,
     ) -> HostActionResponse {
         let actor = Actor::User(auth.0.user_id.clone());
-        match crate::operator::drain_host(&state, &actor, &instance_id.0).await {
+        match crate::control::operator::drain_host(&state, &actor, &instance_id.0).await {
             Ok(status) => HostActionResponse::Done(Json(HostAfterAction {
                 instance_id: instance_id.0,
                 status: status.as_str().to_string(),
@@ -866,7 +860,7 @@ impl OperatorApi {
         instance_id: Path<String>,
     ) -> HostActionResponse {
         let actor = Actor::User(auth.0.user_id.clone());
-        match crate::operator::terminate_host(&state, &actor, &instance_id.0).await {
+        match crate::control::operator::terminate_host(&state, &actor, &instance_id.0).await {
             Ok(status) => HostActionResponse::Done(Json(HostAfterAction {
                 instance_id: instance_id.0,
                 status: status.as_str().to_string(),
@@ -884,7 +878,7 @@ impl OperatorApi {
     /// Whether maintenance mode is on.
     #[oai(path = "/admin/maintenance", method = "get")]
     async fn maintenance(&self, state: Data<&AppState>, _auth: AdminAuth) -> MaintenanceResponse {
-        match crate::operator::maintenance(&state).await {
+        match crate::control::operator::maintenance(&state).await {
             Ok(enabled) => MaintenanceResponse::Switch(Json(Maintenance { enabled })),
             Err(_) => MaintenanceResponse::Unavailable(error_body("STORE_UNAVAILABLE")),
         }
@@ -900,7 +894,7 @@ impl OperatorApi {
         body: Json<Maintenance>,
     ) -> MaintenanceResponse {
         let actor = Actor::User(auth.0.user_id.clone());
-        match crate::operator::set_maintenance(&state, &actor, body.0.enabled).await {
+        match crate::control::operator::set_maintenance(&state, &actor, body.0.enabled).await {
             Ok(enabled) => MaintenanceResponse::Switch(Json(Maintenance { enabled })),
             Err(error) => {
                 tracing::error!(error = %error, "could not switch maintenance mode");
@@ -915,7 +909,7 @@ impl OperatorApi {
         match overview(&state).await {
             Ok(overview) => OverviewResponse::Overview(Json(overview)),
             Err(error) => {
-                tracing::error!(error, "could not read the overview");
+                crate::telemetry::log_failure("could not read the overview", &*error);
                 OverviewResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
             }
         }

@@ -24,7 +24,8 @@ use whist_domain::instance::{
 use whist_domain::scaling::{plan_region, HostView, RegionPlan, Targets};
 use whist_domain::{Actor, EventMetadata};
 
-use crate::state::AppState;
+use crate::control::UseCaseError;
+use crate::state::Context;
 
 /// The key of the autoscaler's advisory lock.
 const LOCK_KEY: i64 = 0x5768_6973_7441_5331;
@@ -52,7 +53,7 @@ pub struct RegionDecision {
 
 /// Decides launches and drains.
 pub struct Autoscaler {
-    state: AppState,
+    state: Context,
 }
 
 /// Reads a region's hosts from the `instances` read model (every host not yet ended).
@@ -90,7 +91,7 @@ pub async fn read_region(
 }
 
 impl Autoscaler {
-    pub fn new(state: AppState) -> Self {
+    pub fn new(state: Context) -> Self {
         Self { state }
     }
 
@@ -98,24 +99,16 @@ impl Autoscaler {
     ///
     /// # Errors
     /// The store failed.
-    pub async fn plan(&self) -> Result<Vec<RegionDecision>, String> {
+    pub async fn plan(&self) -> Result<Vec<RegionDecision>, UseCaseError> {
         let settings = &self.state.settings;
-        let (catalog, _) = self
-            .state
-            .services
-            .catalog
-            .load_current(CATALOG_ID)
-            .await
-            .map_err(|error| error.to_string())?;
+        let (catalog, _) = self.state.services.catalog.load_current(CATALOG_ID).await?;
         let protected = catalog.protected_images();
         let mut plans = Vec::new();
         for region in &settings.enabled_regions {
             let Some(image) = catalog.active_in(region) else {
                 continue;
             };
-            let hosts = read_region(&self.state.database, region)
-                .await
-                .map_err(|error| error.to_string())?;
+            let hosts = read_region(&self.state.database, region).await?;
             let plan = plan_region(
                 &hosts,
                 Targets {
@@ -138,17 +131,15 @@ impl Autoscaler {
     ///
     /// # Errors
     /// The store failed.
-    pub async fn decide_once(&self) -> Result<Decisions, String> {
+    pub async fn decide_once(&self) -> Result<Decisions, UseCaseError> {
         let services = &self.state.services;
         let settings = &self.state.settings;
-        if !crate::release::instances_caught_up(&self.state, CATCH_UP_WAIT).await? {
+        if !crate::control::release::instances_caught_up(&self.state, CATCH_UP_WAIT).await? {
             tracing::warn!("autoscaler skipped a pass: the instances read model is behind the log");
             return Ok(Decisions::default());
         }
         // In maintenance mode nothing is launched; drains and retirements go on.
-        let maintenance = crate::allocation::in_maintenance(&self.state)
-            .await
-            .map_err(|error| error.0)?;
+        let maintenance = crate::control::assign::in_maintenance(&self.state).await?;
         let mut decisions = Decisions::default();
         for RegionDecision {
             region,
@@ -177,8 +168,7 @@ impl Autoscaler {
                 services
                     .instances
                     .execute(&instance_id, command, &metadata)
-                    .await
-                    .map_err(|error| error.to_string())?;
+                    .await?;
                 tracing::info!(
                     region,
                     instance_id,
@@ -211,13 +201,16 @@ impl Autoscaler {
                     }
                     // A mandelbox landed on it since the read: it stays.
                     Err(CommandError::Rejected(InstanceError::NotEmpty)) => {}
-                    Err(error) => return Err(error.to_string()),
+                    Err(error) => return Err(error.into()),
                 }
             }
             if !plan.retire.is_empty() {
-                let retired =
-                    crate::release::record_retirements(&self.state, &Actor::System, &plan.retire)
-                        .await?;
+                let retired = crate::control::release::record_retirements(
+                    &self.state,
+                    &Actor::System,
+                    &plan.retire,
+                )
+                .await?;
                 decisions.retired += retired.drained + retired.terminated;
             }
             decisions.plans.push((region.clone(), plan));
@@ -266,7 +259,7 @@ impl Autoscaler {
     /// flight is aborted whenever the autoscaler stops.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut held = None;
-        let repair = std::sync::Arc::new(crate::repair::Repair::new(self.state.clone()));
+        let repair = std::sync::Arc::new(crate::workers::repair::Repair::new(self.state.clone()));
         // At most one repair; dropping the set (the autoscaler ends or unwinds) aborts it.
         let mut repairing = tokio::task::JoinSet::new();
         let mut last_repair: Option<Instant> = None;
@@ -285,7 +278,7 @@ impl Autoscaler {
             if self.lead(&mut held).await {
                 if self.state.settings.fleet.autoscale {
                     if let Err(error) = self.decide_once().await {
-                        tracing::warn!(error, "autoscaler decision failed");
+                        tracing::warn!(error = %crate::telemetry::Chain(&error), "autoscaler decision failed");
                     }
                 }
                 let due = last_repair
@@ -300,7 +293,7 @@ impl Autoscaler {
                                 tracing::info!(?report, "cloud repair acted");
                             }
                             Ok(_) => {}
-                            Err(error) => tracing::warn!(error, "cloud repair failed"),
+                            Err(error) => tracing::warn!(error = %crate::telemetry::Chain(&error), "cloud repair failed"),
                         }
                     });
                 }

@@ -6,7 +6,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use whist_adapters::tokens::fingerprint;
 
-use crate::desktop::ErrorBody;
+use crate::http::desktop::ErrorBody;
 use crate::state::AppState;
 
 #[derive(Tags)]
@@ -68,13 +68,13 @@ impl HireFireApi {
         if fingerprint(&token.0) != fingerprint(expected.expose()) {
             return not_found();
         }
-        match crate::reconciler::waiting_jobs(&state).await {
+        match crate::workers::reconciler::waiting_jobs(&state).await {
             Ok(quantity) => InfoResponse::Info(Json(vec![WorkerQuantity {
                 name: "worker".to_string(),
                 quantity,
             }])),
             Err(error) => {
-                crate::error::log_failure("could not count the waiting jobs", &error);
+                crate::telemetry::log_failure("could not count the waiting jobs", &error);
                 InfoResponse::Unavailable(Json(ErrorBody {
                     error: "STORE_UNAVAILABLE".to_string(),
                 }))
