@@ -25,7 +25,7 @@ use whist_domain::instance::{
 };
 use whist_domain::mandelbox::{EndReason, MandelboxCommand, MandelboxStatus};
 use whist_domain::{Actor, EventMetadata};
-use whist_projections::jobs::{DRAIN, LAUNCH, SPIN_UP, TERMINATE, TERMINATE_STRAY};
+use whist_projections::jobs::{JobKind, JobPayload};
 
 use crate::state::Context;
 
@@ -44,17 +44,23 @@ const REFILL: usize = IN_FLIGHT / 4;
 /// must not leave a decision that nobody carries out; a launch given up would be counted as a booting host until
 /// the registration timeout). A launch that can never be carried out is ended by that timeout (the sweeper), which
 /// makes its job a no-op. Spin-ups and drains give up: a host that cannot be reached is left to the timeouts.
-fn retries_until_done(kind: &str) -> bool {
-    matches!(kind, LAUNCH | TERMINATE | TERMINATE_STRAY)
+fn retries_until_done(kind: JobKind) -> bool {
+    matches!(
+        kind,
+        JobKind::Launch | JobKind::Terminate | JobKind::TerminateStray
+    )
 }
 
 /// A claimed job.
 #[derive(Debug, Clone)]
 struct Job {
     id: i64,
-    kind: String,
+    /// `None` for a kind this build does not know (a newer release planned it): given up.
+    kind: Option<JobKind>,
+    /// The stored name of the kind, for logs and metrics.
+    kind_name: String,
     aggregate_id: String,
-    payload: serde_json::Value,
+    payload: JobPayload,
     /// The attempt this claim is; also the claim's fencing token.
     attempts: i64,
 }
@@ -90,7 +96,7 @@ impl Reconciler {
 
     /// Kinds this process runs: launching goes to simulated hosts (`local`) or EC2 (`aws`).
     fn kinds(&self) -> Vec<&'static str> {
-        vec![SPIN_UP, LAUNCH, DRAIN, TERMINATE, TERMINATE_STRAY]
+        JobKind::ALL.iter().map(|kind| kind.as_str()).collect()
     }
 
     fn claim_ms(&self) -> i64 {
@@ -128,9 +134,11 @@ impl Reconciler {
         rows.iter()
             .map(|row| {
                 let payload: String = row.try_get("payload")?;
+                let kind_name: String = row.try_get("kind")?;
                 Ok(Job {
                     id: row.try_get("id")?,
-                    kind: row.try_get("kind")?,
+                    kind: JobKind::from_stored(&kind_name),
+                    kind_name,
                     aggregate_id: row.try_get("aggregate_id")?,
                     payload: serde_json::from_str(&payload).unwrap_or_default(),
                     attempts: row.try_get("attempts")?,
@@ -149,7 +157,7 @@ impl Reconciler {
         let (status, run_after, error) = match outcome {
             Outcome::Done => ("done", now, None),
             Outcome::Retry(error)
-                if job.attempts < MAX_ATTEMPTS || retries_until_done(&job.kind) =>
+                if job.attempts < MAX_ATTEMPTS || job.kind.is_some_and(retries_until_done) =>
             {
                 let backoff = (250i64 << job.attempts.clamp(0, 8)).min(MAX_BACKOFF_MS);
                 ("pending", now + backoff, Some(error))
@@ -159,7 +167,7 @@ impl Reconciler {
         if let Some(error) = &error {
             tracing::warn!(
                 job = job.id,
-                kind = job.kind,
+                kind = job.kind_name,
                 aggregate_id = job.aggregate_id,
                 error,
                 status,
@@ -179,30 +187,30 @@ impl Reconciler {
             // Another process took the job over (this claim expired); its outcome is that process's to record.
             tracing::warn!(
                 job = job.id,
-                kind = job.kind,
+                kind = job.kind_name,
                 "job was taken over; outcome left to its new claimant"
             );
             return Ok(());
         }
-        if status == "failed" && job.kind == SPIN_UP {
+        if status == "failed" && job.kind == Some(JobKind::SpinUp) {
             self.abandon_mandelbox(&job.aggregate_id).await;
         }
-        metrics::counter!("whist_jobs_total", "kind" => job.kind.clone(), "status" => status)
-            .increment(1);
+        let kind = job.kind.map_or("unknown", JobKind::as_str);
+        metrics::counter!("whist_jobs_total", "kind" => kind, "status" => status).increment(1);
         Ok(())
     }
 
     async fn run_job(&self, job: &Job) -> Outcome {
-        match job.kind.as_str() {
-            SPIN_UP => self.spin_up(&job.aggregate_id).await,
-            LAUNCH => match self.state.settings.cloud {
+        match job.kind {
+            Some(JobKind::SpinUp) => self.spin_up(&job.aggregate_id).await,
+            Some(JobKind::Launch) => match self.state.settings.cloud {
                 CloudKind::Local => self.launch_simulated(&job.aggregate_id).await,
                 CloudKind::Aws => self.launch_ec2(&job.aggregate_id).await,
             },
-            DRAIN => self.drain(&job.aggregate_id).await,
-            TERMINATE => self.terminate(&job.aggregate_id).await,
-            TERMINATE_STRAY => self.terminate_stray(job).await,
-            other => Outcome::GiveUp(format!("unknown job kind {other}")),
+            Some(JobKind::Drain) => self.drain(&job.aggregate_id).await,
+            Some(JobKind::Terminate) => self.terminate(&job.aggregate_id).await,
+            Some(JobKind::TerminateStray) => self.terminate_stray(job).await,
+            None => Outcome::GiveUp(format!("unknown job kind {}", job.kind_name)),
         }
     }
 
@@ -526,8 +534,8 @@ impl Reconciler {
     /// Terminates a cloud instance that is no live host's (the decision is recorded in the payload's event).
     async fn terminate_stray(&self, job: &Job) -> Outcome {
         let (Some(region), Some(cloud_instance_id)) = (
-            job.payload["region"].as_str(),
-            job.payload["cloud_instance_id"].as_str(),
+            job.payload.region.as_deref(),
+            job.payload.cloud_instance_id.as_deref(),
         ) else {
             return Outcome::GiveUp("a stray job without region or instance".to_string());
         };
