@@ -11,8 +11,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
 /// The one catalog's aggregate id.
@@ -109,21 +107,16 @@ pub enum ImageCatalogEvent {
     },
 }
 
-impl DomainEvent for ImageCatalogEvent {
-    fn event_type(&self) -> String {
-        match self {
-            Self::ReleaseActivated { .. } => "ImageReleaseActivated",
-            Self::ReleasePrepared { .. } => "ImageReleasePrepared",
-            Self::ReleaseSwappedOver { .. } => "ImageReleaseSwappedOver",
-            Self::ReleaseRolledBack { .. } => "ImageReleaseRolledBack",
-        }
-        .to_string()
-    }
-
-    fn event_version(&self) -> String {
-        "1.0".to_string()
-    }
-}
+crate::stored_events!(
+    ImageCatalogEvent,
+    "Image",
+    [
+        ReleaseActivated,
+        ReleasePrepared,
+        ReleaseSwappedOver,
+        ReleaseRolledBack
+    ]
+);
 
 /// Why the catalog refused a command.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -228,6 +221,32 @@ impl ImageCatalog {
             .chain(prepared)
             .find(|owner| owner != client_commit_hash)
     }
+
+    fn make_active(&mut self, client_commit_hash: &str, images: BTreeMap<String, String>) {
+        let mut replaced = BTreeSet::new();
+        for (region, image_id) in images {
+            let previous = self.active.insert(
+                region,
+                RegionImage {
+                    image_id,
+                    client_commit_hash: client_commit_hash.to_string(),
+                },
+            );
+            replaced.extend(previous.map(|previous| previous.client_commit_hash));
+        }
+        for hash in replaced {
+            if !self.is_active_anywhere(&hash) {
+                self.retired_hashes.insert(hash);
+            }
+        }
+        self.retired_hashes.remove(client_commit_hash);
+    }
+}
+
+impl crate::decide::Decide for ImageCatalog {
+    type Command = ImageCatalogCommand;
+    type Event = ImageCatalogEvent;
+    type Error = ImageCatalogError;
 
     fn decide(
         &self,
@@ -365,47 +384,7 @@ impl ImageCatalog {
         }
     }
 
-    fn make_active(&mut self, client_commit_hash: &str, images: BTreeMap<String, String>) {
-        let mut replaced = BTreeSet::new();
-        for (region, image_id) in images {
-            let previous = self.active.insert(
-                region,
-                RegionImage {
-                    image_id,
-                    client_commit_hash: client_commit_hash.to_string(),
-                },
-            );
-            replaced.extend(previous.map(|previous| previous.client_commit_hash));
-        }
-        for hash in replaced {
-            if !self.is_active_anywhere(&hash) {
-                self.retired_hashes.insert(hash);
-            }
-        }
-        self.retired_hashes.remove(client_commit_hash);
-    }
-}
-
-impl Aggregate for ImageCatalog {
-    const TYPE: &'static str = "image_catalog";
-    type Command = ImageCatalogCommand;
-    type Event = ImageCatalogEvent;
-    type Error = ImageCatalogError;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
-    }
-
-    fn apply(&mut self, event: Self::Event) {
+    fn evolve(&mut self, event: ImageCatalogEvent) {
         match event {
             ImageCatalogEvent::ReleaseActivated {
                 client_commit_hash,
@@ -445,10 +424,14 @@ impl Aggregate for ImageCatalog {
     }
 }
 
+crate::cqrs_aggregate!(ImageCatalog, "image_catalog");
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decide::Decide as _;
     use cqrs_es::test::TestFramework;
+    use cqrs_es::Aggregate as _;
 
     fn at() -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000, 0).expect("a valid time")

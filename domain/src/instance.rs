@@ -8,8 +8,6 @@
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
 /// Where a host is in its life.
@@ -253,33 +251,24 @@ pub enum InstanceEvent {
     },
 }
 
-impl DomainEvent for InstanceEvent {
-    fn event_type(&self) -> String {
-        let name = match self {
-            Self::LaunchRequested { .. } => "InstanceLaunchRequested",
-            Self::Launched { .. } => "InstanceLaunched",
-            Self::LaunchFailed { .. } => "InstanceLaunchFailed",
-            Self::Registered { .. } => "InstanceRegistered",
-            Self::MandelboxAllocated { .. } => "InstanceMandelboxAllocated",
-            Self::MandelboxFreed { .. } => "InstanceMandelboxFreed",
-            Self::DrainStarted { .. } => "InstanceDrainStarted",
-            Self::BecameUnresponsive { .. } => "InstanceBecameUnresponsive",
-            Self::BecameResponsive { .. } => "InstanceBecameResponsive",
-            Self::TerminationStarted { .. } => "InstanceTerminationStarted",
-            Self::Terminated { .. } => "InstanceTerminated",
-            Self::StrayTerminated { .. } => "InstanceStrayTerminated",
-        };
-        name.to_string()
-    }
-
-    fn event_version(&self) -> String {
-        match self {
-            Self::LaunchRequested { .. } => crate::versions::LAUNCH_REQUESTED_VERSION,
-            _ => "1.0",
-        }
-        .to_string()
-    }
-}
+crate::stored_events!(
+    InstanceEvent,
+    "Instance",
+    [
+        LaunchRequested = crate::versions::LAUNCH_REQUESTED_VERSION,
+        Launched,
+        LaunchFailed,
+        Registered,
+        MandelboxAllocated,
+        MandelboxFreed,
+        DrainStarted,
+        BecameUnresponsive,
+        BecameResponsive,
+        TerminationStarted,
+        Terminated,
+        StrayTerminated
+    ]
+);
 
 /// What a registering host may declare: the webserver later sends requests to its address and places mandelboxes
 /// by its capacity, so a host that lies about either could make the webserver call the cloud's metadata service or
@@ -382,6 +371,12 @@ impl Instance {
     fn status(&self) -> Result<InstanceStatus, InstanceError> {
         self.status.ok_or(InstanceError::Unknown)
     }
+}
+
+impl crate::decide::Decide for Instance {
+    type Command = InstanceCommand;
+    type Event = InstanceEvent;
+    type Error = InstanceError;
 
     fn decide(&self, command: InstanceCommand) -> Result<Vec<InstanceEvent>, InstanceError> {
         use InstanceCommand as C;
@@ -557,28 +552,8 @@ impl Instance {
             }
         }
     }
-}
 
-impl Aggregate for Instance {
-    const TYPE: &'static str = "instance";
-    type Command = InstanceCommand;
-    type Event = InstanceEvent;
-    type Error = InstanceError;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
-    }
-
-    fn apply(&mut self, event: Self::Event) {
+    fn evolve(&mut self, event: InstanceEvent) {
         use InstanceEvent as E;
         use InstanceStatus as S;
         match event {
@@ -637,10 +612,14 @@ impl Aggregate for Instance {
     }
 }
 
+crate::cqrs_aggregate!(Instance, "instance");
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decide::Decide as _;
     use cqrs_es::test::TestFramework;
+    use cqrs_es::Aggregate as _;
     use proptest::prelude::*;
 
     type InstanceTest = TestFramework<Instance>;

@@ -3,6 +3,7 @@
 //! Architecture invariant: nothing in this crate performs I/O. A decision depends only on the aggregate's state
 //! and the command; facts from outside (an EC2 id, a Stripe status, the current time) arrive inside commands.
 
+pub mod decide;
 pub mod images;
 pub mod instance;
 pub mod mandelbox;
@@ -15,4 +16,5 @@ pub mod subscription;
 pub mod user;
 pub mod versions;
 
+pub use decide::Decide;
 pub use metadata::{Actor, EventMetadata};

@@ -4,8 +4,6 @@
 //! only moves forward; a report of an earlier status changes nothing, and a dead mandelbox stays dead.
 
 use chrono::{DateTime, Duration, Utc};
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
 /// Where a mandelbox is in its life, in order.
@@ -148,21 +146,11 @@ pub enum MandelboxEvent {
     },
 }
 
-impl DomainEvent for MandelboxEvent {
-    fn event_type(&self) -> String {
-        let name = match self {
-            Self::Allocated { .. } => "MandelboxAllocated",
-            Self::StatusChanged { .. } => "MandelboxStatusChanged",
-            Self::Ended { .. } => "MandelboxEnded",
-            Self::SpunUp { .. } => "MandelboxSpunUp",
-        };
-        name.to_string()
-    }
-
-    fn event_version(&self) -> String {
-        "1.0".to_string()
-    }
-}
+crate::stored_events!(
+    MandelboxEvent,
+    "Mandelbox",
+    [Allocated, StatusChanged, Ended, SpunUp]
+);
 
 /// Why the mandelbox refused a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -176,6 +164,23 @@ pub enum MandelboxError {
 }
 
 impl Mandelbox {
+    fn end(
+        &self,
+        reason: EndReason,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<MandelboxEvent>, MandelboxError> {
+        match self.status.ok_or(MandelboxError::Unknown)? {
+            MandelboxStatus::Dead => Ok(vec![]),
+            from => Ok(vec![MandelboxEvent::Ended { reason, from, at }]),
+        }
+    }
+}
+
+impl crate::decide::Decide for Mandelbox {
+    type Command = MandelboxCommand;
+    type Event = MandelboxEvent;
+    type Error = MandelboxError;
+
     fn decide(&self, command: MandelboxCommand) -> Result<Vec<MandelboxEvent>, MandelboxError> {
         use MandelboxCommand as C;
         use MandelboxEvent as E;
@@ -229,38 +234,7 @@ impl Mandelbox {
         }
     }
 
-    fn end(
-        &self,
-        reason: EndReason,
-        at: DateTime<Utc>,
-    ) -> Result<Vec<MandelboxEvent>, MandelboxError> {
-        match self.status.ok_or(MandelboxError::Unknown)? {
-            MandelboxStatus::Dead => Ok(vec![]),
-            from => Ok(vec![MandelboxEvent::Ended { reason, from, at }]),
-        }
-    }
-}
-
-impl Aggregate for Mandelbox {
-    const TYPE: &'static str = "mandelbox";
-    type Command = MandelboxCommand;
-    type Event = MandelboxEvent;
-    type Error = MandelboxError;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
-    }
-
-    fn apply(&mut self, event: Self::Event) {
+    fn evolve(&mut self, event: MandelboxEvent) {
         match event {
             MandelboxEvent::Allocated {
                 placement,
@@ -283,10 +257,14 @@ impl Aggregate for Mandelbox {
     }
 }
 
+crate::cqrs_aggregate!(Mandelbox, "mandelbox");
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decide::Decide as _;
     use cqrs_es::test::TestFramework;
+    use cqrs_es::Aggregate as _;
     use proptest::prelude::*;
 
     type MandelboxTest = TestFramework<Mandelbox>;

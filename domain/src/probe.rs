@@ -3,8 +3,6 @@
 //! It is a real aggregate, stored like any other, so that the benchmark measures exactly the path every command
 //! takes (load, decide, append) without the cost of any business rule. Production code never sends it commands.
 
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
 /// Counts the increments it was given. A double-applied event (the cqrs-es 0.5 snapshot bug) shows as a wrong total.
@@ -31,18 +29,7 @@ pub enum ProbeEvent {
     Decremented { by: u64, total: u64 },
 }
 
-impl DomainEvent for ProbeEvent {
-    fn event_type(&self) -> String {
-        match self {
-            Self::Incremented { .. } => "ProbeIncremented".to_string(),
-            Self::Decremented { .. } => "ProbeDecremented".to_string(),
-        }
-    }
-
-    fn event_version(&self) -> String {
-        "1.0".to_string()
-    }
-}
+crate::stored_events!(ProbeEvent, "Probe", [Incremented, Decremented]);
 
 /// Rejections of probe commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -53,38 +40,27 @@ pub enum ProbeError {
     InsufficientTotal,
 }
 
-impl Aggregate for Probe {
-    const TYPE: &'static str = "probe";
+impl crate::decide::Decide for Probe {
     type Command = ProbeCommand;
     type Event = ProbeEvent;
     type Error = ProbeError;
-    type Services = ();
 
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
+    fn decide(&self, command: ProbeCommand) -> Result<Vec<ProbeEvent>, ProbeError> {
         match command {
             ProbeCommand::Increment { by: 0 } => Err(ProbeError::ZeroIncrement),
-            ProbeCommand::Increment { by } => {
-                let total = self.total + by;
-                sink.write(ProbeEvent::Incremented { by, total }, self)
-                    .await;
-                Ok(())
-            }
+            ProbeCommand::Increment { by } => Ok(vec![ProbeEvent::Incremented {
+                by,
+                total: self.total + by,
+            }]),
             ProbeCommand::Decrement { by } if by > self.total => Err(ProbeError::InsufficientTotal),
-            ProbeCommand::Decrement { by } => {
-                let total = self.total - by;
-                sink.write(ProbeEvent::Decremented { by, total }, self)
-                    .await;
-                Ok(())
-            }
+            ProbeCommand::Decrement { by } => Ok(vec![ProbeEvent::Decremented {
+                by,
+                total: self.total - by,
+            }]),
         }
     }
 
-    fn apply(&mut self, event: Self::Event) {
+    fn evolve(&mut self, event: ProbeEvent) {
         match event {
             ProbeEvent::Incremented { total, .. } => {
                 self.total = total;
@@ -94,6 +70,8 @@ impl Aggregate for Probe {
         }
     }
 }
+
+crate::cqrs_aggregate!(Probe, "probe");
 
 #[cfg(test)]
 mod tests {

@@ -2,8 +2,6 @@
 //! `503 MAINTENANCE`, the autoscaler launches nothing) while everything else keeps working.
 
 use chrono::{DateTime, Utc};
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
 /// The one service aggregate's id.
@@ -31,27 +29,23 @@ pub enum ServiceEvent {
     MaintenanceEnded { at: DateTime<Utc> },
 }
 
-impl DomainEvent for ServiceEvent {
-    fn event_type(&self) -> String {
-        match self {
-            Self::MaintenanceStarted { .. } => "ServiceMaintenanceStarted",
-            Self::MaintenanceEnded { .. } => "ServiceMaintenanceEnded",
-        }
-        .to_string()
-    }
-
-    fn event_version(&self) -> String {
-        "1.0".to_string()
-    }
-}
+crate::stored_events!(
+    ServiceEvent,
+    "Service",
+    [MaintenanceStarted, MaintenanceEnded]
+);
 
 /// The service refuses nothing; the type exists for the aggregate's contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ServiceError {}
 
-impl Service {
-    fn decide(&self, command: ServiceCommand) -> Vec<ServiceEvent> {
-        match command {
+impl crate::decide::Decide for Service {
+    type Command = ServiceCommand;
+    type Event = ServiceEvent;
+    type Error = ServiceError;
+
+    fn decide(&self, command: ServiceCommand) -> Result<Vec<ServiceEvent>, ServiceError> {
+        Ok(match command {
             ServiceCommand::SetMaintenance { enabled, at } if enabled != self.maintenance => {
                 vec![if enabled {
                     ServiceEvent::MaintenanceStarted { at }
@@ -60,30 +54,10 @@ impl Service {
                 }]
             }
             ServiceCommand::SetMaintenance { .. } => vec![],
-        }
-    }
-}
-
-impl Aggregate for Service {
-    const TYPE: &'static str = "service";
-    type Command = ServiceCommand;
-    type Event = ServiceEvent;
-    type Error = ServiceError;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        for event in self.decide(command) {
-            sink.write(event, self).await;
-        }
-        Ok(())
+        })
     }
 
-    fn apply(&mut self, event: Self::Event) {
+    fn evolve(&mut self, event: ServiceEvent) {
         match event {
             ServiceEvent::MaintenanceStarted { at } => {
                 self.maintenance = true;
@@ -96,6 +70,8 @@ impl Aggregate for Service {
         }
     }
 }
+
+crate::cqrs_aggregate!(Service, "service");
 
 #[cfg(test)]
 mod tests {

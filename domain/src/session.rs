@@ -1,8 +1,6 @@
 //! The session aggregate: one desktop-app streaming session, from the assign request to its end, with durations.
 
 use chrono::{DateTime, Utc};
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
 /// Where a session is.
@@ -81,22 +79,11 @@ pub enum SessionEvent {
     },
 }
 
-impl DomainEvent for SessionEvent {
-    fn event_type(&self) -> String {
-        let name = match self {
-            Self::Requested { .. } => "SessionRequested",
-            Self::Assigned { .. } => "SessionAssigned",
-            Self::Refused { .. } => "SessionRefused",
-            Self::Connected { .. } => "SessionConnected",
-            Self::Ended { .. } => "SessionEnded",
-        };
-        name.to_string()
-    }
-
-    fn event_version(&self) -> String {
-        "1.0".to_string()
-    }
-}
+crate::stored_events!(
+    SessionEvent,
+    "Session",
+    [Requested, Assigned, Refused, Connected, Ended]
+);
 
 /// Why the session refused a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -108,6 +95,18 @@ pub enum SessionError {
 }
 
 impl Session {
+    fn since_request(&self, at: DateTime<Utc>) -> i64 {
+        self.requested_at
+            .map(|requested_at| (at - requested_at).num_milliseconds().max(0))
+            .unwrap_or(0)
+    }
+}
+
+impl crate::decide::Decide for Session {
+    type Command = SessionCommand;
+    type Event = SessionEvent;
+    type Error = SessionError;
+
     fn decide(&self, command: SessionCommand) -> Result<Vec<SessionEvent>, SessionError> {
         use SessionCommand as C;
         use SessionEvent as E;
@@ -158,33 +157,7 @@ impl Session {
         }
     }
 
-    fn since_request(&self, at: DateTime<Utc>) -> i64 {
-        self.requested_at
-            .map(|requested_at| (at - requested_at).num_milliseconds().max(0))
-            .unwrap_or(0)
-    }
-}
-
-impl Aggregate for Session {
-    const TYPE: &'static str = "session";
-    type Command = SessionCommand;
-    type Event = SessionEvent;
-    type Error = SessionError;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
-    }
-
-    fn apply(&mut self, event: Self::Event) {
+    fn evolve(&mut self, event: SessionEvent) {
         match event {
             SessionEvent::Requested { user_id, at, .. } => {
                 self.status = Some(SessionStatus::Requested);
@@ -205,6 +178,8 @@ impl Aggregate for Session {
         }
     }
 }
+
+crate::cqrs_aggregate!(Session, "session");
 
 #[cfg(test)]
 mod tests {

@@ -14,8 +14,6 @@
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
 /// Which subscription webhook a fact came from; at equal `created` times a later kind outranks an earlier one.
@@ -123,20 +121,11 @@ pub enum SubscriptionEvent {
     },
 }
 
-impl DomainEvent for SubscriptionEvent {
-    fn event_type(&self) -> String {
-        let name = match self {
-            Self::CustomerLinked { .. } => "SubscriptionCustomerLinked",
-            Self::StatusChanged { .. } => "SubscriptionStatusChanged",
-            Self::StaleFactIgnored { .. } => "SubscriptionStaleFactIgnored",
-        };
-        name.to_string()
-    }
-
-    fn event_version(&self) -> String {
-        "1.0".to_string()
-    }
-}
+crate::stored_events!(
+    SubscriptionEvent,
+    "Subscription",
+    [CustomerLinked, StatusChanged, StaleFactIgnored]
+);
 
 /// Why a subscription refused a command. None so far: every Stripe fact is either recorded or ignored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -145,7 +134,11 @@ pub enum SubscriptionError {
     IncompleteFact,
 }
 
-impl Subscription {
+impl crate::decide::Decide for Subscription {
+    type Command = SubscriptionCommand;
+    type Event = SubscriptionEvent;
+    type Error = SubscriptionError;
+
     fn decide(
         &self,
         command: SubscriptionCommand,
@@ -192,28 +185,8 @@ impl Subscription {
             }
         }
     }
-}
 
-impl Aggregate for Subscription {
-    const TYPE: &'static str = "subscription";
-    type Command = SubscriptionCommand;
-    type Event = SubscriptionEvent;
-    type Error = SubscriptionError;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
-    }
-
-    fn apply(&mut self, event: Self::Event) {
+    fn evolve(&mut self, event: SubscriptionEvent) {
         match event {
             SubscriptionEvent::CustomerLinked {
                 customer_id,
@@ -237,6 +210,8 @@ impl Aggregate for Subscription {
         }
     }
 }
+
+crate::cqrs_aggregate!(Subscription, "subscription");
 
 /// A Stripe customer as the aggregate knows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,19 +247,7 @@ pub enum StripeCustomerEvent {
     },
 }
 
-impl DomainEvent for StripeCustomerEvent {
-    fn event_type(&self) -> String {
-        let name = match self {
-            Self::Linked { .. } => "StripeCustomerLinked",
-            Self::FactHeld { .. } => "StripeCustomerFactHeld",
-        };
-        name.to_string()
-    }
-
-    fn event_version(&self) -> String {
-        "1.0".to_string()
-    }
-}
+crate::stored_events!(StripeCustomerEvent, "StripeCustomer", [Linked, FactHeld]);
 
 /// Why a Stripe customer refused a command.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -297,7 +260,11 @@ pub enum StripeCustomerError {
     AlreadyLinked,
 }
 
-impl StripeCustomer {
+impl crate::decide::Decide for StripeCustomer {
+    type Command = StripeCustomerCommand;
+    type Event = StripeCustomerEvent;
+    type Error = StripeCustomerError;
+
     fn decide(
         &self,
         command: StripeCustomerCommand,
@@ -319,28 +286,8 @@ impl StripeCustomer {
             }
         }
     }
-}
 
-impl Aggregate for StripeCustomer {
-    const TYPE: &'static str = "stripe_customer";
-    type Command = StripeCustomerCommand;
-    type Event = StripeCustomerEvent;
-    type Error = StripeCustomerError;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
-    }
-
-    fn apply(&mut self, event: Self::Event) {
+    fn evolve(&mut self, event: StripeCustomerEvent) {
         match event {
             StripeCustomerEvent::Linked { user_id, .. } => self.user_id = Some(user_id),
             StripeCustomerEvent::FactHeld { fact, .. } => self.held.push(fact),
@@ -348,10 +295,14 @@ impl Aggregate for StripeCustomer {
     }
 }
 
+crate::cqrs_aggregate!(StripeCustomer, "stripe_customer");
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decide::Decide as _;
     use cqrs_es::test::TestFramework;
+    use cqrs_es::Aggregate as _;
     use proptest::prelude::*;
 
     type SubscriptionTest = TestFramework<Subscription>;

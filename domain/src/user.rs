@@ -3,8 +3,6 @@
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
 /// The user as the aggregate knows it.
@@ -44,19 +42,7 @@ pub enum UserEvent {
     },
 }
 
-impl DomainEvent for UserEvent {
-    fn event_type(&self) -> String {
-        let name = match self {
-            Self::MandelboxReserved { .. } => "UserMandelboxReserved",
-            Self::MandelboxReleased { .. } => "UserMandelboxReleased",
-        };
-        name.to_string()
-    }
-
-    fn event_version(&self) -> String {
-        "1.0".to_string()
-    }
-}
+crate::stored_events!(UserEvent, "User", [MandelboxReserved, MandelboxReleased]);
 
 /// Why the user refused a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -70,6 +56,12 @@ impl User {
     pub fn live(&self) -> u32 {
         u32::try_from(self.live_mandelboxes.len()).unwrap_or(u32::MAX)
     }
+}
+
+impl crate::decide::Decide for User {
+    type Command = UserCommand;
+    type Event = UserEvent;
+    type Error = UserError;
 
     fn decide(&self, command: UserCommand) -> Result<Vec<UserEvent>, UserError> {
         match command {
@@ -102,28 +94,8 @@ impl User {
             }
         }
     }
-}
 
-impl Aggregate for User {
-    const TYPE: &'static str = "user";
-    type Command = UserCommand;
-    type Event = UserEvent;
-    type Error = UserError;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
-    }
-
-    fn apply(&mut self, event: Self::Event) {
+    fn evolve(&mut self, event: UserEvent) {
         match event {
             UserEvent::MandelboxReserved { mandelbox_id, .. } => {
                 self.live_mandelboxes.insert(mandelbox_id);
@@ -134,6 +106,8 @@ impl Aggregate for User {
         }
     }
 }
+
+crate::cqrs_aggregate!(User, "user");
 
 #[cfg(test)]
 mod tests {

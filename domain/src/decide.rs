@@ -1,0 +1,160 @@
+//! The shape of every aggregate: a synchronous, pure [`Decide`] (state and command in, events or a typed refusal
+//! out; and how each event changes the state), adapted to cqrs-es's `Aggregate` by [`crate::cqrs_aggregate!`], and
+//! the stored name and version of each event, declared once by [`crate::stored_events!`].
+//!
+//! With cqrs-es 0.5 an aggregate's `handle` writes its events to a sink, which applies each at once; the adapter
+//! does exactly that with the events `decide` returned, so no aggregate writes `handle`, and a decision can be
+//! tested, or composed with others, without a sink.
+
+/// A pure decision-maker.
+pub trait Decide {
+    type Command;
+    type Event;
+    /// A refusal: a business rule, stable and safe to show.
+    type Error: std::error::Error;
+
+    /// The events `command` leads to on this state (none when it changes nothing), or why it is refused.
+    ///
+    /// # Errors
+    /// A business rule refuses the command.
+    fn decide(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
+
+    /// The state after `event`. Total: a stored event is a fact, and every fact can be applied.
+    fn evolve(&mut self, event: Self::Event);
+}
+
+/// The stored names and versions of an event type, in declaration order.
+pub trait StoredEvents {
+    /// `(event_type, event_version)` of every variant.
+    const STORED: &'static [(&'static str, &'static str)];
+}
+
+/// Implements cqrs-es's `Aggregate` for a type that implements [`Decide`]: `handle` writes the decided events to
+/// the sink (which applies each at once), `apply` is [`Decide::evolve`].
+#[macro_export]
+macro_rules! cqrs_aggregate {
+    ($aggregate:ty, $name:literal) => {
+        impl cqrs_es::Aggregate for $aggregate {
+            const TYPE: &'static str = $name;
+            type Command = <$aggregate as $crate::decide::Decide>::Command;
+            type Event = <$aggregate as $crate::decide::Decide>::Event;
+            type Error = <$aggregate as $crate::decide::Decide>::Error;
+            type Services = ();
+
+            async fn handle(
+                &mut self,
+                command: Self::Command,
+                _services: &Self::Services,
+                sink: &cqrs_es::event_sink::EventSink<Self>,
+            ) -> Result<(), Self::Error> {
+                for event in $crate::decide::Decide::decide(self, command)? {
+                    sink.write(event, self).await;
+                }
+                Ok(())
+            }
+
+            fn apply(&mut self, event: Self::Event) {
+                $crate::decide::Decide::evolve(self, event)
+            }
+        }
+    };
+}
+
+/// Implements `DomainEvent` (and [`StoredEvents`]) for an event enum whose stored names are the prefix followed by
+/// the variant's name, each at version `1.0` unless another is given (`Variant = VERSION`).
+#[macro_export]
+macro_rules! stored_events {
+    ($event:ty, $prefix:literal, [$($variant:ident $(= $version:expr)?),+ $(,)?]) => {
+        impl cqrs_es::DomainEvent for $event {
+            fn event_type(&self) -> String {
+                match self {
+                    $(Self::$variant { .. } => concat!($prefix, stringify!($variant)),)+
+                }
+                .to_string()
+            }
+
+            fn event_version(&self) -> String {
+                match self {
+                    $(Self::$variant { .. } => $crate::stored_events!(@version $($version)?),)+
+                }
+                .to_string()
+            }
+        }
+
+        impl $crate::decide::StoredEvents for $event {
+            const STORED: &'static [(&'static str, &'static str)] = &[
+                $((concat!($prefix, stringify!($variant)), $crate::stored_events!(@version $($version)?)),)+
+            ];
+        }
+    };
+    (@version) => {
+        "1.0"
+    };
+    (@version $version:expr) => {
+        $version
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StoredEvents;
+
+    /// Every event name and version the log holds. A rename or a version change orphans stored history unless it
+    /// comes with an upcaster: this list changes only together with `crate::versions`.
+    #[test]
+    fn every_stored_event_name_and_version_is_pinned() {
+        let stored: Vec<(&str, &str)> = [
+            crate::images::ImageCatalogEvent::STORED,
+            crate::instance::InstanceEvent::STORED,
+            crate::mandelbox::MandelboxEvent::STORED,
+            crate::probe::ProbeEvent::STORED,
+            crate::service::ServiceEvent::STORED,
+            crate::session::SessionEvent::STORED,
+            crate::subscription::SubscriptionEvent::STORED,
+            crate::subscription::StripeCustomerEvent::STORED,
+            crate::user::UserEvent::STORED,
+        ]
+        .concat();
+        assert_eq!(
+            stored,
+            [
+                ("ImageReleaseActivated", "1.0"),
+                ("ImageReleasePrepared", "1.0"),
+                ("ImageReleaseSwappedOver", "1.0"),
+                ("ImageReleaseRolledBack", "1.0"),
+                ("InstanceLaunchRequested", "2.0"),
+                ("InstanceLaunched", "1.0"),
+                ("InstanceLaunchFailed", "1.0"),
+                ("InstanceRegistered", "1.0"),
+                ("InstanceMandelboxAllocated", "1.0"),
+                ("InstanceMandelboxFreed", "1.0"),
+                ("InstanceDrainStarted", "1.0"),
+                ("InstanceBecameUnresponsive", "1.0"),
+                ("InstanceBecameResponsive", "1.0"),
+                ("InstanceTerminationStarted", "1.0"),
+                ("InstanceTerminated", "1.0"),
+                ("InstanceStrayTerminated", "1.0"),
+                ("MandelboxAllocated", "1.0"),
+                ("MandelboxStatusChanged", "1.0"),
+                ("MandelboxEnded", "1.0"),
+                ("MandelboxSpunUp", "1.0"),
+                ("ProbeIncremented", "1.0"),
+                ("ProbeDecremented", "1.0"),
+                ("ServiceMaintenanceStarted", "1.0"),
+                ("ServiceMaintenanceEnded", "1.0"),
+                ("SessionRequested", "1.0"),
+                ("SessionAssigned", "1.0"),
+                ("SessionRefused", "1.0"),
+                ("SessionConnected", "1.0"),
+                ("SessionEnded", "1.0"),
+                ("SubscriptionCustomerLinked", "1.0"),
+                ("SubscriptionStatusChanged", "1.0"),
+                ("SubscriptionStaleFactIgnored", "1.0"),
+                ("StripeCustomerLinked", "1.0"),
+                ("StripeCustomerFactHeld", "1.0"),
+                ("UserMandelboxReserved", "1.0"),
+                ("UserMandelboxReleased", "1.0"),
+            ]
+        );
+    }
+}
