@@ -41,26 +41,55 @@ pub struct StoreBenchOptions {
 const AGGREGATES_PER_WRITER: usize = 50;
 
 pub async fn store(options: StoreBenchOptions) -> anyhow::Result<()> {
-    let database_name = format!("whist_bench_{}", std::process::id());
-    let admin = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&options.database_url)
-        .await
-        .context("Failed to connect to the Postgres server named by --database-url")?;
-    admin
-        .execute(format!("DROP DATABASE IF EXISTS {database_name}").as_str())
-        .await?;
-    admin
-        .execute(format!("CREATE DATABASE {database_name}").as_str())
-        .await?;
-    let bench_url = replace_database(&options.database_url, &database_name);
-    let outcome = run_store_bench(&options, &bench_url).await;
+    let scratch = ScratchDatabase::create(&options.database_url, "whist_bench").await?;
+    let outcome = run_store_bench(&options, &scratch.url).await;
     if !options.keep {
-        admin
-            .execute(format!("DROP DATABASE IF EXISTS {database_name} WITH (FORCE)").as_str())
-            .await?;
+        scratch.drop_it().await?;
     }
     outcome
+}
+
+/// A database of a benchmark's own on the server named by `--database-url`, created empty (dropped first if a
+/// previous run of the same process id left it).
+pub struct ScratchDatabase {
+    admin: sqlx::PgPool,
+    name: String,
+    /// The server's URL naming this database.
+    pub url: String,
+}
+
+impl ScratchDatabase {
+    /// Creates `{prefix}_{process id}` on the server at `server_url`.
+    ///
+    /// # Errors
+    /// The server cannot be reached, or the database not created.
+    pub async fn create(server_url: &str, prefix: &str) -> anyhow::Result<Self> {
+        let name = format!("{prefix}_{}", std::process::id());
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(server_url)
+            .await
+            .context("Failed to connect to the Postgres server named by --database-url")?;
+        admin
+            .execute(format!("DROP DATABASE IF EXISTS {name}").as_str())
+            .await?;
+        admin
+            .execute(format!("CREATE DATABASE {name}").as_str())
+            .await?;
+        let url = replace_database(server_url, &name);
+        Ok(Self { admin, name, url })
+    }
+
+    /// Drops the database, whoever is still connected to it.
+    ///
+    /// # Errors
+    /// The server refused.
+    pub async fn drop_it(self) -> anyhow::Result<()> {
+        self.admin
+            .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
+            .await?;
+        Ok(())
+    }
 }
 
 async fn run_store_bench(options: &StoreBenchOptions, bench_url: &str) -> anyhow::Result<()> {

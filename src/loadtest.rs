@@ -56,23 +56,10 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 pub async fn run(options: LoadTestOptions) -> anyhow::Result<()> {
-    let database_name = format!("whist_load_{}", std::process::id());
-    let admin = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&options.database_url)
-        .await
-        .context("Failed to connect to the Postgres server named by --database-url")?;
-    admin
-        .execute(format!("DROP DATABASE IF EXISTS {database_name}").as_str())
-        .await?;
-    admin
-        .execute(format!("CREATE DATABASE {database_name}").as_str())
-        .await?;
-    let url = crate::bench::with_database(&options.database_url, &database_name);
-    let outcome = load(&options, &url).await;
-    admin
-        .execute(format!("DROP DATABASE IF EXISTS {database_name} WITH (FORCE)").as_str())
-        .await?;
+    let scratch =
+        crate::bench::ScratchDatabase::create(&options.database_url, "whist_load").await?;
+    let outcome = load(&options, &scratch.url).await;
+    scratch.drop_it().await?;
     outcome
 }
 

@@ -1,14 +1,14 @@
 //! Billing decisions: what a verified Stripe event records, and the link between a Stripe customer and a user.
 
 use chrono::Utc;
-use whist_adapters::store::{CommandError, Unit};
+use whist_adapters::store::CommandError;
 use whist_adapters::stripe::WebhookEvent;
 use whist_domain::subscription::{
     FactKind, StripeCustomerCommand, StripeCustomerError, SubscriptionCommand, SubscriptionFact,
 };
 use whist_domain::{Actor, EventMetadata};
 
-use super::UseCaseError;
+use super::{record_unit, Attempt, UseCaseError};
 use crate::state::Context;
 
 /// Attempts of one recording that lose to concurrent writers before the delivery answers 503 (Stripe retries).
@@ -55,9 +55,9 @@ pub async fn record(context: &Context, event: &WebhookEvent) -> Result<Delivery,
         status: status.clone(),
     };
     let services = &context.services;
-    for _ in 0..ATTEMPTS {
+    let fact = &fact;
+    record_unit(context, &metadata, ATTEMPTS, |mut unit| async move {
         let (customer, _) = services.stripe_customers.load_current(customer_id).await?;
-        let mut unit = Unit::new(&metadata);
         match &customer.user_id {
             Some(user_id) => {
                 let record = SubscriptionCommand::RecordFact {
@@ -72,7 +72,7 @@ pub async fn record(context: &Context, event: &WebhookEvent) -> Result<Delivery,
                     Ok(()) => {}
                     Err(CommandError::Rejected(error)) => {
                         tracing::info!(error = %error, "subscription fact refused");
-                        return Ok(Delivery::Ignored);
+                        return Ok(Attempt::Settled(Delivery::Ignored));
                     }
                     Err(error) => return Err(error.into()),
                 }
@@ -89,17 +89,16 @@ pub async fn record(context: &Context, event: &WebhookEvent) -> Result<Delivery,
                     .await
                 {
                     Ok(()) => {}
-                    Err(CommandError::Rejected(StripeCustomerError::AlreadyLinked)) => continue,
+                    Err(CommandError::Rejected(StripeCustomerError::AlreadyLinked)) => {
+                        return Ok(Attempt::Again)
+                    }
                     Err(error) => return Err(error.into()),
                 }
             }
         }
-        match unit.record(&context.database).await? {
-            true => return Ok(Delivery::Recorded),
-            false => continue,
-        }
-    }
-    Err(UseCaseError::Contended { attempts: ATTEMPTS })
+        Ok(Attempt::Record(unit, Delivery::Recorded))
+    })
+    .await
 }
 
 /// Links a Stripe customer to a user, in both directions at once, and hands the user's subscription whatever the
@@ -115,9 +114,8 @@ pub async fn link_customer(
     metadata: &EventMetadata,
 ) -> Result<(), UseCaseError> {
     let services = &context.services;
-    for _ in 0..ATTEMPTS {
+    record_unit(context, metadata, ATTEMPTS, |mut unit| async move {
         let (customer, _) = services.stripe_customers.load_current(customer_id).await?;
-        let mut unit = Unit::new(metadata);
         match services
             .stripe_customers
             .stage(
@@ -137,7 +135,7 @@ pub async fn link_customer(
                     user_id,
                     "Stripe customer already belongs to another user; not linked"
                 );
-                return Ok(());
+                return Ok(Attempt::Settled(()));
             }
             Err(error) => return Err(error.into()),
         }
@@ -163,13 +161,11 @@ pub async fn link_customer(
             Ok(()) => {}
             Err(CommandError::Rejected(error)) => {
                 tracing::warn!(error = %error, "a held subscription fact was refused");
-                return Ok(());
+                return Ok(Attempt::Settled(()));
             }
             Err(error) => return Err(error.into()),
         }
-        if unit.record(&context.database).await? {
-            return Ok(());
-        }
-    }
-    Err(UseCaseError::Contended { attempts: ATTEMPTS })
+        Ok(Attempt::Record(unit, ()))
+    })
+    .await
 }

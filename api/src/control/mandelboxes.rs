@@ -2,14 +2,14 @@
 //! host, an operator), each one unit recorded whole or not at all.
 
 use chrono::Utc;
-use whist_adapters::store::{CommandError, Unit};
+use whist_adapters::store::CommandError;
 use whist_domain::instance::InstanceCommand;
 use whist_domain::mandelbox::{MandelboxCommand, Placement, ReportedStatus};
 use whist_domain::session::{session_aggregate_id, SessionCommand};
 use whist_domain::user::UserCommand;
 use whist_domain::EventMetadata;
 
-use super::UseCaseError;
+use super::{record_unit, Attempt, UseCaseError};
 use crate::state::Context;
 
 /// Where a mandelbox was placed, `None` for an id that has none. A placement never changes once recorded: the
@@ -50,9 +50,8 @@ pub async fn record_status(
     const ATTEMPTS: usize = 10;
     let services = &context.services;
     let now = Utc::now();
-    let session = session_aggregate_id(&placement.user_id, placement.session_id);
-    for _ in 0..ATTEMPTS {
-        let mut unit = Unit::new(metadata);
+    let session = &session_aggregate_id(&placement.user_id, placement.session_id);
+    record_unit(context, metadata, ATTEMPTS, |mut unit| async move {
         services
             .mandelboxes
             .stage(
@@ -66,7 +65,7 @@ pub async fn record_status(
                 .sessions
                 .stage(
                     &mut unit,
-                    &session,
+                    session,
                     vec![SessionCommand::MarkConnected { at: now }],
                 )
                 .await
@@ -78,11 +77,9 @@ pub async fn record_status(
                 Err(error) => return Err(error.into()),
             }
         }
-        if unit.record(&context.database).await? {
-            return Ok(());
-        }
-    }
-    Err(UseCaseError::Contended { attempts: ATTEMPTS })
+        Ok(Attempt::Record(unit, ()))
+    })
+    .await
 }
 
 /// Ends a mandelbox everywhere it counts: itself, its host's slot, its user's limit, its session, all recorded
@@ -141,9 +138,8 @@ pub async fn end_mandelbox_for(
     const ATTEMPTS: usize = 10;
     let services = &context.services;
     let now = Utc::now();
-    let session = session_aggregate_id(&placement.user_id, placement.session_id);
-    for _ in 0..ATTEMPTS {
-        let mut unit = Unit::new(metadata);
+    let session = &session_aggregate_id(&placement.user_id, placement.session_id);
+    let guard = record_unit(context, metadata, ATTEMPTS, |mut unit| async move {
         services
             .mandelboxes
             .stage(
@@ -170,7 +166,7 @@ pub async fn end_mandelbox_for(
             .await?;
         match services
             .sessions
-            .stage(&mut unit, &session, vec![SessionCommand::End { at: now }])
+            .stage(&mut unit, session, vec![SessionCommand::End { at: now }])
             .await
         {
             Ok(()) => {}
@@ -182,7 +178,7 @@ pub async fn end_mandelbox_for(
         }
         // The host's lock in this process is held only from staging its slot to recording the unit, so that an
         // assign of this process on the same host waits instead of conflicting.
-        let _host_guard = services
+        let host_guard = services
             .host_locks
             .of(&placement.instance_id)
             .lock_owned()
@@ -198,9 +194,9 @@ pub async fn end_mandelbox_for(
                 }],
             )
             .await?;
-        if unit.record(&context.database).await? {
-            return Ok(());
-        }
-    }
-    Err(UseCaseError::Contended { attempts: ATTEMPTS })
+        Ok(Attempt::Record(unit, host_guard))
+    })
+    .await?;
+    drop(guard);
+    Ok(())
 }

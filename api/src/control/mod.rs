@@ -15,7 +15,53 @@ pub mod mandelboxes;
 pub mod operator;
 pub mod release;
 
-use whist_adapters::store::{CommandError, UnitError};
+use std::future::Future;
+
+use whist_adapters::store::{CommandError, Unit, UnitError};
+use whist_domain::EventMetadata;
+
+use crate::state::Context;
+
+/// What one attempt of a use case came to.
+pub enum Attempt<T> {
+    /// Record this unit; once it is recorded the use case answers `T` (which may hold what must last until then,
+    /// such as a host's lock).
+    Record(Unit, T),
+    /// Nothing to record: the use case answers `T` now.
+    Settled(T),
+    /// The state read was already stale: decide again on fresh state (counts as an attempt).
+    Again,
+}
+
+/// The retry loop of every use case that records a unit: each attempt stages its decision on the state it reads
+/// and hands the unit back; a unit that loses to a concurrent writer records nothing and the next attempt decides
+/// again on fresh state, at most `attempts` times.
+///
+/// # Errors
+/// An attempt failed, the store failed, or concurrent writers won every attempt.
+pub async fn record_unit<T, F, Fut>(
+    context: &Context,
+    metadata: &EventMetadata,
+    attempts: usize,
+    mut attempt: F,
+) -> Result<T, UseCaseError>
+where
+    F: FnMut(Unit) -> Fut,
+    Fut: Future<Output = Result<Attempt<T>, UseCaseError>>,
+{
+    for _ in 0..attempts {
+        match attempt(Unit::new(metadata)).await? {
+            Attempt::Settled(answer) => return Ok(answer),
+            Attempt::Again => {}
+            Attempt::Record(unit, answer) => {
+                if unit.record(&context.database).await? {
+                    return Ok(answer);
+                }
+            }
+        }
+    }
+    Err(UseCaseError::Contended { attempts })
+}
 
 /// Why a use case did not record its decision. Each variant keeps its cause, so that a log line shows the whole
 /// chain (see [`crate::telemetry::log_failure`]).
