@@ -189,7 +189,7 @@ pub const SIMULATED_COMMIT_HASH: &str = "local-simulated";
 /// With simulated hosts there is no release workflow: make the simulated image active in every enabled region that
 /// has none, so that the default server can assign mandelboxes at once.
 async fn activate_simulated_images(settings: &Settings, services: &Services) {
-    let catalog = match services.catalog.load(CATALOG_ID).await {
+    let catalog = match services.catalog.load_from_history(CATALOG_ID).await {
         Ok((catalog, _)) => catalog,
         Err(error) => {
             crate::telemetry::log_failure("could not read the image catalog", &error);

@@ -489,7 +489,13 @@ async fn a_history_mixing_event_versions_replays_through_the_upcaster() {
         .await;
     settled(&app).await;
 
-    let (instance, version) = app.state.services.instances.load(old).await.expect("loads");
+    let (instance, version) = app
+        .state
+        .services
+        .instances
+        .load_from_history(old)
+        .await
+        .expect("loads");
     let (_, events) = get(
         &app,
         &format!("/admin/aggregates/instance/{old}/events"),

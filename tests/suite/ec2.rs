@@ -114,7 +114,13 @@ async fn recorded_launches(app: &whist_tests::TestApp, ids: &[String]) -> Vec<St
     let started = std::time::Instant::now();
     for id in ids {
         loop {
-            let (instance, _) = app.state.services.instances.load(id).await.expect("loads");
+            let (instance, _) = app
+                .state
+                .services
+                .instances
+                .load_from_history(id)
+                .await
+                .expect("loads");
             if let Some(cloud_instance_id) = instance.cloud_instance_id {
                 recorded.push(cloud_instance_id);
                 break;

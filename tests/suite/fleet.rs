@@ -156,11 +156,15 @@ async fn host_of(app: &TestApp, mandelbox_id: &str) -> (String, String) {
     let services = &app.state.services;
     let (mandelbox, _) = services
         .mandelboxes
-        .load(mandelbox_id)
+        .load_from_history(mandelbox_id)
         .await
         .expect("loads");
     let instance_id = mandelbox.placement.expect("placed").instance_id;
-    let (instance, _) = services.instances.load(&instance_id).await.expect("loads");
+    let (instance, _) = services
+        .instances
+        .load_from_history(&instance_id)
+        .await
+        .expect("loads");
     let cloud_instance_id = instance.cloud_instance_id.expect("launched on EC2");
     (instance_id, cloud_instance_id)
 }

@@ -96,7 +96,7 @@ async fn recorded(database: &TestDatabase, ids: &[String]) -> HashMap<String, St
             if found.contains_key(id) {
                 continue;
             }
-            let (instance, _) = instances.load(id).await.expect("loads");
+            let (instance, _) = instances.load_from_history(id).await.expect("loads");
             if let Some(cloud_instance_id) = instance.cloud_instance_id {
                 found.insert(id.clone(), cloud_instance_id);
             }

@@ -230,7 +230,7 @@ async fn a_mandelbox_whose_host_never_reports_it_connecting_dies_and_frees_its_s
                     .state
                     .services
                     .mandelboxes
-                    .load(&mandelbox_id)
+                    .load_from_history(&mandelbox_id)
                     .await
                     .is_ok_and(|(mandelbox, _)| {
                         mandelbox.status == Some(whist_domain::mandelbox::MandelboxStatus::Dead)
@@ -242,7 +242,7 @@ async fn a_mandelbox_whose_host_never_reports_it_connecting_dies_and_frees_its_s
         .state
         .services
         .mandelboxes
-        .load(&mandelbox_id)
+        .load_from_history(&mandelbox_id)
         .await
         .expect("loads");
     assert_eq!(

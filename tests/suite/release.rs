@@ -506,7 +506,7 @@ async fn a_failed_region_makes_create_buffers_exit_non_zero_and_leaves_no_candid
         .state
         .services
         .catalog
-        .load_current(whist_domain::images::CATALOG_ID)
+        .load_caught_up(whist_domain::images::CATALOG_ID)
         .await
         .expect("loads");
     assert!(catalog.protected_images().is_empty());
@@ -554,7 +554,7 @@ async fn rollback_retires_the_candidates_and_leaves_the_old_release_serving() {
             .state
             .services
             .instances
-            .load_current(&instance_id)
+            .load_caught_up(&instance_id)
             .await
             .expect("loads");
         assert_eq!(

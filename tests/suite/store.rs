@@ -38,7 +38,10 @@ async fn every_command_is_applied_exactly_once(kind: BackendKind) {
             .await
             .expect("the increment is recorded");
     }
-    let (probe, version) = store.load("counter").await.expect("the probe loads");
+    let (probe, version) = store
+        .load_from_history("counter")
+        .await
+        .expect("the probe loads");
     assert_eq!(version, 7);
     assert_eq!(probe.increments, 7);
     assert_eq!(probe.total, 28, "an event applied twice would show here");
@@ -143,7 +146,7 @@ async fn concurrent_commands_on_one_aggregate_conflict_instead_of_overwriting(ki
         }
     }
     assert!(recorded >= 1);
-    let (probe, version) = store.load("contended").await.expect("loads");
+    let (probe, version) = store.load_from_history("contended").await.expect("loads");
     assert_eq!(probe.total, recorded, "only recorded commands count");
     assert_eq!(version as u64, recorded);
 }
@@ -237,7 +240,15 @@ async fn a_stale_remembered_copy_costs_a_retry_never_a_wrong_decision(kind: Back
         .execute("shared", ProbeCommand::Increment { by: 1 }, &metadata())
         .await
         .expect("the retry loads fresh state");
-    assert_eq!(first.load("shared").await.expect("loads").0.total, 7);
+    assert_eq!(
+        first
+            .load_from_history("shared")
+            .await
+            .expect("loads")
+            .0
+            .total,
+        7
+    );
     // `second` remembers 6; the truth is 7. A rule that would refuse on the stale copy must not refuse.
     first
         .execute("shared", ProbeCommand::Decrement { by: 7 }, &metadata())
@@ -281,7 +292,15 @@ async fn a_stale_remembered_copy_costs_a_retry_never_a_wrong_decision(kind: Back
         .execute("shared", ProbeCommand::Decrement { by: 4 }, &metadata())
         .await
         .expect("a refusal on a stale copy is retried on fresh state");
-    assert_eq!(second.load("shared").await.expect("loads").0.total, 0);
+    assert_eq!(
+        second
+            .load_from_history("shared")
+            .await
+            .expect("loads")
+            .0
+            .total,
+        0
+    );
 }
 
 #[tokio::test]
@@ -539,7 +558,7 @@ async fn a_unit_is_recorded_whole_or_not_at_all(kind: BackendKind) {
         unit.commit(&database).await,
         Err(UnitError::Conflict)
     ));
-    let (y, y_version) = first.load("y").await.expect("y loads");
+    let (y, y_version) = first.load_from_history("y").await.expect("y loads");
     assert_eq!(
         (y.total, y_version),
         (1, 1),
@@ -559,8 +578,8 @@ async fn a_unit_is_recorded_whole_or_not_at_all(kind: BackendKind) {
         .commit(&database)
         .await
         .expect("commits on fresh state");
-    let (x, x_version) = first.load("x").await.expect("x loads");
-    let (y, _) = first.load("y").await.expect("y loads");
+    let (x, x_version) = first.load_from_history("x").await.expect("x loads");
+    let (y, _) = first.load_from_history("y").await.expect("y loads");
     assert_eq!((x.total, x_version, y.total), (102, 3, 11));
     let logged = whole_log(&database).await;
     assert_eq!(logged.len(), 5, "only recorded events reach the log");
@@ -593,7 +612,7 @@ async fn an_aggregate_presumed_new_is_checked_by_the_append(kind: BackendKind) {
     unit.commit(&database)
         .await
         .expect("a new aggregate records");
-    let (fresh, version) = first.load("fresh").await.expect("loads");
+    let (fresh, version) = first.load_from_history("fresh").await.expect("loads");
     assert_eq!((fresh.total, version), (2, 1));
 
     // `second` never read "fresh": presumed new, its increment collides with the stored event.
@@ -610,7 +629,7 @@ async fn an_aggregate_presumed_new_is_checked_by_the_append(kind: BackendKind) {
         unit.commit(&database).await,
         Err(UnitError::Conflict)
     ));
-    let (other, other_version) = first.load("other").await.expect("loads");
+    let (other, other_version) = first.load_from_history("other").await.expect("loads");
     assert_eq!(
         (other.total, other_version),
         (0, 0),
@@ -626,7 +645,7 @@ async fn an_aggregate_presumed_new_is_checked_by_the_append(kind: BackendKind) {
     unit.commit(&database)
         .await
         .expect("decided on the real state after the conflict");
-    let (fresh, version) = first.load("fresh").await.expect("loads");
+    let (fresh, version) = first.load_from_history("fresh").await.expect("loads");
     assert_eq!((fresh.total, version), (3, 2));
 
     // A refusal on the presumed empty state is not final either: a third store, which never read "fresh", decides
@@ -638,7 +657,7 @@ async fn an_aggregate_presumed_new_is_checked_by_the_append(kind: BackendKind) {
         .await
         .expect("the real total allows it");
     unit.commit(&database).await.expect("records");
-    let (fresh, version) = first.load("fresh").await.expect("loads");
+    let (fresh, version) = first.load_from_history("fresh").await.expect("loads");
     assert_eq!((fresh.total, version), (0, 3));
 }
 
@@ -695,8 +714,14 @@ async fn concurrent_units_conserve_what_they_move(kind: BackendKind) {
         moved += task.await.expect("the task ran");
     }
     assert!(moved >= 1);
-    let (source, source_version) = stores[0].load("source").await.expect("source loads");
-    let (sink, sink_version) = stores[0].load("sink").await.expect("sink loads");
+    let (source, source_version) = stores[0]
+        .load_from_history("source")
+        .await
+        .expect("source loads");
+    let (sink, sink_version) = stores[0]
+        .load_from_history("sink")
+        .await
+        .expect("sink loads");
     assert_eq!(source.total + sink.total, 1_000, "nothing created or lost");
     assert_eq!(sink.total, moved, "every recorded unit moved one");
     assert_eq!(source_version as u64, 1 + moved);

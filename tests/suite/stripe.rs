@@ -217,7 +217,7 @@ async fn an_update_delivered_before_its_creation_ends_in_the_newer_state() {
         .state
         .services
         .subscriptions
-        .load(&user)
+        .load_from_history(&user)
         .await
         .expect("loads");
     assert_eq!(subscription.status.as_deref(), Some("active"));

@@ -6,7 +6,7 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::persist::{
     EventStoreAggregateContext, PersistedEventRepository, PersistenceError, SerializedEvent,
 };
-use cqrs_es::{Aggregate, AggregateError, CqrsFramework, EventEnvelope, EventStore};
+use cqrs_es::{Aggregate, AggregateError, EventEnvelope, EventStore};
 use sqlite_es::SqliteEventRepository;
 use whist_domain::EventMetadata;
 
@@ -23,14 +23,8 @@ type SqliteStore<A> = CachedEventStore<SqliteEventRepository, A>;
 const REMEMBERED_AGGREGATES: usize = 10_000;
 
 enum Frameworks<A: Aggregate + Clone> {
-    Postgres {
-        framework: CqrsFramework<A, PostgresStore<A>>,
-        store: PostgresStore<A>,
-    },
-    Sqlite {
-        framework: CqrsFramework<A, SqliteStore<A>>,
-        store: SqliteStore<A>,
-    },
+    Postgres { store: PostgresStore<A> },
+    Sqlite { store: SqliteStore<A> },
 }
 
 /// Why a command did not record its events.
@@ -70,6 +64,7 @@ pub struct AggregateStore<A: Aggregate + Clone> {
     frameworks: Frameworks<A>,
     services: A::Services,
     signal: LogSignal,
+    database: Database,
 }
 
 impl<A> AggregateStore<A>
@@ -86,10 +81,7 @@ where
                     PostgresRepository::new(pool.clone(), database.clone()),
                     REMEMBERED_AGGREGATES,
                 );
-                Frameworks::Postgres {
-                    framework: CqrsFramework::new(store.clone(), vec![], services.clone()),
-                    store,
-                }
+                Frameworks::Postgres { store }
             }
             Backend::Sqlite(pool) => {
                 let store = CachedEventStore::new(
@@ -97,16 +89,14 @@ where
                     SqliteEventRepository::new(pool.clone()),
                     REMEMBERED_AGGREGATES,
                 );
-                Frameworks::Sqlite {
-                    framework: CqrsFramework::new(store.clone(), vec![], services.clone()),
-                    store,
-                }
+                Frameworks::Sqlite { store }
             }
         };
         Self {
             frameworks,
             services,
             signal: database.signal().clone(),
+            database: database.clone(),
         }
     }
 
@@ -124,18 +114,9 @@ where
     where
         A::Command: Clone,
     {
-        let outcome = match self
-            .execute_once(aggregate_id, command.clone(), metadata)
-            .await
-        {
-            // A remembered copy may be stale (another process appended since), and a rule can refuse a command on
-            // stale state without any append revealing it. So a refusal is only final on fresh state.
-            Err(CommandError::Rejected(_)) => {
-                self.mark_stale(aggregate_id);
-                self.execute_once(aggregate_id, command, metadata).await
-            }
-            outcome => outcome,
-        };
+        // A refusal is only final on fresh state: staging decides again after reading what a remembered copy
+        // missed (see `stage`).
+        let outcome = self.execute_once(aggregate_id, command, metadata).await;
         let label = match &outcome {
             Ok(()) => "recorded",
             Err(CommandError::Rejected(_)) => "rejected",
@@ -183,21 +164,23 @@ where
         aggregate_id: &str,
         command: A::Command,
         metadata: &EventMetadata,
-    ) -> Result<(), CommandError<A::Error>> {
-        let metadata = metadata.to_map();
-        let outcome = match &self.frameworks {
-            Frameworks::Postgres { framework, .. } => {
-                framework
-                    .execute_with_metadata(aggregate_id, command, metadata)
-                    .await
-            }
-            Frameworks::Sqlite { framework, .. } => {
-                framework
-                    .execute_with_metadata(aggregate_id, command, metadata)
-                    .await
-            }
-        };
-        outcome.map_err(CommandError::from)
+    ) -> Result<(), CommandError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        // The one write path: a single command is a unit of one aggregate, staged and committed as any unit is,
+        // so remembered copies, conflicts and metrics are handled in one place.
+        let mut unit = Unit::new(metadata);
+        self.stage(&mut unit, aggregate_id, vec![command]).await?;
+        if unit.is_empty() {
+            return Ok(());
+        }
+        unit.commit(&self.database)
+            .await
+            .map_err(|error| match error {
+                UnitError::Conflict => CommandError::Conflict,
+                UnitError::Store(source) => CommandError::Store(source),
+            })
     }
 
     /// Lets the aggregate decide `commands`, one after the other, and stages the events in `unit`, to be recorded
@@ -361,7 +344,7 @@ where
     ///
     /// # Errors
     /// The database failed or an event could not be read.
-    pub async fn load_current(
+    pub async fn load_caught_up(
         &self,
         aggregate_id: &str,
     ) -> Result<(A, usize), CommandError<A::Error>> {
@@ -388,11 +371,11 @@ where
 
     /// The aggregate as this process remembers it, possibly behind the store (read from the database only when
     /// nothing is remembered). Only for facts that never change once recorded, such as where a mandelbox was
-    /// placed: a caller that finds the fact missing must `load` before concluding it is absent.
+    /// placed: a caller that finds the fact missing must `load_from_history` before concluding it is absent.
     ///
     /// # Errors
     /// The database failed or an event could not be read.
-    pub async fn load_remembered(
+    pub async fn load_possibly_stale(
         &self,
         aggregate_id: &str,
     ) -> Result<(A, usize), CommandError<A::Error>> {
@@ -400,11 +383,15 @@ where
         Ok((context.aggregate, context.current_sequence))
     }
 
-    /// The aggregate's current state and version (0 when it has no events), read from the database.
+    /// The aggregate's current state and version (0 when it has no events), read from its whole history in the
+    /// database, whatever this process remembers.
     ///
     /// # Errors
     /// The database failed or an event could not be read.
-    pub async fn load(&self, aggregate_id: &str) -> Result<(A, usize), CommandError<A::Error>> {
+    pub async fn load_from_history(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<(A, usize), CommandError<A::Error>> {
         match &self.frameworks {
             Frameworks::Postgres { store, .. } => {
                 let context = store.load_fresh(aggregate_id).await?;

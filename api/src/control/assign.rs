@@ -311,7 +311,7 @@ pub async fn in_maintenance(state: &Context) -> Result<bool, AssignFailure> {
     state
         .services
         .service
-        .load_current(whist_domain::service::SERVICE_ID)
+        .load_caught_up(whist_domain::service::SERVICE_ID)
         .await
         .map(|(service, _)| service.maintenance)
         .map_err(|error| {
@@ -373,7 +373,7 @@ async fn current_catalog<'a>(
         let (loaded, _) = state
             .services
             .catalog
-            .load_current(CATALOG_ID)
+            .load_caught_up(CATALOG_ID)
             .await
             .map_err(failure)?;
         *catalog = Some(loaded);

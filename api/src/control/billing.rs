@@ -57,7 +57,10 @@ pub async fn record(context: &Context, event: &WebhookEvent) -> Result<Delivery,
     let services = &context.services;
     let fact = &fact;
     record_unit(context, &metadata, ATTEMPTS, |mut unit| async move {
-        let (customer, _) = services.stripe_customers.load_current(customer_id).await?;
+        let (customer, _) = services
+            .stripe_customers
+            .load_caught_up(customer_id)
+            .await?;
         match &customer.user_id {
             Some(user_id) => {
                 let record = SubscriptionCommand::RecordFact {
@@ -115,7 +118,10 @@ pub async fn link_customer(
 ) -> Result<(), UseCaseError> {
     let services = &context.services;
     record_unit(context, metadata, ATTEMPTS, |mut unit| async move {
-        let (customer, _) = services.stripe_customers.load_current(customer_id).await?;
+        let (customer, _) = services
+            .stripe_customers
+            .load_caught_up(customer_id)
+            .await?;
         match services
             .stripe_customers
             .stage(

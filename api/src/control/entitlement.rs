@@ -22,7 +22,7 @@ pub async fn is_entitled(
     let (subscription, _) = state
         .services
         .subscriptions
-        .load_current(&principal.user_id)
+        .load_caught_up(&principal.user_id)
         .await?;
     Ok(subscription.is_entitled())
 }

@@ -24,14 +24,18 @@ pub async fn placement(
     if let Ok((mandelbox, _)) = context
         .services
         .mandelboxes
-        .load_remembered(mandelbox_id)
+        .load_possibly_stale(mandelbox_id)
         .await
     {
         if let Some(placement) = mandelbox.placement {
             return Ok(Some(placement));
         }
     }
-    let (mandelbox, _) = context.services.mandelboxes.load(mandelbox_id).await?;
+    let (mandelbox, _) = context
+        .services
+        .mandelboxes
+        .load_from_history(mandelbox_id)
+        .await?;
     Ok(mandelbox.placement)
 }
 
@@ -111,10 +115,10 @@ pub async fn end_mandelboxes_on(
     metadata: &EventMetadata,
 ) -> Result<usize, UseCaseError> {
     let services = &context.services;
-    let (instance, _) = services.instances.load_current(instance_id).await?;
+    let (instance, _) = services.instances.load_caught_up(instance_id).await?;
     let mut ended = 0;
     for mandelbox_id in &instance.mandelboxes {
-        let (mandelbox, _) = services.mandelboxes.load_current(mandelbox_id).await?;
+        let (mandelbox, _) = services.mandelboxes.load_caught_up(mandelbox_id).await?;
         let Some(placement) = mandelbox.placement else {
             continue;
         };

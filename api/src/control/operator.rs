@@ -70,7 +70,7 @@ pub async fn launch_hosts(
     let (catalog, _) = state
         .services
         .catalog
-        .load_current(CATALOG_ID)
+        .load_caught_up(CATALOG_ID)
         .await
         .map_err(store_error)?;
     let Some(image) = catalog.active_in(region) else {
@@ -139,7 +139,7 @@ async fn status_of(state: &Context, instance_id: &str) -> Result<InstanceStatus,
     let (instance, _) = state
         .services
         .instances
-        .load_current(instance_id)
+        .load_caught_up(instance_id)
         .await
         .map_err(store_error)?;
     instance

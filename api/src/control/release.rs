@@ -168,7 +168,7 @@ async fn catalog(state: &Context) -> Result<ImageCatalog, ReleaseError> {
     let (catalog, _) = state
         .services
         .catalog
-        .load_current(CATALOG_ID)
+        .load_caught_up(CATALOG_ID)
         .await
         .map_err(store_error)?;
     Ok(catalog)
@@ -433,7 +433,7 @@ async fn abandon(state: &Context, buffers: &Buffers) -> Result<Retired, ReleaseE
             let (instance, _) = state
                 .services
                 .instances
-                .load_current(instance_id)
+                .load_caught_up(instance_id)
                 .await
                 .map_err(store_error)?;
             let retirement = match instance.status {

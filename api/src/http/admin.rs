@@ -687,7 +687,7 @@ async fn overview(
     let (catalog, _) = state
         .services
         .catalog
-        .load_current(whist_domain::images::CATALOG_ID)
+        .load_caught_up(whist_domain::images::CATALOG_ID)
         .await?;
     let mut regions = Vec::new();
     for region in &settings.enabled_regions {

@@ -120,7 +120,7 @@ impl BillingApi {
         let (subscription, _) = match state
             .services
             .subscriptions
-            .load_current(&principal.user_id)
+            .load_caught_up(&principal.user_id)
             .await
         {
             Ok(loaded) => loaded,

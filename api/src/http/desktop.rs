@@ -199,7 +199,12 @@ impl DesktopApi {
         if !crate::http::host::is_uuid(&mandelbox_id.0) {
             return not_found();
         }
-        let (mandelbox, _) = match state.services.mandelboxes.load(&mandelbox_id.0).await {
+        let (mandelbox, _) = match state
+            .services
+            .mandelboxes
+            .load_from_history(&mandelbox_id.0)
+            .await
+        {
             Ok(loaded) => loaded,
             Err(error) => {
                 crate::telemetry::log_failure("could not load a mandelbox", &error);
@@ -230,7 +235,7 @@ impl DesktopApi {
     /// Enabled regions that have an active image.
     #[oai(path = "/regions", method = "get")]
     async fn regions(&self, state: Data<&AppState>) -> RegionsResponse {
-        match state.services.catalog.load(CATALOG_ID).await {
+        match state.services.catalog.load_from_history(CATALOG_ID).await {
             Ok((catalog, _)) => RegionsResponse::Regions(Json(
                 state
                     .settings

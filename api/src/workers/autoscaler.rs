@@ -101,7 +101,12 @@ impl Autoscaler {
     /// The store failed.
     pub async fn plan(&self) -> Result<Vec<RegionDecision>, UseCaseError> {
         let settings = &self.state.settings;
-        let (catalog, _) = self.state.services.catalog.load_current(CATALOG_ID).await?;
+        let (catalog, _) = self
+            .state
+            .services
+            .catalog
+            .load_caught_up(CATALOG_ID)
+            .await?;
         let protected = catalog.protected_images();
         let mut plans = Vec::new();
         for region in &settings.enabled_regions {

@@ -217,7 +217,7 @@ impl Reconciler {
     async fn spin_up(&self, mandelbox_id: &str) -> Outcome {
         let services = &self.state.services;
         // Fresh: the remembered copy (usually this process's, from the assign) and whatever it missed.
-        let mandelbox = match services.mandelboxes.load_current(mandelbox_id).await {
+        let mandelbox = match services.mandelboxes.load_caught_up(mandelbox_id).await {
             Ok((mandelbox, _)) => mandelbox,
             Err(error) => return Outcome::Retry(error.to_string()),
         };
@@ -259,7 +259,7 @@ impl Reconciler {
     /// Ends a mandelbox whose host never took it.
     async fn abandon_mandelbox(&self, mandelbox_id: &str) {
         let services = &self.state.services;
-        let Ok((mandelbox, _)) = services.mandelboxes.load(mandelbox_id).await else {
+        let Ok((mandelbox, _)) = services.mandelboxes.load_from_history(mandelbox_id).await else {
             return;
         };
         let Some(placement) = mandelbox.placement else {
@@ -303,7 +303,7 @@ impl Reconciler {
             .state
             .services
             .instances
-            .load(instance_id)
+            .load_from_history(instance_id)
             .await
             .map_err(|error| Outcome::Retry(error.to_string()))?;
         Ok(
@@ -421,7 +421,7 @@ impl Reconciler {
         self.state
             .services
             .instances
-            .load_current(instance_id)
+            .load_caught_up(instance_id)
             .await
             .map(|(instance, _)| instance)
             .map_err(|error| Outcome::Retry(error.to_string()))

@@ -175,7 +175,7 @@ impl Repair {
     ) -> Result<Fix, RepairError> {
         let instances = &self.state.services.instances;
         let (instance, _) = instances
-            .load_current(launch_id)
+            .load_caught_up(launch_id)
             .await
             .map_err(UseCaseError::from)?;
         let metadata = EventMetadata::new(Actor::System, Utc::now());

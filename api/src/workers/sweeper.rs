@@ -160,7 +160,8 @@ impl Sweeper {
                     continue;
                 }
             }
-            let Ok((mandelbox, _)) = services.mandelboxes.load(&mandelbox_id).await else {
+            let Ok((mandelbox, _)) = services.mandelboxes.load_from_history(&mandelbox_id).await
+            else {
                 continue;
             };
             if let Some(placement) = mandelbox.placement {

@@ -702,7 +702,7 @@ async fn a_host_that_hangs_mid_spin_up_blocks_nothing_and_its_mandelboxes_end_an
         .state
         .services
         .mandelboxes
-        .load(&hung_mandelboxes[0])
+        .load_from_history(&hung_mandelboxes[0])
         .await
         .expect("loads");
     let end_reason = format!("{:?}", mandelbox.end_reason);
@@ -993,7 +993,7 @@ async fn a_stripe_that_times_out_answers_502_within_the_bound_records_nothing_an
             .state
             .services
             .subscriptions
-            .load(user)
+            .load_from_history(user)
             .await
             .expect("loads");
         let customer = subscription.customer_id.expect("the customer is linked");
