@@ -105,6 +105,7 @@ where
     /// # Errors
     /// `Rejected` when a rule refuses the command, `Conflict` when another command on the same aggregate
     /// committed first, `Store` when the database failed.
+    #[tracing::instrument(level = "debug", skip_all, fields(aggregate = A::TYPE, aggregate_id = %aggregate_id))]
     pub async fn execute(
         &self,
         aggregate_id: &str,

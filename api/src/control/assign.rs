@@ -90,6 +90,7 @@ fn failure<E: std::error::Error + Send + Sync + 'static>(error: CommandError<E>)
 ///
 /// # Errors
 /// The store failed; nothing was recorded.
+#[tracing::instrument(skip_all, fields(user_id = %request.user_id, session_id = request.session_id, mandelbox_id = tracing::field::Empty))]
 pub async fn assign(
     state: &Context,
     request: &AssignRequest,
@@ -108,6 +109,7 @@ pub async fn assign(
         return Ok(Err(Refusal::RegionNotEnabled));
     }
     let mandelbox_id = Uuid::new_v4().to_string();
+    tracing::Span::current().record("mandelbox_id", mandelbox_id.as_str());
     let mut catalog = None;
     for _ in 0..UNIT_ATTEMPTS {
         let mut host = None;

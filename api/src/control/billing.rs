@@ -27,6 +27,7 @@ pub enum Delivery {
 ///
 /// # Errors
 /// The store failed, or concurrent writers won every attempt; nothing was recorded and Stripe will retry.
+#[tracing::instrument(skip_all, fields(stripe_event_id = %event.id, event_type = %event.event_type))]
 pub async fn record(context: &Context, event: &WebhookEvent) -> Result<Delivery, UseCaseError> {
     let metadata = EventMetadata::new(Actor::Stripe, Utc::now());
     if event.event_type == "checkout.session.completed" {
@@ -109,6 +110,7 @@ pub async fn record(context: &Context, event: &WebhookEvent) -> Result<Delivery,
 ///
 /// # Errors
 /// The store failed, or concurrent writers won every attempt.
+#[tracing::instrument(skip_all, fields(user_id = %user_id, customer_id = %customer_id))]
 pub async fn link_customer(
     context: &Context,
     user_id: &str,

@@ -44,6 +44,7 @@ pub async fn placement(
 ///
 /// # Errors
 /// The store failed, or concurrent writers won every attempt.
+#[tracing::instrument(skip_all, fields(mandelbox_id = %mandelbox_id, instance_id = %placement.instance_id, ?status))]
 pub async fn record_status(
     context: &Context,
     mandelbox_id: &str,
@@ -108,6 +109,7 @@ pub async fn end_mandelbox(
 ///
 /// # Errors
 /// The store failed; the mandelboxes not yet ended are left for the next try.
+#[tracing::instrument(skip_all, fields(instance_id = %instance_id, ?reason))]
 pub async fn end_mandelboxes_on(
     context: &Context,
     instance_id: &str,
@@ -132,6 +134,7 @@ pub async fn end_mandelboxes_on(
 ///
 /// # Errors
 /// The store failed, or concurrent writers won every attempt.
+#[tracing::instrument(skip_all, fields(mandelbox_id = %mandelbox_id, instance_id = %placement.instance_id, ?reason))]
 pub async fn end_mandelbox_for(
     context: &Context,
     mandelbox_id: &str,

@@ -49,6 +49,7 @@ fn store_error(error: impl Into<UseCaseError>) -> OperatorError {
 ///
 /// # Errors
 /// See [`OperatorError`].
+#[tracing::instrument(skip_all, fields(region = %region, count = %count))]
 pub async fn launch_hosts(
     state: &Context,
     actor: &Actor,
@@ -152,6 +153,7 @@ async fn status_of(state: &Context, instance_id: &str) -> Result<InstanceStatus,
 ///
 /// # Errors
 /// The host is unknown or has ended, or the store failed.
+#[tracing::instrument(skip_all, fields(instance_id = %instance_id))]
 pub async fn drain_host(
     state: &Context,
     actor: &Actor,
@@ -180,6 +182,7 @@ pub async fn drain_host(
 ///
 /// # Errors
 /// The host is unknown or the store failed.
+#[tracing::instrument(skip_all, fields(instance_id = %instance_id))]
 pub async fn terminate_host(
     state: &Context,
     actor: &Actor,
@@ -204,6 +207,7 @@ pub async fn terminate_host(
 ///
 /// # Errors
 /// The store failed.
+#[tracing::instrument(skip_all, fields(enabled = %enabled))]
 pub async fn set_maintenance(
     state: &Context,
     actor: &Actor,

@@ -136,6 +136,7 @@ impl Autoscaler {
     ///
     /// # Errors
     /// The store failed.
+    #[tracing::instrument(skip_all)]
     pub async fn decide_once(&self) -> Result<Decisions, UseCaseError> {
         let services = &self.state.services;
         let settings = &self.state.settings;

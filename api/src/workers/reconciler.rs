@@ -200,6 +200,7 @@ impl Reconciler {
         Ok(())
     }
 
+    #[tracing::instrument(skip_all, fields(job = job.id, kind = %job.kind_name, aggregate_id = %job.aggregate_id, attempt = job.attempts))]
     async fn run_job(&self, job: &Job) -> Outcome {
         match job.kind {
             Some(JobKind::SpinUp) => self.spin_up(&job.aggregate_id).await,

@@ -105,6 +105,7 @@ impl Repair {
     ///
     /// # Errors
     /// The store or EC2 failed; what was done before stays done.
+    #[tracing::instrument(skip_all)]
     pub async fn run_once(&self) -> Result<RepairReport, RepairError> {
         let Some(ec2) = &self.state.services.ec2 else {
             return Ok(RepairReport::default());
