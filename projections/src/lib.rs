@@ -8,6 +8,7 @@ pub mod aggregate_index;
 pub mod catalog;
 pub mod chain;
 pub mod fleet;
+pub mod fleet_queries;
 pub mod jobs;
 mod projection;
 mod runner;

@@ -13,7 +13,6 @@
 use std::time::Instant;
 
 use chrono::Utc;
-use sqlx::Row;
 use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
 use whist_adapters::config::Environment;
@@ -391,25 +390,23 @@ async fn candidates(
     region: &str,
     client_commit_hash: &str,
 ) -> Result<Vec<(String, String)>, AssignFailure> {
-    let rows = sqlx::query(
-        "SELECT instance_id, ip FROM instances \
-         WHERE region = $1 AND client_commit_hash = $2 AND status = 'ACTIVE' \
-           AND live_mandelboxes < mandelbox_capacity AND ip IS NOT NULL \
-         ORDER BY live_mandelboxes DESC, instance_id LIMIT $3",
+    whist_projections::fleet_queries::hosts_with_room(
+        &state.database,
+        region,
+        client_commit_hash,
+        CANDIDATES,
     )
-    .bind(region)
-    .bind(client_commit_hash)
-    .bind(CANDIDATES)
-    .fetch_all(state.database.any())
     .await
+    .map(|hosts| {
+        hosts
+            .into_iter()
+            .map(|host| (host.instance_id, host.ip))
+            .collect()
+    })
     .map_err(|error| {
         crate::telemetry::log_failure("could not read candidate hosts", &error);
         AssignFailure::from(error)
-    })?;
-    rows.iter()
-        .map(|row| Ok((row.try_get("instance_id")?, row.try_get("ip")?)))
-        .collect::<Result<Vec<_>, sqlx::Error>>()
-        .map_err(AssignFailure::from)
+    })
 }
 
 /// Whether a refused assign asked for a release some tried region serves (then the answer is that no host has
@@ -442,19 +439,12 @@ async fn runs_image(
     region: &str,
     client_commit_hash: &str,
 ) -> Result<bool, AssignFailure> {
-    let count: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM instances WHERE region = $1 AND client_commit_hash = $2 \
-         AND status IN ('ACTIVE', 'PRE_CONNECTION')",
-    )
-    .bind(region)
-    .bind(client_commit_hash)
-    .fetch_one(state.database.any())
-    .await
-    .map_err(|error| {
-        crate::telemetry::log_failure("could not read hosts", &error);
-        AssignFailure::from(error)
-    })?;
-    Ok(count > 0)
+    whist_projections::fleet_queries::runs_image(&state.database, region, client_commit_hash)
+        .await
+        .map_err(|error| {
+            crate::telemetry::log_failure("could not read hosts", &error);
+            AssignFailure::from(error)
+        })
 }
 
 /// The refused request is recorded on its session, for the record; a failure to do so changes nothing else.

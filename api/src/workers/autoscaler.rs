@@ -11,16 +11,14 @@
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use sqlx::{PgConnection, Row};
+use sqlx::PgConnection;
 use tokio::sync::watch;
 use uuid::Uuid;
 use whist_adapters::config::CloudKind;
 use whist_adapters::store::{Backend, CommandError};
 use whist_adapters::tokens::{fingerprint, Purpose};
 use whist_domain::images::{RegionImage, CATALOG_ID};
-use whist_domain::instance::{
-    DrainReason, InstanceCommand, InstanceError, InstanceStatus, LaunchSpec,
-};
+use whist_domain::instance::{DrainReason, InstanceCommand, InstanceError, LaunchSpec};
 use whist_domain::scaling::{plan_region, HostView, RegionPlan, Targets};
 use whist_domain::{Actor, EventMetadata};
 
@@ -64,30 +62,7 @@ pub async fn read_region(
     database: &whist_adapters::store::Database,
     region: &str,
 ) -> Result<Vec<HostView>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT instance_id, image_id, status, mandelbox_capacity, live_mandelboxes FROM instances \
-         WHERE region = $1 AND status IN ('PRE_CONNECTION', 'ACTIVE', 'DRAINING', 'UNRESPONSIVE')",
-    )
-    .bind(region)
-    .fetch_all(database.any())
-    .await?;
-    let mut hosts = Vec::with_capacity(rows.len());
-    for row in rows {
-        let status: String = row.try_get("status")?;
-        let Some(status) = InstanceStatus::parse(&status) else {
-            continue;
-        };
-        let capacity: i64 = row.try_get("mandelbox_capacity")?;
-        let live: i64 = row.try_get("live_mandelboxes")?;
-        hosts.push(HostView {
-            instance_id: row.try_get("instance_id")?,
-            image_id: row.try_get("image_id")?,
-            status,
-            capacity: u32::try_from(capacity).unwrap_or(0),
-            live: u32::try_from(live).unwrap_or(0),
-        });
-    }
-    Ok(hosts)
+    whist_projections::fleet_queries::region_hosts(database, region).await
 }
 
 impl Autoscaler {
