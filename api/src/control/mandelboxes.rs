@@ -13,7 +13,9 @@ use super::{record_unit, Attempt, UseCaseError};
 use crate::state::Context;
 
 /// Where a mandelbox was placed, `None` for an id that has none. A placement never changes once recorded: the
-/// remembered copy answers when it has one, without a read.
+/// remembered copy answers when it has one, without a read. An id with no events at all is known to be unplaced
+/// after the one read that found nothing (no copy is remembered for it, so that read was fresh), so a made-up id
+/// costs one read, not two.
 ///
 /// # Errors
 /// The store failed.
@@ -21,7 +23,7 @@ pub async fn placement(
     context: &Context,
     mandelbox_id: &str,
 ) -> Result<Option<Placement>, CommandError<whist_domain::mandelbox::MandelboxError>> {
-    if let Ok((mandelbox, _)) = context
+    if let Ok((mandelbox, version)) = context
         .services
         .mandelboxes
         .load_possibly_stale(mandelbox_id)
@@ -29,6 +31,9 @@ pub async fn placement(
     {
         if let Some(placement) = mandelbox.placement {
             return Ok(Some(placement));
+        }
+        if version == 0 {
+            return Ok(None);
         }
     }
     let (mandelbox, _) = context
