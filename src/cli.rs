@@ -480,11 +480,15 @@ async fn admin(
             }
         }
         AdminCommand::Drain { instance_id } => {
-            let status = operator::drain_host(state, actor, &instance_id).await?;
+            let status =
+                operator::act_on_host(state, actor, &instance_id, operator::HostAction::Drain)
+                    .await?;
             println!("{instance_id} {}", status.as_str());
         }
         AdminCommand::Terminate { instance_id } => {
-            let status = operator::terminate_host(state, actor, &instance_id).await?;
+            let status =
+                operator::act_on_host(state, actor, &instance_id, operator::HostAction::Terminate)
+                    .await?;
             println!("{instance_id} {}", status.as_str());
         }
         AdminCommand::Maintenance { switch } => {

@@ -23,6 +23,40 @@ pub trait Decide {
     fn evolve(&mut self, event: Self::Event);
 }
 
+/// The events `commands` lead to, each decided on the state the ones before it left (as the event sink applies
+/// them), or the first refusal.
+///
+/// # Errors
+/// A business rule refuses one of the commands.
+pub fn decide_in_turn<D>(
+    state: &D,
+    commands: impl IntoIterator<Item = D::Command>,
+) -> Result<Vec<D::Event>, D::Error>
+where
+    D: Decide + Clone,
+    D::Event: Clone,
+{
+    let mut after = state.clone();
+    let mut events = Vec::new();
+    for command in commands {
+        for event in after.decide(command)? {
+            after.evolve(event.clone());
+            events.push(event);
+        }
+    }
+    Ok(events)
+}
+
+/// A state built from `events`, as the store builds it from an aggregate's history (for tests and for
+/// decisions that need the state after a decision's own events).
+pub fn state_from<D: Decide + Default>(events: impl IntoIterator<Item = D::Event>) -> D {
+    let mut state = D::default();
+    for event in events {
+        state.evolve(event);
+    }
+    state
+}
+
 /// The stored names and versions of an event type, in declaration order.
 pub trait StoredEvents {
     /// `(event_type, event_version)` of every variant.

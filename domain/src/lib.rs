@@ -4,6 +4,7 @@
 //! and the command; facts from outside (an EC2 id, a Stripe status, the current time) arrive inside commands.
 
 pub mod decide;
+pub mod decisions;
 pub mod images;
 pub mod instance;
 pub mod mandelbox;

@@ -275,36 +275,168 @@ where
         commands: Vec<A::Command>,
         copy: Freshness,
     ) -> Result<Staged, CommandError<A::Error>> {
-        if unit
-            .staged
-            .contains(&(A::TYPE.to_string(), aggregate_id.to_string()))
-        {
-            return Err(CommandError::Store(
-                format!("{} {aggregate_id} is staged twice in one unit", A::TYPE).into(),
-            ));
-        }
-        let (mut aggregate, version) = if copy == Freshness::PresumedNew {
-            (A::default(), 0)
+        let mut loaded = if copy == Freshness::PresumedNew {
+            self.presumed_new(aggregate_id)
         } else {
-            let context = self.remembered_context(aggregate_id).await?;
-            (context.aggregate, context.current_sequence)
+            self.load_copy(aggregate_id).await?
         };
+        // A caught-up copy is final whatever it decides, even when it was remembered without a read.
+        if copy == Freshness::CaughtUp {
+            loaded.freshness = Freshness::CaughtUp;
+        }
+        let mut after = loaded.state.clone();
         let mut events = Vec::new();
         for command in commands {
             let sink = EventSink::<A>::default();
-            aggregate
+            after
                 .handle(command, &self.services, &sink)
                 .await
                 .map_err(CommandError::Rejected)?;
             events.extend(sink.collect().await);
         }
-        if events.is_empty() && copy != Freshness::CaughtUp {
+        self.stage_after(unit, loaded, events, after)
+    }
+
+    /// An aggregate as this process remembers it, to decide on: read whole when nothing is remembered, brought up
+    /// to date first when its copy is marked stale. [`Loaded::is_fresh`] says whether it was read just now; a
+    /// decision that refuses, or decides nothing, on a copy that was not is only final after
+    /// [`AggregateStore::decide_again`] and a decision on the fresh copy the next load gives.
+    ///
+    /// # Errors
+    /// The database failed or an event could not be read.
+    pub async fn load_to_decide(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Loaded<A>, CommandError<A::Error>> {
+        Ok(self.load_copy(aggregate_id).await?)
+    }
+
+    /// An aggregate the caller presumes has no events yet (an id it has just generated, or a session the desktop
+    /// app names anew), without reading the store, unless this process remembers it (see `stage_new` for why a
+    /// wrong presumption costs an attempt, never a wrong decision).
+    ///
+    /// # Errors
+    /// The database failed or an event could not be read (only when a remembered copy is brought up to date).
+    pub async fn load_to_decide_new(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Loaded<A>, CommandError<A::Error>> {
+        if self.is_remembered(aggregate_id) {
+            self.load_to_decide(aggregate_id).await
+        } else {
+            Ok(self.presumed_new(aggregate_id))
+        }
+    }
+
+    /// As [`AggregateStore::load_to_decide`], brought up to date first (one small read): for decisions whose
+    /// outcome is read before anything is staged (which user a Stripe customer belongs to).
+    ///
+    /// # Errors
+    /// The database failed or an event could not be read.
+    pub async fn load_to_decide_caught_up(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Loaded<A>, CommandError<A::Error>> {
+        self.mark_stale(aggregate_id);
+        self.load_to_decide(aggregate_id).await
+    }
+
+    /// Makes the next load of `loaded`'s aggregate fresh: for a decision that refused, or decided nothing, on a
+    /// copy that may have been behind. Nothing to do for a copy that was fresh.
+    pub fn decide_again(&self, loaded: &Loaded<A>) {
+        match loaded.freshness {
+            Freshness::CaughtUp => {}
+            Freshness::PresumedNew => match &self.frameworks {
+                Frameworks::Postgres { store, .. } => store.remember_unread(&loaded.id),
+                Frameworks::Sqlite { store, .. } => store.remember_unread(&loaded.id),
+            },
+            Freshness::Remembered => self.mark_stale(&loaded.id),
+        }
+    }
+
+    /// Stages `events`, decided on `loaded`'s state, in `unit`, to be recorded with the rest of the unit or not at
+    /// all, under a check that the aggregate is still at `loaded`'s version. Nothing is written here.
+    ///
+    /// `Ok(false)`, staging nothing, when `events` is empty and `loaded` may be behind: deciding nothing is only
+    /// final on fresh state (a stale copy can find an idempotent step already done that, for real, is not), so
+    /// the decision must be taken again (the copy is marked for [`AggregateStore::decide_again`]).
+    ///
+    /// # Errors
+    /// `Store` when the aggregate is already in the unit or an event could not be serialised.
+    pub fn stage_events(
+        &self,
+        unit: &mut Unit,
+        loaded: Loaded<A>,
+        events: Vec<A::Event>,
+    ) -> Result<bool, CommandError<A::Error>> {
+        let mut after = loaded.state.clone();
+        for event in &events {
+            after.apply(event.clone());
+        }
+        match self.stage_after(unit, loaded, events, after)? {
+            Staged::Decided => Ok(true),
+            Staged::Nothing => Ok(false),
+        }
+    }
+
+    fn presumed_new(&self, aggregate_id: &str) -> Loaded<A> {
+        Loaded {
+            id: aggregate_id.to_string(),
+            state: A::default(),
+            version: 0,
+            freshness: Freshness::PresumedNew,
+        }
+    }
+
+    async fn load_copy(&self, aggregate_id: &str) -> Result<Loaded<A>, AggregateError<A::Error>> {
+        let (context, read) = match &self.frameworks {
+            Frameworks::Postgres { store, .. } => store.load_read(aggregate_id).await?,
+            Frameworks::Sqlite { store, .. } => store.load_read(aggregate_id).await?,
+        };
+        Ok(Loaded {
+            id: aggregate_id.to_string(),
+            state: context.aggregate,
+            version: context.current_sequence,
+            freshness: if read {
+                Freshness::CaughtUp
+            } else {
+                Freshness::Remembered
+            },
+        })
+    }
+
+    /// Stages `events` (already applied to `after`) on `loaded`.
+    fn stage_after(
+        &self,
+        unit: &mut Unit,
+        loaded: Loaded<A>,
+        events: Vec<A::Event>,
+        after: A,
+    ) -> Result<Staged, CommandError<A::Error>> {
+        let Loaded {
+            id,
+            version,
+            freshness,
+            ..
+        } = loaded;
+        if unit.staged.contains(&(A::TYPE.to_string(), id.clone())) {
+            return Err(CommandError::Store(
+                format!("{} {id} is staged twice in one unit", A::TYPE).into(),
+            ));
+        }
+        if events.is_empty() && freshness != Freshness::CaughtUp {
+            self.decide_again(&Loaded {
+                id,
+                state: after,
+                version,
+                freshness,
+            });
             return Ok(Staged::Nothing);
         }
-        let after = version + events.len();
+        let after_version = version + events.len();
         for (payload, sequence) in events.into_iter().zip(version + 1..) {
             let envelope = EventEnvelope::<A> {
-                aggregate_id: aggregate_id.to_string(),
+                aggregate_id: id.clone(),
                 sequence,
                 payload,
                 metadata: unit.metadata.clone(),
@@ -313,16 +445,14 @@ where
                 .map_err(|error| CommandError::Store(Box::new(error)))?;
             unit.events.push(serialized);
         }
-        unit.staged
-            .insert((A::TYPE.to_string(), aggregate_id.to_string()));
-        let id = aggregate_id.to_string();
-        let presumed = copy == Freshness::PresumedNew;
+        unit.staged.insert((A::TYPE.to_string(), id.clone()));
+        let presumed = freshness == Freshness::PresumedNew;
         let settle = match &self.frameworks {
             Frameworks::Postgres { store, .. } => {
-                settler(store.clone(), id, aggregate, after, presumed)
+                settler(store.clone(), id, after, after_version, presumed)
             }
             Frameworks::Sqlite { store, .. } => {
-                settler(store.clone(), id, aggregate, after, presumed)
+                settler(store.clone(), id, after, after_version, presumed)
             }
         };
         unit.settle.push(settle);
@@ -438,6 +568,33 @@ enum Freshness {
     CaughtUp,
     /// No copy: the aggregate is presumed to have no events, unread (`stage_new`).
     PresumedNew,
+}
+
+/// An aggregate read to decide on: its state, its version, and how fresh the read was. Staged with
+/// [`AggregateStore::stage_events`], which checks at commit that the aggregate is still at this version.
+#[derive(Debug, Clone)]
+pub struct Loaded<A> {
+    id: String,
+    state: A,
+    version: usize,
+    freshness: Freshness,
+}
+
+impl<A> Loaded<A> {
+    /// The aggregate's state as read.
+    pub fn state(&self) -> &A {
+        &self.state
+    }
+
+    /// The aggregate's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Whether the state was read from the database just now: a refusal decided on it is final.
+    pub fn is_fresh(&self) -> bool {
+        self.freshness == Freshness::CaughtUp
+    }
 }
 
 /// What a staging did.

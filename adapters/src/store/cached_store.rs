@@ -158,6 +158,32 @@ where
             current_snapshot: None,
         })
     }
+    /// The remembered copy (read whole on a miss, brought up to date when marked stale), and whether it was read
+    /// from the database just now (then it is as fresh as a read can be).
+    pub(crate) async fn load_read(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<(EventStoreAggregateContext<A>, bool), AggregateError<A::Error>> {
+        match self.remembered(aggregate_id) {
+            Some(remembered) if remembered.stale => self
+                .catch_up(aggregate_id, remembered)
+                .await
+                .map(|context| (context, true)),
+            Some(remembered) => Ok((
+                EventStoreAggregateContext {
+                    aggregate_id: aggregate_id.to_string(),
+                    aggregate: remembered.aggregate,
+                    current_sequence: remembered.version,
+                    current_snapshot: None,
+                },
+                false,
+            )),
+            None => self
+                .load_fresh(aggregate_id)
+                .await
+                .map(|context| (context, true)),
+        }
+    }
 
     /// Loads from the database, ignoring and then refreshing the remembered copy.
     ///
@@ -201,16 +227,9 @@ where
         &self,
         aggregate_id: &str,
     ) -> Result<EventStoreAggregateContext<A>, AggregateError<A::Error>> {
-        match self.remembered(aggregate_id) {
-            Some(remembered) if remembered.stale => self.catch_up(aggregate_id, remembered).await,
-            Some(remembered) => Ok(EventStoreAggregateContext {
-                aggregate_id: aggregate_id.to_string(),
-                aggregate: remembered.aggregate,
-                current_sequence: remembered.version,
-                current_snapshot: None,
-            }),
-            None => self.load_fresh(aggregate_id).await,
-        }
+        self.load_read(aggregate_id)
+            .await
+            .map(|(context, _)| context)
     }
 
     async fn commit(

@@ -11,7 +11,7 @@ mod log;
 mod postgres_repository;
 mod reachability;
 
-pub use aggregate_store::{AggregateStore, CommandError, Unit, UnitError};
+pub use aggregate_store::{AggregateStore, CommandError, Loaded, Unit, UnitError};
 pub use append_batcher::LOOP_NAME as APPEND_BATCHER_LOOP;
 pub use chain::{chain_hash, ChainBreak, ChainReport, VerifyProgress, GENESIS};
 pub use database::{redact_url, Backend, Database, DatabaseError};

@@ -1,31 +1,31 @@
 //! Assigning a mandelbox: the product's main path.
 //!
-//! Decisions, each a command on one aggregate, all staged in one unit and recorded together or not at all (one
-//! append under optimistic concurrency on every aggregate involved):
-//! 1. the user reserves one of their `MANDELBOX_LIMIT_PER_USER` live mandelboxes (user aggregate);
-//! 2. a host with room takes the slot (instance aggregate); candidates come from the `instances` read model, fullest
-//!    first; a stale read costs a refusal and the next candidate, or a conflict and another attempt on fresh
-//!    state, never a double allocation;
-//! 3. the mandelbox and the session.
+//! The rule is [`whist_domain::decisions::assign`]: the user reserves one of their `MANDELBOX_LIMIT_PER_USER` live
+//! mandelboxes, a host with room takes the slot, and the mandelbox and its session are recorded, all in one unit
+//! (one append under optimistic concurrency on every aggregate involved), or none of it. This use case loads the
+//! states, asks the decision, stages its parts and retries ([`super::record_unit_or_learn`]). Candidates come from
+//! the `instances` read model, fullest first; a stale read costs a refusal and the next candidate, or a conflict
+//! and another attempt on fresh state, never a double allocation.
 //!
 //! Starting the mandelbox on its host is the reconciler's job, after these are recorded, never this request's.
 
 use std::time::Instant;
 
 use chrono::Utc;
-use tokio::sync::OwnedMutexGuard;
+use tokio::sync::{OnceCell, OwnedMutexGuard};
 use uuid::Uuid;
 use whist_adapters::config::Environment;
-use whist_adapters::store::{CommandError, Unit, UnitError};
+use whist_adapters::store::Unit;
 use whist_adapters::tokens::{fingerprint, Purpose};
+use whist_domain::decisions::assign::{AssignRefusal, Assignment, Location, PlacementRefusal};
 use whist_domain::images::{ImageCatalog, CATALOG_ID};
-use whist_domain::instance::{InstanceCommand, InstanceError};
-use whist_domain::mandelbox::{MandelboxCommand, Placement};
-use whist_domain::session::{session_aggregate_id, SessionCommand};
-use whist_domain::user::{UserCommand, UserError};
+use whist_domain::instance::InstanceError;
+use whist_domain::session::session_aggregate_id;
 use whist_domain::EventMetadata;
 
+use super::{record_unit_or_learn, Attempt, UseCaseError};
 use crate::state::Context;
+use crate::{final_on, stage_parts};
 
 /// The hash the desktop app sends in `local` and `dev` to mean "whatever the region runs".
 pub const LOCAL_DEV_HASH: &str = "local_dev";
@@ -80,11 +80,6 @@ pub struct Assigned {
 /// The store failed; the request answers 503 and may be retried.
 pub type AssignFailure = crate::control::UseCaseError;
 
-fn failure<E: std::error::Error + Send + Sync + 'static>(error: CommandError<E>) -> AssignFailure {
-    crate::telemetry::log_failure("assign failed", &error);
-    AssignFailure::from(error)
-}
-
 /// Assigns a mandelbox, or says why not.
 ///
 /// # Errors
@@ -109,84 +104,95 @@ pub async fn assign(
     }
     let mandelbox_id = Uuid::new_v4().to_string();
     tracing::Span::current().record("mandelbox_id", mandelbox_id.as_str());
-    let mut catalog = None;
-    for _ in 0..UNIT_ATTEMPTS {
-        let mut host = None;
-        if let Some(outcome) = attempt(
-            state,
-            request,
-            metadata,
-            &regions,
-            &mandelbox_id,
-            &mut catalog,
-            &mut host,
-        )
-        .await?
-        {
-            return Ok(outcome);
-        }
-        // Most often another process took a slot on the same host: this process tries other hosts first for a
-        // while (the next attempt included).
-        if let Some(host) = host {
-            state.services.host_locks.mark_contended(&host);
-        }
-        metrics::counter!("whist_assign_conflicts_total").increment(1);
-    }
-    Err(AssignFailure::Contended {
-        attempts: UNIT_ATTEMPTS,
-    })
-}
-
-/// One attempt: every decision staged in one unit and recorded at once. `None` when another writer got to one of
-/// the aggregates first (nothing was recorded; the stores read what they missed before the next attempt); `host`
-/// then names the host whose slot the attempt had staged.
-async fn attempt(
-    state: &Context,
-    request: &AssignRequest,
-    metadata: &EventMetadata,
-    regions: &[&String],
-    mandelbox_id: &str,
-    catalog: &mut Option<ImageCatalog>,
-    host: &mut Option<String>,
-) -> Result<Option<Result<Assigned, Refusal>>, AssignFailure> {
-    let services = &state.services;
-    let mut unit = Unit::new(metadata);
-    let user = Instant::now();
-
-    // 1. The user's own limit.
-    let reserve = UserCommand::ReserveMandelbox {
-        mandelbox_id: mandelbox_id.to_string(),
-        limit: state.settings.mandelbox_limit_per_user,
+    let secret = state
+        .services
+        .tokens
+        .derive(Purpose::Protocol, &mandelbox_id);
+    let assignment = Assignment {
+        mandelbox_id,
+        user_id: request.user_id.clone(),
+        session_id: request.session_id,
+        regions: request.regions.clone(),
+        client_commit_hash: request.client_commit_hash.clone(),
+        app_name: request.app_name.clone(),
+        limit: settings.mandelbox_limit_per_user,
+        protocol_secret_hash: fingerprint(&secret),
         at: Utc::now(),
     };
-    match services
-        .users
-        .stage(&mut unit, &request.user_id, vec![reserve])
-        .await
-    {
-        Ok(()) => phase("user", user),
-        Err(CommandError::Rejected(UserError::LimitReached)) => {
-            return Ok(Some(Err(Refusal::UserAlreadyActive)))
+    let catalog = OnceCell::new();
+    let (assignment, regions, catalog) = (&assignment, &regions, &catalog);
+    let answer = record_unit_or_learn(
+        state,
+        metadata,
+        UNIT_ATTEMPTS,
+        |unit| attempt(state, unit, assignment, regions, catalog),
+        // Most often another process took a slot on the same host: this process tries other hosts first for a
+        // while (the next attempt included).
+        |(_, host)| {
+            if let Some(Host { instance_id, .. }) = host {
+                state.services.host_locks.mark_contended(&instance_id);
+            }
+            metrics::counter!("whist_assign_conflicts_total").increment(1);
+        },
+    )
+    .await;
+    match answer {
+        Ok((Err(refusal @ (Refusal::NoInstanceAvailable | Refusal::CommitHashMismatch)), _)) => {
+            record_refused_session(state, assignment, refusal, metadata).await;
+            Ok(Err(refusal))
         }
-        Err(error) => return Err(failure(error)),
+        Ok((outcome, _)) => Ok(outcome),
+        Err(error) => {
+            crate::telemetry::log_failure("assign failed", &error);
+            Err(error)
+        }
     }
+}
 
-    // 2. A slot, region by region in the order asked.
+/// The host an attempt staged its slot on, held locked in this process until the unit is recorded.
+struct Host {
+    instance_id: String,
+    _lock: OwnedMutexGuard<()>,
+}
+
+/// One attempt: load the states, decide ([`Assignment`]), stage every part in one unit, to be recorded at once.
+async fn attempt(
+    state: &Context,
+    mut unit: Unit,
+    assignment: &Assignment,
+    regions: &[&String],
+    catalog: &OnceCell<ImageCatalog>,
+) -> Result<Attempt<(Result<Assigned, Refusal>, Option<Host>)>, AssignFailure> {
+    let services = &state.services;
+    let started = Instant::now();
+
+    // 1. The user's own limit.
+    let user = services.users.load_to_decide(&assignment.user_id).await?;
+    let reserved = match assignment.reserve(user.state()) {
+        Ok(reserved) => reserved,
+        Err(AssignRefusal::UserAtLimit) if !final_on!((services.users, &user)) => {
+            return Ok(Attempt::Again)
+        }
+        Err(AssignRefusal::UserAtLimit) => {
+            return Ok(Attempt::Settled((Err(Refusal::UserAlreadyActive), None)))
+        }
+    };
+    phase("user", started);
+
+    // 2. A slot, region by region in the order asked. The mandelbox id was generated for this assign, and a
+    // desktop app names a new session for each: both are decided on as new without a read (a wrong presumption
+    // costs this unit a conflict and another attempt).
+    let mandelbox = services
+        .mandelboxes
+        .load_to_decide_new(&assignment.mandelbox_id)
+        .await?;
+    let session_id = session_aggregate_id(&assignment.user_id, assignment.session_id);
+    let session = services.sessions.load_to_decide_new(&session_id).await?;
     // Per region tried: the commit hash wanted there and whether the read model showed hosts of it with room.
     let mut tried: Vec<(&str, String, bool)> = Vec::new();
-    let mut placed = None;
-    'regions: for region in regions {
-        let wanted_hash = if request.client_commit_hash == LOCAL_DEV_HASH
-            && matches!(
-                state.settings.environment,
-                Environment::Local | Environment::Dev
-            ) {
-            match current_catalog(state, catalog).await?.active_in(region) {
-                Some(image) => image.client_commit_hash.clone(),
-                None => continue,
-            }
-        } else {
-            request.client_commit_hash.clone()
+    for region in regions {
+        let Some(wanted_hash) = wanted_hash(state, assignment, region, catalog).await? else {
+            continue;
         };
         // Candidates come from the read model, which may be a little behind: a host it shows with room may be
         // full (refused on the host's own state, read fresh), or taken by a concurrent assign (the unit conflicts).
@@ -200,7 +206,7 @@ async fn attempt(
         );
         tried.push((region.as_str(), wanted_hash, !candidates.is_empty()));
         for (instance_id, ip, guard) in lock_order(services, candidates) {
-            let guard = match guard {
+            let lock = match guard {
                 Some(guard) => guard,
                 None => {
                     let waited = Instant::now();
@@ -209,99 +215,94 @@ async fn attempt(
                     guard
                 }
             };
-            let allocate = InstanceCommand::AllocateMandelbox {
-                mandelbox_id: mandelbox_id.to_string(),
-                user_id: request.user_id.clone(),
-                at: Utc::now(),
-            };
-            match services
-                .instances
-                .stage(&mut unit, &instance_id, vec![allocate])
-                .await
-            {
-                Ok(()) => {
-                    *host = Some(instance_id.clone());
-                    placed = Some((instance_id, ip, region.to_string(), guard));
-                    break 'regions;
+            let location = Location { region, ip: &ip };
+            let mut host = services.instances.load_to_decide(&instance_id).await?;
+            let placed = loop {
+                match reserved.place(
+                    host.state(),
+                    &instance_id,
+                    location,
+                    mandelbox.state(),
+                    session.state(),
+                ) {
+                    // A refusal is only final on the host's fresh state.
+                    Err(PlacementRefusal::Host(_)) if !final_on!((services.instances, &host)) => {
+                        host = services.instances.load_to_decide(&instance_id).await?;
+                    }
+                    placed => break placed,
                 }
-                Err(CommandError::Rejected(
+            };
+            let placed = match placed {
+                Ok(placed) => placed,
+                Err(PlacementRefusal::Host(
                     refusal @ (InstanceError::AtCapacity | InstanceError::NotAcceptingMandelboxes),
                 )) => {
                     tracing::debug!(instance_id, %refusal, "a candidate from the read model refused the slot");
+                    continue;
                 }
-                Err(CommandError::Rejected(other)) => {
+                Err(PlacementRefusal::Host(other)) => {
                     tracing::warn!(instance_id, error = %other, "candidate refused the allocation");
+                    continue;
                 }
-                Err(error) => return Err(failure(error)),
+                Err(PlacementRefusal::Mandelbox(_))
+                    if !final_on!((services.mandelboxes, &mandelbox)) =>
+                {
+                    return Ok(Attempt::Again);
+                }
+                Err(refusal @ PlacementRefusal::Mandelbox(_)) => {
+                    return Err(UseCaseError::Refused(Box::new(refusal)));
+                }
+            };
+            // 3. The mandelbox and its session, recorded with the reservations above.
+            let staged = stage_parts!(
+                &mut unit,
+                (services.users, user, placed.user),
+                (services.instances, host, placed.instance),
+                (services.mandelboxes, mandelbox, placed.mandelbox),
+                (services.sessions, session, placed.session),
+            );
+            if !staged {
+                return Ok(Attempt::Again);
             }
+            let assigned = Assigned {
+                mandelbox_id: assignment.mandelbox_id.clone(),
+                ip,
+                region: region.to_string(),
+            };
+            let host = Host {
+                instance_id,
+                _lock: lock,
+            };
+            return Ok(Attempt::Record(unit, (Ok(assigned), Some(host))));
         }
     }
-    let Some((instance_id, ip, region, _host_guard)) = placed else {
-        let refusal = if serves_release(state, catalog, &tried).await? {
-            Refusal::NoInstanceAvailable
-        } else {
-            Refusal::CommitHashMismatch
-        };
-        record_refused_session(state, request, refusal, metadata).await;
-        return Ok(Some(Err(refusal)));
+    let refusal = if serves_release(state, catalog, &tried).await? {
+        Refusal::NoInstanceAvailable
+    } else {
+        Refusal::CommitHashMismatch
     };
+    Ok(Attempt::Settled((Err(refusal), None)))
+}
 
-    // 3. The mandelbox and its session, recorded with the reservations above.
-    let secret = services.tokens.derive(Purpose::Protocol, mandelbox_id);
-    let allocate = MandelboxCommand::Allocate {
-        placement: Placement {
-            instance_id,
-            user_id: request.user_id.clone(),
-            session_id: request.session_id,
-            region: region.clone(),
-            ip: ip.clone(),
-            app_name: request.app_name.clone(),
-        },
-        protocol_secret_hash: fingerprint(&secret),
-        at: Utc::now(),
-    };
-    // The mandelbox id was generated for this assign, and a desktop app names a new session for each: both are
-    // staged as new without a read (a wrong presumption costs this unit a conflict and another attempt).
-    services
-        .mandelboxes
-        .stage_new(&mut unit, mandelbox_id, vec![allocate])
-        .await
-        .map_err(failure)?;
-    let session = session_aggregate_id(&request.user_id, request.session_id);
-    let session_commands = vec![
-        session_request(request),
-        SessionCommand::Assign {
-            mandelbox_id: mandelbox_id.to_string(),
-            at: Utc::now(),
-        },
-    ];
-    match services
-        .sessions
-        .stage_new(&mut unit, &session, session_commands)
-        .await
-    {
-        Ok(()) => {}
-        // The mandelbox is placed either way; a session reused by the app keeps its first mandelbox.
-        Err(CommandError::Rejected(error)) => {
-            tracing::info!(session, error = %error, "session not updated for this assign");
-        }
-        Err(error) => return Err(failure(error)),
+/// The commit hash an assign wants in `region`: the client's, or in `local` and `dev` for [`LOCAL_DEV_HASH`]
+/// the one the region runs (`None` when it runs none).
+async fn wanted_hash(
+    state: &Context,
+    assignment: &Assignment,
+    region: &str,
+    catalog: &OnceCell<ImageCatalog>,
+) -> Result<Option<String>, AssignFailure> {
+    let local = matches!(
+        state.settings.environment,
+        Environment::Local | Environment::Dev
+    );
+    if assignment.client_commit_hash != LOCAL_DEV_HASH || !local {
+        return Ok(Some(assignment.client_commit_hash.clone()));
     }
-    let commit = Instant::now();
-    let committed = unit.commit(&state.database).await;
-    phase("commit", commit);
-    match committed {
-        Ok(()) => Ok(Some(Ok(Assigned {
-            mandelbox_id: mandelbox_id.to_string(),
-            ip,
-            region,
-        }))),
-        Err(UnitError::Conflict) => Ok(None),
-        Err(error) => {
-            crate::telemetry::log_failure("assign failed", &error);
-            Err(AssignFailure::from(error))
-        }
-    }
+    Ok(current_catalog(state, catalog)
+        .await?
+        .active_in(region)
+        .map(|image| image.client_commit_hash.clone()))
 }
 
 /// Whether maintenance mode is on (read fresh: another process may have switched it).
@@ -368,20 +369,19 @@ fn lock_order(
 /// The image catalog, read once per assign and only when needed, brought up to date first.
 async fn current_catalog<'a>(
     state: &Context,
-    catalog: &'a mut Option<ImageCatalog>,
+    catalog: &'a OnceCell<ImageCatalog>,
 ) -> Result<&'a ImageCatalog, AssignFailure> {
-    if catalog.is_none() {
-        let (loaded, _) = state
-            .services
-            .catalog
-            .load_caught_up(CATALOG_ID)
-            .await
-            .map_err(failure)?;
-        *catalog = Some(loaded);
-    }
     catalog
-        .as_ref()
-        .ok_or_else(|| AssignFailure::Store("the image catalog was not loaded".into()))
+        .get_or_try_init(|| async {
+            state
+                .services
+                .catalog
+                .load_caught_up(CATALOG_ID)
+                .await
+                .map(|(catalog, _)| catalog)
+                .map_err(AssignFailure::from)
+        })
+        .await
 }
 
 /// Hosts in `region` running `client_commit_hash` with a free slot, fullest first.
@@ -415,7 +415,7 @@ async fn candidates(
 /// hosts (during a swap-over); otherwise the hosts themselves say.
 async fn serves_release(
     state: &Context,
-    catalog: &mut Option<ImageCatalog>,
+    catalog: &OnceCell<ImageCatalog>,
     tried: &[(&str, String, bool)],
 ) -> Result<bool, AssignFailure> {
     for (region, wanted_hash, had_candidates) in tried {
@@ -450,42 +450,27 @@ async fn runs_image(
 /// The refused request is recorded on its session, for the record; a failure to do so changes nothing else.
 async fn record_refused_session(
     state: &Context,
-    request: &AssignRequest,
+    assignment: &Assignment,
     refusal: Refusal,
     metadata: &EventMetadata,
 ) {
-    let id = session_aggregate_id(&request.user_id, request.session_id);
+    let sessions = &state.services.sessions;
+    let id = session_aggregate_id(&assignment.user_id, assignment.session_id);
     let mut unit = Unit::new(metadata);
-    let commands = vec![
-        session_request(request),
-        SessionCommand::Refuse {
-            code: refusal.code().to_string(),
-            at: Utc::now(),
-        },
-    ];
-    let outcome: Result<(), crate::control::UseCaseError> = match state
-        .services
-        .sessions
-        .stage(&mut unit, &id, commands)
-        .await
-    {
-        Ok(()) => unit.commit(&state.database).await.map_err(Into::into),
-        Err(error) => Err(error.into()),
-    };
+    let outcome: Result<(), UseCaseError> = async {
+        let session = sessions.load_to_decide(&id).await?;
+        let events = assignment.refused_session(session.state(), refusal.code());
+        if sessions.stage_events(&mut unit, session, events)? {
+            unit.commit(&state.database).await?;
+        }
+        Ok(())
+    }
+    .await;
     if let Err(error) = outcome {
         tracing::info!(
             session = id,
             error = %crate::telemetry::Chain(&error),
             "session not updated for this refusal"
         );
-    }
-}
-
-fn session_request(request: &AssignRequest) -> SessionCommand {
-    SessionCommand::Request {
-        user_id: request.user_id.clone(),
-        regions: request.regions.clone(),
-        client_commit_hash: request.client_commit_hash.clone(),
-        at: Utc::now(),
     }
 }

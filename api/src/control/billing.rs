@@ -1,15 +1,14 @@
 //! Billing decisions: what a verified Stripe event records, and the link between a Stripe customer and a user.
 
 use chrono::Utc;
-use whist_adapters::store::CommandError;
 use whist_adapters::stripe::WebhookEvent;
-use whist_domain::subscription::{
-    FactKind, StripeCustomerCommand, StripeCustomerError, SubscriptionCommand, SubscriptionFact,
-};
+use whist_domain::decisions::billing::{CustomerLink, Destination, FactDelivery, LinkRefusal};
+use whist_domain::subscription::{FactKind, StripeCustomerError, SubscriptionFact};
 use whist_domain::{Actor, EventMetadata};
 
 use super::{record_unit, Attempt, UseCaseError};
 use crate::state::Context;
+use crate::{final_on, stage_parts};
 
 /// Attempts of one recording that lose to concurrent writers before the delivery answers 503 (Stripe retries).
 const ATTEMPTS: usize = 8;
@@ -56,51 +55,44 @@ pub async fn record(context: &Context, event: &WebhookEvent) -> Result<Delivery,
         status: status.clone(),
     };
     let services = &context.services;
-    let fact = &fact;
+    let delivery = &FactDelivery {
+        fact,
+        at: Utc::now(),
+    };
     record_unit(context, &metadata, ATTEMPTS, |mut unit| async move {
-        let (customer, _) = services
+        let customer = services
             .stripe_customers
-            .load_caught_up(customer_id)
+            .load_to_decide_caught_up(customer_id)
             .await?;
-        match &customer.user_id {
-            Some(user_id) => {
-                let record = SubscriptionCommand::RecordFact {
-                    fact: fact.clone(),
-                    at: Utc::now(),
-                };
-                match services
-                    .subscriptions
-                    .stage(&mut unit, user_id, vec![record])
-                    .await
-                {
-                    Ok(()) => {}
-                    Err(CommandError::Rejected(error)) => {
+        let staged = match FactDelivery::destination(customer.state()) {
+            Destination::Subscription { user_id } => {
+                let subscription = services.subscriptions.load_to_decide(&user_id).await?;
+                match delivery.to_subscription(subscription.state()) {
+                    Ok(events) => {
+                        stage_parts!(&mut unit, (services.subscriptions, subscription, events))
+                    }
+                    Err(_) if !final_on!((services.subscriptions, &subscription)) => false,
+                    Err(error) => {
                         tracing::info!(error = %error, "subscription fact refused");
                         return Ok(Attempt::Settled(Delivery::Ignored));
                     }
-                    Err(error) => return Err(error.into()),
                 }
             }
             // Not linked to a user yet (Checkout's completion may come later): held until the link.
-            None => {
-                let hold = StripeCustomerCommand::Hold {
-                    fact: fact.clone(),
-                    at: Utc::now(),
-                };
-                match services
-                    .stripe_customers
-                    .stage(&mut unit, customer_id, vec![hold])
-                    .await
-                {
-                    Ok(()) => {}
-                    Err(CommandError::Rejected(StripeCustomerError::AlreadyLinked)) => {
-                        return Ok(Attempt::Again)
-                    }
-                    Err(error) => return Err(error.into()),
+            Destination::Customer => match delivery.hold(customer.state()) {
+                Ok(events) => {
+                    stage_parts!(&mut unit, (services.stripe_customers, customer, events))
                 }
-            }
-        }
-        Ok(Attempt::Record(unit, Delivery::Recorded))
+                // Linked since it was read: the fact goes to the subscription on the next attempt.
+                Err(StripeCustomerError::AlreadyLinked) => false,
+                Err(error) => return Err(UseCaseError::Refused(Box::new(error))),
+            },
+        };
+        Ok(if staged {
+            Attempt::Record(unit, Delivery::Recorded)
+        } else {
+            Attempt::Again
+        })
     })
     .await
 }
@@ -119,25 +111,26 @@ pub async fn link_customer(
     metadata: &EventMetadata,
 ) -> Result<(), UseCaseError> {
     let services = &context.services;
+    let link = &CustomerLink {
+        user_id: user_id.to_string(),
+        customer_id: customer_id.to_string(),
+        event_id: event_id.map(str::to_string),
+        at: Utc::now(),
+    };
     record_unit(context, metadata, ATTEMPTS, |mut unit| async move {
-        let (customer, _) = services
+        let customer = services
             .stripe_customers
-            .load_caught_up(customer_id)
+            .load_to_decide_caught_up(customer_id)
             .await?;
-        match services
-            .stripe_customers
-            .stage(
-                &mut unit,
-                customer_id,
-                vec![StripeCustomerCommand::Link {
-                    user_id: user_id.to_string(),
-                    at: Utc::now(),
-                }],
-            )
-            .await
-        {
-            Ok(()) => {}
-            Err(CommandError::Rejected(StripeCustomerError::LinkedToAnotherUser)) => {
+        let subscription = services.subscriptions.load_to_decide(user_id).await?;
+        let linked = match link.decide(customer.state(), subscription.state()) {
+            Ok(linked) => linked,
+            Err(LinkRefusal::HeldFactRefused(_))
+                if !final_on!((services.subscriptions, &subscription)) =>
+            {
+                return Ok(Attempt::Again)
+            }
+            Err(LinkRefusal::LinkedToAnotherUser) => {
                 tracing::warn!(
                     customer_id,
                     user_id,
@@ -145,35 +138,21 @@ pub async fn link_customer(
                 );
                 return Ok(Attempt::Settled(()));
             }
-            Err(error) => return Err(error.into()),
-        }
-        let mut commands = vec![SubscriptionCommand::LinkCustomer {
-            customer_id: customer_id.to_string(),
-            event_id: event_id.map(str::to_string),
-            at: Utc::now(),
-        }];
-        commands.extend(
-            customer
-                .held
-                .iter()
-                .map(|fact| SubscriptionCommand::RecordFact {
-                    fact: fact.clone(),
-                    at: Utc::now(),
-                }),
-        );
-        match services
-            .subscriptions
-            .stage(&mut unit, user_id, commands)
-            .await
-        {
-            Ok(()) => {}
-            Err(CommandError::Rejected(error)) => {
+            Err(error @ LinkRefusal::HeldFactRefused(_)) => {
                 tracing::warn!(error = %error, "a held subscription fact was refused");
                 return Ok(Attempt::Settled(()));
             }
-            Err(error) => return Err(error.into()),
-        }
-        Ok(Attempt::Record(unit, ()))
+        };
+        let staged = stage_parts!(
+            &mut unit,
+            (services.stripe_customers, customer, linked.customer),
+            (services.subscriptions, subscription, linked.subscription),
+        );
+        Ok(if staged {
+            Attempt::Record(unit, ())
+        } else {
+            Attempt::Again
+        })
     })
     .await
 }

@@ -2,15 +2,16 @@
 //! host, an operator), each one unit recorded whole or not at all.
 
 use chrono::Utc;
-use whist_adapters::store::CommandError;
-use whist_domain::instance::InstanceCommand;
-use whist_domain::mandelbox::{MandelboxCommand, Placement, ReportedStatus};
-use whist_domain::session::{session_aggregate_id, SessionCommand};
-use whist_domain::user::UserCommand;
+use whist_adapters::store::{CommandError, Loaded};
+use whist_domain::decisions::ending::Ending;
+use whist_domain::decisions::status_report::StatusReport;
+use whist_domain::mandelbox::{EndReason, Placement, ReportedStatus};
+use whist_domain::session::session_aggregate_id;
 use whist_domain::EventMetadata;
 
 use super::{record_unit, Attempt, UseCaseError};
 use crate::state::Context;
+use crate::{final_on, stage_parts};
 
 /// Where a mandelbox was placed, `None` for an id that has none. A placement never changes once recorded: the
 /// remembered copy answers when it has one, without a read. An id with no events at all is known to be unplaced
@@ -44,8 +45,9 @@ pub async fn placement(
     Ok(mandelbox.placement)
 }
 
-/// Records a status the host reported, and on `RUNNING` the session's connection, in one unit (one append).
-/// A session that cannot be marked (never recorded, already ended) leaves the mandelbox's status to be recorded alone.
+/// Records a status the host reported, and on `RUNNING` the session's connection, in one unit (one append): the
+/// decision is [`StatusReport`]. A session that cannot be marked (never recorded, already ended) leaves the
+/// mandelbox's status to be recorded alone.
 ///
 /// # Errors
 /// The store failed, or concurrent writers won every attempt.
@@ -59,35 +61,35 @@ pub async fn record_status(
 ) -> Result<(), UseCaseError> {
     const ATTEMPTS: usize = 10;
     let services = &context.services;
-    let now = Utc::now();
-    let session = &session_aggregate_id(&placement.user_id, placement.session_id);
+    let report = &StatusReport {
+        status,
+        at: Utc::now(),
+    };
+    let session_id = &session_aggregate_id(&placement.user_id, placement.session_id);
     record_unit(context, metadata, ATTEMPTS, |mut unit| async move {
-        services
-            .mandelboxes
-            .stage(
-                &mut unit,
-                mandelbox_id,
-                vec![MandelboxCommand::ReportStatus { status, at: now }],
-            )
-            .await?;
-        if status == ReportedStatus::Running {
-            match services
-                .sessions
-                .stage(
-                    &mut unit,
-                    session,
-                    vec![SessionCommand::MarkConnected { at: now }],
-                )
-                .await
-            {
-                Ok(()) => {}
-                Err(CommandError::Rejected(error)) => {
-                    tracing::info!(session, error = %error, "session not marked connected");
-                }
-                Err(error) => return Err(error.into()),
-            }
+        let mandelbox = services.mandelboxes.load_to_decide(mandelbox_id).await?;
+        let session = if report.connects_session() {
+            Some(services.sessions.load_to_decide(session_id).await?)
+        } else {
+            None
+        };
+        let reported = match report.decide(mandelbox.state(), session.as_ref().map(Loaded::state)) {
+            Ok(reported) => reported,
+            Err(_) if !final_on!((services.mandelboxes, &mandelbox)) => return Ok(Attempt::Again),
+            Err(refusal) => return Err(UseCaseError::Refused(Box::new(refusal))),
+        };
+        let mut staged = stage_parts!(
+            &mut unit,
+            (services.mandelboxes, mandelbox, reported.mandelbox)
+        );
+        if let Some(session) = session {
+            staged &= stage_parts!(&mut unit, (services.sessions, session, reported.session));
         }
-        Ok(Attempt::Record(unit, ()))
+        Ok(if staged {
+            Attempt::Record(unit, ())
+        } else {
+            Attempt::Again
+        })
     })
     .await
 }
@@ -105,7 +107,7 @@ pub async fn end_mandelbox(
         mandelbox_id,
         placement,
         metadata,
-        whist_domain::mandelbox::EndReason::Disconnected,
+        EndReason::Disconnected,
     )
     .await
 }
@@ -118,7 +120,7 @@ pub async fn end_mandelbox(
 pub async fn end_mandelboxes_on(
     context: &Context,
     instance_id: &str,
-    reason: whist_domain::mandelbox::EndReason,
+    reason: EndReason,
     metadata: &EventMetadata,
 ) -> Result<usize, UseCaseError> {
     let services = &context.services;
@@ -135,7 +137,7 @@ pub async fn end_mandelboxes_on(
     Ok(ended)
 }
 
-/// `end_mandelbox`, saying why the mandelbox ends.
+/// `end_mandelbox`, saying why the mandelbox ends: the decision is [`Ending`], recorded in one unit.
 ///
 /// # Errors
 /// The store failed, or concurrent writers won every attempt.
@@ -145,68 +147,60 @@ pub async fn end_mandelbox_for(
     mandelbox_id: &str,
     placement: &Placement,
     metadata: &EventMetadata,
-    reason: whist_domain::mandelbox::EndReason,
+    reason: EndReason,
 ) -> Result<(), UseCaseError> {
     const ATTEMPTS: usize = 10;
     let services = &context.services;
-    let now = Utc::now();
-    let session = &session_aggregate_id(&placement.user_id, placement.session_id);
+    let ending = &Ending {
+        mandelbox_id: mandelbox_id.to_string(),
+        reason,
+        at: Utc::now(),
+    };
+    let session_id = &session_aggregate_id(&placement.user_id, placement.session_id);
     let guard = record_unit(context, metadata, ATTEMPTS, |mut unit| async move {
-        services
-            .mandelboxes
-            .stage(
-                &mut unit,
-                mandelbox_id,
-                vec![match reason {
-                    whist_domain::mandelbox::EndReason::Disconnected => {
-                        MandelboxCommand::Disconnect { at: now }
-                    }
-                    reason => MandelboxCommand::End { reason, at: now },
-                }],
-            )
-            .await?;
-        services
-            .users
-            .stage(
-                &mut unit,
-                &placement.user_id,
-                vec![UserCommand::ReleaseMandelbox {
-                    mandelbox_id: mandelbox_id.to_string(),
-                    at: now,
-                }],
-            )
-            .await?;
-        match services
-            .sessions
-            .stage(&mut unit, session, vec![SessionCommand::End { at: now }])
-            .await
-        {
-            Ok(()) => {}
-            // A session that never was (or has ended) has nothing to record.
-            Err(CommandError::Rejected(error)) => {
-                tracing::debug!(session, error = %error, "session not ended");
-            }
-            Err(error) => return Err(error.into()),
-        }
-        // The host's lock in this process is held only from staging its slot to recording the unit, so that an
+        let mandelbox = services.mandelboxes.load_to_decide(mandelbox_id).await?;
+        let user = services.users.load_to_decide(&placement.user_id).await?;
+        let session = services.sessions.load_to_decide(session_id).await?;
+        // The host's lock in this process is held only from deciding on its slot to recording the unit, so that an
         // assign of this process on the same host waits instead of conflicting.
         let host_guard = services
             .host_locks
             .of(&placement.instance_id)
             .lock_owned()
             .await;
-        services
+        let host = services
             .instances
-            .stage(
-                &mut unit,
-                &placement.instance_id,
-                vec![InstanceCommand::FreeMandelbox {
-                    mandelbox_id: mandelbox_id.to_string(),
-                    at: now,
-                }],
-            )
+            .load_to_decide(&placement.instance_id)
             .await?;
-        Ok(Attempt::Record(unit, host_guard))
+        let ended = match ending.decide(
+            mandelbox.state(),
+            user.state(),
+            session.state(),
+            host.state(),
+        ) {
+            Ok(ended) => ended,
+            Err(_)
+                if !final_on!(
+                    (services.mandelboxes, &mandelbox),
+                    (services.instances, &host)
+                ) =>
+            {
+                return Ok(Attempt::Again)
+            }
+            Err(refusal) => return Err(UseCaseError::Refused(Box::new(refusal))),
+        };
+        let staged = stage_parts!(
+            &mut unit,
+            (services.mandelboxes, mandelbox, ended.mandelbox),
+            (services.users, user, ended.user),
+            (services.sessions, session, ended.session),
+            (services.instances, host, ended.instance),
+        );
+        Ok(if staged {
+            Attempt::Record(unit, host_guard)
+        } else {
+            Attempt::Again
+        })
     })
     .await?;
     drop(guard);

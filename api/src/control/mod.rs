@@ -33,9 +33,9 @@ pub enum Attempt<T> {
     Again,
 }
 
-/// The retry loop of every use case that records a unit: each attempt stages its decision on the state it reads
-/// and hands the unit back; a unit that loses to a concurrent writer records nothing and the next attempt decides
-/// again on fresh state, at most `attempts` times.
+/// The retry loop of every use case that records a unit: each attempt loads the states it needs, decides, stages
+/// the decision and hands the unit back; a unit that loses to a concurrent writer records nothing and the next
+/// attempt decides again on fresh state, at most `attempts` times.
 ///
 /// # Errors
 /// An attempt failed, the store failed, or concurrent writers won every attempt.
@@ -43,7 +43,26 @@ pub async fn record_unit<T, F, Fut>(
     context: &Context,
     metadata: &EventMetadata,
     attempts: usize,
+    attempt: F,
+) -> Result<T, UseCaseError>
+where
+    F: FnMut(Unit) -> Fut,
+    Fut: Future<Output = Result<Attempt<T>, UseCaseError>>,
+{
+    record_unit_or_learn(context, metadata, attempts, attempt, |_| {}).await
+}
+
+/// As [`record_unit`], and `lost` is told what each attempt that lost to a concurrent writer would have answered
+/// (for a use case that steers its next attempt away from where it lost).
+///
+/// # Errors
+/// As `record_unit`.
+pub async fn record_unit_or_learn<T, F, Fut>(
+    context: &Context,
+    metadata: &EventMetadata,
+    attempts: usize,
     mut attempt: F,
+    mut lost: impl FnMut(T),
 ) -> Result<T, UseCaseError>
 where
     F: FnMut(Unit) -> Fut,
@@ -57,10 +76,36 @@ where
                 if unit.record(&context.database).await? {
                     return Ok(answer);
                 }
+                lost(answer);
             }
         }
     }
     Err(UseCaseError::Contended { attempts })
+}
+
+/// Whether a refusal decided on these copies is final: it is when every copy was read fresh. Otherwise each copy
+/// that may have been behind is marked to be read fresh, and the use case decides again (`Attempt::Again`).
+#[macro_export]
+macro_rules! final_on {
+    ($(($store:expr, $copy:expr)),+ $(,)?) => {{
+        let fresh = true $(&& $copy.is_fresh())+;
+        if !fresh {
+            $($store.decide_again($copy);)+
+        }
+        fresh
+    }};
+}
+
+/// Stages each aggregate's part of a decision in the unit: `Ok(true)` when all are staged, `Ok(false)` when a
+/// part that decided nothing was decided on a copy that may have been behind (the copy is marked to be read fresh;
+/// decide again).
+#[macro_export]
+macro_rules! stage_parts {
+    ($unit:expr, $(($store:expr, $copy:expr, $events:expr)),+ $(,)?) => {{
+        let mut staged = true;
+        $(staged &= $store.stage_events($unit, $copy, $events)?;)+
+        staged
+    }};
 }
 
 /// Why a use case did not record its decision. Each variant keeps its cause, so that a log line shows the whole

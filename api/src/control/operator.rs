@@ -148,58 +148,43 @@ async fn status_of(state: &Context, instance_id: &str) -> Result<InstanceStatus,
         .ok_or_else(|| OperatorError::UnknownHost(instance_id.to_string()))
 }
 
-/// Drains a host: it takes no new mandelbox and shuts down when its last one ends. Draining a draining host
-/// changes nothing.
+/// What a developer can do to a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostAction {
+    /// It takes no new mandelbox and shuts down when its last one ends. Draining a draining host changes nothing.
+    Drain,
+    /// The reconciler asks its host service to shut down when it has one, and ends the machine in the cloud; its
+    /// mandelboxes end. Terminating a terminating host changes nothing.
+    Terminate,
+}
+
+/// Drains or terminates a host; its status after the action.
 ///
 /// # Errors
-/// The host is unknown or has ended, or the store failed.
-#[tracing::instrument(skip_all, fields(instance_id = %instance_id))]
-pub async fn drain_host(
+/// The host is unknown (or, to drain, has ended), or the store failed.
+#[tracing::instrument(skip_all, fields(instance_id = %instance_id, ?action))]
+pub async fn act_on_host(
     state: &Context,
     actor: &Actor,
     instance_id: &str,
+    action: HostAction,
 ) -> Result<InstanceStatus, OperatorError> {
     let status = status_of(state, instance_id).await?;
-    if status.is_ending() {
-        return Err(OperatorError::HostEnded(instance_id.to_string()));
-    }
-    decide(
-        state,
-        actor,
-        instance_id,
-        InstanceCommand::Drain {
+    let command = match action {
+        HostAction::Drain if status.is_ending() => {
+            return Err(OperatorError::HostEnded(instance_id.to_string()))
+        }
+        HostAction::Drain => InstanceCommand::Drain {
             reason: DrainReason::Operator,
             at: Utc::now(),
         },
-    )
-    .await?;
-    tracing::info!(instance_id, %actor, "a developer drained a host");
-    status_of(state, instance_id).await
-}
-
-/// Terminates a host: the reconciler asks its host service to shut down when it has one, and ends the machine in
-/// the cloud; its mandelboxes end. Terminating a terminating host changes nothing.
-///
-/// # Errors
-/// The host is unknown or the store failed.
-#[tracing::instrument(skip_all, fields(instance_id = %instance_id))]
-pub async fn terminate_host(
-    state: &Context,
-    actor: &Actor,
-    instance_id: &str,
-) -> Result<InstanceStatus, OperatorError> {
-    status_of(state, instance_id).await?;
-    decide(
-        state,
-        actor,
-        instance_id,
-        InstanceCommand::Terminate {
+        HostAction::Terminate => InstanceCommand::Terminate {
             reason: TerminationReason::Operator,
             at: Utc::now(),
         },
-    )
-    .await?;
-    tracing::info!(instance_id, %actor, "a developer terminated a host");
+    };
+    decide(state, actor, instance_id, command).await?;
+    tracing::info!(instance_id, %actor, ?action, "a developer acted on a host");
     status_of(state, instance_id).await
 }
 

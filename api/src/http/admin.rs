@@ -10,7 +10,8 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use crate::control::audit::{self, AuditError, EventRecord, ReplayUntil, ReplayedState};
-use crate::http::desktop::ErrorBody;
+use crate::control::operator::HostAction;
+use crate::http::error::ErrorBody;
 use crate::http::security::AdminAuth;
 use crate::state::AppState;
 use whist_domain::Actor;
@@ -651,6 +652,29 @@ fn operator_failure<T>(
     }
 }
 
+/// A developer's action on a host, answered with the host's status after it.
+async fn host_action(
+    state: &AppState,
+    auth: &AdminAuth,
+    instance_id: String,
+    action: HostAction,
+) -> HostActionResponse {
+    let actor = Actor::User(auth.0.user_id.clone());
+    match crate::control::operator::act_on_host(state, &actor, &instance_id, action).await {
+        Ok(status) => HostActionResponse::Done(Json(HostAfterAction {
+            instance_id,
+            status: status.as_str().to_string(),
+        })),
+        Err(error) => operator_failure(
+            error,
+            HostActionResponse::Conflict,
+            HostActionResponse::NotFound,
+            HostActionResponse::Conflict,
+            HostActionResponse::Unavailable,
+        ),
+    }
+}
+
 async fn counts_by_status(
     state: &AppState,
     sql: &str,
@@ -835,20 +859,7 @@ impl OperatorApi {
         auth: AdminAuth,
         instance_id: Path<String>,
     ) -> HostActionResponse {
-        let actor = Actor::User(auth.0.user_id.clone());
-        match crate::control::operator::drain_host(&state, &actor, &instance_id.0).await {
-            Ok(status) => HostActionResponse::Done(Json(HostAfterAction {
-                instance_id: instance_id.0,
-                status: status.as_str().to_string(),
-            })),
-            Err(error) => operator_failure(
-                error,
-                HostActionResponse::Conflict,
-                HostActionResponse::NotFound,
-                HostActionResponse::Conflict,
-                HostActionResponse::Unavailable,
-            ),
-        }
+        host_action(&state, &auth, instance_id.0, HostAction::Drain).await
     }
 
     /// Terminates a host: through its host service when it answers, and in the cloud; its mandelboxes end.
@@ -859,20 +870,7 @@ impl OperatorApi {
         auth: AdminAuth,
         instance_id: Path<String>,
     ) -> HostActionResponse {
-        let actor = Actor::User(auth.0.user_id.clone());
-        match crate::control::operator::terminate_host(&state, &actor, &instance_id.0).await {
-            Ok(status) => HostActionResponse::Done(Json(HostAfterAction {
-                instance_id: instance_id.0,
-                status: status.as_str().to_string(),
-            })),
-            Err(error) => operator_failure(
-                error,
-                HostActionResponse::Conflict,
-                HostActionResponse::NotFound,
-                HostActionResponse::Conflict,
-                HostActionResponse::Unavailable,
-            ),
-        }
+        host_action(&state, &auth, instance_id.0, HostAction::Terminate).await
     }
 
     /// Whether maintenance mode is on.

@@ -9,7 +9,7 @@ use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use whist_adapters::stripe::{verify_webhook, StripeApiError};
 use whist_domain::{Actor, EventMetadata};
 
-use crate::http::desktop::ErrorBody;
+use crate::http::error::{error_body, ErrorBody, STORE_UNAVAILABLE};
 use crate::http::security::UserAuth;
 use crate::state::AppState;
 
@@ -64,7 +64,7 @@ pub async fn stripe_webhook(request: &Request, body: Body, state: Data<&AppState
                 "could not record a Stripe event; Stripe will deliver it again"
             );
             metrics::counter!("whist_stripe_webhooks_total", "outcome" => "failed").increment(1);
-            respond(StatusCode::SERVICE_UNAVAILABLE, "STORE_UNAVAILABLE")
+            respond(StatusCode::SERVICE_UNAVAILABLE, STORE_UNAVAILABLE)
         }
     }
 }
@@ -95,9 +95,7 @@ pub enum PortalResponse {
 }
 
 fn portal_error(status: u16, code: &str) -> PortalResponse {
-    let body = Json(ErrorBody {
-        error: code.to_string(),
-    });
+    let body = error_body(code);
     if status == 502 {
         PortalResponse::BadGateway(body)
     } else {
@@ -126,7 +124,7 @@ impl BillingApi {
             Ok(loaded) => loaded,
             Err(error) => {
                 crate::telemetry::log_failure("could not read the user's subscription", &error);
-                return portal_error(503, "STORE_UNAVAILABLE");
+                return portal_error(503, STORE_UNAVAILABLE);
             }
         };
         let customer_id = match &subscription.customer_id {
@@ -150,7 +148,7 @@ impl BillingApi {
                 .await
                 {
                     tracing::error!(error = %crate::telemetry::Chain(&error), "could not record the new Stripe customer");
-                    return portal_error(503, "STORE_UNAVAILABLE");
+                    return portal_error(503, STORE_UNAVAILABLE);
                 }
                 customer_id
             }

@@ -9,6 +9,7 @@ use whist_domain::images::CATALOG_ID;
 use whist_domain::{Actor, EventMetadata};
 
 use crate::control::assign::{assign, AssignRequest};
+use crate::http::error::{error_body, unavailable, ErrorBody, STORE_UNAVAILABLE};
 use crate::http::middleware::ClientAddress;
 use crate::http::security::UserAuth;
 use crate::state::AppState;
@@ -45,12 +46,6 @@ pub struct AssignAnswer {
     pub mandelbox_id: String,
     /// Empty on success, else one of REGION_NOT_ENABLED, NO_INSTANCE_AVAILABLE, COMMIT_HASH_MISMATCH,
     /// USER_ALREADY_ACTIVE, MAINTENANCE.
-    pub error: String,
-}
-
-/// A plain error body.
-#[derive(Debug, Object)]
-pub struct ErrorBody {
     pub error: String,
 }
 
@@ -100,7 +95,8 @@ pub enum RegionsResponse {
     Unavailable(Json<ErrorBody>),
 }
 
-fn unavailable(code: &str) -> Json<AssignAnswer> {
+/// An assign's answer naming why it was not placed.
+fn not_placed(code: &str) -> Json<AssignAnswer> {
     Json(AssignAnswer {
         ip: String::new(),
         mandelbox_id: String::new(),
@@ -132,9 +128,7 @@ impl DesktopApi {
         if let Err(retry_after) = limited {
             metrics::counter!("whist_assigns_total", "outcome" => "rate_limited").increment(1);
             return AssignResponse::TooManyRequests(
-                Json(ErrorBody {
-                    error: "RATE_LIMITED".to_string(),
-                }),
+                error_body("RATE_LIMITED"),
                 retry_after.seconds(),
             );
         }
@@ -143,13 +137,13 @@ impl DesktopApi {
             Ok(false) => {
                 metrics::counter!("whist_assigns_total", "outcome" => "payment_required")
                     .increment(1);
-                return AssignResponse::PaymentRequired(Json(ErrorBody {
-                    error: "That resource is only available to Whist subscribers".to_string(),
-                }));
+                return AssignResponse::PaymentRequired(error_body(
+                    "That resource is only available to Whist subscribers",
+                ));
             }
             Err(error) => {
                 crate::telemetry::log_failure("could not read the user's subscription", &error);
-                return AssignResponse::Unavailable(unavailable("STORE_UNAVAILABLE"));
+                return AssignResponse::Unavailable(not_placed(STORE_UNAVAILABLE));
             }
         }
         let request = AssignRequest {
@@ -174,11 +168,11 @@ impl DesktopApi {
             }
             Ok(Err(refusal)) => {
                 metrics::counter!("whist_assigns_total", "outcome" => refusal.code()).increment(1);
-                AssignResponse::Unavailable(unavailable(refusal.code()))
+                AssignResponse::Unavailable(not_placed(refusal.code()))
             }
             Err(_) => {
                 metrics::counter!("whist_assigns_total", "outcome" => "failed").increment(1);
-                AssignResponse::Unavailable(unavailable("STORE_UNAVAILABLE"))
+                AssignResponse::Unavailable(not_placed(STORE_UNAVAILABLE))
             }
         }
     }
@@ -191,11 +185,7 @@ impl DesktopApi {
         auth: UserAuth,
         mandelbox_id: Path<String>,
     ) -> MandelboxResponse {
-        let not_found = || {
-            MandelboxResponse::NotFound(Json(ErrorBody {
-                error: "NOT_FOUND".to_string(),
-            }))
-        };
+        let not_found = || MandelboxResponse::NotFound(error_body("NOT_FOUND"));
         if !crate::http::host::is_uuid(&mandelbox_id.0) {
             return not_found();
         }
@@ -207,10 +197,10 @@ impl DesktopApi {
         {
             Ok(loaded) => loaded,
             Err(error) => {
-                crate::telemetry::log_failure("could not load a mandelbox", &error);
-                return MandelboxResponse::Unavailable(Json(ErrorBody {
-                    error: "STORE_UNAVAILABLE".to_string(),
-                }));
+                return MandelboxResponse::Unavailable(unavailable(
+                    "could not load a mandelbox",
+                    &error,
+                ))
             }
         };
         let (Some(status), Some(placement), Some(allocated_at)) = (
@@ -245,12 +235,10 @@ impl DesktopApi {
                     .cloned()
                     .collect(),
             )),
-            Err(error) => {
-                crate::telemetry::log_failure("could not load the image catalog", &error);
-                RegionsResponse::Unavailable(Json(ErrorBody {
-                    error: "STORE_UNAVAILABLE".to_string(),
-                }))
-            }
+            Err(error) => RegionsResponse::Unavailable(unavailable(
+                "could not load the image catalog",
+                &error,
+            )),
         }
     }
 }

@@ -6,7 +6,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use whist_adapters::tokens::fingerprint;
 
-use crate::http::desktop::ErrorBody;
+use crate::http::error::{error_body, unavailable, ErrorBody};
 use crate::state::AppState;
 
 #[derive(Tags)]
@@ -56,11 +56,7 @@ impl HireFireApi {
     /// The number of side-effect jobs waiting, as HireFire reads it.
     #[oai(path = "/hirefire/:token/info", method = "get")]
     async fn info(&self, state: Data<&AppState>, token: Path<String>) -> InfoResponse {
-        let not_found = || {
-            InfoResponse::NotFound(Json(ErrorBody {
-                error: "NOT_FOUND".to_string(),
-            }))
-        };
+        let not_found = || InfoResponse::NotFound(error_body("NOT_FOUND"));
         let Some(expected) = &state.settings.hirefire_token else {
             return not_found();
         };
@@ -74,10 +70,7 @@ impl HireFireApi {
                 quantity,
             }])),
             Err(error) => {
-                crate::telemetry::log_failure("could not count the waiting jobs", &error);
-                InfoResponse::Unavailable(Json(ErrorBody {
-                    error: "STORE_UNAVAILABLE".to_string(),
-                }))
+                InfoResponse::Unavailable(unavailable("could not count the waiting jobs", &error))
             }
         }
     }

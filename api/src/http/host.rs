@@ -13,7 +13,7 @@ use whist_domain::instance::{
 use whist_domain::mandelbox::ReportedStatus;
 use whist_domain::{Actor, EventMetadata};
 
-use crate::http::desktop::ErrorBody;
+use crate::http::error::{error_body, unavailable, ErrorBody, STORE_UNAVAILABLE};
 use crate::http::security::PeerToken;
 use crate::state::AppState;
 use crate::workers::heartbeats::{now_ms, Heartbeat};
@@ -134,12 +134,6 @@ pub fn is_uuid(id: &str) -> bool {
     uuid::Uuid::try_parse(id).is_ok()
 }
 
-fn error_body(code: &str) -> Json<ErrorBody> {
-    Json(ErrorBody {
-        error: code.to_string(),
-    })
-}
-
 /// The host service's and protocol server's API.
 pub struct HostApi;
 
@@ -213,8 +207,7 @@ impl HostApi {
                 RegisterResponse::Mismatch(error_body("IDENTITY_MISMATCH"))
             }
             Err(error) => {
-                crate::telemetry::log_failure("could not register a host", &error);
-                RegisterResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
+                RegisterResponse::Unavailable(unavailable("could not register a host", &error))
             }
         }
     }
@@ -336,7 +329,7 @@ impl HostApi {
                     error = %crate::telemetry::Chain(&error),
                     "could not record a mandelbox status"
                 );
-                return PeerResponse::Unavailable(error_body("STORE_UNAVAILABLE"));
+                return PeerResponse::Unavailable(error_body(STORE_UNAVAILABLE));
             }
         }
         PeerResponse::Ok(Json(Empty {}))
@@ -385,7 +378,7 @@ impl HostApi {
                     error = %crate::telemetry::Chain(&error),
                     "could not end a mandelbox"
                 );
-                PeerResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
+                PeerResponse::Unavailable(error_body(STORE_UNAVAILABLE))
             }
         }
     }
@@ -399,9 +392,9 @@ async fn placed_mandelbox(
     match crate::control::mandelboxes::placement(state, mandelbox_id).await {
         Ok(Some(placement)) => Ok(placement),
         Ok(None) => Err(PeerResponse::NotFound(error_body("NOT_FOUND"))),
-        Err(error) => {
-            crate::telemetry::log_failure("could not load a mandelbox", &error);
-            Err(PeerResponse::Unavailable(error_body("STORE_UNAVAILABLE")))
-        }
+        Err(error) => Err(PeerResponse::Unavailable(unavailable(
+            "could not load a mandelbox",
+            &error,
+        ))),
     }
 }
