@@ -284,17 +284,18 @@ where
         if copy == Freshness::CaughtUp {
             loaded.freshness = Freshness::CaughtUp;
         }
-        let mut after = loaded.state.clone();
         let mut events = Vec::new();
         for command in commands {
             let sink = EventSink::<A>::default();
-            after
+            loaded
+                .state
                 .handle(command, &self.services, &sink)
                 .await
                 .map_err(CommandError::Rejected)?;
             events.extend(sink.collect().await);
         }
-        self.stage_after(unit, loaded, events, after)
+        // The sink applied each event to the state as it was written.
+        self.stage_after(unit, loaded, events)
     }
 
     /// An aggregate as this process remembers it, to decide on: read whole when nothing is remembered, brought up
@@ -369,11 +370,11 @@ where
         loaded: Loaded<A>,
         events: Vec<A::Event>,
     ) -> Result<bool, CommandError<A::Error>> {
-        let mut after = loaded.state.clone();
+        let mut loaded = loaded;
         for event in &events {
-            after.apply(event.clone());
+            loaded.state.apply(event.clone());
         }
-        match self.stage_after(unit, loaded, events, after)? {
+        match self.stage_after(unit, loaded, events)? {
             Staged::Decided => Ok(true),
             Staged::Nothing => Ok(false),
         }
@@ -405,19 +406,18 @@ where
         })
     }
 
-    /// Stages `events` (already applied to `after`) on `loaded`.
+    /// Stages `events`, decided on the copy at `loaded`'s version and already applied to its state.
     fn stage_after(
         &self,
         unit: &mut Unit,
         loaded: Loaded<A>,
         events: Vec<A::Event>,
-        after: A,
     ) -> Result<Staged, CommandError<A::Error>> {
         let Loaded {
             id,
+            state: after,
             version,
             freshness,
-            ..
         } = loaded;
         if unit.staged.contains(&(A::TYPE.to_string(), id.clone())) {
             return Err(CommandError::Store(

@@ -225,16 +225,14 @@ mod tests {
         let assignment = assignment();
         let assigned = assignment
             .reserve(&user)
-            .and_then(|reserved| {
-                Ok(reserved.place(
-                    &host,
-                    "i-1",
-                    HOST,
-                    &Mandelbox::default(),
-                    &Session::default(),
-                ))
-            })
             .expect("the user is under their limit")
+            .place(
+                &host,
+                "i-1",
+                HOST,
+                &Mandelbox::default(),
+                &Session::default(),
+            )
             .expect("the host has room");
         // Then each aggregate records its part
         assert_eq!(
