@@ -6,8 +6,8 @@ use poem::web::Data;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
-use sqlx::any::AnyRow;
-use sqlx::Row;
+use whist_projections::catalog::RegionImageRow;
+use whist_projections::fleet_queries::{self, InstanceRow, MandelboxRow, StatusCount};
 
 use crate::control::audit::{self, AuditError, EventRecord, ReplayUntil, ReplayedState};
 use crate::http::desktop::ErrorBody;
@@ -91,62 +91,62 @@ fn unavailable<T: poem_openapi::types::ToJSON + Send + Sync>(
     }))
 }
 
-fn instance(row: &AnyRow) -> Result<AdminInstance, sqlx::Error> {
-    Ok(AdminInstance {
-        instance_id: row.try_get("instance_id")?,
-        cloud_instance_id: row.try_get("cloud_instance_id")?,
-        region: row.try_get("region")?,
-        image_id: row.try_get("image_id")?,
-        client_commit_hash: row.try_get("client_commit_hash")?,
-        instance_type: row.try_get("instance_type")?,
-        ip: row.try_get("ip")?,
-        status: row.try_get("status")?,
-        mandelbox_capacity: row.try_get("mandelbox_capacity")?,
-        live_mandelboxes: row.try_get("live_mandelboxes")?,
-        launched_at: row.try_get("launched_at")?,
-        updated_at: row.try_get("updated_at")?,
-    })
+impl From<InstanceRow> for AdminInstance {
+    fn from(row: InstanceRow) -> Self {
+        Self {
+            instance_id: row.instance_id,
+            cloud_instance_id: row.cloud_instance_id,
+            region: row.region,
+            image_id: row.image_id,
+            client_commit_hash: row.client_commit_hash,
+            instance_type: row.instance_type,
+            ip: row.ip,
+            status: row.status,
+            mandelbox_capacity: row.mandelbox_capacity,
+            live_mandelboxes: row.live_mandelboxes,
+            launched_at: row.launched_at,
+            updated_at: row.updated_at,
+        }
+    }
 }
 
-fn mandelbox(row: &AnyRow) -> Result<AdminMandelbox, sqlx::Error> {
-    Ok(AdminMandelbox {
-        mandelbox_id: row.try_get("mandelbox_id")?,
-        instance_id: row.try_get("instance_id")?,
-        user_id: row.try_get("user_id")?,
-        session_id: row.try_get("session_id")?,
-        region: row.try_get("region")?,
-        ip: row.try_get("ip")?,
-        status: row.try_get("status")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-    })
+impl From<MandelboxRow> for AdminMandelbox {
+    fn from(row: MandelboxRow) -> Self {
+        Self {
+            mandelbox_id: row.mandelbox_id,
+            instance_id: row.instance_id,
+            user_id: row.user_id,
+            session_id: row.session_id,
+            region: row.region,
+            ip: row.ip,
+            status: row.status,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        }
+    }
 }
 
-fn image(row: &AnyRow) -> Result<AdminImage, sqlx::Error> {
-    Ok(AdminImage {
-        region: row.try_get("region")?,
-        client_commit_hash: row.try_get("client_commit_hash")?,
-        image_id: row.try_get("image_id")?,
-        status: row.try_get("status")?,
-        generation: row.try_get("generation")?,
-        position: row.try_get("position")?,
-        updated_at: row.try_get("updated_at")?,
-    })
+impl From<RegionImageRow> for AdminImage {
+    fn from(row: RegionImageRow) -> Self {
+        Self {
+            region: row.region,
+            client_commit_hash: row.client_commit_hash,
+            image_id: row.image_id,
+            status: row.status,
+            generation: row.generation,
+            position: row.position,
+            updated_at: row.updated_at,
+        }
+    }
 }
 
-/// Reads `sql` (with an optional status filter bound as `$1`) into items.
-async fn list<T: poem_openapi::types::ToJSON + Send + Sync>(
-    state: &AppState,
-    sql: &str,
-    status: Option<String>,
-    item: fn(&AnyRow) -> Result<T, sqlx::Error>,
-) -> ListResponse<T> {
-    let query = sqlx::query(sql).bind(status);
-    match query.fetch_all(state.database.any()).await {
-        Ok(rows) => match rows.iter().map(item).collect::<Result<Vec<T>, _>>() {
-            Ok(items) => ListResponse::Listed(Json(items)),
-            Err(error) => unavailable(&error),
-        },
+/// Answers a read model's rows as their listing.
+fn listed<T, R>(rows: Result<Vec<R>, sqlx::Error>) -> ListResponse<T>
+where
+    T: poem_openapi::types::ToJSON + Send + Sync + From<R>,
+{
+    match rows {
+        Ok(rows) => ListResponse::Listed(Json(rows.into_iter().map(T::from).collect())),
         Err(error) => unavailable(&error),
     }
 }
@@ -337,15 +337,7 @@ impl AdminApi {
         _auth: AdminAuth,
         status: Query<Option<String>>,
     ) -> ListResponse<AdminInstance> {
-        list(
-            &state,
-            "SELECT instance_id, cloud_instance_id, region, image_id, client_commit_hash, instance_type, ip, status, \
-             mandelbox_capacity, live_mandelboxes, launched_at, updated_at FROM instances \
-             WHERE $1 IS NULL OR status = $1 ORDER BY launched_at, instance_id",
-            status.0,
-            instance,
-        )
-        .await
+        listed(fleet_queries::list_instances(&state.database, status.0.as_deref()).await)
     }
 
     /// Every mandelbox; `?status=` keeps one status.
@@ -356,14 +348,7 @@ impl AdminApi {
         _auth: AdminAuth,
         status: Query<Option<String>>,
     ) -> ListResponse<AdminMandelbox> {
-        list(
-            &state,
-            "SELECT mandelbox_id, instance_id, user_id, session_id, region, ip, status, created_at, updated_at \
-             FROM mandelboxes WHERE $1 IS NULL OR status = $1 ORDER BY created_at, mandelbox_id",
-            status.0,
-            mandelbox,
-        )
-        .await
+        listed(fleet_queries::list_mandelboxes(&state.database, status.0.as_deref()).await)
     }
 
     /// The image catalog per region: active images, release candidates, retired and rolled-back ones; `?status=`
@@ -375,14 +360,10 @@ impl AdminApi {
         _auth: AdminAuth,
         status: Query<Option<String>>,
     ) -> ListResponse<AdminImage> {
-        list(
-            &state,
-            "SELECT region, client_commit_hash, image_id, status, generation, position, updated_at \
-             FROM region_images WHERE $1 IS NULL OR status = $1 ORDER BY region, position, client_commit_hash",
-            status.0,
-            image,
+        listed(
+            whist_projections::catalog::list_region_images(&state.database, status.0.as_deref())
+                .await,
         )
-        .await
     }
 
     /// The global log in commit order: up to `limit` (default 100, at most 10,000) events after `after` (default 0).
@@ -651,33 +632,22 @@ fn operator_failure<T>(
     }
 }
 
-async fn counts_by_status(
-    state: &AppState,
-    sql: &str,
-    region: Option<&str>,
-    statuses: &[&str],
-) -> Result<Vec<CountByStatus>, sqlx::Error> {
-    let mut query = sqlx::query(sql);
-    if let Some(region) = region {
-        query = query.bind(region);
-    }
-    let rows = query.fetch_all(state.database.any()).await?;
-    let mut counts: Vec<CountByStatus> = statuses
+/// `counts` with every one of `statuses` (zero if absent) first, in that order, then any other status counted.
+fn every_status(counts: Vec<StatusCount>, statuses: &[&str]) -> Vec<CountByStatus> {
+    let mut every: Vec<CountByStatus> = statuses
         .iter()
         .map(|status| CountByStatus {
             status: (*status).to_string(),
             count: 0,
         })
         .collect();
-    for row in rows {
-        let status: String = row.try_get("status")?;
-        let count: i64 = row.try_get("n")?;
-        match counts.iter_mut().find(|entry| entry.status == status) {
+    for StatusCount { status, count } in counts {
+        match every.iter_mut().find(|entry| entry.status == status) {
             Some(entry) => entry.count = count,
-            None => counts.push(CountByStatus { status, count }),
+            None => every.push(CountByStatus { status, count }),
         }
     }
-    Ok(counts)
+    every
 }
 
 async fn overview(
@@ -692,19 +662,14 @@ async fn overview(
     let mut regions = Vec::new();
     for region in &settings.enabled_regions {
         let active = catalog.active_in(region);
-        let free: i64 = sqlx::query_scalar(
-            "SELECT CAST(COALESCE(SUM(mandelbox_capacity - live_mandelboxes), 0) AS BIGINT) FROM instances \
-             WHERE region = $1 AND status = 'ACTIVE' AND image_id = $2",
+        let free = fleet_queries::free_slots(
+            &state.database,
+            region,
+            active.map_or("", |image| image.image_id.as_str()),
         )
-        .bind(region)
-        .bind(active.map(|image| image.image_id.clone()).unwrap_or_default())
-        .fetch_one(state.database.any())
-        .await
-        ?;
-        let hosts = counts_by_status(
-            state,
-            "SELECT status, count(*) AS n FROM instances WHERE region = $1 GROUP BY status",
-            Some(region),
+        .await?;
+        let hosts = every_status(
+            fleet_queries::instances_by_status(&state.database, region).await?,
             &[
                 "PRE_CONNECTION",
                 "ACTIVE",
@@ -713,8 +678,7 @@ async fn overview(
                 "TERMINATING",
                 "TERMINATED",
             ],
-        )
-        .await?;
+        );
         regions.push(RegionOverview {
             region: region.clone(),
             active_image: active.map(|image| image.image_id.clone()),
@@ -724,13 +688,10 @@ async fn overview(
             hosts,
         });
     }
-    let mandelboxes = counts_by_status(
-        state,
-        "SELECT status, count(*) AS n FROM mandelboxes GROUP BY status",
-        None,
+    let mandelboxes = every_status(
+        fleet_queries::mandelboxes_by_status(&state.database).await?,
         &["ALLOCATED", "CONNECTING", "RUNNING", "DYING", "DEAD"],
-    )
-    .await?;
+    );
     let projections = state
         .projections
         .status()
@@ -753,11 +714,8 @@ async fn overview(
     let now = Utc::now();
     let start = now - chrono::Duration::minutes(29);
     let start = start - chrono::Duration::seconds(i64::from(chrono::Timelike::second(&start)));
-    let created: Vec<String> =
-        sqlx::query_scalar("SELECT created_at FROM mandelboxes WHERE created_at >= $1")
-            .bind(start.to_rfc3339())
-            .fetch_all(state.database.any())
-            .await?;
+    let created =
+        fleet_queries::mandelboxes_created_since(&state.database, &start.to_rfc3339()).await?;
     let mut per_minute = vec![0i64; 30];
     for at in created {
         if let Ok(at) = DateTime::parse_from_rfc3339(&at) {
