@@ -1,10 +1,11 @@
 //! The `images` read model: per region, every image a release ever named and what it is now (`PREPARED`, `ACTIVE`,
 //! `RETIRED` or `ROLLED_BACK`). A swap-over is one event, applied in one transaction, so a reader sees every region
-//! switched or none.
+//! switched or none. [`list_region_images`] reads it.
 
 use async_trait::async_trait;
-use sqlx::AnyConnection;
-use whist_adapters::store::LoggedEvent;
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
+use whist_adapters::store::{Database, LoggedEvent};
 use whist_domain::images::ImageCatalogEvent;
 
 use crate::projection::{Projection, ProjectionError, Tables};
@@ -157,4 +158,49 @@ impl Projection for Images {
         }
         Ok(())
     }
+}
+
+/// A row of `region_images`: one region's image of one release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionImageRow {
+    pub region: String,
+    pub client_commit_hash: String,
+    pub image_id: String,
+    /// `PREPARED`, `ACTIVE`, `RETIRED` or `ROLLED_BACK`.
+    pub status: String,
+    /// The preparation that recorded a candidate (`None` for an image activated without one).
+    pub generation: Option<i64>,
+    /// The log position of the event that last changed the row.
+    pub position: i64,
+    pub updated_at: String,
+}
+
+fn region_image_row(row: &AnyRow) -> Result<RegionImageRow, sqlx::Error> {
+    Ok(RegionImageRow {
+        region: row.try_get("region")?,
+        client_commit_hash: row.try_get("client_commit_hash")?,
+        image_id: row.try_get("image_id")?,
+        status: row.try_get("status")?,
+        generation: row.try_get("generation")?,
+        position: row.try_get("position")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// Every region's images, or only those with `status`, by region and then in the order they last changed.
+///
+/// # Errors
+/// The read model could not be read.
+pub async fn list_region_images(
+    database: &Database,
+    status: Option<&str>,
+) -> Result<Vec<RegionImageRow>, sqlx::Error> {
+    crate::read::filtered_by_status(
+        database,
+        "SELECT region, client_commit_hash, image_id, status, generation, position, updated_at \
+         FROM region_images WHERE $1 IS NULL OR status = $1 ORDER BY region, position, client_commit_hash",
+        status,
+        region_image_row,
+    )
+    .await
 }

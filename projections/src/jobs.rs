@@ -3,12 +3,15 @@
 //!
 //! Unlike a read model it is not rebuilt: a rebuild would plan every past side effect again. The reconciler
 //! that runs the jobs is level-triggered anyway (it checks the aggregate before acting), so a stale job is skipped.
+//!
+//! The reconciler's reads and writes of the `jobs` table live here too: [`claim`], [`renew_claim`],
+//! [`write_outcomes`] and [`waiting_jobs`].
 
 use async_trait::async_trait;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
-use sqlx::AnyConnection;
-use whist_adapters::store::{values_placeholders, LoggedEvent};
+use sqlx::{AnyConnection, Row};
+use whist_adapters::store::{values_placeholders, Database, LoggedEvent};
 use whist_domain::instance::InstanceEvent;
 use whist_domain::mandelbox::MandelboxEvent;
 
@@ -166,6 +169,151 @@ impl Projection for JobPlanner {
         }
         Ok(())
     }
+}
+
+/// A claimed job.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: i64,
+    /// `None` for a kind this build does not know (a newer release planned it): the reconciler gives it up.
+    pub kind: Option<JobKind>,
+    /// The stored name of the kind, for logs and metrics.
+    pub kind_name: String,
+    pub aggregate_id: String,
+    /// The stored payload; the default one if it cannot be read.
+    pub payload: JobPayload,
+    /// The attempt this claim is; also the claim's fencing token.
+    pub attempts: i64,
+}
+
+/// Claims up to `limit` runnable jobs of `kinds`, lowest id first, until `claimed_until_ms`: those pending whose
+/// `run_after_ms` has come, and those running whose claim expired before `now_ms`. Each claim is one more attempt.
+/// On Postgres the rows are taken `FOR UPDATE SKIP LOCKED`, so that processes claiming at once take different jobs.
+///
+/// # Errors
+/// The database failed (nothing was claimed), or a claimed row could not be read.
+pub async fn claim(
+    database: &Database,
+    kinds: &[JobKind],
+    now_ms: i64,
+    claimed_until_ms: i64,
+    limit: i64,
+) -> Result<Vec<Job>, sqlx::Error> {
+    let placeholders: Vec<String> = (0..kinds.len())
+        .map(|index| format!("${}", index + 4))
+        .collect();
+    let lock = if database.is_postgres() {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "UPDATE jobs SET status = 'running', attempts = attempts + 1, claimed_until_ms = $2 \
+         WHERE id IN (SELECT id FROM jobs WHERE status IN ('pending', 'running') \
+           AND ((status = 'pending' AND run_after_ms <= $1) OR (status = 'running' AND claimed_until_ms < $1)) \
+           AND kind IN ({}) ORDER BY id LIMIT $3{lock}) \
+         RETURNING id, kind, aggregate_id, payload, attempts",
+        placeholders.join(", ")
+    );
+    let mut query = sqlx::query(&sql)
+        .bind(now_ms)
+        .bind(claimed_until_ms)
+        .bind(limit);
+    for kind in kinds {
+        query = query.bind(kind.as_str());
+    }
+    let rows = query.fetch_all(database.any()).await?;
+    rows.iter()
+        .map(|row| {
+            let payload: String = row.try_get("payload")?;
+            let kind_name: String = row.try_get("kind")?;
+            Ok(Job {
+                id: row.try_get("id")?,
+                kind: JobKind::from_stored(&kind_name),
+                kind_name,
+                aggregate_id: row.try_get("aggregate_id")?,
+                payload: serde_json::from_str(&payload).unwrap_or_default(),
+                attempts: row.try_get("attempts")?,
+            })
+        })
+        .collect()
+}
+
+/// Extends the claim `attempts` of the running job `id` until `claimed_until_ms`; whether the claim was still held
+/// (`false` once another process took the job over, or its outcome is written).
+///
+/// # Errors
+/// The database failed.
+pub async fn renew_claim(
+    database: &Database,
+    id: i64,
+    attempts: i64,
+    claimed_until_ms: i64,
+) -> Result<bool, sqlx::Error> {
+    let renewed = sqlx::query(
+        "UPDATE jobs SET claimed_until_ms = $2 WHERE id = $1 AND attempts = $3 AND status = 'running'",
+    )
+    .bind(id)
+    .bind(claimed_until_ms)
+    .bind(attempts)
+    .execute(database.any())
+    .await?;
+    Ok(renewed.rows_affected() > 0)
+}
+
+/// The outcome of one claimed job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobOutcome {
+    pub id: i64,
+    /// The claim's attempt number: an outcome is written only over the same claim.
+    pub attempts: i64,
+    /// `done`, `failed` or `pending` (to be retried from `run_after_ms`).
+    pub status: &'static str,
+    pub run_after_ms: i64,
+    pub error: Option<String>,
+}
+
+/// Writes `outcomes` in one statement, each over its job's row if that row is still running under the outcome's
+/// claim; the ids of the jobs written (an outcome whose claim was taken over is not).
+///
+/// # Errors
+/// The database failed; none was written.
+pub async fn write_outcomes(
+    database: &Database,
+    outcomes: &[JobOutcome],
+) -> Result<Vec<i64>, sqlx::Error> {
+    if outcomes.is_empty() {
+        return Ok(Vec::new());
+    }
+    // `VALUES` columns are column1… on both backends.
+    let sql = format!(
+        "UPDATE jobs SET status = v.column3, run_after_ms = v.column4, last_error = v.column5, \
+         finished_ms = CASE WHEN v.column3 = 'done' OR v.column3 = 'failed' THEN v.column4 ELSE NULL END \
+         FROM (VALUES {}) AS v \
+         WHERE jobs.id = v.column1 AND jobs.attempts = v.column2 AND jobs.status = 'running' \
+         RETURNING jobs.id",
+        values_placeholders(outcomes.len(), 5)
+    );
+    let mut query = sqlx::query_scalar::<_, i64>(&sql);
+    for outcome in outcomes {
+        query = query
+            .bind(outcome.id)
+            .bind(outcome.attempts)
+            .bind(outcome.status)
+            .bind(outcome.run_after_ms)
+            .bind(outcome.error.clone());
+    }
+    query.fetch_all(database.any()).await
+}
+
+/// Jobs waiting to run: pending, or running (claimed).
+///
+/// # Errors
+/// The database failed.
+pub async fn waiting_jobs(database: &Database) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status IN ('pending', 'running')")
+        .fetch_one(database.any())
+        .await
 }
 
 #[cfg(test)]

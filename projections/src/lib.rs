@@ -1,4 +1,6 @@
 //! Projections: read models built from the global event log, and the runner that keeps each one at the log's head.
+//! Beside them, the typed queries the rest of the webserver reads (and, for `jobs` and `host_heartbeats`, writes)
+//! those tables with, so that no SQL against a read model lives outside this crate.
 //!
 //! Architecture invariant: a projection only reads events and writes its own tables, inside the transaction that
 //! also moves its checkpoint. It calls no outside service and never sends commands, so it can be replayed from
@@ -9,14 +11,16 @@ pub mod catalog;
 pub mod chain;
 pub mod fleet;
 pub mod fleet_queries;
+pub mod heartbeats;
 pub mod jobs;
 mod projection;
+mod read;
 mod runner;
 
 pub use projection::{Projection, ProjectionError, Tables};
 pub use runner::{
-    ProjectionRunner, ProjectionStatus, RebuildProgress, RebuildReport, RunnerError, StepOutcome,
-    TableDifference, VerifyReport,
+    checkpoint_position, ProjectionRunner, ProjectionStatus, RebuildProgress, RebuildReport,
+    RunnerError, StepOutcome, TableDifference, VerifyReport,
 };
 
 use std::sync::Arc;

@@ -561,6 +561,21 @@ impl ProjectionRunner {
     }
 }
 
+/// The position the projection named `name` has applied the log up to; `None` before its checkpoint is registered
+/// (it has applied nothing). Readers that must see their own decisions wait for it to reach the log's head.
+///
+/// # Errors
+/// The database failed.
+pub async fn checkpoint_position(
+    database: &Database,
+    name: &str,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT position FROM projection_checkpoints WHERE name = $1")
+        .bind(name)
+        .fetch_optional(database.any())
+        .await
+}
+
 /// Locks the checkpoint row for the rest of the transaction and reads it. The lock is taken with an UPDATE so that
 /// it works the same on Postgres (row lock) and SQLite (the write lock, taken before any read).
 async fn lock_checkpoint(

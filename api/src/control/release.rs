@@ -16,7 +16,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use sqlx::Row;
 use uuid::Uuid;
 use whist_adapters::store::CommandError;
 use whist_adapters::tokens::{fingerprint, Purpose};
@@ -26,6 +25,7 @@ use whist_domain::instance::{
 };
 use whist_domain::scaling::{retirements, Retirement};
 use whist_domain::{Actor, EventMetadata};
+use whist_projections::fleet_queries;
 
 use crate::control::UseCaseError;
 use crate::state::Context;
@@ -309,20 +309,13 @@ pub async fn progress(
 ) -> Result<Vec<RegionProgress>, ReleaseError> {
     let mut regions = Vec::with_capacity(buffers.regions.len());
     for (region, (image_id, ids)) in &buffers.regions {
-        let rows = sqlx::query(
-            "SELECT instance_id, status FROM instances WHERE region = $1 AND image_id = $2",
-        )
-        .bind(region)
-        .bind(image_id)
-        .fetch_all(state.database.any())
-        .await
-        .map_err(store_error)?;
-        let mut statuses = BTreeMap::new();
-        for row in rows {
-            let instance_id: String = row.try_get("instance_id").map_err(store_error)?;
-            let status: String = row.try_get("status").map_err(store_error)?;
-            statuses.insert(instance_id, status);
-        }
+        let statuses: BTreeMap<String, String> =
+            fleet_queries::image_host_statuses(&state.database, region, image_id)
+                .await
+                .map_err(store_error)?
+                .into_iter()
+                .map(|host| (host.instance_id, host.status))
+                .collect();
         let mut progress = RegionProgress {
             region: region.clone(),
             wanted: ids.len(),
@@ -465,14 +458,9 @@ pub async fn swap_over(
     if let Some(prepared) = before.prepared.get(client_commit_hash) {
         let mut ready_regions = BTreeSet::new();
         for (region, image_id) in &prepared.images {
-            let active: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM instances WHERE region = $1 AND image_id = $2 AND status = 'ACTIVE'",
-            )
-            .bind(region)
-            .bind(image_id)
-            .fetch_one(state.database.any())
-            .await
-            .map_err(store_error)?;
+            let active = fleet_queries::active_hosts_of_image(&state.database, region, image_id)
+                .await
+                .map_err(store_error)?;
             if active > 0 {
                 ready_regions.insert(region.clone());
             }
@@ -544,11 +532,7 @@ pub async fn instances_caught_up(state: &Context, wait: Duration) -> Result<bool
     let head = state.database.log().head().await?;
     let deadline = Instant::now() + wait;
     loop {
-        let position: Option<i64> = sqlx::query_scalar(
-            "SELECT position FROM projection_checkpoints WHERE name = 'instances'",
-        )
-        .fetch_optional(state.database.any())
-        .await?;
+        let position = whist_projections::checkpoint_position(&state.database, "instances").await?;
         if position.unwrap_or(0) >= head {
             return Ok(true);
         }

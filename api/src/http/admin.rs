@@ -6,12 +6,12 @@ use poem::web::Data;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
-use sqlx::any::AnyRow;
-use sqlx::Row;
+use whist_projections::catalog::RegionImageRow;
+use whist_projections::fleet_queries::{self, InstanceRow, MandelboxRow, StatusCount};
 
 use crate::control::audit::{self, AuditError, EventRecord, ReplayUntil, ReplayedState};
 use crate::control::operator::HostAction;
-use crate::http::error::ErrorBody;
+use crate::http::error::{error_body, unavailable, ErrorBody};
 use crate::http::security::AdminAuth;
 use crate::state::AppState;
 use whist_domain::Actor;
@@ -83,72 +83,69 @@ pub enum ListResponse<T: poem_openapi::types::ToJSON + Send + Sync> {
     Unavailable(Json<ErrorBody>),
 }
 
-fn unavailable<T: poem_openapi::types::ToJSON + Send + Sync>(
+fn list_unavailable<T: poem_openapi::types::ToJSON + Send + Sync>(
     error: &sqlx::Error,
 ) -> ListResponse<T> {
-    crate::telemetry::log_failure("could not read a read model", error);
-    ListResponse::Unavailable(Json(ErrorBody {
-        error: "STORE_UNAVAILABLE".to_string(),
-    }))
+    ListResponse::Unavailable(unavailable("could not read a read model", error))
 }
 
-fn instance(row: &AnyRow) -> Result<AdminInstance, sqlx::Error> {
-    Ok(AdminInstance {
-        instance_id: row.try_get("instance_id")?,
-        cloud_instance_id: row.try_get("cloud_instance_id")?,
-        region: row.try_get("region")?,
-        image_id: row.try_get("image_id")?,
-        client_commit_hash: row.try_get("client_commit_hash")?,
-        instance_type: row.try_get("instance_type")?,
-        ip: row.try_get("ip")?,
-        status: row.try_get("status")?,
-        mandelbox_capacity: row.try_get("mandelbox_capacity")?,
-        live_mandelboxes: row.try_get("live_mandelboxes")?,
-        launched_at: row.try_get("launched_at")?,
-        updated_at: row.try_get("updated_at")?,
-    })
+impl From<InstanceRow> for AdminInstance {
+    fn from(row: InstanceRow) -> Self {
+        Self {
+            instance_id: row.instance_id,
+            cloud_instance_id: row.cloud_instance_id,
+            region: row.region,
+            image_id: row.image_id,
+            client_commit_hash: row.client_commit_hash,
+            instance_type: row.instance_type,
+            ip: row.ip,
+            status: row.status,
+            mandelbox_capacity: row.mandelbox_capacity,
+            live_mandelboxes: row.live_mandelboxes,
+            launched_at: row.launched_at,
+            updated_at: row.updated_at,
+        }
+    }
 }
 
-fn mandelbox(row: &AnyRow) -> Result<AdminMandelbox, sqlx::Error> {
-    Ok(AdminMandelbox {
-        mandelbox_id: row.try_get("mandelbox_id")?,
-        instance_id: row.try_get("instance_id")?,
-        user_id: row.try_get("user_id")?,
-        session_id: row.try_get("session_id")?,
-        region: row.try_get("region")?,
-        ip: row.try_get("ip")?,
-        status: row.try_get("status")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-    })
+impl From<MandelboxRow> for AdminMandelbox {
+    fn from(row: MandelboxRow) -> Self {
+        Self {
+            mandelbox_id: row.mandelbox_id,
+            instance_id: row.instance_id,
+            user_id: row.user_id,
+            session_id: row.session_id,
+            region: row.region,
+            ip: row.ip,
+            status: row.status,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        }
+    }
 }
 
-fn image(row: &AnyRow) -> Result<AdminImage, sqlx::Error> {
-    Ok(AdminImage {
-        region: row.try_get("region")?,
-        client_commit_hash: row.try_get("client_commit_hash")?,
-        image_id: row.try_get("image_id")?,
-        status: row.try_get("status")?,
-        generation: row.try_get("generation")?,
-        position: row.try_get("position")?,
-        updated_at: row.try_get("updated_at")?,
-    })
+impl From<RegionImageRow> for AdminImage {
+    fn from(row: RegionImageRow) -> Self {
+        Self {
+            region: row.region,
+            client_commit_hash: row.client_commit_hash,
+            image_id: row.image_id,
+            status: row.status,
+            generation: row.generation,
+            position: row.position,
+            updated_at: row.updated_at,
+        }
+    }
 }
 
-/// Reads `sql` (with an optional status filter bound as `$1`) into items.
-async fn list<T: poem_openapi::types::ToJSON + Send + Sync>(
-    state: &AppState,
-    sql: &str,
-    status: Option<String>,
-    item: fn(&AnyRow) -> Result<T, sqlx::Error>,
-) -> ListResponse<T> {
-    let query = sqlx::query(sql).bind(status);
-    match query.fetch_all(state.database.any()).await {
-        Ok(rows) => match rows.iter().map(item).collect::<Result<Vec<T>, _>>() {
-            Ok(items) => ListResponse::Listed(Json(items)),
-            Err(error) => unavailable(&error),
-        },
-        Err(error) => unavailable(&error),
+/// Answers a read model's rows as their listing.
+fn listed<T, R>(rows: Result<Vec<R>, sqlx::Error>) -> ListResponse<T>
+where
+    T: poem_openapi::types::ToJSON + Send + Sync + From<R>,
+{
+    match rows {
+        Ok(rows) => ListResponse::Listed(Json(rows.into_iter().map(T::from).collect())),
+        Err(error) => list_unavailable(&error),
     }
 }
 
@@ -307,21 +304,12 @@ pub enum RebuildResponse {
     Unavailable(Json<ErrorBody>),
 }
 
-fn error_body(code: &str) -> Json<ErrorBody> {
-    Json(ErrorBody {
-        error: code.to_string(),
-    })
-}
-
 fn events_failure(error: &AuditError) -> EventsResponse {
     match error {
         AuditError::UnknownAggregateType(_) => {
             EventsResponse::NotFound(error_body("UNKNOWN_AGGREGATE_TYPE"))
         }
-        other => {
-            crate::telemetry::log_failure("could not read the log", other);
-            EventsResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
-        }
+        other => EventsResponse::Unavailable(unavailable("could not read the log", other)),
     }
 }
 
@@ -338,15 +326,7 @@ impl AdminApi {
         _auth: AdminAuth,
         status: Query<Option<String>>,
     ) -> ListResponse<AdminInstance> {
-        list(
-            &state,
-            "SELECT instance_id, cloud_instance_id, region, image_id, client_commit_hash, instance_type, ip, status, \
-             mandelbox_capacity, live_mandelboxes, launched_at, updated_at FROM instances \
-             WHERE $1 IS NULL OR status = $1 ORDER BY launched_at, instance_id",
-            status.0,
-            instance,
-        )
-        .await
+        listed(fleet_queries::list_instances(&state.database, status.0.as_deref()).await)
     }
 
     /// Every mandelbox; `?status=` keeps one status.
@@ -357,14 +337,7 @@ impl AdminApi {
         _auth: AdminAuth,
         status: Query<Option<String>>,
     ) -> ListResponse<AdminMandelbox> {
-        list(
-            &state,
-            "SELECT mandelbox_id, instance_id, user_id, session_id, region, ip, status, created_at, updated_at \
-             FROM mandelboxes WHERE $1 IS NULL OR status = $1 ORDER BY created_at, mandelbox_id",
-            status.0,
-            mandelbox,
-        )
-        .await
+        listed(fleet_queries::list_mandelboxes(&state.database, status.0.as_deref()).await)
     }
 
     /// The image catalog per region: active images, release candidates, retired and rolled-back ones; `?status=`
@@ -376,14 +349,10 @@ impl AdminApi {
         _auth: AdminAuth,
         status: Query<Option<String>>,
     ) -> ListResponse<AdminImage> {
-        list(
-            &state,
-            "SELECT region, client_commit_hash, image_id, status, generation, position, updated_at \
-             FROM region_images WHERE $1 IS NULL OR status = $1 ORDER BY region, position, client_commit_hash",
-            status.0,
-            image,
+        listed(
+            whist_projections::catalog::list_region_images(&state.database, status.0.as_deref())
+                .await,
         )
-        .await
     }
 
     /// The global log in commit order: up to `limit` (default 100, at most 10,000) events after `after` (default 0).
@@ -454,8 +423,7 @@ impl AdminApi {
                 StateResponse::NotFound(error_body("UNKNOWN_AGGREGATE_TYPE"))
             }
             Err(error) => {
-                crate::telemetry::log_failure("could not replay an aggregate", &error);
-                StateResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
+                StateResponse::Unavailable(unavailable("could not replay an aggregate", &error))
             }
         }
     }
@@ -467,10 +435,10 @@ impl AdminApi {
             Ok(statuses) => ProjectionsResponse::Listed(Json(
                 statuses.into_iter().map(AdminProjection::from).collect(),
             )),
-            Err(error) => {
-                crate::telemetry::log_failure("could not read projection status", &error);
-                ProjectionsResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
-            }
+            Err(error) => ProjectionsResponse::Unavailable(unavailable(
+                "could not read projection status",
+                &error,
+            )),
         }
     }
 
@@ -497,8 +465,7 @@ impl AdminApi {
                 RebuildResponse::NotRebuildable(error_body("NOT_REBUILDABLE"))
             }
             Err(error) => {
-                crate::telemetry::log_failure("could not rebuild a projection", &error);
-                RebuildResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
+                RebuildResponse::Unavailable(unavailable("could not rebuild a projection", &error))
             }
         }
     }
@@ -636,7 +603,7 @@ fn operator_failure<T>(
     bad: impl FnOnce(Json<ErrorBody>) -> T,
     not_found: impl FnOnce(Json<ErrorBody>) -> T,
     conflict: impl FnOnce(Json<ErrorBody>) -> T,
-    unavailable: impl FnOnce(Json<ErrorBody>) -> T,
+    failed: impl FnOnce(Json<ErrorBody>) -> T,
 ) -> T {
     use crate::control::operator::OperatorError as E;
     match error {
@@ -645,10 +612,7 @@ fn operator_failure<T>(
         E::UnknownHost(_) => not_found(error_body("NOT_FOUND")),
         E::NoActiveImage(_) => conflict(error_body("NO_ACTIVE_IMAGE")),
         E::HostEnded(_) => conflict(error_body("HOST_ENDED")),
-        E::Store(ref cause) => {
-            crate::telemetry::log_failure("an admin action failed", cause);
-            unavailable(error_body("STORE_UNAVAILABLE"))
-        }
+        E::Store(ref cause) => failed(unavailable("an admin action failed", cause)),
     }
 }
 
@@ -675,33 +639,22 @@ async fn host_action(
     }
 }
 
-async fn counts_by_status(
-    state: &AppState,
-    sql: &str,
-    region: Option<&str>,
-    statuses: &[&str],
-) -> Result<Vec<CountByStatus>, sqlx::Error> {
-    let mut query = sqlx::query(sql);
-    if let Some(region) = region {
-        query = query.bind(region);
-    }
-    let rows = query.fetch_all(state.database.any()).await?;
-    let mut counts: Vec<CountByStatus> = statuses
+/// `counts` with every one of `statuses` (zero if absent) first, in that order, then any other status counted.
+fn every_status(counts: Vec<StatusCount>, statuses: &[&str]) -> Vec<CountByStatus> {
+    let mut every: Vec<CountByStatus> = statuses
         .iter()
         .map(|status| CountByStatus {
             status: (*status).to_string(),
             count: 0,
         })
         .collect();
-    for row in rows {
-        let status: String = row.try_get("status")?;
-        let count: i64 = row.try_get("n")?;
-        match counts.iter_mut().find(|entry| entry.status == status) {
+    for StatusCount { status, count } in counts {
+        match every.iter_mut().find(|entry| entry.status == status) {
             Some(entry) => entry.count = count,
-            None => counts.push(CountByStatus { status, count }),
+            None => every.push(CountByStatus { status, count }),
         }
     }
-    Ok(counts)
+    every
 }
 
 async fn overview(
@@ -716,19 +669,14 @@ async fn overview(
     let mut regions = Vec::new();
     for region in &settings.enabled_regions {
         let active = catalog.active_in(region);
-        let free: i64 = sqlx::query_scalar(
-            "SELECT CAST(COALESCE(SUM(mandelbox_capacity - live_mandelboxes), 0) AS BIGINT) FROM instances \
-             WHERE region = $1 AND status = 'ACTIVE' AND image_id = $2",
+        let free = fleet_queries::free_slots(
+            &state.database,
+            region,
+            active.map_or("", |image| image.image_id.as_str()),
         )
-        .bind(region)
-        .bind(active.map(|image| image.image_id.clone()).unwrap_or_default())
-        .fetch_one(state.database.any())
-        .await
-        ?;
-        let hosts = counts_by_status(
-            state,
-            "SELECT status, count(*) AS n FROM instances WHERE region = $1 GROUP BY status",
-            Some(region),
+        .await?;
+        let hosts = every_status(
+            fleet_queries::instances_by_status(&state.database, region).await?,
             &[
                 "PRE_CONNECTION",
                 "ACTIVE",
@@ -737,8 +685,7 @@ async fn overview(
                 "TERMINATING",
                 "TERMINATED",
             ],
-        )
-        .await?;
+        );
         regions.push(RegionOverview {
             region: region.clone(),
             active_image: active.map(|image| image.image_id.clone()),
@@ -748,13 +695,10 @@ async fn overview(
             hosts,
         });
     }
-    let mandelboxes = counts_by_status(
-        state,
-        "SELECT status, count(*) AS n FROM mandelboxes GROUP BY status",
-        None,
+    let mandelboxes = every_status(
+        fleet_queries::mandelboxes_by_status(&state.database).await?,
         &["ALLOCATED", "CONNECTING", "RUNNING", "DYING", "DEAD"],
-    )
-    .await?;
+    );
     let projections = state
         .projections
         .status()
@@ -777,11 +721,8 @@ async fn overview(
     let now = Utc::now();
     let start = now - chrono::Duration::minutes(29);
     let start = start - chrono::Duration::seconds(i64::from(chrono::Timelike::second(&start)));
-    let created: Vec<String> =
-        sqlx::query_scalar("SELECT created_at FROM mandelboxes WHERE created_at >= $1")
-            .bind(start.to_rfc3339())
-            .fetch_all(state.database.any())
-            .await?;
+    let created =
+        fleet_queries::mandelboxes_created_since(&state.database, &start.to_rfc3339()).await?;
     let mut per_minute = vec![0i64; 30];
     for at in created {
         if let Ok(at) = DateTime::parse_from_rfc3339(&at) {
@@ -878,7 +819,10 @@ impl OperatorApi {
     async fn maintenance(&self, state: Data<&AppState>, _auth: AdminAuth) -> MaintenanceResponse {
         match crate::control::operator::maintenance(&state).await {
             Ok(enabled) => MaintenanceResponse::Switch(Json(Maintenance { enabled })),
-            Err(_) => MaintenanceResponse::Unavailable(error_body("STORE_UNAVAILABLE")),
+            Err(error) => MaintenanceResponse::Unavailable(unavailable(
+                "could not read the maintenance switch",
+                &error,
+            )),
         }
     }
 
@@ -894,10 +838,10 @@ impl OperatorApi {
         let actor = Actor::User(auth.0.user_id.clone());
         match crate::control::operator::set_maintenance(&state, &actor, body.0.enabled).await {
             Ok(enabled) => MaintenanceResponse::Switch(Json(Maintenance { enabled })),
-            Err(error) => {
-                tracing::error!(error = %error, "could not switch maintenance mode");
-                MaintenanceResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
-            }
+            Err(error) => MaintenanceResponse::Unavailable(unavailable(
+                "could not switch maintenance mode",
+                &error,
+            )),
         }
     }
 
@@ -907,8 +851,7 @@ impl OperatorApi {
         match overview(&state).await {
             Ok(overview) => OverviewResponse::Overview(Json(overview)),
             Err(error) => {
-                crate::telemetry::log_failure("could not read the overview", &*error);
-                OverviewResponse::Unavailable(error_body("STORE_UNAVAILABLE"))
+                OverviewResponse::Unavailable(unavailable("could not read the overview", &*error))
             }
         }
     }

@@ -64,7 +64,7 @@ impl HireFireApi {
         if fingerprint(&token.0) != fingerprint(expected.expose()) {
             return not_found();
         }
-        match crate::workers::reconciler::waiting_jobs(&state).await {
+        match whist_projections::jobs::waiting_jobs(&state.database).await {
             Ok(quantity) => InfoResponse::Info(Json(vec![WorkerQuantity {
                 name: "worker".to_string(),
                 quantity,

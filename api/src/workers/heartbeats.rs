@@ -6,25 +6,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use sqlx::Row;
 use tokio::sync::watch;
 use whist_adapters::store::Database;
 use whist_domain::instance::InstanceStatus;
 
+pub use whist_projections::heartbeats::Heartbeat;
+
 /// How long a heartbeat waits for the read of host statuses in flight before answering from the copy it has.
 const REFRESH_WAIT: Duration = Duration::from_millis(500);
-
-/// One heartbeat as the host sent it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Heartbeat {
-    pub instance_id: String,
-    pub received_at_ms: i64,
-    pub heartbeat_number: i64,
-    pub total_ram_kb: i64,
-    pub free_ram_kb: i64,
-    pub avail_ram_kb: i64,
-    pub is_dying: bool,
-}
 
 /// The latest heartbeat of every host heard by this process, not yet written, and a copy of every host's status
 /// from the `instances` read model, refreshed once a second, so that a heartbeat costs no query.
@@ -111,24 +100,17 @@ impl HeartbeatBook {
             }
             return;
         }
-        let read = sqlx::query("SELECT instance_id, status, live_mandelboxes FROM instances")
-            .fetch_all(self.database.any())
-            .await;
+        let read = whist_projections::heartbeats::host_fills(&self.database).await;
         let now = std::time::Instant::now();
         let Ok(mut copy) = self.statuses.lock() else {
             return;
         };
         copy.tried_at = Some(now);
         match read {
-            Ok(rows) => {
-                copy.statuses = rows
-                    .iter()
-                    .filter_map(|row| {
-                        let id: String = row.try_get("instance_id").ok()?;
-                        let status: String = row.try_get("status").ok()?;
-                        let live: i64 = row.try_get("live_mandelboxes").ok()?;
-                        Some((id, (InstanceStatus::parse(&status)?, live)))
-                    })
+            Ok(hosts) => {
+                copy.statuses = hosts
+                    .into_iter()
+                    .map(|host| (host.instance_id, (host.status, host.live_mandelboxes)))
                     .collect();
                 copy.read_at = Some(now);
             }
@@ -171,39 +153,15 @@ impl HeartbeatBook {
             Err(_) => return Ok(0),
         };
         let count = batch.len();
-        for chunk in batch.chunks(500) {
-            let mut sql = String::from(
-                "INSERT INTO host_heartbeats (instance_id, last_seen_ms, heartbeat_number, total_ram_kb, \
-                 free_ram_kb, avail_ram_kb, is_dying) VALUES ",
-            );
-            sql.push_str(&whist_adapters::store::values_placeholders(chunk.len(), 7));
-            sql.push_str(
-                " ON CONFLICT (instance_id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms, \
-                 heartbeat_number = excluded.heartbeat_number, total_ram_kb = excluded.total_ram_kb, \
-                 free_ram_kb = excluded.free_ram_kb, avail_ram_kb = excluded.avail_ram_kb, \
-                 is_dying = excluded.is_dying WHERE host_heartbeats.last_seen_ms <= excluded.last_seen_ms",
-            );
-            let mut query = sqlx::query(&sql);
-            for heartbeat in chunk {
-                query = query
-                    .bind(heartbeat.instance_id.as_str())
-                    .bind(heartbeat.received_at_ms)
-                    .bind(heartbeat.heartbeat_number)
-                    .bind(heartbeat.total_ram_kb)
-                    .bind(heartbeat.free_ram_kb)
-                    .bind(heartbeat.avail_ram_kb)
-                    .bind(i64::from(heartbeat.is_dying));
-            }
-            if let Err(error) = query.execute(self.database.any()).await {
-                if let Ok(mut pending) = self.pending.lock() {
-                    for heartbeat in batch {
-                        pending
-                            .entry(heartbeat.instance_id.clone())
-                            .or_insert(heartbeat);
-                    }
+        if let Err(error) = whist_projections::heartbeats::write(&self.database, &batch).await {
+            if let Ok(mut pending) = self.pending.lock() {
+                for heartbeat in batch {
+                    pending
+                        .entry(heartbeat.instance_id.clone())
+                        .or_insert(heartbeat);
                 }
-                return Err(error);
             }
+            return Err(error);
         }
         Ok(count)
     }

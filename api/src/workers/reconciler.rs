@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use sqlx::Row;
 use tokio::sync::{watch, Mutex};
 use whist_adapters::config::CloudKind;
 use whist_adapters::ec2::{Ec2Error, LaunchRequest};
@@ -25,7 +24,7 @@ use whist_domain::instance::{
 };
 use whist_domain::mandelbox::{EndReason, MandelboxCommand, MandelboxStatus};
 use whist_domain::{Actor, EventMetadata};
-use whist_projections::jobs::{JobKind, JobPayload};
+use whist_projections::jobs::{Job, JobKind};
 
 use crate::state::Context;
 
@@ -49,20 +48,6 @@ fn retries_until_done(kind: JobKind) -> bool {
         kind,
         JobKind::Launch | JobKind::Terminate | JobKind::TerminateStray
     )
-}
-
-/// A claimed job.
-#[derive(Debug, Clone)]
-struct Job {
-    id: i64,
-    /// `None` for a kind this build does not know (a newer release planned it): given up.
-    kind: Option<JobKind>,
-    /// The stored name of the kind, for logs and metrics.
-    kind_name: String,
-    aggregate_id: String,
-    payload: JobPayload,
-    /// The attempt this claim is; also the claim's fencing token.
-    attempts: i64,
 }
 
 /// What running a job came to.
@@ -95,8 +80,8 @@ impl Reconciler {
     }
 
     /// Kinds this process runs: launching goes to simulated hosts (`local`) or EC2 (`aws`).
-    fn kinds(&self) -> Vec<&'static str> {
-        JobKind::ALL.iter().map(|kind| kind.as_str()).collect()
+    fn kinds(&self) -> &'static [JobKind] {
+        &JobKind::ALL
     }
 
     fn claim_ms(&self) -> i64 {
@@ -106,45 +91,14 @@ impl Reconciler {
     /// Claims up to `limit` runnable jobs.
     async fn claim(&self, limit: i64) -> Result<Vec<Job>, sqlx::Error> {
         let now = Utc::now().timestamp_millis();
-        let kinds = self.kinds();
-        let placeholders: Vec<String> = (0..kinds.len())
-            .map(|index| format!("${}", index + 4))
-            .collect();
-        let lock = if self.state.database.is_postgres() {
-            " FOR UPDATE SKIP LOCKED"
-        } else {
-            ""
-        };
-        let sql = format!(
-            "UPDATE jobs SET status = 'running', attempts = attempts + 1, claimed_until_ms = $2 \
-             WHERE id IN (SELECT id FROM jobs WHERE status IN ('pending', 'running') \
-               AND ((status = 'pending' AND run_after_ms <= $1) OR (status = 'running' AND claimed_until_ms < $1)) \
-               AND kind IN ({}) ORDER BY id LIMIT $3{lock}) \
-             RETURNING id, kind, aggregate_id, payload, attempts",
-            placeholders.join(", ")
-        );
-        let mut query = sqlx::query(&sql)
-            .bind(now)
-            .bind(now + self.claim_ms())
-            .bind(limit);
-        for kind in kinds {
-            query = query.bind(kind);
-        }
-        let rows = query.fetch_all(self.state.database.any()).await?;
-        rows.iter()
-            .map(|row| {
-                let payload: String = row.try_get("payload")?;
-                let kind_name: String = row.try_get("kind")?;
-                Ok(Job {
-                    id: row.try_get("id")?,
-                    kind: JobKind::from_stored(&kind_name),
-                    kind_name,
-                    aggregate_id: row.try_get("aggregate_id")?,
-                    payload: serde_json::from_str(&payload).unwrap_or_default(),
-                    attempts: row.try_get("attempts")?,
-                })
-            })
-            .collect()
+        whist_projections::jobs::claim(
+            &self.state.database,
+            self.kinds(),
+            now,
+            now + self.claim_ms(),
+            limit,
+        )
+        .await
     }
 
     async fn finish(
@@ -564,13 +518,12 @@ impl Reconciler {
                 outcome = &mut work => return outcome,
                 _ = tokio::time::sleep(renew_every) => {
                     let until = Utc::now().timestamp_millis() + claim_ms;
-                    let renewed = sqlx::query(
-                        "UPDATE jobs SET claimed_until_ms = $2 WHERE id = $1 AND attempts = $3 AND status = 'running'",
+                    let renewed = whist_projections::jobs::renew_claim(
+                        &self.state.database,
+                        job.id,
+                        job.attempts,
+                        until,
                     )
-                    .bind(job.id)
-                    .bind(until)
-                    .bind(job.attempts)
-                    .execute(self.state.database.any())
                     .await;
                     if let Err(error) = renewed {
                         tracing::warn!(job = job.id, error = %error, "could not renew a job's claim");
@@ -647,14 +600,4 @@ impl Reconciler {
             }
         }
     }
-}
-
-/// Jobs waiting to run (HireFire's queue depth).
-///
-/// # Errors
-/// The database failed.
-pub async fn waiting_jobs(state: &Context) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status IN ('pending', 'running')")
-        .fetch_one(state.database.any())
-        .await
 }

@@ -17,11 +17,11 @@
 use std::collections::{BTreeSet, HashMap};
 
 use chrono::Utc;
-use sqlx::Row;
 use whist_adapters::store::CommandError;
 use whist_domain::instance::{InstanceCommand, InstanceError, InstanceStatus};
 use whist_domain::mandelbox::EndReason;
 use whist_domain::{Actor, EventMetadata};
+use whist_projections::fleet_queries;
 
 use crate::control::UseCaseError;
 use crate::state::Context;
@@ -69,36 +69,23 @@ impl Repair {
             .iter()
             .cloned()
             .collect();
-        let rows =
-            sqlx::query("SELECT DISTINCT region FROM instances WHERE status <> 'TERMINATED'")
-                .fetch_all(self.state.database.any())
-                .await?;
-        for row in rows {
-            regions.insert(row.try_get("region")?);
-        }
+        regions.extend(fleet_queries::regions_with_hosts(&self.state.database).await?);
         Ok(regions)
     }
 
     async fn recorded(&self, region: &str) -> Result<Vec<Recorded>, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT instance_id, cloud_instance_id, updated_at FROM instances \
-             WHERE region = $1 AND status <> 'TERMINATED' AND cloud_instance_id IS NOT NULL",
-        )
-        .bind(region)
-        .fetch_all(self.state.database.any())
-        .await?;
-        let mut recorded = Vec::with_capacity(rows.len());
-        for row in rows {
-            let updated_at: String = row.try_get("updated_at")?;
-            recorded.push(Recorded {
-                instance_id: row.try_get("instance_id")?,
-                cloud_instance_id: row.try_get("cloud_instance_id")?,
-                updated_at: chrono::DateTime::parse_from_rfc3339(&updated_at)
+        let hosts = fleet_queries::recorded_hosts(&self.state.database, region).await?;
+        Ok(hosts
+            .into_iter()
+            .map(|host| Recorded {
+                instance_id: host.instance_id,
+                cloud_instance_id: host.cloud_instance_id,
+                // Unreadable: as if changed just now, so left for the next pass.
+                updated_at: chrono::DateTime::parse_from_rfc3339(&host.updated_at)
                     .map(|at| at.with_timezone(&Utc))
                     .unwrap_or_else(|_| Utc::now()),
-            });
-        }
-        Ok(recorded)
+            })
+            .collect())
     }
 
     /// One pass over every region.

@@ -23,12 +23,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chrono::Utc;
-use sqlx::Row;
 use tokio::sync::watch;
 use whist_adapters::store::CommandError;
 use whist_domain::instance::{InstanceCommand, InstanceError, TerminationReason};
 use whist_domain::mandelbox::{EndReason, MandelboxCommand, MandelboxError};
 use whist_domain::{Actor, EventMetadata};
+use whist_projections::fleet_queries;
 
 use crate::state::Context;
 
@@ -127,15 +127,13 @@ impl Sweeper {
     pub async fn expire_stale_allocations(&self) -> Result<usize, sqlx::Error> {
         let timeout = self.state.settings.stale_allocation_timeout;
         let cutoff = Utc::now() - chrono::Duration::from_std(timeout).unwrap_or_default();
-        let rows = sqlx::query(
-            "SELECT mandelbox_id, created_at FROM mandelboxes WHERE status = 'ALLOCATED' LIMIT 500",
-        )
-        .fetch_all(self.state.database.any())
-        .await?;
+        let allocated = fleet_queries::allocated_mandelboxes(&self.state.database).await?;
         let mut ended = 0;
-        for row in rows {
-            let mandelbox_id: String = row.try_get("mandelbox_id")?;
-            let created_at: String = row.try_get("created_at")?;
+        for fleet_queries::AllocatedMandelbox {
+            mandelbox_id,
+            created_at,
+        } in allocated
+        {
             let old = chrono::DateTime::parse_from_rfc3339(&created_at)
                 .map(|created_at| created_at < cutoff)
                 .unwrap_or(false);
@@ -200,29 +198,20 @@ impl Sweeper {
                 .unwrap_or(i64::MAX);
         let now_ms = Utc::now().timestamp_millis();
         // A host that never sent a heartbeat counts from its last change of state (its registration).
-        let rows = sqlx::query(
-            "SELECT i.instance_id, i.region, i.status, i.updated_at, h.last_seen_ms FROM instances i \
-             LEFT JOIN host_heartbeats h ON h.instance_id = i.instance_id \
-             WHERE i.status IN ('ACTIVE', 'DRAINING', 'UNRESPONSIVE')",
-        )
-        .fetch_all(self.state.database.any())
-        .await?;
-        let mut hosts = Vec::with_capacity(rows.len());
-        for row in rows {
-            let status: String = row.try_get("status")?;
-            let last_seen_ms: Option<i64> = row.try_get("last_seen_ms")?;
-            let updated_at: String = row.try_get("updated_at")?;
-            let since_ms = last_seen_ms.unwrap_or_else(|| {
-                chrono::DateTime::parse_from_rfc3339(&updated_at)
+        let heard = fleet_queries::registered_hosts(&self.state.database).await?;
+        let mut hosts = Vec::with_capacity(heard.len());
+        for host in heard {
+            let since_ms = host.last_seen_ms.unwrap_or_else(|| {
+                chrono::DateTime::parse_from_rfc3339(&host.updated_at)
                     .map(|at| at.timestamp_millis())
                     .unwrap_or(now_ms)
             });
             // An unresponsive host is silent by definition: a heartbeat would have brought it back.
-            let silent = status == "UNRESPONSIVE" || now_ms - since_ms > timeout_ms;
+            let silent = host.status == "UNRESPONSIVE" || now_ms - since_ms > timeout_ms;
             hosts.push(RegisteredHost {
-                instance_id: row.try_get("instance_id")?,
-                region: row.try_get("region")?,
-                status,
+                instance_id: host.instance_id,
+                region: host.region,
+                status: host.status,
                 silent,
                 falling_silent: silent || now_ms - since_ms > falling_silent_ms,
             });
@@ -314,14 +303,13 @@ impl Sweeper {
         &self,
         census: &SilenceCensus,
     ) -> Result<usize, sqlx::Error> {
-        let rows =
-            sqlx::query("SELECT instance_id, region FROM instances WHERE status = 'UNRESPONSIVE'")
-                .fetch_all(self.state.database.any())
-                .await?;
+        let unresponsive = fleet_queries::unresponsive_hosts(&self.state.database).await?;
         let mut ended = 0;
-        for row in rows {
-            let instance_id: String = row.try_get("instance_id")?;
-            let region: String = row.try_get("region")?;
+        for fleet_queries::HostInRegion {
+            instance_id,
+            region,
+        } in unresponsive
+        {
             if census.is_braked(&region) {
                 continue;
             }
@@ -362,31 +350,19 @@ impl Sweeper {
             now - chrono::Duration::from_std(fleet.registration_timeout).unwrap_or_default();
         let drained_cutoff =
             now - chrono::Duration::from_std(fleet.drained_host_timeout).unwrap_or_default();
-        let rows = sqlx::query(
-            "SELECT instance_id, status, launched_at, updated_at FROM instances \
-             WHERE status = 'PRE_CONNECTION' OR (status = 'DRAINING' AND live_mandelboxes = 0)",
-        )
-        .fetch_all(self.state.database.any())
-        .await?;
+        let idle = fleet_queries::idle_hosts(&self.state.database).await?;
         let mut ended = 0;
-        for row in rows {
-            let instance_id: String = row.try_get("instance_id")?;
-            let status: String = row.try_get("status")?;
-            let (column, cutoff, reason) = if status == "PRE_CONNECTION" {
-                (
-                    "launched_at",
-                    registration_cutoff,
-                    TerminationReason::NeverRegistered,
-                )
+        for host in idle {
+            // Booting since its launch decision; drained since its drain or the end of its last mandelbox.
+            let (cutoff, reason) = if host.pre_connection {
+                (registration_cutoff, TerminationReason::NeverRegistered)
             } else {
-                // A draining host's last change is its drain or the end of its last mandelbox.
-                ("updated_at", drained_cutoff, TerminationReason::Drained)
+                (drained_cutoff, TerminationReason::Drained)
             };
-            let since: String = row.try_get(column)?;
-            let old = chrono::DateTime::parse_from_rfc3339(&since)
+            let old = chrono::DateTime::parse_from_rfc3339(&host.since)
                 .map(|since| since < cutoff)
                 .unwrap_or(false);
-            if old && self.terminate(&instance_id, reason).await {
+            if old && self.terminate(&host.instance_id, reason).await {
                 ended += 1;
             }
         }
