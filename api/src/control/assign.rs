@@ -129,13 +129,17 @@ pub async fn assign(
         // Most often another process took a slot on the same host: this process tries other hosts first for a
         // while (the next attempt included).
         |(_, host)| {
-            if let Some(Host { instance_id, .. }) = host {
-                state.services.host_locks.mark_contended(&instance_id);
+            if let Some(host) = host {
+                phase("commit", host.staged_at);
+                state.services.host_locks.mark_contended(&host.instance_id);
             }
             metrics::counter!("whist_assign_conflicts_total").increment(1);
         },
     )
     .await;
+    if let Ok((_, Some(host))) = &answer {
+        phase("commit", host.staged_at);
+    }
     match answer {
         Ok((Err(refusal @ (Refusal::NoInstanceAvailable | Refusal::CommitHashMismatch)), _)) => {
             record_refused_session(state, assignment, refusal, metadata).await;
@@ -153,6 +157,8 @@ pub async fn assign(
 struct Host {
     instance_id: String,
     _lock: OwnedMutexGuard<()>,
+    /// When the unit was staged: the commit phase runs from here.
+    staged_at: Instant,
 }
 
 /// One attempt: load the states, decide ([`Assignment`]), stage every part in one unit, to be recorded at once.
@@ -272,6 +278,7 @@ async fn attempt(
             let host = Host {
                 instance_id,
                 _lock: lock,
+                staged_at: Instant::now(),
             };
             return Ok(Attempt::Record(unit, (Ok(assigned), Some(host))));
         }
