@@ -10,15 +10,23 @@ use indicatif::{ProgressBar, ProgressStyle};
 use whist_adapters::config::Settings;
 use whist_api::control::release;
 use whist_api::startup::{
-    control_plane, open_database, termination_signal, Application, ServeOptions,
+    control_plane, open_database, termination_signal, Application, Migrations, ServeOptions,
 };
 use whist_api::workers::background::Background;
 use whist_api::Context;
 use whist_projections::{ProjectionRunner, RebuildProgress};
 
+/// The version and the git commit the binary was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("WHIST_GIT_COMMIT"),
+    ")"
+);
+
 /// The Whist webserver: control plane of the cloud-browser service.
 #[derive(Debug, Parser)]
-#[command(name = "whist", version, about)]
+#[command(name = "whist", version = VERSION, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -264,7 +272,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("worker running");
             termination_signal().await;
             tracing::info!("worker stopping");
-            background.stop().await;
+            let grace = state.settings.shutdown_grace;
+            background
+                .stop_by(Some(tokio::time::Instant::now() + grace))
+                .await;
             state.database.close().await;
             Ok(())
         }
@@ -282,23 +293,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Events { command } => {
             let settings = load_settings().await?;
-            let database = open_database(&settings).await?;
+            let database = open_database(&settings, Migrations::Leave).await?;
             let outcome = events(&database, command).await;
             database.close().await;
             outcome
         }
         Command::Migrate => {
             let settings = load_settings().await?;
-            let database = open_database(&settings).await?;
+            let database = open_database(&settings, Migrations::Apply).await?;
             database.close().await;
             println!("migrations applied to {}", database.description());
             Ok(())
         }
         Command::Projections { command } => {
             let settings = load_settings().await?;
-            let database = open_database(&settings).await?;
+            // Reading the status changes nothing, the schema included; verifying and rebuilding write.
+            let migrations = match command {
+                ProjectionsCommand::Status => Migrations::Leave,
+                _ => Migrations::OnStart,
+            };
+            let database = open_database(&settings, migrations).await?;
             let runner = ProjectionRunner::new(database.clone(), whist_projections::all());
-            runner.register().await?;
+            if migrations != Migrations::Leave {
+                runner.register().await?;
+            }
             match command {
                 ProjectionsCommand::Status => {
                     let statuses = runner.status().await?;

@@ -173,6 +173,13 @@ pub struct Settings {
     /// `WHIST_FAULT_PANIC_LOOP` (unset): fault injection for resilience tests — the named background loop panics
     /// once, shortly after it starts, so that its supervisor can be seen restarting it.
     pub fault_panic_loop: Option<String>,
+    /// `WHIST_AUTO_MIGRATE` (true): whether `serve` and `worker` apply the migrations on start. A deployment whose
+    /// release step runs `whist migrate` (the Procfile's) sets it to false; those processes then refuse to start on
+    /// a schema behind their own.
+    pub auto_migrate: bool,
+    /// `SHUTDOWN_GRACE_S` (20): after SIGTERM, how long `serve` finishes the requests it has and `worker` its
+    /// loops' current step, before exiting anyway (Heroku kills at 30 s).
+    pub shutdown_grace: Duration,
 }
 
 /// How the fleet is kept: the autoscaler, the repair against the cloud, and the timeouts that end hosts.
@@ -594,6 +601,10 @@ impl Settings {
             )?,
             http_header_timeout: seconds(sources, "WHIST_HTTP_HEADER_TIMEOUT_S", 15)?,
             fault_panic_loop: sources.raw("WHIST_FAULT_PANIC_LOOP"),
+            auto_migrate: sources.parse("WHIST_AUTO_MIGRATE", true, "true or false", |value| {
+                value.parse().ok()
+            })?,
+            shutdown_grace: seconds(sources, "SHUTDOWN_GRACE_S", 20)?,
         })
     }
 

@@ -2,7 +2,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use poem::{EndpointExt, Route};
 use poem_openapi::OpenApiService;
@@ -57,15 +56,39 @@ pub struct Application {
     background: Option<Background>,
 }
 
-/// Opens the store named by the settings and applies the migrations.
+/// What a command does with the store's schema before it runs (the expand/contract policy in ARCHITECTURE.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migrations {
+    /// Apply what is pending (`whist migrate`, the release step).
+    Apply,
+    /// Apply on start unless `WHIST_AUTO_MIGRATE=false`; then refuse a schema behind this binary (`serve`,
+    /// `worker`, and the commands that record decisions).
+    OnStart,
+    /// Leave the schema as it is (read-only commands: `events`, `projections status`, `config`, `dev`).
+    Leave,
+}
+
+/// Opens the store named by the settings, doing what `migrations` says with its schema.
 ///
 /// # Errors
-/// The store cannot be reached or migrated.
-pub async fn open_database(settings: &Settings) -> Result<Database, DatabaseError> {
+/// The store cannot be reached or migrated, or its schema is behind and may not be migrated here.
+pub async fn open_database(
+    settings: &Settings,
+    migrations: Migrations,
+) -> Result<Database, DatabaseError> {
     let url = settings.database_url.as_ref().map(|url| url.expose());
     let database = Database::connect(url, &settings.data_dir, settings.database_pool_size).await?;
-    database.migrate().await?;
-    tracing::info!(store = database.description(), "event store ready");
+    match migrations {
+        Migrations::Apply => database.migrate().await?,
+        Migrations::OnStart if settings.auto_migrate => database.migrate().await?,
+        Migrations::OnStart => database.require_migrated().await?,
+        Migrations::Leave => {}
+    }
+    tracing::info!(
+        store = database.description(),
+        ?migrations,
+        "event store ready"
+    );
     Ok(database)
 }
 
@@ -75,7 +98,7 @@ pub async fn open_database(settings: &Settings) -> Result<Database, DatabaseErro
 /// # Errors
 /// The store cannot be reached or migrated, or the services cannot be prepared.
 pub async fn control_plane(settings: Settings) -> Result<Context, StartupError> {
-    let database = open_database(&settings).await?;
+    let database = open_database(&settings, Migrations::OnStart).await?;
     let projections = ProjectionRunner::new(database.clone(), whist_projections::all());
     let services = Arc::new(Services::new(&settings, &database).await?);
     Ok(Context::new(
@@ -92,7 +115,7 @@ impl Application {
     /// # Errors
     /// The store cannot be reached or migrated, or the port cannot be bound.
     pub async fn build(settings: Settings, options: ServeOptions) -> Result<Self, StartupError> {
-        let database = open_database(&settings).await?;
+        let database = open_database(&settings, Migrations::OnStart).await?;
         Self::build_with_database(settings, database, options).await
     }
 
@@ -155,8 +178,8 @@ impl Application {
         &self.state
     }
 
-    /// Serves until `shutdown` completes; then refuses new requests with 503, lets those in flight finish (up to
-    /// 30 s), stops the background work and returns.
+    /// Serves until `shutdown` completes; then refuses new requests with 503, lets those in flight finish, stops
+    /// the background work and returns, all within `SHUTDOWN_GRACE_S` of the signal.
     ///
     /// # Errors
     /// The listener failed.
@@ -164,18 +187,22 @@ impl Application {
         let state = self.state.clone();
         let app = routes(self.state.clone());
         let draining_state = state.clone();
+        let grace = state.settings.shutdown_grace;
+        let deadline = Arc::new(std::sync::OnceLock::new());
+        let signalled = deadline.clone();
         let signal = async move {
             shutdown.await;
+            let _ = signalled.set(tokio::time::Instant::now() + grace);
             tracing::info!("shutting down: refusing new requests, finishing those in flight");
             draining_state.start_draining();
         };
         let limits = crate::http::server::ConnectionLimits {
             header_timeout: state.settings.http_header_timeout,
-            grace: Duration::from_secs(30),
+            grace,
         };
         let served = crate::http::server::serve(self.listener, app, signal, limits).await;
         if let Some(background) = self.background {
-            background.stop().await;
+            background.stop_by(deadline.get().copied()).await;
         }
         state.database.close().await;
         served

@@ -6,6 +6,7 @@ mod auth;
 mod concurrency;
 mod config;
 mod console;
+mod deploy;
 mod ec2;
 mod fail_closed;
 mod fleet;

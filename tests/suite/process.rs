@@ -78,3 +78,24 @@ async fn migrate_applies_the_migrations_to_postgres_and_can_run_twice() {
     .expect("counts");
     assert_eq!(tables, 4);
 }
+
+#[tokio::test]
+async fn version_names_the_git_commit_the_binary_was_built_from() {
+    let output = std::process::Command::new(crate::whist_binary())
+        .arg("--version")
+        .output()
+        .expect("runs");
+    assert!(output.status.success());
+    let printed = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("git runs");
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+    assert_eq!(head.len(), 40, "the suite runs in a git checkout");
+    assert_eq!(
+        printed,
+        format!("whist {} ({head})", env!("CARGO_PKG_VERSION"))
+    );
+}

@@ -46,6 +46,11 @@ pub enum DatabaseError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error")]
     Sql(#[from] sqlx::Error),
+    /// The schema is behind this binary and this process may not migrate it (`WHIST_AUTO_MIGRATE=false`).
+    #[error(
+        "the store's schema lacks {pending} migration(s) this binary needs, the first {first}; run `whist migrate` (the release step) first"
+    )]
+    SchemaBehind { pending: usize, first: String },
 }
 
 /// The event store database: the backend pool (for cqrs-es and backend-specific statements), a pool of the
@@ -177,6 +182,52 @@ impl Database {
             Backend::Sqlite(pool) => sqlx::migrate!("../migrations/sqlite").run(pool).await?,
         }
         Ok(())
+    }
+
+    /// The migrations this binary ships that the store has not applied, oldest first (`version_description`).
+    ///
+    /// # Errors
+    /// The database failed.
+    pub async fn pending_migrations(&self) -> Result<Vec<String>, DatabaseError> {
+        let (migrator, exists) = match &self.backend {
+            Backend::Postgres(_) => (
+                sqlx::migrate!("../migrations/postgres"),
+                "SELECT CAST(count(*) AS BIGINT) FROM pg_catalog.pg_tables \
+                 WHERE tablename = '_sqlx_migrations' AND schemaname = current_schema()",
+            ),
+            Backend::Sqlite(_) => (
+                sqlx::migrate!("../migrations/sqlite"),
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+            ),
+        };
+        let has_table: i64 = sqlx::query_scalar(exists).fetch_one(&self.any).await?;
+        let applied: Vec<i64> = if has_table > 0 {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success = TRUE")
+                .fetch_all(&self.any)
+                .await?
+        } else {
+            Vec::new()
+        };
+        Ok(migrator
+            .iter()
+            .filter(|migration| !applied.contains(&migration.version))
+            .map(|migration| format!("{}_{}", migration.version, migration.description))
+            .collect())
+    }
+
+    /// Refuses a schema behind this binary (for a process that may not migrate it).
+    ///
+    /// # Errors
+    /// `SchemaBehind`, or the database failed.
+    pub async fn require_migrated(&self) -> Result<(), DatabaseError> {
+        let pending = self.pending_migrations().await?;
+        match pending.first() {
+            None => Ok(()),
+            Some(first) => Err(DatabaseError::SchemaBehind {
+                pending: pending.len(),
+                first: first.clone(),
+            }),
+        }
     }
 
     /// Answers whether the database takes a trivial query (the readiness probe).

@@ -102,9 +102,28 @@ impl Background {
 
     /// Asks every task to stop and waits for them.
     pub async fn stop(self) {
+        self.stop_by(None).await;
+    }
+
+    /// Asks every task to stop and waits for them until `deadline`; a task still running then is aborted. Its step
+    /// is left unfinished, which is safe: every loop's work is idempotent and taken up again by the next process.
+    pub async fn stop_by(self, deadline: Option<tokio::time::Instant>) {
         let _ = self.shutdown.send(true);
-        for task in self.tasks {
-            if let Err(error) = task.await {
+        for mut task in self.tasks {
+            let ended = match deadline {
+                Some(deadline) => match tokio::time::timeout_at(deadline, &mut task).await {
+                    Ok(ended) => ended,
+                    Err(_) => {
+                        tracing::warn!(
+                            "a background task did not stop within the shutdown grace; aborted"
+                        );
+                        task.abort();
+                        continue;
+                    }
+                },
+                None => task.await,
+            };
+            if let Err(error) = ended {
                 tracing::error!(error = %error, "background task ended abnormally");
             }
         }
