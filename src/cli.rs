@@ -67,6 +67,9 @@ enum Command {
         #[command(subcommand)]
         command: ProjectionsCommand,
     },
+    /// Print the effective settings, each with where it came from (environment, config database, default), secrets
+    /// redacted; exits non-zero, naming the key, on a setting that would stop start-up. Touches no event store.
+    Config,
     /// Load a live server on Postgres with simulated hosts; print assigns/s, latency and heartbeats/s beside
     /// pgbench.
     Loadtest(crate::loadtest::LoadTestOptions),
@@ -393,6 +396,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Duration::from_secs(hours.saturating_mul(3600)),
             )?;
             println!("{token}");
+            Ok(())
+        }
+        Command::Config => {
+            let sources = whist_adapters::config::Sources::from_process_environment()
+                .with_config_database()
+                .await?;
+            whist_adapters::config::Settings::from_sources(&sources)?;
+            for setting in sources.report() {
+                println!(
+                    "{:<36} {:<16} {}",
+                    setting.key,
+                    setting.origin.as_str(),
+                    setting.value
+                );
+            }
             Ok(())
         }
         Command::Loadtest(options) => crate::loadtest::run(options).await,

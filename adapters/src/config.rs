@@ -230,14 +230,106 @@ pub enum ConfigError {
 pub struct Sources {
     pub environment: HashMap<String, String>,
     pub config_database: HashMap<String, String>,
+    /// Every key read so far, with its default when it has one (for [`Sources::report`]).
+    read: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Option<String>>>>,
+}
+
+/// Where a setting's effective value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Environment,
+    ConfigDatabase,
+    Default,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Environment => "environment",
+            Self::ConfigDatabase => "config database",
+            Self::Default => "default",
+        }
+    }
+}
+
+/// One setting as `whist config` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Effective {
+    pub key: String,
+    pub origin: Origin,
+    /// The value as given (secrets redacted, passwords cut out of URLs), or the default; `(unset)` for an optional
+    /// key that has none.
+    pub value: String,
+}
+
+/// Whether a key's value must never be shown.
+fn is_secret(key: &str) -> bool {
+    ["SECRET", "PASSWORD", "TOKEN_KEYS", "HIREFIRE_TOKEN"]
+        .iter()
+        .any(|part| key.contains(part))
 }
 
 impl Sources {
+    /// Values from `environment`, then `config_database`.
+    pub fn new(
+        environment: HashMap<String, String>,
+        config_database: HashMap<String, String>,
+    ) -> Self {
+        Self {
+            environment,
+            config_database,
+            ..Self::default()
+        }
+    }
+
     /// The process environment alone.
     pub fn from_process_environment() -> Self {
         Self {
             environment: std::env::vars().collect(),
-            config_database: HashMap::new(),
+            ..Self::default()
+        }
+    }
+
+    /// Every key the settings read from these sources, in name order, with where its value came from: what
+    /// `whist config` prints. Call it after [`Settings::from_sources`].
+    pub fn report(&self) -> Vec<Effective> {
+        let read = self
+            .read
+            .lock()
+            .map(|read| read.clone())
+            .unwrap_or_default();
+        read.into_iter()
+            .map(|(key, default)| {
+                let given = |map: &HashMap<String, String>| {
+                    map.get(&key).filter(|value| !value.is_empty()).cloned()
+                };
+                let (origin, value) = match (given(&self.environment), given(&self.config_database))
+                {
+                    (Some(value), _) => (Origin::Environment, value),
+                    (None, Some(value)) => (Origin::ConfigDatabase, value),
+                    (None, None) => (
+                        Origin::Default,
+                        default.unwrap_or_else(|| "(unset)".to_string()),
+                    ),
+                };
+                let value = if origin == Origin::Default {
+                    value
+                } else if is_secret(&key) {
+                    "[redacted]".to_string()
+                } else {
+                    crate::store::redact_url(&value)
+                };
+                Effective { key, origin, value }
+            })
+            .collect()
+    }
+
+    fn note_read(&self, key: &str, default: Option<String>) {
+        if let Ok(mut read) = self.read.lock() {
+            let entry = read.entry(key.to_string()).or_insert(None);
+            if entry.is_none() {
+                *entry = default;
+            }
         }
     }
 
@@ -272,6 +364,7 @@ impl Sources {
     }
 
     fn raw(&self, key: &str) -> Option<String> {
+        self.note_read(key, None);
         self.environment
             .get(key)
             .or_else(|| self.config_database.get(key))
@@ -279,13 +372,14 @@ impl Sources {
             .cloned()
     }
 
-    fn parse<T>(
+    fn parse<T: fmt::Debug>(
         &self,
         key: &str,
         default: T,
         expected: &'static str,
         parse: impl Fn(&str) -> Option<T>,
     ) -> Result<T, ConfigError> {
+        self.note_read(key, Some(format!("{default:?}")));
         match self.raw(key) {
             None => Ok(default),
             Some(value) => parse(value.trim()).ok_or_else(|| ConfigError::Malformed {
@@ -730,7 +824,7 @@ mod tests {
                 .iter()
                 .map(|(key, value)| (key.to_string(), value.to_string()))
                 .collect(),
-            config_database: HashMap::new(),
+            ..Sources::default()
         }
     }
 

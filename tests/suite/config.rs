@@ -30,13 +30,13 @@ async fn config_database_with(rows: &[(&str, &str)], table: &str) -> TestDatabas
 const TOKEN_KEYS: &str = "k1:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 
 fn environment(pairs: &[(&str, &str)]) -> Sources {
-    Sources {
-        environment: pairs
+    Sources::new(
+        pairs
             .iter()
             .map(|(key, value)| (key.to_string(), value.to_string()))
             .collect(),
-        config_database: Default::default(),
-    }
+        Default::default(),
+    )
 }
 
 #[tokio::test]
@@ -95,4 +95,70 @@ async fn an_unreachable_config_database_stops_start_up() {
         "postgres://postgres@127.0.0.1:5432/whist_no_such_database",
     )]);
     assert!(sources.with_config_database().await.is_err());
+}
+
+/// Runs `whist config` with `environment`; its exit status and what it printed.
+fn whist_config(environment: &[(&str, &str)]) -> (std::process::ExitStatus, String, String) {
+    let folder = tempfile::tempdir().expect("a folder");
+    let mut command = std::process::Command::new(crate::whist_binary());
+    command
+        .arg("config")
+        .current_dir(folder.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (key, value) in environment {
+        command.env(key, value);
+    }
+    let output = command.output().expect("runs");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn config_prints_each_effective_setting_with_its_origin_and_no_secret() {
+    let (status, printed, errors) = whist_config(&[
+        ("ENVIRONMENT", "prod"),
+        ("WHIST_TOKEN_KEYS", TOKEN_KEYS),
+        (
+            "DATABASE_URL",
+            "postgres://whist:hunter2@127.0.0.1:5432/whist",
+        ),
+        ("STRIPE_SECRET", "sk_test_not_for_your_eyes"),
+        ("PORT", "8123"),
+    ]);
+    assert!(status.success(), "{errors}");
+    let line = |key: &str| {
+        printed
+            .lines()
+            .find(|line| line.split_whitespace().next() == Some(key))
+            .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| panic!("{key} is listed: {printed}"))
+    };
+    assert_eq!(line("PORT"), "PORT environment 8123");
+    assert_eq!(
+        line("STRIPE_SECRET"),
+        "STRIPE_SECRET environment [redacted]"
+    );
+    assert_eq!(
+        line("WHIST_TOKEN_KEYS"),
+        "WHIST_TOKEN_KEYS environment [redacted]"
+    );
+    assert!(line("DATABASE_URL").starts_with("DATABASE_URL environment postgres://"));
+    assert_eq!(
+        line("HEARTBEAT_TIMEOUT_S").split(' ').nth(1),
+        Some("default")
+    );
+    for secret in ["hunter2", "sk_test_not_for_your_eyes", "MDEyMzQ1Njc4"] {
+        assert!(!printed.contains(secret), "{secret} leaked: {printed}");
+    }
+}
+
+#[test]
+fn config_refuses_a_setting_that_would_stop_start_up_naming_it() {
+    let (status, printed, errors) = whist_config(&[("HEARTBEAT_TIMEOUT_S", "soon")]);
+    assert!(!status.success(), "{printed}");
+    assert!(errors.contains("HEARTBEAT_TIMEOUT_S"), "{errors}");
 }
