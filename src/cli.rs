@@ -1,6 +1,7 @@
 //! The command line.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -403,13 +404,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_config_database()
                 .await?;
             whist_adapters::config::Settings::from_sources(&sources)?;
+            let mut out = std::io::stdout().lock();
             for setting in sources.report() {
-                println!(
+                let line = writeln!(
+                    out,
                     "{:<36} {:<16} {}",
                     setting.key,
                     setting.origin.as_str(),
                     setting.value
                 );
+                // A reader that stopped early (`| head`) has seen what it wanted.
+                if line.is_err() {
+                    break;
+                }
             }
             Ok(())
         }
