@@ -181,7 +181,7 @@ impl Reserved<'_> {
 mod tests {
     use super::*;
     use crate::decide::state_from;
-    use crate::decisions::given::{active_host, at};
+    use crate::decisions::given::{active_host, at, placement};
     use crate::instance::InstanceError;
 
     fn assignment() -> Assignment {
@@ -255,14 +255,7 @@ mod tests {
         assert_eq!(
             assigned.mandelbox,
             vec![MandelboxEvent::Allocated {
-                placement: Placement {
-                    instance_id: "i-1".to_string(),
-                    user_id: "u".to_string(),
-                    session_id: 7,
-                    region: "us-east-1".to_string(),
-                    ip: "10.0.0.7".to_string(),
-                    app_name: "Whist".to_string(),
-                },
+                placement: placement(),
                 protocol_secret_hash: "secret-hash".to_string(),
                 at: at(),
             }]

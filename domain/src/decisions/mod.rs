@@ -58,17 +58,22 @@ pub(crate) mod given {
         state_from(events)
     }
 
-    /// Mandelbox `m1`, allocated on `i-1` for user `u`'s session 7.
+    /// On host `i-1` (10.0.0.7 in us-east-1), for user `u`'s session 7.
+    pub fn placement() -> Placement {
+        Placement {
+            instance_id: "i-1".to_string(),
+            user_id: "u".to_string(),
+            session_id: 7,
+            region: "us-east-1".to_string(),
+            ip: "10.0.0.7".to_string(),
+            app_name: "Whist".to_string(),
+        }
+    }
+
+    /// Mandelbox `m1`, allocated at [`placement`].
     pub fn allocated() -> Mandelbox {
         state_from([MandelboxEvent::Allocated {
-            placement: Placement {
-                instance_id: "i-1".to_string(),
-                user_id: "u".to_string(),
-                session_id: 7,
-                region: "us-east-1".to_string(),
-                ip: "10.0.0.7".to_string(),
-                app_name: "Whist".to_string(),
-            },
+            placement: placement(),
             protocol_secret_hash: "hash".to_string(),
             at: at(),
         }])
