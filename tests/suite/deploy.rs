@@ -99,10 +99,9 @@ async fn without_auto_migration_serve_and_worker_refuse_a_schema_behind_them_unt
     let database = TestDatabase::postgres().await;
     let url = database.url.clone().expect("Postgres");
     let folder = database.data_dir.path();
-    let environment = vec![
+    let mut environment = vec![
         ("DATABASE_URL", url.clone()),
         ("WHIST_AUTO_MIGRATE", "false".to_string()),
-        ("PORT", free_port().to_string()),
     ];
     for role in ["serve", "worker"] {
         let (status, log) = run_to_end(&[role], folder, &environment, &format!("{role}.log")).await;
@@ -112,6 +111,8 @@ async fn without_auto_migration_serve_and_worker_refuse_a_schema_behind_them_unt
     assert_eq!(schema_tables(&url).await, 0, "neither migrated");
     let (status, log) = run_to_end(&["migrate"], folder, &environment, "migrate.log").await;
     assert!(status.success(), "{log}");
+    // A port taken just before it is bound: one taken earlier may have gone to another test meanwhile.
+    environment.push(("PORT", free_port().to_string()));
     let mut serve = ChildProcess::start(
         &whist_binary(),
         &["serve"],
@@ -132,13 +133,11 @@ async fn the_procfile_releases_then_runs_web_and_worker_which_assign_and_stop_on
     let folder = database.data_dir.path();
     let procfile = repository().join("Procfile");
     let procfile = procfile.to_str().expect("a UTF-8 path");
-    let port = free_port();
     // The deployment's settings: its release step migrates, so its processes do not.
-    let environment = vec![
+    let mut environment = vec![
         ("PATH", path_with_whist()),
         ("DATABASE_URL", url.clone()),
         ("WHIST_AUTO_MIGRATE", "false".to_string()),
-        ("PUBLIC_URL", format!("http://127.0.0.1:{port}")),
         ("SHUTDOWN_GRACE_S", "20".to_string()),
     ];
 
@@ -159,7 +158,9 @@ async fn the_procfile_releases_then_runs_web_and_worker_which_assign_and_stop_on
         release.log_text()
     );
 
-    // web gets the base port; worker (no HTTP) the next hundred.
+    // web gets the base port (taken just before it is bound); worker (no HTTP) the next hundred.
+    let port = free_port();
+    environment.push(("PUBLIC_URL", format!("http://127.0.0.1:{port}")));
     let port_text = port.to_string();
     let mut processes = ChildProcess::start(
         &honcho(),

@@ -13,7 +13,7 @@ use whist_domain::instance::{
 use whist_domain::mandelbox::ReportedStatus;
 use whist_domain::{Actor, EventMetadata};
 
-use crate::http::error::{error_body, unavailable, ErrorBody, STORE_UNAVAILABLE};
+use crate::http::error::{error_body, unavailable, ErrorBody};
 use crate::http::security::PeerToken;
 use crate::state::AppState;
 use crate::workers::heartbeats::{now_ms, Heartbeat};
@@ -296,9 +296,6 @@ impl HostApi {
         else {
             return PeerResponse::Unauthorized(error_body("UNAUTHORIZED"));
         };
-        if !is_uuid(&mandelbox_id.0) {
-            return PeerResponse::NotFound(error_body("NOT_FOUND"));
-        }
         let placement = match placed_mandelbox(&state, &mandelbox_id.0).await {
             Ok(placement) => placement,
             Err(response) => return response,
@@ -322,17 +319,12 @@ impl HostApi {
         )
         .await
         {
-            Ok(()) => {}
-            Err(error) => {
-                tracing::error!(
-                    mandelbox_id = mandelbox_id.0,
-                    error = %crate::telemetry::Chain(&error),
-                    "could not record a mandelbox status"
-                );
-                return PeerResponse::Unavailable(error_body(STORE_UNAVAILABLE));
-            }
+            Ok(()) => PeerResponse::Ok(Json(Empty {})),
+            Err(error) => PeerResponse::Unavailable(unavailable(
+                "could not record a mandelbox status",
+                &error,
+            )),
         }
-        PeerResponse::Ok(Json(Empty {}))
     }
 
     /// The protocol server says the user disconnected: the mandelbox ends and its slot frees. Idempotent.
@@ -355,9 +347,6 @@ impl HostApi {
         {
             return PeerResponse::Unauthorized(error_body("UNAUTHORIZED"));
         }
-        if !is_uuid(&mandelbox_id.0) {
-            return PeerResponse::NotFound(error_body("NOT_FOUND"));
-        }
         let placement = match placed_mandelbox(&state, &mandelbox_id.0).await {
             Ok(placement) => placement,
             Err(response) => return response,
@@ -373,22 +362,20 @@ impl HostApi {
         {
             Ok(()) => PeerResponse::Ok(Json(Empty {})),
             Err(error) => {
-                tracing::error!(
-                    mandelbox_id = mandelbox_id.0,
-                    error = %crate::telemetry::Chain(&error),
-                    "could not end a mandelbox"
-                );
-                PeerResponse::Unavailable(error_body(STORE_UNAVAILABLE))
+                PeerResponse::Unavailable(unavailable("could not end a mandelbox", &error))
             }
         }
     }
 }
 
-/// Where a mandelbox was placed; 404 for an unknown one, 503 when the store fails.
+/// Where a mandelbox was placed; 404 for an unknown one (a malformed id without a read), 503 when the store fails.
 async fn placed_mandelbox(
     state: &AppState,
     mandelbox_id: &str,
 ) -> Result<whist_domain::mandelbox::Placement, PeerResponse> {
+    if !is_uuid(mandelbox_id) {
+        return Err(PeerResponse::NotFound(error_body("NOT_FOUND")));
+    }
     match crate::control::mandelboxes::placement(state, mandelbox_id).await {
         Ok(Some(placement)) => Ok(placement),
         Ok(None) => Err(PeerResponse::NotFound(error_body("NOT_FOUND"))),
