@@ -230,13 +230,17 @@ const CONTRACT_STEPS: &[(&str, &str)] = &[(
      shipped before this policy, so processes of the release before it had to be stopped first",
 )];
 
-/// The names of tables, columns, functions, views and types that `sql` creates.
-fn created(sql: &str) -> Vec<String> {
-    let words: Vec<String> = sql
-        .split(|c: char| c.is_whitespace() || c == '(' || c == ',' || c == ';')
+/// The words of `sql`, lower-cased, split at white space, parentheses, commas and semicolons.
+fn sql_words(sql: &str) -> Vec<String> {
+    sql.split(|c: char| c.is_whitespace() || c == '(' || c == ',' || c == ';')
         .filter(|word| !word.is_empty())
         .map(|word| word.to_ascii_lowercase())
-        .collect();
+        .collect()
+}
+
+/// The names of tables, columns, functions, views and types that `sql` creates.
+fn created(sql: &str) -> Vec<String> {
+    let words = sql_words(sql);
     let mut names = Vec::new();
     for (index, word) in words.iter().enumerate() {
         let after = |offset: usize| words.get(index + offset).cloned().unwrap_or_default();
@@ -258,11 +262,7 @@ fn created(sql: &str) -> Vec<String> {
 
 /// What `sql` drops or renames, of the names in `earlier`.
 fn removals(migration: &str, sql: &str, earlier: &[String]) -> Vec<Removal> {
-    let words: Vec<String> = sql
-        .split(|c: char| c.is_whitespace() || c == '(' || c == ',' || c == ';')
-        .filter(|word| !word.is_empty())
-        .map(|word| word.to_ascii_lowercase())
-        .collect();
+    let words = sql_words(sql);
     let mut found = Vec::new();
     for (index, word) in words.iter().enumerate() {
         let after = |offset: usize| words.get(index + offset).cloned().unwrap_or_default();

@@ -181,7 +181,7 @@ impl Reserved<'_> {
 mod tests {
     use super::*;
     use crate::decide::state_from;
-    use crate::decisions::given::{active_host, at, placement};
+    use crate::decisions::given::{active_host, at, placement, session_assigned};
     use crate::instance::InstanceError;
 
     fn assignment() -> Assignment {
@@ -320,18 +320,7 @@ mod tests {
     fn a_reused_session_that_has_settled_keeps_its_record_and_the_mandelbox_is_placed_all_the_same()
     {
         let assignment = assignment();
-        let settled: Session = state_from([
-            SessionEvent::Requested {
-                user_id: "u".to_string(),
-                regions: vec![],
-                client_commit_hash: "abc".to_string(),
-                at: at(),
-            },
-            SessionEvent::Assigned {
-                mandelbox_id: "m-first".to_string(),
-                at: at(),
-            },
-        ]);
+        let settled = session_assigned("m-first");
         let user = user_holding(&[]);
         let assigned = assignment
             .reserve(&user)

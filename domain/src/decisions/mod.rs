@@ -81,6 +81,11 @@ pub(crate) mod given {
 
     /// User `u`'s session 7, assigned `m1`.
     pub fn assigned_session() -> Session {
+        session_assigned("m1")
+    }
+
+    /// User `u`'s session 7, assigned `mandelbox_id`.
+    pub fn session_assigned(mandelbox_id: &str) -> Session {
         state_from([
             SessionEvent::Requested {
                 user_id: "u".to_string(),
@@ -89,7 +94,7 @@ pub(crate) mod given {
                 at: at(),
             },
             SessionEvent::Assigned {
-                mandelbox_id: "m1".to_string(),
+                mandelbox_id: mandelbox_id.to_string(),
                 at: at(),
             },
         ])
