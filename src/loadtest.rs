@@ -157,7 +157,6 @@ fn start_server(
             .env("AWS_ENDPOINT_URL", aws_endpoint)
             .env("AWS_ACCESS_KEY_ID", "loadtest")
             .env("AWS_SECRET_ACCESS_KEY", "loadtest")
-            .env("HOST_SERVICE_SCHEME", "http")
             .env("HOST_SERVICE_PORT", host_port.to_string())
             .env("ASSIGN_RATE_LIMIT_PER_MINUTE", "0")
             .env("ASSIGN_RATE_LIMIT_PER_IP_PER_MINUTE", "0")
@@ -251,6 +250,7 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
                     client_commit_hash: spec.client_commit_hash.clone(),
                     mandelbox_capacity: options.capacity,
                     port: host_port,
+                    tls: whist_adapters::simulated_host::HostTls::SelfSigned,
                 },
             )
             .await?,

@@ -87,13 +87,16 @@ pub enum CloudKind {
 }
 
 /// Auth0 settings for checking desktop-app and admin tokens.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Auth0Settings {
     pub audience: Option<String>,
     /// Where the signing keys are; derived from `AUTH0_DOMAIN` unless `AUTH0_JWKS_URL` is set.
     pub jwks_url: Option<String>,
     /// The expected `iss`; derived from `AUTH0_DOMAIN` unless `AUTH0_ISSUER` is set.
     pub issuer: Option<String>,
+    /// `AUTH0_CA_PEM`: CA certificates the JWKS endpoint's certificate must chain to instead of the public web
+    /// roots (a private identity provider). Unset: the public roots.
+    pub ca: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
 }
 
 /// Stripe credentials and endpoints.
@@ -127,6 +130,9 @@ pub struct AwsSettings {
 pub struct Settings {
     /// Postgres event store; `None` means the embedded SQLite store in `data_dir`.
     pub database_url: Option<Secret>,
+    /// `DATABASE_DIRECT_URL`: a session-mode connection to the same database when `DATABASE_URL` goes through a
+    /// transaction-mode pooler, for `LISTEN` and migrations. `None`: `DATABASE_URL` is direct.
+    pub database_direct_url: Option<Secret>,
     /// `WHIST_DB_POOL_SIZE` (20): connections per pool to Postgres (a process keeps two pools). Many processes on
     /// one server (tests, a fleet of workers) must fit in its `max_connections`.
     pub database_pool_size: u32,
@@ -144,7 +150,11 @@ pub struct Settings {
     pub mandelbox_limit_per_user: u32,
     pub instance_type: String,
     pub host_service_port: u16,
+    /// `HOST_SERVICE_SCHEME` (`https`): how host services are called.
     pub host_service_scheme: String,
+    /// `HOST_SERVICE_CA_PEM`: the CA certificates that sign host-service certificates. Unset, every host is pinned
+    /// by the certificate fingerprint it registered.
+    pub host_service_ca: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
     pub public_url: String,
     pub heartbeat_timeout: Duration,
     /// How long a mandelbox may stay `ALLOCATED` before it dies (`WHIST_STALE_ALLOCATION_S`, 90 s).
@@ -205,6 +215,12 @@ pub struct FleetSettings {
     /// `WHIST_FAULT_PAUSE_AFTER_LAUNCH_MS` (0): fault injection for crash tests — pause this long after EC2
     /// accepted a launch and before the outcome is recorded, logging `launch call returned` first.
     pub fault_pause_after_launch: Duration,
+    /// `WHIST_LEADER_LEASE_S` (15): how long the fleet's leader holds its lease without renewing it (it renews every
+    /// pass, every 2 s); a leader that stops is replaced this long after its last renewal at most.
+    pub leader_lease: Duration,
+    /// `WHIST_FAULT_PAUSE_BEFORE_DECIDING_MS` (0): fault injection for failover tests — the leader logs
+    /// `autoscaler pass planned` and waits this long before recording the pass's decisions.
+    pub fault_pause_before_deciding: Duration,
 }
 
 /// Why the settings could not be read.
@@ -483,6 +499,12 @@ impl Settings {
             issuer: sources
                 .raw("AUTH0_ISSUER")
                 .or_else(|| domain.as_ref().map(|domain| format!("https://{domain}/"))),
+            ca: sources.parse(
+                "AUTH0_CA_PEM",
+                None,
+                "PEM text of one or more CA certificates (-----BEGIN CERTIFICATE----- blocks)",
+                |value| crate::tls::certificates_from_pem(value).ok().map(Some),
+            )?,
         };
         let stripe = StripeSettings {
             secret: sources.raw("STRIPE_SECRET").map(Secret::new),
@@ -559,25 +581,70 @@ impl Settings {
                 desired_free_mandelboxes_by_region.insert(region.clone(), count);
             }
         }
-        // Simulated hosts serve plain HTTP on loopback; real hosts HTTPS.
-        let default_scheme = match cloud {
-            CloudKind::Local => "http",
-            CloudKind::Aws => "https",
-        };
+        // HTTPS everywhere by default: simulated hosts serve self-signed certificates they register, as real ones.
         let host_service_scheme = sources.parse(
             "HOST_SERVICE_SCHEME",
-            default_scheme.to_string(),
+            "https".to_string(),
             "http or https",
             |value| matches!(value, "http" | "https").then(|| value.to_string()),
         )?;
+        let host_service_ca = sources.parse(
+            "HOST_SERVICE_CA_PEM",
+            None,
+            "PEM text of one or more CA certificates (-----BEGIN CERTIFICATE----- blocks)",
+            |value| crate::tls::certificates_from_pem(value).ok().map(Some),
+        )?;
+        if host_service_ca.is_some() && cloud == CloudKind::Local {
+            return Err(ConfigError::Missing {
+                key: "WHIST_CLOUD",
+                why: "HOST_SERVICE_CA_PEM names a CA for real host services (WHIST_CLOUD=aws): simulated hosts \
+                      cannot be issued certificates by it; leave it unset to pin their self-signed certificates",
+            });
+        }
         let public_url = sources.parse(
             "PUBLIC_URL",
             format!("http://127.0.0.1:{port}"),
             "an http:// or https:// URL",
             parse_url,
         )?;
+        let database_direct_url = sources.parse(
+            "DATABASE_DIRECT_URL",
+            None,
+            "a postgres:// or postgresql:// URL",
+            |value| {
+                (value.starts_with("postgres://") || value.starts_with("postgresql://"))
+                    .then(|| Some(Secret::new(value)))
+            },
+        )?;
+        if database_direct_url.is_some() && database_url.is_none() {
+            return Err(ConfigError::Missing {
+                key: "DATABASE_URL",
+                why: "DATABASE_DIRECT_URL is the direct side of a Postgres DATABASE_URL that goes through a pooler",
+            });
+        }
+        let tls_unverified =
+            sources.parse("DATABASE_TLS_UNVERIFIED", false, "true or false", |value| {
+                value.parse().ok()
+            })?;
+        if environment != Environment::Local && !tls_unverified {
+            for (key, url) in [
+                ("DATABASE_URL", &database_url),
+                ("DATABASE_DIRECT_URL", &database_direct_url),
+            ] {
+                if url.as_ref().is_some_and(|url| !verifies_tls(url.expose())) {
+                    return Err(ConfigError::Malformed {
+                        key: key.to_string(),
+                        expected: "outside ENVIRONMENT=local, a Postgres server off this machine is reached with \
+                                   sslmode=verify-full (and sslrootcert=<its CA>), so that nobody between can read \
+                                   or answer for it; set DATABASE_TLS_UNVERIFIED=true for a provider whose \
+                                   certificate cannot be verified",
+                    });
+                }
+            }
+        }
         Ok(Self {
             database_url,
+            database_direct_url,
             database_pool_size: sources.parse(
                 "WHIST_DB_POOL_SIZE",
                 20u32,
@@ -620,6 +687,7 @@ impl Settings {
                 |value| value.parse::<u16>().ok().filter(|port| *port > 0),
             )?,
             host_service_scheme,
+            host_service_ca,
             public_url,
             heartbeat_timeout: Duration::from_secs(sources.parse(
                 "HEARTBEAT_TIMEOUT_S",
@@ -702,6 +770,30 @@ impl Settings {
         })
     }
 
+    /// How host services are authenticated: plain HTTP, pinned fingerprints, or the host-service CA.
+    pub fn host_trust(&self) -> crate::host_client::HostTrust {
+        use crate::host_client::HostTrust;
+        match (self.host_service_scheme.as_str(), &self.host_service_ca) {
+            ("http", _) => HostTrust::Plain,
+            (_, Some(authorities)) => HostTrust::Authority(authorities.clone()),
+            (_, None) => HostTrust::Pinned,
+        }
+    }
+
+    /// Whether a registering host must declare its certificate's fingerprint: over HTTPS without a CA, it is all
+    /// that authenticates the host service on later calls.
+    pub fn host_tls_pin_required(&self) -> bool {
+        self.host_trust() == crate::host_client::HostTrust::Pinned
+    }
+
+    /// How simulated hosts (`WHIST_CLOUD=local`) serve: as the webserver will call them.
+    pub fn simulated_host_tls(&self) -> crate::simulated_host::HostTls {
+        match self.host_service_scheme.as_str() {
+            "http" => crate::simulated_host::HostTls::Plain,
+            _ => crate::simulated_host::HostTls::SelfSigned,
+        }
+    }
+
     /// The warm buffer wanted in `region`.
     pub fn desired_free_mandelboxes_in(&self, region: &str) -> u32 {
         self.desired_free_mandelboxes_by_region
@@ -742,8 +834,46 @@ impl FleetSettings {
                 "a whole number of milliseconds",
                 |value| value.parse().ok(),
             )?),
+            leader_lease: Duration::from_secs(sources.parse(
+                "WHIST_LEADER_LEASE_S",
+                15u64,
+                "a whole number of seconds, at least 3",
+                |value| value.parse().ok().filter(|seconds| *seconds >= 3),
+            )?),
+            fault_pause_before_deciding: Duration::from_millis(sources.parse(
+                "WHIST_FAULT_PAUSE_BEFORE_DECIDING_MS",
+                0u64,
+                "a whole number of milliseconds",
+                |value| value.parse().ok(),
+            )?),
         })
     }
+}
+
+/// Whether a Postgres URL checks whom it talks to: `sslmode=verify-full` or `verify-ca`, or a server on this
+/// machine (loopback or a Unix socket), where nothing lies between.
+fn verifies_tls(url: &str) -> bool {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    let mode = parsed
+        .query_pairs()
+        .find(|(name, _)| name == "sslmode")
+        .map(|(_, mode)| mode.into_owned());
+    if matches!(mode.as_deref(), Some("verify-full" | "verify-ca")) {
+        return true;
+    }
+    let socket = parsed
+        .query_pairs()
+        .any(|(name, value)| name == "host" && value.starts_with('/'));
+    let host = parsed.host_str().unwrap_or_default();
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|address| address.is_loopback());
+    socket || loopback || host.is_empty()
 }
 
 /// `id:base64,id:base64`: ids of letters, digits, `_` and `-` (at most 32, unique), keys of at least
@@ -841,9 +971,11 @@ mod tests {
         assert_eq!(settings.instance_type, "g4dn.2xlarge");
         assert_eq!(settings.host_service_port, 4678);
         assert_eq!(
-            settings.host_service_scheme, "http",
-            "simulated hosts speak plain HTTP"
+            settings.host_service_scheme, "https",
+            "simulated hosts serve HTTPS, pinned like real ones"
         );
+        assert_eq!(settings.host_service_ca, None);
+        assert!(settings.host_tls_pin_required());
         assert_eq!(settings.public_url, "http://127.0.0.1:7730");
         assert_eq!(settings.heartbeat_timeout, Duration::from_secs(120));
         assert_eq!(settings.assign_rate_limit_per_minute, 10);
@@ -1012,6 +1144,81 @@ mod tests {
         let message = error.to_string();
         assert!(message.contains("DATABASE_URL"));
         assert!(!message.contains("hunter2"));
+    }
+
+    #[test]
+    fn outside_local_a_remote_postgres_must_be_reached_with_verified_tls() {
+        let keys = "k1:".to_string() + &"A".repeat(44);
+        let with = |url: &str, extra: &[(&'static str, &'static str)]| {
+            let mut pairs = vec![
+                ("ENVIRONMENT", "prod"),
+                ("WHIST_TOKEN_KEYS", keys.as_str()),
+                ("DATABASE_URL", url),
+            ];
+            pairs.extend_from_slice(extra);
+            Settings::from_sources(&sources(&pairs))
+        };
+        for weak in [
+            "postgres://u@db.internal/whist",
+            "postgres://u@db.internal/whist?sslmode=prefer",
+            "postgres://u@db.internal/whist?sslmode=require",
+        ] {
+            let error = with(weak, &[]).expect_err("refused");
+            assert!(error.to_string().contains("DATABASE_URL"), "{error}");
+            assert!(error.to_string().contains("verify-full"), "{error}");
+            with(weak, &[("DATABASE_TLS_UNVERIFIED", "true")]).expect("the provider's exception");
+        }
+        for verified in [
+            "postgres://u@db.internal/whist?sslmode=verify-full&sslrootcert=/etc/ca.pem",
+            "postgres://u@db.internal/whist?sslmode=verify-ca",
+            "postgres://u@127.0.0.1:5432/whist",
+            "postgres://u@localhost/whist",
+            "postgres://u@[::1]/whist",
+            "postgres:///whist?host=/var/run/postgresql",
+        ] {
+            with(verified, &[]).unwrap_or_else(|error| panic!("{verified}: {error}"));
+        }
+        let error = with(
+            "postgres://u@127.0.0.1:6432/whist",
+            &[("DATABASE_DIRECT_URL", "postgres://u@db.internal/whist")],
+        )
+        .expect_err("the direct side is checked too");
+        assert!(error.to_string().contains("DATABASE_DIRECT_URL"), "{error}");
+    }
+
+    #[test]
+    fn a_direct_url_without_a_database_url_is_refused() {
+        let error = Settings::from_sources(&sources(&[
+            ("ENVIRONMENT", "local"),
+            ("DATABASE_DIRECT_URL", "postgres://u@127.0.0.1/whist"),
+        ]))
+        .expect_err("refused");
+        assert!(error.to_string().contains("DATABASE_URL"), "{error}");
+    }
+
+    #[test]
+    fn a_host_service_ca_must_be_pem_certificates_and_is_for_real_hosts() {
+        let authority = crate::tls::Authority::new("host services").expect("a CA");
+        let pem = authority.certificate_pem();
+        let error =
+            Settings::from_sources(&sources(&[("HOST_SERVICE_CA_PEM", "not a certificate")]))
+                .expect_err("refused");
+        assert!(error.to_string().contains("HOST_SERVICE_CA_PEM"), "{error}");
+        let error = Settings::from_sources(&sources(&[("HOST_SERVICE_CA_PEM", pem.as_str())]))
+            .expect_err("simulated hosts cannot be issued by it");
+        assert!(error.to_string().contains("WHIST_CLOUD"), "{error}");
+        let settings = Settings::from_sources(&sources(&[
+            ("ENVIRONMENT", "local"),
+            ("WHIST_CLOUD", "aws"),
+            ("WHIST_DEPLOYMENT", "whist-staging"),
+            ("HOST_SERVICE_CA_PEM", pem.as_str()),
+        ]))
+        .expect("valid");
+        assert!(!settings.host_tls_pin_required());
+        assert!(matches!(
+            settings.host_trust(),
+            crate::host_client::HostTrust::Authority(authorities) if authorities.len() == 1
+        ));
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! Calls from the webserver to a host service (`PUT /spin_up_mandelbox`, `POST /drain_and_shutdown`).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rustls::pki_types::CertificateDer;
 use serde::Serialize;
 use whist_domain::instance::RegistrationRules;
 
@@ -37,35 +40,84 @@ pub enum HostCallError {
     Refused(u16),
     #[error("{0} is not an address hosts may have (a bare IP address in HOST_NETWORK_CIDRS, not link-local, multicast or unspecified)")]
     AddressRefused(String),
+    #[error("the host registered no certificate fingerprint, and without HOST_SERVICE_CA_PEM nothing else can authenticate it over https")]
+    NoPinnedCertificate,
 }
+
+/// How the webserver knows it is talking to the host service it means to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostTrust {
+    /// `HOST_SERVICE_SCHEME=http`: no TLS at all.
+    Plain,
+    /// `https` without a CA (the contract's default): a host's certificate must be the one whose SHA-256 it
+    /// declared at registration, whoever signed it.
+    Pinned,
+    /// `https` with `HOST_SERVICE_CA_PEM`: a host's certificate must chain to one of these CA certificates and name
+    /// the host's IP address.
+    Authority(Vec<CertificateDer<'static>>),
+}
+
+impl HostTrust {
+    fn scheme(&self) -> &'static str {
+        match self {
+            Self::Plain => "http",
+            Self::Pinned | Self::Authority(_) => "https",
+        }
+    }
+}
+
+/// A host to call: its address and, when it declared one at registration, its certificate's fingerprint.
+#[derive(Clone, Copy, Debug)]
+pub struct HostEndpoint<'a> {
+    pub ip: &'a str,
+    pub tls_cert_sha256: Option<&'a str>,
+}
+
+/// Pinned clients kept at most (one per host certificate); past this the cache starts over.
+const PINNED_CLIENTS: usize = 4096;
 
 /// Talks to host services at `{scheme}://{ip}:{port}`.
 #[derive(Clone, Debug)]
 pub struct HostClient {
-    http: reqwest::Client,
-    scheme: String,
+    /// The client for plain HTTP, or for hosts under the CA.
+    shared: reqwest::Client,
+    /// With [`HostTrust::Pinned`]: one client per certificate fingerprint, so that connections to a host are reused
+    /// and never shared with a host that presents another certificate.
+    pinned: Arc<Mutex<HashMap<String, reqwest::Client>>>,
+    trust: HostTrust,
     port: u16,
     /// The addresses a host may have, by the same rules as its registration: whatever the log says, the client
     /// never calls an address a registration would have been refused for.
     rules: RegistrationRules,
 }
 
+/// The builder every host client starts from: a short timeout, and no redirects (a host service that answers with
+/// one is refused, not followed elsewhere).
+fn client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+}
+
 impl HostClient {
-    /// A client for hosts at `{scheme}://{ip}:{port}` that calls only addresses inside `host_networks`. It follows
-    /// no redirects: a host service that answers with one is refused, not followed elsewhere.
-    pub fn new(scheme: &str, port: u16, host_networks: Vec<ipnet::IpNet>) -> Self {
+    /// A client for hosts at `{scheme}://{ip}:{port}`, trusting them as `trust` says, that calls only addresses
+    /// inside `host_networks`.
+    pub fn new(trust: HostTrust, port: u16, host_networks: Vec<ipnet::IpNet>) -> Self {
         crate::tls::ensure_crypto_provider();
+        let shared = match &trust {
+            HostTrust::Authority(authorities) => client_builder()
+                .use_preconfigured_tls(crate::tls::client_config_trusting(authorities)),
+            HostTrust::Plain | HostTrust::Pinned => client_builder(),
+        };
         Self {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .unwrap_or_default(),
-            scheme: scheme.to_string(),
+            shared: shared.build().unwrap_or_default(),
+            pinned: Arc::default(),
+            trust,
             port,
             rules: RegistrationRules {
                 host_networks,
                 max_capacity: u32::MAX,
+                require_tls_pin: false,
             },
         }
     }
@@ -78,56 +130,87 @@ impl HostClient {
             .host_address(ip)
             .map_err(|_| HostCallError::AddressRefused(ip.to_string()))?;
         let socket = std::net::SocketAddr::new(address, self.port);
-        Ok(format!("{}://{socket}{path}", self.scheme))
+        Ok(format!("{}://{socket}{path}", self.trust.scheme()))
+    }
+
+    /// The client that may call `host`: for a pinned host, the one that accepts only its certificate.
+    fn client_for(&self, host: HostEndpoint<'_>) -> Result<reqwest::Client, HostCallError> {
+        if self.trust != HostTrust::Pinned {
+            return Ok(self.shared.clone());
+        }
+        let pin = host
+            .tls_cert_sha256
+            .ok_or(HostCallError::NoPinnedCertificate)?
+            .to_ascii_lowercase();
+        let mut pinned = self.pinned.lock().map_err(|_| {
+            HostCallError::Unreachable("the pinned client cache is poisoned".to_string())
+        })?;
+        if let Some(client) = pinned.get(&pin) {
+            return Ok(client.clone());
+        }
+        if pinned.len() >= PINNED_CLIENTS {
+            pinned.clear();
+        }
+        let client = client_builder()
+            .use_preconfigured_tls(crate::tls::client_config_pinned(&pin))
+            .build()
+            .map_err(|error| HostCallError::Unreachable(crate::tls::error_chain(&error)))?;
+        pinned.insert(pin, client.clone());
+        Ok(client)
+    }
+
+    /// Sends a request built by `request` to `path` on `host`, and reads whether it succeeded.
+    async fn call(
+        &self,
+        host: HostEndpoint<'_>,
+        path: &str,
+        request: impl FnOnce(&reqwest::Client, String) -> reqwest::RequestBuilder,
+    ) -> Result<(), HostCallError> {
+        let url = self.url(host.ip, path)?;
+        let client = self.client_for(host)?;
+        let response = request(&client, url)
+            .send()
+            .await
+            .map_err(|error| HostCallError::Unreachable(crate::tls::error_chain(&error)))?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(HostCallError::Refused(response.status().as_u16()))
+        }
     }
 
     /// Asks the host to start a mandelbox.
     ///
     /// # Errors
-    /// The host did not answer or answered with an error status.
+    /// The host did not answer (or presented a certificate it may not), or answered with an error status.
     pub async fn spin_up(
         &self,
-        ip: &str,
+        host: HostEndpoint<'_>,
         auth_token: &str,
         body: &SpinUp,
     ) -> Result<(), HostCallError> {
-        let response = self
-            .http
-            .put(self.url(ip, "/spin_up_mandelbox")?)
-            .bearer_auth(auth_token)
-            .json(body)
-            .send()
-            .await
-            .map_err(|error| HostCallError::Unreachable(error.to_string()))?;
-        if response.status().is_success() {
-            Ok(())
-        } else {
-            Err(HostCallError::Refused(response.status().as_u16()))
-        }
+        self.call(host, "/spin_up_mandelbox", |client, url| {
+            client.put(url).bearer_auth(auth_token).json(body)
+        })
+        .await
     }
 
     /// Asks the host to drain and shut down.
     ///
     /// # Errors
-    /// The host did not answer or answered with an error status.
+    /// The host did not answer (or presented a certificate it may not), or answered with an error status.
     pub async fn drain_and_shutdown(
         &self,
-        ip: &str,
+        host: HostEndpoint<'_>,
         auth_token: &str,
     ) -> Result<(), HostCallError> {
-        let response = self
-            .http
-            .post(self.url(ip, "/drain_and_shutdown")?)
-            .bearer_auth(auth_token)
-            .json(&serde_json::json!({}))
-            .send()
-            .await
-            .map_err(|error| HostCallError::Unreachable(error.to_string()))?;
-        if response.status().is_success() {
-            Ok(())
-        } else {
-            Err(HostCallError::Refused(response.status().as_u16()))
-        }
+        self.call(host, "/drain_and_shutdown", |client, url| {
+            client
+                .post(url)
+                .bearer_auth(auth_token)
+                .json(&serde_json::json!({}))
+        })
+        .await
     }
 }
 
@@ -136,7 +219,11 @@ mod tests {
     use super::*;
 
     fn loopback_client() -> HostClient {
-        HostClient::new("http", 9, vec!["127.0.0.0/8".parse().expect("a CIDR")])
+        HostClient::new(
+            HostTrust::Plain,
+            9,
+            vec!["127.0.0.0/8".parse().expect("a CIDR")],
+        )
     }
 
     #[tokio::test]
@@ -160,7 +247,16 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    client.spin_up(ip, "t", &body).await,
+                    client
+                        .spin_up(
+                            HostEndpoint {
+                                ip,
+                                tls_cert_sha256: None
+                            },
+                            "t",
+                            &body
+                        )
+                        .await,
                     Err(HostCallError::AddressRefused(_))
                 ),
                 "{ip}"
@@ -183,7 +279,11 @@ mod tests {
 
     #[test]
     fn urls_are_built_from_the_parsed_address() {
-        let client = HostClient::new("https", 4678, vec!["::/0".parse().expect("a CIDR")]);
+        let client = HostClient::new(
+            HostTrust::Pinned,
+            4678,
+            vec!["::/0".parse().expect("a CIDR")],
+        );
         assert_eq!(
             client.url("2001:db8::1", "/x").expect("allowed"),
             "https://[2001:db8::1]:4678/x"

@@ -1,16 +1,53 @@
 //! A simulated host service (`WHIST_CLOUD=local`): it speaks the host protocol over real HTTP on a loopback
 //! address of its own, exactly as a real host would: it registers with its bootstrap token, heartbeats, starts
-//! mandelboxes when asked (reporting CONNECTING then RUNNING), and drains and shuts down when asked.
+//! mandelboxes when asked (reporting CONNECTING then RUNNING), and drains and shuts down when asked. Over HTTPS
+//! (the contract's default) it serves a certificate of its own, self-signed and registered by its fingerprint, or
+//! issued by the deployment's host-service CA.
 
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use poem::http::StatusCode;
-use poem::listener::{Listener, TcpListener};
+use poem::listener::{Listener, RustlsCertificate, RustlsConfig, TcpListener};
 use poem::web::{Data, Json};
 use poem::{handler, EndpointExt, Request, Route};
 use tokio::sync::watch;
+
+use crate::tls::{Authority, ServerIdentity};
+
+/// What the simulated host service serves.
+#[derive(Clone)]
+pub enum HostTls {
+    /// Plain HTTP (`HOST_SERVICE_SCHEME=http`).
+    Plain,
+    /// HTTPS with a self-signed certificate whose fingerprint it registers (`https`, no CA).
+    SelfSigned,
+    /// HTTPS with a certificate for its address issued by this CA (`HOST_SERVICE_CA_PEM`).
+    IssuedBy(Arc<Authority>),
+}
+
+impl std::fmt::Debug for HostTls {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(match self {
+            Self::Plain => "Plain",
+            Self::SelfSigned => "SelfSigned",
+            Self::IssuedBy(_) => "IssuedBy(..)",
+        })
+    }
+}
+
+impl HostTls {
+    /// The identity a host at `ip` serves, if it speaks HTTPS.
+    fn identity(&self, ip: Ipv4Addr) -> std::io::Result<Option<ServerIdentity>> {
+        let made = match self {
+            Self::Plain => return Ok(None),
+            Self::SelfSigned => ServerIdentity::self_signed(ip.into()),
+            Self::IssuedBy(authority) => authority.issue(&[&ip.to_string()]),
+        };
+        made.map(Some).map_err(std::io::Error::other)
+    }
+}
 
 /// What a launched host learns from its user data, plus what it reports about itself.
 #[derive(Clone)]
@@ -24,6 +61,7 @@ pub struct SimulatedHostSpec {
     pub client_commit_hash: String,
     pub mandelbox_capacity: u32,
     pub port: u16,
+    pub tls: HostTls,
 }
 
 impl std::fmt::Debug for SimulatedHostSpec {
@@ -39,6 +77,7 @@ impl std::fmt::Debug for SimulatedHostSpec {
             .field("client_commit_hash", &self.client_commit_hash)
             .field("mandelbox_capacity", &self.mandelbox_capacity)
             .field("port", &self.port)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -148,26 +187,37 @@ fn address_for(instance_id: &str, attempt: u32) -> Ipv4Addr {
 /// Starts a simulated host: binds its address, registers, heartbeats.
 ///
 /// # Errors
-/// No loopback address could be bound.
+/// No loopback address could be bound, or no certificate could be made for it.
 pub async fn start(spec: SimulatedHostSpec) -> std::io::Result<SimulatedHost> {
+    crate::tls::ensure_crypto_provider();
     let mut bound = None;
     for attempt in 0..8 {
         let ip = address_for(&spec.instance_id, attempt);
-        if let Ok(acceptor) = TcpListener::bind(format!("{ip}:{}", spec.port))
-            .into_acceptor()
-            .await
-        {
-            bound = Some((ip, acceptor));
+        let identity = spec.tls.identity(ip)?;
+        let listener = TcpListener::bind(format!("{ip}:{}", spec.port));
+        let listener = match &identity {
+            Some(identity) => listener
+                .rustls(
+                    RustlsConfig::new().fallback(
+                        RustlsCertificate::new()
+                            .cert(identity.certificate_pem.clone())
+                            .key(identity.key_pem.clone()),
+                    ),
+                )
+                .boxed(),
+            None => listener.boxed(),
+        };
+        if let Ok(acceptor) = listener.into_acceptor().await {
+            bound = Some((ip, acceptor, identity));
             break;
         }
     }
-    let Some((ip, acceptor)) = bound else {
+    let Some((ip, acceptor, identity)) = bound else {
         return Err(std::io::Error::new(
             std::io::ErrorKind::AddrInUse,
             "no loopback address was free for a simulated host",
         ));
     };
-    crate::tls::ensure_crypto_provider();
     let (shutdown, receiver) = watch::channel(false);
     let state = HostState {
         spec: spec.clone(),
@@ -195,7 +245,8 @@ pub async fn start(spec: SimulatedHostSpec) -> std::io::Result<SimulatedHost> {
             )
             .await;
     });
-    tokio::spawn(live(state, ip, receiver));
+    let fingerprint = identity.map(|identity| identity.sha256);
+    tokio::spawn(live(state, ip, fingerprint, receiver));
     Ok(SimulatedHost { ip, shutdown })
 }
 
@@ -213,22 +264,31 @@ pub fn heartbeat_body(instance_id: &str, heartbeat_number: i64) -> serde_json::V
 }
 
 /// Registers (retrying until the webserver answers), then heartbeats until stopped or told it is gone.
-async fn live(state: HostState, ip: Ipv4Addr, mut shutdown: watch::Receiver<bool>) {
+async fn live(
+    state: HostState,
+    ip: Ipv4Addr,
+    tls_cert_sha256: Option<String>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let spec = &state.spec;
+    let mut registration = serde_json::json!({
+        "instance_id": spec.instance_id,
+        "region": spec.region,
+        "image_id": spec.image_id,
+        "instance_type": spec.instance_type,
+        "client_commit_hash": spec.client_commit_hash,
+        "ip": ip.to_string(),
+        "mandelbox_capacity": spec.mandelbox_capacity,
+    });
+    if let Some(fingerprint) = tls_cert_sha256 {
+        registration["tls_cert_sha256"] = serde_json::Value::String(fingerprint);
+    }
     let interval = loop {
         let response = state
             .http
             .post(format!("{}/host/register", spec.webserver_url))
             .bearer_auth(&spec.bootstrap_token)
-            .json(&serde_json::json!({
-                "instance_id": spec.instance_id,
-                "region": spec.region,
-                "image_id": spec.image_id,
-                "instance_type": spec.instance_type,
-                "client_commit_hash": spec.client_commit_hash,
-                "ip": ip.to_string(),
-                "mandelbox_capacity": spec.mandelbox_capacity,
-            }))
+            .json(&registration)
             .send()
             .await;
         match response {

@@ -12,6 +12,7 @@ use whist_adapters::stripe::{StripeApi, StripeApiError};
 use whist_adapters::tokens::Tokens;
 use whist_domain::images::ImageCatalog;
 use whist_domain::instance::Instance;
+use whist_domain::leadership::Leadership;
 use whist_domain::mandelbox::Mandelbox;
 use whist_domain::service::Service;
 use whist_domain::session::Session;
@@ -32,6 +33,8 @@ pub struct Services {
     pub subscriptions: AggregateStore<Subscription>,
     pub stripe_customers: AggregateStore<StripeCustomer>,
     pub service: AggregateStore<Service>,
+    /// Who leads the fleet's decisions, and the fence on them.
+    pub leadership: AggregateStore<Leadership>,
     /// The Stripe API; `None` when `STRIPE_SECRET` is not set.
     pub stripe: Option<StripeApi>,
     /// EC2, with `WHIST_CLOUD=aws`.
@@ -123,6 +126,7 @@ impl Services {
             subscriptions: AggregateStore::new(database, ()),
             stripe_customers: AggregateStore::new(database, ()),
             service: AggregateStore::new(database, ()),
+            leadership: AggregateStore::new(database, ()),
             stripe: StripeApi::from_settings(&settings.stripe)?,
             ec2: (settings.cloud == CloudKind::Aws).then(|| {
                 Ec2::new(

@@ -77,7 +77,16 @@ pub async fn open_database(
     migrations: Migrations,
 ) -> Result<Database, DatabaseError> {
     let url = settings.database_url.as_ref().map(|url| url.expose());
-    let database = Database::connect(url, &settings.data_dir, settings.database_pool_size).await?;
+    let direct = settings
+        .database_direct_url
+        .as_ref()
+        .map(|url| url.expose());
+    let database = match (url, direct) {
+        (Some(url), Some(direct)) => {
+            Database::connect_split(url, direct, settings.database_pool_size).await?
+        }
+        (url, _) => Database::connect(url, &settings.data_dir, settings.database_pool_size).await?,
+    };
     match migrations {
         Migrations::Apply => database.migrate().await?,
         Migrations::OnStart if settings.auto_migrate => database.migrate().await?,

@@ -84,6 +84,10 @@ pub struct Instance {
     /// Why the termination was decided, once it was.
     #[serde(default)]
     pub termination_reason: Option<TerminationReason>,
+    /// Hex SHA-256 of the DER certificate the host service serves, as it registered it: every call to the host
+    /// over HTTPS pins it (unless the deployment names a CA for host services).
+    #[serde(default)]
+    pub tls_cert_sha256: Option<String>,
 }
 
 /// Commands the instance takes.
@@ -111,7 +115,10 @@ pub enum InstanceCommand {
         /// What the host claims; checked against `rules` before anything is recorded.
         ip: String,
         mandelbox_capacity: u32,
-        /// The deployment's rules for what a host may declare (`HOST_NETWORK_CIDRS`, `MAX_MANDELBOX_CAPACITY`).
+        /// Hex SHA-256 of the DER certificate the host service serves, if it declared one.
+        tls_cert_sha256: Option<String>,
+        /// The deployment's rules for what a host may declare (`HOST_NETWORK_CIDRS`, `MAX_MANDELBOX_CAPACITY`,
+        /// whether a certificate fingerprint is required).
         rules: RegistrationRules,
         at: DateTime<Utc>,
     },
@@ -212,6 +219,9 @@ pub enum InstanceEvent {
         ip: String,
         mandelbox_capacity: u32,
         auth_token_hash: String,
+        /// The host service's certificate fingerprint (lowercase hex SHA-256 of its DER), when it declared one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_cert_sha256: Option<String>,
         at: DateTime<Utc>,
     },
     MandelboxAllocated {
@@ -279,6 +289,9 @@ pub struct RegistrationRules {
     pub host_networks: Vec<ipnet::IpNet>,
     /// The most mandelboxes one host may declare.
     pub max_capacity: u32,
+    /// Whether a host must declare its certificate's fingerprint (`HOST_SERVICE_SCHEME=https` without
+    /// `HOST_SERVICE_CA_PEM`: the fingerprint is then all that authenticates the host service on later calls).
+    pub require_tls_pin: bool,
 }
 
 impl RegistrationRules {
@@ -321,6 +334,22 @@ impl RegistrationRules {
             Err(InstanceError::CapacityOutOfRange)
         }
     }
+
+    /// The certificate fingerprint a host declared, normalised to lowercase hex: 64 hex digits (a SHA-256), and
+    /// present when the rules require one.
+    ///
+    /// # Errors
+    /// [`InstanceError::TlsPinRefused`] for a malformed fingerprint or a missing required one.
+    pub fn tls_pin(&self, declared: Option<&str>) -> Result<Option<String>, InstanceError> {
+        match declared {
+            Some(pin) if pin.len() == 64 && pin.bytes().all(|byte| byte.is_ascii_hexdigit()) => {
+                Ok(Some(pin.to_ascii_lowercase()))
+            }
+            Some(_) => Err(InstanceError::TlsPinRefused),
+            None if self.require_tls_pin => Err(InstanceError::TlsPinRefused),
+            None => Ok(None),
+        }
+    }
 }
 
 /// Why the instance refused a command.
@@ -330,6 +359,8 @@ pub enum InstanceError {
     AddressRefused,
     #[error("the host's declared capacity is outside 1 to the deployment's maximum")]
     CapacityOutOfRange,
+    #[error("the host's certificate fingerprint is missing (and required) or not a hex SHA-256")]
+    TlsPinRefused,
     #[error("the instance already exists")]
     AlreadyExists,
     #[error("no such instance")]
@@ -425,6 +456,7 @@ impl crate::decide::Decide for Instance {
                 auth_token_hash,
                 ip,
                 mandelbox_capacity,
+                tls_cert_sha256,
                 rules,
                 at,
             } => {
@@ -440,10 +472,12 @@ impl crate::decide::Decide for Instance {
                 }
                 let address = rules.host_address(&ip)?;
                 let mandelbox_capacity = rules.capacity(mandelbox_capacity)?;
+                let tls_cert_sha256 = rules.tls_pin(tls_cert_sha256.as_deref())?;
                 Ok(vec![E::Registered {
                     ip: address.to_string(),
                     mandelbox_capacity,
                     auth_token_hash,
+                    tls_cert_sha256,
                     at,
                 }])
             }
@@ -576,12 +610,14 @@ impl crate::decide::Decide for Instance {
                 ip,
                 mandelbox_capacity,
                 auth_token_hash,
+                tls_cert_sha256,
                 ..
             } => {
                 self.status = Some(S::Active);
                 self.ip = Some(ip);
                 self.capacity = mandelbox_capacity;
                 self.auth_token_hash = Some(auth_token_hash);
+                self.tls_cert_sha256 = tls_cert_sha256;
             }
             E::MandelboxAllocated { mandelbox_id, .. } => {
                 self.mandelboxes.insert(mandelbox_id);
@@ -652,6 +688,7 @@ mod tests {
             ip: "10.0.0.1".to_string(),
             mandelbox_capacity: capacity,
             auth_token_hash: "auth".to_string(),
+            tls_cert_sha256: None,
             at: at(),
         });
         events
@@ -673,6 +710,7 @@ mod tests {
             auth_token_hash: "auth".to_string(),
             ip: "10.0.0.1".to_string(),
             mandelbox_capacity: 2,
+            tls_cert_sha256: None,
             rules: rules(),
             at: at(),
         }
@@ -682,6 +720,7 @@ mod tests {
         RegistrationRules {
             host_networks: vec!["10.0.0.0/8".parse().expect("a CIDR")],
             max_capacity: 64,
+            require_tls_pin: false,
         }
     }
 
@@ -692,6 +731,7 @@ mod tests {
             auth_token_hash: "auth".to_string(),
             ip: ip.to_string(),
             mandelbox_capacity: capacity,
+            tls_cert_sha256: None,
             rules: rules(),
             at: at(),
         }
@@ -743,6 +783,7 @@ mod tests {
                 ip: "10.1.2.3".to_string(),
                 mandelbox_capacity: 64,
                 auth_token_hash: "auth".to_string(),
+                tls_cert_sha256: None,
                 at: at(),
             }]);
     }
@@ -756,8 +797,60 @@ mod tests {
                 ip: "10.0.0.7".to_string(),
                 mandelbox_capacity: 2,
                 auth_token_hash: "auth".to_string(),
+                tls_cert_sha256: None,
                 at: at(),
             }]);
+    }
+
+    fn register_pinned(pin: Option<&str>, require_tls_pin: bool) -> InstanceCommand {
+        InstanceCommand::Register {
+            identity: spec(),
+            presented_token_hash: "boot".to_string(),
+            auth_token_hash: "auth".to_string(),
+            ip: "10.0.0.1".to_string(),
+            mandelbox_capacity: 2,
+            tls_cert_sha256: pin.map(str::to_string),
+            rules: RegistrationRules {
+                require_tls_pin,
+                ..rules()
+            },
+            at: at(),
+        }
+    }
+
+    #[test]
+    fn a_host_registers_its_certificate_fingerprint_in_lowercase() {
+        let pin = "AB".repeat(32);
+        InstanceTest::with(())
+            .given(launched())
+            .when(register_pinned(Some(&pin), true))
+            .then_expect_events(vec![InstanceEvent::Registered {
+                ip: "10.0.0.1".to_string(),
+                mandelbox_capacity: 2,
+                auth_token_hash: "auth".to_string(),
+                tls_cert_sha256: Some("ab".repeat(32)),
+                at: at(),
+            }]);
+    }
+
+    #[test]
+    fn a_required_fingerprint_that_is_missing_or_malformed_refuses_the_registration() {
+        for pin in [
+            None,
+            Some("abc"),
+            Some(&*"zz".repeat(32)),
+            Some(&*"a".repeat(65)),
+        ] {
+            InstanceTest::with(())
+                .given(launched())
+                .when(register_pinned(pin, true))
+                .then_expect_error(InstanceError::TlsPinRefused);
+        }
+        // Not required (plain HTTP, or a CA for host services): none is fine, a malformed one still is not.
+        InstanceTest::with(())
+            .given(launched())
+            .when(register_pinned(Some("abc"), false))
+            .then_expect_error(InstanceError::TlsPinRefused);
     }
 
     fn allocate(mandelbox_id: &str) -> InstanceCommand {
@@ -803,6 +896,7 @@ mod tests {
                 ip: "10.0.0.1".to_string(),
                 mandelbox_capacity: 2,
                 auth_token_hash: "auth".to_string(),
+                tls_cert_sha256: None,
                 at: at(),
             }]);
     }

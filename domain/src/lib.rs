@@ -7,6 +7,7 @@ pub mod decide;
 pub mod decisions;
 pub mod images;
 pub mod instance;
+pub mod leadership;
 pub mod mandelbox;
 pub mod metadata;
 pub mod probe;

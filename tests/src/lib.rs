@@ -138,7 +138,6 @@ impl TestDatabase {
             whist_adapters::config::Secret::new("testing".to_string()),
         ));
         settings.aws.deployment = "whist-test".to_string();
-        settings.host_service_scheme = "http".to_string();
         settings.stripe.webhook_secret = Some(whist_adapters::config::Secret::new(
             STRIPE_WEBHOOK_SECRET.to_string(),
         ));
@@ -382,6 +381,30 @@ pub async fn loopback_acceptor() -> (poem::listener::TcpAcceptor, u16) {
     (acceptor, port)
 }
 
+/// As [`loopback_acceptor`], serving TLS with `identity`.
+pub async fn loopback_tls_acceptor(
+    identity: &whist_adapters::tls::ServerIdentity,
+) -> (poem::listener::BoxAcceptor, u16) {
+    use poem::listener::{Acceptor, AcceptorExt, Listener, RustlsCertificate, RustlsConfig};
+    let acceptor = poem::listener::TcpListener::bind("127.0.0.1:0")
+        .rustls(
+            RustlsConfig::new().fallback(
+                RustlsCertificate::new()
+                    .cert(identity.certificate_pem.clone())
+                    .key(identity.key_pem.clone()),
+            ),
+        )
+        .into_acceptor()
+        .await
+        .expect("a loopback port");
+    let port = acceptor
+        .local_addr()
+        .first()
+        .and_then(|address| address.as_socket_addr().map(|socket| socket.port()))
+        .expect("a port");
+    (acceptor.boxed(), port)
+}
+
 /// The warnings, errors and panics in each log file (at most 20 lines each), for a failing test's message.
 pub fn log_troubles<'a>(logs: impl IntoIterator<Item = &'a Path>) -> String {
     logs.into_iter()
@@ -603,6 +626,7 @@ pub async fn start_host(
         client_commit_hash: spec.client_commit_hash.clone(),
         mandelbox_capacity: capacity,
         port,
+        tls: whist_adapters::simulated_host::HostTls::SelfSigned,
     })
     .await
     .expect("the simulated host starts")

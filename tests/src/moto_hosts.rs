@@ -213,6 +213,8 @@ async fn boot_new(
             image_id,
             mandelbox_capacity: images.capacity,
             port: images.port,
+            // Over HTTPS, as the webserver calls real hosts: a self-signed certificate, pinned at registration.
+            tls: simulated_host::HostTls::SelfSigned,
         };
         let Ok(host) = simulated_host::start(spec).await else {
             continue;

@@ -77,6 +77,15 @@ fn postgres_ids() -> (u32, u32) {
 impl PrivatePostgres {
     /// Creates the cluster and starts its server.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Creates a cluster that takes TCP connections only over TLS, serving `identity`, and starts its server.
+    pub async fn start_with_tls(identity: &whist_adapters::tls::ServerIdentity) -> Self {
+        Self::start_with(Some(identity)).await
+    }
+
+    async fn start_with(tls: Option<&whist_adapters::tls::ServerIdentity>) -> Self {
         let bin = binaries();
         let folder = tempfile::Builder::new()
             .prefix("whist-private-pg-")
@@ -113,28 +122,41 @@ impl PrivatePostgres {
             .await;
         // Loopback only, a socket folder of its own (the machine's server has /var/run/postgresql), and no fsync:
         // the machine never loses power in a test, and an immediate stop still recovers from the WAL.
-        let settings = format!(
+        let mut settings = format!(
             "listen_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\nmax_connections = 100\n\
              fsync = off\nlogging_collector = off\n",
             cluster.port,
             cluster.folder.path().display()
         );
-        std::fs::write(
-            cluster.data_dir().join("postgresql.auto.conf"),
-            settings.as_bytes(),
-        )
-        .expect("the cluster's settings are written");
-        if cluster.as_postgres_user {
-            let (uid, gid) = postgres_ids();
-            std::os::unix::fs::chown(
-                cluster.data_dir().join("postgresql.auto.conf"),
-                Some(uid),
-                Some(gid),
-            )
-            .expect("the settings file can be handed to the postgres user");
+        if let Some(identity) = tls {
+            // TLS with the given certificate; over TCP nothing else is accepted.
+            settings
+                .push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+            cluster.write_owned("server.crt", &identity.certificate_pem, 0o644);
+            cluster.write_owned("server.key", &identity.key_pem, 0o600);
+            cluster.write_owned(
+                "pg_hba.conf",
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+                0o600,
+            );
         }
+        cluster.write_owned("postgresql.auto.conf", &settings, 0o600);
         cluster.start_server().await;
         cluster
+    }
+
+    /// Writes a file into the data folder, owned by the server's user, with `mode`.
+    fn write_owned(&self, name: &str, contents: &str, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.data_dir().join(name);
+        std::fs::write(&path, contents.as_bytes()).expect("a cluster file is written");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .expect("the file's mode is set");
+        if self.as_postgres_user {
+            let (uid, gid) = postgres_ids();
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                .expect("the file can be handed to the postgres user");
+        }
     }
 
     fn data_dir(&self) -> PathBuf {

@@ -6,10 +6,12 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use poem::listener::AcceptorExt;
 use poem::{handler, web::Data, EndpointExt, Route};
 use rsa::pkcs1::EncodeRsaPrivateKey;
 use rsa::traits::PublicKeyParts;
 use rsa::RsaPrivateKey;
+use whist_adapters::tls::{Authority, ServerIdentity};
 use whist_tests::{free_port, spawn_app_with, ChildProcess, TestDatabase};
 
 pub(crate) const ISSUER: &str = "https://whist-test.auth0.example/";
@@ -109,12 +111,35 @@ pub(crate) async fn serve_jwks_answering_after(
     Arc<JwksEndpoint>,
     tokio::task::JoinHandle<()>,
 ) {
+    serve_jwks_with(keys, delay, None).await
+}
+
+/// As [`serve_jwks_answering_after`], over HTTPS with `tls` when given.
+async fn serve_jwks_with(
+    keys: Vec<serde_json::Value>,
+    delay: Duration,
+    tls: Option<&ServerIdentity>,
+) -> (
+    String,
+    Arc<std::sync::Mutex<serde_json::Value>>,
+    Arc<JwksEndpoint>,
+    tokio::task::JoinHandle<()>,
+) {
     let published = Arc::new(std::sync::Mutex::new(serde_json::json!({ "keys": keys })));
     let endpoint = Arc::new(JwksEndpoint {
         delay: std::sync::Mutex::new(delay),
         fetches: AtomicUsize::new(0),
     });
-    let (acceptor, port) = whist_tests::loopback_acceptor().await;
+    let (acceptor, port, scheme) = match tls {
+        Some(identity) => {
+            let (acceptor, port) = whist_tests::loopback_tls_acceptor(identity).await;
+            (acceptor, port, "https")
+        }
+        None => {
+            let (acceptor, port) = whist_tests::loopback_acceptor().await;
+            (acceptor.boxed(), port, "http")
+        }
+    };
     let app = Route::new()
         .at("/.well-known/jwks.json", poem::get(jwks))
         .data(published.clone())
@@ -123,7 +148,7 @@ pub(crate) async fn serve_jwks_answering_after(
         let _ = poem::Server::new_with_acceptor(acceptor).run(app).await;
     });
     (
-        format!("http://127.0.0.1:{port}/.well-known/jwks.json"),
+        format!("{scheme}://127.0.0.1:{port}/.well-known/jwks.json"),
         published,
         endpoint,
         server,
@@ -194,6 +219,20 @@ pub(crate) async fn app_with_auth0_caching_keys_for(
     jwks_cache_ttl: Option<Duration>,
 ) -> (TestDatabase, whist_tests::TestApp) {
     let database = TestDatabase::sqlite();
+    let mut settings = auth0_settings(&database, jwks_url, environment);
+    if let Some(ttl) = jwks_cache_ttl {
+        settings.jwks_cache_ttl = ttl;
+    }
+    let app = spawn_app_with(&database, settings).await;
+    (database, app)
+}
+
+/// Settings that take Auth0 tokens checked against the JWKS at `jwks_url`.
+fn auth0_settings(
+    database: &TestDatabase,
+    jwks_url: &str,
+    environment: &str,
+) -> whist_adapters::config::Settings {
     let mut settings = database.settings();
     settings.auth0.jwks_url = Some(jwks_url.to_string());
     settings.auth0.issuer = Some(ISSUER.to_string());
@@ -202,11 +241,7 @@ pub(crate) async fn app_with_auth0_caching_keys_for(
         "prod" => whist_adapters::config::Environment::Prod,
         _ => whist_adapters::config::Environment::Local,
     };
-    if let Some(ttl) = jwks_cache_ttl {
-        settings.jwks_cache_ttl = ttl;
-    }
-    let app = spawn_app_with(&database, settings).await;
-    (database, app)
+    settings
 }
 
 /// The status of `GET /mandelbox/{unknown id}` for `token`: 404 for a valid token, 401 for an invalid one.
@@ -287,6 +322,43 @@ async fn a_token_signed_by_the_tenant_is_accepted_and_every_forgery_is_refused()
     for (name, token) in forgeries(tenant, attacker) {
         assert_eq!(regions_status(&app, &token).await, 401, "{name}");
     }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_jwks_is_fetched_over_https_trusting_the_configured_ca_and_nothing_else() {
+    let (tenant, _, _) = keys();
+    let authority = Authority::new("identity provider CA").expect("a CA");
+    let identity = authority.issue(&["127.0.0.1"]).expect("a certificate");
+    let (url, _published, endpoint, _server) =
+        serve_jwks_with(vec![tenant.jwk.clone()], Duration::ZERO, Some(&identity)).await;
+    assert!(url.starts_with("https://"), "{url}");
+    let token = sign(
+        tenant,
+        &claims("auth0|alice", "openid", ISSUER, AUDIENCE, 600),
+    );
+
+    // With the endpoint's CA configured (AUTH0_CA_PEM), the keys are fetched over TLS and the token verifies.
+    let database = TestDatabase::sqlite();
+    let mut settings = auth0_settings(&database, &url, "prod");
+    settings.auth0.ca = Some(
+        whist_adapters::tls::certificates_from_pem(&authority.certificate_pem())
+            .expect("the CA's PEM"),
+    );
+    let app = spawn_app_with(&database, settings).await;
+    assert_eq!(regions_status(&app, &token).await, 404, "accepted");
+    assert!(endpoint.fetches() >= 1);
+    app.stop().await;
+
+    // With the public roots only, the endpoint's certificate is not trusted: no keys, so no token verifies.
+    let fetches_before = endpoint.fetches();
+    let (_database, app) = app_with_auth0(&url, "prod").await;
+    assert_eq!(regions_status(&app, &token).await, 401, "refused");
+    assert_eq!(
+        endpoint.fetches(),
+        fetches_before,
+        "the TLS handshake failed before any request reached the endpoint"
+    );
     app.stop().await;
 }
 

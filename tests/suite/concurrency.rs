@@ -34,7 +34,6 @@ async fn two_servers_never_give_one_slot_twice_nor_overfill_a_host() {
                 ("ASSIGN_RATE_LIMIT_PER_MINUTE", "0".to_string()),
                 ("ASSIGN_RATE_LIMIT_PER_IP_PER_MINUTE", "0".to_string()),
                 ("HOST_SERVICE_PORT", host_service_port.to_string()),
-                ("HOST_SERVICE_SCHEME", "http".to_string()),
                 // Hosts come from outside (this test), as they would from EC2.
                 ("WHIST_CLOUD", "aws".to_string()),
                 ("WHIST_AUTOSCALE", "false".to_string()),

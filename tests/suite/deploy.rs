@@ -1,10 +1,12 @@
 //! Deploying: the Procfile run by a real Procfile runner (release, then web and worker, then SIGTERM), migrations
 //! only where the release policy says (read-only commands never migrate; `WHIST_AUTO_MIGRATE=false` refuses a schema
-//! behind the binary), and the expand/contract check over `migrations/`.
+//! behind the binary), the expand/contract check over `migrations/`, and TLS to Postgres verified against a CA.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use whist_adapters::tls::Authority;
+use whist_tests::private_postgres::PrivatePostgres;
 use whist_tests::{admin_token, assign_body, eventually, free_port, ChildProcess, TestDatabase};
 
 use crate::whist_binary;
@@ -396,4 +398,69 @@ fn the_migration_check_finds_drops_and_renames_of_earlier_objects_and_ignores_ne
             ("3_third.sql", "table (renamed)", "hosts"),
         ]
     );
+}
+
+#[tokio::test]
+async fn the_store_is_reached_over_tls_verified_against_its_ca_and_nothing_less() {
+    // A private cluster that takes TCP connections only over TLS, its certificate issued by a CA of the test's own
+    // for 127.0.0.1 (and not for `localhost`).
+    let authority = Authority::new("database CA").expect("a CA");
+    let identity = authority.issue(&["127.0.0.1"]).expect("a certificate");
+    let cluster = PrivatePostgres::start_with_tls(&identity).await;
+    let folder = tempfile::tempdir().expect("a folder");
+    let ca = folder.path().join("database-ca.pem");
+    std::fs::write(&ca, authority.certificate_pem()).expect("the CA is written");
+    let stranger = folder.path().join("other-ca.pem");
+    std::fs::write(
+        &stranger,
+        Authority::new("someone else")
+            .expect("a CA")
+            .certificate_pem(),
+    )
+    .expect("the other CA is written");
+    let url = cluster.url("postgres");
+    let with = |query: String| vec![("DATABASE_URL", format!("{url}?{query}"))];
+    let dir = folder.path().to_path_buf();
+    let migrate = |environment: Vec<(&'static str, String)>, log: &'static str| {
+        let dir = dir.clone();
+        async move { run_to_end(&["migrate"], &dir, &environment, log).await }
+    };
+
+    // verify-full against the CA: the release step migrates over TLS.
+    let verified = format!("sslmode=verify-full&sslrootcert={}", ca.display());
+    let (status, log) = migrate(with(verified.clone()), "verified.log").await;
+    assert!(status.success(), "verify-full with the CA: {log}");
+
+    // A certificate another CA issued is refused, as is a name the certificate does not carry.
+    let (status, log) = migrate(
+        with(format!(
+            "sslmode=verify-full&sslrootcert={}",
+            stranger.display()
+        )),
+        "stranger.log",
+    )
+    .await;
+    assert!(!status.success(), "another CA was trusted: {log}");
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
+    let by_name = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        url.replace("127.0.0.1", "localhost"),
+        ca.display()
+    );
+    let (status, log) = migrate(vec![("DATABASE_URL", by_name)], "by-name.log").await;
+    assert!(!status.success(), "a name the certificate lacks: {log}");
+
+    // Without TLS the server itself refuses.
+    let (status, log) = migrate(with("sslmode=disable".to_string()), "plain.log").await;
+    assert!(!status.success(), "a connection without TLS: {log}");
+
+    // The schema the verified run made is there (read over TLS as well).
+    let (status, log) = run_to_end(
+        &["projections", "status"],
+        folder.path(),
+        &with(verified),
+        "status.log",
+    )
+    .await;
+    assert!(status.success(), "{log}");
 }

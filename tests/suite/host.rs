@@ -14,6 +14,8 @@ fn register_body(
         "client_commit_hash": spec.client_commit_hash,
         "ip": "127.9.9.9",
         "mandelbox_capacity": 4,
+        // Nothing calls this host: any well-formed fingerprint.
+        "tls_cert_sha256": "ab".repeat(32),
     })
 }
 
@@ -44,6 +46,12 @@ async fn registration_needs_the_launchs_own_token_and_works_once() {
     let mut mismatched = register_body(&instance_id, &spec);
     mismatched["image_id"] = serde_json::json!("ami-other");
     assert_eq!(register(bootstrap.clone(), mismatched).await, 409);
+    // Over HTTPS without a host-service CA, the certificate fingerprint is what later calls pin: required.
+    for fingerprint in [serde_json::Value::Null, serde_json::json!("not-a-sha256")] {
+        let mut unpinned = register_body(&instance_id, &spec);
+        unpinned["tls_cert_sha256"] = fingerprint;
+        assert_eq!(register(bootstrap.clone(), unpinned).await, 409);
+    }
     assert_eq!(
         register(bootstrap.clone(), register_body(&instance_id, &spec)).await,
         200

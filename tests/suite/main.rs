@@ -12,6 +12,7 @@ mod fail_closed;
 mod fleet;
 mod fleet_crash;
 mod host;
+mod host_tls;
 mod http;
 mod jobs;
 mod process;

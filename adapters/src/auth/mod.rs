@@ -346,7 +346,11 @@ impl Auth0 {
                 Some(keys)
             }
             Ok(Err(error)) => {
-                tracing::warn!(error = %error, "could not fetch the token signing keys; keeping the cached ones");
+                let error = crate::tls::error_chain(&error);
+                tracing::warn!(
+                    error,
+                    "could not fetch the token signing keys; keeping the cached ones"
+                );
                 None
             }
             Err(_) => {
@@ -393,11 +397,13 @@ impl TokenVerifier {
     pub fn new(settings: &Settings) -> Self {
         crate::tls::ensure_crypto_provider();
         let auth0 = settings.auth0.jwks_url.clone().map(|jwks_url| {
-            // Should the builder fail, the default client has no timeout; `fetch_keys` bounds every fetch itself.
-            let http = reqwest::Client::builder()
-                .timeout(JWKS_FETCH_TIMEOUT)
-                .build()
-                .unwrap_or_default();
+            // Should the builder fail, the default client has no timeout (`fetch_keys` bounds every fetch itself)
+            // and trusts only the public roots.
+            let mut http = reqwest::Client::builder().timeout(JWKS_FETCH_TIMEOUT);
+            if let Some(authorities) = &settings.auth0.ca {
+                http = http.use_preconfigured_tls(crate::tls::client_config_trusting(authorities));
+            }
+            let http = http.build().unwrap_or_default();
             Arc::new(Auth0 {
                 jwks_url,
                 issuer: settings.auth0.issuer.clone(),

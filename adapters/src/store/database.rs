@@ -59,6 +59,9 @@ pub enum DatabaseError {
 #[derive(Clone, Debug)]
 pub struct Database {
     backend: Backend,
+    /// A session-mode pool to the same Postgres (`DATABASE_DIRECT_URL`), for what needs a session of its own:
+    /// `LISTEN` and the migrations' lock. `None`: the main pool's server is direct.
+    direct: Option<PgPool>,
     /// Group commit of units on Postgres (`None` on SQLite, which writes one transaction at a time anyway).
     batcher: Option<AppendBatcher>,
     any: AnyPool,
@@ -89,6 +92,46 @@ impl Database {
         }
     }
 
+    /// As [`Database::connect`] for Postgres behind a transaction-mode pooler: `database_url` goes through the
+    /// pooler, `direct_url` (`DATABASE_DIRECT_URL`) straight to the server, for `LISTEN` and migrations (at most two
+    /// connections, opened when first needed).
+    ///
+    /// # Errors
+    /// As `connect`, or `direct_url` is malformed.
+    pub async fn connect_split(
+        database_url: &str,
+        direct_url: &str,
+        max_connections: u32,
+    ) -> Result<Self, DatabaseError> {
+        sqlx::any::install_default_drivers();
+        let options =
+            PgConnectOptions::from_str(direct_url).map_err(|source| DatabaseError::Connect {
+                url: redact_url(direct_url),
+                source,
+            })?;
+        let direct = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options);
+        let mut database = Self::connect_postgres(database_url, max_connections).await?;
+        database.direct = Some(direct);
+        database.description = format!(
+            "{} (direct: {})",
+            database.description,
+            redact_url(direct_url)
+        );
+        Ok(database)
+    }
+
+    /// The pool for a session of its own (`LISTEN`, the migrations' lock): the direct one when there is one.
+    pub fn session_pool(&self) -> Option<&PgPool> {
+        match (&self.direct, &self.backend) {
+            (Some(direct), _) => Some(direct),
+            (None, Backend::Postgres(pool)) => Some(pool),
+            (None, Backend::Sqlite(_)) => None,
+        }
+    }
+
     async fn connect_postgres(url: &str, max_connections: u32) -> Result<Self, DatabaseError> {
         let connect_error = |source| DatabaseError::Connect {
             url: redact_url(url),
@@ -115,6 +158,7 @@ impl Database {
         let background_loops = BackgroundLoops::new();
         Ok(Self {
             batcher: Some(AppendBatcher::start(pool.clone(), &background_loops)),
+            direct: None,
             backend: Backend::Postgres(pool),
             any,
             signal: LogSignal::new(),
@@ -162,6 +206,7 @@ impl Database {
             .map_err(connect_error)?;
         Ok(Self {
             batcher: None,
+            direct: None,
             backend: Backend::Sqlite(pool),
             any,
             signal: LogSignal::new(),
@@ -178,7 +223,13 @@ impl Database {
     /// A migration failed or the recorded migrations differ from the shipped ones.
     pub async fn migrate(&self) -> Result<(), DatabaseError> {
         match &self.backend {
-            Backend::Postgres(pool) => sqlx::migrate!("../migrations/postgres").run(pool).await?,
+            Backend::Postgres(pool) => {
+                // The lock sqlx takes is a session's: through the direct pool when there is one.
+                let session = self.direct.as_ref().unwrap_or(pool);
+                sqlx::migrate!("../migrations/postgres")
+                    .run(session)
+                    .await?
+            }
             Backend::Sqlite(pool) => sqlx::migrate!("../migrations/sqlite").run(pool).await?,
         }
         Ok(())

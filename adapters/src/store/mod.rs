@@ -6,6 +6,7 @@ mod append_batcher;
 mod cached_store;
 pub mod chain;
 mod database;
+pub mod lease;
 mod listener;
 mod log;
 mod postgres_repository;

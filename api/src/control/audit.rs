@@ -16,6 +16,7 @@ use sqlx::Row;
 use whist_adapters::store::{Database, LoggedEvent};
 use whist_domain::images::ImageCatalog;
 use whist_domain::instance::Instance;
+use whist_domain::leadership::Leadership;
 use whist_domain::mandelbox::Mandelbox;
 use whist_domain::service::Service;
 use whist_domain::session::Session;
@@ -41,7 +42,7 @@ pub enum AuditError {
 }
 
 /// The aggregate types a state can be replayed for.
-pub const AGGREGATE_TYPES: [&str; 8] = [
+pub const AGGREGATE_TYPES: [&str; 9] = [
     Instance::TYPE,
     Mandelbox::TYPE,
     Session::TYPE,
@@ -50,6 +51,7 @@ pub const AGGREGATE_TYPES: [&str; 8] = [
     Subscription::TYPE,
     StripeCustomer::TYPE,
     Service::TYPE,
+    Leadership::TYPE,
 ];
 
 /// One stored event, as auditors read it.
@@ -306,6 +308,7 @@ pub async fn replay(
         Subscription::TYPE => replay_as::<Subscription>(&events)?,
         StripeCustomer::TYPE => replay_as::<StripeCustomer>(&events)?,
         Service::TYPE => replay_as::<Service>(&events)?,
+        Leadership::TYPE => replay_as::<Leadership>(&events)?,
         other => return Err(AuditError::UnknownAggregateType(other.to_string())),
     };
     Ok(Some(ReplayedState {

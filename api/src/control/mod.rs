@@ -11,6 +11,7 @@ pub mod assign;
 pub mod audit;
 pub mod billing;
 pub mod entitlement;
+pub mod leadership;
 pub mod mandelboxes;
 pub mod operator;
 pub mod release;

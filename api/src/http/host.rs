@@ -42,6 +42,9 @@ pub struct RegisterBody {
     pub client_commit_hash: String,
     pub ip: String,
     pub mandelbox_capacity: u32,
+    /// Hex SHA-256 of the DER certificate the host service serves. Required with `HOST_SERVICE_SCHEME=https` and
+    /// no `HOST_SERVICE_CA_PEM`; every later call to the host pins it.
+    pub tls_cert_sha256: Option<String>,
 }
 
 #[derive(Object)]
@@ -169,9 +172,11 @@ impl HostApi {
             auth_token_hash: fingerprint(&auth_token),
             ip: body.ip,
             mandelbox_capacity: body.mandelbox_capacity,
+            tls_cert_sha256: body.tls_cert_sha256,
             rules: RegistrationRules {
                 host_networks: state.settings.host_network_cidrs.clone(),
                 max_capacity: state.settings.max_mandelbox_capacity,
+                require_tls_pin: state.settings.host_tls_pin_required(),
             },
             at: Utc::now(),
         };
@@ -195,6 +200,13 @@ impl HostApi {
                     "host registration refused: address"
                 );
                 RegisterResponse::Mismatch(error_body("HOST_ADDRESS_REFUSED"))
+            }
+            Err(CommandError::Rejected(InstanceError::TlsPinRefused)) => {
+                tracing::warn!(
+                    instance_id = body.instance_id,
+                    "host registration refused: certificate fingerprint missing or malformed"
+                );
+                RegisterResponse::Mismatch(error_body("TLS_CERT_SHA256_REFUSED"))
             }
             Err(CommandError::Rejected(InstanceError::CapacityOutOfRange)) => {
                 tracing::warn!(

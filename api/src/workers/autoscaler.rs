@@ -3,30 +3,28 @@
 //! hysteresis, and retires the hosts of images a release replaced; the policy itself is pure (`whist_domain::scaling`).
 //! It records decisions (launch, drain, retire) as instance commands; the reconciler carries them out.
 //!
-//! One process decides at a time: the leader holds a Postgres advisory lock on a dedicated connection (the embedded
-//! store has one process), checks before every pass that the connection (and so the lock) is still alive, and
-//! decides only on a read model that has caught up with the log as of the start of the pass, so that its own last
-//! decisions are counted. The leader also runs the repair against the cloud (`repair`).
+//! One process decides at a time: the leader holds the fleet's lease (a row renewed every pass, which works through a
+//! transaction-mode pooler; see `control::leadership`), records each taking in the log, and records every launch and
+//! drain in one unit with the fence of its epoch, so that a leader paused past its lease can never record a decision
+//! after its successor took over. It decides only on a read model that has caught up with the log as of the start
+//! of the pass, so that its own last decisions (and a predecessor's) are counted. The leader also runs the repair
+//! against the cloud (`repair`).
 
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use sqlx::PgConnection;
 use tokio::sync::watch;
 use uuid::Uuid;
 use whist_adapters::config::CloudKind;
-use whist_adapters::store::{Backend, CommandError};
 use whist_adapters::tokens::{fingerprint, Purpose};
 use whist_domain::images::{RegionImage, CATALOG_ID};
 use whist_domain::instance::{DrainReason, InstanceCommand, InstanceError, LaunchSpec};
 use whist_domain::scaling::{plan_region, HostView, RegionPlan, Targets};
-use whist_domain::{Actor, EventMetadata};
+use whist_domain::Actor;
 
+use crate::control::leadership::{self, Fenced};
 use crate::control::UseCaseError;
 use crate::state::Context;
-
-/// The key of the autoscaler's advisory lock.
-const LOCK_KEY: i64 = 0x5768_6973_7441_5331;
 /// How long a pass waits for the read model to catch up before skipping.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
@@ -39,6 +37,8 @@ pub struct Decisions {
     pub retired: usize,
     /// Per region, the plan it followed.
     pub plans: Vec<(String, RegionPlan)>,
+    /// A newer leader took over during the pass: its remaining decisions were refused.
+    pub superseded: bool,
 }
 
 /// One region's plan and the image it launches.
@@ -52,6 +52,8 @@ pub struct RegionDecision {
 /// Decides launches and drains.
 pub struct Autoscaler {
     state: Context,
+    /// This process's name as a holder of the fleet's lease.
+    holder: String,
 }
 
 /// Reads a region's hosts from the `instances` read model (every host not yet ended).
@@ -67,7 +69,10 @@ pub async fn read_region(
 
 impl Autoscaler {
     pub fn new(state: Context) -> Self {
-        Self { state }
+        Self {
+            state,
+            holder: leadership::holder_name(),
+        }
     }
 
     /// Reads the fleet and plans every enabled region that has an active image (nothing is recorded).
@@ -107,17 +112,28 @@ impl Autoscaler {
         Ok(plans)
     }
 
-    /// One decision for every enabled region.
+    /// One decision for every enabled region, by the leader of `epoch`: each launch and drain is recorded under
+    /// its fence, and the pass stops at the first one refused because a newer leader took over.
     ///
     /// # Errors
     /// The store failed.
-    #[tracing::instrument(skip_all)]
-    pub async fn decide_once(&self) -> Result<Decisions, UseCaseError> {
+    #[tracing::instrument(skip_all, fields(epoch = epoch))]
+    pub async fn decide_once(&self, epoch: i64) -> Result<Decisions, UseCaseError> {
         let services = &self.state.services;
         let settings = &self.state.settings;
         if !crate::control::release::instances_caught_up(&self.state, CATCH_UP_WAIT).await? {
             tracing::warn!("autoscaler skipped a pass: the instances read model is behind the log");
             return Ok(Decisions::default());
+        }
+        let planned = self.plan().await?;
+        let pause = settings.fleet.fault_pause_before_deciding;
+        if !pause.is_zero() && planned.iter().any(|decision| decision.plan.launch > 0) {
+            tracing::warn!(
+                epoch,
+                pause_ms = pause.as_millis() as u64,
+                "autoscaler pass planned; pausing before recording (fault injection)"
+            );
+            tokio::time::sleep(pause).await;
         }
         // In maintenance mode nothing is launched; drains and retirements go on.
         let maintenance = crate::control::assign::in_maintenance(&self.state).await?;
@@ -126,7 +142,7 @@ impl Autoscaler {
             region,
             image,
             plan,
-        } in self.plan().await?
+        } in planned
         {
             metrics::gauge!("whist_free_mandelboxes", "region" => region.clone())
                 .set(f64::from(plan.free));
@@ -145,11 +161,26 @@ impl Autoscaler {
                     reason: whist_domain::instance::LaunchReason::WarmBuffer,
                     at: Utc::now(),
                 };
-                let metadata = EventMetadata::new(Actor::System, Utc::now());
-                services
-                    .instances
-                    .execute(&instance_id, command, &metadata)
-                    .await?;
+                match leadership::record_fenced(
+                    &self.state,
+                    epoch,
+                    "launch",
+                    &instance_id,
+                    command,
+                    true,
+                )
+                .await?
+                {
+                    Fenced::Recorded => {}
+                    Fenced::Refused(refusal) => {
+                        return Err(UseCaseError::Refused(Box::new(refusal)));
+                    }
+                    Fenced::Superseded(refusal) => {
+                        tracing::warn!(epoch, error = %refusal, "a newer leader took over; this pass records nothing more");
+                        decisions.superseded = true;
+                        return Ok(decisions);
+                    }
+                }
                 tracing::info!(
                     region,
                     instance_id,
@@ -160,17 +191,21 @@ impl Autoscaler {
                 decisions.launched += 1;
             }
             for instance_id in &plan.drain {
-                let metadata = EventMetadata::new(Actor::System, Utc::now());
                 let command = InstanceCommand::Drain {
                     reason: DrainReason::ScaleDown,
                     at: Utc::now(),
                 };
-                match services
-                    .instances
-                    .execute_retrying(instance_id, command, &metadata)
-                    .await
+                match leadership::record_fenced(
+                    &self.state,
+                    epoch,
+                    "drain",
+                    instance_id,
+                    command,
+                    false,
+                )
+                .await?
                 {
-                    Ok(()) => {
+                    Fenced::Recorded => {
                         tracing::info!(
                             region,
                             instance_id,
@@ -181,8 +216,15 @@ impl Autoscaler {
                         decisions.drained += 1;
                     }
                     // A mandelbox landed on it since the read: it stays.
-                    Err(CommandError::Rejected(InstanceError::NotEmpty)) => {}
-                    Err(error) => return Err(error.into()),
+                    Fenced::Refused(InstanceError::NotEmpty) => {}
+                    Fenced::Refused(refusal) => {
+                        tracing::info!(instance_id, error = %refusal, "host not drained: it changed meanwhile");
+                    }
+                    Fenced::Superseded(refusal) => {
+                        tracing::warn!(epoch, error = %refusal, "a newer leader took over; this pass records nothing more");
+                        decisions.superseded = true;
+                        return Ok(decisions);
+                    }
                 }
             }
             if !plan.retire.is_empty() {
@@ -199,37 +241,21 @@ impl Autoscaler {
         Ok(decisions)
     }
 
-    /// Whether this process leads: it holds the advisory lock on a live connection (always, on the embedded store).
-    async fn lead(&self, held: &mut Option<PgConnection>) -> bool {
-        let Backend::Postgres(pool) = self.state.database.backend() else {
-            return true;
-        };
-        if let Some(connection) = held.as_mut() {
-            // The lock lives as long as the session: a dead connection means another process may lead now.
-            if sqlx::query("SELECT 1")
-                .execute(&mut *connection)
-                .await
-                .is_ok()
-            {
-                return true;
+    /// The epoch this process leads at, if it leads: it holds the fleet's lease (renewed here, every pass) and its
+    /// taking is recorded. A store failure counts as not leading.
+    pub async fn lead(&self, epoch: Option<i64>) -> Option<i64> {
+        match leadership::lead(&self.state, &self.holder, epoch).await {
+            Ok(Some(now)) => Some(now),
+            Ok(None) => {
+                if let Some(epoch) = epoch {
+                    tracing::warn!(epoch, "this process lost the fleet's lease; standing down");
+                }
+                None
             }
-            tracing::warn!("autoscaler lost its lock's connection; standing down");
-            *held = None;
-        }
-        let Ok(mut connection) = pool.acquire().await else {
-            return false;
-        };
-        let got: Result<bool, _> = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(LOCK_KEY)
-            .fetch_one(&mut *connection)
-            .await;
-        if matches!(got, Ok(true)) {
-            tracing::info!("this process now leads the autoscaler and the cloud repair");
-            // The connection must not go back to the pool holding the lock.
-            *held = Some(connection.detach());
-            true
-        } else {
-            false
+            Err(error) => {
+                tracing::warn!(error = %crate::telemetry::Chain(&error), "could not renew the fleet's lease; standing down");
+                None
+            }
         }
     }
 
@@ -239,13 +265,16 @@ impl Autoscaler {
     /// supervisor restarts both (and says so) instead of the repair failing unseen at every interval; the repair in
     /// flight is aborted whenever the autoscaler stops.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut held = None;
+        let mut epoch = None;
         let repair = std::sync::Arc::new(crate::workers::repair::Repair::new(self.state.clone()));
         // At most one repair; dropping the set (the autoscaler ends or unwinds) aborts it.
         let mut repairing = tokio::task::JoinSet::new();
         let mut last_repair: Option<Instant> = None;
         loop {
             if whist_adapters::supervision::stopping(&shutdown) {
+                if epoch.is_some() {
+                    leadership::step_down(&self.state, &self.holder).await;
+                }
                 return;
             }
             while let Some(ended) = repairing.try_join_next() {
@@ -256,10 +285,15 @@ impl Autoscaler {
                     }
                 }
             }
-            if self.lead(&mut held).await {
+            epoch = self.lead(epoch).await;
+            if let Some(leading) = epoch {
                 if self.state.settings.fleet.autoscale {
-                    if let Err(error) = self.decide_once().await {
-                        tracing::warn!(error = %crate::telemetry::Chain(&error), "autoscaler decision failed");
+                    match self.decide_once(leading).await {
+                        Ok(decisions) if decisions.superseded => epoch = None,
+                        Ok(_) => {}
+                        Err(error) => {
+                            tracing::warn!(error = %crate::telemetry::Chain(&error), "autoscaler decision failed");
+                        }
                     }
                 }
                 let due = last_repair

@@ -5,7 +5,7 @@
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use whist_adapters::store::{Backend, Database, LogListener};
+use whist_adapters::store::{Database, LogListener};
 use whist_adapters::supervision::BackgroundLoops;
 use whist_projections::ProjectionRunner;
 
@@ -33,9 +33,10 @@ impl Background {
         let (shutdown, receiver) = watch::channel(false);
         let loops = database.background_loops();
         let mut tasks = Vec::new();
-        if let Backend::Postgres(pool) = database.backend() {
+        if let Some(session) = database.session_pool() {
+            // LISTEN needs a session of its own: the direct connection when the main pool goes through a pooler.
             let listener = LogListener::new(
-                pool.clone(),
+                session.clone(),
                 database.signal().clone(),
                 database.reachability().clone(),
             );

@@ -13,7 +13,7 @@ use chrono::Utc;
 use tokio::sync::{watch, Mutex};
 use whist_adapters::config::CloudKind;
 use whist_adapters::ec2::{Ec2Error, LaunchRequest};
-use whist_adapters::host_client::{HostClient, SpinUp};
+use whist_adapters::host_client::{HostClient, HostEndpoint, SpinUp};
 use whist_adapters::simulated_host::{self, SimulatedHost, SimulatedHostSpec};
 use whist_adapters::store::{CommandError, GATHER_WINDOW};
 
@@ -68,7 +68,7 @@ pub struct Reconciler {
 impl Reconciler {
     pub fn new(state: Context) -> Self {
         let hosts = HostClient::new(
-            &state.settings.host_service_scheme,
+            state.settings.host_trust(),
             state.settings.host_service_port,
             state.settings.host_network_cidrs.clone(),
         );
@@ -192,7 +192,16 @@ impl Reconciler {
         let token = services
             .tokens
             .derive(Purpose::HostAuth, &placement.instance_id);
-        if let Err(error) = self.hosts.spin_up(&placement.ip, &token, &body).await {
+        // The host's certificate fingerprint, as it registered it (the placement carries only the address).
+        let host = match self.load_instance(&placement.instance_id).await {
+            Ok(host) => host,
+            Err(outcome) => return outcome,
+        };
+        let endpoint = HostEndpoint {
+            ip: &placement.ip,
+            tls_cert_sha256: host.tls_cert_sha256.as_deref(),
+        };
+        if let Err(error) = self.hosts.spin_up(endpoint, &token, &body).await {
             return Outcome::Retry(error.to_string());
         }
         let metadata = EventMetadata::new(Actor::System, Utc::now());
@@ -343,6 +352,7 @@ impl Reconciler {
             client_commit_hash: spec.client_commit_hash,
             mandelbox_capacity: self.state.settings.fleet.host_capacity,
             port: self.state.settings.host_service_port,
+            tls: self.state.settings.simulated_host_tls(),
         })
         .await
         {
@@ -398,7 +408,11 @@ impl Reconciler {
             .services
             .tokens
             .derive(Purpose::HostAuth, instance_id);
-        match self.hosts.drain_and_shutdown(&ip, &token).await {
+        let endpoint = HostEndpoint {
+            ip: &ip,
+            tls_cert_sha256: instance.tls_cert_sha256.as_deref(),
+        };
+        match self.hosts.drain_and_shutdown(endpoint, &token).await {
             Ok(()) => Outcome::Done,
             Err(error) => Outcome::Retry(error.to_string()),
         }
@@ -424,7 +438,11 @@ impl Reconciler {
                 .services
                 .tokens
                 .derive(Purpose::HostAuth, instance_id);
-            if let Err(error) = self.hosts.drain_and_shutdown(ip, &token).await {
+            let endpoint = HostEndpoint {
+                ip,
+                tls_cert_sha256: instance.tls_cert_sha256.as_deref(),
+            };
+            if let Err(error) = self.hosts.drain_and_shutdown(endpoint, &token).await {
                 tracing::info!(instance_id, error = %error, "the host did not take its shutdown; ending it in the cloud");
             }
         }

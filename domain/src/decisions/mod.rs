@@ -44,6 +44,7 @@ pub(crate) mod given {
                 ip: "10.0.0.7".to_string(),
                 mandelbox_capacity: capacity,
                 auth_token_hash: "auth".to_string(),
+                tls_cert_sha256: None,
                 at: at(),
             },
         ];

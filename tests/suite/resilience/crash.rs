@@ -33,6 +33,9 @@ const DESIRED_FREE: u32 = 6;
 const DEPLOYMENT: &str = "whist-test";
 /// A request that has not answered after this long counts as unanswered (the process was killed under it).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// A disconnect that has been retried this long without being recorded is a failure, not a retry (a restart takes
+/// seconds): the scenario reports it instead of waiting for it forever.
+const DISCONNECT_PATIENCE: Duration = Duration::from_secs(60);
 /// Free slots on active hosts, from the `instances` read model.
 const FREE_SLOTS: &str =
     "SELECT CAST(COALESCE(SUM(mandelbox_capacity - live_mandelboxes), 0) AS BIGINT) \
@@ -240,8 +243,19 @@ async fn client_loop(
         // recorded, as it would while the webserver restarts.
         let secret = tokens.derive(Purpose::Protocol, &mandelbox_id);
         let mut attempt = 0usize;
+        let disconnecting = Instant::now();
+        let mut last_refusal = String::new();
         loop {
             attempt += 1;
+            if disconnecting.elapsed() > DISCONNECT_PATIENCE {
+                if let Ok(mut tally) = tally.lock() {
+                    tally.unexpected.push(format!(
+                        "disconnect of {mandelbox_id} not recorded after {attempt} attempts in {} s; last: {last_refusal}",
+                        DISCONNECT_PATIENCE.as_secs()
+                    ));
+                }
+                break;
+            }
             let port = ports[(client_index + iteration + attempt) % ports.len()];
             let answer = http
                 .post(format!(
@@ -251,7 +265,21 @@ async fn client_loop(
                 .timeout(REQUEST_TIMEOUT)
                 .send()
                 .await;
-            match answer.map(|response| response.status().as_u16()) {
+            let answer = match answer {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    if status != 200 {
+                        last_refusal =
+                            format!("{status} {}", response.text().await.unwrap_or_default());
+                    }
+                    Ok(status)
+                }
+                Err(error) => {
+                    last_refusal = error.to_string();
+                    Err(error)
+                }
+            };
+            match answer {
                 Ok(200) => {
                     if let Ok(mut tally) = tally.lock() {
                         tally.disconnected.push(mandelbox_id.clone());
@@ -428,7 +456,6 @@ async fn processes_killed_at_random_under_load_lose_and_double_nothing() {
         ("DESIRED_FREE_MANDELBOXES", DESIRED_FREE.to_string()),
         ("WHIST_HOST_CAPACITY", CAPACITY.to_string()),
         ("HOST_SERVICE_PORT", host_service_port.to_string()),
-        ("HOST_SERVICE_SCHEME", "http".to_string()),
         ("ASSIGN_RATE_LIMIT_PER_MINUTE", "0".to_string()),
         ("ASSIGN_RATE_LIMIT_PER_IP_PER_MINUTE", "0".to_string()),
         // A killed process's claims on side-effect jobs are taken over within seconds.

@@ -9,11 +9,12 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use poem::listener::{Listener, TcpListener};
+use poem::listener::{Listener, RustlsCertificate, RustlsConfig, TcpListener};
 use poem::web::Data;
 use poem::{handler, EndpointExt, Route};
 use tokio::sync::watch;
 use whist_adapters::store::{AggregateStore, Database};
+use whist_adapters::tls::ServerIdentity;
 use whist_domain::images::{ImageCatalog, ImageCatalogCommand, CATALOG_ID};
 use whist_domain::{Actor, EventMetadata};
 use whist_tests::fault_proxy::{FaultProxy, Mode};
@@ -128,7 +129,6 @@ fn fleet_process(
         ("WHIST_DEPLOYMENT", "whist-test".to_string()),
         ("ENABLED_REGIONS", serde_json::json!([REGION]).to_string()),
         ("HOST_SERVICE_PORT", host_port.to_string()),
-        ("HOST_SERVICE_SCHEME", "http".to_string()),
         ("PUBLIC_URL", format!("http://127.0.0.1:{http_port}")),
         ("WHIST_HOST_CAPACITY", FLEET_CAPACITY.to_string()),
         ("DESIRED_FREE_MANDELBOXES", BUFFER.to_string()),
@@ -445,15 +445,24 @@ impl HangingHost {
         let mut bound = None;
         for _ in 0..50 {
             let ip = Ipv4Addr::new(127, 201, rand::random::<u8>(), rand::random::<u8>().max(2));
+            // HTTPS, as every host: the handshake completes, then nothing answers.
+            let identity = ServerIdentity::self_signed(ip.into()).expect("a certificate");
             if let Ok(acceptor) = TcpListener::bind(format!("{ip}:{port}"))
+                .rustls(
+                    RustlsConfig::new().fallback(
+                        RustlsCertificate::new()
+                            .cert(identity.certificate_pem.clone())
+                            .key(identity.key_pem.clone()),
+                    ),
+                )
                 .into_acceptor()
                 .await
             {
-                bound = Some((ip, acceptor));
+                bound = Some((ip, acceptor, identity.sha256));
                 break;
             }
         }
-        let (ip, acceptor) = bound.expect("a loopback address for the hanging host");
+        let (ip, acceptor, fingerprint) = bound.expect("a loopback address for the hanging host");
         let state = Arc::new(HangState::default());
         let (stop, stopped) = watch::channel(false);
         let endpoint = Route::new()
@@ -484,6 +493,7 @@ impl HangingHost {
                 "client_commit_hash": spec.client_commit_hash,
                 "ip": ip.to_string(),
                 "mandelbox_capacity": capacity,
+                "tls_cert_sha256": fingerprint,
             }))
             .send()
             .await
