@@ -3,6 +3,7 @@
 
 pub mod fault_proxy;
 pub mod moto_hosts;
+pub mod pgbouncer;
 pub mod private_postgres;
 pub mod stripe_fake;
 
@@ -477,6 +478,11 @@ impl ChildProcess {
         }
         let child = command.spawn().expect("the whist binary starts");
         Self { child, port, log }
+    }
+
+    /// The process's id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends a signal to the process.

@@ -15,6 +15,7 @@ mod host;
 mod host_tls;
 mod http;
 mod jobs;
+mod leadership;
 mod process;
 mod projections;
 mod release;
