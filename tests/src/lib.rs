@@ -215,17 +215,44 @@ pub async fn spawn_app_with(database: &TestDatabase, settings: Settings) -> Test
     let server = tokio::spawn(application.run_until(async move {
         let _ = receiver.await;
     }));
-    TestApp {
+    let app = TestApp {
         address,
         client: http_client(),
         state,
         subscribed: Default::default(),
         shutdown: Some(shutdown),
         server: Some(server),
-    }
+    };
+    app.wait_for_leadership().await;
+    app
 }
 
 impl TestApp {
+    /// Waits until the server's autoscaler has taken the fleet's lease and recorded the taking (its first pass, at
+    /// start-up), so that a test that compares the log before and after something sees only its own events. The
+    /// epoch.
+    pub async fn wait_for_leadership(&self) -> i64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let epoch = self
+                .state
+                .services
+                .leadership
+                .load_caught_up(whist_domain::leadership::FLEET_LEADERSHIP_ID)
+                .await
+                .map(|(leadership, _)| leadership.epoch)
+                .unwrap_or(0);
+            if epoch > 0 {
+                return epoch;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server's autoscaler took the fleet's lease"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Stops the server gracefully and waits for it.
     pub async fn stop(mut self) {
         if let Some(shutdown) = self.shutdown.take() {

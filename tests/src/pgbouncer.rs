@@ -43,6 +43,25 @@ impl PgBouncer {
     /// Starts PgBouncer in `mode` in front of Postgres at `upstream_port` on loopback, at most `pool_size` server
     /// connections per database and user, and waits until it takes connections.
     pub async fn start(upstream_port: u16, mode: PoolMode, pool_size: u32) -> Self {
+        Self::start_with(upstream_port, mode, pool_size, None).await
+    }
+
+    /// As [`PgBouncer::start`], taking clients only over TLS with `identity` (`client_tls_sslmode = require`).
+    pub async fn start_with_tls(
+        upstream_port: u16,
+        mode: PoolMode,
+        pool_size: u32,
+        identity: &whist_adapters::tls::ServerIdentity,
+    ) -> Self {
+        Self::start_with(upstream_port, mode, pool_size, Some(identity)).await
+    }
+
+    async fn start_with(
+        upstream_port: u16,
+        mode: PoolMode,
+        pool_size: u32,
+        tls: Option<&whist_adapters::tls::ServerIdentity>,
+    ) -> Self {
         let folder = tempfile::Builder::new()
             .prefix("whist-pgbouncer-")
             .tempdir()
@@ -51,13 +70,28 @@ impl PgBouncer {
         let config = folder.path().join("pgbouncer.ini");
         let users = folder.path().join("users.txt");
         std::fs::write(&users, "\"postgres\" \"\"\n\"root\" \"\"\n").expect("the user list");
+        let mut client_tls = String::new();
+        if let Some(identity) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            let certificate = folder.path().join("server.crt");
+            let key = folder.path().join("server.key");
+            std::fs::write(&certificate, &identity.certificate_pem).expect("the certificate");
+            std::fs::write(&key, &identity.key_pem).expect("the key");
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+                .expect("the key's mode");
+            client_tls = format!(
+                "client_tls_sslmode = require\nclient_tls_cert_file = {}\nclient_tls_key_file = {}\n",
+                certificate.display(),
+                key.display()
+            );
+        }
         std::fs::write(
             &config,
             format!(
                 "[databases]\n* = host=127.0.0.1 port={upstream_port}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
                  listen_port = {port}\nunix_socket_dir =\nauth_type = trust\nauth_file = {users}\n\
                  pool_mode = {mode}\nmax_client_conn = 1000\ndefault_pool_size = {pool_size}\n\
-                 ignore_startup_parameters = extra_float_digits,options\nlogfile = {log}\n",
+                 ignore_startup_parameters = extra_float_digits,options\nlogfile = {log}\n{client_tls}",
                 users = users.display(),
                 mode = mode.name(),
                 log = folder.path().join("pgbouncer.log").display(),

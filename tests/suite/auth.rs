@@ -115,7 +115,7 @@ pub(crate) async fn serve_jwks_answering_after(
 }
 
 /// As [`serve_jwks_answering_after`], over HTTPS with `tls` when given.
-async fn serve_jwks_with(
+pub(crate) async fn serve_jwks_with(
     keys: Vec<serde_json::Value>,
     delay: Duration,
     tls: Option<&ServerIdentity>,

@@ -334,7 +334,7 @@ async fn maintenance_mode_refuses_assigns_and_launches_but_nothing_else() {
         app.state.services.clone(),
     ));
     // It decides as the fleet's leader (the lease the test server's own autoscaler took).
-    let epoch = leader_epoch(&app).await;
+    let epoch = app.wait_for_leadership().await;
     let decided = scaler.decide_once(epoch).await.expect("decides");
     assert_eq!(decided.launched, 0, "{decided:?}");
     assert!(
@@ -600,27 +600,4 @@ async fn the_dashboard_drives_a_drain_in_headless_chromium() {
     eprintln!("dashboard screenshot: {}", screenshot.display());
     server.signal(nix::sys::signal::Signal::SIGTERM);
     let _ = server.exited(Duration::from_secs(30)).await;
-}
-
-/// The epoch of the fleet's leader, once the server's autoscaler has taken the lease.
-async fn leader_epoch(app: &whist_tests::TestApp) -> i64 {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let epoch = app
-            .state
-            .services
-            .leadership
-            .load_caught_up(whist_domain::leadership::FLEET_LEADERSHIP_ID)
-            .await
-            .map(|(leadership, _)| leadership.epoch)
-            .unwrap_or(0);
-        if epoch > 0 {
-            return epoch;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the server's autoscaler took the fleet's lease"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
 }

@@ -12,7 +12,7 @@ use whist_tests::{admin_token, assign_body, eventually, free_port, ChildProcess,
 use crate::whist_binary;
 
 /// The repository's root (the suite belongs to the root package).
-fn repository() -> PathBuf {
+pub(crate) fn repository() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
@@ -27,7 +27,7 @@ fn honcho() -> PathBuf {
 }
 
 /// PATH with the `whist` this suite built first, as a deployment's slug has it.
-fn path_with_whist() -> String {
+pub(crate) fn path_with_whist() -> String {
     let folder = whist_binary()
         .parent()
         .expect("the binary's folder")

@@ -8,6 +8,7 @@ mod faults;
 mod hostile;
 mod hostile_peers;
 mod outage;
+mod rehearsal;
 mod supervision;
 
 use std::path::PathBuf;
