@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use poem::http::StatusCode;
-use poem::listener::{Listener, RustlsCertificate, RustlsConfig, TcpListener};
+use poem::listener::{Listener, TcpListener};
 use poem::web::{Data, Json};
 use poem::{handler, EndpointExt, Request, Route};
 use tokio::sync::watch;
@@ -196,15 +196,7 @@ pub async fn start(spec: SimulatedHostSpec) -> std::io::Result<SimulatedHost> {
         let identity = spec.tls.identity(ip)?;
         let listener = TcpListener::bind(format!("{ip}:{}", spec.port));
         let listener = match &identity {
-            Some(identity) => listener
-                .rustls(
-                    RustlsConfig::new().fallback(
-                        RustlsCertificate::new()
-                            .cert(identity.certificate_pem.clone())
-                            .key(identity.key_pem.clone()),
-                    ),
-                )
-                .boxed(),
+            Some(identity) => listener.rustls(identity.listener_config()).boxed(),
             None => listener.boxed(),
         };
         if let Ok(acceptor) = listener.into_acceptor().await {

@@ -210,6 +210,15 @@ impl ServerIdentity {
         Ok(Self::from_parts(&certificate, &key))
     }
 
+    /// What a poem listener serves this identity with (`TcpListener::bind(…).rustls(…)`).
+    pub fn listener_config(&self) -> poem::listener::RustlsConfig {
+        poem::listener::RustlsConfig::new().fallback(
+            poem::listener::RustlsCertificate::new()
+                .cert(self.certificate_pem.clone())
+                .key(self.key_pem.clone()),
+        )
+    }
+
     fn from_parts(certificate: &rcgen::Certificate, key: &rcgen::KeyPair) -> Self {
         Self {
             certificate_pem: certificate.pem(),

@@ -396,41 +396,76 @@ pub struct ChildProcess {
 /// A poem acceptor bound to a free loopback port, and that port: where the tests' own servers (fakes, proxies,
 /// a JWKS) listen.
 pub async fn loopback_acceptor() -> (poem::listener::TcpAcceptor, u16) {
-    use poem::listener::{Acceptor, Listener};
+    use poem::listener::Listener;
     let acceptor = poem::listener::TcpListener::bind("127.0.0.1:0")
         .into_acceptor()
         .await
         .expect("a loopback port");
-    let port = acceptor
+    let port = port_of(&acceptor);
+    (acceptor, port)
+}
+
+/// The port a loopback acceptor is bound to.
+fn port_of(acceptor: &impl poem::listener::Acceptor) -> u16 {
+    acceptor
         .local_addr()
         .first()
         .and_then(|address| address.as_socket_addr().map(|socket| socket.port()))
-        .expect("a port");
-    (acceptor, port)
+        .expect("a port")
 }
 
 /// As [`loopback_acceptor`], serving TLS with `identity`.
 pub async fn loopback_tls_acceptor(
     identity: &whist_adapters::tls::ServerIdentity,
 ) -> (poem::listener::BoxAcceptor, u16) {
-    use poem::listener::{Acceptor, AcceptorExt, Listener, RustlsCertificate, RustlsConfig};
+    use poem::listener::{AcceptorExt, Listener};
     let acceptor = poem::listener::TcpListener::bind("127.0.0.1:0")
-        .rustls(
-            RustlsConfig::new().fallback(
-                RustlsCertificate::new()
-                    .cert(identity.certificate_pem.clone())
-                    .key(identity.key_pem.clone()),
-            ),
-        )
+        .rustls(identity.listener_config())
         .into_acceptor()
         .await
         .expect("a loopback port");
-    let port = acceptor
-        .local_addr()
-        .first()
-        .and_then(|address| address.as_socket_addr().map(|socket| socket.port()))
-        .expect("a port");
+    let port = port_of(&acceptor);
     (acceptor.boxed(), port)
+}
+
+/// Waits until something listens on loopback `port`; whether it did within `timeout`.
+pub async fn wait_listening(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+/// Makes `image` with `commit_hash` the active image of `regions` on `store`: the first release of a deployment
+/// that a test's processes share.
+pub async fn activate_release(
+    store: &whist_adapters::store::Database,
+    regions: &[&str],
+    image: &str,
+    commit_hash: &str,
+) {
+    whist_adapters::store::AggregateStore::<whist_domain::images::ImageCatalog>::new(store, ())
+        .execute(
+            whist_domain::images::CATALOG_ID,
+            whist_domain::images::ImageCatalogCommand::Activate {
+                client_commit_hash: commit_hash.to_string(),
+                images: regions
+                    .iter()
+                    .map(|region| (region.to_string(), image.to_string()))
+                    .collect(),
+                at: chrono::Utc::now(),
+            },
+            &whist_domain::EventMetadata::new(whist_domain::Actor::System, chrono::Utc::now()),
+        )
+        .await
+        .expect("the release is activated");
 }
 
 /// The warnings, errors and panics in each log file (at most 20 lines each), for a failing test's message.

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How PgBouncer hands server connections to clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,18 +126,11 @@ impl PgBouncer {
             folder,
             child,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "pgbouncer listens: {}",
-                bouncer.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        assert!(
+            crate::wait_listening(port, Duration::from_secs(20)).await,
+            "pgbouncer listens: {}",
+            bouncer.log_text()
+        );
         bouncer
     }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use poem::listener::{AcceptorExt, Listener, RustlsCertificate, RustlsConfig, TcpListener};
+use poem::listener::{AcceptorExt, Listener, TcpListener};
 use poem::web::Data;
 use poem::{handler, EndpointExt, Route};
 use tokio::sync::watch;
@@ -49,13 +49,8 @@ impl Impostor {
         for _ in 0..50 {
             let ip = Ipv4Addr::new(127, 202, rand::random::<u8>(), rand::random::<u8>().max(2));
             let identity = serve(ip);
-            let config = RustlsConfig::new().fallback(
-                RustlsCertificate::new()
-                    .cert(identity.certificate_pem.clone())
-                    .key(identity.key_pem.clone()),
-            );
             if let Ok(acceptor) = TcpListener::bind(format!("{ip}:{port}"))
-                .rustls(config)
+                .rustls(identity.listener_config())
                 .into_acceptor()
                 .await
             {

@@ -5,12 +5,10 @@
 //! taking), the warm buffer exactly its target (no double launch), and every live worker listens on a direct
 //! session, so readers are woken by notifications, not by their polls.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use whist_adapters::store::{AggregateStore, Database};
-use whist_domain::images::{ImageCatalog, ImageCatalogCommand, CATALOG_ID};
 use whist_domain::service::{ServiceCommand, SERVICE_ID};
 use whist_domain::{Actor, EventMetadata};
 use whist_tests::pgbouncer::{PgBouncer, PoolMode};
@@ -23,21 +21,6 @@ const DESIRED_FREE: u32 = 4;
 const UPSTREAM_PORT: u16 = 5432;
 const PLANNED: &str = "autoscaler pass planned; pausing before recording";
 const DIRECT_APPLICATION: &str = "whist-direct";
-
-async fn activate(store: &Database, image: &str, hash: &str) {
-    AggregateStore::<ImageCatalog>::new(store, ())
-        .execute(
-            CATALOG_ID,
-            ImageCatalogCommand::Activate {
-                client_commit_hash: hash.to_string(),
-                images: BTreeMap::from([(REGION.to_string(), image.to_string())]),
-                at: chrono::Utc::now(),
-            },
-            &EventMetadata::new(Actor::System, chrono::Utc::now()),
-        )
-        .await
-        .expect("the release is activated");
-}
 
 async fn count(store: &Database, sql: &str) -> i64 {
     sqlx::query_scalar(sql)
@@ -125,7 +108,7 @@ async fn through_a_pooler_one_leader_at_a_time_survives_a_kill_and_a_pause_witho
     let pooled = bouncer.url_for(&url, UPSTREAM_PORT);
     let direct = format!("{url}?application_name={DIRECT_APPLICATION}");
     let store = database.open_with(4).await;
-    activate(&store, "ami-first", "hash-first").await;
+    whist_tests::activate_release(&store, &[REGION], "ami-first", "hash-first").await;
     let environment = vec![
         ("DATABASE_URL", pooled),
         ("DATABASE_DIRECT_URL", direct),
@@ -196,7 +179,7 @@ async fn through_a_pooler_one_leader_at_a_time_survives_a_kill_and_a_pause_witho
         })
     };
     let planned_before: Vec<usize> = workers.iter().map(planned).collect();
-    activate(&store, "ami-second", "hash-second").await;
+    whist_tests::activate_release(&store, &[REGION], "ami-second", "hash-second").await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let paused = loop {
         if let Some(index) =

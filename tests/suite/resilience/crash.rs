@@ -13,10 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use whist_adapters::store::{AggregateStore, Database};
+use whist_adapters::store::Database;
 use whist_adapters::tokens::{Purpose, Tokens};
-use whist_domain::images::{ImageCatalog, ImageCatalogCommand, CATALOG_ID};
-use whist_domain::{Actor, EventMetadata};
 use whist_projections::ProjectionRunner;
 use whist_tests::moto_hosts::HostImages;
 use whist_tests::{
@@ -155,22 +153,6 @@ struct Tally {
     disconnect_retries: u64,
     /// Anything else: a 500, a 4xx, a body that is not JSON. Must stay empty.
     unexpected: Vec<String>,
-}
-
-async fn activate_image(database: &Database) {
-    let catalog = AggregateStore::<ImageCatalog>::new(database, ());
-    catalog
-        .execute(
-            CATALOG_ID,
-            ImageCatalogCommand::Activate {
-                client_commit_hash: HASH.to_string(),
-                images: BTreeMap::from([(REGION.to_string(), IMAGE.to_string())]),
-                at: chrono::Utc::now(),
-            },
-            &EventMetadata::new(Actor::System, chrono::Utc::now()),
-        )
-        .await
-        .expect("the release is activated");
 }
 
 /// One client: fresh users, each assign followed by the protocol server's disconnect, until `stop`.
@@ -430,7 +412,7 @@ async fn processes_killed_at_random_under_load_lose_and_double_nothing() {
     let moto = Moto::start().await;
     let database = TestDatabase::postgres().await;
     let store = database.open_with(4).await;
-    activate_image(&store).await;
+    whist_tests::activate_release(&store, &[REGION], IMAGE, HASH).await;
     let tokens = Arc::new(Tokens::load(&store).await.expect("the server key"));
     let host_service_port = free_port();
     let server_ports = vec![free_port(), free_port()];

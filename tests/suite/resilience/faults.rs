@@ -9,14 +9,12 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use poem::listener::{Listener, RustlsCertificate, RustlsConfig, TcpListener};
+use poem::listener::{Listener, TcpListener};
 use poem::web::Data;
 use poem::{handler, EndpointExt, Route};
 use tokio::sync::watch;
-use whist_adapters::store::{AggregateStore, Database};
+use whist_adapters::store::Database;
 use whist_adapters::tls::ServerIdentity;
-use whist_domain::images::{ImageCatalog, ImageCatalogCommand, CATALOG_ID};
-use whist_domain::{Actor, EventMetadata};
 use whist_tests::fault_proxy::{FaultProxy, Mode};
 use whist_tests::moto_hosts::HostImages;
 use whist_tests::stripe_fake::StripeFake;
@@ -144,22 +142,6 @@ fn fleet_process(
     )
 }
 
-async fn activate_image(database: &Database) {
-    let catalog = AggregateStore::<ImageCatalog>::new(database, ());
-    catalog
-        .execute(
-            CATALOG_ID,
-            ImageCatalogCommand::Activate {
-                client_commit_hash: FLEET_HASH.to_string(),
-                images: [(REGION.to_string(), IMAGE.to_string())].into(),
-                at: chrono::Utc::now(),
-            },
-            &EventMetadata::new(Actor::System, chrono::Utc::now()),
-        )
-        .await
-        .expect("the release is activated");
-}
-
 /// One assign by a new developer (served without a subscription); its status and error code.
 async fn assign_once(
     client: &reqwest::Client,
@@ -198,7 +180,7 @@ async fn ec2_failing_hanging_and_losing_answers_doubles_no_instance_and_the_flee
     let proxy = FaultProxy::start(&moto.endpoint).await;
     let database = TestDatabase::postgres().await;
     let store = database.open_with(2).await;
-    activate_image(&store).await;
+    whist_tests::activate_release(&store, &[REGION], IMAGE, FLEET_HASH).await;
     let http_port = free_port();
     let host_port = free_port();
     let mut serve = fleet_process(
@@ -448,13 +430,7 @@ impl HangingHost {
             // HTTPS, as every host: the handshake completes, then nothing answers.
             let identity = ServerIdentity::self_signed(ip.into()).expect("a certificate");
             if let Ok(acceptor) = TcpListener::bind(format!("{ip}:{port}"))
-                .rustls(
-                    RustlsConfig::new().fallback(
-                        RustlsCertificate::new()
-                            .cert(identity.certificate_pem.clone())
-                            .key(identity.key_pem.clone()),
-                    ),
-                )
+                .rustls(identity.listener_config())
                 .into_acceptor()
                 .await
             {

@@ -14,11 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use whist_adapters::config::TokenKey;
-use whist_adapters::store::{AggregateStore, Database};
+use whist_adapters::store::Database;
 use whist_adapters::tls::Authority;
 use whist_adapters::tokens::{Purpose, Tokens};
-use whist_domain::images::{ImageCatalog, ImageCatalogCommand, CATALOG_ID};
-use whist_domain::{Actor, EventMetadata};
 use whist_tests::moto_hosts::HostImages;
 use whist_tests::pgbouncer::{PgBouncer, PoolMode};
 use whist_tests::{
@@ -132,18 +130,11 @@ impl Nginx {
             child,
             folder,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "nginx listens: {}",
-                nginx.error_log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        assert!(
+            whist_tests::wait_listening(port, Duration::from_secs(20)).await,
+            "nginx listens: {}",
+            nginx.error_log()
+        );
         nginx
     }
 
@@ -268,21 +259,6 @@ async fn desktop_app(
     }
 }
 
-async fn activate(store: &Database, image: &str, hash: &str) {
-    AggregateStore::<ImageCatalog>::new(store, ())
-        .execute(
-            CATALOG_ID,
-            ImageCatalogCommand::Activate {
-                client_commit_hash: hash.to_string(),
-                images: BTreeMap::from([(REGION.to_string(), image.to_string())]),
-                at: chrono::Utc::now(),
-            },
-            &EventMetadata::new(Actor::System, chrono::Utc::now()),
-        )
-        .await
-        .expect("the first release is active");
-}
-
 async fn run_to_end(
     arguments: &[&str],
     folder: &Path,
@@ -404,7 +380,7 @@ async fn a_production_rehearsal_releases_and_restarts_behind_nginx_and_pgbouncer
         release.log_text()
     );
     let store = database.open_with(4).await;
-    activate(&store, OLD_IMAGE, OLD_HASH).await;
+    whist_tests::activate_release(&store, &[REGION], OLD_IMAGE, OLD_HASH).await;
     let mut webs: Vec<ChildProcess> = Vec::new();
     for (index, port) in web_ports.iter().enumerate() {
         let mut web = start_process(
