@@ -509,6 +509,8 @@ async fn admin(
     command: AdminCommand,
 ) -> anyhow::Result<()> {
     use whist_api::control::operator;
+    // One chain for the whole command: its decisions share a fresh correlation id.
+    let origin = &whist_domain::EventMetadata::new(actor.clone(), chrono::Utc::now());
     match command {
         AdminCommand::Launch {
             region,
@@ -516,7 +518,7 @@ async fn admin(
             idempotency_key,
         } => {
             let ids =
-                operator::launch_hosts(state, actor, &region, count, idempotency_key.as_deref())
+                operator::launch_hosts(state, origin, &region, count, idempotency_key.as_deref())
                     .await?;
             for id in ids {
                 println!("{id}");
@@ -524,20 +526,20 @@ async fn admin(
         }
         AdminCommand::Drain { instance_id } => {
             let status =
-                operator::act_on_host(state, actor, &instance_id, operator::HostAction::Drain)
+                operator::act_on_host(state, origin, &instance_id, operator::HostAction::Drain)
                     .await?;
             println!("{instance_id} {}", status.as_str());
         }
         AdminCommand::Terminate { instance_id } => {
             let status =
-                operator::act_on_host(state, actor, &instance_id, operator::HostAction::Terminate)
+                operator::act_on_host(state, origin, &instance_id, operator::HostAction::Terminate)
                     .await?;
             println!("{instance_id} {}", status.as_str());
         }
         AdminCommand::Maintenance { switch } => {
             let enabled = match switch.as_str() {
-                "on" => operator::set_maintenance(state, actor, true).await?,
-                "off" => operator::set_maintenance(state, actor, false).await?,
+                "on" => operator::set_maintenance(state, origin, true).await?,
+                "off" => operator::set_maintenance(state, origin, false).await?,
                 _ => operator::maintenance(state).await?,
             };
             println!("maintenance {}", if enabled { "on" } else { "off" });

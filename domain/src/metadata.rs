@@ -68,12 +68,14 @@ impl TryFrom<String> for Actor {
 /// Metadata stored beside each event's payload.
 ///
 /// `correlation_id` ties together every event that one outside request (an HTTP call, a webhook, a CLI run)
-/// caused, however many commands it took; `causation_id` names the event or request that directly caused this one.
+/// caused, however many commands it took: the request's id (`X-Request-Id`) for a decision taken on an HTTP
+/// request, else a fresh UUID. `causation_id` names the event (its position) or request that directly caused this
+/// one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventMetadata {
     pub recorded_at: DateTime<Utc>,
     pub actor: Actor,
-    pub correlation_id: Uuid,
+    pub correlation_id: String,
     pub causation_id: Option<String>,
 }
 
@@ -83,8 +85,28 @@ impl EventMetadata {
         Self {
             recorded_at,
             actor,
-            correlation_id: Uuid::new_v4(),
+            correlation_id: Uuid::new_v4().to_string(),
             causation_id: None,
+        }
+    }
+
+    /// Metadata for a decision taken on the HTTP request `request_id`: the request is both the chain the decision
+    /// belongs to and its direct cause.
+    pub fn for_request(actor: Actor, request_id: &str, recorded_at: DateTime<Utc>) -> Self {
+        Self {
+            recorded_at,
+            actor,
+            correlation_id: request_id.to_string(),
+            causation_id: Some(request_id.to_string()),
+        }
+    }
+
+    /// The same actor, chain and cause, recorded at `recorded_at` (a use case recording several commands for one
+    /// origin).
+    pub fn at(&self, recorded_at: DateTime<Utc>) -> Self {
+        Self {
+            recorded_at,
+            ..self.clone()
         }
     }
 
@@ -93,7 +115,7 @@ impl EventMetadata {
         Self {
             recorded_at,
             actor: self.actor.clone(),
-            correlation_id: self.correlation_id,
+            correlation_id: self.correlation_id.clone(),
             causation_id: Some(causation_id.into()),
         }
     }
@@ -107,10 +129,7 @@ impl EventMetadata {
                 .to_rfc3339_opts(SecondsFormat::Micros, true),
         );
         map.insert("actor".to_string(), self.actor.to_string());
-        map.insert(
-            "correlation_id".to_string(),
-            self.correlation_id.to_string(),
-        );
+        map.insert("correlation_id".to_string(), self.correlation_id.clone());
         if let Some(causation_id) = &self.causation_id {
             map.insert("causation_id".to_string(), causation_id.clone());
         }
@@ -128,8 +147,10 @@ impl EventMetadata {
             .with_timezone(&Utc);
         let actor = Actor::try_from(field("actor")?.clone())
             .map_err(|_| MetadataError::Malformed("actor"))?;
-        let correlation_id = Uuid::parse_str(field("correlation_id")?)
-            .map_err(|_| MetadataError::Malformed("correlation_id"))?;
+        let correlation_id = field("correlation_id")?.clone();
+        if correlation_id.is_empty() {
+            return Err(MetadataError::Malformed("correlation_id"));
+        }
         Ok(Self {
             recorded_at,
             actor,

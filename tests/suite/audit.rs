@@ -658,3 +658,136 @@ async fn the_projections_commands_show_status_and_rebuild() {
     assert!(!ok && log.contains("never rebuilt"), "{log}");
     app.stop().await;
 }
+
+/// The events an assign recorded for `mandelbox_id` (its unit: the user's reservation, the host's slot, the
+/// mandelbox, the session), with their metadata, from `/admin/events`.
+async fn events_of_assign(app: &TestApp, mandelbox_id: &str) -> Vec<Value> {
+    let admin = admin_token("auditor");
+    let (_, events) = get(app, "/admin/events?after=0&limit=10000", Some(&admin)).await;
+    let events = events.as_array().cloned().unwrap_or_default();
+    let allocated = events
+        .iter()
+        .find(|event| {
+            event["event_type"] == "MandelboxAllocated" && event["aggregate_id"] == mandelbox_id
+        })
+        .cloned()
+        .expect("the allocation is in the log");
+    let correlation = allocated["metadata"]["correlation_id"].clone();
+    events
+        .into_iter()
+        .filter(|event| event["metadata"]["correlation_id"] == correlation)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_request_id_is_answered_and_is_the_correlation_and_cause_of_what_the_request_recorded() {
+    let database = TestDatabase::sqlite();
+    let app = spawn_app(&database).await;
+    app.activate_image(&["us-east-1"], "ami-audit", HASH).await;
+    let _host = app
+        .active_host(launch_spec("us-east-1", "ami-audit", HASH), 4)
+        .await;
+    let user = "request-id-user";
+    app.subscribe(user).await;
+    let assign = |request_id: &'static str, session: i64| {
+        let request = app
+            .client
+            .post(app.url("/mandelbox/assign"))
+            .bearer_auth(user_token(user))
+            .header("X-Request-Id", request_id)
+            .json(&assign_body(&["us-east-1"], HASH, session));
+        async move {
+            let response = request.send().await.expect("answers");
+            let answered = response
+                .headers()
+                .get("x-request-id")
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let body: Value = response.json().await.expect("a JSON body");
+            (
+                answered,
+                body["mandelbox_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        }
+    };
+
+    // The client's own id, well-formed: answered back, and every event of the assign's unit carries it as both
+    // its correlation and its cause.
+    let (answered, mandelbox_id) = assign("desktop-7f3a:retry.1_x", 1).await;
+    assert_eq!(answered, "desktop-7f3a:retry.1_x");
+    let recorded = events_of_assign(&app, &mandelbox_id).await;
+    let types: Vec<&str> = recorded
+        .iter()
+        .filter_map(|event| event["event_type"].as_str())
+        .collect();
+    for expected in [
+        "MandelboxAllocated",
+        "InstanceMandelboxAllocated",
+        "UserMandelboxReserved",
+    ] {
+        assert!(types.contains(&expected), "{expected} in {types:?}");
+    }
+    for event in &recorded {
+        assert_eq!(
+            event["metadata"]["correlation_id"], "desktop-7f3a:retry.1_x",
+            "{event}"
+        );
+        assert_eq!(
+            event["metadata"]["causation_id"], "desktop-7f3a:retry.1_x",
+            "{event}"
+        );
+    }
+
+    // An id outside the contract's alphabet (or too long) is replaced by a new one, which the events carry.
+    let (answered, mandelbox_id) = assign("no spaces <allowed>", 2).await;
+    assert_ne!(answered, "no spaces <allowed>");
+    assert!(
+        whist_api::http::middleware::is_request_id(&answered),
+        "{answered}"
+    );
+    let recorded = events_of_assign(&app, &mandelbox_id).await;
+    assert!(!recorded.is_empty());
+    for event in &recorded {
+        assert_eq!(
+            event["metadata"]["correlation_id"],
+            answered.as_str(),
+            "{event}"
+        );
+    }
+
+    // The protocol server's disconnect is a request of its own: its events carry its id.
+    let secret = app
+        .state
+        .services
+        .tokens
+        .derive(whist_adapters::tokens::Purpose::Protocol, &mandelbox_id);
+    let response = app
+        .client
+        .post(app.url(&format!("/mandelbox/{mandelbox_id}/disconnect")))
+        .bearer_auth(secret)
+        .header("X-Request-Id", "protocol-disconnect-1")
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(response.status(), 200);
+    let admin = admin_token("auditor");
+    let (_, events) = get(&app, "/admin/events?after=0&limit=10000", Some(&admin)).await;
+    let ended: Vec<&Value> = events
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|event| event["metadata"]["correlation_id"] == "protocol-disconnect-1")
+        .collect();
+    assert!(
+        ended
+            .iter()
+            .any(|event| event["event_type"] == "MandelboxEnded"
+                && event["aggregate_id"] == mandelbox_id.as_str()),
+        "{ended:?}"
+    );
+    app.stop().await;
+}

@@ -4,7 +4,7 @@ use chrono::Utc;
 use whist_adapters::stripe::WebhookEvent;
 use whist_domain::decisions::billing::{CustomerLink, Destination, FactDelivery, LinkRefusal};
 use whist_domain::subscription::{FactKind, StripeCustomerError, SubscriptionFact};
-use whist_domain::{Actor, EventMetadata};
+use whist_domain::EventMetadata;
 
 use super::{record_unit, Attempt, UseCaseError};
 use crate::state::Context;
@@ -27,15 +27,18 @@ pub enum Delivery {
 /// # Errors
 /// The store failed, or concurrent writers won every attempt; nothing was recorded and Stripe will retry.
 #[tracing::instrument(skip_all, fields(stripe_event_id = %event.id, event_type = %event.event_type))]
-pub async fn record(context: &Context, event: &WebhookEvent) -> Result<Delivery, UseCaseError> {
-    let metadata = EventMetadata::new(Actor::Stripe, Utc::now());
+pub async fn record(
+    context: &Context,
+    event: &WebhookEvent,
+    metadata: &EventMetadata,
+) -> Result<Delivery, UseCaseError> {
     if event.event_type == "checkout.session.completed" {
         let (Some(user_id), Some(customer_id)) = (&event.client_reference_id, &event.customer)
         else {
             tracing::info!("checkout session without a user or a customer: nothing to link");
             return Ok(Delivery::Ignored);
         };
-        return link_customer(context, user_id, customer_id, Some(&event.id), &metadata)
+        return link_customer(context, user_id, customer_id, Some(&event.id), metadata)
             .await
             .map(|()| Delivery::Recorded);
     }
@@ -59,7 +62,7 @@ pub async fn record(context: &Context, event: &WebhookEvent) -> Result<Delivery,
         fact,
         at: Utc::now(),
     };
-    record_unit(context, &metadata, ATTEMPTS, |mut unit| async move {
+    record_unit(context, metadata, ATTEMPTS, |mut unit| async move {
         let customer = services
             .stripe_customers
             .load_to_decide_caught_up(customer_id)

@@ -12,7 +12,7 @@ use whist_domain::instance::{
     TerminationReason,
 };
 use whist_domain::service::{ServiceCommand, SERVICE_ID};
-use whist_domain::{Actor, EventMetadata};
+use whist_domain::EventMetadata;
 
 use crate::control::UseCaseError;
 use crate::state::Context;
@@ -52,7 +52,7 @@ fn store_error(error: impl Into<UseCaseError>) -> OperatorError {
 #[tracing::instrument(skip_all, fields(region = %region, count = %count))]
 pub async fn launch_hosts(
     state: &Context,
-    actor: &Actor,
+    origin: &EventMetadata,
     region: &str,
     count: u32,
     idempotency_key: Option<&str>,
@@ -102,14 +102,16 @@ pub async fn launch_hosts(
             reason: LaunchReason::Operator,
             at: Utc::now(),
         };
-        let metadata = EventMetadata::new(actor.clone(), Utc::now());
+        let metadata = origin.at(Utc::now());
         match state
             .services
             .instances
             .execute(&instance_id, command, &metadata)
             .await
         {
-            Ok(()) => tracing::info!(region, instance_id, %actor, "a developer launched a host"),
+            Ok(()) => {
+                tracing::info!(region, instance_id, actor = %origin.actor, "a developer launched a host")
+            }
             // The same key again: this host was decided by the first request.
             Err(CommandError::Rejected(InstanceError::AlreadyExists)) => {}
             Err(error) => return Err(store_error(error)),
@@ -122,11 +124,11 @@ pub async fn launch_hosts(
 /// Records `command` on the host with the developer as actor, re-deciding after a concurrent write.
 async fn decide(
     state: &Context,
-    actor: &Actor,
+    origin: &EventMetadata,
     instance_id: &str,
     command: InstanceCommand,
 ) -> Result<(), OperatorError> {
-    let metadata = EventMetadata::new(actor.clone(), Utc::now());
+    let metadata = origin.at(Utc::now());
     state
         .services
         .instances
@@ -165,7 +167,7 @@ pub enum HostAction {
 #[tracing::instrument(skip_all, fields(instance_id = %instance_id, ?action))]
 pub async fn act_on_host(
     state: &Context,
-    actor: &Actor,
+    origin: &EventMetadata,
     instance_id: &str,
     action: HostAction,
 ) -> Result<InstanceStatus, OperatorError> {
@@ -183,8 +185,8 @@ pub async fn act_on_host(
             at: Utc::now(),
         },
     };
-    decide(state, actor, instance_id, command).await?;
-    tracing::info!(instance_id, %actor, ?action, "a developer acted on a host");
+    decide(state, origin, instance_id, command).await?;
+    tracing::info!(instance_id, actor = %origin.actor, ?action, "a developer acted on a host");
     status_of(state, instance_id).await
 }
 
@@ -195,10 +197,10 @@ pub async fn act_on_host(
 #[tracing::instrument(skip_all, fields(enabled = %enabled))]
 pub async fn set_maintenance(
     state: &Context,
-    actor: &Actor,
+    origin: &EventMetadata,
     enabled: bool,
 ) -> Result<bool, OperatorError> {
-    let metadata = EventMetadata::new(actor.clone(), Utc::now());
+    let metadata = origin.at(Utc::now());
     state
         .services
         .service
@@ -212,7 +214,7 @@ pub async fn set_maintenance(
         )
         .await
         .map_err(store_error)?;
-    tracing::info!(enabled, %actor, "a developer switched maintenance mode");
+    tracing::info!(enabled, actor = %origin.actor, "a developer switched maintenance mode");
     maintenance(state).await
 }
 

@@ -12,9 +12,10 @@ use whist_projections::fleet_queries::{self, InstanceRow, MandelboxRow, StatusCo
 use crate::control::audit::{self, AuditError, EventRecord, ReplayUntil, ReplayedState};
 use crate::control::operator::HostAction;
 use crate::http::error::{error_body, unavailable, ErrorBody};
+use crate::http::middleware::RequestId;
 use crate::http::security::AdminAuth;
 use crate::state::AppState;
-use whist_domain::Actor;
+use whist_domain::{Actor, EventMetadata};
 
 #[derive(Tags)]
 enum AdminTag {
@@ -620,11 +621,16 @@ fn operator_failure<T>(
 async fn host_action(
     state: &AppState,
     auth: &AdminAuth,
+    request_id: &RequestId,
     instance_id: String,
     action: HostAction,
 ) -> HostActionResponse {
-    let actor = Actor::User(auth.0.user_id.clone());
-    match crate::control::operator::act_on_host(state, &actor, &instance_id, action).await {
+    let origin = EventMetadata::for_request(
+        Actor::User(auth.0.user_id.clone()),
+        &request_id.0,
+        chrono::Utc::now(),
+    );
+    match crate::control::operator::act_on_host(state, &origin, &instance_id, action).await {
         Ok(status) => HostActionResponse::Done(Json(HostAfterAction {
             instance_id,
             status: status.as_str().to_string(),
@@ -765,16 +771,21 @@ impl OperatorApi {
     async fn launch(
         &self,
         state: Data<&AppState>,
+        request_id: Data<&RequestId>,
         auth: AdminAuth,
         body: Json<LaunchBody>,
         #[oai(name = "Idempotency-Key")] idempotency_key: poem_openapi::param::Header<
             Option<String>,
         >,
     ) -> LaunchResponse {
-        let actor = Actor::User(auth.0.user_id.clone());
+        let origin = EventMetadata::for_request(
+            Actor::User(auth.0.user_id.clone()),
+            &request_id.0 .0,
+            chrono::Utc::now(),
+        );
         match crate::control::operator::launch_hosts(
             &state,
-            &actor,
+            &origin,
             &body.0.region,
             body.0.count,
             idempotency_key.0.as_deref(),
@@ -797,10 +808,11 @@ impl OperatorApi {
     async fn drain(
         &self,
         state: Data<&AppState>,
+        request_id: Data<&RequestId>,
         auth: AdminAuth,
         instance_id: Path<String>,
     ) -> HostActionResponse {
-        host_action(&state, &auth, instance_id.0, HostAction::Drain).await
+        host_action(&state, &auth, &request_id, instance_id.0, HostAction::Drain).await
     }
 
     /// Terminates a host: through its host service when it answers, and in the cloud; its mandelboxes end.
@@ -808,10 +820,18 @@ impl OperatorApi {
     async fn terminate(
         &self,
         state: Data<&AppState>,
+        request_id: Data<&RequestId>,
         auth: AdminAuth,
         instance_id: Path<String>,
     ) -> HostActionResponse {
-        host_action(&state, &auth, instance_id.0, HostAction::Terminate).await
+        host_action(
+            &state,
+            &auth,
+            &request_id,
+            instance_id.0,
+            HostAction::Terminate,
+        )
+        .await
     }
 
     /// Whether maintenance mode is on.
@@ -832,11 +852,16 @@ impl OperatorApi {
     async fn set_maintenance(
         &self,
         state: Data<&AppState>,
+        request_id: Data<&RequestId>,
         auth: AdminAuth,
         body: Json<Maintenance>,
     ) -> MaintenanceResponse {
-        let actor = Actor::User(auth.0.user_id.clone());
-        match crate::control::operator::set_maintenance(&state, &actor, body.0.enabled).await {
+        let origin = EventMetadata::for_request(
+            Actor::User(auth.0.user_id.clone()),
+            &request_id.0 .0,
+            chrono::Utc::now(),
+        );
+        match crate::control::operator::set_maintenance(&state, &origin, body.0.enabled).await {
             Ok(enabled) => MaintenanceResponse::Switch(Json(Maintenance { enabled })),
             Err(error) => MaintenanceResponse::Unavailable(unavailable(
                 "could not switch maintenance mode",

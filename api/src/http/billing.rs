@@ -10,6 +10,7 @@ use whist_adapters::stripe::{verify_webhook, StripeApiError};
 use whist_domain::{Actor, EventMetadata};
 
 use crate::http::error::{error_body, ErrorBody, STORE_UNAVAILABLE};
+use crate::http::middleware::RequestId;
 use crate::http::security::UserAuth;
 use crate::state::AppState;
 
@@ -22,7 +23,12 @@ fn respond(status: StatusCode, code: &str) -> Response {
 
 /// `POST /stripe/webhook`: the raw body is what Stripe signed, so this is a plain handler beside the OpenAPI routes.
 #[handler]
-pub async fn stripe_webhook(request: &Request, body: Body, state: Data<&AppState>) -> Response {
+pub async fn stripe_webhook(
+    request: &Request,
+    body: Body,
+    state: Data<&AppState>,
+    request_id: Data<&RequestId>,
+) -> Response {
     let Some(secret) = &state.settings.stripe.webhook_secret else {
         tracing::error!("a Stripe webhook arrived but STRIPE_WEBHOOK_SECRET is not set");
         return respond(StatusCode::SERVICE_UNAVAILABLE, "STRIPE_NOT_CONFIGURED");
@@ -46,7 +52,8 @@ pub async fn stripe_webhook(request: &Request, body: Body, state: Data<&AppState
     let span =
         tracing::info_span!("stripe_event", event_id = %event.id, event_type = %event.event_type);
     let _entered = span.enter();
-    match crate::control::billing::record(&state, &event).await {
+    let metadata = EventMetadata::for_request(Actor::Stripe, &request_id.0 .0, Utc::now());
+    match crate::control::billing::record(&state, &event, &metadata).await {
         Ok(delivery) => {
             let label = match delivery {
                 crate::control::billing::Delivery::Recorded => "recorded",
@@ -110,7 +117,12 @@ pub struct BillingApi;
 impl BillingApi {
     /// Where the user manages or starts a subscription.
     #[oai(path = "/payment_portal_url", method = "get")]
-    async fn payment_portal_url(&self, state: Data<&AppState>, auth: UserAuth) -> PortalResponse {
+    async fn payment_portal_url(
+        &self,
+        state: Data<&AppState>,
+        request_id: Data<&RequestId>,
+        auth: UserAuth,
+    ) -> PortalResponse {
         let principal = auth.0;
         let Some(stripe) = &state.services.stripe else {
             return portal_error(503, "STRIPE_NOT_CONFIGURED");
@@ -136,8 +148,11 @@ impl BillingApi {
                     Ok(customer_id) => customer_id,
                     Err(error) => return stripe_failure(&error),
                 };
-                let metadata =
-                    EventMetadata::new(Actor::User(principal.user_id.clone()), Utc::now());
+                let metadata = EventMetadata::for_request(
+                    Actor::User(principal.user_id.clone()),
+                    &request_id.0 .0,
+                    Utc::now(),
+                );
                 if let Err(error) = crate::control::billing::link_customer(
                     &state,
                     &principal.user_id,

@@ -10,7 +10,7 @@ use whist_domain::{Actor, EventMetadata};
 
 use crate::control::assign::{assign, AssignRequest};
 use crate::http::error::{error_body, unavailable, ErrorBody, STORE_UNAVAILABLE};
-use crate::http::middleware::ClientAddress;
+use crate::http::middleware::{ClientAddress, RequestId};
 use crate::http::security::UserAuth;
 use crate::state::AppState;
 
@@ -115,6 +115,7 @@ impl DesktopApi {
         &self,
         state: Data<&AppState>,
         client: Data<&ClientAddress>,
+        request_id: Data<&RequestId>,
         auth: UserAuth,
         body: Json<AssignBody>,
     ) -> AssignResponse {
@@ -153,7 +154,11 @@ impl DesktopApi {
             session_id: body.0.session_id,
             app_name: "browsers/chrome".to_string(),
         };
-        let metadata = EventMetadata::new(Actor::User(principal.user_id), chrono::Utc::now());
+        let metadata = EventMetadata::for_request(
+            Actor::User(principal.user_id),
+            &request_id.0 .0,
+            chrono::Utc::now(),
+        );
         let started = std::time::Instant::now();
         let outcome = assign(&state, &request, &metadata).await;
         metrics::histogram!("whist_assign_seconds").record(started.elapsed().as_secs_f64());

@@ -14,6 +14,7 @@ use whist_domain::mandelbox::ReportedStatus;
 use whist_domain::{Actor, EventMetadata};
 
 use crate::http::error::{error_body, unavailable, ErrorBody};
+use crate::http::middleware::RequestId;
 use crate::http::security::PeerToken;
 use crate::state::AppState;
 use crate::workers::heartbeats::{now_ms, Heartbeat};
@@ -147,6 +148,7 @@ impl HostApi {
     async fn register(
         &self,
         state: Data<&AppState>,
+        request_id: Data<&RequestId>,
         token: PeerToken,
         body: Json<RegisterBody>,
     ) -> RegisterResponse {
@@ -160,7 +162,11 @@ impl HostApi {
             return RegisterResponse::Unauthorized(error_body("UNKNOWN_TOKEN"));
         }
         let auth_token = services.tokens.derive(Purpose::HostAuth, &body.instance_id);
-        let metadata = EventMetadata::new(Actor::Host(body.instance_id.clone()), Utc::now());
+        let metadata = EventMetadata::for_request(
+            Actor::Host(body.instance_id.clone()),
+            &request_id.0 .0,
+            Utc::now(),
+        );
         let command = InstanceCommand::Register {
             identity: LaunchSpec {
                 region: body.region,
@@ -233,6 +239,7 @@ impl HostApi {
     async fn heartbeat(
         &self,
         state: Data<&AppState>,
+        request_id: Data<&RequestId>,
         token: PeerToken,
         body: Json<HeartbeatBody>,
     ) -> HeartbeatResponse {
@@ -274,7 +281,11 @@ impl HostApi {
         // While the database is known to be down the change waits: the copy still shows the old status, so the
         // host's next heartbeat brings it up again.
         if let Some(command) = change.filter(|_| !state.database.reachability().is_down()) {
-            let metadata = EventMetadata::new(Actor::Host(body.instance_id.clone()), Utc::now());
+            let metadata = EventMetadata::for_request(
+                Actor::Host(body.instance_id.clone()),
+                &request_id.0 .0,
+                Utc::now(),
+            );
             if let Err(error) = services
                 .instances
                 .execute_retrying(&body.instance_id, command, &metadata)
@@ -295,6 +306,7 @@ impl HostApi {
     async fn mandelbox_status(
         &self,
         state: Data<&AppState>,
+        request_id: Data<&RequestId>,
         token: PeerToken,
         mandelbox_id: Path<String>,
         body: Json<StatusBody>,
@@ -321,7 +333,11 @@ impl HostApi {
             ReportedStatusBody::Running => ReportedStatus::Running,
             ReportedStatusBody::Dying => ReportedStatus::Dying,
         };
-        let metadata = EventMetadata::new(Actor::Host(placement.instance_id.clone()), Utc::now());
+        let metadata = EventMetadata::for_request(
+            Actor::Host(placement.instance_id.clone()),
+            &request_id.0 .0,
+            Utc::now(),
+        );
         match crate::control::mandelboxes::record_status(
             &state,
             &mandelbox_id.0,
@@ -348,6 +364,7 @@ impl HostApi {
     async fn disconnect(
         &self,
         state: Data<&AppState>,
+        request_id: Data<&RequestId>,
         token: PeerToken,
         mandelbox_id: Path<String>,
     ) -> PeerResponse {
@@ -363,7 +380,11 @@ impl HostApi {
             Ok(placement) => placement,
             Err(response) => return response,
         };
-        let metadata = EventMetadata::new(Actor::User(placement.user_id.clone()), Utc::now());
+        let metadata = EventMetadata::for_request(
+            Actor::User(placement.user_id.clone()),
+            &request_id.0 .0,
+            Utc::now(),
+        );
         match crate::control::mandelboxes::end_mandelbox(
             &state,
             &mandelbox_id.0,

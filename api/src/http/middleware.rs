@@ -177,9 +177,13 @@ impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
             .headers()
             .get("x-request-id")
             .and_then(|value| value.to_str().ok())
-            .filter(|value| !value.is_empty() && value.len() <= 128)
+            .filter(|value| is_request_id(value))
             .map(str::to_string)
             .unwrap_or_else(|| Uuid::new_v4().to_string());
+        // Handlers record it as the correlation and causation of the decisions the request takes.
+        request
+            .extensions_mut()
+            .insert(RequestId(request_id.clone()));
         let span = tracing::info_span!("request", request_id = %request_id, method = %method, route = %route,
             client = %client.0);
 
@@ -249,6 +253,19 @@ impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
         }
         Ok(response)
     }
+}
+
+/// The id of the request being served (`X-Request-Id`: the client's, or a new one), for handlers: the
+/// `correlation_id` and `causation_id` of every decision the request records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(pub String);
+
+/// Whether a client's `X-Request-Id` may be kept: 1 to 128 characters of `[A-Za-z0-9._:-]` (the contract's).
+pub fn is_request_id(value: &str) -> bool {
+    (1..=128).contains(&value.len())
+        && value
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b':' | b'-'))
 }
 
 impl<E> RequestContextEndpoint<E> {
