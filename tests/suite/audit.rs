@@ -680,8 +680,19 @@ async fn events_of_assign(app: &TestApp, mandelbox_id: &str) -> Vec<Value> {
 }
 
 #[tokio::test]
-async fn a_request_id_is_answered_and_is_the_correlation_and_cause_of_what_the_request_recorded() {
-    let database = TestDatabase::sqlite();
+async fn a_request_id_is_answered_and_is_the_correlation_and_cause_of_what_the_request_recorded_on_sqlite(
+) {
+    request_ids_are_correlations(whist_tests::BackendKind::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_request_id_is_answered_and_is_the_correlation_and_cause_of_what_the_request_recorded_on_postgres(
+) {
+    request_ids_are_correlations(whist_tests::BackendKind::Postgres).await;
+}
+
+async fn request_ids_are_correlations(kind: whist_tests::BackendKind) {
+    let database = TestDatabase::new(kind).await;
     let app = spawn_app(&database).await;
     app.activate_image(&["us-east-1"], "ami-audit", HASH).await;
     let _host = app
@@ -741,6 +752,32 @@ async fn a_request_id_is_answered_and_is_the_correlation_and_cause_of_what_the_r
             "{event}"
         );
     }
+    // `?correlation_id=` keeps exactly that chain, in log order.
+    let admin = admin_token("auditor");
+    let (status, chain) = get(
+        &app,
+        "/admin/events?correlation_id=desktop-7f3a:retry.1_x&limit=1000",
+        Some(&admin),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let positions = |events: &[Value]| -> Vec<i64> {
+        events
+            .iter()
+            .filter_map(|event| event["position"].as_i64())
+            .collect()
+    };
+    assert_eq!(
+        positions(chain.as_array().expect("a list")),
+        positions(&recorded)
+    );
+    let (status, none) = get(
+        &app,
+        "/admin/events?correlation_id=no-such-chain",
+        Some(&admin),
+    )
+    .await;
+    assert_eq!((status, none), (200, Value::Array(vec![])));
 
     // An id outside the contract's alphabet (or too long) is replaced by a new one, which the events carry.
     let (answered, mandelbox_id) = assign("no spaces <allowed>", 2).await;

@@ -187,6 +187,38 @@ pub async fn events_after(
         .collect()
 }
 
+/// Up to `limit` events of one chain (`correlation_id`) after `after`, in log order.
+///
+/// # Errors
+/// The store failed or a stored event is unreadable.
+pub async fn chain_after(
+    database: &Database,
+    correlation_id: &str,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<EventRecord>, AuditError> {
+    let correlation = if database.is_postgres() {
+        "e.metadata->>'correlation_id'"
+    } else {
+        "json_extract(e.metadata, '$.correlation_id')"
+    };
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM events e LEFT JOIN event_chain c ON c.position = e.position \
+         WHERE {correlation} = $1 AND e.position > $2 ORDER BY e.position LIMIT $3"
+    ))
+    .bind(correlation_id)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(database.any())
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let (event, position, hash) = logged(row)?;
+            record(event, position, hash)
+        })
+        .collect()
+}
+
 /// The last `limit` events of the global log, newest first.
 ///
 /// # Errors

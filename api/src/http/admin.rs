@@ -356,7 +356,8 @@ impl AdminApi {
         )
     }
 
-    /// The global log in commit order: up to `limit` (default 100, at most 10,000) events after `after` (default 0).
+    /// The global log in commit order: up to `limit` (default 100, at most 10,000) events after `after` (default 0);
+    /// with `correlation_id`, only the events of that chain.
     #[oai(path = "/admin/events", method = "get")]
     async fn events(
         &self,
@@ -364,10 +365,16 @@ impl AdminApi {
         _auth: AdminAuth,
         #[oai(validator(minimum(value = "0")))] after: Query<Option<i64>>,
         #[oai(validator(minimum(value = "1"), maximum(value = "10000")))] limit: Query<Option<i64>>,
+        #[oai(validator(min_length = 1, max_length = 128))] correlation_id: Query<Option<String>>,
     ) -> EventsResponse {
-        // Both are bounded by their validators (a value out of range is answered 400 before this).
+        // All are bounded by their validators (a value out of range is answered 400 before this).
         let limit = limit.0.unwrap_or(100);
-        match audit::events_after(&state.database, after.0.unwrap_or(0), limit).await {
+        let after = after.0.unwrap_or(0);
+        let listed = match &correlation_id.0 {
+            Some(chain) => audit::chain_after(&state.database, chain, after, limit).await,
+            None => audit::events_after(&state.database, after, limit).await,
+        };
+        match listed {
             Ok(events) => {
                 EventsResponse::Listed(Json(events.into_iter().map(AdminEvent::from).collect()))
             }
