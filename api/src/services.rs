@@ -10,6 +10,7 @@ use whist_adapters::ec2::{Ec2, Ec2Access};
 use whist_adapters::store::{AggregateStore, Database};
 use whist_adapters::stripe::{StripeApi, StripeApiError};
 use whist_adapters::tokens::Tokens;
+use whist_domain::assign_key::AssignKey;
 use whist_domain::images::ImageCatalog;
 use whist_domain::instance::Instance;
 use whist_domain::leadership::Leadership;
@@ -35,6 +36,8 @@ pub struct Services {
     pub service: AggregateStore<Service>,
     /// Who leads the fleet's decisions, and the fence on them.
     pub leadership: AggregateStore<Leadership>,
+    /// Assigns' idempotency keys and the answers they stand for.
+    pub assign_keys: AggregateStore<AssignKey>,
     /// The Stripe API; `None` when `STRIPE_SECRET` is not set.
     pub stripe: Option<StripeApi>,
     /// EC2, with `WHIST_CLOUD=aws`.
@@ -127,6 +130,7 @@ impl Services {
             stripe_customers: AggregateStore::new(database, ()),
             service: AggregateStore::new(database, ()),
             leadership: AggregateStore::new(database, ()),
+            assign_keys: AggregateStore::new(database, ()),
             stripe: StripeApi::from_settings(&settings.stripe)?,
             ec2: (settings.cloud == CloudKind::Aws).then(|| {
                 Ec2::new(

@@ -3,6 +3,7 @@
 //! Architecture invariant: nothing in this crate performs I/O. A decision depends only on the aggregate's state
 //! and the command; facts from outside (an EC2 id, a Stripe status, the current time) arrive inside commands.
 
+pub mod assign_key;
 pub mod decide;
 pub mod decisions;
 pub mod images;

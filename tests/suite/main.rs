@@ -14,6 +14,7 @@ mod fleet_crash;
 mod host;
 mod host_tls;
 mod http;
+mod idempotency;
 mod jobs;
 mod leadership;
 mod process;

@@ -23,7 +23,7 @@ async fn simulated_hosts_keep_the_buffer_and_run_a_mandelbox_from_assign_to_disc
     settings.cloud = whist_adapters::config::CloudKind::Local;
     let app = spawn_app_with(&database, settings).await;
     assert!(
-        eventually(Duration::from_secs(20), || async {
+        eventually(Duration::from_secs(60), || async {
             active_simulated_hosts(&app).await >= 1
         })
         .await,
@@ -40,7 +40,7 @@ async fn simulated_hosts_keep_the_buffer_and_run_a_mandelbox_from_assign_to_disc
     let mandelbox_id = body["mandelbox_id"].as_str().expect("id").to_string();
 
     // The reconciler asks the host to start it; the host reports CONNECTING then RUNNING.
-    let running = eventually(Duration::from_secs(20), || {
+    let running = eventually(Duration::from_secs(60), || {
         let request = app
             .client
             .get(app.url(&format!("/mandelbox/{mandelbox_id}")))
@@ -67,7 +67,7 @@ async fn simulated_hosts_keep_the_buffer_and_run_a_mandelbox_from_assign_to_disc
         assert!(status == 200 || status == 503, "{body}");
     }
     assert!(
-        eventually(Duration::from_secs(30), || async {
+        eventually(Duration::from_secs(60), || async {
             active_simulated_hosts(&app).await >= 2
         })
         .await,

@@ -17,6 +17,8 @@ use uuid::Uuid;
 use whist_adapters::config::Environment;
 use whist_adapters::store::Unit;
 use whist_adapters::tokens::{fingerprint, Purpose};
+use whist_domain::assign_key::{AssignKeyCommand, KeyedAnswer};
+use whist_domain::decide::Decide;
 use whist_domain::decisions::assign::{AssignRefusal, Assignment, Location, PlacementRefusal};
 use whist_domain::images::{ImageCatalog, CATALOG_ID};
 use whist_domain::instance::InstanceError;
@@ -44,6 +46,8 @@ pub struct AssignRequest {
     pub client_commit_hash: String,
     pub session_id: i64,
     pub app_name: String,
+    /// The client's `Idempotency-Key`: a retry with the same key within the window gets the first answer.
+    pub idempotency_key: Option<String>,
 }
 
 /// A refusal the contract names.
@@ -120,12 +124,17 @@ pub async fn assign(
         at: Utc::now(),
     };
     let catalog = OnceCell::new();
-    let (assignment, regions, catalog) = (&assignment, &regions, &catalog);
+    // One aggregate per user and key; its id holds neither in the clear.
+    let key = request
+        .idempotency_key
+        .as_ref()
+        .map(|key| fingerprint(&format!("{}\n{key}", request.user_id)));
+    let (assignment, regions, catalog, key) = (&assignment, &regions, &catalog, key.as_deref());
     let answer = record_unit_or_learn(
         state,
         metadata,
         UNIT_ATTEMPTS,
-        |unit| attempt(state, unit, assignment, regions, catalog),
+        |unit| attempt(state, unit, assignment, regions, catalog, key),
         // Most often another process took a slot on the same host: this process tries other hosts first for a
         // while (the next attempt included).
         |(_, host)| {
@@ -168,9 +177,30 @@ async fn attempt(
     assignment: &Assignment,
     regions: &[&String],
     catalog: &OnceCell<ImageCatalog>,
+    key: Option<&str>,
 ) -> Result<Attempt<(Result<Assigned, Refusal>, Option<Host>)>, AssignFailure> {
     let services = &state.services;
     let started = Instant::now();
+
+    // 0. The idempotency key, before any other decision: an answer that stands is the answer. A key this process
+    // does not remember is presumed new without a read; if another process answered it, this unit collides on
+    // it and the next attempt reads that answer.
+    let key = match key {
+        Some(key_id) => {
+            let key = services.assign_keys.load_to_decide_new(key_id).await?;
+            if let Some(answer) = key.state().standing(assignment.at) {
+                let assigned = Assigned {
+                    mandelbox_id: answer.mandelbox_id.clone(),
+                    ip: answer.ip.clone(),
+                    region: answer.region.clone(),
+                };
+                metrics::counter!("whist_assign_replays_total").increment(1);
+                return Ok(Attempt::Settled((Ok(assigned), None)));
+            }
+            Some(key)
+        }
+        None => None,
+    };
 
     // 1. The user's own limit.
     let user = services.users.load_to_decide(&assignment.user_id).await?;
@@ -275,6 +305,22 @@ async fn attempt(
                 ip,
                 region: region.to_string(),
             };
+            // 4. The key's answer, in the same unit: a second assign with the key collides here.
+            if let Some(key) = key {
+                let answer = AssignKeyCommand::Answer {
+                    answer: KeyedAnswer {
+                        mandelbox_id: assigned.mandelbox_id.clone(),
+                        ip: assigned.ip.clone(),
+                        region: assigned.region.clone(),
+                        at: assignment.at,
+                    },
+                };
+                let events = key
+                    .state()
+                    .decide(answer)
+                    .map_err(|refusal| UseCaseError::Refused(Box::new(refusal)))?;
+                services.assign_keys.stage_events(&mut unit, key, events)?;
+            }
             let host = Host {
                 instance_id,
                 _lock: lock,

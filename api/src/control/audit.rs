@@ -14,6 +14,7 @@ use serde_json::Value;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 use whist_adapters::store::{Database, LoggedEvent};
+use whist_domain::assign_key::AssignKey;
 use whist_domain::images::ImageCatalog;
 use whist_domain::instance::Instance;
 use whist_domain::leadership::Leadership;
@@ -42,7 +43,7 @@ pub enum AuditError {
 }
 
 /// The aggregate types a state can be replayed for.
-pub const AGGREGATE_TYPES: [&str; 9] = [
+pub const AGGREGATE_TYPES: [&str; 10] = [
     Instance::TYPE,
     Mandelbox::TYPE,
     Session::TYPE,
@@ -52,6 +53,7 @@ pub const AGGREGATE_TYPES: [&str; 9] = [
     StripeCustomer::TYPE,
     Service::TYPE,
     Leadership::TYPE,
+    AssignKey::TYPE,
 ];
 
 /// One stored event, as auditors read it.
@@ -341,6 +343,7 @@ pub async fn replay(
         StripeCustomer::TYPE => replay_as::<StripeCustomer>(&events)?,
         Service::TYPE => replay_as::<Service>(&events)?,
         Leadership::TYPE => replay_as::<Leadership>(&events)?,
+        AssignKey::TYPE => replay_as::<AssignKey>(&events)?,
         other => return Err(AuditError::UnknownAggregateType(other.to_string())),
     };
     Ok(Some(ReplayedState {

@@ -118,6 +118,10 @@ impl DesktopApi {
         request_id: Data<&RequestId>,
         auth: UserAuth,
         body: Json<AssignBody>,
+        /// A retry of this assign by the same user with the same key within 24 hours answers what the first one
+        /// answered (the same `mandelbox_id`) and records nothing new.
+        #[oai(name = "Idempotency-Key", validator(min_length = 1, max_length = 255))]
+        idempotency_key: poem_openapi::param::Header<Option<String>>,
     ) -> AssignResponse {
         let principal = auth.0;
         // The user's own limit first: a user over it spends nothing of the budget their address shares with others.
@@ -153,6 +157,7 @@ impl DesktopApi {
             client_commit_hash: body.0.client_commit_hash,
             session_id: body.0.session_id,
             app_name: "browsers/chrome".to_string(),
+            idempotency_key: idempotency_key.0,
         };
         let metadata = EventMetadata::for_request(
             Actor::User(principal.user_id),

@@ -69,9 +69,13 @@ fn start_process(
 }
 
 /// nginx in front of the two web processes, retrying the other upstream on a refused connection, a 502 or a 503
-/// (a process that is draining answers 503 before it has read the request's effects into anything).
+/// (a process that is draining answers 503 before it has read the request's effects into anything). A web process
+/// is taken out of the balancer (`down`, and a reload) before it is stopped, as a deployment deregisters a target
+/// before it stops it: the balancer sends it nothing new, and its idle keep-alive connections end with the old
+/// workers instead of racing a request.
 struct Nginx {
     port: u16,
+    upstreams: Vec<u16>,
     child: std::process::Child,
     folder: tempfile::TempDir,
 }
@@ -83,12 +87,78 @@ impl Nginx {
             .tempdir()
             .expect("a folder");
         let port = free_port();
-        let dir = folder.path().display();
-        let servers: String = upstreams
-            .iter()
-            .map(|upstream| format!("    server 127.0.0.1:{upstream} max_fails=0;\n"))
-            .collect();
-        let config = format!(
+        write_config(folder.path(), port, upstreams, None);
+        let child = std::process::Command::new("/usr/sbin/nginx")
+            .arg("-c")
+            .arg(folder.path().join("nginx.conf"))
+            .arg("-p")
+            .arg(folder.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nginx starts (.ci/run installs Debian's nginx)");
+        let nginx = Self {
+            port,
+            upstreams: upstreams.to_vec(),
+            child,
+            folder,
+        };
+        assert!(
+            whist_tests::wait_listening(nginx.port, Duration::from_secs(20)).await,
+            "nginx listens: {}",
+            nginx.error_log()
+        );
+        nginx
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.folder.path().join("nginx.conf")
+    }
+
+    /// Takes `down` out of the balancer (or, with `None`, puts every upstream back) and reloads: new workers take
+    /// the new configuration, the old ones finish what they carry and exit.
+    async fn balance(&self, down: Option<u16>) {
+        write_config(self.folder.path(), self.port, &self.upstreams, down);
+        let status = std::process::Command::new("/usr/sbin/nginx")
+            .arg("-c")
+            .arg(self.config_path())
+            .arg("-p")
+            .arg(self.folder.path())
+            .args(["-s", "reload"])
+            .status()
+            .expect("nginx -s reload runs");
+        assert!(status.success(), "nginx reloads: {}", self.error_log());
+        // The old workers finish their requests (each within a second here) and go.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
+    fn error_log(&self) -> String {
+        std::fs::read_to_string(self.folder.path().join("error.log")).unwrap_or_default()
+    }
+
+    /// Requests nginx passed to a second upstream after the first refused or failed them (its access log names
+    /// every upstream a request went to).
+    fn retried(&self) -> usize {
+        std::fs::read_to_string(self.folder.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains(", 127.0.0.1:"))
+            .count()
+    }
+}
+
+/// Writes nginx's configuration into `folder`: listening on `port`, balancing `upstreams`, `down` (if any) out.
+fn write_config(folder: &Path, port: u16, upstreams: &[u16], down: Option<u16>) {
+    let dir = folder.display();
+    let servers: String = upstreams
+        .iter()
+        .map(|upstream| {
+            let state = if Some(*upstream) == down { " down" } else { "" };
+            format!("    server 127.0.0.1:{upstream} max_fails=0{state};\n")
+        })
+        .collect();
+    let config = format!(
             "user root;\nworker_processes 1;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
              events {{ worker_connections 1024; }}\n\
              http {{\n\
@@ -113,44 +183,7 @@ impl Nginx {
                }}\n\
              }}\n"
         );
-        let path = folder.path().join("nginx.conf");
-        std::fs::write(&path, config).expect("the configuration");
-        let child = std::process::Command::new("/usr/sbin/nginx")
-            .arg("-c")
-            .arg(&path)
-            .arg("-p")
-            .arg(folder.path())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("nginx starts (.ci/run installs Debian's nginx)");
-        let nginx = Self {
-            port,
-            child,
-            folder,
-        };
-        assert!(
-            whist_tests::wait_listening(port, Duration::from_secs(20)).await,
-            "nginx listens: {}",
-            nginx.error_log()
-        );
-        nginx
-    }
-
-    fn error_log(&self) -> String {
-        std::fs::read_to_string(self.folder.path().join("error.log")).unwrap_or_default()
-    }
-
-    /// Requests nginx passed to a second upstream after the first refused or failed them (its access log names
-    /// every upstream a request went to).
-    fn retried(&self) -> usize {
-        std::fs::read_to_string(self.folder.path().join("access.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter(|line| line.contains(", 127.0.0.1:"))
-            .count()
-    }
+    std::fs::write(folder.join("nginx.conf"), config).expect("the configuration");
 }
 
 impl Drop for Nginx {
@@ -474,6 +507,7 @@ async fn a_production_rehearsal_releases_and_restarts_behind_nginx_and_pgbouncer
     let balancer_before = seen.lock().expect("seen").balancer.len();
     for (index, port) in web_ports.iter().enumerate() {
         let mut old = webs.remove(index);
+        nginx.balance(Some(*port)).await;
         old.signal(nix::sys::signal::Signal::SIGTERM);
         let status = old.exited(Duration::from_secs(25)).await;
         assert!(
@@ -489,7 +523,7 @@ async fn a_production_rehearsal_releases_and_restarts_behind_nginx_and_pgbouncer
         );
         web.wait_healthy(Duration::from_secs(90)).await;
         webs.insert(index, web);
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        nginx.balance(None).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, Ordering::SeqCst);
