@@ -141,7 +141,15 @@ impl Projection for JobPlanner {
             if let Some((kind, key, payload)) = plan(event)? {
                 let payload = serde_json::to_string(&payload)
                     .map_err(|error| ProjectionError::unreadable(event, error))?;
-                planned.push(((kind, key, payload), event.aggregate_id.as_str()));
+                // The chain the planning decision belongs to, continued by the job's outcome.
+                let correlation_id = serde_json::from_str::<serde_json::Value>(&event.metadata)
+                    .ok()
+                    .and_then(|metadata| metadata["correlation_id"].as_str().map(str::to_string));
+                planned.push((
+                    (kind, key, payload),
+                    event.aggregate_id.as_str(),
+                    (correlation_id, event.position),
+                ));
             }
         }
         // One statement per chunk of planned jobs; a job already planned (its key taken) is left as it is.
@@ -149,11 +157,12 @@ impl Projection for JobPlanner {
         for chunk in planned.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO {table} (kind, job_key, aggregate_id, payload, status, attempts, run_after_ms, \
-                 claimed_until_ms, created_ms) VALUES {} ON CONFLICT (job_key) DO NOTHING",
-                values_placeholders(chunk.len(), 9)
+                 claimed_until_ms, created_ms, correlation_id, planned_by) VALUES {} \
+                 ON CONFLICT (job_key) DO NOTHING",
+                values_placeholders(chunk.len(), 11)
             );
             let mut query = sqlx::query(&sql);
-            for ((kind, key, payload), aggregate_id) in chunk {
+            for ((kind, key, payload), aggregate_id, (correlation_id, planned_by)) in chunk {
                 query = query
                     .bind(kind.as_str())
                     .bind(format!("{}:{key}", kind.as_str()))
@@ -163,7 +172,9 @@ impl Projection for JobPlanner {
                     .bind(0i64)
                     .bind(now)
                     .bind(0i64)
-                    .bind(now);
+                    .bind(now)
+                    .bind(correlation_id.as_deref())
+                    .bind(*planned_by);
             }
             query.execute(&mut *connection).await?;
         }
@@ -184,6 +195,10 @@ pub struct Job {
     pub payload: JobPayload,
     /// The attempt this claim is; also the claim's fencing token.
     pub attempts: i64,
+    /// The chain of the decision that planned the job, and that event's position (both `None` for a job planned
+    /// before jobs remembered them).
+    pub correlation_id: Option<String>,
+    pub planned_by: Option<i64>,
 }
 
 /// Claims up to `limit` runnable jobs of `kinds`, lowest id first, until `claimed_until_ms`: those pending whose
@@ -212,7 +227,7 @@ pub async fn claim(
          WHERE id IN (SELECT id FROM jobs WHERE status IN ('pending', 'running') \
            AND ((status = 'pending' AND run_after_ms <= $1) OR (status = 'running' AND claimed_until_ms < $1)) \
            AND kind IN ({}) ORDER BY id LIMIT $3{lock}) \
-         RETURNING id, kind, aggregate_id, payload, attempts",
+         RETURNING id, kind, aggregate_id, payload, attempts, correlation_id, planned_by",
         placeholders.join(", ")
     );
     let mut query = sqlx::query(&sql)
@@ -234,6 +249,8 @@ pub async fn claim(
                 aggregate_id: row.try_get("aggregate_id")?,
                 payload: serde_json::from_str(&payload).unwrap_or_default(),
                 attempts: row.try_get("attempts")?,
+                correlation_id: row.try_get("correlation_id")?,
+                planned_by: row.try_get("planned_by")?,
             })
         })
         .collect()

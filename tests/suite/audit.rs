@@ -778,6 +778,38 @@ async fn request_ids_are_correlations(kind: whist_tests::BackendKind) {
     )
     .await;
     assert_eq!((status, none), (200, Value::Array(vec![])));
+    // The spin-up the assign planned is a job; its outcome continues the chain, caused by the allocation.
+    let allocation = recorded
+        .iter()
+        .find(|event| event["event_type"] == "MandelboxAllocated")
+        .and_then(|event| event["position"].as_i64())
+        .expect("the allocation's position");
+    let mut spun_up = None;
+    for _ in 0..200 {
+        let (_, chain) = get(
+            &app,
+            "/admin/events?correlation_id=desktop-7f3a:retry.1_x&limit=1000",
+            Some(&admin),
+        )
+        .await;
+        spun_up = chain.as_array().and_then(|events| {
+            events
+                .iter()
+                .find(|event| event["event_type"] == "MandelboxSpunUp")
+                .cloned()
+        });
+        if spun_up.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let spun_up = spun_up.expect("the spin-up's outcome is in the assign's chain");
+    assert_eq!(spun_up["aggregate_id"], mandelbox_id.as_str());
+    assert_eq!(
+        spun_up["metadata"]["causation_id"],
+        allocation.to_string().as_str(),
+        "caused by the event that planned the job"
+    );
 
     // An id outside the contract's alphabet (or too long) is replaced by a new one, which the events carry.
     let (answered, mandelbox_id) = assign("no spaces <allowed>", 2).await;

@@ -95,12 +95,14 @@ pub async fn step_down(context: &Context, holder: &str) {
 }
 
 /// Records `command` on instance `instance_id` together with the leader's fence for `epoch` (`decision` names it
-/// in the log): both or neither. `new` says the instance is one this decision creates.
+/// in the log): both or neither, in the chain of `pass` (the leader's pass that decided it). `new` says the
+/// instance is one this decision creates.
 ///
 /// # Errors
 /// The store failed, or concurrent writers won every attempt.
 pub async fn record_fenced(
     context: &Context,
+    pass: &EventMetadata,
     epoch: i64,
     decision: &str,
     instance_id: &str,
@@ -108,7 +110,7 @@ pub async fn record_fenced(
     new: bool,
 ) -> Result<Fenced, UseCaseError> {
     let services = &context.services;
-    let metadata = EventMetadata::new(Actor::System, Utc::now());
+    let metadata = pass.at(Utc::now());
     for _ in 0..ATTEMPTS {
         let leadership = services
             .leadership

@@ -20,7 +20,7 @@ use whist_adapters::tokens::{fingerprint, Purpose};
 use whist_domain::images::{RegionImage, CATALOG_ID};
 use whist_domain::instance::{DrainReason, InstanceCommand, InstanceError, LaunchSpec};
 use whist_domain::scaling::{plan_region, HostView, RegionPlan, Targets};
-use whist_domain::Actor;
+use whist_domain::{Actor, EventMetadata};
 
 use crate::control::leadership::{self, Fenced};
 use crate::control::UseCaseError;
@@ -126,6 +126,8 @@ impl Autoscaler {
             return Ok(Decisions::default());
         }
         let planned = self.plan().await?;
+        // One chain for the whole pass: every decision it records carries the pass's correlation id.
+        let pass = &EventMetadata::new(Actor::System, Utc::now());
         let pause = settings.fleet.fault_pause_before_deciding;
         if !pause.is_zero() && planned.iter().any(|decision| decision.plan.launch > 0) {
             tracing::warn!(
@@ -163,6 +165,7 @@ impl Autoscaler {
                 };
                 match leadership::record_fenced(
                     &self.state,
+                    pass,
                     epoch,
                     "launch",
                     &instance_id,
@@ -197,6 +200,7 @@ impl Autoscaler {
                 };
                 match leadership::record_fenced(
                     &self.state,
+                    pass,
                     epoch,
                     "drain",
                     instance_id,

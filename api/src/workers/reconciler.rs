@@ -50,6 +50,17 @@ fn retries_until_done(kind: JobKind) -> bool {
     )
 }
 
+/// The metadata of what a job's outcome records: the chain of the decision that planned the job, caused by the
+/// event that planned it (a job planned before jobs remembered these starts a chain of its own).
+fn outcome_metadata(job: &Job) -> EventMetadata {
+    let mut metadata = EventMetadata::new(Actor::System, Utc::now());
+    if let Some(correlation_id) = &job.correlation_id {
+        metadata.correlation_id = correlation_id.clone();
+    }
+    metadata.causation_id = job.planned_by.map(|position| position.to_string());
+    metadata
+}
+
 /// What running a job came to.
 enum Outcome {
     Done,
@@ -147,7 +158,8 @@ impl Reconciler {
             return Ok(());
         }
         if status == "failed" && job.kind == Some(JobKind::SpinUp) {
-            self.abandon_mandelbox(&job.aggregate_id).await;
+            self.abandon_mandelbox(&job.aggregate_id, &outcome_metadata(job))
+                .await;
         }
         let kind = job.kind.map_or("unknown", JobKind::as_str);
         metrics::counter!("whist_jobs_total", "kind" => kind, "status" => status).increment(1);
@@ -156,20 +168,21 @@ impl Reconciler {
 
     #[tracing::instrument(skip_all, fields(job = job.id, kind = %job.kind_name, aggregate_id = %job.aggregate_id, attempt = job.attempts))]
     async fn run_job(&self, job: &Job) -> Outcome {
+        let chain = &outcome_metadata(job);
         match job.kind {
-            Some(JobKind::SpinUp) => self.spin_up(&job.aggregate_id).await,
+            Some(JobKind::SpinUp) => self.spin_up(&job.aggregate_id, chain).await,
             Some(JobKind::Launch) => match self.state.settings.cloud {
-                CloudKind::Local => self.launch_simulated(&job.aggregate_id).await,
-                CloudKind::Aws => self.launch_ec2(&job.aggregate_id).await,
+                CloudKind::Local => self.launch_simulated(&job.aggregate_id, chain).await,
+                CloudKind::Aws => self.launch_ec2(&job.aggregate_id, chain).await,
             },
             Some(JobKind::Drain) => self.drain(&job.aggregate_id).await,
-            Some(JobKind::Terminate) => self.terminate(&job.aggregate_id).await,
+            Some(JobKind::Terminate) => self.terminate(&job.aggregate_id, chain).await,
             Some(JobKind::TerminateStray) => self.terminate_stray(job).await,
             None => Outcome::GiveUp(format!("unknown job kind {}", job.kind_name)),
         }
     }
 
-    async fn spin_up(&self, mandelbox_id: &str) -> Outcome {
+    async fn spin_up(&self, mandelbox_id: &str, chain: &EventMetadata) -> Outcome {
         let services = &self.state.services;
         // Fresh: the remembered copy (usually this process's, from the assign) and whatever it missed.
         let mandelbox = match services.mandelboxes.load_caught_up(mandelbox_id).await {
@@ -204,7 +217,7 @@ impl Reconciler {
         if let Err(error) = self.hosts.spin_up(endpoint, &token, &body).await {
             return Outcome::Retry(error.to_string());
         }
-        let metadata = EventMetadata::new(Actor::System, Utc::now());
+        let metadata = chain.at(Utc::now());
         match services
             .mandelboxes
             .execute_retrying(
@@ -221,7 +234,7 @@ impl Reconciler {
     }
 
     /// Ends a mandelbox whose host never took it.
-    async fn abandon_mandelbox(&self, mandelbox_id: &str) {
+    async fn abandon_mandelbox(&self, mandelbox_id: &str, chain: &EventMetadata) {
         let services = &self.state.services;
         let Ok((mandelbox, _)) = services.mandelboxes.load_from_history(mandelbox_id).await else {
             return;
@@ -229,7 +242,7 @@ impl Reconciler {
         let Some(placement) = mandelbox.placement else {
             return;
         };
-        let metadata = EventMetadata::new(Actor::System, Utc::now());
+        let metadata = chain.at(Utc::now());
         if let Err(error) = services
             .mandelboxes
             .execute_retrying(
@@ -280,7 +293,7 @@ impl Reconciler {
 
     /// Launches the host of one launch decision on EC2, at least once and never twice: a retry (after a crash
     /// between the call and its record, say) adopts the instance tagged with this launch instead of starting another.
-    async fn launch_ec2(&self, instance_id: &str) -> Outcome {
+    async fn launch_ec2(&self, instance_id: &str, chain: &EventMetadata) -> Outcome {
         let services = &self.state.services;
         let Some(ec2) = &services.ec2 else {
             return Outcome::GiveUp("EC2 is not configured in this process".to_string());
@@ -302,7 +315,7 @@ impl Reconciler {
             instance_type: spec.instance_type.clone(),
             user_data,
         };
-        let metadata = EventMetadata::new(Actor::System, Utc::now());
+        let metadata = chain.at(Utc::now());
         let launched = ec2.launch(&request).await;
         let pause = self.state.settings.fleet.fault_pause_after_launch;
         if !pause.is_zero() {
@@ -335,7 +348,7 @@ impl Reconciler {
         }
     }
 
-    async fn launch_simulated(&self, instance_id: &str) -> Outcome {
+    async fn launch_simulated(&self, instance_id: &str, chain: &EventMetadata) -> Outcome {
         let services = &self.state.services;
         let spec = match self.awaiting_launch(instance_id).await {
             Ok(Some(spec)) => spec,
@@ -364,7 +377,7 @@ impl Reconciler {
             .lock()
             .await
             .insert(instance_id.to_string(), host);
-        let metadata = EventMetadata::new(Actor::System, Utc::now());
+        let metadata = chain.at(Utc::now());
         match services
             .instances
             .execute_retrying(
@@ -420,7 +433,7 @@ impl Reconciler {
 
     /// Ends a host whose termination was decided: in the cloud (EC2, or the simulated host of this process), then
     /// records it gone and ends any mandelbox still recorded on it.
-    async fn terminate(&self, instance_id: &str) -> Outcome {
+    async fn terminate(&self, instance_id: &str, chain: &EventMetadata) -> Outcome {
         let instance = match self.load_instance(instance_id).await {
             Ok(instance) => instance,
             Err(outcome) => return outcome,
@@ -477,7 +490,7 @@ impl Reconciler {
                 }
             }
         }
-        let metadata = EventMetadata::new(Actor::System, Utc::now());
+        let metadata = chain.at(Utc::now());
         if let Err(error) = self
             .state
             .services
