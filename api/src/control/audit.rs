@@ -164,6 +164,16 @@ fn record(
     })
 }
 
+/// The audit records of rows read with `COLUMNS`.
+fn records(rows: &[sqlx::any::AnyRow]) -> Result<Vec<EventRecord>, AuditError> {
+    rows.iter()
+        .map(|row| {
+            let (event, position, hash) = logged(row)?;
+            record(event, position, hash)
+        })
+        .collect()
+}
+
 /// Up to `limit` events of the global log after `after`, in order.
 ///
 /// # Errors
@@ -181,12 +191,7 @@ pub async fn events_after(
     .bind(limit)
     .fetch_all(database.any())
     .await?;
-    rows.iter()
-        .map(|row| {
-            let (event, position, hash) = logged(row)?;
-            record(event, position, hash)
-        })
-        .collect()
+    records(&rows)
 }
 
 /// Up to `limit` events of one chain (`correlation_id`) after `after`, in log order.
@@ -213,12 +218,7 @@ pub async fn chain_after(
     .bind(limit)
     .fetch_all(database.any())
     .await?;
-    rows.iter()
-        .map(|row| {
-            let (event, position, hash) = logged(row)?;
-            record(event, position, hash)
-        })
-        .collect()
+    records(&rows)
 }
 
 /// The last `limit` events of the global log, newest first.
@@ -236,12 +236,7 @@ pub async fn latest_events(
     .bind(limit)
     .fetch_all(database.any())
     .await?;
-    rows.iter()
-        .map(|row| {
-            let (event, position, hash) = logged(row)?;
-            record(event, position, hash)
-        })
-        .collect()
+    records(&rows)
 }
 
 async fn aggregate_events(
