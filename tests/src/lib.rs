@@ -451,7 +451,20 @@ pub async fn activate_release(
     image: &str,
     commit_hash: &str,
 ) {
-    whist_adapters::store::AggregateStore::<whist_domain::images::ImageCatalog>::new(store, ())
+    let catalog =
+        whist_adapters::store::AggregateStore::<whist_domain::images::ImageCatalog>::new(store, ());
+    activate_in(&catalog, regions, image, commit_hash).await;
+}
+
+/// Makes `image` with `commit_hash` the active image of `regions` through `catalog` (a server's own store, so that
+/// the copy it remembers sees the release).
+async fn activate_in(
+    catalog: &whist_adapters::store::AggregateStore<whist_domain::images::ImageCatalog>,
+    regions: &[&str],
+    image: &str,
+    commit_hash: &str,
+) {
+    catalog
         .execute(
             whist_domain::images::CATALOG_ID,
             whist_domain::images::ImageCatalogCommand::Activate {
@@ -713,23 +726,23 @@ impl TestApp {
 
     /// Makes `image_id` with `commit_hash` the active image of `regions`.
     pub async fn activate_image(&self, regions: &[&str], image_id: &str, commit_hash: &str) {
-        self.state
-            .services
-            .catalog
-            .execute(
-                whist_domain::images::CATALOG_ID,
-                whist_domain::images::ImageCatalogCommand::Activate {
-                    client_commit_hash: commit_hash.to_string(),
-                    images: regions
-                        .iter()
-                        .map(|region| (region.to_string(), image_id.to_string()))
-                        .collect(),
-                    at: chrono::Utc::now(),
-                },
-                &whist_domain::EventMetadata::new(whist_domain::Actor::System, chrono::Utc::now()),
-            )
-            .await
-            .expect("the release is activated");
+        activate_in(&self.state.services.catalog, regions, image_id, commit_hash).await;
+    }
+
+    /// Waits until every projection of this server has caught up with the log.
+    pub async fn settled(&self) {
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                self.state
+                    .projections
+                    .status()
+                    .await
+                    .map(|statuses| statuses.iter().all(|status| status.lag == 0))
+                    .unwrap_or(false)
+            })
+            .await,
+            "the projections catch up"
+        );
     }
 
     /// Launches a host with `capacity` slots, starts its simulated host service, and waits until assigns can

@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde_json::Value;
 use whist_domain::{Actor, EventMetadata};
 use whist_tests::{
-    admin_token, assign_body, eventually, http_client, launch_spec, spawn_app, user_token,
-    ChildProcess, TestApp, TestDatabase,
+    admin_token, assign_body, http_client, launch_spec, spawn_app, user_token, ChildProcess,
+    TestApp, TestDatabase,
 };
 
 const HASH: &str = "hash-audit";
@@ -40,22 +40,6 @@ async fn workload(app: &TestApp) -> String {
         }
     }
     host.instance_id
-}
-
-/// Waits until every projection has caught up with the log.
-async fn settled(app: &TestApp) {
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            app.state
-                .projections
-                .status()
-                .await
-                .map(|statuses| statuses.iter().all(|status| status.lag == 0))
-                .unwrap_or(false)
-        })
-        .await,
-        "the projections catch up"
-    );
 }
 
 async fn whist(database: &TestDatabase, arguments: &[&str], log: &str) -> (bool, String) {
@@ -111,7 +95,7 @@ async fn the_log_an_aggregates_history_and_its_state_at_a_version_or_a_moment() 
     let database = TestDatabase::postgres().await;
     let app = spawn_app(&database).await;
     let instance_id = workload(&app).await;
-    settled(&app).await;
+    app.settled().await;
     let admin = admin_token("auditor");
 
     let (status, events) = get(&app, "/admin/events?after=0&limit=1000", Some(&admin)).await;
@@ -249,7 +233,7 @@ async fn projections_status_rebuild_and_verify_after_a_mixed_workload() {
         app.active_host(launch_spec("us-east-1", "ami-audit", HASH), 2)
             .await;
     }
-    settled(&app).await;
+    app.settled().await;
     let admin = admin_token("developer");
     let (status, projections) = get(&app, "/admin/projections", Some(&admin)).await;
     assert_eq!(status, 200);
@@ -352,7 +336,7 @@ async fn export_is_resumable_and_verify_names_the_first_tampered_event() {
     let database = TestDatabase::postgres().await;
     let app = spawn_app(&database).await;
     workload(&app).await;
-    settled(&app).await;
+    app.settled().await;
     let head = app.state.database.log().head().await.expect("a head");
 
     let (ok, log) = whist(&database, &["events", "verify"], "verify-clean.log").await;
@@ -487,7 +471,7 @@ async fn a_history_mixing_event_versions_replays_through_the_upcaster() {
     let (current, _) = app
         .launch(launch_spec("us-east-1", "ami-audit", HASH))
         .await;
-    settled(&app).await;
+    app.settled().await;
 
     let (instance, version) = app
         .state
@@ -559,7 +543,7 @@ async fn the_events_commands_list_history_and_replay() {
     let database = TestDatabase::postgres().await;
     let app = spawn_app(&database).await;
     let instance_id = workload(&app).await;
-    settled(&app).await;
+    app.settled().await;
     let json_lines = |log: &str| -> Vec<Value> {
         log.lines()
             .filter_map(|line| serde_json::from_str::<Value>(line).ok())
@@ -620,7 +604,7 @@ async fn the_projections_commands_show_status_and_rebuild() {
     let database = TestDatabase::postgres().await;
     let app = spawn_app(&database).await;
     workload(&app).await;
-    settled(&app).await;
+    app.settled().await;
     let (ok, log) = whist(&database, &["projections", "status"], "status.log").await;
     assert!(ok, "{log}");
     let start = log.find('[').expect("a JSON list");

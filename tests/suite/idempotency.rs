@@ -61,21 +61,6 @@ async fn holdings(app: &TestApp, user: &str) -> (i64, i64) {
     (live, allocations)
 }
 
-async fn settled(app: &TestApp) {
-    assert!(
-        whist_tests::eventually(Duration::from_secs(20), || async {
-            app.state
-                .projections
-                .status()
-                .await
-                .map(|statuses| statuses.iter().all(|status| status.lag == 0))
-                .unwrap_or(false)
-        })
-        .await,
-        "the projections catch up"
-    );
-}
-
 #[tokio::test]
 async fn a_retry_with_the_same_key_after_a_lost_answer_gets_the_mandelbox_the_first_one_committed()
 {
@@ -92,7 +77,7 @@ async fn a_retry_with_the_same_key_after_a_lost_answer_gets_the_mandelbox_the_fi
     proxy.set_mode(Mode::LoseAnswer);
     let lost = assign_with_key(&client, &proxy.url, user, Some("retry-key-1"), 1).await;
     assert!(lost.is_none(), "the answer was lost: {lost:?}");
-    settled(&app).await;
+    app.settled().await;
     assert_eq!(
         holdings(&app, user).await,
         (1, 1),
@@ -110,7 +95,7 @@ async fn a_retry_with_the_same_key_after_a_lost_answer_gets_the_mandelbox_the_fi
             .await
             .expect("answered");
     assert_eq!((again_status, again.as_str()), (200, retried.as_str()));
-    settled(&app).await;
+    app.settled().await;
     assert_eq!(
         holdings(&app, user).await,
         (1, 1),
@@ -145,7 +130,7 @@ async fn a_retry_with_the_same_key_after_a_lost_answer_gets_the_mandelbox_the_fi
         .await
         .expect("answered");
     assert_eq!(status, 400);
-    settled(&app).await;
+    app.settled().await;
     assert_eq!(holdings(&app, user).await, (2, 2));
     app.stop().await;
 }
@@ -161,7 +146,7 @@ async fn sixteen_assigns_with_one_key_at_once_over_two_servers_give_one_mandelbo
     let _host = first
         .active_host(launch_spec(REGION, IMAGE, HASH), 32)
         .await;
-    settled(&second).await;
+    second.settled().await;
     let user = "auth0|keyed-at-once";
     first.subscribe(user).await;
     let client = whist_tests::http_client();
@@ -181,7 +166,7 @@ async fn sixteen_assigns_with_one_key_at_once_over_two_servers_give_one_mandelbo
         })
         .collect();
     assert_eq!(ids.len(), 1, "one mandelbox for every request: {ids:?}");
-    settled(&first).await;
+    first.settled().await;
     assert_eq!(holdings(&first, user).await, (1, 1));
     second.stop().await;
     first.stop().await;
