@@ -8,7 +8,10 @@ use std::time::Duration;
 use whist_adapters::store::AggregateStore;
 use whist_adapters::tokens::Tokens;
 use whist_domain::instance::Instance;
-use whist_tests::{admin_token, assign_body, free_port, launch_spec, ChildProcess, TestDatabase};
+use whist_tests::{
+    admin_token, assign_body, free_port, launch_spec, spawn_app, spawn_app_with, user_token,
+    ChildProcess, TestDatabase,
+};
 
 const HOSTS: usize = 12;
 const CAPACITY: u32 = 40;
@@ -198,4 +201,68 @@ async fn two_servers_never_give_one_slot_twice_nor_overfill_a_host() {
     for (server, _) in servers {
         server.kill();
     }
+}
+
+/// The protocol server repeats a disconnect on the second server after the first recorded it (its answer was
+/// lost). The second server's remembered copies of the host and of the mandelbox are behind the first's writes, and
+/// the copies it reads fresh for the user and the session decide nothing: it must take the decision on copies that
+/// are all fresh at once, and answer 200 recording nothing. (Marking only the copies that were behind let them take
+/// turns being behind, attempt after attempt: ten attempts, then 503, on every retry.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_repeated_on_a_server_whose_copies_are_behind_answers_200_and_records_nothing()
+{
+    const REGION: &str = "us-east-1";
+    const IMAGE: &str = "ami-behind";
+    const HASH: &str = "hash-behind";
+    let database = TestDatabase::postgres().await;
+    let first = spawn_app(&database).await;
+    let mut settings = database.settings();
+    settings.host_service_port = first.state.settings.host_service_port;
+    let second = spawn_app_with(&database, settings).await;
+    first.activate_image(&[REGION], IMAGE, HASH).await;
+    let _host = first.active_host(launch_spec(REGION, IMAGE, HASH), 8).await;
+    second.settled().await;
+
+    // The second server remembers the host: it places a mandelbox of its own there.
+    let (status, body) = second
+        .assign(
+            &user_token("auth0|behind-own"),
+            assign_body(&[REGION], HASH, 1),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // The first server places a mandelbox and ends it: the host's copy on the second is now behind.
+    let (status, body) = first
+        .assign(
+            &user_token("auth0|behind-left"),
+            assign_body(&[REGION], HASH, 1),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let mandelbox_id = body["mandelbox_id"].as_str().expect("an id").to_string();
+    assert_eq!(first.disconnect(&mandelbox_id).await, 200);
+    first.settled().await;
+    second.settled().await;
+    let events = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events")
+            .fetch_one(first.state.database.any())
+            .await
+            .expect("the log reads")
+    };
+    let before = events().await;
+
+    for repeat in 0..3 {
+        assert_eq!(
+            second.disconnect(&mandelbox_id).await,
+            200,
+            "repeat {repeat} of the disconnect on the second server"
+        );
+    }
+    assert_eq!(
+        events().await,
+        before,
+        "a repeated disconnect records nothing"
+    );
+    second.stop().await;
+    first.stop().await;
 }

@@ -305,10 +305,17 @@ where
     ///
     /// # Errors
     /// The database failed or an event could not be read.
+    ///
+    /// In a unit that reads fresh ([`Unit::reads_fresh`]: an attempt after one that had to decide again), every
+    /// copy is brought up to date first, so that the copies one decision needs fresh are fresh together.
     pub async fn load_to_decide(
         &self,
+        unit: &Unit,
         aggregate_id: &str,
     ) -> Result<Loaded<A>, CommandError<A::Error>> {
+        if unit.reads_fresh {
+            self.mark_stale(aggregate_id);
+        }
         Ok(self.load_copy(aggregate_id).await?)
     }
 
@@ -320,10 +327,11 @@ where
     /// The database failed or an event could not be read (only when a remembered copy is brought up to date).
     pub async fn load_to_decide_new(
         &self,
+        unit: &Unit,
         aggregate_id: &str,
     ) -> Result<Loaded<A>, CommandError<A::Error>> {
         if self.is_remembered(aggregate_id) {
-            self.load_to_decide(aggregate_id).await
+            self.load_to_decide(unit, aggregate_id).await
         } else {
             Ok(self.presumed_new(aggregate_id))
         }
@@ -339,7 +347,7 @@ where
         aggregate_id: &str,
     ) -> Result<Loaded<A>, CommandError<A::Error>> {
         self.mark_stale(aggregate_id);
-        self.load_to_decide(aggregate_id).await
+        Ok(self.load_copy(aggregate_id).await?)
     }
 
     /// Makes the next load of `loaded`'s aggregate fresh: for a decision that refused, or decided nothing, on a
@@ -546,7 +554,7 @@ fn settler<R, A>(
     aggregate: A,
     after: usize,
     presumed_new: bool,
-) -> Box<dyn FnOnce(Settled) + Send>
+) -> Box<dyn FnOnce(Settled) + Send + Sync>
 where
     R: PersistedEventRepository + 'static,
     A: Aggregate + Clone + 'static,
@@ -619,7 +627,9 @@ pub struct Unit {
     metadata: HashMap<String, String>,
     events: Vec<SerializedEvent>,
     staged: HashSet<(String, String)>,
-    settle: Vec<Box<dyn FnOnce(Settled) + Send>>,
+    settle: Vec<Box<dyn FnOnce(Settled) + Send + Sync>>,
+    /// Every copy loaded for this unit is brought up to date first (see [`Unit::reading_fresh`]).
+    reads_fresh: bool,
 }
 
 /// Why a unit was not recorded.
@@ -642,7 +652,25 @@ impl Unit {
             events: Vec::new(),
             staged: HashSet::new(),
             settle: Vec::new(),
+            reads_fresh: false,
         }
+    }
+
+    /// An empty unit whose decisions are taken on fresh copies only: each copy loaded for it
+    /// ([`AggregateStore::load_to_decide`]) is brought up to date first. For the attempt after one that had to
+    /// decide again because a copy may have been behind: marking only the copies that were behind would let the
+    /// ones read fresh in that attempt be remembered copies in the next, and two copies that must be fresh together
+    /// would take turns being behind, attempt after attempt.
+    pub fn reading_fresh(metadata: &EventMetadata) -> Self {
+        Self {
+            reads_fresh: true,
+            ..Self::new(metadata)
+        }
+    }
+
+    /// Whether copies loaded for this unit are brought up to date first.
+    pub fn reads_fresh(&self) -> bool {
+        self.reads_fresh
     }
 
     /// Events staged so far.

@@ -187,7 +187,10 @@ async fn attempt(
     // it and the next attempt reads that answer.
     let key = match key {
         Some(key_id) => {
-            let key = services.assign_keys.load_to_decide_new(key_id).await?;
+            let key = services
+                .assign_keys
+                .load_to_decide_new(&unit, key_id)
+                .await?;
             if let Some(answer) = key.state().standing(assignment.at) {
                 let assigned = Assigned {
                     mandelbox_id: answer.mandelbox_id.clone(),
@@ -203,7 +206,10 @@ async fn attempt(
     };
 
     // 1. The user's own limit.
-    let user = services.users.load_to_decide(&assignment.user_id).await?;
+    let user = services
+        .users
+        .load_to_decide(&unit, &assignment.user_id)
+        .await?;
     let reserved = match assignment.reserve(user.state()) {
         Ok(reserved) => reserved,
         Err(AssignRefusal::UserAtLimit) if !final_on!((services.users, &user)) => {
@@ -220,10 +226,13 @@ async fn attempt(
     // costs this unit a conflict and another attempt).
     let mandelbox = services
         .mandelboxes
-        .load_to_decide_new(&assignment.mandelbox_id)
+        .load_to_decide_new(&unit, &assignment.mandelbox_id)
         .await?;
     let session_id = session_aggregate_id(&assignment.user_id, assignment.session_id);
-    let session = services.sessions.load_to_decide_new(&session_id).await?;
+    let session = services
+        .sessions
+        .load_to_decide_new(&unit, &session_id)
+        .await?;
     // Per region tried: the commit hash wanted there and whether the read model showed hosts of it with room.
     let mut tried: Vec<(&str, String, bool)> = Vec::new();
     for region in regions {
@@ -252,7 +261,10 @@ async fn attempt(
                 }
             };
             let location = Location { region, ip: &ip };
-            let mut host = services.instances.load_to_decide(&instance_id).await?;
+            let mut host = services
+                .instances
+                .load_to_decide(&unit, &instance_id)
+                .await?;
             let placed = loop {
                 match reserved.place(
                     host.state(),
@@ -263,7 +275,10 @@ async fn attempt(
                 ) {
                     // A refusal is only final on the host's fresh state.
                     Err(PlacementRefusal::Host(_)) if !final_on!((services.instances, &host)) => {
-                        host = services.instances.load_to_decide(&instance_id).await?;
+                        host = services
+                            .instances
+                            .load_to_decide(&unit, &instance_id)
+                            .await?;
                     }
                     placed => break placed,
                 }
@@ -511,7 +526,7 @@ async fn record_refused_session(
     let id = session_aggregate_id(&assignment.user_id, assignment.session_id);
     let mut unit = Unit::new(metadata);
     let outcome: Result<(), UseCaseError> = async {
-        let session = sessions.load_to_decide(&id).await?;
+        let session = sessions.load_to_decide(&unit, &id).await?;
         let events = assignment.refused_session(session.state(), refusal.code());
         if sessions.stage_events(&mut unit, session, events)? {
             unit.commit(&state.database).await?;

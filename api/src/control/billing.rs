@@ -69,7 +69,10 @@ pub async fn record(
             .await?;
         let staged = match FactDelivery::destination(customer.state()) {
             Destination::Subscription { user_id } => {
-                let subscription = services.subscriptions.load_to_decide(&user_id).await?;
+                let subscription = services
+                    .subscriptions
+                    .load_to_decide(&unit, &user_id)
+                    .await?;
                 match delivery.to_subscription(subscription.state()) {
                     Ok(events) => {
                         stage_parts!(&mut unit, (services.subscriptions, subscription, events))
@@ -125,7 +128,10 @@ pub async fn link_customer(
             .stripe_customers
             .load_to_decide_caught_up(customer_id)
             .await?;
-        let subscription = services.subscriptions.load_to_decide(user_id).await?;
+        let subscription = services
+            .subscriptions
+            .load_to_decide(&unit, user_id)
+            .await?;
         let linked = match link.decide(customer.state(), subscription.state()) {
             Ok(linked) => linked,
             Err(LinkRefusal::HeldFactRefused(_))

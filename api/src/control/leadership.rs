@@ -112,9 +112,10 @@ pub async fn record_fenced(
     let services = &context.services;
     let metadata = pass.at(Utc::now());
     for _ in 0..ATTEMPTS {
+        let mut unit = Unit::new(&metadata);
         let leadership = services
             .leadership
-            .load_to_decide(FLEET_LEADERSHIP_ID)
+            .load_to_decide(&unit, FLEET_LEADERSHIP_ID)
             .await?;
         let fence = match leadership.state().decide(LeadershipCommand::Decide {
             epoch,
@@ -128,7 +129,6 @@ pub async fn record_fenced(
                 continue;
             }
         };
-        let mut unit = Unit::new(&metadata);
         let staged = if new {
             services
                 .instances

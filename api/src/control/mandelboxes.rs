@@ -67,9 +67,12 @@ pub async fn record_status(
     };
     let session_id = &session_aggregate_id(&placement.user_id, placement.session_id);
     record_unit(context, metadata, ATTEMPTS, |mut unit| async move {
-        let mandelbox = services.mandelboxes.load_to_decide(mandelbox_id).await?;
+        let mandelbox = services
+            .mandelboxes
+            .load_to_decide(&unit, mandelbox_id)
+            .await?;
         let session = if report.connects_session() {
-            Some(services.sessions.load_to_decide(session_id).await?)
+            Some(services.sessions.load_to_decide(&unit, session_id).await?)
         } else {
             None
         };
@@ -158,9 +161,15 @@ pub async fn end_mandelbox_for(
     };
     let session_id = &session_aggregate_id(&placement.user_id, placement.session_id);
     let guard = record_unit(context, metadata, ATTEMPTS, |mut unit| async move {
-        let mandelbox = services.mandelboxes.load_to_decide(mandelbox_id).await?;
-        let user = services.users.load_to_decide(&placement.user_id).await?;
-        let session = services.sessions.load_to_decide(session_id).await?;
+        let mandelbox = services
+            .mandelboxes
+            .load_to_decide(&unit, mandelbox_id)
+            .await?;
+        let user = services
+            .users
+            .load_to_decide(&unit, &placement.user_id)
+            .await?;
+        let session = services.sessions.load_to_decide(&unit, session_id).await?;
         // The host's lock in this process is held only from deciding on its slot to recording the unit, so that an
         // assign of this process on the same host waits instead of conflicting.
         let host_guard = services
@@ -170,7 +179,7 @@ pub async fn end_mandelbox_for(
             .await;
         let host = services
             .instances
-            .load_to_decide(&placement.instance_id)
+            .load_to_decide(&unit, &placement.instance_id)
             .await?;
         let ended = match ending.decide(
             mandelbox.state(),

@@ -69,10 +69,17 @@ where
     F: FnMut(Unit) -> Fut,
     Fut: Future<Output = Result<Attempt<T>, UseCaseError>>,
 {
+    // After an attempt that had to decide again, every later one decides on copies all read fresh.
+    let mut fresh = false;
     for _ in 0..attempts {
-        match attempt(Unit::new(metadata)).await? {
+        let unit = if fresh {
+            Unit::reading_fresh(metadata)
+        } else {
+            Unit::new(metadata)
+        };
+        match attempt(unit).await? {
             Attempt::Settled(answer) => return Ok(answer),
-            Attempt::Again => {}
+            Attempt::Again => fresh = true,
             Attempt::Record(unit, answer) => {
                 if unit.record(&context.database).await? {
                     return Ok(answer);

@@ -5,9 +5,11 @@
 //! moto's instances over pinned HTTPS. Under 16 desktop apps it runs a release (`create-buffers`, `swap-over`) and a
 //! rolling restart of the web processes, one at a time. It records the assigns answered, every answer outside the
 //! contract (none allowed) and every request that failed at the balancer during the restart (none allowed: nginx
-//! retries the other upstream), and the hosts launched against the warm buffer's target.
+//! retries the other upstream, and a desktop app resends a request whose connection closed under it, an assign
+//! with the same `Idempotency-Key`, so it is answered once), and the hosts launched against the warm buffer's
+//! target.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -202,8 +204,36 @@ struct Seen {
     refused: BTreeMap<String, u64>,
     /// Answers the contract does not have: must stay empty.
     outside: Vec<String>,
-    /// Requests that failed at the balancer (no answer, or nginx's own 502/504): must stay empty.
+    /// Requests that failed at the balancer (no answer after every retry, or nginx's own 502/504): must stay empty.
     balancer: Vec<String>,
+    /// Requests sent again after a connection that ended under them (nginx's reload closes its idle keep-alive
+    /// connections, and a request sent on one just then gets no answer): the desktop app's retry, safe because an
+    /// assign carries an `Idempotency-Key` and a disconnect is idempotent.
+    resent: u64,
+    /// Every mandelbox an assign answered with.
+    mandelboxes: BTreeSet<String>,
+}
+
+/// How many times a desktop app sends a request whose connection ended under it.
+const SENDS: usize = 4;
+
+/// Sends the request `request` builds, again (at most `SENDS` times in all) when it got no answer: a connection
+/// closed or reset under it, or no connection at all. Each resend is counted in `seen`.
+async fn send_resending(
+    request: impl Fn() -> reqwest::RequestBuilder,
+    seen: &Mutex<Seen>,
+) -> Result<reqwest::Response, reqwest::Error> {
+    let mut sent = 1;
+    loop {
+        match request().send().await {
+            Err(error) if sent < SENDS && (error.is_request() || error.is_connect()) => {
+                sent += 1;
+                seen.lock().expect("seen").resent += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            answer => return answer,
+        }
+    }
 }
 
 /// Whether `body` is the webserver's own JSON error (not nginx's HTML page).
@@ -228,13 +258,19 @@ async fn desktop_app(
     while !stop.load(Ordering::SeqCst) {
         session += 1;
         let hash = *hashes.lock().expect("the hash");
-        let answer = http
-            .post(format!("{base}/mandelbox/assign"))
-            .bearer_auth(&token)
-            .json(&whist_tests::assign_body(&[REGION], hash, session))
-            .timeout(Duration::from_secs(30))
-            .send()
-            .await;
+        let key = format!("app-{index}-session-{session}");
+        let body = whist_tests::assign_body(&[REGION], hash, session);
+        let answer = send_resending(
+            || {
+                http.post(format!("{base}/mandelbox/assign"))
+                    .bearer_auth(&token)
+                    .header("Idempotency-Key", &key)
+                    .json(&body)
+                    .timeout(Duration::from_secs(30))
+            },
+            &seen,
+        )
+        .await;
         let (status, body) = match answer {
             Ok(response) => (
                 response.status().as_u16(),
@@ -258,15 +294,22 @@ async fn desktop_app(
                         .push(format!("200 {body}"));
                     continue;
                 };
-                seen.lock().expect("seen").assigned += 1;
+                {
+                    let mut seen = seen.lock().expect("seen");
+                    seen.assigned += 1;
+                    seen.mandelboxes.insert(mandelbox_id.to_string());
+                }
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let secret = tokens.derive(Purpose::Protocol, mandelbox_id);
-                let answer = http
-                    .post(format!("{base}/mandelbox/{mandelbox_id}/disconnect"))
-                    .bearer_auth(secret)
-                    .timeout(Duration::from_secs(30))
-                    .send()
-                    .await;
+                let answer = send_resending(
+                    || {
+                        http.post(format!("{base}/mandelbox/{mandelbox_id}/disconnect"))
+                            .bearer_auth(&secret)
+                            .timeout(Duration::from_secs(30))
+                    },
+                    &seen,
+                )
+                .await;
                 let mut seen = seen.lock().expect("seen");
                 match answer.map(|response| response.status().as_u16()) {
                     Ok(200) => seen.disconnected += 1,
@@ -544,6 +587,25 @@ async fn a_production_rehearsal_releases_and_restarts_behind_nginx_and_pgbouncer
         seen.balancer,
         troubles(&webs)
     );
+    // A resent assign answered with the first one's mandelbox: the log allocated exactly the mandelboxes answered.
+    let allocated = count(
+        &store,
+        "SELECT count(*) FROM events WHERE event_type = 'MandelboxAllocated'",
+    )
+    .await;
+    assert_eq!(
+        allocated,
+        seen.mandelboxes.len() as i64,
+        "every allocation was answered once ({} answers, {} resent requests)\n{}",
+        seen.assigned,
+        seen.resent,
+        troubles(&webs)
+    );
+    assert_eq!(
+        seen.assigned,
+        seen.mandelboxes.len() as u64,
+        "no two assigns answered with the same mandelbox"
+    );
     assert!(
         seen.assigned >= CLIENTS as u64,
         "the apps were served: {} assigned, {:?} refused\n{}",
@@ -582,7 +644,10 @@ async fn a_production_rehearsal_releases_and_restarts_behind_nginx_and_pgbouncer
         bad_inputs: 0,
         lost: format!(
             "nothing: 0 answers outside the contract, {failed_in_restart} requests failed at the balancer during \
-             the restart (0 in all; nginx passed {retried} to the other web process)"
+             the restart (0 in all; nginx passed {retried} to the other web process; {} requests resent by the \
+             apps after a connection closed under them, each assign answered with one mandelbox, {allocated} \
+             allocated in all)",
+            seen.resent
         ),
         seconds: started.elapsed().as_secs_f64(),
     });
