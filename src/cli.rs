@@ -213,6 +213,20 @@ enum EventsCommand {
     },
     /// Recompute the hash chain over every sealed event; exit 1 naming the first event that does not match.
     Verify,
+    /// One chain (every event of one correlation id) as a tree by cause: under each event, the events it caused.
+    Trace {
+        /// The chain's correlation id: a request's `X-Request-Id`, or a background pass's id.
+        correlation_id: String,
+    },
+    /// Why an event happened: from one event back to its chain's root (the request and its actor, or the
+    /// background pass), one line per step.
+    Why {
+        aggregate_type: String,
+        aggregate_id: String,
+        /// The event's sequence number in its aggregate (default: the aggregate's last event).
+        #[arg(long)]
+        sequence: Option<i64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -429,6 +443,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn images(state: &Context, command: ImagesCommand) -> anyhow::Result<()> {
+    // One chain per release command: every decision it takes shares one fresh correlation id.
+    let origin =
+        &whist_domain::EventMetadata::new(whist_domain::Actor::ReleaseWorkflow, chrono::Utc::now());
     match command {
         ImagesCommand::CreateBuffers {
             commit_hash,
@@ -457,8 +474,15 @@ async fn images(state: &Context, command: ImagesCommand) -> anyhow::Result<()> {
                     .join(" | ");
                 eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
             };
-            match release::create_buffers(state, &commit_hash, &images, timeout, &mut report)
-                .await?
+            match release::create_buffers(
+                state,
+                &commit_hash,
+                &images,
+                timeout,
+                &mut report,
+                origin,
+            )
+            .await?
             {
                 release::Prepared::AlreadyActive => {
                     println!("release {commit_hash} is already active; nothing to do");
@@ -474,7 +498,7 @@ async fn images(state: &Context, command: ImagesCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ImagesCommand::SwapOver { commit_hash } => {
-            let swapped = release::swap_over(state, &commit_hash).await?;
+            let swapped = release::swap_over(state, &commit_hash, origin).await?;
             let regions = swapped
                 .images
                 .iter()
@@ -493,7 +517,7 @@ async fn images(state: &Context, command: ImagesCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ImagesCommand::Rollback { commit_hash } => {
-            let retired = release::roll_back(state, &commit_hash).await?;
+            let retired = release::roll_back(state, &commit_hash, origin).await?;
             println!(
                 "release {commit_hash} rolled back: {} host(s) draining, {} booting one(s) terminated",
                 retired.drained, retired.terminated
@@ -661,6 +685,98 @@ async fn events(
                 anyhow::bail!("the chain is broken at the {broken}");
             }
         }
+        EventsCommand::Trace { correlation_id } => {
+            let Some(tree) = audit::trace(database, &correlation_id).await? else {
+                anyhow::bail!("no event belongs to the chain {correlation_id:?}");
+            };
+            let mut out = stdout.lock();
+            writeln!(out, "chain {}", tree.correlation_id)?;
+            let last = tree.roots.len().saturating_sub(1);
+            for (index, root) in tree.roots.iter().enumerate() {
+                write_caused(&mut out, root, "", index == last)?;
+            }
+        }
+        EventsCommand::Why {
+            aggregate_type,
+            aggregate_id,
+            sequence,
+        } => {
+            if !audit::AGGREGATE_TYPES.contains(&aggregate_type.as_str()) {
+                anyhow::bail!(audit::AuditError::UnknownAggregateType(aggregate_type));
+            }
+            let Some(walk) = audit::why(database, &aggregate_type, &aggregate_id, sequence).await?
+            else {
+                let which = sequence.map_or("any event".to_string(), |sequence| {
+                    format!("event #{sequence}")
+                });
+                anyhow::bail!("{aggregate_type}/{aggregate_id} has no {which}");
+            };
+            let mut out = stdout.lock();
+            for (index, step) in walk.steps.iter().enumerate() {
+                let lead = if index == 0 { "" } else { "caused by " };
+                writeln!(out, "{lead}{}", event_line(step))?;
+            }
+            match walk.root {
+                audit::WalkRoot::Origin {
+                    correlation_id,
+                    actor,
+                } => {
+                    let kind = match actor.as_str() {
+                        "system" => "background pass",
+                        "release-workflow" => "release command",
+                        _ => "request",
+                    };
+                    writeln!(out, "root: {kind} {correlation_id} by {actor}")?;
+                }
+                audit::WalkRoot::Request(request) => writeln!(out, "root: request {request}")?,
+                audit::WalkRoot::Unrecorded => writeln!(
+                    out,
+                    "root: not recorded (the event predates causes; its chain is {})",
+                    walk.steps
+                        .last()
+                        .map(|step| step.metadata.correlation_id.as_str())
+                        .unwrap_or_default()
+                )?,
+                audit::WalkRoot::Missing(position) => {
+                    anyhow::bail!("the walk is broken: no event at position {position}")
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One event on one line: where it sits, what it is, who recorded it and when.
+fn event_line(event: &whist_api::control::audit::EventRecord) -> String {
+    format!(
+        "#{} {}/{} #{} {} by {} at {}",
+        event.position.unwrap_or_default(),
+        event.aggregate_type,
+        event.aggregate_id,
+        event.sequence,
+        event.event_type,
+        event.metadata.actor,
+        event.metadata.recorded_at
+    )
+}
+
+/// Writes `node` and what it caused as a tree, under `prefix`.
+fn write_caused(
+    out: &mut impl std::io::Write,
+    node: &whist_api::control::audit::CausedEvent,
+    prefix: &str,
+    last: bool,
+) -> std::io::Result<()> {
+    let (branch, below) = if last {
+        ("└─ ", "   ")
+    } else {
+        ("├─ ", "│  ")
+    };
+    writeln!(out, "{prefix}{branch}{}", event_line(&node.event))?;
+    let prefix = format!("{prefix}{below}");
+    let end = node.caused.len().saturating_sub(1);
+    for (index, child) in node.caused.iter().enumerate() {
+        write_caused(out, child, &prefix, index == end)?;
     }
     Ok(())
 }

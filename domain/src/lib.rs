@@ -20,4 +20,4 @@ pub mod user;
 pub mod versions;
 
 pub use decide::Decide;
-pub use metadata::{Actor, EventMetadata};
+pub use metadata::{Actor, Cause, EventMetadata};

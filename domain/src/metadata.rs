@@ -67,10 +67,11 @@ impl TryFrom<String> for Actor {
 
 /// Metadata stored beside each event's payload.
 ///
-/// `correlation_id` ties together every event that one outside request (an HTTP call, a webhook, a CLI run)
-/// caused, however many commands it took: the request's id (`X-Request-Id`) for a decision taken on an HTTP
-/// request, else a fresh UUID. `causation_id` names the event (its position) or request that directly caused this
-/// one.
+/// `correlation_id` ties together every event that one outside request (an HTTP call, a webhook, a CLI run) or one
+/// background pass caused, however many commands it took: the request's id (`X-Request-Id`) for a decision taken on
+/// an HTTP request, else a fresh UUID. `causation_id` names the direct cause: the position (a decimal string) of the
+/// event that made the decision necessary, or, for a decision the root of the chain took itself, the chain's own id
+/// (the request, or the pass). Read it with [`EventMetadata::cause`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventMetadata {
     pub recorded_at: DateTime<Utc>,
@@ -80,13 +81,27 @@ pub struct EventMetadata {
 }
 
 impl EventMetadata {
-    /// Metadata for a command that starts a new chain of causes (a fresh correlation id).
+    /// Metadata for a command that starts a new chain of causes (a fresh correlation id), taken by the chain's root
+    /// itself (a background pass, a CLI command): its cause is the chain's own id.
     pub fn new(actor: Actor, recorded_at: DateTime<Utc>) -> Self {
+        let correlation_id = Uuid::new_v4().to_string();
         Self {
             recorded_at,
             actor,
-            correlation_id: Uuid::new_v4().to_string(),
-            causation_id: None,
+            causation_id: Some(correlation_id.clone()),
+            correlation_id,
+        }
+    }
+
+    /// What directly caused the event, as [`Cause`] reads its `causation_id`.
+    pub fn cause(&self) -> Cause {
+        match &self.causation_id {
+            None => Cause::Unrecorded,
+            Some(cause) if *cause == self.correlation_id => Cause::Root,
+            Some(cause) => match cause.parse::<i64>() {
+                Ok(position) if position > 0 => Cause::Event(position),
+                _ => Cause::Request(cause.clone()),
+            },
         }
     }
 
@@ -160,6 +175,21 @@ impl EventMetadata {
     }
 }
 
+/// What directly caused an event, read from its `causation_id`: the one defined reading of every stored event,
+/// including those recorded before causes were kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cause {
+    /// The root of the chain decided it itself: the request whose id is the `correlation_id`, or the background
+    /// pass or command that gave itself that id.
+    Root,
+    /// The event at this position of the log made the decision necessary.
+    Event(i64),
+    /// A request other than the chain's root (its id).
+    Request(String),
+    /// Recorded before causes were kept (no `causation_id`): the chain is known, the step inside it is not.
+    Unrecorded,
+}
+
 /// Stored metadata could not be read back.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MetadataError {
@@ -185,6 +215,31 @@ mod tests {
             back.recorded_at.timestamp_micros(),
             metadata.recorded_at.timestamp_micros()
         );
+    }
+
+    #[test]
+    fn a_cause_reads_as_the_root_an_event_a_request_or_unrecorded() {
+        let root = EventMetadata::new(Actor::System, Utc::now());
+        assert_eq!(root.cause(), Cause::Root);
+        assert_eq!(root.caused_by("42", Utc::now()).cause(), Cause::Event(42));
+        let request = EventMetadata::for_request(Actor::Stripe, "req-7", Utc::now());
+        assert_eq!(request.cause(), Cause::Root);
+        assert_eq!(
+            request.caused_by("req-8", Utc::now()).cause(),
+            Cause::Request("req-8".to_string())
+        );
+        // A request id of digits that is the chain's own id is the root, not a position.
+        let digits = EventMetadata::for_request(Actor::Stripe, "1234", Utc::now());
+        assert_eq!(digits.cause(), Cause::Root);
+    }
+
+    #[test]
+    fn an_event_recorded_before_causes_were_kept_reads_as_unrecorded() {
+        let mut map = EventMetadata::new(Actor::System, Utc::now()).to_map();
+        map.remove("causation_id");
+        let old = EventMetadata::from_map(&map).expect("readable");
+        assert_eq!(old.causation_id, None);
+        assert_eq!(old.cause(), Cause::Unrecorded);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 mod allocation;
 mod audit;
 mod auth;
+mod causes;
 mod concurrency;
 mod config;
 mod console;

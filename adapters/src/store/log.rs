@@ -73,6 +73,20 @@ impl LoggedEvent {
     }
 }
 
+const SELECT_ONE: &str = "
+SELECT position, aggregate_type, aggregate_id, sequence, event_type, event_version,
+       CAST(payload AS TEXT) AS payload, CAST(metadata AS TEXT) AS metadata
+  FROM events
+ WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3";
+
+const SELECT_LAST: &str = "
+SELECT position, aggregate_type, aggregate_id, sequence, event_type, event_version,
+       CAST(payload AS TEXT) AS payload, CAST(metadata AS TEXT) AS metadata
+  FROM events
+ WHERE aggregate_type = $1 AND aggregate_id = $2
+ ORDER BY sequence DESC
+ LIMIT 1";
+
 const SELECT_AFTER: &str = "
 SELECT position, aggregate_type, aggregate_id, sequence, event_type, event_version,
        CAST(payload AS TEXT) AS payload, CAST(metadata AS TEXT) AS metadata
@@ -170,6 +184,43 @@ impl EventLog {
     /// The database failed.
     pub async fn head(&self) -> Result<i64, sqlx::Error> {
         Self::head_with(&self.pool).await
+    }
+
+    /// One aggregate's event at `sequence`, with its position and metadata: for a decision that event caused (its
+    /// `causation_id` is the position, its chain the event's). `None` for an event not stored.
+    ///
+    /// # Errors
+    /// The database failed, or the row does not have the log's shape.
+    pub async fn event_at(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        sequence: i64,
+    ) -> Result<Option<LoggedEvent>, sqlx::Error> {
+        let row = sqlx::query(SELECT_ONE)
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .bind(sequence)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(LoggedEvent::from_row).transpose()
+    }
+
+    /// One aggregate's last event (as [`EventLog::event_at`]); `None` for an aggregate with no events.
+    ///
+    /// # Errors
+    /// The database failed, or the row does not have the log's shape.
+    pub async fn last_event_of(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<Option<LoggedEvent>, sqlx::Error> {
+        let row = sqlx::query(SELECT_LAST)
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(LoggedEvent::from_row).transpose()
     }
 }
 

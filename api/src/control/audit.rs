@@ -23,6 +23,7 @@ use whist_domain::service::Service;
 use whist_domain::session::Session;
 use whist_domain::subscription::{StripeCustomer, Subscription};
 use whist_domain::user::User;
+use whist_domain::{Cause, EventMetadata};
 
 /// Why history could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -219,6 +220,200 @@ pub async fn chain_after(
     .fetch_all(database.any())
     .await?;
     records(&rows)
+}
+
+/// One event of the log at `position`, `None` when there is none.
+///
+/// # Errors
+/// The store failed or the event is unreadable.
+pub async fn event_at_position(
+    database: &Database,
+    position: i64,
+) -> Result<Option<EventRecord>, AuditError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM events e LEFT JOIN event_chain c ON c.position = e.position \
+         WHERE e.position = $1"
+    ))
+    .bind(position)
+    .fetch_all(database.any())
+    .await?;
+    Ok(records(&rows)?.into_iter().next())
+}
+
+/// Every event of one chain (`correlation_id`), in log order.
+///
+/// # Errors
+/// The store failed or a stored event is unreadable.
+pub async fn chain(
+    database: &Database,
+    correlation_id: &str,
+) -> Result<Vec<EventRecord>, AuditError> {
+    const PAGE: i64 = 1_000;
+    let mut events = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = chain_after(database, correlation_id, after, PAGE).await?;
+        let full = page.len() as i64 == PAGE;
+        after = page
+            .last()
+            .and_then(|event| event.position)
+            .unwrap_or(after);
+        events.extend(page);
+        if !full {
+            return Ok(events);
+        }
+    }
+}
+
+/// A chain laid out by cause: each event under the event that caused it; at the top, the events its root (the
+/// request or the background pass) decided itself, and any whose cause is not in the chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CausalTree {
+    pub correlation_id: String,
+    /// Top-level events, each with the events it caused, recursively, in log order.
+    pub roots: Vec<CausedEvent>,
+}
+
+/// One event of a [`CausalTree`] with the events it caused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CausedEvent {
+    pub event: EventRecord,
+    pub caused: Vec<CausedEvent>,
+}
+
+/// The chain `correlation_id` as a tree by cause; `None` for a chain with no events.
+///
+/// # Errors
+/// The store failed or a stored event is unreadable.
+pub async fn trace(
+    database: &Database,
+    correlation_id: &str,
+) -> Result<Option<CausalTree>, AuditError> {
+    let events = chain(database, correlation_id).await?;
+    if events.is_empty() {
+        return Ok(None);
+    }
+    let positions: std::collections::HashSet<i64> =
+        events.iter().filter_map(|event| event.position).collect();
+    let mut children: std::collections::HashMap<i64, Vec<EventRecord>> = Default::default();
+    let mut top = Vec::new();
+    for event in events {
+        match cause_of(&event) {
+            Cause::Event(position) if positions.contains(&position) => {
+                children.entry(position).or_default().push(event);
+            }
+            _ => top.push(event),
+        }
+    }
+    fn grow(
+        event: EventRecord,
+        children: &mut std::collections::HashMap<i64, Vec<EventRecord>>,
+    ) -> CausedEvent {
+        let caused = event
+            .position
+            .and_then(|position| children.remove(&position))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|child| grow(child, children))
+            .collect();
+        CausedEvent { event, caused }
+    }
+    let roots = top
+        .into_iter()
+        .map(|event| grow(event, &mut children))
+        .collect();
+    Ok(Some(CausalTree {
+        correlation_id: correlation_id.to_string(),
+        roots,
+    }))
+}
+
+/// How an event's cause reads, from its metadata record.
+pub fn cause_of(event: &EventRecord) -> Cause {
+    EventMetadata {
+        recorded_at: Utc::now(),
+        actor: whist_domain::Actor::System,
+        correlation_id: event.metadata.correlation_id.clone(),
+        causation_id: event.metadata.causation_id.clone(),
+    }
+    .cause()
+}
+
+/// The walk from one event back to its chain's root: the event first, then each cause in turn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CauseWalk {
+    /// The event asked about, then the event that caused it, and so on.
+    pub steps: Vec<EventRecord>,
+    /// Where the walk ended: the last step's cause.
+    pub root: WalkRoot,
+}
+
+/// Where a walk back through causes ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WalkRoot {
+    /// The request (or background pass, or command) that started the chain, with the actor of the first step it
+    /// decided.
+    Origin {
+        correlation_id: String,
+        actor: String,
+    },
+    /// Another request, by id.
+    Request(String),
+    /// The event was recorded before causes were kept.
+    Unrecorded,
+    /// A cause names a position with no event: the chain is broken there.
+    Missing(i64),
+}
+
+/// From the event of `aggregate_type`/`aggregate_id` at `sequence` (its last when `None`) back to its root; `None`
+/// when there is no such event.
+///
+/// # Errors
+/// The store failed or a stored event is unreadable.
+pub async fn why(
+    database: &Database,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    sequence: Option<i64>,
+) -> Result<Option<CauseWalk>, AuditError> {
+    let events = history(database, aggregate_type, aggregate_id).await?;
+    let start = match sequence {
+        Some(sequence) => events.into_iter().find(|event| event.sequence == sequence),
+        None => events.into_iter().last(),
+    };
+    let Some(mut event) = start else {
+        return Ok(None);
+    };
+    let mut steps = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let root = loop {
+        let cause = cause_of(&event);
+        let correlation_id = event.metadata.correlation_id.clone();
+        let actor = event.metadata.actor.clone();
+        if let Some(position) = event.position {
+            seen.insert(position);
+        }
+        steps.push(event);
+        match cause {
+            Cause::Root => {
+                break WalkRoot::Origin {
+                    correlation_id,
+                    actor,
+                }
+            }
+            Cause::Request(request) => break WalkRoot::Request(request),
+            Cause::Unrecorded => break WalkRoot::Unrecorded,
+            // A cause points back in the log: a loop would be a corrupt log, reported as a break.
+            Cause::Event(position) if seen.contains(&position) => {
+                break WalkRoot::Missing(position)
+            }
+            Cause::Event(position) => match event_at_position(database, position).await? {
+                Some(cause) => event = cause,
+                None => break WalkRoot::Missing(position),
+            },
+        }
+    };
+    Ok(Some(CauseWalk { steps, root }))
 }
 
 /// The last `limit` events of the global log, newest first.

@@ -2,14 +2,15 @@
 //! host, an operator), each one unit recorded whole or not at all.
 
 use chrono::Utc;
+use cqrs_es::Aggregate;
 use whist_adapters::store::{CommandError, Loaded};
 use whist_domain::decisions::ending::Ending;
 use whist_domain::decisions::status_report::StatusReport;
-use whist_domain::mandelbox::{EndReason, Placement, ReportedStatus};
+use whist_domain::mandelbox::{EndReason, Mandelbox, Placement, ReportedStatus};
 use whist_domain::session::session_aggregate_id;
 use whist_domain::EventMetadata;
 
-use super::{record_unit, Attempt, UseCaseError};
+use super::{continuing, record_unit, Attempt, UseCaseError};
 use crate::state::Context;
 use crate::{final_on, stage_parts};
 
@@ -51,16 +52,20 @@ pub async fn placement(
 ///
 /// # Errors
 /// The store failed, or concurrent writers won every attempt.
+///
+/// A report continues the mandelbox's chain: it is recorded with the correlation id of the mandelbox's last event
+/// (the assign's request, through its spin-up) and caused by that event (its position); `report` gives the actor.
 #[tracing::instrument(skip_all, fields(mandelbox_id = %mandelbox_id, instance_id = %placement.instance_id, ?status))]
 pub async fn record_status(
     context: &Context,
     mandelbox_id: &str,
     placement: &Placement,
     status: ReportedStatus,
-    metadata: &EventMetadata,
+    report_metadata: &EventMetadata,
 ) -> Result<(), UseCaseError> {
     const ATTEMPTS: usize = 10;
     let services = &context.services;
+    let metadata = &continuing(context, Mandelbox::TYPE, mandelbox_id, report_metadata).await?;
     let report = &StatusReport {
         status,
         at: Utc::now(),

@@ -91,6 +91,37 @@ where
     Err(UseCaseError::Contended { attempts })
 }
 
+/// `origin` (its actor and time) carried on in the chain of one aggregate's last event, caused by that event: for a
+/// decision that continues what that event started (a host's status report continues its mandelbox's chain; the end
+/// of a silent host continues the chain that marked it silent). `origin` itself for an aggregate with no events.
+///
+/// # Errors
+/// The store failed, or the last event's metadata cannot be read.
+pub async fn continuing(
+    context: &Context,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    origin: &EventMetadata,
+) -> Result<EventMetadata, UseCaseError> {
+    let last = context
+        .database
+        .log()
+        .last_event_of(aggregate_type, aggregate_id)
+        .await?;
+    let Some(last) = last else {
+        return Ok(origin.clone());
+    };
+    let chain = last
+        .metadata()
+        .map_err(|error| UseCaseError::Store(Box::new(error)))?;
+    Ok(EventMetadata {
+        recorded_at: origin.recorded_at,
+        actor: origin.actor.clone(),
+        correlation_id: chain.correlation_id,
+        causation_id: Some(last.position.to_string()),
+    })
+}
+
 /// Whether a refusal decided on these copies is final: it is when every copy was read fresh. Otherwise each copy
 /// that may have been behind is marked to be read fresh, and the use case decides again (`Attempt::Again`).
 #[macro_export]

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use cqrs_es::Aggregate;
 use uuid::Uuid;
 use whist_adapters::store::CommandError;
 use whist_adapters::tokens::{fingerprint, Purpose};
@@ -24,7 +25,7 @@ use whist_domain::instance::{
     DrainReason, InstanceCommand, InstanceError, InstanceStatus, LaunchSpec, TerminationReason,
 };
 use whist_domain::scaling::{retirements, Retirement};
-use whist_domain::{Actor, EventMetadata};
+use whist_domain::EventMetadata;
 use whist_projections::fleet_queries;
 
 use crate::control::UseCaseError;
@@ -74,10 +75,6 @@ fn describe_failures(failures: &[RegionFailure]) -> String {
 
 fn store_error(error: impl Into<UseCaseError>) -> ReleaseError {
     ReleaseError::Store(error.into())
-}
-
-fn metadata() -> EventMetadata {
-    EventMetadata::new(Actor::ReleaseWorkflow, Utc::now())
 }
 
 /// A release's buffer: per region, the instance ids of its hosts.
@@ -177,17 +174,54 @@ async fn catalog(state: &Context) -> Result<ImageCatalog, ReleaseError> {
 async fn execute_catalog(
     state: &Context,
     command: ImageCatalogCommand,
-) -> Result<(), ReleaseError> {
-    match state
-        .services
-        .catalog
-        .execute_retrying(CATALOG_ID, command, &metadata())
+    origin: &EventMetadata,
+) -> Result<EventMetadata, ReleaseError> {
+    let catalog = &state.services.catalog;
+    let (_, before) = catalog
+        .load_caught_up(CATALOG_ID)
+        .await
+        .map_err(store_error)?;
+    match catalog
+        .execute_retrying(CATALOG_ID, command, &origin.at(Utc::now()))
         .await
     {
-        Ok(()) => Ok(()),
-        Err(CommandError::Rejected(error)) => Err(ReleaseError::Refused(error)),
-        Err(error) => Err(store_error(error)),
+        Ok(()) => {}
+        Err(CommandError::Rejected(error)) => return Err(ReleaseError::Refused(error)),
+        Err(error) => return Err(store_error(error)),
     }
+    caused_by_catalog(state, before, origin).await
+}
+
+/// `origin`, caused by the catalog's last event when it has one after version `before` (what this command
+/// recorded): the decisions a release step takes because of its catalog change name that event as their cause.
+async fn caused_by_catalog(
+    state: &Context,
+    before: usize,
+    origin: &EventMetadata,
+) -> Result<EventMetadata, ReleaseError> {
+    let (_, after) = state
+        .services
+        .catalog
+        .load_caught_up(CATALOG_ID)
+        .await
+        .map_err(store_error)?;
+    if after <= before {
+        return Ok(origin.clone());
+    }
+    let event = state
+        .database
+        .log()
+        .event_at(
+            ImageCatalog::TYPE,
+            CATALOG_ID,
+            i64::try_from(after).unwrap_or(i64::MAX),
+        )
+        .await
+        .map_err(store_error)?;
+    Ok(match event {
+        Some(event) => origin.caused_by(event.position.to_string(), Utc::now()),
+        None => origin.clone(),
+    })
 }
 
 /// Records the release's candidate images (protected, inactive) and decides its buffer hosts. Rerunning it for the
@@ -200,6 +234,7 @@ pub async fn prepare(
     state: &Context,
     client_commit_hash: &str,
     images: &BTreeMap<String, String>,
+    origin: &EventMetadata,
 ) -> Result<Option<Buffers>, ReleaseError> {
     let enabled: BTreeSet<&String> = state.settings.enabled_regions.iter().collect();
     let not_enabled: Vec<String> = images
@@ -226,13 +261,14 @@ pub async fn prepare(
     }) {
         return Ok(None);
     }
-    execute_catalog(
+    let caused = execute_catalog(
         state,
         ImageCatalogCommand::Prepare {
             client_commit_hash: client_commit_hash.to_string(),
             images: images.clone(),
             at: Utc::now(),
         },
+        origin,
     )
     .await?;
     let after = catalog(state).await?;
@@ -254,12 +290,16 @@ pub async fn prepare(
             .regions
             .insert(region.clone(), (image_id.clone(), ids));
     }
-    launch_buffers(state, &buffers).await?;
+    launch_buffers(state, &buffers, &caused).await?;
     Ok(Some(buffers))
 }
 
 /// Decides the launch of every buffer host not decided yet.
-async fn launch_buffers(state: &Context, buffers: &Buffers) -> Result<usize, ReleaseError> {
+async fn launch_buffers(
+    state: &Context,
+    buffers: &Buffers,
+    metadata: &EventMetadata,
+) -> Result<usize, ReleaseError> {
     let services = &state.services;
     let mut launched = 0;
     for (region, (image_id, ids)) in &buffers.regions {
@@ -278,7 +318,7 @@ async fn launch_buffers(state: &Context, buffers: &Buffers) -> Result<usize, Rel
             };
             match services
                 .instances
-                .execute_retrying(instance_id, command, &metadata())
+                .execute_retrying(instance_id, command, &metadata.at(Utc::now()))
                 .await
             {
                 Ok(()) => {
@@ -351,8 +391,9 @@ pub async fn create_buffers(
     images: &BTreeMap<String, String>,
     timeout: Duration,
     report: &mut (dyn FnMut(&[RegionProgress]) + Send),
+    origin: &EventMetadata,
 ) -> Result<Prepared, ReleaseError> {
-    let Some(buffers) = prepare(state, client_commit_hash, images).await? else {
+    let Some(buffers) = prepare(state, client_commit_hash, images, origin).await? else {
         return Ok(Prepared::AlreadyActive);
     };
     let deadline = Instant::now() + timeout;
@@ -402,7 +443,7 @@ pub async fn create_buffers(
                 failures = describe_failures(&failures),
                 "a release's buffer failed; rolling it back"
             );
-            abandon(state, &buffers).await?;
+            abandon(state, &buffers, origin).await?;
             return Err(ReleaseError::BuffersFailed(failures));
         }
         tokio::time::sleep(POLL).await;
@@ -411,13 +452,18 @@ pub async fn create_buffers(
 
 /// Rolls a failed preparation back and retires every host it decided, by id (the read model may not show them
 /// all yet).
-async fn abandon(state: &Context, buffers: &Buffers) -> Result<Retired, ReleaseError> {
-    execute_catalog(
+async fn abandon(
+    state: &Context,
+    buffers: &Buffers,
+    origin: &EventMetadata,
+) -> Result<Retired, ReleaseError> {
+    let caused = execute_catalog(
         state,
         ImageCatalogCommand::RollBack {
             client_commit_hash: buffers.client_commit_hash.clone(),
             at: Utc::now(),
         },
+        origin,
     )
     .await?;
     let mut retired = Retired::default();
@@ -436,7 +482,7 @@ async fn abandon(state: &Context, buffers: &Buffers) -> Result<Retired, ReleaseE
                 }
                 _ => continue,
             };
-            retired += record_retirements(state, &Actor::ReleaseWorkflow, &[retirement])
+            retired += record_retirements(state, &caused, &[retirement])
                 .await
                 .map_err(ReleaseError::Store)?;
         }
@@ -452,9 +498,12 @@ async fn abandon(state: &Context, buffers: &Buffers) -> Result<Retired, ReleaseE
 pub async fn swap_over(
     state: &Context,
     client_commit_hash: &str,
+    origin: &EventMetadata,
 ) -> Result<SwappedOver, ReleaseError> {
     let before = catalog(state).await?;
     let mut switched = false;
+    // The drains a swap-over leads to are caused by its catalog event (a rerun's, by the rerun itself).
+    let mut caused = origin.clone();
     if let Some(prepared) = before.prepared.get(client_commit_hash) {
         let mut ready_regions = BTreeSet::new();
         for (region, image_id) in &prepared.images {
@@ -465,13 +514,14 @@ pub async fn swap_over(
                 ready_regions.insert(region.clone());
             }
         }
-        execute_catalog(
+        caused = execute_catalog(
             state,
             ImageCatalogCommand::SwapOver {
                 client_commit_hash: client_commit_hash.to_string(),
                 ready_regions,
                 at: Utc::now(),
             },
+            origin,
         )
         .await?;
         switched = true;
@@ -493,7 +543,7 @@ pub async fn swap_over(
         .map(|(region, image)| (region.clone(), image.image_id.clone()))
         .collect();
     let regions: Vec<String> = images.keys().cloned().collect();
-    let retired = retire_old_hosts(state, &regions).await?;
+    let retired = retire_old_hosts(state, &regions, &caused).await?;
     Ok(SwappedOver {
         switched,
         images,
@@ -505,14 +555,19 @@ pub async fn swap_over(
 ///
 /// # Errors
 /// The release is the active one (refused), or the store failed.
-pub async fn roll_back(state: &Context, client_commit_hash: &str) -> Result<Retired, ReleaseError> {
+pub async fn roll_back(
+    state: &Context,
+    client_commit_hash: &str,
+    origin: &EventMetadata,
+) -> Result<Retired, ReleaseError> {
     let before = catalog(state).await?;
-    execute_catalog(
+    let caused = execute_catalog(
         state,
         ImageCatalogCommand::RollBack {
             client_commit_hash: client_commit_hash.to_string(),
             at: Utc::now(),
         },
+        origin,
     )
     .await?;
     let regions: Vec<String> = match before.prepared.get(client_commit_hash) {
@@ -520,7 +575,7 @@ pub async fn roll_back(state: &Context, client_commit_hash: &str) -> Result<Reti
         // Already rolled back (a rerun): retire whatever is left anywhere.
         None => state.settings.enabled_regions.clone(),
     };
-    retire_old_hosts(state, &regions).await
+    retire_old_hosts(state, &regions, &caused).await
 }
 
 /// Waits until the `instances` read model has applied every event sequenced before the call; whether it did within
@@ -551,6 +606,7 @@ pub async fn instances_caught_up(state: &Context, wait: Duration) -> Result<bool
 pub async fn retire_old_hosts(
     state: &Context,
     regions: &[String],
+    metadata: &EventMetadata,
 ) -> Result<Retired, ReleaseError> {
     if !instances_caught_up(state, CATCH_UP_WAIT)
         .await
@@ -569,7 +625,7 @@ pub async fn retire_old_hosts(
             .await
             .map_err(store_error)?;
         let plan = retirements(&hosts, &active.image_id, &protected);
-        retired += record_retirements(state, &Actor::ReleaseWorkflow, &plan)
+        retired += record_retirements(state, metadata, &plan)
             .await
             .map_err(ReleaseError::Store)?;
     }
@@ -583,10 +639,10 @@ pub async fn retire_old_hosts(
 /// The store failed.
 pub async fn record_retirements(
     state: &Context,
-    actor: &Actor,
+    origin: &EventMetadata,
     retirements: &[Retirement],
 ) -> Result<Retired, UseCaseError> {
-    let metadata = || EventMetadata::new(actor.clone(), Utc::now());
+    let metadata = || origin.at(Utc::now());
     let mut retired = Retired::default();
     for retirement in retirements {
         let (instance_id, first) = match retirement {

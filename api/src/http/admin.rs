@@ -583,6 +583,8 @@ pub struct RecentEvent {
     pub event_type: String,
     pub actor: String,
     pub recorded_at: String,
+    /// The chain the event belongs to (`GET /admin/events?correlation_id=`).
+    pub correlation_id: String,
 }
 
 /// What the dashboard shows.
@@ -729,6 +731,7 @@ async fn overview(
             event_type: event.event_type,
             actor: event.metadata.actor,
             recorded_at: event.metadata.recorded_at,
+            correlation_id: event.metadata.correlation_id,
         })
         .collect();
     let now = Utc::now();

@@ -232,12 +232,9 @@ impl Autoscaler {
                 }
             }
             if !plan.retire.is_empty() {
-                let retired = crate::control::release::record_retirements(
-                    &self.state,
-                    &Actor::System,
-                    &plan.retire,
-                )
-                .await?;
+                let retired =
+                    crate::control::release::record_retirements(&self.state, pass, &plan.retire)
+                        .await?;
                 decisions.retired += retired.drained + retired.terminated;
             }
             decisions.plans.push((region.clone(), plan));

@@ -57,7 +57,11 @@ fn outcome_metadata(job: &Job) -> EventMetadata {
     if let Some(correlation_id) = &job.correlation_id {
         metadata.correlation_id = correlation_id.clone();
     }
-    metadata.causation_id = job.planned_by.map(|position| position.to_string());
+    // A job that does not know the event that planned it is the root's own step.
+    metadata.causation_id = Some(match job.planned_by {
+        Some(position) => position.to_string(),
+        None => metadata.correlation_id.clone(),
+    });
     metadata
 }
 

@@ -106,6 +106,8 @@ impl Repair {
         )
         .unwrap_or_default();
         let mut report = RepairReport::default();
+        // One chain for the pass.
+        let pass = EventMetadata::new(Actor::System, Utc::now());
         for region in self.regions().await? {
             // Recorded first, then EC2: see the module's note.
             let recorded = self.recorded(&region).await?;
@@ -131,7 +133,7 @@ impl Repair {
                     continue;
                 };
                 match self
-                    .reconcile_instance(&region, launch_id, &instance.cloud_instance_id)
+                    .reconcile_instance(&region, launch_id, &instance.cloud_instance_id, &pass)
                     .await?
                 {
                     Fix::None => {}
@@ -146,7 +148,7 @@ impl Repair {
                 {
                     continue;
                 }
-                if self.close(&record).await? {
+                if self.close(&record, &pass).await? {
                     report.closed += 1;
                 }
             }
@@ -160,13 +162,14 @@ impl Repair {
         region: &str,
         launch_id: &str,
         cloud_instance_id: &str,
+        pass: &EventMetadata,
     ) -> Result<Fix, RepairError> {
         let instances = &self.state.services.instances;
         let (instance, _) = instances
             .load_caught_up(launch_id)
             .await
             .map_err(UseCaseError::from)?;
-        let metadata = EventMetadata::new(Actor::System, Utc::now());
+        let metadata = pass.at(Utc::now());
         if instance.cloud_instance_id.as_deref() == Some(cloud_instance_id)
             && instance
                 .status
@@ -226,8 +229,8 @@ impl Repair {
     }
 
     /// Closes a record whose instance is gone; whether it was closed now.
-    async fn close(&self, record: &Recorded) -> Result<bool, RepairError> {
-        let metadata = EventMetadata::new(Actor::System, Utc::now());
+    async fn close(&self, record: &Recorded, pass: &EventMetadata) -> Result<bool, RepairError> {
+        let metadata = pass.at(Utc::now());
         self.state
             .services
             .instances

@@ -23,9 +23,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chrono::Utc;
+use cqrs_es::Aggregate;
 use tokio::sync::watch;
 use whist_adapters::store::CommandError;
-use whist_domain::instance::{InstanceCommand, InstanceError, TerminationReason};
+use whist_domain::instance::{Instance, InstanceCommand, InstanceError, TerminationReason};
 use whist_domain::mandelbox::{EndReason, MandelboxCommand, MandelboxError};
 use whist_domain::{Actor, EventMetadata};
 use whist_projections::fleet_queries;
@@ -128,6 +129,8 @@ impl Sweeper {
         let timeout = self.state.settings.stale_allocation_timeout;
         let cutoff = Utc::now() - chrono::Duration::from_std(timeout).unwrap_or_default();
         let allocated = fleet_queries::allocated_mandelboxes(&self.state.database).await?;
+        // One chain for the sweep.
+        let pass = EventMetadata::new(Actor::System, Utc::now());
         let mut ended = 0;
         for fleet_queries::AllocatedMandelbox {
             mandelbox_id,
@@ -141,7 +144,7 @@ impl Sweeper {
                 continue;
             }
             let services = &self.state.services;
-            let metadata = EventMetadata::new(Actor::System, Utc::now());
+            let metadata = pass.at(Utc::now());
             let expire = MandelboxCommand::ExpireIfNeverConnected {
                 timeout: chrono::Duration::from_std(timeout).unwrap_or_default(),
                 at: Utc::now(),
@@ -257,13 +260,15 @@ impl Sweeper {
     }
 
     async fn mark_silent_hosts_of(&self, census: &SilenceCensus) -> usize {
+        // One chain for the sweep: the end of a host it marks continues it (`end_unresponsive_hosts_of`).
+        let pass = EventMetadata::new(Actor::System, Utc::now());
         let mut marked = 0;
         let silent_hosts = census.hosts.iter().filter(|host| {
             host.silent && host.status != "UNRESPONSIVE" && !census.is_braked(&host.region)
         });
         for host in silent_hosts {
             let instance_id = host.instance_id.as_str();
-            let metadata = EventMetadata::new(Actor::System, Utc::now());
+            let metadata = pass.at(Utc::now());
             match self
                 .state
                 .services
@@ -313,7 +318,25 @@ impl Sweeper {
             if census.is_braked(&region) {
                 continue;
             }
-            let metadata = EventMetadata::new(Actor::System, Utc::now());
+            // The host's end continues the chain that marked it silent, caused by its last event (the mark).
+            let metadata = match crate::control::continuing(
+                &self.state,
+                Instance::TYPE,
+                &instance_id,
+                &EventMetadata::new(Actor::System, Utc::now()),
+            )
+            .await
+            {
+                Ok(metadata) => metadata,
+                Err(error) => {
+                    tracing::warn!(
+                        instance_id,
+                        error = %crate::telemetry::Chain(&error),
+                        "could not read an unresponsive host's last event"
+                    );
+                    continue;
+                }
+            };
             if let Err(error) = crate::control::mandelboxes::end_mandelboxes_on(
                 &self.state,
                 &instance_id,
@@ -330,7 +353,7 @@ impl Sweeper {
                 continue;
             }
             if self
-                .terminate(&instance_id, TerminationReason::Unresponsive)
+                .terminate(&instance_id, TerminationReason::Unresponsive, &metadata)
                 .await
             {
                 ended += 1;
@@ -351,6 +374,8 @@ impl Sweeper {
         let drained_cutoff =
             now - chrono::Duration::from_std(fleet.drained_host_timeout).unwrap_or_default();
         let idle = fleet_queries::idle_hosts(&self.state.database).await?;
+        // One chain for the sweep.
+        let pass = EventMetadata::new(Actor::System, Utc::now());
         let mut ended = 0;
         for host in idle {
             // Booting since its launch decision; drained since its drain or the end of its last mandelbox.
@@ -362,7 +387,7 @@ impl Sweeper {
             let old = chrono::DateTime::parse_from_rfc3339(&host.since)
                 .map(|since| since < cutoff)
                 .unwrap_or(false);
-            if old && self.terminate(&host.instance_id, reason).await {
+            if old && self.terminate(&host.instance_id, reason, &pass).await {
                 ended += 1;
             }
         }
@@ -370,8 +395,13 @@ impl Sweeper {
     }
 
     /// Decides to terminate a host (a no-op if it is already ending); whether the decision stands.
-    async fn terminate(&self, instance_id: &str, reason: TerminationReason) -> bool {
-        let metadata = EventMetadata::new(Actor::System, Utc::now());
+    async fn terminate(
+        &self,
+        instance_id: &str,
+        reason: TerminationReason,
+        origin: &EventMetadata,
+    ) -> bool {
+        let metadata = origin.at(Utc::now());
         let command = InstanceCommand::Terminate {
             reason,
             at: Utc::now(),

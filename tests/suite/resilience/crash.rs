@@ -594,6 +594,33 @@ async fn processes_killed_at_random_under_load_lose_and_double_nothing() {
     let events = scalar(&store, "SELECT count(*) FROM events").await;
     let positions = scalar(&store, "SELECT count(DISTINCT position) FROM events").await;
     assert_eq!(events, positions, "every event has a position of its own");
+    // Every chain is whole after the kills: each event names its cause, and a cause other than the chain's root
+    // (the request or pass whose id is the correlation id) is the position of an event of the same chain.
+    let uncaused = scalar(
+        &store,
+        "SELECT count(*) FROM events WHERE metadata->>'causation_id' IS NULL",
+    )
+    .await;
+    assert_eq!(uncaused, 0, "events without a cause");
+    let dangling = scalar(
+        &store,
+        "SELECT count(*) FROM events e \
+         WHERE e.metadata->>'causation_id' <> e.metadata->>'correlation_id' \
+           AND NOT EXISTS (SELECT 1 FROM events c \
+                            WHERE e.metadata->>'causation_id' ~ '^[0-9]+$' \
+                              AND c.position = CAST(e.metadata->>'causation_id' AS BIGINT) \
+                              AND c.metadata->>'correlation_id' = e.metadata->>'correlation_id')",
+    )
+    .await;
+    assert_eq!(
+        dangling, 0,
+        "causes that name no event of their chain (or a query error: -1)"
+    );
+    let chains = scalar(
+        &store,
+        "SELECT count(DISTINCT metadata->>'correlation_id') FROM events",
+    )
+    .await;
     let mut verified = Vec::new();
     for projection in whist_projections::all() {
         if !projection.rebuildable() {
@@ -673,7 +700,8 @@ async fn processes_killed_at_random_under_load_lose_and_double_nothing() {
         faults: format!("{kills} SIGKILLs ({rounds} rounds x serve, serve --api-only, worker), each restarted"),
         bad_inputs: 0,
         lost: format!(
-            "nothing: 0 events lost/doubled ({events} events, {} verified), 0 slots twice, 0 over capacity, \
+            "nothing: 0 events lost/doubled ({events} events, {} verified), every chain whole ({chains} chains, \
+             0 causes naming no event of their chain), 0 slots twice, 0 over capacity, \
              0 slots leaked by a disconnect, \
              0 orphan instances, 0 records without an instance; {unheard} allocations unacknowledged (cut off by \
              a kill)",
