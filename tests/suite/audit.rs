@@ -4,11 +4,12 @@
 
 use std::time::Duration;
 
+use crate::whist;
 use serde_json::Value;
 use whist_domain::{Actor, EventMetadata};
 use whist_tests::{
-    admin_token, assign_body, http_client, launch_spec, spawn_app, user_token, ChildProcess,
-    TestApp, TestDatabase,
+    admin_token, assign_body, http_client, launch_spec, spawn_app, user_token, TestApp,
+    TestDatabase,
 };
 
 const HASH: &str = "hash-audit";
@@ -40,26 +41,6 @@ async fn workload(app: &TestApp) -> String {
         }
     }
     host.instance_id
-}
-
-async fn whist(database: &TestDatabase, arguments: &[&str], log: &str) -> (bool, String) {
-    let mut child = ChildProcess::start(
-        &crate::whist_binary(),
-        arguments,
-        database.data_dir.path(),
-        &[(
-            "DATABASE_URL",
-            database.url.clone().expect("a Postgres database"),
-        )],
-        log,
-    );
-    let Some(status) = child.exited(Duration::from_secs(120)).await else {
-        panic!(
-            "whist {arguments:?} did not exit within 120 s; its log:\n{}",
-            child.log_text()
-        );
-    };
-    (status.success(), child.log_text())
 }
 
 #[tokio::test]

@@ -5,36 +5,15 @@
 
 use std::time::Duration;
 
+use crate::whist;
 use whist_api::control::audit::{self, CausalTree, CausedEvent, WalkRoot};
 use whist_tests::{
-    assign_body, eventually, launch_spec, spawn_app_with, user_token, ChildProcess, TestApp,
-    TestDatabase,
+    assign_body, eventually, launch_spec, spawn_app_with, user_token, TestApp, TestDatabase,
 };
 
 const REGION: &str = "us-east-1";
 const IMAGE: &str = "ami-causes";
 const HASH: &str = "hash-causes";
-
-/// Runs the binary against the test's database; (exited 0, its output).
-async fn whist(database: &TestDatabase, arguments: &[&str], log: &str) -> (bool, String) {
-    let mut child = ChildProcess::start(
-        &crate::whist_binary(),
-        arguments,
-        database.data_dir.path(),
-        &[(
-            "DATABASE_URL",
-            database.url.clone().expect("a Postgres database"),
-        )],
-        log,
-    );
-    let Some(status) = child.exited(Duration::from_secs(60)).await else {
-        panic!(
-            "whist {arguments:?} did not exit; its log:\n{}",
-            child.log_text()
-        );
-    };
-    (status.success(), child.log_text())
-}
 
 /// The event types of a walk's steps, the event asked about first.
 fn step_types(walk: &audit::CauseWalk) -> Vec<String> {
@@ -228,16 +207,7 @@ async fn a_host_that_went_silent_is_walked_from_its_end_back_to_the_sweep_that_m
         .client
         .post(app.url("/host/register"))
         .bearer_auth(bootstrap)
-        .json(&serde_json::json!({
-            "instance_id": instance_id,
-            "region": spec.region,
-            "image_id": spec.image_id,
-            "instance_type": spec.instance_type,
-            "client_commit_hash": spec.client_commit_hash,
-            "ip": "127.9.9.9",
-            "mandelbox_capacity": 4,
-            "tls_cert_sha256": "ab".repeat(32),
-        }))
+        .json(&crate::host::register_body(&instance_id, &spec))
         .send()
         .await
         .expect("answers");

@@ -243,11 +243,18 @@ async fn a_disconnect_repeated_on_a_server_whose_copies_are_behind_answers_200_a
     assert_eq!(first.disconnect(&mandelbox_id).await, 200);
     first.settled().await;
     second.settled().await;
+    // The events of what the disconnect decides on: the mandelbox, its user and session, its slot on the host (the
+    // fleet's own decisions, such as the buffer's, may go on meanwhile).
     let events = || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events")
-            .fetch_one(first.state.database.any())
-            .await
-            .expect("the log reads")
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM events WHERE aggregate_id IN ($1, 'auth0|behind-left') \
+             OR aggregate_id LIKE 'auth0|behind-left/%' \
+             OR (event_type = 'InstanceMandelboxFreed' AND CAST(payload AS TEXT) LIKE '%' || $1 || '%')",
+        )
+        .bind(&mandelbox_id)
+        .fetch_one(first.state.database.any())
+        .await
+        .expect("the log reads")
     };
     let before = events().await;
 

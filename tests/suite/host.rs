@@ -2,7 +2,7 @@
 
 use whist_tests::{launch_spec, spawn_app, TestDatabase};
 
-fn register_body(
+pub(crate) fn register_body(
     instance_id: &str,
     spec: &whist_domain::instance::LaunchSpec,
 ) -> serde_json::Value {

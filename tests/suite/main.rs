@@ -30,3 +30,28 @@ mod stripe;
 pub fn whist_binary() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_BIN_EXE_whist"))
 }
+
+/// Runs `whist arguments` against the test's Postgres database until it exits (at most 120 s); (exited 0, its log).
+pub async fn whist(
+    database: &whist_tests::TestDatabase,
+    arguments: &[&str],
+    log: &str,
+) -> (bool, String) {
+    let mut child = whist_tests::ChildProcess::start(
+        &whist_binary(),
+        arguments,
+        database.data_dir.path(),
+        &[(
+            "DATABASE_URL",
+            database.url.clone().expect("a Postgres database"),
+        )],
+        log,
+    );
+    let Some(status) = child.exited(std::time::Duration::from_secs(120)).await else {
+        panic!(
+            "whist {arguments:?} did not exit within 120 s; its log:\n{}",
+            child.log_text()
+        );
+    };
+    (status.success(), child.log_text())
+}

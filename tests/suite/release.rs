@@ -561,6 +561,23 @@ async fn a_failed_region_makes_create_buffers_exit_non_zero_and_leaves_no_candid
     release.stop().await;
 }
 
+/// The statuses of the second attempt's buffer hosts, one per region.
+async fn candidate_statuses(app: &TestApp) -> Vec<Option<whist_domain::instance::InstanceStatus>> {
+    let mut statuses = Vec::new();
+    for region in REGIONS {
+        let instance_id = whist_api::control::release::buffer_instance_id(NEW_HASH, 2, region, 0);
+        let (instance, _) = app
+            .state
+            .services
+            .instances
+            .load_caught_up(&instance_id)
+            .await
+            .expect("loads");
+        statuses.push(instance.status);
+    }
+    statuses
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_retires_the_candidates_and_leaves_the_old_release_serving() {
     let release = release_fleet(2, 2).await;
@@ -596,43 +613,18 @@ async fn rollback_retires_the_candidates_and_leaves_the_old_release_serving() {
         4,
         "one buffer host per region and attempt"
     );
-    for region in REGIONS {
-        let instance_id = whist_api::control::release::buffer_instance_id(NEW_HASH, 2, region, 0);
-        let (instance, _) = app
-            .state
-            .services
-            .instances
-            .load_caught_up(&instance_id)
-            .await
-            .expect("loads");
-        assert_eq!(
-            instance.status,
-            Some(whist_domain::instance::InstanceStatus::Active),
-            "{region}"
-        );
-    }
+    let active = whist_domain::instance::InstanceStatus::Active;
+    assert_eq!(candidate_statuses(app).await, [Some(active), Some(active)]);
 
     let (ok, log) = images_command(&release, &["rollback", "--commit-hash", NEW_HASH]).await;
     assert!(ok, "rollback succeeds: {log}");
     // Both candidates drain: retired by the rollback itself, or by an autoscaler pass that ran between the rollback's
     // catalog event and its retirements (it retires hosts of images no longer protected just the same).
     wait("both candidates drain", 30, async || {
-        let mut draining = 0;
-        for region in REGIONS {
-            let instance_id =
-                whist_api::control::release::buffer_instance_id(NEW_HASH, 2, region, 0);
-            let (instance, _) = app
-                .state
-                .services
-                .instances
-                .load_caught_up(&instance_id)
-                .await
-                .expect("loads");
-            if instance.status != Some(whist_domain::instance::InstanceStatus::Active) {
-                draining += 1;
-            }
-        }
-        draining == REGIONS.len()
+        candidate_statuses(app)
+            .await
+            .iter()
+            .all(|status| *status != Some(active))
     })
     .await;
     wait("the candidates are gone from moto", 60, async || {
