@@ -194,6 +194,14 @@ pub struct TestApp {
     server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
+/// A second server on `first`'s database, whose hosts call the same host-service port: two `serve` processes of
+/// one deployment.
+pub async fn spawn_second_app(database: &TestDatabase, first: &TestApp) -> TestApp {
+    let mut settings = database.settings();
+    settings.host_service_port = first.state.settings.host_service_port;
+    spawn_app_with(database, settings).await
+}
+
 /// Starts a server on `database` on a free port, like `whist serve` would.
 pub async fn spawn_app(database: &TestDatabase) -> TestApp {
     spawn_app_with(database, database.settings()).await
@@ -836,6 +844,16 @@ impl TestApp {
 
     /// The protocol server's `POST /mandelbox/{id}/disconnect` with the mandelbox's secret; the status.
     pub async fn disconnect(&self, mandelbox_id: &str) -> u16 {
+        self.disconnect_request(mandelbox_id)
+            .send()
+            .await
+            .expect("answers")
+            .status()
+            .as_u16()
+    }
+
+    /// The protocol server's disconnect of `mandelbox_id`, with its secret, ready to send (or to add headers to).
+    pub fn disconnect_request(&self, mandelbox_id: &str) -> reqwest::RequestBuilder {
         let secret = self
             .state
             .services
@@ -844,11 +862,6 @@ impl TestApp {
         self.client
             .post(self.url(&format!("/mandelbox/{mandelbox_id}/disconnect")))
             .bearer_auth(secret)
-            .send()
-            .await
-            .expect("answers")
-            .status()
-            .as_u16()
     }
 
     /// `GET /mandelbox/{id}` as `token`'s user; the body.

@@ -794,15 +794,8 @@ async fn request_ids_are_correlations(kind: whist_tests::BackendKind) {
     }
 
     // The protocol server's disconnect is a request of its own: its events carry its id.
-    let secret = app
-        .state
-        .services
-        .tokens
-        .derive(whist_adapters::tokens::Purpose::Protocol, &mandelbox_id);
     let response = app
-        .client
-        .post(app.url(&format!("/mandelbox/{mandelbox_id}/disconnect")))
-        .bearer_auth(secret)
+        .disconnect_request(&mandelbox_id)
         .header("X-Request-Id", "protocol-disconnect-1")
         .send()
         .await

@@ -9,7 +9,7 @@ use whist_adapters::store::AggregateStore;
 use whist_adapters::tokens::Tokens;
 use whist_domain::instance::Instance;
 use whist_tests::{
-    admin_token, assign_body, free_port, launch_spec, spawn_app, spawn_app_with, user_token,
+    admin_token, assign_body, free_port, launch_spec, spawn_app, spawn_second_app, user_token,
     ChildProcess, TestDatabase,
 };
 
@@ -216,9 +216,7 @@ async fn a_disconnect_repeated_on_a_server_whose_copies_are_behind_answers_200_a
     const HASH: &str = "hash-behind";
     let database = TestDatabase::postgres().await;
     let first = spawn_app(&database).await;
-    let mut settings = database.settings();
-    settings.host_service_port = first.state.settings.host_service_port;
-    let second = spawn_app_with(&database, settings).await;
+    let second = spawn_second_app(&database, &first).await;
     first.activate_image(&[REGION], IMAGE, HASH).await;
     let _host = first.active_host(launch_spec(REGION, IMAGE, HASH), 8).await;
     second.settled().await;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 use whist_tests::fault_proxy::{FaultProxy, Mode};
 use whist_tests::{
-    assign_body, launch_spec, spawn_app, spawn_app_with, user_token, TestApp, TestDatabase,
+    assign_body, launch_spec, spawn_app, spawn_second_app, user_token, TestApp, TestDatabase,
 };
 
 const REGION: &str = "us-east-1";
@@ -139,9 +139,7 @@ async fn a_retry_with_the_same_key_after_a_lost_answer_gets_the_mandelbox_the_fi
 async fn sixteen_assigns_with_one_key_at_once_over_two_servers_give_one_mandelbox() {
     let database = TestDatabase::postgres().await;
     let first = spawn_app(&database).await;
-    let mut settings = database.settings();
-    settings.host_service_port = first.state.settings.host_service_port;
-    let second = spawn_app_with(&database, settings).await;
+    let second = spawn_second_app(&database, &first).await;
     first.activate_image(&[REGION], IMAGE, HASH).await;
     let _host = first
         .active_host(launch_spec(REGION, IMAGE, HASH), 32)

@@ -74,15 +74,8 @@ async fn simulated_hosts_keep_the_buffer_and_run_a_mandelbox_from_assign_to_disc
         "the buffer was refilled"
     );
 
-    let secret = app
-        .state
-        .services
-        .tokens
-        .derive(whist_adapters::tokens::Purpose::Protocol, &mandelbox_id);
     let ended = app
-        .client
-        .post(app.url(&format!("/mandelbox/{mandelbox_id}/disconnect")))
-        .bearer_auth(secret)
+        .disconnect_request(&mandelbox_id)
         .send()
         .await
         .expect("answers");

@@ -103,6 +103,15 @@ pub struct ReplayUntil {
     pub as_of: Option<DateTime<Utc>>,
 }
 
+/// The audit read of the events that meet `condition` (on `e`, the events), in the order and limit `rest` gives,
+/// each with its seal.
+fn select_events(condition: &str, rest: &str) -> String {
+    format!(
+        "SELECT {COLUMNS} FROM events e LEFT JOIN event_chain c ON c.position = e.position \
+         WHERE {condition} {rest}"
+    )
+}
+
 const COLUMNS: &str =
     "e.position, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, \
     CAST(e.payload AS TEXT) AS payload, CAST(e.metadata AS TEXT) AS metadata, c.hash";
@@ -184,9 +193,9 @@ pub async fn events_after(
     after: i64,
     limit: i64,
 ) -> Result<Vec<EventRecord>, AuditError> {
-    let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM events e LEFT JOIN event_chain c ON c.position = e.position \
-         WHERE e.position > $1 ORDER BY e.position LIMIT $2"
+    let rows = sqlx::query(&select_events(
+        "e.position > $1",
+        "ORDER BY e.position LIMIT $2",
     ))
     .bind(after)
     .bind(limit)
@@ -210,9 +219,9 @@ pub async fn chain_after(
     } else {
         "json_extract(e.metadata, '$.correlation_id')"
     };
-    let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM events e LEFT JOIN event_chain c ON c.position = e.position \
-         WHERE {correlation} = $1 AND e.position > $2 ORDER BY e.position LIMIT $3"
+    let rows = sqlx::query(&select_events(
+        &format!("{correlation} = $1 AND e.position > $2"),
+        "ORDER BY e.position LIMIT $3",
     ))
     .bind(correlation_id)
     .bind(after)
@@ -230,13 +239,10 @@ pub async fn event_at_position(
     database: &Database,
     position: i64,
 ) -> Result<Option<EventRecord>, AuditError> {
-    let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM events e LEFT JOIN event_chain c ON c.position = e.position \
-         WHERE e.position = $1"
-    ))
-    .bind(position)
-    .fetch_all(database.any())
-    .await?;
+    let rows = sqlx::query(&select_events("e.position = $1", ""))
+        .bind(position)
+        .fetch_all(database.any())
+        .await?;
     Ok(records(&rows)?.into_iter().next())
 }
 
@@ -424,9 +430,9 @@ pub async fn latest_events(
     database: &Database,
     limit: i64,
 ) -> Result<Vec<EventRecord>, AuditError> {
-    let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM events e LEFT JOIN event_chain c ON c.position = e.position \
-         WHERE e.position IS NOT NULL ORDER BY e.position DESC LIMIT $1"
+    let rows = sqlx::query(&select_events(
+        "e.position IS NOT NULL",
+        "ORDER BY e.position DESC LIMIT $1",
     ))
     .bind(limit)
     .fetch_all(database.any())
@@ -439,9 +445,9 @@ async fn aggregate_events(
     aggregate_type: &str,
     aggregate_id: &str,
 ) -> Result<Vec<(LoggedEvent, Option<i64>, Option<String>)>, AuditError> {
-    let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM events e LEFT JOIN event_chain c ON c.position = e.position \
-         WHERE e.aggregate_type = $1 AND e.aggregate_id = $2 ORDER BY e.sequence"
+    let rows = sqlx::query(&select_events(
+        "e.aggregate_type = $1 AND e.aggregate_id = $2",
+        "ORDER BY e.sequence",
     ))
     .bind(aggregate_type)
     .bind(aggregate_id)
