@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::Executor;
-use whist_adapters::store::{AggregateStore, Backend, CommandError, Database};
+use whist_adapters::store::{
+    AggregateStore, Backend, CommandError, Database, PoolSettings, SessionLimits,
+};
 use whist_domain::probe::{Probe, ProbeCommand};
 use whist_domain::{Actor, EventMetadata};
 use whist_projections::ProjectionRunner;
@@ -103,7 +105,7 @@ async fn run_store_bench(options: &StoreBenchOptions, bench_url: &str) -> anyhow
         let database = Database::connect(
             Some(bench_url),
             std::path::Path::new("."),
-            u32::try_from(writers + 2).unwrap_or(u32::MAX),
+            PoolSettings::sized(u32::try_from(writers + 2).unwrap_or(u32::MAX)),
         )
         .await?;
         database.migrate().await?;
@@ -129,7 +131,15 @@ async fn run_store_bench(options: &StoreBenchOptions, bench_url: &str) -> anyhow
         );
     }
 
-    let database = Database::connect(Some(bench_url), std::path::Path::new("."), 4).await?;
+    let database = Database::connect(
+        Some(bench_url),
+        std::path::Path::new("."),
+        PoolSettings {
+            max_connections: 4,
+            limits: SessionLimits::none(),
+        },
+    )
+    .await?;
     let Backend::Postgres(pool) = database.backend().clone() else {
         anyhow::bail!("the store benchmark needs Postgres");
     };
@@ -283,10 +293,6 @@ SELECT 'probe', 'synthetic-' || ((g - 1) / 10), ((g - 1) % 10) + 1, 'ProbeIncrem
     .bind(base)
     .execute(pool)
     .await?;
-    sqlx::query("UPDATE event_log_head SET position = $1 WHERE id = 1")
-        .bind(base + count)
-        .execute(pool)
-        .await?;
     sqlx::query("ANALYZE events").execute(pool).await?;
     tracing::info!(
         count,

@@ -130,7 +130,12 @@ async fn state(
         sources.environment.insert(key.to_string(), value);
     }
     let settings = Settings::from_sources(&sources)?;
-    let database = Database::connect(Some(url), std::path::Path::new("."), 20).await?;
+    let database = Database::connect(
+        Some(url),
+        std::path::Path::new("."),
+        whist_adapters::store::PoolSettings::sized(20),
+    )
+    .await?;
     database.migrate().await?;
     let projections = ProjectionRunner::new(database.clone(), whist_projections::all());
     let services = Arc::new(Services::new(&settings, &database).await?);

@@ -212,7 +212,12 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
         }
     }
     // The fleet.
-    let database = Database::connect(Some(url), &data_dir, 4).await?;
+    let database = Database::connect(
+        Some(url),
+        &data_dir,
+        whist_adapters::store::PoolSettings::sized(4),
+    )
+    .await?;
     let tokens = Tokens::load(&database).await?;
     let instances = AggregateStore::<Instance>::new(&database, ());
     let spec = LaunchSpec {

@@ -136,6 +136,9 @@ pub struct Settings {
     /// `WHIST_DB_POOL_SIZE` (20): connections per pool to Postgres (a process keeps two pools). Many processes on
     /// one server (tests, a fleet of workers) must fit in its `max_connections`.
     pub database_pool_size: u32,
+    /// Limits on every session of the store's pools: `WHIST_DB_STATEMENT_TIMEOUT_S` (60),
+    /// `WHIST_DB_LOCK_TIMEOUT_S` (10), `WHIST_DB_IDLE_IN_TRANSACTION_TIMEOUT_S` (30); 0 turns one off.
+    pub database_session_limits: crate::store::SessionLimits,
     pub data_dir: PathBuf,
     pub environment: Environment,
     pub port: u16,
@@ -651,6 +654,15 @@ impl Settings {
                 "a whole number of connections, at least 2",
                 |value| value.parse().ok().filter(|size| *size >= 2),
             )?,
+            database_session_limits: crate::store::SessionLimits {
+                statement_timeout: seconds_or_off(sources, "WHIST_DB_STATEMENT_TIMEOUT_S", 60)?,
+                lock_timeout: seconds_or_off(sources, "WHIST_DB_LOCK_TIMEOUT_S", 10)?,
+                idle_in_transaction_timeout: seconds_or_off(
+                    sources,
+                    "WHIST_DB_IDLE_IN_TRANSACTION_TIMEOUT_S",
+                    30,
+                )?,
+            },
             data_dir: PathBuf::from(
                 sources
                     .raw("WHIST_DATA_DIR")
@@ -809,6 +821,16 @@ fn seconds(sources: &Sources, key: &str, default: u64) -> Result<Duration, Confi
         default,
         "a whole number of seconds, at least 1",
         |value| value.parse().ok().filter(|seconds| *seconds > 0),
+    )?))
+}
+
+/// A limit in whole seconds, where 0 turns it off.
+fn seconds_or_off(sources: &Sources, key: &str, default: u64) -> Result<Duration, ConfigError> {
+    Ok(Duration::from_secs(sources.parse(
+        key,
+        default,
+        "a whole number of seconds (0: no limit)",
+        |value| value.parse().ok(),
     )?))
 }
 

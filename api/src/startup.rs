@@ -6,7 +6,7 @@ use std::sync::Arc;
 use poem::{EndpointExt, Route};
 use poem_openapi::OpenApiService;
 use whist_adapters::config::Settings;
-use whist_adapters::store::{Database, DatabaseError};
+use whist_adapters::store::{Database, DatabaseError, PoolSettings};
 use whist_projections::ProjectionRunner;
 
 use std::collections::BTreeMap;
@@ -81,11 +81,13 @@ pub async fn open_database(
         .database_direct_url
         .as_ref()
         .map(|url| url.expose());
+    let pools = PoolSettings {
+        max_connections: settings.database_pool_size,
+        limits: settings.database_session_limits,
+    };
     let database = match (url, direct) {
-        (Some(url), Some(direct)) => {
-            Database::connect_split(url, direct, settings.database_pool_size).await?
-        }
-        (url, _) => Database::connect(url, &settings.data_dir, settings.database_pool_size).await?,
+        (Some(url), Some(direct)) => Database::connect_split(url, direct, pools).await?,
+        (url, _) => Database::connect(url, &settings.data_dir, pools).await?,
     };
     match migrations {
         Migrations::Apply => database.migrate().await?,

@@ -174,9 +174,13 @@ impl ProjectionRunner {
         let projection = self.find(name)?;
         let live = Tables::live(projection.tables());
         let mut transaction = self.database.any().begin().await?;
-        let Some((position, status)) = lock_checkpoint(&mut transaction, name).await? else {
+        let log = self.database.log();
+        let reading = log.watermark().reading_head();
+        let Some((position, status, head)) = lock_checkpoint(&mut transaction, name).await? else {
             return Err(RunnerError::UnknownProjection(name.to_string()));
         };
+        // Should the log have moved back, the process forgets what it read past the head before reading on.
+        reading.observe(head);
         // The checkpoint stays locked until this transaction ends: it is ended here on every path, not left to the
         // pool (a dropped transaction's rollback waits for a background task, and meanwhile anything that touches the
         // checkpoint waits too: a `whist projections` command once waited two minutes).
@@ -184,10 +188,8 @@ impl ProjectionRunner {
             transaction.rollback().await?;
             return Ok(StepOutcome::Stopped);
         }
-        let events = self
-            .database
-            .log()
-            .read_after_in(&mut *transaction, position, self.batch_size)
+        let events = log
+            .read_after_in(&mut *transaction, position, self.batch_size, head)
             .await?;
         let Some(last) = events.last() else {
             transaction.rollback().await?;
@@ -224,7 +226,7 @@ impl ProjectionRunner {
         let name = projection.name();
         for event in events {
             let mut transaction = self.database.any().begin().await?;
-            let Some((position, _)) = lock_checkpoint(&mut transaction, name).await? else {
+            let Some((position, _, _)) = lock_checkpoint(&mut transaction, name).await? else {
                 return Err(RunnerError::UnknownProjection(name.to_string()));
             };
             if event.position <= position {
@@ -472,7 +474,7 @@ impl ProjectionRunner {
         let mut transaction = self.database.any().begin().await?;
         let live_position = lock_checkpoint(&mut transaction, name)
             .await?
-            .map(|(live, _)| live)
+            .map(|(live, _, _)| live)
             .unwrap_or(0);
         while position < live_position {
             let limit = self.rebuild_batch_size().min(live_position - position);
@@ -578,20 +580,32 @@ pub async fn checkpoint_position(
 
 /// Locks the checkpoint row for the rest of the transaction and reads it. The lock is taken with an UPDATE so that
 /// it works the same on Postgres (row lock) and SQLite (the write lock, taken before any read).
+/// Locks the projection's checkpoint for the transaction, and reads its position and status, with the log's head
+/// in the same statement (no extra round trip: the step gives it to the watermark, and reads nothing past it from
+/// memory).
 async fn lock_checkpoint(
     transaction: &mut Transaction<'_, Any>,
     name: &str,
-) -> Result<Option<(i64, String)>, sqlx::Error> {
+) -> Result<Option<(i64, String, i64)>, sqlx::Error> {
     sqlx::query("UPDATE projection_checkpoints SET updated_at = updated_at WHERE name = $1")
         .bind(name)
         .execute(&mut **transaction)
         .await?;
-    let row = sqlx::query("SELECT position, status FROM projection_checkpoints WHERE name = $1")
-        .bind(name)
-        .fetch_optional(&mut **transaction)
-        .await?;
-    row.map(|row| Ok((row.try_get("position")?, row.try_get("status")?)))
-        .transpose()
+    let row = sqlx::query(
+        "SELECT position, status, (SELECT position FROM event_log_head WHERE id = 1) AS head \
+         FROM projection_checkpoints WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_optional(&mut **transaction)
+    .await?;
+    row.map(|row| {
+        Ok((
+            row.try_get("position")?,
+            row.try_get("status")?,
+            row.try_get("head")?,
+        ))
+    })
+    .transpose()
 }
 
 async fn save_checkpoint(

@@ -90,10 +90,13 @@ impl TestDatabase {
 
     /// Connects with a pool of `max_connections` and migrates.
     pub async fn open_with(&self, max_connections: u32) -> Database {
-        let database =
-            Database::connect(self.url.as_deref(), self.data_dir.path(), max_connections)
-                .await
-                .expect("the test database opens");
+        let database = Database::connect(
+            self.url.as_deref(),
+            self.data_dir.path(),
+            whist_adapters::store::PoolSettings::sized(max_connections),
+        )
+        .await
+        .expect("the test database opens");
         database.migrate().await.expect("migrations apply");
         database
     }

@@ -230,6 +230,11 @@ const CONTRACT_STEPS: &[(&str, &str)] = &[(
     "20261129000008_positions_at_append.sql",
     "dropped whist_sequence_events and the old signature of whist_append_units when positions moved to the append; \
      shipped before this policy, so processes of the release before it had to be stopped first",
+), (
+    "20261205000012_appends_checked.sql",
+    "replaces the table event_log_head by a view of the same name and columns in the same transaction: processes \
+     of the previous release only read it (`SELECT position FROM event_log_head WHERE id = 1`), and the function \
+     they append with, which wrote it, is replaced in that transaction too",
 )];
 
 /// The words of `sql`, lower-cased, split at white space, parentheses, commas and semicolons.

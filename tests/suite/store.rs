@@ -444,6 +444,272 @@ async fn a_unit_that_collides_in_a_shared_append_keeps_nothing_and_leaves_no_gap
     assert_eq!(database.log().head().await.expect("head"), 4);
 }
 
+/// Calls the append function with one event per entry `(unit, aggregate id, sequence)` of probe events; returns the
+/// units reported lost and the head after the call.
+async fn append_checked(
+    connection: &mut sqlx::PgConnection,
+    events: &[(i64, &str, i64)],
+    metadata_json: &str,
+) -> (Vec<i64>, i64) {
+    let units: Vec<i64> = events.iter().map(|event| event.0).collect();
+    let ids: Vec<&str> = events.iter().map(|event| event.1).collect();
+    let sequences: Vec<i64> = events.iter().map(|event| event.2).collect();
+    sqlx::query_as(
+        "SELECT lost, head FROM whist_append_units_checked($1, array_fill('probe'::text, ARRAY[$4]), $2, $3, \
+         array_fill('ProbeIncremented'::text, ARRAY[$4]), array_fill('1.0'::text, ARRAY[$4]), \
+         array_fill('{}'::text, ARRAY[$4]), array_fill($5::text, ARRAY[$4]))",
+    )
+    .bind(&units)
+    .bind(&ids)
+    .bind(&sequences)
+    .bind(i32::try_from(events.len()).expect("few events"))
+    .bind(metadata_json)
+    .fetch_one(connection)
+    .await
+    .expect("appends")
+}
+
+async fn logged_keys(connection: &mut sqlx::PgConnection) -> Vec<(String, i64, i64)> {
+    sqlx::query_as("SELECT aggregate_id, sequence, position FROM events ORDER BY position")
+        .fetch_all(connection)
+        .await
+        .expect("reads")
+}
+
+/// Two units of one call that want the same key: one row can be inserted, so exactly one unit is recorded and the
+/// other is reported lost, and the head moves by the one row (a head moved by two would leave a gap that stops the
+/// chain's seal for good).
+#[tokio::test]
+async fn two_units_wanting_one_key_in_one_call_record_one_and_report_the_other_lost() {
+    let test_database = TestDatabase::postgres().await;
+    let database = test_database.open().await;
+    let Backend::Postgres(pool) = database.backend().clone() else {
+        unreachable!("a Postgres test database")
+    };
+    let metadata_json = serde_json::to_string(&metadata().to_map()).expect("json");
+    let mut connection = pool.acquire().await.expect("a connection");
+    let (lost, head) = append_checked(
+        &mut connection,
+        &[(0, "twice", 1), (1, "twice", 1), (2, "other", 1)],
+        &metadata_json,
+    )
+    .await;
+    assert_eq!(lost, vec![1], "the second unit wanting the key is lost");
+    assert_eq!(head, 2);
+    assert_eq!(
+        logged_keys(&mut connection).await,
+        vec![("twice".to_string(), 1, 1), ("other".to_string(), 1, 2)],
+        "one row per key, and no gap"
+    );
+}
+
+/// A collision takes back the rows its own call inserted, and only those: an event stored above the positions the
+/// call numbered from is left alone.
+#[tokio::test]
+async fn a_collision_takes_back_only_the_rows_its_own_call_inserted() {
+    let test_database = TestDatabase::postgres().await;
+    let database = test_database.open().await;
+    let Backend::Postgres(pool) = database.backend().clone() else {
+        unreachable!("a Postgres test database")
+    };
+    let metadata_json = serde_json::to_string(&metadata().to_map()).expect("json");
+    let mut connection = pool.acquire().await.expect("a connection");
+    append_checked(&mut connection, &[(0, "taken", 1)], &metadata_json).await;
+    // An event written straight into the table, far above the head (a restore, a hand repair).
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, \
+         metadata, position) VALUES ('probe', 'by-hand', 1, 'ProbeIncremented', '1.0', '{}', $1::json, 100)",
+    )
+    .bind(&metadata_json)
+    .execute(&mut *connection)
+    .await
+    .expect("inserted by hand");
+    let (lost, head) = append_checked(
+        &mut connection,
+        &[(0, "fresh", 1), (1, "taken", 1)],
+        &metadata_json,
+    )
+    .await;
+    assert_eq!(lost, vec![1]);
+    assert_eq!(head, 101);
+    assert_eq!(
+        logged_keys(&mut connection).await,
+        vec![
+            ("taken".to_string(), 1, 1),
+            ("by-hand".to_string(), 1, 100),
+            ("fresh".to_string(), 1, 101),
+        ],
+        "the event stored by hand survives the collision"
+    );
+}
+
+/// An append whose first event of an aggregate is not sequence 1 needs the event before it stored: otherwise the
+/// unit is reported lost, and nothing of it is written.
+#[tokio::test]
+async fn an_append_that_would_leave_a_hole_in_a_sequence_is_refused_whole() {
+    let test_database = TestDatabase::postgres().await;
+    let database = test_database.open().await;
+    let Backend::Postgres(pool) = database.backend().clone() else {
+        unreachable!("a Postgres test database")
+    };
+    let metadata_json = serde_json::to_string(&metadata().to_map()).expect("json");
+    let mut connection = pool.acquire().await.expect("a connection");
+    append_checked(&mut connection, &[(0, "short", 1)], &metadata_json).await;
+    let (lost, head) = append_checked(
+        &mut connection,
+        &[
+            (0, "short", 5),
+            (0, "new", 1),
+            (1, "short", 2),
+            (1, "short", 3),
+        ],
+        &metadata_json,
+    )
+    .await;
+    assert_eq!(lost, vec![0], "sequence 5 after 1 would leave a hole");
+    assert_eq!(head, 3);
+    assert_eq!(
+        logged_keys(&mut connection).await,
+        vec![
+            ("short".to_string(), 1, 1),
+            ("short".to_string(), 2, 2),
+            ("short".to_string(), 3, 3),
+        ],
+        "the refused unit left nothing, not even its event that had no hole"
+    );
+}
+
+async fn a_copy_remembered_past_a_log_that_moved_back_never_appends_a_hole(kind: BackendKind) {
+    let test_database = TestDatabase::new(kind).await;
+    let database = test_database.open().await;
+    let store = AggregateStore::<Probe>::new(&database, ());
+    for _ in 0..5 {
+        store
+            .execute("rewound", ProbeCommand::Increment { by: 1 }, &metadata())
+            .await
+            .expect("recorded");
+    }
+    // Behind the process's back, the store loses the last four events (a failover to a standby that lagged).
+    sqlx::query("DELETE FROM events WHERE aggregate_id = 'rewound' AND sequence > 1")
+        .execute(database.any())
+        .await
+        .expect("the tail is lost");
+    let outcome = store
+        .execute("rewound", ProbeCommand::Increment { by: 10 }, &metadata())
+        .await;
+    assert!(
+        matches!(outcome, Err(CommandError::Conflict)),
+        "sequence 6 after 1 is refused: {outcome:?}"
+    );
+    store
+        .execute("rewound", ProbeCommand::Increment { by: 10 }, &metadata())
+        .await
+        .expect("decided again on the aggregate as stored");
+    let sequences: Vec<i64> = sqlx::query_scalar(
+        "SELECT sequence FROM events WHERE aggregate_id = 'rewound' ORDER BY sequence",
+    )
+    .fetch_all(database.any())
+    .await
+    .expect("reads");
+    assert_eq!(sequences, vec![1, 2], "contiguous");
+    let (probe, version) = store.load_from_history("rewound").await.expect("loads");
+    assert_eq!((probe.total, version), (11, 2));
+}
+
+#[tokio::test]
+async fn a_copy_remembered_past_a_log_that_moved_back_never_appends_a_hole_on_postgres() {
+    a_copy_remembered_past_a_log_that_moved_back_never_appends_a_hole(BackendKind::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_copy_remembered_past_a_log_that_moved_back_never_appends_a_hole_on_sqlite() {
+    a_copy_remembered_past_a_log_that_moved_back_never_appends_a_hole(BackendKind::Sqlite).await;
+}
+
+/// A process that only reads (an API process between requests) notices within seconds that the log moved back,
+/// and forgets the copies it remembered past the new head.
+#[tokio::test]
+async fn a_process_that_finds_the_log_moved_back_forgets_what_it_remembered_past_the_head() {
+    let test_database = TestDatabase::postgres().await;
+    let database = test_database.open().await;
+    let store = AggregateStore::<Probe>::new(&database, ());
+    for _ in 0..3 {
+        store
+            .execute("remembered", ProbeCommand::Increment { by: 1 }, &metadata())
+            .await
+            .expect("recorded");
+    }
+    assert_eq!(database.watermark().highest(), 3);
+    sqlx::query("DELETE FROM events WHERE position > 1")
+        .execute(database.any())
+        .await
+        .expect("the tail is lost");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (probe, version) = store
+            .load_possibly_stale("remembered")
+            .await
+            .expect("loads");
+        if version == 1 {
+            assert_eq!(probe.total, 1);
+            break;
+        }
+        assert_eq!(
+            version, 3,
+            "the remembered copy, until the rewind is noticed"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the head watch did not notice the log moved back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        database.watermark().highest(),
+        1,
+        "carries on from the store"
+    );
+}
+
+/// A command that decides nothing on a remembered copy is decided again on the store: another process turned
+/// maintenance on, and turning it off here, where the copy still says off, records the change.
+#[tokio::test]
+async fn a_command_that_decides_nothing_on_a_stale_copy_is_decided_again_on_the_store() {
+    use whist_domain::service::{Service, ServiceCommand, SERVICE_ID};
+    let test_database = TestDatabase::postgres().await;
+    let here = test_database.open().await;
+    let elsewhere = test_database.open().await;
+    let store_here = AggregateStore::<Service>::new(&here, ());
+    let store_elsewhere = AggregateStore::<Service>::new(&elsewhere, ());
+    let set = |enabled| ServiceCommand::SetMaintenance {
+        enabled,
+        at: chrono::Utc::now(),
+    };
+    for enabled in [true, false] {
+        store_here
+            .execute(SERVICE_ID, set(enabled), &metadata())
+            .await
+            .expect("recorded");
+    }
+    store_elsewhere
+        .execute(SERVICE_ID, set(true), &metadata())
+        .await
+        .expect("recorded elsewhere");
+    store_here
+        .execute(SERVICE_ID, set(false), &metadata())
+        .await
+        .expect("recorded");
+    let (service, version) = store_elsewhere
+        .load_from_history(SERVICE_ID)
+        .await
+        .expect("loads");
+    assert_eq!(
+        (service.maintenance, version),
+        (false, 4),
+        "maintenance is off, by a fourth event"
+    );
+}
+
 /// Many writers whose transactions stay open for random times while a reader follows the log: the reader ends
 /// with every committed event exactly once, in increasing positions, and the positions have no gap.
 #[tokio::test]

@@ -81,6 +81,7 @@ where
                     PostgresRepository::new(pool.clone(), database.clone()),
                     REMEMBERED_AGGREGATES,
                 );
+                database.watermark().on_rewind(store.forgetter());
                 Frameworks::Postgres { store }
             }
             Backend::Sqlite(pool) => {
@@ -89,6 +90,7 @@ where
                     SqliteEventRepository::new(pool.clone()),
                     REMEMBERED_AGGREGATES,
                 );
+                database.watermark().on_rewind(store.forgetter());
                 Frameworks::Sqlite { store }
             }
         };
@@ -562,7 +564,7 @@ where
     Box::new(move |settled| match settled {
         Settled::Committed => store.remember(&id, aggregate, after),
         Settled::Conflicted if presumed_new => store.remember_unread(&id),
-        Settled::Conflicted => store.mark_stale(&id),
+        Settled::Conflicted => store.mark_conflicted(&id),
         Settled::Failed => store.forget(&id),
     })
 }

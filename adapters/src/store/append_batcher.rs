@@ -17,6 +17,7 @@ use cqrs_es::persist::{PersistenceError, SerializedEvent};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::log::LogWatermark;
 use crate::supervision::BackgroundLoops;
 
 /// How many events one statement carries at most (a unit is never split).
@@ -47,15 +48,17 @@ impl AppendBatcher {
     /// (restarted should it panic); they stop when every handle is dropped. A unit in the batch of a flusher that
     /// panics is answered with an error (its reply is dropped), never left waiting; units still queued wait for
     /// the flusher's restart, or are taken by the other flushers meanwhile.
-    pub fn start(pool: PgPool, loops: &BackgroundLoops) -> Self {
+    /// Every append's answer carries the head after it, which `watermark` is given (see [`LogWatermark`]).
+    pub fn start(pool: PgPool, watermark: LogWatermark, loops: &BackgroundLoops) -> Self {
         let (queue, receiver) = mpsc::channel::<Unit>(4 * MAX_BATCH_EVENTS);
         let receiver = std::sync::Arc::new(tokio::sync::Mutex::new(receiver));
         let (stop, stopped) = watch::channel(false);
         for _ in 0..FLUSHERS {
             let pool = pool.clone();
             let receiver = receiver.clone();
+            let watermark = watermark.clone();
             loops.supervise(LOOP_NAME, stopped.clone(), move |_| {
-                flush_until_closed(pool.clone(), receiver.clone())
+                flush_until_closed(pool.clone(), watermark.clone(), receiver.clone())
             });
         }
         Self {
@@ -87,6 +90,7 @@ impl AppendBatcher {
 /// Takes whatever units are queued, up to `MAX_BATCH_EVENTS` events, and writes them, until the queue is closed.
 async fn flush_until_closed(
     pool: PgPool,
+    watermark: LogWatermark,
     receiver: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Unit>>>,
 ) {
     loop {
@@ -108,7 +112,7 @@ async fn flush_until_closed(
             }
             batch
         };
-        flush(&pool, batch).await;
+        flush(&pool, &watermark, batch).await;
     }
 }
 
@@ -122,7 +126,7 @@ fn key(event: &SerializedEvent) -> Key {
     )
 }
 
-async fn flush(pool: &PgPool, batch: Vec<Unit>) {
+async fn flush(pool: &PgPool, watermark: &LogWatermark, batch: Vec<Unit>) {
     // Two events of the same aggregate and sequence cannot share a statement (it could not tell which one won).
     // Once the statement has run, a row with that key exists (this batch's or an earlier one's), so every later
     // unit wanting the same key has lost: it is answered with a conflict without another round trip (should the
@@ -139,7 +143,7 @@ async fn flush(pool: &PgPool, batch: Vec<Unit>) {
         keys.extend(unit_keys);
         true
     });
-    let written = write(pool, now).await;
+    let written = write(pool, watermark, now).await;
     for unit in later {
         let outcome = match &written {
             Ok(()) => Err(PersistenceError::OptimisticLockError),
@@ -174,7 +178,11 @@ pub(crate) fn failure(
 }
 
 /// Writes one statement and answers every unit in it; `Err` carries the failure the units were given.
-async fn write(pool: &PgPool, batch: Vec<Unit>) -> Result<(), BatchFailed> {
+async fn write(
+    pool: &PgPool,
+    watermark: &LogWatermark,
+    batch: Vec<Unit>,
+) -> Result<(), BatchFailed> {
     if batch.is_empty() {
         return Ok(());
     }
@@ -199,20 +207,23 @@ async fn write(pool: &PgPool, batch: Vec<Unit>) -> Result<(), BatchFailed> {
             metadatas.push(event.metadata.to_string());
         }
     }
-    let outcome =
-        sqlx::query_scalar::<_, i64>("SELECT whist_append_units($1, $2, $3, $4, $5, $6, $7, $8)")
-            .bind(&units)
-            .bind(&aggregate_types)
-            .bind(&aggregate_ids)
-            .bind(&sequences)
-            .bind(&event_types)
-            .bind(&event_versions)
-            .bind(&payloads)
-            .bind(&metadatas)
-            .fetch_all(pool)
-            .await;
+    let reading = watermark.reading_head();
+    let outcome = sqlx::query_as::<_, (Vec<i64>, i64)>(
+        "SELECT lost, head FROM whist_append_units_checked($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(&units)
+    .bind(&aggregate_types)
+    .bind(&aggregate_ids)
+    .bind(&sequences)
+    .bind(&event_types)
+    .bind(&event_versions)
+    .bind(&payloads)
+    .bind(&metadatas)
+    .fetch_one(pool)
+    .await;
     match outcome {
-        Ok(lost) => {
+        Ok((lost, head)) => {
+            reading.observe(head);
             metrics::histogram!("whist_append_batch_units").record(batch.len() as f64);
             let lost: HashSet<i64> = lost.into_iter().collect();
             for (index, unit) in batch.into_iter().enumerate() {

@@ -30,12 +30,15 @@ struct Shared<R: PersistedEventRepository, A: Aggregate> {
     capacity: usize,
 }
 
-/// A remembered aggregate; `stale` after a conflict showed that someone else appended since.
+/// A remembered aggregate; `stale` when it may be behind the store (it is brought up to date before its next use),
+/// `conflicted` after an append decided on it collided: the store then holds an event after `version`, and a
+/// catch-up that finds none means the copy is ahead of the store (the log moved back), not behind it.
 #[derive(Clone)]
 struct Remembered<A> {
     aggregate: A,
     version: usize,
     stale: bool,
+    conflicted: bool,
 }
 
 impl<R: PersistedEventRepository, A: Aggregate> Clone for CachedEventStore<R, A> {
@@ -103,8 +106,37 @@ where
                     aggregate,
                     version,
                     stale: false,
+                    conflicted: false,
                 },
             );
+        }
+    }
+
+    /// A hook for the store's `LogWatermark` that forgets every aggregate this store remembers, for as long as the
+    /// store exists.
+    pub(crate) fn forgetter(&self) -> impl Fn() + Send + Sync + 'static
+    where
+        R: 'static,
+        A: 'static,
+    {
+        let shared = Arc::downgrade(&self.shared);
+        move || {
+            if let Some(shared) = shared.upgrade() {
+                if let Ok(mut cache) = shared.cache.lock() {
+                    cache.clear();
+                }
+            }
+        }
+    }
+
+    /// Marks a remembered copy as behind the store because an append decided on it collided: the next command
+    /// first reads what it missed, and reads the aggregate whole should there be nothing after its version.
+    pub fn mark_conflicted(&self, aggregate_id: &str) {
+        if let Ok(mut cache) = self.shared.cache.lock() {
+            if let Some(remembered) = cache.get_mut(aggregate_id) {
+                remembered.stale = true;
+                remembered.conflicted = true;
+            }
         }
     }
 
@@ -136,6 +168,11 @@ where
             .catch_up
             .get_last_events::<A>(aggregate_id, remembered.version)
             .await?;
+        if events.is_empty() && remembered.conflicted {
+            // An append after this version collided, yet the store has nothing after it: the copy holds events
+            // the store lost (the log moved back). Only the whole history tells what the aggregate is now.
+            return self.load_fresh(aggregate_id).await;
+        }
         // Events another process appended since this copy was remembered: how stale copies of each type run.
         metrics::counter!("whist_catch_up_events_total", "aggregate" => A::TYPE)
             .increment(events.len() as u64);
@@ -248,7 +285,7 @@ where
                 Ok(committed)
             }
             Err(AggregateError::AggregateConflict) => {
-                self.mark_stale(&aggregate_id);
+                self.mark_conflicted(&aggregate_id);
                 Err(AggregateError::AggregateConflict)
             }
             Err(error) => {

@@ -12,13 +12,79 @@ use sqlx::{AnyPool, PgPool, SqlitePool};
 use cqrs_es::persist::{PersistenceError, SerializedEvent};
 
 use super::append_batcher::AppendBatcher;
-use super::log::{EventLog, LogSignal, RecentEvents};
+use super::log::{EventLog, LogSignal, LogWatermark};
 use super::reachability::Reachability;
 use crate::supervision::BackgroundLoops;
 
 /// How long a request waits for a pooled connection before the store counts as unavailable (503): long enough to
 /// ride out a burst on a loaded machine, short enough that an outage answers instead of hanging.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Limits on every session of the store's pools to Postgres, so that one stalled holder cannot freeze everything:
+/// a statement that runs too long, a wait for a lock that does not come, a transaction left open by a process that
+/// stopped (its locks, a projection's checkpoint, are released when its session is ended). Zero turns a limit off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// `statement_timeout`: no statement of the store's runs long (reads and writes go in batches).
+    pub statement_timeout: Duration,
+    /// `lock_timeout`: a wait for a row or advisory lock.
+    pub lock_timeout: Duration,
+    /// `idle_in_transaction_session_timeout`: a session whose transaction waits on its client.
+    pub idle_in_transaction_timeout: Duration,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            statement_timeout: Duration::from_secs(60),
+            lock_timeout: Duration::from_secs(10),
+            idle_in_transaction_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl SessionLimits {
+    /// No limits: for bulk loads that are meant to run long (the benchmarks' synthetic logs).
+    pub fn none() -> Self {
+        Self {
+            statement_timeout: Duration::ZERO,
+            lock_timeout: Duration::ZERO,
+            idle_in_transaction_timeout: Duration::ZERO,
+        }
+    }
+
+    /// The statement that applies the limits to a session (one round trip, when the session opens), and its
+    /// parameters: milliseconds, as Postgres reads them.
+    const APPLY: &'static str = "SELECT set_config('statement_timeout', $1, false), \
+         set_config('lock_timeout', $2, false), set_config('idle_in_transaction_session_timeout', $3, false)";
+
+    fn milliseconds(&self) -> [String; 3] {
+        [
+            self.statement_timeout,
+            self.lock_timeout,
+            self.idle_in_transaction_timeout,
+        ]
+        .map(|limit| limit.as_millis().to_string())
+    }
+}
+
+/// How the store's pools are made: their size, and the limits on each session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// Connections per pool (a process keeps two to Postgres).
+    pub max_connections: u32,
+    pub limits: SessionLimits,
+}
+
+impl PoolSettings {
+    /// Pools of `max_connections` with the default limits.
+    pub fn sized(max_connections: u32) -> Self {
+        Self {
+            max_connections,
+            limits: SessionLimits::default(),
+        }
+    }
+}
 
 /// The concrete pool behind the event store.
 #[derive(Clone, Debug)]
@@ -66,8 +132,10 @@ pub struct Database {
     batcher: Option<AppendBatcher>,
     any: AnyPool,
     signal: LogSignal,
-    /// The stretch of the log this process read last, shared by its readers.
-    recent: RecentEvents,
+    /// The highest position this process has seen, and the stretch of the log it read last, shared by its readers.
+    watermark: LogWatermark,
+    /// Stops the head watch (Postgres) when the last handle of the store is dropped.
+    _head_watch: Option<std::sync::Arc<tokio::sync::watch::Sender<bool>>>,
     description: String,
     reachability: Reachability,
     /// The supervised background loops of the process that opened this store: the append batcher's flushers from
@@ -83,11 +151,11 @@ impl Database {
     pub async fn connect(
         database_url: Option<&str>,
         data_dir: &Path,
-        max_connections: u32,
+        pools: PoolSettings,
     ) -> Result<Self, DatabaseError> {
         sqlx::any::install_default_drivers();
         match database_url {
-            Some(url) => Self::connect_postgres(url, max_connections).await,
+            Some(url) => Self::connect_postgres(url, pools).await,
             None => Self::connect_sqlite(data_dir).await,
         }
     }
@@ -101,7 +169,7 @@ impl Database {
     pub async fn connect_split(
         database_url: &str,
         direct_url: &str,
-        max_connections: u32,
+        pools: PoolSettings,
     ) -> Result<Self, DatabaseError> {
         sqlx::any::install_default_drivers();
         let options =
@@ -113,7 +181,7 @@ impl Database {
             .max_connections(2)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(options);
-        let mut database = Self::connect_postgres(database_url, max_connections).await?;
+        let mut database = Self::connect_postgres(database_url, pools).await?;
         database.direct = Some(direct);
         database.description = format!(
             "{} (direct: {})",
@@ -132,37 +200,73 @@ impl Database {
         }
     }
 
-    async fn connect_postgres(url: &str, max_connections: u32) -> Result<Self, DatabaseError> {
+    async fn connect_postgres(url: &str, pools: PoolSettings) -> Result<Self, DatabaseError> {
         let connect_error = |source| DatabaseError::Connect {
             url: redact_url(url),
             source,
         };
         let options = PgConnectOptions::from_str(url).map_err(connect_error)?;
         // No ping before each acquire: it is a round trip per statement, and a dead connection fails the
-        // statement anyway, which callers already treat as a store failure.
+        // statement anyway, which callers already treat as a store failure. The limits are set once per session
+        // (not as startup parameters, which a pooler may refuse).
         let reachability = Reachability::probing(options.clone());
+        let [statement, lock, idle] = pools.limits.milliseconds();
         let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
+            .max_connections(pools.max_connections)
             .test_before_acquire(false)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect({
+                let [statement, lock, idle] = [statement.clone(), lock.clone(), idle.clone()];
+                move |connection, _| {
+                    let [statement, lock, idle] = [statement.clone(), lock.clone(), idle.clone()];
+                    Box::pin(async move {
+                        sqlx::query(SessionLimits::APPLY)
+                            .bind(statement)
+                            .bind(lock)
+                            .bind(idle)
+                            .execute(&mut *connection)
+                            .await?;
+                        Ok(())
+                    })
+                }
+            })
             .connect_with(options)
             .await
             .map_err(connect_error)?;
         let any = AnyPoolOptions::new()
-            .max_connections(max_connections)
+            .max_connections(pools.max_connections)
             .test_before_acquire(false)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(move |connection, _| {
+                let [statement, lock, idle] = [statement.clone(), lock.clone(), idle.clone()];
+                Box::pin(async move {
+                    sqlx::query(SessionLimits::APPLY)
+                        .bind(statement)
+                        .bind(lock)
+                        .bind(idle)
+                        .execute(&mut *connection)
+                        .await?;
+                    Ok(())
+                })
+            })
             .connect(url)
             .await
             .map_err(connect_error)?;
         let background_loops = BackgroundLoops::new();
+        let watermark = LogWatermark::default();
+        let head_watch = Some(watch_the_head(&pool, &watermark, &background_loops));
         Ok(Self {
-            batcher: Some(AppendBatcher::start(pool.clone(), &background_loops)),
+            _head_watch: head_watch,
+            batcher: Some(AppendBatcher::start(
+                pool.clone(),
+                watermark.clone(),
+                &background_loops,
+            )),
             direct: None,
             backend: Backend::Postgres(pool),
             any,
             signal: LogSignal::new(),
-            recent: RecentEvents::default(),
+            watermark,
             description: redact_url(url),
             reachability,
             background_loops,
@@ -210,7 +314,8 @@ impl Database {
             backend: Backend::Sqlite(pool),
             any,
             signal: LogSignal::new(),
-            recent: RecentEvents::default(),
+            watermark: LogWatermark::default(),
+            _head_watch: None,
             description: url,
             reachability: Reachability::embedded(),
             background_loops: BackgroundLoops::new(),
@@ -320,7 +425,13 @@ impl Database {
 
     /// A reader of the global log.
     pub fn log(&self) -> EventLog {
-        EventLog::new(self.any.clone(), self.recent.clone())
+        EventLog::new(self.any.clone(), self.watermark.clone())
+    }
+
+    /// The highest position this process has seen, and what it forgets should the log move back (see
+    /// [`LogWatermark`]).
+    pub fn watermark(&self) -> &LogWatermark {
+        &self.watermark
     }
 
     /// Appends `events` (of one or several aggregates) all together or not at all.
@@ -354,6 +465,55 @@ impl Database {
     }
 }
 
+/// The supervised loop that reads the head once a second, so that a process which neither appends nor projects
+/// (`serve --api-only` between requests) still notices a log that moved back before it decides on what it
+/// remembers.
+pub const HEAD_WATCH_LOOP: &str = "head_watch";
+
+/// How often the head watch reads the head.
+const HEAD_WATCH_PERIOD: Duration = Duration::from_secs(1);
+
+/// Starts the head watch; it stops once the returned sender is dropped (with the last handle of the store).
+fn watch_the_head(
+    pool: &PgPool,
+    watermark: &LogWatermark,
+    loops: &BackgroundLoops,
+) -> std::sync::Arc<tokio::sync::watch::Sender<bool>> {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let pool = pool.clone();
+    let watermark = watermark.clone();
+    loops.supervise(HEAD_WATCH_LOOP, stopped, move |mut shutdown| {
+        let pool = pool.clone();
+        let watermark = watermark.clone();
+        async move {
+            let mut ticks = tokio::time::interval(HEAD_WATCH_PERIOD);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
+                let reading = watermark.reading_head();
+                match sqlx::query_scalar::<_, i64>(
+                    "SELECT position FROM event_log_head WHERE id = 1",
+                )
+                .fetch_one(&pool)
+                .await
+                {
+                    Ok(head) => {
+                        reading.observe(head);
+                    }
+                    // An outage is noticed and reported elsewhere (readiness, the request that meets it).
+                    Err(error) => {
+                        tracing::debug!(error = %error, "the head watch could not read the head")
+                    }
+                }
+            }
+        }
+    });
+    std::sync::Arc::new(stop)
+}
+
 /// One transaction: SQLite runs one writer at a time, so there is nothing to gather.
 async fn append_sqlite(
     pool: &sqlx::SqlitePool,
@@ -364,8 +524,12 @@ async fn append_sqlite(
     }
     let classify = |error: sqlx::Error| match &error {
         sqlx::Error::Database(database_error)
-            if database_error.code().as_deref() == Some("1555")
-                || database_error.code().as_deref() == Some("2067") =>
+            // A taken primary key or unique key, or an event whose predecessor is not stored (the trigger of
+            // migration 0010): the copy this unit was decided on is not the aggregate as stored.
+            if matches!(
+                database_error.code().as_deref(),
+                Some("1555" | "2067" | "1811")
+            ) =>
         {
             PersistenceError::OptimisticLockError
         }

@@ -99,20 +99,28 @@ SELECT position, aggregate_type, aggregate_id, sequence, event_type, event_versi
 #[derive(Clone, Debug)]
 pub struct EventLog {
     pool: AnyPool,
-    recent: RecentEvents,
+    watermark: LogWatermark,
 }
 
 impl EventLog {
-    /// A reader of the log in `pool` that shares `recent` with the process's other readers.
-    pub(crate) fn new(pool: AnyPool, recent: RecentEvents) -> Self {
-        Self { pool, recent }
+    /// A reader of the log in `pool` that shares the process's watermark (and with it the stretch of the log the
+    /// process read last) with its other readers.
+    pub(crate) fn new(pool: AnyPool, watermark: LogWatermark) -> Self {
+        Self { pool, watermark }
+    }
+
+    /// The process's watermark: the highest position it has seen, and what it forgets should the log move back.
+    pub fn watermark(&self) -> &LogWatermark {
+        &self.watermark
     }
 
     /// Up to `limit` events after `after`, in order: from the stretch of the log this process read last when it
     /// holds the next event, else read through `executor` (and kept for the next reader). Every projection of a
     /// process reads the same new events; the first reads them from the database, the others from memory. A read
     /// from memory may return fewer events than the database holds (the reader asks again); never other ones:
-    /// positions have no gaps and a stored event never changes.
+    /// positions have no gaps and a stored event never changes. `head` is the head the caller read in the same
+    /// transaction (and gave to the watermark, which forgets the stretch should the log have moved back): nothing
+    /// after it is served from memory.
     ///
     /// # Errors
     /// The database failed, or a row does not have the log's shape.
@@ -121,15 +129,17 @@ impl EventLog {
         executor: E,
         after: i64,
         limit: i64,
+        head: i64,
     ) -> Result<Vec<LoggedEvent>, sqlx::Error>
     where
         E: Executor<'c, Database = Any>,
     {
-        if let Some(events) = self.recent.after(after, limit) {
+        let recent = &self.watermark.inner.recent;
+        if let Some(events) = recent.after(after, limit.min(head - after)) {
             return Ok(events);
         }
         let events = Self::read_after_with(executor, after, limit).await?;
-        self.recent.keep(after, &events);
+        recent.keep(after, &events);
         Ok(events)
     }
 
@@ -178,12 +188,15 @@ impl EventLog {
             .await
     }
 
-    /// The last position handed out.
+    /// The last position handed out (and given to the watermark).
     ///
     /// # Errors
     /// The database failed.
     pub async fn head(&self) -> Result<i64, sqlx::Error> {
-        Self::head_with(&self.pool).await
+        let reading = self.watermark.reading_head();
+        let head = Self::head_with(&self.pool).await?;
+        reading.observe(head);
+        Ok(head)
     }
 
     /// One aggregate's event at `sequence`, with its position and metadata: for a decision that event caused (its
@@ -230,13 +243,23 @@ const RECENT_EVENTS: usize = 10_000;
 /// The stretch of the log a process read last: consecutive positions, extended as the readers move forward. A
 /// reader that lags (a projection catching up) reads from the database and leaves the stretch alone.
 #[derive(Clone, Debug, Default)]
-pub struct RecentEvents {
+pub(crate) struct RecentEvents {
     inner: Arc<std::sync::Mutex<std::collections::VecDeque<LoggedEvent>>>,
 }
 
 impl RecentEvents {
+    /// Forgets the whole stretch.
+    fn clear(&self) {
+        if let Ok(mut recent) = self.inner.lock() {
+            recent.clear();
+        }
+    }
+
     /// Up to `limit` events after `after` when the stretch holds the next one.
     fn after(&self, after: i64, limit: i64) -> Option<Vec<LoggedEvent>> {
+        if limit <= 0 {
+            return None;
+        }
         let recent = self.inner.lock().ok()?;
         let first = recent.front()?.position;
         let skip = usize::try_from(after + 1 - first).ok()?;
@@ -269,6 +292,110 @@ impl RecentEvents {
         while recent.len() > RECENT_EVENTS {
             recent.pop_front();
         }
+    }
+}
+
+/// The highest position this process has seen, and what it must forget should the log ever be found below it.
+///
+/// On one durable primary the head only moves forward. It moves back after a failover to an asynchronous standby
+/// that had not received the last commits, a point-in-time restore, or a crash with `synchronous_commit=off`: the
+/// positions after the new head are handed out again, to other events. Everything a process remembers of the log
+/// past that point is then a phantom: its stretch of recent events (which readers would be served instead of the
+/// real new events) and its remembered aggregate copies (which would decide on lost events, and append after
+/// them). Every read of the head goes through [`LogWatermark::reading_head`]; the first one that finds the head
+/// below what this process had seen before that read began drops all of it, logs an error, counts
+/// `whist_log_rewinds_total`, and the process carries on from the store.
+#[derive(Clone, Default)]
+pub struct LogWatermark {
+    inner: Arc<WatermarkInner>,
+}
+
+#[derive(Default)]
+struct WatermarkInner {
+    highest: std::sync::atomic::AtomicI64,
+    /// The stretch of the log this process read last, shared by its readers.
+    recent: RecentEvents,
+    /// What else to forget on a rewind (each store's remembered copies); held for the rewind itself too, so that
+    /// two observers never both handle one.
+    forgetters: std::sync::Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
+}
+
+impl std::fmt::Debug for LogWatermark {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("LogWatermark")
+            .field("highest", &self.highest())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A read of the head under way: what the process had seen when it began (see [`LogWatermark::reading_head`]).
+#[must_use = "a head read is given to the watermark with `observe`"]
+pub struct HeadReading<'a> {
+    watermark: &'a LogWatermark,
+    seen_before: i64,
+}
+
+impl HeadReading<'_> {
+    /// Gives the head the read found to the watermark; `true` when it was below what the process had seen before
+    /// the read began: the log moved back, and everything remembered past it was dropped.
+    pub fn observe(self, head: i64) -> bool {
+        self.watermark.observe(head, self.seen_before)
+    }
+}
+
+impl LogWatermark {
+    /// The highest position this process has seen.
+    pub fn highest(&self) -> i64 {
+        self.inner.highest.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Begins a read of the head. Only a read that began after the process saw a position can tell that the log
+    /// moved back below it: a read that began earlier may simply have been overtaken (one task saw position 100
+    /// while another's query, begun before that commit, still answers 95).
+    pub fn reading_head(&self) -> HeadReading<'_> {
+        HeadReading {
+            watermark: self,
+            seen_before: self.highest(),
+        }
+    }
+
+    /// Registers something to forget when the log moves back (a store's remembered copies).
+    pub fn on_rewind(&self, forget: impl Fn() + Send + Sync + 'static) {
+        if let Ok(mut forgetters) = self.inner.forgetters.lock() {
+            forgetters.push(Box::new(forget));
+        }
+    }
+
+    fn observe(&self, head: i64, seen_before: i64) -> bool {
+        use std::sync::atomic::Ordering;
+        if head >= seen_before {
+            self.inner.highest.fetch_max(head, Ordering::SeqCst);
+            return false;
+        }
+        let Ok(forgetters) = self.inner.forgetters.lock() else {
+            return false;
+        };
+        let seen = self.highest();
+        if head >= seen {
+            // Another observer handled this rewind while this one waited.
+            return false;
+        }
+        self.inner.recent.clear();
+        for forget in forgetters.iter() {
+            forget();
+        }
+        self.inner.highest.store(head, Ordering::SeqCst);
+        metrics::counter!("whist_log_rewinds_total").increment(1);
+        tracing::error!(
+            seen,
+            head,
+            lost = seen - head,
+            "the event log moved back (a failover to a standby that lagged, or a restore): positions after the head \
+             will be handed out again; every remembered aggregate copy and the recent stretch of the log are dropped, \
+             and this process carries on from the store"
+        );
+        true
     }
 }
 
@@ -311,7 +438,10 @@ impl LogSignal {
 
 #[cfg(test)]
 mod tests {
-    use super::{LoggedEvent, RecentEvents};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::{LogWatermark, LoggedEvent, RecentEvents};
 
     fn events(positions: &[i64]) -> Vec<LoggedEvent> {
         positions
@@ -376,5 +506,54 @@ mod tests {
         assert_eq!(positions(recent.after(0, 10)), None);
         recent.keep(0, &events(&[2]));
         assert_eq!(positions(recent.after(0, 10)), None, "not after 0");
+    }
+
+    #[test]
+    fn a_head_below_what_was_seen_before_the_read_began_drops_everything_remembered() {
+        let watermark = LogWatermark::default();
+        let forgotten = Arc::new(AtomicUsize::new(0));
+        let counter = forgotten.clone();
+        watermark.on_rewind(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        assert!(!watermark.reading_head().observe(85));
+        watermark
+            .inner
+            .recent
+            .keep(80, &events(&[81, 82, 83, 84, 85]));
+
+        assert!(
+            watermark.reading_head().observe(48),
+            "the log moved back from 85 to 48"
+        );
+        assert_eq!(forgotten.load(Ordering::SeqCst), 1, "the stores forgot");
+        assert_eq!(
+            positions(watermark.inner.recent.after(80, 10)),
+            None,
+            "the phantom stretch is gone"
+        );
+        assert_eq!(
+            watermark.highest(),
+            48,
+            "the process carries on from the store"
+        );
+        assert!(!watermark.reading_head().observe(49), "new appends go on");
+        assert_eq!(forgotten.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_read_overtaken_by_a_later_one_is_no_rewind() {
+        let watermark = LogWatermark::default();
+        assert!(!watermark.reading_head().observe(90));
+        let slow = watermark.reading_head();
+        assert!(
+            !watermark.reading_head().observe(100),
+            "another task saw 100"
+        );
+        assert!(
+            !slow.observe(95),
+            "a read begun when 90 was the highest seen may answer 95 after another saw 100"
+        );
+        assert_eq!(watermark.highest(), 100);
     }
 }

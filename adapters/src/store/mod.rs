@@ -15,9 +15,11 @@ mod reachability;
 pub use aggregate_store::{AggregateStore, CommandError, Loaded, Unit, UnitError};
 pub use append_batcher::LOOP_NAME as APPEND_BATCHER_LOOP;
 pub use chain::{chain_hash, ChainBreak, ChainReport, VerifyProgress, GENESIS};
-pub use database::{redact_url, Backend, Database, DatabaseError};
+pub use database::{
+    redact_url, Backend, Database, DatabaseError, PoolSettings, SessionLimits, HEAD_WATCH_LOOP,
+};
 pub use listener::{LogListener, LOG_CHANNEL};
-pub use log::{EventLog, LogSignal, LoggedEvent, GATHER_WINDOW};
+pub use log::{EventLog, HeadReading, LogSignal, LogWatermark, LoggedEvent, GATHER_WINDOW};
 pub use reachability::Reachability;
 
 /// `($1, $2), ($3, $4)` for `rows` rows of `columns` parameters: the VALUES list of a multi-row INSERT, written the

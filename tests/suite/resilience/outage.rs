@@ -169,9 +169,13 @@ async fn a_database_outage_answers_503_promptly_and_loses_no_acknowledged_assign
         &environment,
         "worker.log",
     );
-    let store = Database::connect(Some(&url), working_dir.path(), 2)
-        .await
-        .expect("the private cluster answers");
+    let store = Database::connect(
+        Some(&url),
+        working_dir.path(),
+        whist_adapters::store::PoolSettings::sized(2),
+    )
+    .await
+    .expect("the private cluster answers");
     let tokens = Arc::new(Tokens::load(&store).await.expect("the server key"));
     assert!(
         eventually(Duration::from_secs(60), || async {
