@@ -23,6 +23,36 @@ pub struct UpcastError {
     pub reason: String,
 }
 
+/// Every event name and version this binary writes, aggregate by aggregate.
+pub fn current_events() -> impl Iterator<Item = (&'static str, &'static str)> {
+    use crate::decide::StoredEvents;
+    [
+        crate::assign_key::AssignKeyEvent::STORED,
+        crate::images::ImageCatalogEvent::STORED,
+        crate::instance::InstanceEvent::STORED,
+        crate::leadership::LeadershipEvent::STORED,
+        crate::mandelbox::MandelboxEvent::STORED,
+        crate::probe::ProbeEvent::STORED,
+        crate::service::ServiceEvent::STORED,
+        crate::session::SessionEvent::STORED,
+        crate::subscription::SubscriptionEvent::STORED,
+        crate::subscription::StripeCustomerEvent::STORED,
+        crate::user::UserEvent::STORED,
+    ]
+    .into_iter()
+    .flatten()
+    .copied()
+}
+
+/// Whether this binary can read an event of this type and version: one it writes, or an older version that an
+/// upcaster here turns into one. Any other event was written by a newer binary (a new event, or a new version of
+/// one), during a rolling deploy: a reader of this binary waits for the new one instead of calling it broken.
+pub fn is_known(event_type: &str, version: &str) -> bool {
+    needs_upcast(event_type, version)
+        || current_events()
+            .any(|(known_type, known_version)| known_type == event_type && known_version == version)
+}
+
 /// Whether an event of this type and version needs upcasting (event types are unique across aggregates).
 pub fn needs_upcast(event_type: &str, version: &str) -> bool {
     event_type == "InstanceLaunchRequested" && version == "1.0"
@@ -58,6 +88,19 @@ pub fn upcast(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_this_binary_writes_or_upcasts_are_known_and_newer_ones_are_not() {
+        assert!(is_known("InstanceLaunchRequested", "2.0"));
+        assert!(is_known("InstanceLaunchRequested", "1.0"), "upcast");
+        assert!(
+            !is_known("InstanceLaunchRequested", "3.0"),
+            "a newer version"
+        );
+        assert!(!is_known("InstanceHibernated", "1.0"), "a newer event");
+        assert!(is_known("AssignKeyAnswered", "1.0"));
+        assert!(is_known("LeadershipDecided", "1.0"));
+    }
     use crate::instance::{InstanceEvent, LaunchReason};
     use cqrs_es::DomainEvent;
 

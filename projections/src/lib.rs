@@ -17,7 +17,7 @@ mod projection;
 mod read;
 mod runner;
 
-pub use projection::{Projection, ProjectionError, Tables};
+pub use projection::{Projection, ProjectionError, ShadowRun, Tables};
 pub use runner::{
     checkpoint_position, ProjectionRunner, ProjectionStatus, RebuildProgress, RebuildReport,
     RunnerError, StepOutcome, TableDifference, VerifyReport,

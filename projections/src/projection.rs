@@ -23,16 +23,6 @@ impl Tables {
         }
     }
 
-    /// The shadow tables a rebuild writes into (`{table}__rebuild`).
-    pub fn shadow(tables: &[&'static str]) -> Self {
-        Self {
-            names: tables
-                .iter()
-                .map(|table| (*table, shadow_name(table)))
-                .collect(),
-        }
-    }
-
     /// The physical name of the logical table `table`.
     ///
     /// # Errors
@@ -45,9 +35,43 @@ impl Tables {
     }
 }
 
-/// The shadow table's name for `table`.
-pub fn shadow_name(table: &str) -> String {
-    format!("{table}__rebuild")
+/// The shadow tables of one rebuild or verification: named for that run alone (`{table}__rebuild_{run}`), so that
+/// two runs over the same projection (a rebuild and a verify, two operators) never fill, compare or drop each
+/// other's tables.
+#[derive(Debug, Clone)]
+pub struct ShadowRun {
+    suffix: String,
+}
+
+impl Default for ShadowRun {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ShadowRun {
+    /// A run with a name of its own.
+    pub fn new() -> Self {
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        Self {
+            suffix: format!("__rebuild_{}", &run[..8]),
+        }
+    }
+
+    /// The shadow name of `table` (or of one of its indexes) in this run.
+    pub fn name(&self, table: &str) -> String {
+        format!("{table}{}", self.suffix)
+    }
+
+    /// The shadow tables this run writes into.
+    pub fn tables(&self, tables: &[&'static str]) -> Tables {
+        Tables {
+            names: tables
+                .iter()
+                .map(|table| (*table, self.name(table)))
+                .collect(),
+        }
+    }
 }
 
 /// Why a projection could not apply events.

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 use whist_adapters::store::{Database, EventLog, LoggedEvent, GATHER_WINDOW};
 
-use crate::projection::{shadow_name, Projection, ProjectionError, Tables};
+use crate::projection::{Projection, ProjectionError, ShadowRun, Tables};
 
 const STATUS_RUNNING: &str = "running";
 const STATUS_FAILED: &str = "failed";
@@ -68,7 +68,7 @@ impl VerifyReport {
     }
 }
 
-/// What one step of a projection did./// What one step of a projection did.
+/// What one step of a projection did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StepOutcome {
     /// Events up to `position` were applied.
@@ -77,6 +77,10 @@ pub enum StepOutcome {
     CaughtUp,
     /// The projection is stopped on an event that fails (see its `last_error`); a rebuild restarts it.
     Stopped,
+    /// This process's projection waits before an event written by a newer binary (a new event, or a new version
+    /// of one, during a rolling deploy): processes of the newer binary apply it; this one tries again later and
+    /// fails it for nobody.
+    Waiting,
 }
 
 /// A projection's standing, as `GET /admin/projections` shows it.
@@ -118,7 +122,11 @@ pub struct ProjectionRunner {
     database: Database,
     projections: Vec<Arc<dyn Projection>>,
     batch_size: i64,
+    /// The projections of this process that wait before an event of a newer binary, and why.
+    waiting: Arc<std::sync::Mutex<std::collections::HashMap<&'static str, String>>>,
 }
+
+const STATUS_WAITING: &str = "waiting";
 
 impl ProjectionRunner {
     pub fn new(database: Database, projections: Vec<Arc<dyn Projection>>) -> Self {
@@ -126,6 +134,28 @@ impl ProjectionRunner {
             database,
             projections,
             batch_size: 2_000,
+            waiting: Arc::default(),
+        }
+    }
+
+    /// Records whether this process's projection `name` waits before an event of a newer binary (`Some(why)`).
+    fn set_waiting(&self, name: &'static str, why: Option<String>) {
+        let Ok(mut waiting) = self.waiting.lock() else {
+            return;
+        };
+        match why {
+            Some(why) => {
+                if waiting.insert(name, why.clone()).is_none() {
+                    tracing::warn!(projection = name, why = %why,
+                        "projection waits before an event a newer binary wrote; that binary's processes apply it");
+                }
+                metrics::gauge!("whist_projection_waiting", "projection" => name).set(1.0);
+            }
+            None => {
+                if waiting.remove(name).is_some() {
+                    metrics::gauge!("whist_projection_waiting", "projection" => name).set(0.0);
+                }
+            }
         }
     }
 
@@ -193,6 +223,8 @@ impl ProjectionRunner {
             .await?;
         let Some(last) = events.last() else {
             transaction.rollback().await?;
+            // Whatever this process waited before has been applied (by a process of the newer binary).
+            self.set_waiting(projection.name(), None);
             return Ok(StepOutcome::CaughtUp);
         };
         let last_position = last.position;
@@ -201,6 +233,7 @@ impl ProjectionRunner {
                 save_checkpoint(&mut transaction, name, last_position, STATUS_RUNNING, None)
                     .await?;
                 transaction.commit().await?;
+                self.set_waiting(projection.name(), None);
                 Ok(StepOutcome::Applied {
                     count: events.len(),
                     position: last_position,
@@ -243,6 +276,22 @@ impl ProjectionRunner {
                     transaction.commit().await?;
                 }
                 Err(ProjectionError::Database(error)) => return Err(RunnerError::Database(error)),
+                Err(error)
+                    if !whist_domain::versions::is_known(
+                        &event.event_type,
+                        &event.event_version,
+                    ) =>
+                {
+                    transaction.rollback().await?;
+                    self.set_waiting(
+                        name,
+                        Some(format!(
+                            "event at position {} is {} {}, which this binary does not know: {error}",
+                            event.position, event.event_type, event.event_version
+                        )),
+                    );
+                    return Ok(StepOutcome::Waiting);
+                }
                 Err(error) => {
                     transaction.rollback().await?;
                     let mut transaction = self.database.any().begin().await?;
@@ -347,7 +396,7 @@ impl ProjectionRunner {
                     continue;
                 }
                 Ok(StepOutcome::CaughtUp) => Duration::from_secs(1),
-                Ok(StepOutcome::Stopped) => Duration::from_secs(5),
+                Ok(StepOutcome::Stopped | StepOutcome::Waiting) => Duration::from_secs(5),
                 Err(error) => {
                     tracing::warn!(error = %error, "projection step failed; retrying");
                     Duration::from_secs(1)
@@ -372,16 +421,26 @@ impl ProjectionRunner {
         )
         .fetch_all(self.database.any())
         .await?;
+        let waiting = self
+            .waiting
+            .lock()
+            .map(|waiting| waiting.clone())
+            .unwrap_or_default();
         rows.iter()
             .map(|row| {
                 let position: i64 = row.try_get("position")?;
+                let name: String = row.try_get("name")?;
+                let (status, last_error) = match waiting.get(name.as_str()) {
+                    Some(why) => (STATUS_WAITING.to_string(), Some(why.clone())),
+                    None => (row.try_get("status")?, row.try_get("last_error")?),
+                };
                 Ok(ProjectionStatus {
-                    name: row.try_get("name")?,
+                    name,
                     position,
                     head,
                     lag: (head - position).max(0),
-                    status: row.try_get("status")?,
-                    last_error: row.try_get("last_error")?,
+                    status,
+                    last_error,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
@@ -406,11 +465,12 @@ impl ProjectionRunner {
         self.register().await?;
         let started = Instant::now();
         let tables = projection.tables();
-        let shadow = Tables::shadow(tables);
+        let run = ShadowRun::new();
+        let shadow = run.tables(tables);
         // Bulk phase, up to the head as it stands now: no lock is held, the live projection keeps running beside us.
         let head = self.database.log().head().await?;
         let (mut position, mut events_applied) =
-            self.fill_shadow(&projection, head, progress).await?;
+            self.fill_shadow(&projection, &run, head, progress).await?;
 
         // Swap phase: hold the checkpoint so the live runner pauses, apply what arrived meanwhile, swap.
         let mut transaction = self.database.any().begin().await?;
@@ -425,7 +485,8 @@ impl ProjectionRunner {
             projection.apply(&mut transaction, &shadow, &events).await?;
         }
         for table in tables {
-            swap_in_shadow_table(&mut transaction, self.database.is_postgres(), table).await?;
+            swap_in_shadow_table(&mut transaction, self.database.is_postgres(), &run, table)
+                .await?;
         }
         save_checkpoint(&mut transaction, name, position, STATUS_RUNNING, None).await?;
         transaction.commit().await?;
@@ -460,7 +521,8 @@ impl ProjectionRunner {
         self.register().await?;
         let started = Instant::now();
         let tables = projection.tables();
-        let shadow = Tables::shadow(tables);
+        let run = ShadowRun::new();
+        let shadow = run.tables(tables);
         // Bulk phase, up to where the live model stands now (it only moves forward).
         let live_at_start: i64 =
             sqlx::query_scalar("SELECT position FROM projection_checkpoints WHERE name = $1")
@@ -468,7 +530,7 @@ impl ProjectionRunner {
                 .fetch_one(self.database.any())
                 .await?;
         let (mut position, mut events_applied) = self
-            .fill_shadow(&projection, live_at_start, progress)
+            .fill_shadow(&projection, &run, live_at_start, progress)
             .await?;
         // Compare phase: hold the live checkpoint, catch the shadow up to it, diff, and throw the shadow away.
         let mut transaction = self.database.any().begin().await?;
@@ -486,7 +548,7 @@ impl ProjectionRunner {
         }
         let mut differences = Vec::with_capacity(tables.len());
         for table in tables {
-            let shadow_table = shadow_name(table);
+            let shadow_table = run.name(table);
             let count = |left: &str, right: &str| {
                 format!("SELECT COUNT(*) FROM (SELECT * FROM {left} EXCEPT SELECT * FROM {right}) AS difference")
             };
@@ -509,7 +571,7 @@ impl ProjectionRunner {
         transaction.rollback().await?;
         let mut connection = self.database.any().acquire().await?;
         for table in tables {
-            sqlx::query(&format!("DROP TABLE IF EXISTS {}", shadow_name(table)))
+            sqlx::query(&format!("DROP TABLE IF EXISTS {}", run.name(table)))
                 .execute(&mut *connection)
                 .await?;
         }
@@ -526,14 +588,15 @@ impl ProjectionRunner {
     async fn fill_shadow(
         &self,
         projection: &Arc<dyn Projection>,
+        run: &ShadowRun,
         until: i64,
         progress: &(dyn Fn(RebuildProgress) + Send + Sync),
     ) -> Result<(i64, u64), RunnerError> {
         let tables = projection.tables();
-        let shadow = Tables::shadow(tables);
+        let shadow = run.tables(tables);
         let mut connection = self.database.any().acquire().await?;
         for table in tables {
-            create_shadow_table(&mut connection, self.database.is_postgres(), table).await?;
+            create_shadow_table(&mut connection, self.database.is_postgres(), run, table).await?;
         }
         drop(connection);
         let log = self.database.log();
@@ -578,11 +641,10 @@ pub async fn checkpoint_position(
         .await
 }
 
-/// Locks the checkpoint row for the rest of the transaction and reads it. The lock is taken with an UPDATE so that
-/// it works the same on Postgres (row lock) and SQLite (the write lock, taken before any read).
-/// Locks the projection's checkpoint for the transaction, and reads its position and status, with the log's head
+/// Locks the checkpoint row for the rest of the transaction and reads its position and status, with the log's head
 /// in the same statement (no extra round trip: the step gives it to the watermark, and reads nothing past it from
-/// memory).
+/// memory). The lock is taken with an UPDATE so that it works the same on Postgres (row lock) and SQLite (the
+/// write lock, taken before any read).
 async fn lock_checkpoint(
     transaction: &mut Transaction<'_, Any>,
     name: &str,
@@ -633,9 +695,10 @@ async fn save_checkpoint(
 async fn create_shadow_table(
     connection: &mut AnyConnection,
     postgres: bool,
+    run: &ShadowRun,
     table: &str,
 ) -> Result<(), sqlx::Error> {
-    let shadow = shadow_name(table);
+    let shadow = run.name(table);
     sqlx::query(&format!("DROP TABLE IF EXISTS {shadow}"))
         .execute(&mut *connection)
         .await?;
@@ -656,7 +719,7 @@ async fn create_shadow_table(
         .execute(&mut *connection)
         .await?;
     for (index_name, index_sql) in sqlite_indexes(connection, table).await? {
-        let renamed = rename_reference(&index_sql, "INDEX", &index_name, &shadow_name(&index_name));
+        let renamed = rename_reference(&index_sql, "INDEX", &index_name, &run.name(&index_name));
         let renamed = rename_reference(&renamed, "ON", table, &shadow);
         sqlx::query(&renamed).execute(&mut *connection).await?;
     }
@@ -667,9 +730,10 @@ async fn create_shadow_table(
 async fn swap_in_shadow_table(
     transaction: &mut Transaction<'_, Any>,
     postgres: bool,
+    run: &ShadowRun,
     table: &str,
 ) -> Result<(), sqlx::Error> {
-    let shadow = shadow_name(table);
+    let shadow = run.name(table);
     if postgres {
         sqlx::query(&format!("DROP TABLE {table}"))
             .execute(&mut **transaction)
@@ -700,12 +764,9 @@ async fn swap_in_shadow_table(
         .execute(&mut **transaction)
         .await?;
     for (index_name, index_sql) in live_indexes {
-        sqlx::query(&format!(
-            "DROP INDEX IF EXISTS {}",
-            shadow_name(&index_name)
-        ))
-        .execute(&mut **transaction)
-        .await?;
+        sqlx::query(&format!("DROP INDEX IF EXISTS {}", run.name(&index_name)))
+            .execute(&mut **transaction)
+            .await?;
         sqlx::query(&index_sql).execute(&mut **transaction).await?;
     }
     Ok(())

@@ -297,6 +297,127 @@ async fn a_projection_that_fails_stops_on_that_event_keeping_its_position_on_sql
     a_projection_that_fails_stops_on_that_event_keeping_its_position(BackendKind::Sqlite).await;
 }
 
+/// Reads every probe event's payload as this binary's shape, and fails on one it cannot read.
+struct ReadsProbes;
+
+#[async_trait]
+impl Projection for ReadsProbes {
+    fn name(&self) -> &'static str {
+        "reads_probes"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    async fn apply(
+        &self,
+        _connection: &mut AnyConnection,
+        _tables: &Tables,
+        events: &[LoggedEvent],
+    ) -> Result<(), ProjectionError> {
+        for event in events {
+            event
+                .payload_as::<whist_domain::probe::ProbeEvent>()
+                .map_err(|error| ProjectionError::unreadable(event, error))?;
+        }
+        Ok(())
+    }
+}
+
+/// During a rolling deploy a newer binary writes an event this one cannot read: this process's projection waits
+/// before it (its status says so), and the projection is not failed for the processes that can read it.
+#[tokio::test]
+async fn an_event_of_a_newer_version_makes_this_process_wait_and_fails_it_for_nobody() {
+    let test_database = TestDatabase::postgres().await;
+    let database = test_database.open().await;
+    let store = AggregateStore::<Probe>::new(&database, ());
+    store
+        .execute("before", ProbeCommand::Increment { by: 1 }, &metadata())
+        .await
+        .expect("recorded");
+    let metadata_json = serde_json::to_string(&metadata().to_map()).expect("json");
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, \
+         position) SELECT 'probe', 'newer', 1, 'ProbeIncremented', '2.0', \
+         '{\"Incremented\":{\"amount\":{\"by\":1}}}', $1::json, position + 1 FROM event_log_head",
+    )
+    .bind(&metadata_json)
+    .execute(database.any())
+    .await
+    .expect("a newer binary's event");
+    let runner = ProjectionRunner::new(database.clone(), vec![Arc::new(ReadsProbes)]);
+    runner.register().await.expect("registered");
+    assert_eq!(
+        runner.step("reads_probes").await.expect("steps"),
+        StepOutcome::Waiting
+    );
+    let status = &runner.status().await.expect("status")[0];
+    assert_eq!(status.status, "waiting");
+    assert_eq!(status.position, 1, "the event before it is applied");
+    let why = status.last_error.as_deref().expect("says why");
+    assert!(
+        why.contains("ProbeIncremented 2.0") && why.contains("does not know"),
+        "{why}"
+    );
+    let stored: (String, Option<String>) = sqlx::query_as(
+        "SELECT status, last_error FROM projection_checkpoints WHERE name = 'reads_probes'",
+    )
+    .fetch_one(database.any())
+    .await
+    .expect("reads");
+    assert_eq!(
+        stored,
+        ("running".to_string(), None),
+        "every other process still runs it"
+    );
+    let elsewhere = ProjectionRunner::new(database.clone(), vec![Arc::new(ReadsProbes)]);
+    assert_eq!(
+        elsewhere.status().await.expect("status")[0].status,
+        "running",
+        "only the process that waits says so"
+    );
+    assert_eq!(
+        runner.step("reads_probes").await.expect("steps"),
+        StepOutcome::Waiting,
+        "and it goes on waiting"
+    );
+}
+
+/// A rebuild and a verification of the same projection, at once: each fills and drops shadow tables of its own.
+#[tokio::test]
+async fn a_rebuild_and_a_verification_of_one_projection_at_once_use_tables_of_their_own() {
+    let test_database = TestDatabase::postgres().await;
+    let database = test_database.open().await;
+    load_log(&database, 30_000).await;
+    let runner = ProjectionRunner::new(
+        database.clone(),
+        vec![Arc::new(whist_projections::aggregate_index::AggregateIndex)],
+    );
+    runner.register().await.expect("registered");
+    runner
+        .catch_up("aggregate_index")
+        .await
+        .expect("catches up");
+    let (rebuilt, verified) = tokio::join!(
+        runner.rebuild("aggregate_index", &|_| {}),
+        runner.verify("aggregate_index", &|_| {})
+    );
+    rebuilt.expect("the rebuild completes");
+    let report = verified.expect("the verification completes");
+    assert_eq!(report.differences(), 0, "{report:?}");
+    let leftovers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'aggregate_index__rebuild%'",
+    )
+    .fetch_one(database.any())
+    .await
+    .expect("reads");
+    assert_eq!(
+        leftovers, 0,
+        "each run dropped or swapped in its own tables"
+    );
+}
+
 /// Loads `count` probe events with positions straight into Postgres (10 per aggregate); the head, the largest
 /// position stored, follows.
 async fn load_log(database: &Database, count: i64) {
