@@ -34,10 +34,17 @@ pub struct StoreBenchOptions {
     /// Events in the log before the timed projection rebuild.
     #[arg(long, default_value_t = 1_000_000)]
     rebuild_events: i64,
+    /// One-writer appends made while a REPEATABLE READ transaction stays open (0 skips the measurement): the
+    /// latency of the last of them against the first shows whether an open snapshot slows every append.
+    #[arg(long, default_value_t = 100_000)]
+    snapshot_appends: u64,
     /// Keep the benchmark database afterwards.
     #[arg(long)]
     keep: bool,
 }
+
+/// Appends at each end of the open-snapshot measurement whose mean latency is compared.
+const SNAPSHOT_WINDOW: u64 = 2_000;
 
 /// Aggregates each writer cycles over, so that every command loads a short history like a real one.
 const AGGREGATES_PER_WRITER: usize = 50;
@@ -143,6 +150,21 @@ async fn run_store_bench(options: &StoreBenchOptions, bench_url: &str) -> anyhow
     let Backend::Postgres(pool) = database.backend().clone() else {
         anyhow::bail!("the store benchmark needs Postgres");
     };
+    if options.snapshot_appends >= 2 * SNAPSHOT_WINDOW {
+        let (first, last) =
+            measure_appends_under_an_open_snapshot(&database, &pool, options.snapshot_appends)
+                .await?;
+        println!(
+            "{:<38} {:>8.3} ms {:>11.3} ms {:>7.2}x",
+            format!(
+                "append under a snapshot, first/last {SNAPSHOT_WINDOW} of {}",
+                options.snapshot_appends
+            ),
+            first.as_secs_f64() * 1e3,
+            last.as_secs_f64() * 1e3,
+            last.as_secs_f64() / first.as_secs_f64().max(1e-9)
+        );
+    }
     let loaded = load_synthetic_log(&pool, options.rebuild_events).await?;
     let runner = ProjectionRunner::new(database.clone(), whist_projections::all());
     runner.register().await?;
@@ -187,7 +209,7 @@ async fn run_store_bench(options: &StoreBenchOptions, bench_url: &str) -> anyhow
         verifying.elapsed(),
     );
     println!(
-        "(log loaded with {loaded} events; rebuild took {:.2} s; targets: appends >= 50% of pgbench, rebuild, export and verify >= 100000/s)",
+        "(log loaded with {loaded} events; rebuild took {:.2} s; targets: appends >= 50% of pgbench, an append under an open snapshot at the end within 2x of the start, rebuild, export and verify >= 100000/s)",
         report.elapsed.as_secs_f64()
     );
     database.close().await;
@@ -231,6 +253,43 @@ async fn measure_appends(
         task.await??;
     }
     Ok(recorded.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Makes `count` one-writer appends while another session holds a REPEATABLE READ transaction open (as a `pg_dump`
+/// or a long report does, so that no row version written meanwhile can be pruned); the mean latency of the first
+/// and of the last `SNAPSHOT_WINDOW` appends.
+async fn measure_appends_under_an_open_snapshot(
+    database: &Database,
+    pool: &sqlx::PgPool,
+    count: u64,
+) -> anyhow::Result<(Duration, Duration)> {
+    let mut snapshot = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *snapshot)
+        .await?;
+    sqlx::query("SELECT count(*) FROM events")
+        .execute(&mut *snapshot)
+        .await?;
+    let store = AggregateStore::<Probe>::new(database, ());
+    let metadata = EventMetadata::new(Actor::System, chrono::Utc::now());
+    let run_id = uuid::Uuid::new_v4();
+    let (mut first, mut last) = (Duration::ZERO, Duration::ZERO);
+    for append in 0..count {
+        let aggregate_id = format!("{run_id}-{}", append % AGGREGATES_PER_WRITER as u64);
+        let started = Instant::now();
+        store
+            .execute(&aggregate_id, ProbeCommand::Increment { by: 1 }, &metadata)
+            .await?;
+        let took = started.elapsed();
+        if append < SNAPSHOT_WINDOW {
+            first += took;
+        } else if append >= count - SNAPSHOT_WINDOW {
+            last += took;
+        }
+    }
+    snapshot.rollback().await?;
+    let window = u32::try_from(SNAPSHOT_WINDOW).unwrap_or(u32::MAX);
+    Ok((first / window, last / window))
 }
 
 /// Runs pgbench with a one-row insert script at `clients` clients; returns its transactions per second.
