@@ -6,6 +6,7 @@ pub mod moto_hosts;
 pub mod pgbouncer;
 pub mod private_postgres;
 pub mod stripe_fake;
+pub mod tcp_proxy;
 
 pub use moto_hosts::MotoHosts;
 

@@ -85,8 +85,8 @@ impl PrivatePostgres {
         Self::start_with(Some(identity)).await
     }
 
-    async fn start_with(tls: Option<&whist_adapters::tls::ServerIdentity>) -> Self {
-        let bin = binaries();
+    /// A cluster value for a new, empty folder handed to the server's user (nothing created or started yet).
+    fn unstarted() -> Self {
         let folder = tempfile::Builder::new()
             .prefix("whist-private-pg-")
             .tempdir()
@@ -97,12 +97,67 @@ impl PrivatePostgres {
             std::os::unix::fs::chown(folder.path(), Some(uid), Some(gid))
                 .expect("the folder can be handed to the postgres user");
         }
-        let cluster = Self {
+        Self {
             port: crate::free_port(),
-            bin,
+            bin: binaries(),
             folder,
             as_postgres_user,
-        };
+        }
+    }
+
+    /// An asynchronous standby of this cluster, started: a base backup taken with `pg_basebackup -R` (which makes
+    /// it stream this server's WAL as it comes, and lag whenever it is stopped), on a port and folder of its own.
+    pub async fn start_standby(&self) -> Self {
+        let standby = Self::unstarted();
+        let data = standby.data_dir();
+        let port = self.port.to_string();
+        standby
+            .run(
+                "pg_basebackup",
+                &[
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-U",
+                    "postgres",
+                    "-D",
+                    data.to_str().expect("a UTF-8 path"),
+                    "-R",
+                    "-X",
+                    "stream",
+                    "--no-sync",
+                ],
+            )
+            .await;
+        // The backup carries the primary's settings; the later lines win.
+        let settings = std::fs::read_to_string(data.join("postgresql.auto.conf"))
+            .expect("the backup's settings");
+        standby.write_owned(
+            "postgresql.auto.conf",
+            &format!(
+                "{settings}\nport = {}\nunix_socket_directories = '{}'\n",
+                standby.port,
+                standby.folder.path().display()
+            ),
+            0o600,
+        );
+        standby.start_server().await;
+        standby
+    }
+
+    /// Promotes this standby to a primary and waits until it takes writes.
+    pub async fn promote(&self) {
+        let data = self.data_dir();
+        self.run(
+            "pg_ctl",
+            &["-D", data.to_str().expect("a UTF-8 path"), "-w", "promote"],
+        )
+        .await;
+    }
+
+    async fn start_with(tls: Option<&whist_adapters::tls::ServerIdentity>) -> Self {
+        let cluster = Self::unstarted();
         let data = cluster.data_dir();
         let data = data.to_str().expect("a UTF-8 path");
         cluster

@@ -4,6 +4,7 @@
 //! scenario under a couple of minutes; `WHIST_RESILIENCE=long` (`scripts/resilience --long`) runs the long form.
 
 mod crash;
+mod failover;
 mod faults;
 mod hostile;
 mod hostile_peers;
