@@ -23,6 +23,7 @@ mod projections;
 mod release;
 mod resilience;
 mod simulated;
+mod snapshots;
 mod store;
 mod stripe;
 

@@ -15,6 +15,7 @@ use super::log::LogSignal;
 
 use super::cached_store::CachedEventStore;
 use super::postgres_repository::PostgresRepository;
+use super::snapshots::Snapshots;
 
 type PostgresStore<A> = CachedEventStore<PostgresRepository, A>;
 type SqliteStore<A> = CachedEventStore<SqliteEventRepository, A>;
@@ -80,6 +81,7 @@ where
                     PostgresRepository::new(pool.clone(), database.clone()),
                     PostgresRepository::new(pool.clone(), database.clone()),
                     REMEMBERED_AGGREGATES,
+                    Snapshots::new(database.any().clone()),
                 );
                 database.watermark().on_rewind(store.forgetter());
                 Frameworks::Postgres { store }
@@ -89,6 +91,7 @@ where
                     SqliteEventRepository::new(pool.clone()),
                     SqliteEventRepository::new(pool.clone()),
                     REMEMBERED_AGGREGATES,
+                    Snapshots::new(database.any().clone()),
                 );
                 database.watermark().on_rewind(store.forgetter());
                 Frameworks::Sqlite { store }
@@ -459,10 +462,10 @@ where
         let presumed = freshness == Freshness::PresumedNew;
         let settle = match &self.frameworks {
             Frameworks::Postgres { store, .. } => {
-                settler(store.clone(), id, after, after_version, presumed)
+                settler(store.clone(), id, after, (version, after_version), presumed)
             }
             Frameworks::Sqlite { store, .. } => {
-                settler(store.clone(), id, after, after_version, presumed)
+                settler(store.clone(), id, after, (version, after_version), presumed)
             }
         };
         unit.settle.push(settle);
@@ -554,7 +557,7 @@ fn settler<R, A>(
     store: CachedEventStore<R, A>,
     id: String,
     aggregate: A,
-    after: usize,
+    (before, after): (usize, usize),
     presumed_new: bool,
 ) -> Box<dyn FnOnce(Settled) + Send + Sync>
 where
@@ -562,7 +565,7 @@ where
     A: Aggregate + Clone + 'static,
 {
     Box::new(move |settled| match settled {
-        Settled::Committed => store.remember(&id, aggregate, after),
+        Settled::Committed => store.committed(&id, aggregate, before, after),
         Settled::Conflicted if presumed_new => store.remember_unread(&id),
         Settled::Conflicted => store.mark_conflicted(&id),
         Settled::Failed => store.forget(&id),

@@ -17,6 +17,8 @@ use cqrs_es::persist::{
 };
 use cqrs_es::{Aggregate, AggregateError, EventEnvelope, EventStore};
 
+use super::snapshots::{self, Snapshots};
+
 /// See the module documentation. Clones share the same store and memory.
 pub struct CachedEventStore<R: PersistedEventRepository, A: Aggregate> {
     shared: Arc<Shared<R, A>>,
@@ -28,6 +30,7 @@ struct Shared<R: PersistedEventRepository, A: Aggregate> {
     catch_up: R,
     cache: Mutex<HashMap<String, Remembered<A>>>,
     capacity: usize,
+    snapshots: Snapshots,
 }
 
 /// A remembered aggregate; `stale` when it may be behind the store (it is brought up to date before its next use),
@@ -55,8 +58,8 @@ where
     A: Aggregate + Clone,
 {
     /// A store over `repository` that remembers up to `capacity` aggregates; `catch_up` reads the events a stale
-    /// copy misses.
-    pub fn new(repository: R, catch_up: R, capacity: usize) -> Self {
+    /// copy misses (and those after a snapshot); `snapshots` holds the aggregates' snapshots.
+    pub(crate) fn new(repository: R, catch_up: R, capacity: usize, snapshots: Snapshots) -> Self {
         Self {
             shared: Arc::new(Shared {
                 inner: PersistedEventStore::new_event_store(repository)
@@ -64,8 +67,18 @@ where
                 catch_up,
                 cache: Mutex::new(HashMap::new()),
                 capacity,
+                snapshots,
             }),
         }
+    }
+
+    /// Remembers `aggregate` as a commit left it, from version `before` to `after`, and writes a snapshot when the
+    /// commit crossed a snapshot point.
+    pub(crate) fn committed(&self, aggregate_id: &str, aggregate: A, before: usize, after: usize) {
+        if snapshots::due(before, after) {
+            self.shared.snapshots.write(aggregate_id, after, &aggregate);
+        }
+        self.remember(aggregate_id, aggregate, after);
     }
 
     fn remembered(&self, aggregate_id: &str) -> Option<Remembered<A>> {
@@ -176,13 +189,7 @@ where
         // Events another process appended since this copy was remembered: how stale copies of each type run.
         metrics::counter!("whist_catch_up_events_total", "aggregate" => A::TYPE)
             .increment(events.len() as u64);
-        for event in events {
-            let event = DomainUpcaster.upcast_if_needed(event);
-            let payload: A::Event = serde_json::from_value(event.payload)
-                .map_err(|error| AggregateError::DeserializationError(Box::new(error)))?;
-            remembered.aggregate.apply(payload);
-            remembered.version = event.sequence;
-        }
+        remembered.version = apply_stored(&mut remembered.aggregate, remembered.version, events)?;
         self.remember(
             aggregate_id,
             remembered.aggregate.clone(),
@@ -222,6 +229,65 @@ where
         }
     }
 
+    /// The aggregate from its latest snapshot and the events after it, or from its whole history when it has no
+    /// usable snapshot; writes a snapshot when the load replayed more than [`snapshots::SNAPSHOT_EVERY`] events.
+    async fn load_from_snapshot(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<EventStoreAggregateContext<A>, AggregateError<A::Error>> {
+        let snapshot = self
+            .shared
+            .snapshots
+            .read::<A>(aggregate_id)
+            .await
+            .map_err(|error| AggregateError::DatabaseConnectionError(Box::new(error)))?;
+        let (state, version, replayed) = match snapshot {
+            Some((taken_at, state)) => {
+                // The events from the snapshot's own on: the first must be the one it was taken at, or the store
+                // no longer holds what the snapshot folded in (it was restored to an earlier state).
+                let events = self
+                    .shared
+                    .catch_up
+                    .get_last_events::<A>(aggregate_id, taken_at - 1)
+                    .await?;
+                match events.first() {
+                    Some(first) if first.sequence == taken_at => {
+                        let mut state = state;
+                        let replayed = events.len() - 1;
+                        let version =
+                            apply_stored(&mut state, taken_at, events.into_iter().skip(1))?;
+                        metrics::counter!("whist_aggregate_loads_total", "aggregate" => A::TYPE, "from" => "snapshot")
+                            .increment(1);
+                        (state, version, replayed)
+                    }
+                    _ => self.load_whole_history(aggregate_id).await?,
+                }
+            }
+            None => self.load_whole_history(aggregate_id).await?,
+        };
+        if replayed >= snapshots::SNAPSHOT_EVERY {
+            self.shared.snapshots.write(aggregate_id, version, &state);
+        }
+        Ok(EventStoreAggregateContext {
+            aggregate_id: aggregate_id.to_string(),
+            aggregate: state,
+            current_sequence: version,
+            current_snapshot: None,
+        })
+    }
+
+    /// The aggregate replayed from its first event: its state, version, and the events replayed.
+    async fn load_whole_history(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<(A, usize, usize), AggregateError<A::Error>> {
+        let context = self.shared.inner.load_aggregate(aggregate_id).await?;
+        metrics::counter!("whist_aggregate_loads_total", "aggregate" => A::TYPE, "from" => "history")
+            .increment(1);
+        let version = context.current_sequence;
+        Ok((context.aggregate, version, version))
+    }
+
     /// Loads from the database, ignoring and then refreshing the remembered copy.
     ///
     /// # Errors
@@ -230,7 +296,7 @@ where
         &self,
         aggregate_id: &str,
     ) -> Result<EventStoreAggregateContext<A>, AggregateError<A::Error>> {
-        let context = self.shared.inner.load_aggregate(aggregate_id).await?;
+        let context = self.load_from_snapshot(aggregate_id).await?;
         if context.current_sequence == 0 {
             // Nothing is remembered for an id that has no events: anyone can ask about any id, and remembering
             // each would let requests for made-up ids fill the cache and push out the aggregates that matter.
@@ -294,6 +360,23 @@ where
             }
         }
     }
+}
+
+/// Applies stored events (upcast first) to `state`, which stands at `version`; the version after the last.
+fn apply_stored<A: Aggregate>(
+    state: &mut A,
+    version: usize,
+    events: impl IntoIterator<Item = SerializedEvent>,
+) -> Result<usize, AggregateError<A::Error>> {
+    let mut version = version;
+    for event in events {
+        let event = DomainUpcaster.upcast_if_needed(event);
+        let payload: A::Event = serde_json::from_value(event.payload)
+            .map_err(|error| AggregateError::DeserializationError(Box::new(error)))?;
+        state.apply(payload);
+        version = event.sequence;
+    }
+    Ok(version)
 }
 
 /// The domain's upcasters (`whist_domain::versions`), as cqrs-es calls them when it loads an aggregate.

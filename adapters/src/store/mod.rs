@@ -11,6 +11,7 @@ mod listener;
 mod log;
 mod postgres_repository;
 mod reachability;
+pub mod snapshots;
 
 pub use aggregate_store::{AggregateStore, CommandError, Loaded, Unit, UnitError};
 pub use append_batcher::LOOP_NAME as APPEND_BATCHER_LOOP;
