@@ -13,15 +13,19 @@ use whist_domain::EventMetadata;
 use super::database::{Backend, Database};
 use super::log::LogSignal;
 
-use super::cached_store::CachedEventStore;
+use super::cached_store::{CacheBounds, CachedEventStore};
 use super::postgres_repository::PostgresRepository;
 use super::snapshots::Snapshots;
 
 type PostgresStore<A> = CachedEventStore<PostgresRepository, A>;
 type SqliteStore<A> = CachedEventStore<SqliteEventRepository, A>;
 
-/// Aggregates each store remembers between commands (see `cached_store`).
-const REMEMBERED_AGGREGATES: usize = 10_000;
+/// What each store (one per aggregate type) may remember between commands (see `cached_store`): 100,000 copies
+/// and 24 MiB of state, whichever comes first.
+const REMEMBERED: CacheBounds = CacheBounds {
+    entries: 100_000,
+    bytes: 24 << 20,
+};
 
 enum Frameworks<A: Aggregate + Clone> {
     Postgres { store: PostgresStore<A> },
@@ -80,7 +84,7 @@ where
                 let store = CachedEventStore::new(
                     PostgresRepository::new(pool.clone(), database.clone()),
                     PostgresRepository::new(pool.clone(), database.clone()),
-                    REMEMBERED_AGGREGATES,
+                    REMEMBERED,
                     Snapshots::new(database.any().clone()),
                 );
                 database.watermark().on_rewind(store.forgetter());
@@ -90,7 +94,7 @@ where
                 let store = CachedEventStore::new(
                     SqliteEventRepository::new(pool.clone()),
                     SqliteEventRepository::new(pool.clone()),
-                    REMEMBERED_AGGREGATES,
+                    REMEMBERED,
                     Snapshots::new(database.any().clone()),
                 );
                 database.watermark().on_rewind(store.forgetter());

@@ -9,7 +9,7 @@
 //! every event twice.)
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use cqrs_es::persist::{
     EventStoreAggregateContext, EventUpcaster, PersistedEventRepository, PersistedEventStore,
@@ -28,20 +28,66 @@ struct Shared<R: PersistedEventRepository, A: Aggregate> {
     inner: PersistedEventStore<R, A>,
     /// Reads only the events after a remembered version, to bring a stale copy up to date cheaply.
     catch_up: R,
-    cache: Mutex<HashMap<String, Remembered<A>>>,
-    capacity: usize,
+    cache: quick_cache::sync::Cache<String, Remembered<A>, CopyWeight>,
     snapshots: Snapshots,
+}
+
+/// How much remembering aggregates of one type may take: at most `entries` copies and `bytes` bytes of state (as
+/// the state serialises; the copy in memory is of the same order). Beyond either bound the cache forgets the copies
+/// used least recently (CLOCK-Pro), which the next command reads again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheBounds {
+    pub entries: usize,
+    pub bytes: u64,
+}
+
+/// A copy weighs its bytes, and at least the byte budget's share of one entry, so that the budget also bounds the
+/// number of copies.
+#[derive(Clone)]
+struct CopyWeight {
+    floor: u64,
+}
+
+impl<A> quick_cache::Weighter<String, Remembered<A>> for CopyWeight {
+    fn weight(&self, key: &String, remembered: &Remembered<A>) -> u64 {
+        (remembered.bytes + key.len() as u64).max(self.floor)
+    }
+}
+
+/// Counts the bytes serde writes, without keeping them.
+struct ByteCount(u64);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0 += bytes.len() as u64;
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The size of a state as it serialises.
+fn state_bytes(state: &impl serde::Serialize) -> u64 {
+    let mut count = ByteCount(0);
+    match serde_json::to_writer(&mut count, state) {
+        Ok(()) => count.0,
+        Err(_) => 0,
+    }
 }
 
 /// A remembered aggregate; `stale` when it may be behind the store (it is brought up to date before its next use),
 /// `conflicted` after an append decided on it collided: the store then holds an event after `version`, and a
-/// catch-up that finds none means the copy is ahead of the store (the log moved back), not behind it.
+/// catch-up that finds none means the copy is ahead of the store (the log moved back), not behind it. `bytes`:
+/// its state's size, its weight in the cache.
 #[derive(Clone)]
 struct Remembered<A> {
     aggregate: A,
     version: usize,
     stale: bool,
     conflicted: bool,
+    bytes: u64,
 }
 
 impl<R: PersistedEventRepository, A: Aggregate> Clone for CachedEventStore<R, A> {
@@ -57,16 +103,27 @@ where
     R: PersistedEventRepository,
     A: Aggregate + Clone,
 {
-    /// A store over `repository` that remembers up to `capacity` aggregates; `catch_up` reads the events a stale
+    /// A store over `repository` that remembers aggregates within `bounds`; `catch_up` reads the events a stale
     /// copy misses (and those after a snapshot); `snapshots` holds the aggregates' snapshots.
-    pub(crate) fn new(repository: R, catch_up: R, capacity: usize, snapshots: Snapshots) -> Self {
+    pub(crate) fn new(
+        repository: R,
+        catch_up: R,
+        bounds: CacheBounds,
+        snapshots: Snapshots,
+    ) -> Self {
+        let entries = bounds.entries.max(1);
         Self {
             shared: Arc::new(Shared {
                 inner: PersistedEventStore::new_event_store(repository)
                     .with_upcasters(vec![Box::new(DomainUpcaster)]),
                 catch_up,
-                cache: Mutex::new(HashMap::new()),
-                capacity,
+                cache: quick_cache::sync::Cache::with_weighter(
+                    entries,
+                    bounds.bytes,
+                    CopyWeight {
+                        floor: (bounds.bytes / entries as u64).max(1),
+                    },
+                ),
                 snapshots,
             }),
         }
@@ -82,19 +139,29 @@ where
     }
 
     fn remembered(&self, aggregate_id: &str) -> Option<Remembered<A>> {
-        self.shared
-            .cache
-            .lock()
-            .ok()
-            .and_then(|cache| cache.get(aggregate_id).cloned())
+        let remembered = self.shared.cache.get(aggregate_id);
+        let outcome = if remembered.is_some() { "hit" } else { "miss" };
+        metrics::counter!("whist_remembered_copies_total", "aggregate" => A::TYPE, "outcome" => outcome)
+            .increment(1);
+        remembered
     }
 
     /// Whether a copy of the aggregate is remembered (up to date or stale).
     pub(crate) fn is_remembered(&self, aggregate_id: &str) -> bool {
-        self.shared
-            .cache
-            .lock()
-            .is_ok_and(|cache| cache.contains_key(aggregate_id))
+        self.shared.cache.contains_key(aggregate_id)
+    }
+
+    /// Changes the flags of a remembered copy, if there is one. (Two changes at once may lose one: a copy marked
+    /// stale may come back unmarked only when a commit remembered it afresh, and a copy that is behind only costs
+    /// a conflict, never a wrong decision.)
+    fn mark(&self, aggregate_id: &str, change: impl FnOnce(&mut Remembered<A>)) {
+        if let Some(mut remembered) = self.shared.cache.peek(aggregate_id) {
+            change(&mut remembered);
+            let _ = self
+                .shared
+                .cache
+                .replace(aggregate_id.to_string(), remembered, true);
+        }
     }
 
     /// Remembers that the aggregate has events this process has not read (it was presumed new and was not): the
@@ -106,23 +173,17 @@ where
 
     /// Remembers `aggregate` at `version`, as committed.
     pub(crate) fn remember(&self, aggregate_id: &str, aggregate: A, version: usize) {
-        if let Ok(mut cache) = self.shared.cache.lock() {
-            if cache.len() >= self.shared.capacity && !cache.contains_key(aggregate_id) {
-                // Forget an arbitrary entry: the cache is an optimisation, any entry may go.
-                if let Some(victim) = cache.keys().next().cloned() {
-                    cache.remove(&victim);
-                }
-            }
-            cache.insert(
-                aggregate_id.to_string(),
-                Remembered {
-                    aggregate,
-                    version,
-                    stale: false,
-                    conflicted: false,
-                },
-            );
-        }
+        let bytes = state_bytes(&aggregate);
+        self.shared.cache.insert(
+            aggregate_id.to_string(),
+            Remembered {
+                aggregate,
+                version,
+                stale: false,
+                conflicted: false,
+                bytes,
+            },
+        );
     }
 
     /// A hook for the store's `LogWatermark` that forgets every aggregate this store remembers, for as long as the
@@ -135,9 +196,7 @@ where
         let shared = Arc::downgrade(&self.shared);
         move || {
             if let Some(shared) = shared.upgrade() {
-                if let Ok(mut cache) = shared.cache.lock() {
-                    cache.clear();
-                }
+                shared.cache.clear();
             }
         }
     }
@@ -145,28 +204,20 @@ where
     /// Marks a remembered copy as behind the store because an append decided on it collided: the next command
     /// first reads what it missed, and reads the aggregate whole should there be nothing after its version.
     pub fn mark_conflicted(&self, aggregate_id: &str) {
-        if let Ok(mut cache) = self.shared.cache.lock() {
-            if let Some(remembered) = cache.get_mut(aggregate_id) {
-                remembered.stale = true;
-                remembered.conflicted = true;
-            }
-        }
+        self.mark(aggregate_id, |remembered| {
+            remembered.stale = true;
+            remembered.conflicted = true;
+        });
     }
 
     /// Forgets one aggregate, so that the next command loads it whole.
     pub fn forget(&self, aggregate_id: &str) {
-        if let Ok(mut cache) = self.shared.cache.lock() {
-            cache.remove(aggregate_id);
-        }
+        self.shared.cache.remove(aggregate_id);
     }
 
     /// Marks a remembered copy as behind the store, so that the next command first reads what it missed.
     pub fn mark_stale(&self, aggregate_id: &str) {
-        if let Ok(mut cache) = self.shared.cache.lock() {
-            if let Some(remembered) = cache.get_mut(aggregate_id) {
-                remembered.stale = true;
-            }
-        }
+        self.mark(aggregate_id, |remembered| remembered.stale = true);
     }
 
     /// Brings a stale copy up to date with the events after its version (one small read instead of the whole
@@ -411,5 +462,63 @@ impl EventUpcaster for DomainUpcaster {
             Err(error) => tracing::error!(error = %error, "an old event could not be upcast"),
         }
         event
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{state_bytes, CopyWeight, Remembered};
+    use whist_domain::probe::Probe;
+
+    fn cache(
+        entries: usize,
+        bytes: u64,
+    ) -> quick_cache::sync::Cache<String, Remembered<Probe>, CopyWeight> {
+        quick_cache::sync::Cache::with_weighter(
+            entries,
+            bytes,
+            CopyWeight {
+                floor: bytes / entries as u64,
+            },
+        )
+    }
+
+    fn copy(total: u64, padding: u64) -> Remembered<Probe> {
+        let aggregate = Probe {
+            increments: 1,
+            total,
+        };
+        Remembered {
+            bytes: state_bytes(&aggregate) + padding,
+            aggregate,
+            version: 1,
+            stale: false,
+            conflicted: false,
+        }
+    }
+
+    #[test]
+    fn remembered_copies_are_bounded_by_their_number() {
+        let cache = cache(100, 1 << 20);
+        for index in 0..10_000 {
+            cache.insert(format!("probe-{index}"), copy(index, 0));
+        }
+        assert!(cache.len() <= 100, "{} copies", cache.len());
+        assert!(
+            cache.len() >= 50,
+            "the cache still remembers: {}",
+            cache.len()
+        );
+    }
+
+    #[test]
+    fn remembered_copies_are_bounded_by_their_bytes() {
+        let cache = cache(100_000, 1 << 20);
+        for index in 0..1_000 {
+            // Copies of about 64 KiB each: 16 fit in a MiB.
+            cache.insert(format!("probe-{index}"), copy(index, 64 << 10));
+        }
+        assert!(cache.weight() <= 1 << 20, "{} bytes", cache.weight());
+        assert!(cache.len() <= 16, "{} copies", cache.len());
     }
 }
