@@ -252,6 +252,8 @@ enum BenchCommand {
     /// The autoscaler's decision time over 10,000 hosts and 100,000 mandelboxes, and the reconciler's side effects
     /// per second against an EC2 API (moto on loopback), beside that API's own rate.
     Fleet(crate::bench_fleet::FleetBenchOptions),
+    /// The resident memory of a live `whist serve` tracking 100,000 hosts with 1,000,000 allocations in its log.
+    Memory(crate::bench_memory::MemoryBenchOptions),
 }
 
 /// Runs the command line; the exit code says whether the command succeeded.
@@ -438,6 +440,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench { command } => match command {
             BenchCommand::Store(options) => crate::bench::store(options).await,
             BenchCommand::Fleet(options) => crate::bench_fleet::fleet(options).await,
+            BenchCommand::Memory(options) => crate::bench_memory::memory(options).await,
         },
     }
 }

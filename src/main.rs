@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_fleet;
+mod bench_memory;
 mod cli;
 mod loadtest;
 
