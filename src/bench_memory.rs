@@ -120,9 +120,10 @@ async fn write_history(
             at,
         };
         let registered = InstanceEvent::Registered {
+            // Loopback addresses: a call planned for one of these hosts can reach nothing but this machine.
             ip: format!(
-                "10.{}.{}.{}",
-                index / 65_536 % 256,
+                "127.{}.{}.{}",
+                1 + index / 65_536 % 255,
                 index / 256 % 256,
                 index % 256
             ),
@@ -235,7 +236,7 @@ async fn run(options: &MemoryBenchOptions, url: &str) -> anyhow::Result<()> {
             .env("WHIST_DEPLOYMENT", "whist-bench-memory")
             .env("WHIST_AUTOSCALE", "false")
             .env("ENABLED_REGIONS", format!("[\"{REGION}\"]"))
-            .env("HOST_NETWORK_CIDRS", r#"["10.0.0.0/8"]"#)
+            .env("HOST_NETWORK_CIDRS", r#"["127.0.0.0/8"]"#)
             // EC2 is never called for real: a loopback port nothing listens on.
             .env(
                 "AWS_ENDPOINT_URL",

@@ -46,45 +46,51 @@ DECLARE
     appended bigint;
 BEGIN
     PERFORM pg_advisory_xact_lock(7730, 1);
-    -- A statement of its own, after the lock: it sees every event the previous holder committed.
-    SELECT coalesce(max(e.position), 0) INTO previous_head FROM events AS e;
-
-    -- Units that would leave a hole in an aggregate's sequence.
-    SELECT coalesce(array_agg(DISTINCT first_events.unit), '{}')
-      INTO refused
-      FROM (SELECT i.unit, i.aggregate_type, i.aggregate_id, min(i.sequence) AS sequence
-              FROM unnest(units, aggregate_types, aggregate_ids, sequences)
-                   AS i(unit, aggregate_type, aggregate_id, sequence)
-             GROUP BY i.unit, i.aggregate_type, i.aggregate_id) AS first_events
-     WHERE first_events.sequence > 1
-       AND NOT EXISTS (SELECT 1 FROM events AS e
-                        WHERE e.aggregate_type = first_events.aggregate_type
-                          AND e.aggregate_id = first_events.aggregate_id
-                          AND e.sequence = first_events.sequence - 1);
-
-    -- The common case: one INSERT, numbered after the head; the rows that collided are found by the positions
-    -- that were not inserted.
-    WITH input AS (
-        SELECT i.*, row_number() OVER (ORDER BY i.ordinal) AS rank
+    -- One statement, begun after the lock, so that it sees every event the previous holder committed: the head
+    -- (the largest position stored), the units that would leave a hole in an aggregate's sequence (refused), and
+    -- the INSERT of the others, numbered after the head; the rows that collided with a stored event are found by
+    -- the positions that were not inserted. (One statement, not three: each costs its own executor start.)
+    WITH stored_head AS (
+        SELECT coalesce(max(e.position), 0) AS position FROM events AS e
+    ), input AS (
+        SELECT i.*
           FROM unnest(units, aggregate_types, aggregate_ids, sequences, event_types, event_versions, payloads,
                       metadatas) WITH ORDINALITY
                AS i(unit, aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata,
                     ordinal)
-         WHERE NOT (i.unit = ANY (refused))
+    ), first_events AS (
+        SELECT unit, aggregate_type, aggregate_id, min(sequence) AS sequence
+          FROM input
+         GROUP BY unit, aggregate_type, aggregate_id
+    ), holed AS (
+        SELECT DISTINCT first_events.unit
+          FROM first_events
+         WHERE first_events.sequence > 1
+           AND NOT EXISTS (SELECT 1 FROM events AS e
+                            WHERE e.aggregate_type = first_events.aggregate_type
+                              AND e.aggregate_id = first_events.aggregate_id
+                              AND e.sequence = first_events.sequence - 1)
+    ), admitted AS (
+        SELECT input.*, row_number() OVER (ORDER BY input.ordinal) AS rank
+          FROM input
+         WHERE input.unit NOT IN (SELECT holed.unit FROM holed)
     ), inserted AS (
         INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata,
                             position)
-        SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload::json, metadata::json,
-               previous_head + rank
-          FROM input
+        SELECT admitted.aggregate_type, admitted.aggregate_id, admitted.sequence, admitted.event_type,
+               admitted.event_version, admitted.payload::json, admitted.metadata::json,
+               stored_head.position + admitted.rank
+          FROM admitted, stored_head
         ON CONFLICT (aggregate_type, aggregate_id, sequence) DO NOTHING
         RETURNING position
     )
-    SELECT coalesce(array_agg(DISTINCT input.unit) FILTER (WHERE inserted.position IS NULL), '{}'),
-           coalesce(array_agg(inserted.position) FILTER (WHERE inserted.position IS NOT NULL), '{}')
-      INTO collided, inserted_positions
-      FROM input
-      LEFT JOIN inserted ON inserted.position = previous_head + input.rank;
+    SELECT (SELECT coalesce(array_agg(holed.unit), '{}') FROM holed),
+           coalesce(array_agg(DISTINCT admitted.unit) FILTER (WHERE inserted.position IS NULL), '{}'),
+           coalesce(array_agg(inserted.position) FILTER (WHERE inserted.position IS NOT NULL), '{}'),
+           (SELECT stored_head.position FROM stored_head)
+      INTO refused, collided, inserted_positions, previous_head
+      FROM admitted
+      LEFT JOIN inserted ON inserted.position = (SELECT stored_head.position FROM stored_head) + admitted.rank;
 
     appended := cardinality(inserted_positions);
     IF cardinality(collided) > 0 THEN

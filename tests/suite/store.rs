@@ -469,6 +469,23 @@ async fn append_checked(
     .expect("appends")
 }
 
+/// A fresh Postgres database and a connection to it, for calling the append function directly; the database is
+/// dropped with the first value.
+async fn an_append_connection() -> (
+    TestDatabase,
+    sqlx::pool::PoolConnection<sqlx::Postgres>,
+    String,
+) {
+    let test_database = TestDatabase::postgres().await;
+    let database = test_database.open().await;
+    let Backend::Postgres(pool) = database.backend().clone() else {
+        unreachable!("a Postgres test database")
+    };
+    let connection = pool.acquire().await.expect("a connection");
+    let metadata_json = serde_json::to_string(&metadata().to_map()).expect("json");
+    (test_database, connection, metadata_json)
+}
+
 async fn logged_keys(connection: &mut sqlx::PgConnection) -> Vec<(String, i64, i64)> {
     sqlx::query_as("SELECT aggregate_id, sequence, position FROM events ORDER BY position")
         .fetch_all(connection)
@@ -481,13 +498,7 @@ async fn logged_keys(connection: &mut sqlx::PgConnection) -> Vec<(String, i64, i
 /// chain's seal for good).
 #[tokio::test]
 async fn two_units_wanting_one_key_in_one_call_record_one_and_report_the_other_lost() {
-    let test_database = TestDatabase::postgres().await;
-    let database = test_database.open().await;
-    let Backend::Postgres(pool) = database.backend().clone() else {
-        unreachable!("a Postgres test database")
-    };
-    let metadata_json = serde_json::to_string(&metadata().to_map()).expect("json");
-    let mut connection = pool.acquire().await.expect("a connection");
+    let (_test_database, mut connection, metadata_json) = an_append_connection().await;
     let (lost, head) = append_checked(
         &mut connection,
         &[(0, "twice", 1), (1, "twice", 1), (2, "other", 1)],
@@ -507,13 +518,7 @@ async fn two_units_wanting_one_key_in_one_call_record_one_and_report_the_other_l
 /// call numbered from is left alone.
 #[tokio::test]
 async fn a_collision_takes_back_only_the_rows_its_own_call_inserted() {
-    let test_database = TestDatabase::postgres().await;
-    let database = test_database.open().await;
-    let Backend::Postgres(pool) = database.backend().clone() else {
-        unreachable!("a Postgres test database")
-    };
-    let metadata_json = serde_json::to_string(&metadata().to_map()).expect("json");
-    let mut connection = pool.acquire().await.expect("a connection");
+    let (_test_database, mut connection, metadata_json) = an_append_connection().await;
     append_checked(&mut connection, &[(0, "taken", 1)], &metadata_json).await;
     // An event written straight into the table, far above the head (a restore, a hand repair).
     sqlx::query(
@@ -547,13 +552,7 @@ async fn a_collision_takes_back_only_the_rows_its_own_call_inserted() {
 /// unit is reported lost, and nothing of it is written.
 #[tokio::test]
 async fn an_append_that_would_leave_a_hole_in_a_sequence_is_refused_whole() {
-    let test_database = TestDatabase::postgres().await;
-    let database = test_database.open().await;
-    let Backend::Postgres(pool) = database.backend().clone() else {
-        unreachable!("a Postgres test database")
-    };
-    let metadata_json = serde_json::to_string(&metadata().to_map()).expect("json");
-    let mut connection = pool.acquire().await.expect("a connection");
+    let (_test_database, mut connection, metadata_json) = an_append_connection().await;
     append_checked(&mut connection, &[(0, "short", 1)], &metadata_json).await;
     let (lost, head) = append_checked(
         &mut connection,
