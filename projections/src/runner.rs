@@ -219,7 +219,7 @@ impl ProjectionRunner {
             return Ok(StepOutcome::Stopped);
         }
         let events = log
-            .read_after_in(&mut *transaction, position, self.batch_size, head)
+            .read_after_in(&mut *transaction, position, self.batch_size)
             .await?;
         let Some(last) = events.last() else {
             transaction.rollback().await?;
@@ -642,8 +642,7 @@ pub async fn checkpoint_position(
 }
 
 /// Locks the checkpoint row for the rest of the transaction and reads its position and status, with the log's head
-/// in the same statement (no extra round trip: the step gives it to the watermark, and reads nothing past it from
-/// memory). The lock is taken with an UPDATE so that it works the same on Postgres (row lock) and SQLite (the
+/// in the same statement (no extra round trip: the step gives it to the watermark before it reads on). The lock is taken with an UPDATE so that it works the same on Postgres (row lock) and SQLite (the
 /// write lock, taken before any read).
 async fn lock_checkpoint(
     transaction: &mut Transaction<'_, Any>,

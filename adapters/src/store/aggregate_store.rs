@@ -85,7 +85,7 @@ where
                     PostgresRepository::new(pool.clone(), database.clone()),
                     PostgresRepository::new(pool.clone(), database.clone()),
                     REMEMBERED,
-                    Snapshots::new(database.any().clone()),
+                    Snapshots::new(database.backend().clone()),
                 );
                 database.watermark().on_rewind(store.forgetter());
                 Frameworks::Postgres { store }
@@ -95,7 +95,7 @@ where
                     SqliteEventRepository::new(pool.clone()),
                     SqliteEventRepository::new(pool.clone()),
                     REMEMBERED,
-                    Snapshots::new(database.any().clone()),
+                    Snapshots::new(database.backend().clone()),
                 );
                 database.watermark().on_rewind(store.forgetter());
                 Frameworks::Sqlite { store }

@@ -118,9 +118,9 @@ impl EventLog {
     /// holds the next event, else read through `executor` (and kept for the next reader). Every projection of a
     /// process reads the same new events; the first reads them from the database, the others from memory. A read
     /// from memory may return fewer events than the database holds (the reader asks again); never other ones:
-    /// positions have no gaps and a stored event never changes. `head` is the head the caller read in the same
-    /// transaction (and gave to the watermark, which forgets the stretch should the log have moved back): nothing
-    /// after it is served from memory.
+    /// positions have no gaps and a stored event never changes. What is read from the store raises the watermark,
+    /// so that the stretch never holds an event past what the process has seen: should the log move back below it,
+    /// the next head read drops the stretch before anything in it is served again.
     ///
     /// # Errors
     /// The database failed, or a row does not have the log's shape.
@@ -129,16 +129,22 @@ impl EventLog {
         executor: E,
         after: i64,
         limit: i64,
-        head: i64,
     ) -> Result<Vec<LoggedEvent>, sqlx::Error>
     where
         E: Executor<'c, Database = Any>,
     {
         let recent = &self.watermark.inner.recent;
-        if let Some(events) = recent.after(after, limit.min(head - after)) {
+        if let Some(events) = recent.after(after, limit) {
             return Ok(events);
         }
         let events = Self::read_after_with(executor, after, limit).await?;
+        // What is read from the store has been seen: a head found below it later is a log that moved back.
+        if let Some(last) = events.last() {
+            self.watermark
+                .inner
+                .highest
+                .fetch_max(last.position, std::sync::atomic::Ordering::SeqCst);
+        }
         recent.keep(after, &events);
         Ok(events)
     }

@@ -8,7 +8,8 @@
 //! sequence with other events, or none). The events after a snapshot are upcast as every read upcasts them.
 
 use cqrs_es::Aggregate;
-use sqlx::AnyPool;
+
+use super::database::Backend;
 
 /// Events between two snapshots of one aggregate: a cold load reads at most this many events after the latest one.
 pub const SNAPSHOT_EVERY: usize = 500;
@@ -23,14 +24,41 @@ pub fn due(before: usize, after: usize) -> bool {
     after / SNAPSHOT_EVERY > before / SNAPSHOT_EVERY
 }
 
-/// Reads and writes snapshots in the store's database (either backend).
+/// Reads and writes snapshots in the store's database, through the pool its events are read through (so that a
+/// cold load takes connections from one pool only).
 #[derive(Clone, Debug)]
 pub(crate) struct Snapshots {
-    pool: AnyPool,
+    pool: Backend,
+}
+
+const READ: &str = "SELECT sequence, state FROM aggregate_snapshots \
+                    WHERE aggregate_type = $1 AND aggregate_id = $2 AND state_version = $3";
+
+const WRITE: &str = "INSERT INTO aggregate_snapshots (aggregate_type, aggregate_id, sequence, state_version, state) \
+                     VALUES ($1, $2, $3, $4, $5) \
+                     ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
+                     SET sequence = excluded.sequence, state_version = excluded.state_version, state = excluded.state \
+                     WHERE aggregate_snapshots.sequence < excluded.sequence \
+                        OR aggregate_snapshots.state_version <> excluded.state_version";
+
+/// Runs `$run` with `$query` bound to whichever pool `$backend` holds (the same code for both backends).
+macro_rules! on_backend {
+    ($backend:expr, |$query:ident| $run:expr) => {
+        match $backend {
+            Backend::Postgres(pool) => {
+                let $query = pool;
+                $run
+            }
+            Backend::Sqlite(pool) => {
+                let $query = pool;
+                $run
+            }
+        }
+    };
 }
 
 impl Snapshots {
-    pub(crate) fn new(pool: AnyPool) -> Self {
+    pub(crate) fn new(pool: Backend) -> Self {
         Self { pool }
     }
 
@@ -43,15 +71,14 @@ impl Snapshots {
         &self,
         aggregate_id: &str,
     ) -> Result<Option<(usize, A)>, sqlx::Error> {
-        let row: Option<(i64, String)> = sqlx::query_as(
-            "SELECT sequence, state FROM aggregate_snapshots \
-             WHERE aggregate_type = $1 AND aggregate_id = $2 AND state_version = $3",
-        )
-        .bind(A::TYPE)
-        .bind(aggregate_id)
-        .bind(STATE_VERSION)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<(i64, String)> = on_backend!(&self.pool, |pool| {
+            sqlx::query_as(READ)
+                .bind(A::TYPE)
+                .bind(aggregate_id)
+                .bind(STATE_VERSION)
+                .fetch_optional(pool)
+                .await?
+        });
         let Some((sequence, state)) = row else {
             return Ok(None);
         };
@@ -85,24 +112,22 @@ impl Snapshots {
             return;
         };
         runtime.spawn(async move {
-            let written = sqlx::query(
-                "INSERT INTO aggregate_snapshots (aggregate_type, aggregate_id, sequence, state_version, state) \
-                 VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
-                 SET sequence = excluded.sequence, state_version = excluded.state_version, state = excluded.state \
-                 WHERE aggregate_snapshots.sequence < excluded.sequence \
-                    OR aggregate_snapshots.state_version <> excluded.state_version",
-            )
-            .bind(A::TYPE)
-            .bind(&aggregate_id)
-            .bind(sequence)
-            .bind(STATE_VERSION)
-            .bind(state)
-            .execute(&pool)
-            .await;
+            let written = on_backend!(&pool, |pool| {
+                sqlx::query(WRITE)
+                    .bind(A::TYPE)
+                    .bind(&aggregate_id)
+                    .bind(sequence)
+                    .bind(STATE_VERSION)
+                    .bind(&state)
+                    .execute(pool)
+                    .await
+                    .map(|_| ())
+            });
             match written {
-                Ok(_) => metrics::counter!("whist_snapshots_written_total", "aggregate" => A::TYPE)
-                    .increment(1),
+                Ok(()) => {
+                    metrics::counter!("whist_snapshots_written_total", "aggregate" => A::TYPE)
+                        .increment(1)
+                }
                 Err(error) => tracing::warn!(aggregate = A::TYPE, aggregate_id, error = %error,
                     "a snapshot could not be written"),
             }
