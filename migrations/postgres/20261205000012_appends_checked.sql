@@ -35,7 +35,8 @@ CREATE FUNCTION whist_append_units_checked(
 ) RETURNS TABLE (lost bigint[], head bigint)
 LANGUAGE plpgsql VOLATILE
 -- Every lookup below is by key (the primary key, `events_by_position`): a plan cached while the table was small
--- must not scan the whole table once it has grown.
+-- must not scan the whole table once it has grown (a hash anti-join over the whole primary key did, until the
+-- predecessor probe became a LATERAL subquery).
 SET enable_seqscan = off
 AS $$
 DECLARE
@@ -63,13 +64,18 @@ BEGIN
           FROM input
          GROUP BY unit, aggregate_type, aggregate_id
     ), holed AS (
+        -- One probe of the primary key per aggregate, by a LATERAL subquery: it can only run once per row, so no
+        -- plan (a generic one cached while the table was small included) can turn it into a scan of the table.
         SELECT DISTINCT first_events.unit
           FROM first_events
-         WHERE first_events.sequence > 1
-           AND NOT EXISTS (SELECT 1 FROM events AS e
-                            WHERE e.aggregate_type = first_events.aggregate_type
-                              AND e.aggregate_id = first_events.aggregate_id
-                              AND e.sequence = first_events.sequence - 1)
+          LEFT JOIN LATERAL (
+                SELECT 1 AS stored
+                  FROM events AS e
+                 WHERE e.aggregate_type = first_events.aggregate_type
+                   AND e.aggregate_id = first_events.aggregate_id
+                   AND e.sequence = first_events.sequence - 1
+                 LIMIT 1) AS predecessor ON true
+         WHERE first_events.sequence > 1 AND predecessor.stored IS NULL
     ), admitted AS (
         SELECT input.*, row_number() OVER (ORDER BY input.ordinal) AS rank
           FROM input

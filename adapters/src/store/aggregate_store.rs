@@ -571,7 +571,7 @@ where
     Box::new(move |settled| match settled {
         Settled::Committed => store.committed(&id, aggregate, before, after),
         Settled::Conflicted if presumed_new => store.remember_unread(&id),
-        Settled::Conflicted => store.mark_conflicted(&id),
+        Settled::Conflicted => store.mark_stale(&id),
         Settled::Failed => store.forget(&id),
     })
 }

@@ -78,15 +78,12 @@ fn state_bytes(state: &impl serde::Serialize) -> u64 {
 }
 
 /// A remembered aggregate; `stale` when it may be behind the store (it is brought up to date before its next use),
-/// `conflicted` after an append decided on it collided: the store then holds an event after `version`, and a
-/// catch-up that finds none means the copy is ahead of the store (the log moved back), not behind it. `bytes`:
-/// its state's size, its weight in the cache.
+/// `bytes`: its state's size, its weight in the cache.
 #[derive(Clone)]
 struct Remembered<A> {
     aggregate: A,
     version: usize,
     stale: bool,
-    conflicted: bool,
     bytes: u64,
 }
 
@@ -180,7 +177,6 @@ where
                 aggregate,
                 version,
                 stale: false,
-                conflicted: false,
                 bytes,
             },
         );
@@ -201,15 +197,6 @@ where
         }
     }
 
-    /// Marks a remembered copy as behind the store because an append decided on it collided: the next command
-    /// first reads what it missed, and reads the aggregate whole should there be nothing after its version.
-    pub fn mark_conflicted(&self, aggregate_id: &str) {
-        self.mark(aggregate_id, |remembered| {
-            remembered.stale = true;
-            remembered.conflicted = true;
-        });
-    }
-
     /// Forgets one aggregate, so that the next command loads it whole.
     pub fn forget(&self, aggregate_id: &str) {
         self.shared.cache.remove(aggregate_id);
@@ -221,21 +208,26 @@ where
     }
 
     /// Brings a stale copy up to date with the events after its version (one small read instead of the whole
-    /// history), upcast as a full load would.
+    /// history), upcast as a full load would. The read starts at the copy's own last event: when the store no
+    /// longer holds it, the copy is ahead of the store (the log moved back), and only the whole history tells what
+    /// the aggregate is now.
     async fn catch_up(
         &self,
         aggregate_id: &str,
         mut remembered: Remembered<A>,
     ) -> Result<EventStoreAggregateContext<A>, AggregateError<A::Error>> {
-        let events = self
+        let mut events = self
             .shared
             .catch_up
-            .get_last_events::<A>(aggregate_id, remembered.version)
+            .get_last_events::<A>(aggregate_id, remembered.version.saturating_sub(1))
             .await?;
-        if events.is_empty() && remembered.conflicted {
-            // An append after this version collided, yet the store has nothing after it: the copy holds events
-            // the store lost (the log moved back). Only the whole history tells what the aggregate is now.
-            return self.load_fresh(aggregate_id).await;
+        if remembered.version > 0 {
+            match events.first() {
+                Some(last_known) if last_known.sequence == remembered.version => {
+                    events.remove(0);
+                }
+                _ => return self.load_fresh(aggregate_id).await,
+            }
         }
         // Events another process appended since this copy was remembered: how stale copies of each type run.
         metrics::counter!("whist_catch_up_events_total", "aggregate" => A::TYPE)
@@ -402,7 +394,7 @@ where
                 Ok(committed)
             }
             Err(AggregateError::AggregateConflict) => {
-                self.mark_conflicted(&aggregate_id);
+                self.mark_stale(&aggregate_id);
                 Err(AggregateError::AggregateConflict)
             }
             Err(error) => {
@@ -493,7 +485,6 @@ mod tests {
             aggregate,
             version: 1,
             stale: false,
-            conflicted: false,
         }
     }
 
