@@ -207,44 +207,59 @@ where
         self.mark(aggregate_id, |remembered| remembered.stale = true);
     }
 
-    /// Brings a stale copy up to date with the events after its version (one small read instead of the whole
-    /// history), upcast as a full load would. The read starts at the copy's own last event: when the store no
-    /// longer holds it, the copy is ahead of the store (the log moved back), and only the whole history tells what
-    /// the aggregate is now.
-    async fn catch_up(
+    /// Carries `state`, known at `version`, on to the store's last event (upcast as a full load would): the state,
+    /// its version and the events applied. The read starts at the event at `version` itself: `None` when the store
+    /// no longer holds it (the log moved back below what `state` folded in), and then only the whole history tells
+    /// what the aggregate is. At version 0 every stored event is applied.
+    async fn continue_from(
         &self,
         aggregate_id: &str,
-        mut remembered: Remembered<A>,
-    ) -> Result<EventStoreAggregateContext<A>, AggregateError<A::Error>> {
+        mut state: A,
+        version: usize,
+    ) -> Result<Option<(A, usize, usize)>, AggregateError<A::Error>> {
         let mut events = self
             .shared
             .catch_up
-            .get_last_events::<A>(aggregate_id, remembered.version.saturating_sub(1))
+            .get_last_events::<A>(aggregate_id, version.saturating_sub(1))
             .await?;
-        if remembered.version > 0 {
+        if version > 0 {
             match events.first() {
-                Some(last_known) if last_known.sequence == remembered.version => {
+                Some(known) if known.sequence == version => {
                     events.remove(0);
                 }
-                _ => return self.load_fresh(aggregate_id).await,
+                _ => return Ok(None),
             }
         }
+        let applied = events.len();
+        let version = apply_stored(&mut state, version, events)?;
+        Ok(Some((state, version, applied)))
+    }
+
+    /// Brings a stale copy up to date with the events after its version (one small read instead of the whole
+    /// history), or reads the aggregate whole when the store no longer holds the copy's last event.
+    async fn catch_up(
+        &self,
+        aggregate_id: &str,
+        remembered: Remembered<A>,
+    ) -> Result<EventStoreAggregateContext<A>, AggregateError<A::Error>> {
+        let Some((state, version, applied)) = self
+            .continue_from(aggregate_id, remembered.aggregate, remembered.version)
+            .await?
+        else {
+            return self.load_fresh(aggregate_id).await;
+        };
         // Events another process appended since this copy was remembered: how stale copies of each type run.
         metrics::counter!("whist_catch_up_events_total", "aggregate" => A::TYPE)
-            .increment(events.len() as u64);
-        remembered.version = apply_stored(&mut remembered.aggregate, remembered.version, events)?;
-        self.remember(
-            aggregate_id,
-            remembered.aggregate.clone(),
-            remembered.version,
-        );
+            .increment(applied as u64);
+        self.remember(aggregate_id, state.clone(), version);
         Ok(EventStoreAggregateContext {
             aggregate_id: aggregate_id.to_string(),
-            aggregate: remembered.aggregate,
-            current_sequence: remembered.version,
+            aggregate: state,
+            current_sequence: version,
             current_snapshot: None,
         })
     }
+
     /// The remembered copy (read whole on a miss, brought up to date when marked stale), and whether it was read
     /// from the database just now (then it is as fresh as a read can be).
     pub(crate) async fn load_read(
@@ -284,27 +299,15 @@ where
             .read::<A>(aggregate_id)
             .await
             .map_err(|error| AggregateError::DatabaseConnectionError(Box::new(error)))?;
-        let (state, version, replayed) = match snapshot {
-            Some((taken_at, state)) => {
-                // The events from the snapshot's own on: the first must be the one it was taken at, or the store
-                // no longer holds what the snapshot folded in (it was restored to an earlier state).
-                let events = self
-                    .shared
-                    .catch_up
-                    .get_last_events::<A>(aggregate_id, taken_at - 1)
-                    .await?;
-                match events.first() {
-                    Some(first) if first.sequence == taken_at => {
-                        let mut state = state;
-                        let replayed = events.len() - 1;
-                        let version =
-                            apply_stored(&mut state, taken_at, events.into_iter().skip(1))?;
-                        metrics::counter!("whist_aggregate_loads_total", "aggregate" => A::TYPE, "from" => "snapshot")
-                            .increment(1);
-                        (state, version, replayed)
-                    }
-                    _ => self.load_whole_history(aggregate_id).await?,
-                }
+        let from_snapshot = match snapshot {
+            Some((taken_at, state)) => self.continue_from(aggregate_id, state, taken_at).await?,
+            None => None,
+        };
+        let (state, version, replayed) = match from_snapshot {
+            Some(loaded) => {
+                metrics::counter!("whist_aggregate_loads_total", "aggregate" => A::TYPE, "from" => "snapshot")
+                    .increment(1);
+                loaded
             }
             None => self.load_whole_history(aggregate_id).await?,
         };
