@@ -15,16 +15,23 @@ use whist_domain::probe::{Probe, ProbeCommand};
 use whist_domain::{Actor, EventMetadata};
 use whist_projections::ProjectionRunner;
 
-/// Options of `whist bench store`.
+/// The Postgres server a benchmark or the load test makes a database of its own on (and drops afterwards).
 #[derive(Debug, clap::Args)]
-pub struct StoreBenchOptions {
-    /// A Postgres server URL; the benchmark creates (and afterwards drops) its own database there.
+pub struct BenchServer {
+    /// A Postgres server URL; the command creates (and afterwards drops) its own database there.
     #[arg(
         long,
         env = "BENCH_DATABASE_URL",
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
-    database_url: String,
+    pub database_url: String,
+}
+
+/// Options of `whist bench store`.
+#[derive(Debug, clap::Args)]
+pub struct StoreBenchOptions {
+    #[command(flatten)]
+    server: crate::bench::BenchServer,
     /// Seconds each append measurement (and each pgbench run) lasts.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
@@ -54,7 +61,7 @@ const SNAPSHOT_WINDOW: u64 = 2_000;
 const AGGREGATES_PER_WRITER: usize = 50;
 
 pub async fn store(options: StoreBenchOptions) -> anyhow::Result<()> {
-    let scratch = ScratchDatabase::create(&options.database_url, "whist_bench").await?;
+    let scratch = ScratchDatabase::create(&options.server.database_url, "whist_bench").await?;
     let outcome = run_store_bench(&options, &scratch.url).await;
     if !options.keep {
         scratch.drop_it().await?;

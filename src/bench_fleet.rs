@@ -23,13 +23,8 @@ use whist_projections::ProjectionRunner;
 /// Options of `whist bench fleet`.
 #[derive(Debug, clap::Args)]
 pub struct FleetBenchOptions {
-    /// A Postgres server URL; the benchmark creates (and afterwards drops) its own database there.
-    #[arg(
-        long,
-        env = "BENCH_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
+    #[command(flatten)]
+    server: crate::bench::BenchServer,
     /// EC2 API to launch on; unset, `moto_server` is started on a free loopback port.
     #[arg(long)]
     aws_endpoint_url: Option<String>,
@@ -93,13 +88,13 @@ pub async fn fleet(options: FleetBenchOptions) -> anyhow::Result<()> {
     let database_name = format!("whist_bench_fleet_{}", std::process::id());
     let admin = PgPoolOptions::new()
         .max_connections(1)
-        .connect(&options.database_url)
+        .connect(&options.server.database_url)
         .await
         .context("Failed to connect to the Postgres server named by --database-url")?;
     admin
         .execute(format!("CREATE DATABASE {database_name}").as_str())
         .await?;
-    let url = crate::bench::with_database(&options.database_url, &database_name);
+    let url = crate::bench::with_database(&options.server.database_url, &database_name);
     let outcome = run(&options, &url, &endpoint, &regions).await;
     admin
         .execute(format!("DROP DATABASE IF EXISTS {database_name} WITH (FORCE)").as_str())

@@ -15,13 +15,8 @@ use whist_domain::{Actor, EventMetadata};
 /// Options of `whist bench memory`.
 #[derive(Debug, clap::Args)]
 pub struct MemoryBenchOptions {
-    /// A Postgres server URL; the benchmark creates (and afterwards drops) its own database there.
-    #[arg(
-        long,
-        env = "BENCH_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
+    #[command(flatten)]
+    server: crate::bench::BenchServer,
     /// Hosts in the log, each launched and registered, and heard from once.
     #[arg(long, default_value_t = 100_000)]
     hosts: usize,
@@ -42,7 +37,8 @@ const ROWS_PER_STATEMENT: usize = 20_000;
 
 pub async fn memory(options: MemoryBenchOptions) -> anyhow::Result<()> {
     let scratch =
-        crate::bench::ScratchDatabase::create(&options.database_url, "whist_bench_memory").await?;
+        crate::bench::ScratchDatabase::create(&options.server.database_url, "whist_bench_memory")
+            .await?;
     let outcome = run(&options, &scratch.url).await;
     scratch.drop_it().await?;
     outcome

@@ -17,13 +17,8 @@ use whist_domain::{Actor, EventMetadata};
 /// Options of `whist loadtest`.
 #[derive(Debug, clap::Args)]
 pub struct LoadTestOptions {
-    /// A Postgres server URL; the load test creates (and afterwards drops) its own database there.
-    #[arg(
-        long,
-        env = "BENCH_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
+    #[command(flatten)]
+    server: crate::bench::BenchServer,
     /// Concurrent desktop clients (and heartbeat senders).
     #[arg(long, default_value_t = 64)]
     clients: usize,
@@ -57,7 +52,7 @@ pub fn free_port() -> anyhow::Result<u16> {
 
 pub async fn run(options: LoadTestOptions) -> anyhow::Result<()> {
     let scratch =
-        crate::bench::ScratchDatabase::create(&options.database_url, "whist_load").await?;
+        crate::bench::ScratchDatabase::create(&options.server.database_url, "whist_load").await?;
     let outcome = load(&options, &scratch.url).await;
     scratch.drop_it().await?;
     outcome
