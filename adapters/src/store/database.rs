@@ -58,13 +58,23 @@ impl SessionLimits {
     const APPLY: &'static str = "SELECT set_config('statement_timeout', $1, false), \
          set_config('lock_timeout', $2, false), set_config('idle_in_transaction_session_timeout', $3, false)";
 
-    fn milliseconds(&self) -> [String; 3] {
-        [
+    /// The statement that applies the limits, with its parameters bound, for either driver.
+    fn apply<'q, DB: sqlx::Database>(
+        self,
+    ) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+    where
+        String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    {
+        let [statement, lock, idle] = [
             self.statement_timeout,
             self.lock_timeout,
             self.idle_in_transaction_timeout,
         ]
-        .map(|limit| limit.as_millis().to_string())
+        .map(|limit| limit.as_millis().to_string());
+        sqlx::query(Self::APPLY)
+            .bind(statement)
+            .bind(lock)
+            .bind(idle)
     }
 }
 
@@ -210,25 +220,13 @@ impl Database {
         // statement anyway, which callers already treat as a store failure. The limits are set once per session
         // (not as startup parameters, which a pooler may refuse).
         let reachability = Reachability::probing(options.clone());
-        let [statement, lock, idle] = pools.limits.milliseconds();
+        let limits = pools.limits;
         let pool = PgPoolOptions::new()
             .max_connections(pools.max_connections)
             .test_before_acquire(false)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .after_connect({
-                let [statement, lock, idle] = [statement.clone(), lock.clone(), idle.clone()];
-                move |connection, _| {
-                    let [statement, lock, idle] = [statement.clone(), lock.clone(), idle.clone()];
-                    Box::pin(async move {
-                        sqlx::query(SessionLimits::APPLY)
-                            .bind(statement)
-                            .bind(lock)
-                            .bind(idle)
-                            .execute(&mut *connection)
-                            .await?;
-                        Ok(())
-                    })
-                }
+            .after_connect(move |connection, _| {
+                Box::pin(async move { limits.apply().execute(connection).await.map(|_| ()) })
             })
             .connect_with(options)
             .await
@@ -238,16 +236,7 @@ impl Database {
             .test_before_acquire(false)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_connect(move |connection, _| {
-                let [statement, lock, idle] = [statement.clone(), lock.clone(), idle.clone()];
-                Box::pin(async move {
-                    sqlx::query(SessionLimits::APPLY)
-                        .bind(statement)
-                        .bind(lock)
-                        .bind(idle)
-                        .execute(&mut *connection)
-                        .await?;
-                    Ok(())
-                })
+                Box::pin(async move { limits.apply().execute(connection).await.map(|_| ()) })
             })
             .connect(url)
             .await
