@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use whist_adapters::store::{AggregateStore, Backend, CommandError, LoggedEvent, Unit, UnitError};
+use whist_adapters::store::{
+    AggregateStore, Backend, CommandError, Database, LoggedEvent, Unit, UnitError,
+};
 use whist_domain::probe::{Probe, ProbeCommand, ProbeError};
 use whist_domain::{Actor, EventMetadata};
 use whist_tests::{BackendKind, TestDatabase};
@@ -1001,4 +1003,40 @@ async fn concurrent_units_conserve_what_they_move_on_postgres() {
 #[tokio::test]
 async fn concurrent_units_conserve_what_they_move_on_sqlite() {
     concurrent_units_conserve_what_they_move(BackendKind::Sqlite).await;
+}
+
+/// Every session of both of the store's pools carries the limits, so that one stalled holder cannot freeze the
+/// others: a statement, a lock wait, or a transaction left open by a process that stopped.
+#[tokio::test]
+async fn every_store_session_carries_its_timeouts() {
+    let test_database = TestDatabase::postgres().await;
+    let database = Database::connect(
+        test_database.url.as_deref(),
+        test_database.data_dir.path(),
+        whist_adapters::store::PoolSettings {
+            max_connections: 2,
+            limits: whist_adapters::store::SessionLimits {
+                statement_timeout: Duration::from_secs(61),
+                lock_timeout: Duration::from_millis(2_500),
+                idle_in_transaction_timeout: Duration::from_secs(31),
+            },
+        },
+    )
+    .await
+    .expect("connects");
+    let Backend::Postgres(pool) = database.backend().clone() else {
+        unreachable!("a Postgres test database")
+    };
+    let limits = "SELECT current_setting('statement_timeout') || ' ' || current_setting('lock_timeout') || ' ' \
+                  || current_setting('idle_in_transaction_session_timeout')";
+    let expected = "61s 2500ms 31s".to_string();
+    let on_backend_pool: String = sqlx::query_scalar(limits)
+        .fetch_one(&pool)
+        .await
+        .expect("reads");
+    let on_any_pool: String = sqlx::query_scalar(limits)
+        .fetch_one(database.any())
+        .await
+        .expect("reads");
+    assert_eq!((on_backend_pool, on_any_pool), (expected.clone(), expected));
 }
