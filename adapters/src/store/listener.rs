@@ -1,7 +1,7 @@
 //! How a process learns that other processes appended: Postgres `LISTEN/NOTIFY`.
 //!
-//! Every append gives its events their global positions (`whist_append_units`, migration 0008: appends are
-//! serialised by the row lock on `event_log_head` until they commit, so positions follow commit order) and sends
+//! Every append gives its events their global positions (`whist_append_units_checked`, migration 0012: appends are
+//! serialised by an advisory lock held until they commit, so positions follow commit order) and sends
 //! `NOTIFY whist_event_log`, delivered at commit. Each process listens and raises its local [`LogSignal`], so that
 //! its readers (projections, the reconciler) wake at once instead of at their next poll. This process's own appends
 //! raise the signal directly.
