@@ -57,6 +57,30 @@ pub fn state_from<D: Decide + Default>(events: impl IntoIterator<Item = D::Event
     state
 }
 
+/// Whether the state after `events` is the same when rebuilt from a snapshot taken after the first `cut` of them
+/// (the state serialised and read back, as the store keeps snapshots) and the events after it: the property every
+/// aggregate's snapshots rely on. The two states compared as they serialise.
+#[cfg(test)]
+pub(crate) fn resumes_from_a_snapshot<D>(events: &[D::Event], cut: usize) -> bool
+where
+    D: Decide + Default + serde::Serialize + serde::de::DeserializeOwned,
+    D::Event: Clone,
+{
+    let cut = cut.min(events.len());
+    let whole: D = state_from(events.iter().cloned());
+    let taken: D = state_from(events[..cut].iter().cloned());
+    let Ok(stored) = serde_json::to_string(&taken) else {
+        return false;
+    };
+    let Ok(mut resumed) = serde_json::from_str::<D>(&stored) else {
+        return false;
+    };
+    for event in &events[cut..] {
+        resumed.evolve(event.clone());
+    }
+    serde_json::to_value(&resumed).ok() == serde_json::to_value(&whole).ok()
+}
+
 /// The stored names and versions of an event type, in declaration order.
 pub trait StoredEvents {
     /// `(event_type, event_version)` of every variant.

@@ -1361,6 +1361,24 @@ mod tests {
 
     proptest! {
         #[test]
+        fn any_history_reads_the_same_from_a_snapshot_and_the_events_after_it(
+            capacity in 0u32..5,
+            commands in proptest::collection::vec(any_command(), 0..60),
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            let mut instance = Instance::default();
+            let mut events = active(capacity);
+            for event in &events {
+                instance.apply(event.clone());
+            }
+            for command in commands {
+                events.extend(decide_and_apply(&mut instance, command));
+            }
+            let cut = cut.index(events.len() + 1);
+            prop_assert!(crate::decide::resumes_from_a_snapshot::<Instance>(&events, cut));
+        }
+
+        #[test]
         fn no_sequence_of_commands_puts_a_host_over_capacity_or_feeds_a_host_that_is_not_active(
             capacity in 0u32..5,
             commands in proptest::collection::vec(any_command(), 0..60),

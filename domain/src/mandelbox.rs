@@ -481,6 +481,28 @@ mod tests {
 
     proptest! {
         #[test]
+        fn any_history_reads_the_same_from_a_snapshot_and_the_events_after_it(
+            commands in proptest::collection::vec(any_command(), 0..40),
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            let mut mandelbox = Mandelbox::default();
+            let mut events = allocated();
+            for event in &events {
+                mandelbox.apply(event.clone());
+            }
+            for command in commands {
+                if let Ok(decided) = mandelbox.decide(command) {
+                    for event in decided {
+                        mandelbox.apply(event.clone());
+                        events.push(event);
+                    }
+                }
+            }
+            let cut = cut.index(events.len() + 1);
+            prop_assert!(crate::decide::resumes_from_a_snapshot::<Mandelbox>(&events, cut));
+        }
+
+        #[test]
         fn status_only_moves_forward_and_a_dead_mandelbox_stays_dead(
             commands in proptest::collection::vec(any_command(), 0..40),
         ) {

@@ -459,6 +459,37 @@ mod tests {
     }
 
     proptest! {
+        /// Whatever facts Stripe delivered, in whatever order, the state reads the same from a snapshot taken at any
+        /// point and the events after it.
+        #[test]
+        fn any_history_reads_the_same_from_a_snapshot_and_the_events_after_it(
+            statuses in proptest::collection::vec(
+                prop_oneof![Just("active"), Just("trialing"), Just("past_due"), Just("canceled")], 1..8),
+            order in any::<proptest::sample::Index>(),
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            let mut facts: Vec<SubscriptionFact> = statuses
+                .iter()
+                .enumerate()
+                .map(|(index, status)| {
+                    let kind = if index == 0 { FactKind::Created } else { FactKind::Updated };
+                    fact(&format!("evt_{index}"), kind, 100 + index as i64, status)
+                })
+                .collect();
+            let rotation = order.index(facts.len());
+            facts.rotate_left(rotation);
+            let mut subscription = Subscription::default();
+            let mut events = Vec::new();
+            for fact in facts {
+                for event in subscription.decide(record(fact)).expect("complete facts are never refused") {
+                    subscription.apply(event.clone());
+                    events.push(event);
+                }
+            }
+            let cut = cut.index(events.len() + 1);
+            prop_assert!(crate::decide::resumes_from_a_snapshot::<Subscription>(&events, cut));
+        }
+
         /// Whatever order Stripe delivers a history in, and however often it repeats events, the state ends on the
         /// newest fact.
         #[test]
