@@ -159,7 +159,9 @@ impl HostClient {
         Ok(client)
     }
 
-    /// Sends a request built by `request` to `path` on `host`, and reads whether it succeeded.
+    /// Sends a request built by `request` to `path` on `host`, with the trace context of its own span, and reads
+    /// whether it succeeded.
+    #[tracing::instrument(name = "host call", skip_all, fields(path = path, host = %host.ip))]
     async fn call(
         &self,
         host: HostEndpoint<'_>,
@@ -168,7 +170,7 @@ impl HostClient {
     ) -> Result<(), HostCallError> {
         let url = self.url(host.ip, path)?;
         let client = self.client_for(host)?;
-        let response = request(&client, url)
+        let response = crate::trace_context::inject(request(&client, url))
             .send()
             .await
             .map_err(|error| HostCallError::Unreachable(crate::tls::error_chain(&error)))?;

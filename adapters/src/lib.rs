@@ -13,3 +13,4 @@ pub mod stripe;
 pub mod supervision;
 pub mod tls;
 pub mod tokens;
+pub mod trace_context;

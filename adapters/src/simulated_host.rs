@@ -13,6 +13,7 @@ use poem::listener::{Listener, TcpListener};
 use poem::web::{Data, Json};
 use poem::{handler, EndpointExt, Request, Route};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::tls::{Authority, ServerIdentity};
 
@@ -139,24 +140,36 @@ async fn spin_up(
     let Some(mandelbox_id) = body["mandelbox_id"].as_str().map(str::to_string) else {
         return Err(poem::Error::from_status(StatusCode::BAD_REQUEST));
     };
+    // Like a host service that traces: its work continues the webserver's trace, and so do its status reports.
+    let span = tracing::info_span!("simulated host spin-up", mandelbox_id = %mandelbox_id);
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+    };
+    crate::trace_context::continue_trace(
+        &span,
+        header(crate::trace_context::TRACEPARENT),
+        header(crate::trace_context::TRACESTATE),
+    );
     let state = state.clone();
     tokio::spawn(async move {
         for status in ["CONNECTING", "RUNNING"] {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let token = state.auth_token.lock().ok().and_then(|token| token.clone());
             let Some(token) = token else { return };
-            let _ = state
+            let report = state
                 .http
                 .post(format!(
                     "{}/host/mandelbox/{mandelbox_id}/status",
                     state.spec.webserver_url
                 ))
                 .bearer_auth(token)
-                .json(&serde_json::json!({ "status": status }))
-                .send()
-                .await;
+                .json(&serde_json::json!({ "status": status }));
+            let _ = crate::trace_context::inject(report).send().await;
         }
-    });
+    }.instrument(span));
     Ok(Json(serde_json::json!({})))
 }
 

@@ -10,6 +10,7 @@ pub mod services;
 pub mod startup;
 pub mod state;
 pub mod telemetry;
+pub mod traces;
 pub mod workers;
 
 pub use startup::Application;

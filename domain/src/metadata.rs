@@ -78,6 +78,11 @@ pub struct EventMetadata {
     pub actor: Actor,
     pub correlation_id: String,
     pub causation_id: Option<String>,
+    /// The W3C trace context (`traceparent`) of the span that took the decision, when there was one: what the
+    /// work the decision plans (a job of the reconciler) continues, so that one trace shows a request and the side
+    /// effects it caused. Recorded, never decided on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl EventMetadata {
@@ -90,6 +95,7 @@ impl EventMetadata {
             actor,
             causation_id: Some(correlation_id.clone()),
             correlation_id,
+            traceparent: None,
         }
     }
 
@@ -113,6 +119,16 @@ impl EventMetadata {
             actor,
             correlation_id: request_id.to_string(),
             causation_id: Some(request_id.to_string()),
+            traceparent: None,
+        }
+    }
+
+    /// The same metadata, recording the trace context `traceparent` of the span taking the decision.
+    #[must_use]
+    pub fn in_trace(self, traceparent: Option<String>) -> Self {
+        Self {
+            traceparent,
+            ..self
         }
     }
 
@@ -132,12 +148,13 @@ impl EventMetadata {
             actor: self.actor.clone(),
             correlation_id: self.correlation_id.clone(),
             causation_id: Some(causation_id.into()),
+            traceparent: self.traceparent.clone(),
         }
     }
 
     /// The string map cqrs-es stores as the event's metadata column.
     pub fn to_map(&self) -> HashMap<String, String> {
-        let mut map = HashMap::with_capacity(4);
+        let mut map = HashMap::with_capacity(5);
         map.insert(
             "recorded_at".to_string(),
             self.recorded_at
@@ -147,6 +164,9 @@ impl EventMetadata {
         map.insert("correlation_id".to_string(), self.correlation_id.clone());
         if let Some(causation_id) = &self.causation_id {
             map.insert("causation_id".to_string(), causation_id.clone());
+        }
+        if let Some(traceparent) = &self.traceparent {
+            map.insert("traceparent".to_string(), traceparent.clone());
         }
         map
     }
@@ -171,6 +191,7 @@ impl EventMetadata {
             actor,
             correlation_id,
             causation_id: map.get("causation_id").cloned(),
+            traceparent: map.get("traceparent").cloned(),
         })
     }
 }

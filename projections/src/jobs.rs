@@ -141,14 +141,18 @@ impl Projection for JobPlanner {
             if let Some((kind, key, payload)) = plan(event)? {
                 let payload = serde_json::to_string(&payload)
                     .map_err(|error| ProjectionError::unreadable(event, error))?;
-                // The chain the planning decision belongs to, continued by the job's outcome.
-                let correlation_id = serde_json::from_str::<serde_json::Value>(&event.metadata)
-                    .ok()
-                    .and_then(|metadata| metadata["correlation_id"].as_str().map(str::to_string));
+                // The chain the planning decision belongs to, continued by the job's outcome, and the trace of the
+                // span that took it, continued by the job's span.
+                let metadata = serde_json::from_str::<serde_json::Value>(&event.metadata).ok();
+                let field = |name: &str| {
+                    metadata
+                        .as_ref()
+                        .and_then(|metadata| metadata[name].as_str().map(str::to_string))
+                };
                 planned.push((
                     (kind, key, payload),
                     event.aggregate_id.as_str(),
-                    (correlation_id, event.position),
+                    (field("correlation_id"), event.position, field("traceparent")),
                 ));
             }
         }
@@ -157,12 +161,12 @@ impl Projection for JobPlanner {
         for chunk in planned.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO {table} (kind, job_key, aggregate_id, payload, status, attempts, run_after_ms, \
-                 claimed_until_ms, created_ms, correlation_id, planned_by) VALUES {} \
+                 claimed_until_ms, created_ms, correlation_id, planned_by, traceparent) VALUES {} \
                  ON CONFLICT (job_key) DO NOTHING",
-                values_placeholders(chunk.len(), 11)
+                values_placeholders(chunk.len(), 12)
             );
             let mut query = sqlx::query(&sql);
-            for ((kind, key, payload), aggregate_id, (correlation_id, planned_by)) in chunk {
+            for ((kind, key, payload), aggregate_id, (correlation_id, planned_by, traceparent)) in chunk {
                 query = query
                     .bind(kind.as_str())
                     .bind(format!("{}:{key}", kind.as_str()))
@@ -174,7 +178,8 @@ impl Projection for JobPlanner {
                     .bind(0i64)
                     .bind(now)
                     .bind(correlation_id.as_deref())
-                    .bind(*planned_by);
+                    .bind(*planned_by)
+                    .bind(traceparent.as_deref());
             }
             query.execute(&mut *connection).await?;
         }
@@ -199,6 +204,8 @@ pub struct Job {
     /// before jobs remembered them).
     pub correlation_id: Option<String>,
     pub planned_by: Option<i64>,
+    /// The W3C `traceparent` of the span that took the planning decision: the job's span continues that trace.
+    pub traceparent: Option<String>,
 }
 
 /// Claims up to `limit` runnable jobs of `kinds`, lowest id first, until `claimed_until_ms`: those pending whose
@@ -227,7 +234,7 @@ pub async fn claim(
          WHERE id IN (SELECT id FROM jobs WHERE status IN ('pending', 'running') \
            AND ((status = 'pending' AND run_after_ms <= $1) OR (status = 'running' AND claimed_until_ms < $1)) \
            AND kind IN ({}) ORDER BY id LIMIT $3{lock}) \
-         RETURNING id, kind, aggregate_id, payload, attempts, correlation_id, planned_by",
+         RETURNING id, kind, aggregate_id, payload, attempts, correlation_id, planned_by, traceparent",
         placeholders.join(", ")
     );
     let mut query = sqlx::query(&sql)
@@ -251,6 +258,7 @@ pub async fn claim(
                 attempts: row.try_get("attempts")?,
                 correlation_id: row.try_get("correlation_id")?,
                 planned_by: row.try_get("planned_by")?,
+                traceparent: row.try_get("traceparent")?,
             })
         })
         .collect()

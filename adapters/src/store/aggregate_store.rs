@@ -653,11 +653,23 @@ pub enum UnitError {
     Store(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
 }
 
+/// The stored metadata of a unit's events: `metadata`, with the trace context of the span recording the unit when
+/// the decision named none (the reconciler's job for a decision continues that trace).
+fn traced(metadata: &EventMetadata) -> HashMap<String, String> {
+    let mut map = metadata.to_map();
+    if metadata.traceparent.is_none() {
+        if let Some(traceparent) = crate::trace_context::current_traceparent() {
+            map.insert("traceparent".to_string(), traceparent);
+        }
+    }
+    map
+}
+
 impl Unit {
     /// An empty unit whose events will all carry `metadata`.
     pub fn new(metadata: &EventMetadata) -> Self {
         Self {
-            metadata: metadata.to_map(),
+            metadata: traced(metadata),
             events: Vec::new(),
             staged: HashSet::new(),
             settle: Vec::new(),

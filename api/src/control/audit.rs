@@ -341,6 +341,7 @@ pub fn cause_of(event: &EventRecord) -> Cause {
         actor: whist_domain::Actor::System,
         correlation_id: event.metadata.correlation_id.clone(),
         causation_id: event.metadata.causation_id.clone(),
+        traceparent: None,
     }
     .cause()
 }

@@ -119,6 +119,7 @@ pub async fn continuing(
         actor: origin.actor.clone(),
         correlation_id: chain.correlation_id,
         causation_id: Some(last.position.to_string()),
+        traceparent: origin.traceparent.clone(),
     })
 }
 

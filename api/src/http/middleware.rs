@@ -185,7 +185,20 @@ impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
             .extensions_mut()
             .insert(RequestId(request_id.clone()));
         let span = tracing::info_span!("request", request_id = %request_id, method = %method, route = %route,
-            client = %client.0);
+            client = %client.0, otel.name = %format_args!("{method} {route}"), otel.kind = "server",
+            http.response.status_code = tracing::field::Empty);
+        // A caller's (a client's, a balancer's) W3C trace context is continued: this request is a span of its trace.
+        let header = |name: &str| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+        };
+        whist_adapters::trace_context::continue_trace(
+            &span,
+            header(whist_adapters::trace_context::TRACEPARENT),
+            header(whist_adapters::trace_context::TRACESTATE),
+        );
 
         let response = async {
             if self.state.is_draining() {
@@ -226,6 +239,7 @@ impl<E: Endpoint> Endpoint for RequestContextEndpoint<E> {
         .await;
 
         let status = response.status();
+        span.record("http.response.status_code", status.as_u16());
         let elapsed = started.elapsed();
         metrics::counter!("whist_http_requests_total", "method" => method.clone(), "route" => route.clone(),
             "status" => status.as_u16().to_string())

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use tokio::sync::{watch, Mutex};
+use tracing::Instrument;
 use whist_adapters::config::CloudKind;
 use whist_adapters::ec2::{Ec2Error, LaunchRequest};
 use whist_adapters::host_client::{HostClient, HostEndpoint, SpinUp};
@@ -53,7 +54,10 @@ fn retries_until_done(kind: JobKind) -> bool {
 /// The metadata of what a job's outcome records: the chain of the decision that planned the job, caused by the
 /// event that planned it (a job planned before jobs remembered these starts a chain of its own).
 fn outcome_metadata(job: &Job) -> EventMetadata {
-    let mut metadata = EventMetadata::new(Actor::System, Utc::now());
+    // In the job's span, its own trace context; else the planning decision's.
+    let traceparent =
+        whist_adapters::trace_context::current_traceparent().or_else(|| job.traceparent.clone());
+    let mut metadata = EventMetadata::new(Actor::System, Utc::now()).in_trace(traceparent);
     if let Some(correlation_id) = &job.correlation_id {
         metadata.correlation_id = correlation_id.clone();
     }
@@ -170,8 +174,15 @@ impl Reconciler {
         Ok(())
     }
 
-    #[tracing::instrument(skip_all, fields(job = job.id, kind = %job.kind_name, aggregate_id = %job.aggregate_id, attempt = job.attempts))]
+    /// Runs `job` in a span of its own that continues the trace of the decision that planned it.
     async fn run_job(&self, job: &Job) -> Outcome {
+        let span = tracing::info_span!("job", job = job.id, kind = %job.kind_name,
+            aggregate_id = %job.aggregate_id, attempt = job.attempts);
+        whist_adapters::trace_context::continue_trace(&span, job.traceparent.as_deref(), None);
+        self.run_job_in_span(job).instrument(span).await
+    }
+
+    async fn run_job_in_span(&self, job: &Job) -> Outcome {
         let chain = &outcome_metadata(job);
         match job.kind {
             Some(JobKind::SpinUp) => self.spin_up(&job.aggregate_id, chain).await,
