@@ -2,8 +2,12 @@
 
 use std::sync::OnceLock;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 use tracing_subscriber::EnvFilter;
+
+pub mod catalogue;
 
 /// Installs the JSON log subscriber for this process (filter from `RUST_LOG`, default `info`). Safe to call more
 /// than once: later calls do nothing.
@@ -20,24 +24,41 @@ pub fn init_logs() {
         .try_init();
 }
 
-/// The process-wide Prometheus recorder (installed on first use).
+/// The process-wide Prometheus recorder (installed on first use): every metric of [`catalogue::CATALOGUE`]
+/// described (`# HELP`) and, for a histogram, with its own buckets; `whist_build_info` set to 1.
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets(&[
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                ])
-                .map(PrometheusBuilder::build_recorder)
-                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+            let recorder = prometheus_recorder();
+            catalogue::describe_all(&recorder);
             let handle = recorder.handle();
             // Another recorder may already be installed (a test harness); this handle then renders nothing new,
             // which is the right behaviour for a process that chose its own recorder.
             let _ = metrics::set_global_recorder(recorder);
+            metrics::gauge!("whist_build_info", "version" => env!("CARGO_PKG_VERSION"),
+                "git_commit" => env!("WHIST_GIT_COMMIT"))
+            .set(1.0);
             handle
         })
         .clone()
+}
+
+/// A recorder with each histogram's buckets from the catalogue. A histogram missing from it (a test fails then)
+/// still gets the seconds buckets rather than becoming a summary.
+fn prometheus_recorder() -> PrometheusRecorder {
+    let mut builder = PrometheusBuilder::new().set_buckets(catalogue::SECONDS_BUCKETS);
+    for metric in catalogue::CATALOGUE {
+        if let catalogue::Kind::Histogram(buckets) = metric.kind {
+            builder = builder.and_then(|builder| {
+                builder.set_buckets_for_metric(Matcher::Full(metric.name.to_string()), buckets)
+            });
+        }
+    }
+    // Only empty buckets are refused, and the catalogue has none.
+    builder
+        .map(PrometheusBuilder::build_recorder)
+        .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder())
 }
 
 /// An error and every cause under it, `outer: cause: root cause`, for a log field (`error = %Chain(&error)`): the

@@ -18,6 +18,7 @@ mod http;
 mod idempotency;
 mod jobs;
 mod leadership;
+mod metrics;
 mod process;
 mod projections;
 mod release;

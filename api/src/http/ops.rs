@@ -71,7 +71,7 @@ impl OpsApi {
     async fn metrics(&self, state: Data<&AppState>) -> PlainText<String> {
         if let Ok(statuses) = state.projections.status().await {
             for status in statuses {
-                metrics::gauge!("whist_projection_lag", "projection" => status.name.clone())
+                metrics::gauge!("whist_projection_lag_events", "projection" => status.name.clone())
                     .set(status.lag as f64);
             }
         }

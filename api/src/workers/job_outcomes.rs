@@ -72,7 +72,7 @@ async fn write(database: &Database, batch: Vec<(JobOutcome, Reply)>) {
     let (outcomes, replies): (Vec<JobOutcome>, Vec<Reply>) = batch.into_iter().unzip();
     match whist_projections::jobs::write_outcomes(database, &outcomes).await {
         Ok(written) => {
-            metrics::histogram!("whist_job_outcome_batch").record(outcomes.len() as f64);
+            metrics::histogram!("whist_job_outcome_batch_jobs").record(outcomes.len() as f64);
             let written: std::collections::HashSet<i64> = written.into_iter().collect();
             for (outcome, reply) in outcomes.iter().zip(replies) {
                 let _ = reply.send(Ok(written.contains(&outcome.id)));
