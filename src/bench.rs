@@ -18,7 +18,8 @@ use whist_projections::ProjectionRunner;
 /// The Postgres server a benchmark or the load test makes a database of its own on (and drops afterwards).
 #[derive(Debug, clap::Args)]
 pub struct BenchServer {
-    /// A Postgres server URL; the command creates (and afterwards drops) its own database there.
+    /// A Postgres server's URL (`postgres://USER[:PASSWORD]@HOST:PORT/DATABASE`); the command creates (and afterwards
+    /// drops) a database of its own there.
     #[arg(
         long,
         env = "BENCH_DATABASE_URL",
@@ -35,7 +36,7 @@ pub struct StoreBenchOptions {
     /// Seconds each append measurement (and each pgbench run) lasts.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// Concurrent writers to measure, comma-separated.
+    /// Numbers of concurrent writers to measure, comma-separated (`1,4,64`).
     #[arg(long, default_value = "1,4,64", value_delimiter = ',')]
     writers: Vec<usize>,
     /// Events in the log before the timed projection rebuild.

@@ -25,7 +25,8 @@ use whist_projections::ProjectionRunner;
 pub struct FleetBenchOptions {
     #[command(flatten)]
     server: crate::bench::BenchServer,
-    /// EC2 API to launch on; unset, `moto_server` is started on a free loopback port.
+    /// The URL of the EC2 API to launch on (`http://127.0.0.1:5000`); unset, `moto_server` is started on a free
+    /// loopback port.
     #[arg(long)]
     aws_endpoint_url: Option<String>,
     /// Hosts in the read model for the decision benchmark.

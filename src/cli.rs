@@ -25,9 +25,17 @@ const VERSION: &str = concat!(
     ")"
 );
 
+/// The exit codes, as the top-level help lists them (README.md's "Exit codes" says the same).
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  the command did what was asked
+  1  the command failed (the database is unreachable, a decision was refused, ...)
+  2  the command line is wrong: an unknown command or option, a missing or malformed value
+  3  a verification ran to its end and found a difference (`events verify`, `projections verify`)";
+
 /// The Whist webserver: control plane of the cloud-browser service.
 #[derive(Debug, Parser)]
-#[command(name = "whist", version = VERSION, about)]
+#[command(name = "whist", version = VERSION, about, after_help = EXIT_CODES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -96,21 +104,24 @@ enum ImagesCommand {
         /// The desktop app's commit hash these images were built for.
         #[arg(long)]
         commit_hash: String,
-        /// JSON object, region → AMI id: '{"us-east-1": "ami-…", …}'. Must name every enabled region.
-        #[arg(long)]
-        amis: String,
-        /// How long to wait for the buffers (`900s`, `15m`, or seconds).
+        /// The release's images: a JSON object of region to AMI id, '{"us-east-1": "ami-…", …}', naming every
+        /// enabled region.
+        #[arg(long, value_name = "JSON", value_parser = parse_amis)]
+        amis: BTreeMap<String, String>,
+        /// How long to wait for every buffer to be ACTIVE: `900s`, `15m`, `2h`, or a number of seconds.
         #[arg(long, default_value = "900s", value_parser = parse_duration)]
         timeout: Duration,
     },
     /// Phase 2: make the release active in every region at once and drain the hosts of older images as their
     /// mandelboxes end. Safe to rerun.
     SwapOver {
+        /// The commit hash of the release to make active, as given to `create-buffers`.
         #[arg(long)]
         commit_hash: String,
     },
     /// Undo phase 1 of a release that was not swapped over: its hosts drain and the old release keeps serving.
     Rollback {
+        /// The commit hash of the release to undo, as given to `create-buffers`.
         #[arg(long)]
         commit_hash: String,
     },
@@ -138,19 +149,86 @@ fn parse_duration(text: &str) -> Result<Duration, NotADuration> {
     Ok(Duration::from_secs(seconds))
 }
 
+/// The help of an aggregate type argument: the types the log holds.
+fn aggregate_type_help() -> String {
+    format!(
+        "The aggregate's type: {}",
+        whist_api::control::audit::AGGREGATE_TYPES.join(", ")
+    )
+}
+
+/// An `--amis` value that is not a JSON object of region to AMI id.
+#[derive(Debug, thiserror::Error)]
+#[error("must be a JSON object of region to AMI id, like '{{\"us-east-1\": \"ami-…\"}}': {0}")]
+struct NotImages(#[source] serde_json::Error);
+
+/// `{"us-east-1": "ami-…", …}`: the images of a release, by region.
+fn parse_amis(text: &str) -> Result<BTreeMap<String, String>, NotImages> {
+    serde_json::from_str(text).map_err(NotImages)
+}
+
+/// An `--as-of` value that is not an RFC 3339 moment.
+#[derive(Debug, thiserror::Error)]
+#[error("must be an RFC 3339 moment like 2026-01-31T12:00:00Z: {0}")]
+struct NotAMoment(#[source] chrono::ParseError);
+
+/// An RFC 3339 moment (`2026-01-31T12:00:00Z`, `2026-01-31T13:00:00+01:00`), in UTC.
+fn parse_moment(text: &str) -> Result<chrono::DateTime<chrono::Utc>, NotAMoment> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|moment| moment.with_timezone(&chrono::Utc))
+        .map_err(NotAMoment)
+}
+
+/// One of the aggregate types the log holds ([`whist_api::control::audit::AGGREGATE_TYPES`]); any other is refused
+/// on the command line, naming the known ones.
+fn parse_aggregate_type(text: &str) -> Result<String, whist_api::control::audit::AuditError> {
+    use whist_api::control::audit::{AuditError, AGGREGATE_TYPES};
+    if AGGREGATE_TYPES.contains(&text) {
+        Ok(text.to_string())
+    } else {
+        Err(AuditError::UnknownAggregateType(text.to_string()))
+    }
+}
+
+/// A projection name that this binary does not have.
+#[derive(Debug, thiserror::Error)]
+#[error("no projection is named {name:?} (known: {known})")]
+struct UnknownProjection {
+    name: String,
+    known: String,
+}
+
+/// The name of one of this binary's projections (`whist projections status` lists them).
+fn parse_projection_name(text: &str) -> Result<String, UnknownProjection> {
+    let names: Vec<&'static str> = whist_projections::all()
+        .iter()
+        .map(|projection| projection.name())
+        .collect();
+    if names.contains(&text) {
+        Ok(text.to_string())
+    } else {
+        Err(UnknownProjection {
+            name: text.to_string(),
+            known: names.join(", "),
+        })
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum ProjectionsCommand {
     /// Position, head, lag, status and last error of every projection.
     Status,
     /// Rebuild one projection from position 0 and swap it in atomically.
     Rebuild {
-        /// The projection's name (see `whist projections status`).
+        /// The projection's name, as `whist projections status` lists it (e.g. `instances`).
+        #[arg(value_parser = parse_projection_name)]
         name: String,
     },
-    /// Rebuild one projection into shadow tables at the live model's position and compare; exit 1 on any
+    /// Rebuild one projection into shadow tables at the live model's position and compare; exit 3 on any
     /// difference.
     Verify {
-        /// The projection's name (see `whist projections status`).
+        /// The projection's name, as `whist projections status` lists it (e.g. `instances`).
+        #[arg(value_parser = parse_projection_name)]
         name: String,
     },
 }
@@ -159,20 +237,31 @@ enum ProjectionsCommand {
 enum AdminCommand {
     /// Launch hosts in a region on its active image.
     Launch {
+        /// The region to launch in, one of the deployment's enabled regions (e.g. `us-east-1`).
         #[arg(long)]
         region: String,
+        /// How many hosts to launch.
         #[arg(long, default_value_t = 1)]
         count: u32,
-        /// Makes a retried command launch nothing new.
+        /// Any text naming this launch: run again with the same key, the command launches nothing new and prints
+        /// the same instance ids.
         #[arg(long)]
         idempotency_key: Option<String>,
     },
     /// Drain a host: no new mandelbox; it shuts down when its last one ends.
-    Drain { instance_id: String },
+    Drain {
+        /// The host's instance id, as `whist admin launch` printed it.
+        instance_id: String,
+    },
     /// Terminate a host (through its host service when it answers, and in the cloud).
-    Terminate { instance_id: String },
+    Terminate {
+        /// The host's instance id, as `whist admin launch` printed it.
+        instance_id: String,
+    },
     /// Maintenance mode: `on`, `off` or `status`.
     Maintenance {
+        /// `on` pauses new sessions (assigns answer 503, the autoscaler launches nothing), `off` resumes them,
+        /// `status` prints the mode.
         #[arg(value_parser = ["on", "off", "status"])]
         switch: String,
     },
@@ -182,36 +271,44 @@ enum AdminCommand {
 enum EventsCommand {
     /// Events of the global log after a position, as JSON Lines.
     List {
+        /// The position in the global log to list after (0: from the first event).
         #[arg(long, default_value_t = 0)]
         after: i64,
+        /// The most events to list.
         #[arg(long, default_value_t = 100)]
         limit: i64,
     },
     /// Every event of one aggregate, in sequence order, as JSON Lines.
     History {
-        /// instance, mandelbox, session, user, image_catalog, subscription or stripe_customer.
+        #[arg(help = aggregate_type_help(), value_parser = parse_aggregate_type)]
         aggregate_type: String,
+        /// The aggregate's id (an instance id, a mandelbox id, a user id, ...).
         aggregate_id: String,
     },
     /// One aggregate's state replayed from its events (all, up to --at-version, or up to --as-of).
     State {
+        #[arg(help = aggregate_type_help(), value_parser = parse_aggregate_type)]
         aggregate_type: String,
+        /// The aggregate's id (an instance id, a mandelbox id, a user id, ...).
         aggregate_id: String,
+        /// Replay the events up to and including this sequence number (the aggregate's version then).
         #[arg(long, conflicts_with = "as_of")]
         at_version: Option<i64>,
-        /// RFC 3339.
-        #[arg(long)]
-        as_of: Option<String>,
+        /// Replay the events recorded at or before this moment, in RFC 3339 (`2026-01-31T12:00:00Z`).
+        #[arg(long, value_name = "RFC3339", value_parser = parse_moment)]
+        as_of: Option<chrono::DateTime<chrono::Utc>>,
     },
     /// Every event after --after (default: all) as JSON Lines, streamed; resume with --after the last position.
     Export {
+        /// The position in the global log to export after (0: every event); a previous export prints where to
+        /// resume.
         #[arg(long, default_value_t = 0)]
         after: i64,
-        /// Write here instead of standard output.
+        /// The file to write the JSON Lines to, instead of standard output (created or truncated).
         #[arg(long)]
         output: Option<std::path::PathBuf>,
     },
-    /// Recompute the hash chain over every sealed event; exit 1 naming the first event that does not match.
+    /// Recompute the hash chain over every sealed event; exit 3 naming the first event that does not match.
     Verify,
     /// One chain (every event of one correlation id) as a tree by cause: under each event, the events it caused.
     Trace {
@@ -221,7 +318,9 @@ enum EventsCommand {
     /// Why an event happened: from one event back to its chain's root (the request and its actor, or the
     /// background pass), one line per step.
     Why {
+        #[arg(help = aggregate_type_help(), value_parser = parse_aggregate_type)]
         aggregate_type: String,
+        /// The aggregate's id (an instance id, a mandelbox id, a user id, ...).
         aggregate_id: String,
         /// The event's sequence number in its aggregate (default: the aggregate's last event).
         #[arg(long)]
@@ -256,17 +355,82 @@ enum BenchCommand {
     Memory(crate::bench_memory::MemoryBenchOptions),
 }
 
-/// Runs the command line; the exit code says whether the command succeeded.
+/// How `whist` ends: one exit code each, listed in the top-level help ([`EXIT_CODES`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// The command did what was asked (0).
+    Success,
+    /// The command failed (1).
+    Failure,
+    /// The command line is wrong (2): clap's own refusals and the values our parsers refuse.
+    Usage,
+    /// A verification ran to its end and found a [`Difference`] (3).
+    Difference,
+}
+
+impl Exit {
+    /// How a command that failed with `error` ends: a [`Difference`] anywhere in its chain is one, any other
+    /// error a failure.
+    fn of(error: &anyhow::Error) -> Self {
+        if error.chain().any(|cause| cause.is::<Difference>()) {
+            Self::Difference
+        } else {
+            Self::Failure
+        }
+    }
+
+    /// How a command line that clap did not accept ends: `--help` and `--version` succeed, anything else is a
+    /// usage error.
+    fn of_parse(error: &clap::Error) -> Self {
+        if error.use_stderr() {
+            Self::Usage
+        } else {
+            Self::Success
+        }
+    }
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> Self {
+        ExitCode::from(match exit {
+            Exit::Success => 0,
+            Exit::Failure => 1,
+            Exit::Usage => 2,
+            Exit::Difference => 3,
+        })
+    }
+}
+
+/// What a verification found when it ran to its end and the checked thing is not what it should be: not a
+/// failure of the command, which did its work, but its answer (exit 3).
+#[derive(Debug, thiserror::Error)]
+enum Difference {
+    /// `whist events verify`: an event no longer matches its seal.
+    #[error("the chain is broken at the {0}")]
+    BrokenChain(whist_adapters::store::chain::ChainBreak),
+    /// `whist projections verify`: the live read model and its rebuild differ.
+    #[error("projection {name} differs from its rebuild in {differences} rows")]
+    ProjectionDiffers { name: String, differences: i64 },
+}
+
+/// Runs the command line; the exit code says how the command ended ([`Exit`]).
 pub async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            // Help and version to standard output, refusals to standard error, as clap's own `exit` does.
+            let _ = error.print();
+            return Exit::of_parse(&error).into();
+        }
+    };
     whist_adapters::tls::ensure_crypto_provider();
     whist_api::telemetry::init_logs();
     match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => Exit::Success.into(),
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "whist failed");
             eprintln!("error: {error:#}");
-            ExitCode::FAILURE
+            Exit::of(&error).into()
         }
     }
 }
@@ -369,7 +533,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     println!("diff: {}", report.differences());
                     if report.differences() != 0 {
-                        anyhow::bail!("projection {name} differs from its rebuild");
+                        return Err(Difference::ProjectionDiffers {
+                            differences: report.differences(),
+                            name,
+                        }
+                        .into());
                     }
                     return Ok(());
                 }
@@ -455,10 +623,6 @@ async fn images(state: &Context, command: ImagesCommand) -> anyhow::Result<()> {
             amis,
             timeout,
         } => {
-            let images: BTreeMap<String, String> =
-                serde_json::from_str(&amis).map_err(|error| {
-                    anyhow::anyhow!("--amis must be a JSON object of region to AMI id: {error}")
-                })?;
             let started = Instant::now();
             let mut report = |regions: &[release::RegionProgress]| {
                 let line = regions
@@ -477,15 +641,8 @@ async fn images(state: &Context, command: ImagesCommand) -> anyhow::Result<()> {
                     .join(" | ");
                 eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
             };
-            match release::create_buffers(
-                state,
-                &commit_hash,
-                &images,
-                timeout,
-                &mut report,
-                origin,
-            )
-            .await?
+            match release::create_buffers(state, &commit_hash, &amis, timeout, &mut report, origin)
+                .await?
             {
                 release::Prepared::AlreadyActive => {
                     println!("release {commit_hash} is already active; nothing to do");
@@ -607,9 +764,6 @@ async fn events(
             aggregate_type,
             aggregate_id,
         } => {
-            if !audit::AGGREGATE_TYPES.contains(&aggregate_type.as_str()) {
-                anyhow::bail!(audit::AuditError::UnknownAggregateType(aggregate_type));
-            }
             let mut out = stdout.lock();
             for event in audit::history(database, &aggregate_type, &aggregate_id).await? {
                 writeln!(out, "{}", serde_json::to_string(&event)?)?;
@@ -623,13 +777,7 @@ async fn events(
         } => {
             let until = audit::ReplayUntil {
                 version: at_version,
-                as_of: as_of
-                    .map(|moment| {
-                        chrono::DateTime::parse_from_rfc3339(&moment)
-                            .map(|moment| moment.with_timezone(&chrono::Utc))
-                            .map_err(|error| anyhow::anyhow!("--as-of must be RFC 3339: {error}"))
-                    })
-                    .transpose()?,
+                as_of,
             };
             match audit::replay(database, &aggregate_type, &aggregate_id, until).await? {
                 Some(replayed) => println!("{}", serde_json::to_string_pretty(&replayed)?),
@@ -685,7 +833,7 @@ async fn events(
                 report.head
             );
             if let Some(broken) = report.broken {
-                anyhow::bail!("the chain is broken at the {broken}");
+                return Err(Difference::BrokenChain(broken).into());
             }
         }
         EventsCommand::Trace { correlation_id } => {
@@ -704,9 +852,6 @@ async fn events(
             aggregate_id,
             sequence,
         } => {
-            if !audit::AGGREGATE_TYPES.contains(&aggregate_type.as_str()) {
-                anyhow::bail!(audit::AuditError::UnknownAggregateType(aggregate_type));
-            }
             let Some(walk) = audit::why(database, &aggregate_type, &aggregate_id, sequence).await?
             else {
                 let which = sequence.map_or("any event".to_string(), |sequence| {
@@ -796,5 +941,50 @@ mod tests {
         assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_malformed_value_is_a_usage_error() {
+        for arguments in [
+            &[
+                "whist", "events", "state", "instance", "i-1", "--as-of", "noon",
+            ][..],
+            &[
+                "whist",
+                "images",
+                "create-buffers",
+                "--commit-hash",
+                "c",
+                "--amis",
+                "[1]",
+            ],
+            &["whist", "events", "why", "spaceship", "x"],
+            &["whist", "projections", "rebuild", "nonsense"],
+        ] {
+            let error = Cli::try_parse_from(arguments).expect_err("refused");
+            assert_eq!(Exit::of_parse(&error), Exit::Usage, "{arguments:?}");
+        }
+        let help = Cli::try_parse_from(["whist", "--help"]).expect_err("help is not a command");
+        assert_eq!(Exit::of_parse(&help), Exit::Success);
+    }
+
+    #[test]
+    fn a_difference_exits_3_and_any_other_error_1() {
+        let difference = anyhow::Error::from(Difference::ProjectionDiffers {
+            name: "instances".to_string(),
+            differences: 6,
+        })
+        .context("verifying");
+        assert_eq!(Exit::of(&difference), Exit::Difference);
+        assert_eq!(
+            Exit::of(&anyhow::anyhow!("the database is unreachable")),
+            Exit::Failure
+        );
     }
 }

@@ -4,6 +4,7 @@ mod allocation;
 mod audit;
 mod auth;
 mod causes;
+mod cli;
 mod concurrency;
 mod config;
 mod console;
