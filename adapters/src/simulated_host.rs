@@ -154,22 +154,25 @@ async fn spin_up(
         header(crate::trace_context::TRACESTATE),
     );
     let state = state.clone();
-    tokio::spawn(async move {
-        for status in ["CONNECTING", "RUNNING"] {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let token = state.auth_token.lock().ok().and_then(|token| token.clone());
-            let Some(token) = token else { return };
-            let report = state
-                .http
-                .post(format!(
-                    "{}/host/mandelbox/{mandelbox_id}/status",
-                    state.spec.webserver_url
-                ))
-                .bearer_auth(token)
-                .json(&serde_json::json!({ "status": status }));
-            let _ = crate::trace_context::inject(report).send().await;
+    tokio::spawn(
+        async move {
+            for status in ["CONNECTING", "RUNNING"] {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let token = state.auth_token.lock().ok().and_then(|token| token.clone());
+                let Some(token) = token else { return };
+                let report = state
+                    .http
+                    .post(format!(
+                        "{}/host/mandelbox/{mandelbox_id}/status",
+                        state.spec.webserver_url
+                    ))
+                    .bearer_auth(token)
+                    .json(&serde_json::json!({ "status": status }));
+                let _ = crate::trace_context::inject(report).send().await;
+            }
         }
-    }.instrument(span));
+        .instrument(span),
+    );
     Ok(Json(serde_json::json!({})))
 }
 

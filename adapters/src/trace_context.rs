@@ -88,10 +88,19 @@ mod tests {
             let _entered = span.enter();
             let headers = headers_of(&tracing::Span::current());
             let sent = headers.get(TRACEPARENT).expect("a traceparent");
-            assert!(sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{sent}");
-            assert!(!sent.contains("00f067aa0ba902b7"), "our own span is the parent now: {sent}");
+            assert!(
+                sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+                "{sent}"
+            );
+            assert!(
+                !sent.contains("00f067aa0ba902b7"),
+                "our own span is the parent now: {sent}"
+            );
             assert!(sent.ends_with("-01"), "sampled as the caller said: {sent}");
-            assert_eq!(headers.get(TRACESTATE).map(String::as_str), Some("vendor=value"));
+            assert_eq!(
+                headers.get(TRACESTATE).map(String::as_str),
+                Some("vendor=value")
+            );
         });
     }
 

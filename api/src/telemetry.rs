@@ -9,19 +9,43 @@ use tracing_subscriber::EnvFilter;
 
 pub mod catalogue;
 
-/// Installs the JSON log subscriber for this process (filter from `RUST_LOG`, default `info`). Safe to call more
-/// than once: later calls do nothing.
+/// Installs this process's subscriber: JSON log lines on standard error, each naming its trace and span, and
+/// spans as OpenTelemetry spans, exported over OTLP when the environment names an endpoint (see [`crate::traces`]).
+/// The filter comes from `RUST_LOG` (default `info`). Safe to call more than once: later calls do nothing. Call
+/// [`crate::traces::flush`] before the process exits.
 pub fn init_logs() {
+    use tracing_subscriber::layer::{Layer as _, SubscriberExt as _};
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new("info,sqlx=warn,poem=info,hyper=warn,aws_smithy_runtime=warn")
     });
-    let _ = tracing_subscriber::fmt()
+    let (spans, export) = crate::traces::layer();
+    let logs = tracing_subscriber::fmt::layer()
         .json()
         .with_current_span(true)
         .with_span_list(false)
-        .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .try_init();
+        .map_event_format(crate::traces::WithTraceIds);
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        // Spans only: events stay in the logs, not copied into spans.
+        .with(
+            spans.with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
+                metadata.is_span()
+            })),
+        )
+        .with(logs)
+        .try_init()
+        .is_ok();
+    if installed {
+        match export {
+            crate::traces::Export::Off => {}
+            crate::traces::Export::Otlp => tracing::info!("exporting spans over OTLP/HTTP"),
+            crate::traces::Export::Failed(reason) => {
+                tracing::error!(error = %reason, "spans cannot be exported: no OTLP exporter for the endpoint")
+            }
+        }
+    }
 }
 
 /// The process-wide Prometheus recorder (installed on first use): every metric of [`catalogue::CATALOGUE`]

@@ -128,14 +128,18 @@ where
             return self.0.format_event(context, writer, event);
         };
         let mut line = String::with_capacity(256);
-        self.0.format_event(context, Writer::new(&mut line), event)?;
+        self.0
+            .format_event(context, Writer::new(&mut line), event)?;
         // The inner formatter writes one JSON object and a newline: the ids go in before its closing brace.
         let body = line.trim_end_matches('\n');
         match body.strip_suffix('}') {
             Some(open) => {
                 let mut out = String::with_capacity(line.len() + 64);
                 out.push_str(open);
-                write!(out, ",\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\"}}")?;
+                write!(
+                    out,
+                    ",\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\"}}"
+                )?;
                 out.push('\n');
                 writer.write_str(&out)
             }
@@ -200,7 +204,10 @@ mod tests {
         assert_eq!(lines[0]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
         let span_id = lines[0]["span_id"].as_str().expect("a span id");
         assert_eq!(span_id.len(), 16);
-        assert_ne!(span_id, "00f067aa0ba902b7", "the line's own span, not the caller's");
+        assert_ne!(
+            span_id, "00f067aa0ba902b7",
+            "the line's own span, not the caller's"
+        );
         assert_eq!(lines[0]["fields"]["answer"], 42);
         assert_eq!(lines[0]["span"]["request_id"], "r-1");
         assert!(lines[1].get("trace_id").is_none(), "{}", lines[1]);

@@ -152,7 +152,11 @@ impl Projection for JobPlanner {
                 planned.push((
                     (kind, key, payload),
                     event.aggregate_id.as_str(),
-                    (field("correlation_id"), event.position, field("traceparent")),
+                    (
+                        field("correlation_id"),
+                        event.position,
+                        field("traceparent"),
+                    ),
                 ));
             }
         }
@@ -166,7 +170,9 @@ impl Projection for JobPlanner {
                 values_placeholders(chunk.len(), 12)
             );
             let mut query = sqlx::query(&sql);
-            for ((kind, key, payload), aggregate_id, (correlation_id, planned_by, traceparent)) in chunk {
+            for ((kind, key, payload), aggregate_id, (correlation_id, planned_by, traceparent)) in
+                chunk
+            {
                 query = query
                     .bind(kind.as_str())
                     .bind(format!("{}:{key}", kind.as_str()))

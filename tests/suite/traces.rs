@@ -32,10 +32,14 @@ impl Received {
 #[handler]
 async fn export(body: poem::Body, Data(received): Data<&Received>) -> Response {
     let Ok(bytes) = body.into_vec().await else {
-        return Response::builder().status(poem::http::StatusCode::BAD_REQUEST).finish();
+        return Response::builder()
+            .status(poem::http::StatusCode::BAD_REQUEST)
+            .finish();
     };
     let Ok(request) = ExportTraceServiceRequest::decode(bytes.as_slice()) else {
-        return Response::builder().status(poem::http::StatusCode::BAD_REQUEST).finish();
+        return Response::builder()
+            .status(poem::http::StatusCode::BAD_REQUEST)
+            .finish();
     };
     let mut spans = received.0.lock().expect("the spans");
     for resource in request.resource_spans {
@@ -76,7 +80,8 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
 }
 
 #[tokio::test]
-async fn an_assign_continues_its_callers_trace_through_the_job_and_the_host_and_is_exported_over_otlp() {
+async fn an_assign_continues_its_callers_trace_through_the_job_and_the_host_and_is_exported_over_otlp(
+) {
     let (receiver_port, received) = receiver().await;
     let folder = tempfile::tempdir().expect("a folder");
     let port = free_port();
@@ -147,7 +152,9 @@ async fn an_assign_continues_its_callers_trace_through_the_job_and_the_host_and_
     let complete = eventually(Duration::from_secs(30), || {
         let spans = in_trace(&received.spans());
         async move {
-            spans.iter().any(|span| span.name == "simulated host spin-up")
+            spans
+                .iter()
+                .any(|span| span.name == "simulated host spin-up")
                 && spans
                     .iter()
                     .any(|span| span.name == "POST /host/mandelbox/{mandelbox_id}/status")
@@ -163,8 +170,15 @@ async fn an_assign_continues_its_callers_trace_through_the_job_and_the_host_and_
         .find(|span| attribute(span, "request_id").as_deref() == Some(request_id.as_str()))
         .unwrap_or_else(|| panic!("the assign's request span, by its request id: {names:?}"));
     assert_eq!(request.name, "POST /mandelbox/assign");
-    assert_eq!(hex(&request.parent_span_id), CALLER_SPAN, "the caller's span is its parent");
-    assert_eq!(attribute(request, "http.response.status_code").as_deref(), Some("200"));
+    assert_eq!(
+        hex(&request.parent_span_id),
+        CALLER_SPAN,
+        "the caller's span is its parent"
+    );
+    assert_eq!(
+        attribute(request, "http.response.status_code").as_deref(),
+        Some("200")
+    );
     let children: Vec<&Span> = spans
         .iter()
         .filter(|span| span.parent_span_id == request.span_id)
@@ -190,7 +204,10 @@ async fn an_assign_continues_its_callers_trace_through_the_job_and_the_host_and_
         }
         ancestor = by_id(&span.parent_span_id);
     }
-    assert!(reaches_the_request, "the job's span descends from the assign's request: {names:?}");
+    assert!(
+        reaches_the_request,
+        "the job's span descends from the assign's request: {names:?}"
+    );
     let call = spans
         .iter()
         .find(|span| span.name == "host call" && span.parent_span_id == job.span_id)
@@ -207,15 +224,24 @@ async fn an_assign_continues_its_callers_trace_through_the_job_and_the_host_and_
         .iter()
         .find(|span| span.name == "POST /host/mandelbox/{mandelbox_id}/status")
         .expect("the host's status report");
-    assert_eq!(report.parent_span_id, host.span_id, "the report continued the host's trace");
+    assert_eq!(
+        report.parent_span_id, host.span_id,
+        "the report continued the host's trace"
+    );
 
     // Log lines name their trace and span.
     let log = server.log_text();
     let traced_line = log
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .find(|line| line["trace_id"] == TRACE_ID && line["span_id"].as_str().is_some_and(|id| id.len() == 16));
-    assert!(traced_line.is_some(), "a log line of the trace names it: {log}");
+        .find(|line| {
+            line["trace_id"] == TRACE_ID
+                && line["span_id"].as_str().is_some_and(|id| id.len() == 16)
+        });
+    assert!(
+        traced_line.is_some(),
+        "a log line of the trace names it: {log}"
+    );
 
     server.signal(nix::sys::signal::Signal::SIGTERM);
     let status = server.exited(Duration::from_secs(30)).await.expect("exits");
