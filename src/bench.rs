@@ -50,9 +50,97 @@ pub struct StoreBenchOptions {
     /// skips the measurement).
     #[arg(long, default_value_t = 1_000_000)]
     host_events: i64,
+    /// Numbers of `whist` processes appending at once, comma-separated (`1,2,4`; empty skips the measurement):
+    /// each batches its own appends, as every `serve` and `worker` does, and all of them serialise on the log's
+    /// one append lock.
+    #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
+    processes: Vec<usize>,
+    /// Concurrent writers in each of those processes.
+    #[arg(long, default_value_t = 16)]
+    process_writers: usize,
     /// Keep the benchmark database afterwards.
     #[arg(long)]
     keep: bool,
+}
+
+/// Options of the hidden `whist bench append-worker`: one process of `whist bench store --processes`.
+#[derive(Debug, clap::Args)]
+pub struct AppendWorkerOptions {
+    /// The benchmark database's URL (`postgres://…`), already migrated.
+    #[arg(long)]
+    database_url: String,
+    /// Concurrent writers in this process.
+    #[arg(long)]
+    writers: usize,
+    /// Seconds of appends.
+    #[arg(long)]
+    seconds: u64,
+    /// When to start, in milliseconds since the Unix epoch, so that every worker appends over the same window.
+    #[arg(long)]
+    start_at_ms: i64,
+}
+
+/// One process of `whist bench store --processes`: waits for the common start, appends for `seconds` with
+/// `writers` writers, and prints the appends it recorded per second (one number on standard output).
+pub async fn append_worker(options: AppendWorkerOptions) -> anyhow::Result<()> {
+    let database = Database::connect(
+        Some(&options.database_url),
+        std::path::Path::new("."),
+        PoolSettings::sized(u32::try_from(options.writers + 2).unwrap_or(u32::MAX)),
+    )
+    .await?;
+    // Already migrated by `bench store`; a no-op then, and the same schema if run by hand.
+    database.migrate().await?;
+    let store = Arc::new(AggregateStore::<Probe>::new(&database, ()));
+    let wait = options.start_at_ms - chrono::Utc::now().timestamp_millis();
+    if wait > 0 {
+        tokio::time::sleep(Duration::from_millis(wait.unsigned_abs())).await;
+    }
+    let appends =
+        measure_appends(&store, options.writers, Duration::from_secs(options.seconds)).await?;
+    database.close().await;
+    println!("{appends}");
+    Ok(())
+}
+
+/// Appends/s of `processes` `whist bench append-worker` processes of `writers` writers each, started together.
+fn measure_appends_across_processes(
+    url: &str,
+    processes: usize,
+    writers: usize,
+    seconds: u64,
+) -> anyhow::Result<f64> {
+    // Time for every process to start and connect before the common start.
+    let start_at_ms = chrono::Utc::now().timestamp_millis() + 1_500;
+    let executable = std::env::current_exe()?;
+    let children = (0..processes)
+        .map(|_| {
+            std::process::Command::new(&executable)
+                .args(["bench", "append-worker", "--database-url", url])
+                .args(["--writers", &writers.to_string()])
+                .args(["--seconds", &seconds.to_string()])
+                .args(["--start-at-ms", &start_at_ms.to_string()])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::inherit())
+                .spawn()
+                .context("Failed to start a `whist bench append-worker`")
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut total = 0.0;
+    for child in children {
+        let output = child.wait_with_output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "an append worker failed ({})",
+            output.status
+        );
+        let text = String::from_utf8_lossy(&output.stdout);
+        total += text
+            .trim()
+            .parse::<f64>()
+            .with_context(|| format!("an append worker printed {text:?}, not a rate"))?;
+    }
+    Ok(total)
 }
 
 /// Appends at each end of the open-snapshot measurement whose mean latency is compared.
@@ -144,6 +232,27 @@ async fn run_store_bench(options: &StoreBenchOptions, bench_url: &str) -> anyhow
         println!(
             "{:<38} {:>10.0}/s {:>12.0}/s {:>7.0}%",
             format!("appends, {writers} writer(s)"),
+            appends,
+            pgbench,
+            100.0 * appends / pgbench.max(1e-9)
+        );
+    }
+
+    for &processes in options.processes.iter().filter(|&&processes| processes > 0) {
+        let appends = measure_appends_across_processes(
+            bench_url,
+            processes,
+            options.process_writers,
+            options.seconds,
+        )?;
+        let clients = processes * options.process_writers;
+        let pgbench = pgbench_one_row_insert(bench_url, clients, options.seconds)?;
+        println!(
+            "{:<38} {:>10.0}/s {:>12.0}/s {:>7.0}%",
+            format!(
+                "appends, {processes} process(es) x {} writers",
+                options.process_writers
+            ),
             appends,
             pgbench,
             100.0 * appends / pgbench.max(1e-9)

@@ -346,13 +346,17 @@ enum DevCommand {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
-    /// Appends/s at 1, 4 and 64 writers and projection rebuild events/s, beside pgbench one-row inserts.
+    /// Appends/s at 1, 4 and 64 writers and from 1, 2 and 4 processes, and projection rebuild events/s, beside
+    /// pgbench one-row inserts.
     Store(crate::bench::StoreBenchOptions),
     /// The autoscaler's decision time over 10,000 hosts and 100,000 mandelboxes, and the reconciler's side effects
     /// per second against an EC2 API (moto on loopback), beside that API's own rate.
     Fleet(crate::bench_fleet::FleetBenchOptions),
     /// The resident memory of a live `whist serve` tracking 100,000 hosts with 1,000,000 allocations in its log.
     Memory(crate::bench_memory::MemoryBenchOptions),
+    /// One appending process of `whist bench store --processes` (started by it, not by hand).
+    #[command(hide = true)]
+    AppendWorker(crate::bench::AppendWorkerOptions),
 }
 
 /// How `whist` ends: one exit code each, listed in the top-level help ([`EXIT_CODES`]).
@@ -424,15 +428,21 @@ pub async fn main() -> ExitCode {
         }
     };
     whist_adapters::tls::ensure_crypto_provider();
-    whist_api::telemetry::init_logs();
-    match run(cli).await {
-        Ok(()) => Exit::Success.into(),
+    whist_api::telemetry::init_logs(match cli.command {
+        Command::Loadtest(_) | Command::Bench { .. } => whist_api::telemetry::TOOL_LOGS,
+        _ => whist_api::telemetry::SERVER_LOGS,
+    });
+    let exit = match run(cli).await {
+        Ok(()) => Exit::Success,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "whist failed");
             eprintln!("error: {error:#}");
-            Exit::of(&error).into()
+            Exit::of(&error)
         }
-    }
+    };
+    // The spans still waiting in the exporter's batch (it blocks on its own thread, at most a few seconds).
+    let _ = tokio::task::spawn_blocking(whist_api::traces::flush).await;
+    exit.into()
 }
 
 async fn load_settings() -> anyhow::Result<Settings> {
@@ -609,6 +619,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             BenchCommand::Store(options) => crate::bench::store(options).await,
             BenchCommand::Fleet(options) => crate::bench_fleet::fleet(options).await,
             BenchCommand::Memory(options) => crate::bench_memory::memory(options).await,
+            BenchCommand::AppendWorker(options) => crate::bench::append_worker(options).await,
         },
     }
 }

@@ -37,11 +37,40 @@ pub struct LoadTestOptions {
     /// Mandelbox slots per host.
     #[arg(long, default_value_t = 16)]
     capacity: u32,
+    /// After the closed loop, an open loop: assigns sent at this fixed rate (per second) whatever the answers'
+    /// speed, each timed from its scheduled send. A number, or `half` for half the closed-loop rate just measured.
+    /// With a number, the closed loop is skipped.
+    #[arg(long, value_name = "PER_SECOND|half", value_parser = parse_rate)]
+    rate: Option<Rate>,
     /// Clients keep what they are assigned instead of disconnecting it at once: assigns alone (with the hosts'
     /// spin-ups and status reports) instead of assign -> disconnect cycles. The fleet must then hold every assign
     /// (hosts x capacity).
     #[arg(long)]
     keep_mandelboxes: bool,
+}
+
+/// The arrival rate of the open loop.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rate {
+    /// This many assigns per second.
+    Fixed(f64),
+    /// Half the rate the closed loop reached in the same run.
+    HalfOfClosed,
+}
+
+/// A `--rate` that is neither a positive number nor `half`.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a rate: a positive number of assigns per second, or `half`")]
+pub struct NotARate(String);
+
+fn parse_rate(text: &str) -> Result<Rate, NotARate> {
+    if text == "half" {
+        return Ok(Rate::HalfOfClosed);
+    }
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(Rate::Fixed(rate)),
+        _ => Err(NotARate(text.to_string())),
+    }
 }
 
 pub fn free_port() -> anyhow::Result<u16> {
@@ -190,8 +219,9 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
         .map(|port| format!("http://127.0.0.1:{port}"))
         .collect();
     let base = bases[0].clone();
+    // The open loop may hold many more assigns in flight than there are clients: keep their connections too.
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(options.clients * 2)
+        .pool_max_idle_per_host(options.clients.max(1024))
         .build()?;
     let started = Instant::now();
     for base in &bases {
@@ -278,100 +308,38 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
         subscribe(&client, &base, &format!("load-user-{client_index}")).await?;
     }
 
-    // Assign load: every client assigns, then disconnects what it got.
-    let deadline = Instant::now() + Duration::from_secs(options.seconds);
-    let assigned = Arc::new(AtomicU64::new(0));
-    let refused = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
+    // Assign load: closed loop (every client assigns, then disconnects what it got, then assigns again), then, with
+    // `--rate`, open loop (assigns sent at a fixed arrival rate whatever the answers' speed).
     let server_pids: Vec<u32> = servers.iter().map(|server| server.0.id()).collect();
+    let users = Users::new(options.clients);
+    let load = AssignLoad {
+        client: &client,
+        bases: &bases,
+        tokens: &tokens,
+        users: &users,
+        keep: options.keep_mandelboxes,
+        seconds: options.seconds,
+    };
     let head_before = log_head(&database).await?;
-    let cpu_before = CpuTimes::read(&server_pids);
-    let assign_started = Instant::now();
-    let mut tasks = Vec::new();
-    for client_index in 0..options.clients {
-        let client = client.clone();
-        let base = bases[client_index % bases.len()].clone();
-        let tokens = tokens.clone();
-        let (assigned, refused, failed) = (assigned.clone(), refused.clone(), failed.clone());
-        let keep = options.keep_mandelboxes;
-        tasks.push(tokio::spawn(async move {
-            let token = whist_adapters::auth::dev_token(
-                &format!("load-user-{client_index}"),
-                false,
-                Duration::from_secs(3600),
-            )
-            .unwrap_or_default();
-            let mut latencies = Vec::new();
-            let mut session = 0i64;
-            while Instant::now() < deadline {
-                session += 1;
-                let sent = Instant::now();
-                let response = client
-                    .post(format!("{base}/mandelbox/assign"))
-                    .bearer_auth(&token)
-                    .json(&serde_json::json!({
-                        "regions": ["us-east-1"],
-                        "client_commit_hash": "load",
-                        "session_id": session,
-                        "user_email": "load@example.com",
-                    }))
-                    .send()
-                    .await;
-                let Ok(response) = response else {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                let status = response.status().as_u16();
-                let body: serde_json::Value = response.json().await.unwrap_or_default();
-                latencies.push(sent.elapsed());
-                match (status, body["mandelbox_id"].as_str()) {
-                    (200, Some(_)) if keep => {
-                        assigned.fetch_add(1, Ordering::Relaxed);
-                    }
-                    (200, Some(mandelbox_id)) => {
-                        assigned.fetch_add(1, Ordering::Relaxed);
-                        let secret = tokens.derive(Purpose::Protocol, mandelbox_id);
-                        let _ = client
-                            .post(format!("{base}/mandelbox/{mandelbox_id}/disconnect"))
-                            .bearer_auth(secret)
-                            .send()
-                            .await;
-                    }
-                    (503, _) if body["error"] == "NO_INSTANCE_AVAILABLE" => {
-                        refused.fetch_add(1, Ordering::Relaxed);
-                    }
-                    _ => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            latencies
-        }));
-    }
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await?);
-    }
-    let assign_elapsed = assign_started.elapsed().as_secs_f64();
+    let closed = match options.rate {
+        Some(Rate::Fixed(_)) => None,
+        _ => Some(load.closed_loop(options.clients, &server_pids).await?),
+    };
+    let open_rate = match options.rate {
+        None => None,
+        Some(Rate::Fixed(rate)) => Some(rate),
+        Some(Rate::HalfOfClosed) => closed.as_ref().map(|phase| phase.rate() / 2.0),
+    };
+    let open = match open_rate {
+        Some(rate) => Some(load.open_loop(rate, &server_pids).await?),
+        None => None,
+    };
     // Side effects the reconciler has not carried out yet: a backlog that grows over the phase means assigns
     // came faster than the spin-ups they need can be handled, i.e. above the sustainable rate.
     let jobs_waiting: i64 =
         sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status IN ('pending', 'running')")
             .fetch_one(database.any())
             .await?;
-    let cpu_assigns = CpuTimes::read(&server_pids)
-        .zip(cpu_before)
-        .map(|(after, before)| after.since(&before));
-    latencies.sort();
-    let percentile = |fraction: f64| {
-        latencies
-            .get(
-                ((latencies.len() as f64 * fraction) as usize)
-                    .min(latencies.len().saturating_sub(1)),
-            )
-            .map(|latency| latency.as_secs_f64() * 1000.0)
-            .unwrap_or(0.0)
-    };
 
     // Heartbeat load.
     let heartbeats = Arc::new(AtomicU64::new(0));
@@ -445,9 +413,8 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
     let cpu_per_insert = CpuTimes::read(&[std::process::id()])
         .zip(machine_before)
         .map(|(after, before)| after.since(&before).machine / (pgbench * pgbench_elapsed).max(1.0));
-    let assign_rate = assigned.load(Ordering::Relaxed) as f64 / assign_elapsed;
     println!(
-        "whist loadtest: {} server(s), {} clients, {} hosts x {} slots, {} s of assigns, {} s of heartbeats",
+        "whist loadtest: {} server(s), {} clients, {} hosts x {} slots, {} s of assigns per phase, {} s of heartbeats",
         options.servers,
         options.clients,
         options.hosts,
@@ -455,134 +422,97 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
         options.seconds,
         options.heartbeat_seconds
     );
-    println!("{:<34} {:>12}", "measure", "figure");
+    println!("{:<36} {:>14}", "measure", "figure");
+    let what = if options.keep_mandelboxes {
+        "assign, kept"
+    } else {
+        "assign, then disconnect"
+    };
+    if let Some(phase) = &closed {
+        println!(
+            "-- closed loop: {} clients, each {what}, again --",
+            options.clients
+        );
+        phase.print(cpu_per_insert, "latency");
+    }
+    if let (Some(phase), Some(rate)) = (&open, open_rate) {
+        println!(
+            "-- open loop: {rate:.0} assigns/s sent on schedule ({what}); answer time from the scheduled send --"
+        );
+        phase.print(cpu_per_insert, "answer");
+    }
+    println!("-- heartbeats, {} senders --", options.clients);
+    println!("{:<36} {:>12.0}/s", "heartbeats ingested", heartbeat_rate);
     println!(
-        "{:<34} {:>10.0}/s",
-        if options.keep_mandelboxes {
-            "assigns (200, kept)"
-        } else {
-            "assigns (200, then disconnect)"
-        },
-        assign_rate
-    );
-    println!("{:<34} {:>10.1} ms", "assign latency p50", percentile(0.50));
-    println!("{:<34} {:>10.1} ms", "assign latency p99", percentile(0.99));
-    println!(
-        "{:<34} {:>12}",
-        "refused (NO_INSTANCE_AVAILABLE)",
-        refused.load(Ordering::Relaxed)
-    );
-    println!(
-        "{:<34} {:>12}",
-        "failed (other answers)",
-        failed.load(Ordering::Relaxed)
-    );
-    println!("{:<34} {:>10.0}/s", "heartbeats ingested", heartbeat_rate);
-    println!(
-        "{:<34} {:>12}",
+        "{:<36} {:>14}",
         "heartbeat senders failed",
         heartbeat_failures.load(Ordering::Relaxed)
     );
-    let assigned_count = assigned.load(Ordering::Relaxed).max(1) as f64;
     if let Some(cpu) = cpu_heartbeats {
         println!(
-            "{:<34} {:>10.3} ms (server {:.0}%, load generator {:.0}%)",
+            "{:<36} {:>11.3} ms (server {:.0}%, load generator {:.0}%)",
             "machine CPU per heartbeat",
             1000.0 * cpu.machine / (heartbeat_rate * options.heartbeat_seconds as f64).max(1.0),
             100.0 * cpu.server / cpu.machine.max(1e-9),
             100.0 * cpu.generator / cpu.machine.max(1e-9),
         );
     }
+    println!("-- the log and the machine --");
+    let assigned_count = closed
+        .iter()
+        .chain(open.iter())
+        .map(|phase| phase.assigned)
+        .sum::<u64>()
+        .max(1) as f64;
     println!(
-        "{:<34} {:>12}",
+        "{:<36} {:>14}",
         "jobs waiting as assigns stopped", jobs_waiting
     );
     println!(
-        "{:<34} {:>12.1}",
+        "{:<36} {:>14.1}",
         "events recorded per assign",
         events_recorded as f64 / assigned_count
     );
-    // Where the machine's CPU went during the assign phase: what one assign costs (with its disconnect, unless
-    // kept), against one pgbench insert measured the same way (the machine's busy time divided by the work done).
-    if let (Some(cpu), Some(per_insert)) = (cpu_assigns, cpu_per_insert) {
-        let per_assign = cpu.machine / assigned_count;
-        println!(
-            "{:<34} {:>10.2} ms (server {:.0}%, load generator and its hosts {:.0}%, Postgres and the rest {:.0}%)",
-            "machine CPU per assign",
-            per_assign * 1000.0,
-            100.0 * cpu.server / cpu.machine.max(1e-9),
-            100.0 * cpu.generator / cpu.machine.max(1e-9),
-            100.0 * (cpu.machine - cpu.server - cpu.generator).max(0.0) / cpu.machine.max(1e-9),
-        );
-        println!(
-            "{:<34} {:>10.3} ms",
-            "machine CPU per pgbench insert",
-            per_insert * 1000.0
-        );
-        println!(
-            "{:<34} {:>11.0}x",
-            "assign / pgbench insert, in CPU",
-            per_assign / per_insert.max(1e-12)
-        );
-    }
-    println!(
-        "{:<34} {:>10.0}/s",
-        format!("pgbench one-row insert, {} clients", options.clients),
-        pgbench
-    );
-    println!(
-        "{:<34} {:>11.0}%",
-        "assigns / pgbench",
-        100.0 * assign_rate / pgbench.max(1e-9)
-    );
     // What the shape of the work allows: every recorded decision (a unit: one command's events, or an assign's
-    // four aggregates together) is one all-or-nothing append. Were each to cost one pgbench insert and everything
-    // else nothing (HTTP, projections, the reconciler, reads), assigns could not exceed pgbench / units per assign.
+    // four aggregates together) is one all-or-nothing append.
     let units = metric_total(&server_metrics, "whist_append_batch_units_sum");
     let statements = metric_total(&server_metrics, "whist_append_batch_units_count");
     if let (Some(units), Some(statements)) = (units, statements) {
-        let per_assign = units / assigned_count;
         println!(
-            "{:<34} {:>12.2}",
-            "decisions recorded per assign", per_assign
+            "{:<36} {:>14.2}",
+            "decisions recorded per assign",
+            units / assigned_count
         );
         println!(
-            "{:<34} {:>12.1}",
+            "{:<36} {:>14.1}",
             "decisions per append statement",
             units / statements.max(1.0)
         );
+    }
+    println!(
+        "{:<36} {:>12.0}/s",
+        format!("pgbench one-row insert, {} clients", options.clients),
+        pgbench
+    );
+    if let Some(per_insert) = cpu_per_insert {
         println!(
-            "{:<34} {:>11.0}%",
-            "ceiling at 1 pgbench insert each",
-            100.0 / per_assign.max(1e-9)
+            "{:<36} {:>11.3} ms",
+            "machine CPU per pgbench insert",
+            per_insert * 1000.0
         );
     }
-    println!("(targets: assigns >= 50% of pgbench with p99 <= 50 ms; heartbeats >= 20000/s)");
-    for (index, metrics) in server_metrics.iter().enumerate() {
-        println!("server {index} metrics:");
-        print_assign_metrics(metrics);
+    if let Some(phase) = &closed {
+        println!(
+            "{:<36} {:>13.0}%",
+            "closed-loop assigns / pgbench",
+            100.0 * phase.rate() / pgbench.max(1e-9)
+        );
     }
+    println!(
+        "(targets: CPU per assign <= 10 pgbench inserts; open loop at half the closed-loop rate p50 <= 5 ms, \
+         p99 <= 20 ms; heartbeats >= 20000/s; 2 servers >= 90% of 1)"
+    );
     Ok(())
-}
-
-/// The lines of a server's metrics that say where assigns spent their time and how commands fared.
-fn print_assign_metrics(server_metrics: &str) {
-    for line in server_metrics.lines().filter(|line| {
-        line.starts_with("whist_commands_total")
-            || line.starts_with("whist_units_total")
-            || line.starts_with("whist_assign_conflicts_total")
-            || line.starts_with("whist_assign_seconds_sum")
-            || line.starts_with("whist_assign_phase_seconds_sum")
-            || line.starts_with("whist_assign_phase_seconds_count")
-            || (line.starts_with("whist_assign_phase_seconds")
-                && line.contains("quantile=\"0.99\""))
-            || (line.starts_with("whist_assign_seconds") && line.contains("quantile=\"0.99\""))
-            || line.starts_with("whist_assign_seconds_count")
-            || line.starts_with("whist_jobs_total")
-            || line.starts_with("whist_catch_up_events_total")
-    }) {
-        println!("  {line}");
-    }
 }
 
 /// An unlabelled metric summed over several servers' metrics (`None` when no server has it).
@@ -601,6 +531,348 @@ fn metric_value(text: &str, name: &str) -> Option<f64> {
             .then(|| value.trim().parse().ok())
             .flatten()
     })
+}
+
+/// The load's users (all subscribers), with the bearer token each signs in with.
+struct Users {
+    tokens: Vec<String>,
+}
+
+impl Users {
+    fn new(count: usize) -> Self {
+        let tokens = (0..count.max(1))
+            .map(|index| {
+                whist_adapters::auth::dev_token(
+                    &format!("load-user-{index}"),
+                    false,
+                    Duration::from_secs(3600),
+                )
+                .unwrap_or_default()
+            })
+            .collect();
+        Self { tokens }
+    }
+
+    fn token(&self, index: usize) -> &str {
+        &self.tokens[index % self.tokens.len()]
+    }
+}
+
+/// How one assign was answered.
+enum Answer {
+    /// 200, with the mandelbox's id.
+    Assigned(String),
+    /// 503 `NO_INSTANCE_AVAILABLE`.
+    Refused,
+    /// Anything else, or no answer.
+    Failed,
+}
+
+/// What one phase of assign load came to.
+struct Phase {
+    sent: u64,
+    assigned: u64,
+    refused: u64,
+    failed: u64,
+    /// Sorted: each assign's latency (closed loop) or answer time from its scheduled send (open loop).
+    latencies: Vec<Duration>,
+    elapsed: f64,
+    cpu: Option<CpuTimes>,
+    /// Assigns the servers decided more than once, and all assigns they counted, over the phase.
+    retried: f64,
+    counted: f64,
+    /// Open loop: sends that left more than a millisecond after their scheduled time (the generator fell behind).
+    late_sends: u64,
+    most_in_flight: u64,
+}
+
+impl Phase {
+    fn rate(&self) -> f64 {
+        self.assigned as f64 / self.elapsed.max(1e-9)
+    }
+
+    fn percentile(&self, fraction: f64) -> f64 {
+        let index = ((self.latencies.len() as f64 * fraction) as usize)
+            .min(self.latencies.len().saturating_sub(1));
+        self.latencies
+            .get(index)
+            .map_or(0.0, |latency| latency.as_secs_f64() * 1000.0)
+    }
+
+    fn print(&self, cpu_per_insert: Option<f64>, timed: &str) {
+        println!("{:<36} {:>12.0}/s", "assigns answered 200", self.rate());
+        println!(
+            "{:<36} {:>14}",
+            "assigns sent / 200 / refused / failed",
+            format!(
+                "{} / {} / {} / {}",
+                self.sent, self.assigned, self.refused, self.failed
+            )
+        );
+        for (label, fraction) in [("p50", 0.50), ("p99", 0.99), ("p99.9", 0.999)] {
+            println!(
+                "{:<36} {:>11.1} ms",
+                format!("assign {timed} {label}"),
+                self.percentile(fraction)
+            );
+        }
+        if self.counted > 0.0 {
+            println!(
+                "{:<36} {:>13.1}%",
+                "assigns decided more than once",
+                100.0 * self.retried / self.counted
+            );
+        }
+        if self.most_in_flight > 0 {
+            println!(
+                "{:<36} {:>14}",
+                "most assigns in flight", self.most_in_flight
+            );
+            println!("{:<36} {:>14}", "sends late by > 1 ms", self.late_sends);
+        }
+        if let Some(cpu) = self.cpu {
+            let per_assign = cpu.machine / self.assigned.max(1) as f64;
+            println!(
+                "{:<36} {:>11.2} ms (server {:.0}%, load generator and its hosts {:.0}%, Postgres and the rest {:.0}%)",
+                "machine CPU per assign",
+                per_assign * 1000.0,
+                100.0 * cpu.server / cpu.machine.max(1e-9),
+                100.0 * cpu.generator / cpu.machine.max(1e-9),
+                100.0 * (cpu.machine - cpu.server - cpu.generator).max(0.0) / cpu.machine.max(1e-9),
+            );
+            if let Some(per_insert) = cpu_per_insert {
+                println!(
+                    "{:<36} {:>13.1}x",
+                    "assign / pgbench insert, in CPU",
+                    per_assign / per_insert.max(1e-12)
+                );
+            }
+        }
+    }
+}
+
+/// Counts every phase of assign load shares.
+#[derive(Default)]
+struct Tally {
+    sent: AtomicU64,
+    assigned: AtomicU64,
+    refused: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Tally {
+    fn count(&self, answer: &Answer) {
+        let counter = match answer {
+            Answer::Assigned(_) => &self.assigned,
+            Answer::Refused => &self.refused,
+            Answer::Failed => &self.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What the assign phases send to, and as whom.
+struct AssignLoad<'a> {
+    client: &'a reqwest::Client,
+    bases: &'a [String],
+    tokens: &'a Tokens,
+    users: &'a Users,
+    keep: bool,
+    seconds: u64,
+}
+
+impl AssignLoad<'_> {
+    /// Every client assigns, then (unless `keep`) disconnects what it got, then assigns again, for `seconds`.
+    async fn closed_loop(&self, clients: usize, server_pids: &[u32]) -> anyhow::Result<Phase> {
+        let deadline = Instant::now() + Duration::from_secs(self.seconds);
+        let tally = Arc::new(Tally::default());
+        let (retried_before, counted_before) = self.retries().await;
+        let cpu_before = CpuTimes::read(server_pids);
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for index in 0..clients {
+            let client = self.client.clone();
+            let base = self.bases[index % self.bases.len()].clone();
+            let token = self.users.token(index).to_string();
+            let tokens = self.tokens.clone();
+            let tally = tally.clone();
+            let keep = self.keep;
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut session = 0i64;
+                while Instant::now() < deadline {
+                    session += 1;
+                    let sent = Instant::now();
+                    tally.sent.fetch_add(1, Ordering::Relaxed);
+                    let answer = assign(&client, &base, &token, session).await;
+                    latencies.push(sent.elapsed());
+                    tally.count(&answer);
+                    if let (Answer::Assigned(mandelbox_id), false) = (&answer, keep) {
+                        disconnect(&client, &base, &tokens, mandelbox_id).await;
+                    }
+                }
+                latencies
+            }));
+        }
+        let mut latencies = Vec::new();
+        for task in tasks {
+            latencies.extend(task.await?);
+        }
+        self.finish(&tally, latencies, started, cpu_before, server_pids, (retried_before, counted_before), (0, 0))
+            .await
+    }
+
+    /// Assigns sent at `rate` per second for `seconds`, on schedule whatever the answers' speed (no send waits for
+    /// an answer), each timed from its scheduled send: a queue anywhere shows in the figures instead of slowing the
+    /// sender down.
+    async fn open_loop(&self, rate: f64, server_pids: &[u32]) -> anyhow::Result<Phase> {
+        let total = (rate * self.seconds as f64).round().max(1.0) as u64;
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let tally = Arc::new(Tally::default());
+        let in_flight = Arc::new(AtomicU64::new(0));
+        let mut most_in_flight = 0;
+        let mut late_sends = 0;
+        let (retried_before, counted_before) = self.retries().await;
+        let cpu_before = CpuTimes::read(server_pids);
+        let started = Instant::now();
+        let first = tokio::time::Instant::now() + Duration::from_millis(20);
+        let mut tasks = Vec::with_capacity(total as usize);
+        for index in 0..total {
+            let scheduled = first + interval.mul_f64(index as f64);
+            tokio::time::sleep_until(scheduled).await;
+            if tokio::time::Instant::now().duration_since(scheduled) > Duration::from_millis(1) {
+                late_sends += 1;
+            }
+            let client = self.client.clone();
+            let base = self.bases[index as usize % self.bases.len()].clone();
+            let token = self.users.token(index as usize).to_string();
+            let tokens = self.tokens.clone();
+            let (tally, in_flight) = (tally.clone(), in_flight.clone());
+            let keep = self.keep;
+            most_in_flight = most_in_flight.max(in_flight.fetch_add(1, Ordering::Relaxed) + 1);
+            tally.sent.fetch_add(1, Ordering::Relaxed);
+            tasks.push(tokio::spawn(async move {
+                let answer = assign(&client, &base, &token, index as i64 + 1).await;
+                let answered = scheduled.elapsed();
+                tally.count(&answer);
+                if let (Answer::Assigned(mandelbox_id), false) = (&answer, keep) {
+                    disconnect(&client, &base, &tokens, mandelbox_id).await;
+                }
+                in_flight.fetch_sub(1, Ordering::Relaxed);
+                answered
+            }));
+        }
+        let mut latencies = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            latencies.push(task.await?);
+        }
+        self.finish(
+            &tally,
+            latencies,
+            started,
+            cpu_before,
+            server_pids,
+            (retried_before, counted_before),
+            (late_sends, most_in_flight),
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &self,
+        tally: &Tally,
+        mut latencies: Vec<Duration>,
+        started: Instant,
+        cpu_before: Option<CpuTimes>,
+        server_pids: &[u32],
+        (retried_before, counted_before): (f64, f64),
+        (late_sends, most_in_flight): (u64, u64),
+    ) -> anyhow::Result<Phase> {
+        let elapsed = started.elapsed().as_secs_f64();
+        let cpu = CpuTimes::read(server_pids)
+            .zip(cpu_before)
+            .map(|(after, before)| after.since(&before));
+        let (retried, counted) = self.retries().await;
+        latencies.sort();
+        Ok(Phase {
+            sent: tally.sent.load(Ordering::Relaxed),
+            assigned: tally.assigned.load(Ordering::Relaxed),
+            refused: tally.refused.load(Ordering::Relaxed),
+            failed: tally.failed.load(Ordering::Relaxed),
+            latencies,
+            elapsed,
+            cpu,
+            retried: retried - retried_before,
+            counted: counted - counted_before,
+            late_sends,
+            most_in_flight,
+        })
+    }
+
+    /// Assigns decided more than once, and all assigns, as the servers have counted them so far.
+    async fn retries(&self) -> (f64, f64) {
+        let mut texts = Vec::new();
+        for base in self.bases {
+            if let Ok(response) = self.client.get(format!("{base}/metrics")).send().await {
+                texts.push(response.text().await.unwrap_or_default());
+            }
+        }
+        (
+            metric_total(&texts, "whist_assigns_retried_total").unwrap_or(0.0),
+            metric_sum(&texts, "whist_assigns_total"),
+        )
+    }
+}
+
+/// One assign for the user signed in with `token`.
+async fn assign(client: &reqwest::Client, base: &str, token: &str, session: i64) -> Answer {
+    let response = client
+        .post(format!("{base}/mandelbox/assign"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({
+            "regions": ["us-east-1"],
+            "client_commit_hash": "load",
+            "session_id": session,
+            "user_email": "load@example.com",
+        }))
+        .send()
+        .await;
+    let Ok(response) = response else {
+        return Answer::Failed;
+    };
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    match (status, body["mandelbox_id"].as_str()) {
+        (200, Some(mandelbox_id)) => Answer::Assigned(mandelbox_id.to_string()),
+        (503, _) if body["error"] == "NO_INSTANCE_AVAILABLE" => Answer::Refused,
+        _ => Answer::Failed,
+    }
+}
+
+/// The protocol server's disconnect of `mandelbox_id`.
+async fn disconnect(client: &reqwest::Client, base: &str, tokens: &Tokens, mandelbox_id: &str) {
+    let secret = tokens.derive(Purpose::Protocol, mandelbox_id);
+    let _ = client
+        .post(format!("{base}/mandelbox/{mandelbox_id}/disconnect"))
+        .bearer_auth(secret)
+        .send()
+        .await;
+}
+
+/// Every series of `name` (any labels) summed over several servers' metrics.
+fn metric_sum(texts: &[String], name: &str) -> f64 {
+    texts
+        .iter()
+        .flat_map(|text| text.lines())
+        .filter_map(|line| {
+            let (metric, value) = line.rsplit_once(' ')?;
+            let metric_name = metric.split('{').next()?;
+            (metric_name == name)
+                .then(|| value.trim().parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
 }
 
 /// Heartbeats over one kept-alive HTTP/1.1 connection, one request at a time, as a host sends them; the hosts of

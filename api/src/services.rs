@@ -46,6 +46,8 @@ pub struct Services {
     pub user_rate: RateLimiter,
     pub ip_rate: RateLimiter,
     pub host_locks: HostLocks,
+    /// The processes serving assigns, and which hosts this one fills first.
+    pub members: whist_adapters::store::members::Members,
 }
 
 /// One lock per host within this process: commands on one host's aggregate from this process queue here instead of
@@ -149,6 +151,10 @@ impl Services {
             user_rate: RateLimiter::new(settings.assign_rate_limit_per_minute),
             ip_rate: RateLimiter::new(settings.assign_rate_limit_per_ip_per_minute),
             host_locks: HostLocks::default(),
+            members: whist_adapters::store::members::Members::new(
+                database,
+                &uuid::Uuid::new_v4().to_string(),
+            ),
         })
     }
 }

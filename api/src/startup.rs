@@ -21,6 +21,7 @@ use crate::http::desktop::DesktopApi;
 use crate::http::hirefire::HireFireApi;
 use crate::http::host::HostApi;
 use crate::http::middleware::RequestContext;
+use crate::http::openapi::SwaggerUi;
 use crate::http::ops::OpsApi;
 use crate::services::Services;
 use crate::state::{AppState, Context};
@@ -167,6 +168,10 @@ impl Application {
             services,
         );
         let mut background = Background::spawn_with_shutdown(state.services.heartbeats.clone());
+        background.adopt(Background::start_membership(
+            state.services.members.clone(),
+            database.background_loops(),
+        ));
         if !options.api_only {
             background.adopt(Background::start(&database, projections));
             background.adopt(Background::start_control(&state));
@@ -284,12 +289,10 @@ fn api_service() -> OpenApiService<Apis, ()> {
     )
 }
 
-/// Routes served outside the OpenAPI document, with their methods.
-const UNDOCUMENTED_ROUTES: [(&str, &[&str]); 4] = [
-    ("/stripe/webhook", &["POST"]),
-    ("/dashboard", &["GET", "HEAD"]),
-    ("/openapi.json", &["GET", "HEAD"]),
-    ("/docs", &["GET", "HEAD"]),
+/// Routes served outside the OpenAPI document (Swagger UI's assets), with their methods.
+const UNDOCUMENTED_ROUTES: [(&str, &[&str]); 2] = [
+    ("/docs/swagger-ui.css", &["GET", "HEAD"]),
+    ("/docs/swagger-ui-bundle.js", &["GET", "HEAD"]),
 ];
 
 /// Every route of the webserver.
@@ -298,13 +301,9 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
     let document = openapi_document();
     let methods = crate::http::openapi::Methods::of(&document, &UNDOCUMENTED_ROUTES);
     let document = document.to_string();
-    let docs = api.swagger_ui();
+    let docs = swagger_ui(&api);
     Route::new()
         .nest("/", api)
-        .at(
-            "/stripe/webhook",
-            poem::post(crate::http::billing::stripe_webhook),
-        )
         .at("/dashboard", poem::get(crate::http::dashboard::page))
         .at(
             "/openapi.json",
@@ -317,6 +316,49 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
         .nest("/docs", docs)
         .with(RequestContext::new(state.clone(), methods))
         .data(state)
+}
+
+/// `/docs`: Swagger UI over `/openapi.json` (see [`SwaggerUi`]), with its assets beside it.
+fn swagger_ui(api: &OpenApiService<Apis, ()>) -> Route {
+    let assets = SwaggerUi::from_bundled_page(&api.swagger_ui_html());
+    if assets.is_none() {
+        // A unit test pins the extraction; should it fail all the same, the page says so in the browser's console.
+        tracing::error!(
+            "poem-openapi's Swagger UI page has no assets to take: /docs cannot render"
+        );
+    }
+    let asset = |content_type: &'static str, body: Option<bytes::Bytes>| {
+        poem::get(poem::endpoint::make_sync(move |_| match &body {
+            Some(body) => poem::Response::builder()
+                .content_type(content_type)
+                .header(poem::http::header::CACHE_CONTROL, "public, max-age=3600")
+                .body(body.clone()),
+            None => poem::Response::builder()
+                .status(poem::http::StatusCode::NOT_FOUND)
+                .finish(),
+        }))
+    };
+    Route::new()
+        .at(
+            "/",
+            poem::get(poem::endpoint::make_sync(|_| {
+                poem::web::Html(SwaggerUi::PAGE)
+            })),
+        )
+        .at(
+            "/swagger-ui.css",
+            asset(
+                "text/css; charset=utf-8",
+                assets.as_ref().map(|assets| assets.css.clone()),
+            ),
+        )
+        .at(
+            "/swagger-ui-bundle.js",
+            asset(
+                "text/javascript; charset=utf-8",
+                assets.map(|assets| assets.script),
+            ),
+        )
 }
 
 /// The OpenAPI document served at `/openapi.json` (poem-openapi's, completed by [`crate::http::openapi::complete`]).

@@ -9,16 +9,21 @@ use tracing_subscriber::EnvFilter;
 
 pub mod catalogue;
 
+/// What a server process logs unless `RUST_LOG` says otherwise.
+pub const SERVER_LOGS: &str = "info,sqlx=warn,poem=info,hyper=warn,aws_smithy_runtime=warn";
+/// What a benchmark or the load test logs unless `RUST_LOG` says otherwise: warnings only, so that its report is
+/// not buried under the lines of the simulated hosts it runs (their servers' start and stop).
+pub const TOOL_LOGS: &str = "warn";
+
 /// Installs this process's subscriber: JSON log lines on standard error, each naming its trace and span, and
 /// spans as OpenTelemetry spans, exported over OTLP when the environment names an endpoint (see [`crate::traces`]).
-/// The filter comes from `RUST_LOG` (default `info`). Safe to call more than once: later calls do nothing. Call
-/// [`crate::traces::flush`] before the process exits.
-pub fn init_logs() {
+/// The filter comes from `RUST_LOG`, else `default_filter` ([`SERVER_LOGS`] or [`TOOL_LOGS`]). Safe to call more
+/// than once: later calls do nothing. Call [`crate::traces::flush`] before the process exits.
+pub fn init_logs(default_filter: &str) {
     use tracing_subscriber::layer::{Layer as _, SubscriberExt as _};
     use tracing_subscriber::util::SubscriberInitExt as _;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,sqlx=warn,poem=info,hyper=warn,aws_smithy_runtime=warn")
-    });
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let (spans, export) = crate::traces::layer();
     let logs = tracing_subscriber::fmt::layer()
         .json()

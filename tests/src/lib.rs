@@ -216,7 +216,7 @@ pub async fn spawn_app_with(database: &TestDatabase, settings: Settings) -> Test
     let _ = database;
     // The server's logs, on the test's stderr (shown for a failed test), when asked for.
     if std::env::var_os("WHIST_TEST_LOGS").is_some() {
-        whist_api::telemetry::init_logs();
+        whist_api::telemetry::init_logs(whist_api::telemetry::SERVER_LOGS);
     }
     let application = Application::build(settings, ServeOptions::default())
         .await

@@ -7,6 +7,7 @@ mod cached_store;
 pub mod chain;
 mod database;
 pub mod lease;
+pub mod members;
 mod listener;
 mod log;
 mod postgres_repository;

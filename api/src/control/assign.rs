@@ -130,11 +130,18 @@ pub async fn assign(
         .as_ref()
         .map(|key| fingerprint(&format!("{}\n{key}", request.user_id)));
     let (assignment, regions, catalog, key) = (&assignment, &regions, &catalog, key.as_deref());
+    let mut attempts = 0u32;
     let answer = record_unit_or_learn(
         state,
         metadata,
         UNIT_ATTEMPTS,
-        |unit| attempt(state, unit, assignment, regions, catalog, key),
+        |unit| {
+            attempts += 1;
+            if attempts == 2 {
+                metrics::counter!("whist_assigns_retried_total").increment(1);
+            }
+            attempt(state, unit, assignment, regions, catalog, key)
+        },
         // Most often another process took a slot on the same host: this process tries other hosts first for a
         // while (the next attempt included).
         |(_, host)| {
@@ -396,7 +403,8 @@ fn phase(name: &'static str, since: Instant) {
         .record(since.elapsed().as_secs_f64());
 }
 
-/// The candidates in the order to try them: first the fullest host no other request of this process is
+/// The candidates in the order to try them: this process's own hosts first (`Members`, so that processes fill
+/// different hosts), and among them first the fullest host no other request of this process is
 /// allocating on right now, with its lock already held (concurrent assigns spread instead of queueing), then the
 /// others in order (from a random one when none is free), whose locks are taken when their turn comes. Hosts on
 /// which this process recently lost to another writer come after the rest, in the same order.
@@ -404,6 +412,7 @@ fn lock_order(
     services: &crate::services::Services,
     mut candidates: Vec<(String, String)>,
 ) -> Vec<(String, String, Option<OwnedMutexGuard<()>>)> {
+    services.members.put_own_first(&mut candidates);
     services.host_locks.put_contended_last(&mut candidates);
     let free = candidates
         .iter()

@@ -130,6 +130,11 @@ pub const CATALOGUE: &[Metric] = &[
         "Assign attempts that lost a race for a host or an aggregate to another writer and were tried again.",
     ),
     counter(
+        "whist_assigns_retried_total",
+        "Assigns whose first attempt did not stand (a race lost to another writer, or a copy found stale) and that \
+         were decided again.",
+    ),
+    counter(
         "whist_assign_replays_total",
         "Assigns answered from an earlier assign with the same Idempotency-Key.",
     ),

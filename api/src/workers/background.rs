@@ -1,5 +1,5 @@
 //! The in-process background work of `serve` and `worker`: the log listener, the projections, the reconciler, the
-//! sweeper, the autoscaler (with its repair) and the heartbeat flusher. Every loop runs under a supervisor
+//! sweeper, the autoscaler (with its repair), the heartbeat flusher and the membership of processes serving assigns. Every loop runs under a supervisor
 //! ([`BackgroundLoops::supervise`]) that restarts it with backoff should it panic or end before it is asked to
 //! stop, and whose standing `GET /readyz` reports; `whist worker`, which has no HTTP, has only the supervisors' logs.
 
@@ -17,6 +17,7 @@ pub mod loop_names {
     pub const SWEEPER: &str = "sweeper";
     pub const AUTOSCALER: &str = "autoscaler";
     pub const HEARTBEAT_FLUSHER: &str = "heartbeat_flusher";
+    pub const MEMBERSHIP: &str = "membership";
     /// Supervised by the store itself, which starts it when it connects.
     pub const APPEND_BATCHER: &str = whist_adapters::store::APPEND_BATCHER_LOOP;
 }
@@ -87,6 +88,20 @@ impl Background {
                     heartbeats.clone().run(shutdown)
                 }),
             ];
+        Self { shutdown, tasks }
+    }
+
+    /// Renews this process's membership among those serving assigns, supervised, until stopped (then leaves).
+    pub fn start_membership(
+        members: whist_adapters::store::members::Members,
+        loops: &BackgroundLoops,
+    ) -> Self {
+        let (shutdown, receiver) = watch::channel(false);
+        let tasks = vec![
+            loops.supervise(loop_names::MEMBERSHIP, receiver, move |shutdown| {
+                members.clone().run(shutdown)
+            }),
+        ];
         Self { shutdown, tasks }
     }
 
