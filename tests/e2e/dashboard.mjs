@@ -1,5 +1,8 @@
 // Drives the operator dashboard of a live `whist serve` in headless Chromium, as a developer would:
 // enter the admin token, see the regions and hosts, drain a host with its button, see it change state.
+// Then opens the API reference at /docs, as a client developer would: Swagger UI, served by the server itself,
+// renders every operation of the server's own /openapi.json (the Stripe webhook, which only the completed
+// document has, among them).
 //
 //   node dashboard.mjs BASE_URL ADMIN_TOKEN SCREENSHOT_PATH
 //
@@ -68,6 +71,18 @@ try {
   await page.waitForTimeout(500);
   await page.screenshot({ path: screenshot, fullPage: true });
   step(`screenshot saved to ${screenshot}`);
+
+  const documentLoaded = page.waitForResponse((response) => response.url() === `${baseUrl}/openapi.json`, { timeout: 15000 });
+  await page.goto(`${baseUrl}/docs`);
+  const served = await (await documentLoaded).json();
+  const operations = Object.values(served.paths).reduce((count, item) => count + Object.keys(item).length, 0);
+  step(`/docs loaded /openapi.json (${operations} operations)`);
+  await page.locator(".opblock-summary", { hasText: "/stripe/webhook" })
+    .filter({ hasText: "Receive a signed Stripe event." })
+    .waitFor({ timeout: 15000 });
+  const rendered = await page.locator(".opblock").count();
+  if (rendered !== operations) throw new Error(`/docs renders ${rendered} operations, /openapi.json has ${operations}`);
+  step(`/docs renders all ${rendered} operations of /openapi.json, the Stripe webhook among them`);
   if (foreign.length > 0) throw new Error(`requests to other origins: ${foreign.join(", ")}`);
   if (consoleErrors.length > 0) throw new Error(`console errors: ${consoleErrors.join(" | ")}`);
 } catch (error) {

@@ -20,6 +20,7 @@ mod idempotency;
 mod jobs;
 mod leadership;
 mod metrics;
+mod openapi;
 mod process;
 mod projections;
 mod release;

@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use poem::web::Data;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
+use poem_openapi::types::Example;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use whist_projections::catalog::RegionImageRow;
 use whist_projections::fleet_queries::{self, InstanceRow, MandelboxRow, StatusCount};
@@ -319,8 +320,14 @@ pub struct AdminApi;
 
 #[OpenApi(tag = "AdminTag::Admin")]
 impl AdminApi {
-    /// Every host the webserver decided, with its fill; `?status=` keeps one status.
-    #[oai(path = "/admin/instances", method = "get")]
+    /// List every host the webserver decided, with its fill.
+    ///
+    /// `?status=` keeps one status.
+    #[oai(
+        path = "/admin/instances",
+        method = "get",
+        operation_id = "listInstances"
+    )]
     async fn instances(
         &self,
         state: Data<&AppState>,
@@ -330,8 +337,14 @@ impl AdminApi {
         listed(fleet_queries::list_instances(&state.database, status.0.as_deref()).await)
     }
 
-    /// Every mandelbox; `?status=` keeps one status.
-    #[oai(path = "/admin/mandelboxes", method = "get")]
+    /// List every mandelbox.
+    ///
+    /// `?status=` keeps one status.
+    #[oai(
+        path = "/admin/mandelboxes",
+        method = "get",
+        operation_id = "listMandelboxes"
+    )]
     async fn mandelboxes(
         &self,
         state: Data<&AppState>,
@@ -341,9 +354,10 @@ impl AdminApi {
         listed(fleet_queries::list_mandelboxes(&state.database, status.0.as_deref()).await)
     }
 
-    /// The image catalog per region: active images, release candidates, retired and rolled-back ones; `?status=`
-    /// keeps one status.
-    #[oai(path = "/admin/images", method = "get")]
+    /// List the image catalog per region.
+    ///
+    /// Active images, release candidates, retired and rolled-back ones; `?status=` keeps one status.
+    #[oai(path = "/admin/images", method = "get", operation_id = "listImages")]
     async fn images(
         &self,
         state: Data<&AppState>,
@@ -356,9 +370,11 @@ impl AdminApi {
         )
     }
 
-    /// The global log in commit order: up to `limit` (default 100, at most 10,000) events after `after` (default 0);
-    /// with `correlation_id`, only the events of that chain.
-    #[oai(path = "/admin/events", method = "get")]
+    /// Read the global log in commit order.
+    ///
+    /// Up to `limit` (default 100, at most 10,000) events after `after` (default 0); with `correlation_id`, only
+    /// the events of that chain.
+    #[oai(path = "/admin/events", method = "get", operation_id = "listEvents")]
     async fn events(
         &self,
         state: Data<&AppState>,
@@ -382,10 +398,11 @@ impl AdminApi {
         }
     }
 
-    /// Every event of one aggregate, in sequence order.
+    /// Read every event of one aggregate, in sequence order.
     #[oai(
         path = "/admin/aggregates/:aggregate_type/:aggregate_id/events",
-        method = "get"
+        method = "get",
+        operation_id = "listAggregateEvents"
     )]
     async fn aggregate_events(
         &self,
@@ -405,11 +422,14 @@ impl AdminApi {
         }
     }
 
-    /// The aggregate's state replayed from its events: all of them, or those up to `at_version` (a sequence
-    /// number) and recorded at or before `as_of` (RFC 3339), whichever of the two bounds are given.
+    /// Replay an aggregate's state from its events.
+    ///
+    /// All of its events, or those up to `at_version` (a sequence number) and recorded at or before `as_of`
+    /// (RFC 3339), whichever of the two bounds are given.
     #[oai(
         path = "/admin/aggregates/:aggregate_type/:aggregate_id",
-        method = "get"
+        method = "get",
+        operation_id = "getAggregateState"
     )]
     async fn aggregate_state(
         &self,
@@ -436,8 +456,14 @@ impl AdminApi {
         }
     }
 
-    /// Every projection: its position, the log's head, the lag, its status and last error.
-    #[oai(path = "/admin/projections", method = "get")]
+    /// List every projection with its progress.
+    ///
+    /// Its position, the log's head, the lag, its status and last error.
+    #[oai(
+        path = "/admin/projections",
+        method = "get",
+        operation_id = "listProjections"
+    )]
     async fn projections(&self, state: Data<&AppState>, _auth: AdminAuth) -> ProjectionsResponse {
         match state.projections.status().await {
             Ok(statuses) => ProjectionsResponse::Listed(Json(
@@ -450,8 +476,14 @@ impl AdminApi {
         }
     }
 
-    /// Rebuilds a projection from position 0 into shadow tables and swaps them in atomically; answers when done.
-    #[oai(path = "/admin/projections/:name/rebuild", method = "post")]
+    /// Rebuild a projection from position 0.
+    ///
+    /// Into shadow tables, swapped in atomically; answers when done.
+    #[oai(
+        path = "/admin/projections/:name/rebuild",
+        method = "post",
+        operation_id = "rebuildProjection"
+    )]
     async fn rebuild(
         &self,
         state: Data<&AppState>,
@@ -481,11 +513,21 @@ impl AdminApi {
 
 /// Body of `POST /admin/instances`.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct LaunchBody {
     pub region: String,
     /// Hosts to launch (1 to 50).
     #[oai(validator(minimum(value = "1"), maximum(value = "50")))]
     pub count: u32,
+}
+
+impl Example for LaunchBody {
+    fn example() -> Self {
+        Self {
+            region: "us-east-1".to_string(),
+            count: 2,
+        }
+    }
 }
 
 /// Hosts decided by `POST /admin/instances`.
@@ -503,8 +545,15 @@ pub struct HostAfterAction {
 
 /// Body and answer of `PUT /admin/maintenance`.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct Maintenance {
     pub enabled: bool,
+}
+
+impl Example for Maintenance {
+    fn example() -> Self {
+        Self { enabled: true }
+    }
 }
 
 #[derive(ApiResponse)]
@@ -775,9 +824,14 @@ pub struct OperatorApi;
 
 #[OpenApi(tag = "AdminTag::Admin")]
 impl OperatorApi {
-    /// Launches hosts in a region on its active image. With an `Idempotency-Key` header a retried request
-    /// launches nothing new and answers the same ids.
-    #[oai(path = "/admin/instances", method = "post")]
+    /// Launch hosts in a region on its active image.
+    ///
+    /// With an `Idempotency-Key` header a retried request launches nothing new and answers the same ids.
+    #[oai(
+        path = "/admin/instances",
+        method = "post",
+        operation_id = "launchInstances"
+    )]
     async fn launch(
         &self,
         state: Data<&AppState>,
@@ -813,8 +867,14 @@ impl OperatorApi {
         }
     }
 
-    /// Drains a host: no new mandelbox; it shuts down when its last one ends.
-    #[oai(path = "/admin/instances/:instance_id/drain", method = "post")]
+    /// Drain a host.
+    ///
+    /// It takes no new mandelbox, and shuts down when its last one ends.
+    #[oai(
+        path = "/admin/instances/:instance_id/drain",
+        method = "post",
+        operation_id = "drainInstance"
+    )]
     async fn drain(
         &self,
         state: Data<&AppState>,
@@ -825,8 +885,14 @@ impl OperatorApi {
         host_action(&state, &auth, &request_id, instance_id.0, HostAction::Drain).await
     }
 
-    /// Terminates a host: through its host service when it answers, and in the cloud; its mandelboxes end.
-    #[oai(path = "/admin/instances/:instance_id", method = "delete")]
+    /// Terminate a host.
+    ///
+    /// Through its host service when it answers, and in the cloud; its mandelboxes end.
+    #[oai(
+        path = "/admin/instances/:instance_id",
+        method = "delete",
+        operation_id = "terminateInstance"
+    )]
     async fn terminate(
         &self,
         state: Data<&AppState>,
@@ -844,8 +910,12 @@ impl OperatorApi {
         .await
     }
 
-    /// Whether maintenance mode is on.
-    #[oai(path = "/admin/maintenance", method = "get")]
+    /// Tell whether maintenance mode is on.
+    #[oai(
+        path = "/admin/maintenance",
+        method = "get",
+        operation_id = "getMaintenance"
+    )]
     async fn maintenance(&self, state: Data<&AppState>, _auth: AdminAuth) -> MaintenanceResponse {
         match crate::control::operator::maintenance(&state).await {
             Ok(enabled) => MaintenanceResponse::Switch(Json(Maintenance { enabled })),
@@ -856,9 +926,15 @@ impl OperatorApi {
         }
     }
 
-    /// Turns maintenance mode on or off: while on, assigns answer `503 MAINTENANCE` and the autoscaler launches
-    /// nothing; everything else keeps working.
-    #[oai(path = "/admin/maintenance", method = "put")]
+    /// Turn maintenance mode on or off.
+    ///
+    /// While on, assigns answer `503 MAINTENANCE` and the autoscaler launches nothing; everything else keeps
+    /// working.
+    #[oai(
+        path = "/admin/maintenance",
+        method = "put",
+        operation_id = "setMaintenance"
+    )]
     async fn set_maintenance(
         &self,
         state: Data<&AppState>,
@@ -880,8 +956,8 @@ impl OperatorApi {
         }
     }
 
-    /// Everything the dashboard shows, in one read.
-    #[oai(path = "/admin/overview", method = "get")]
+    /// Read everything the dashboard shows, in one read.
+    #[oai(path = "/admin/overview", method = "get", operation_id = "getOverview")]
     async fn overview(&self, state: Data<&AppState>, _auth: AdminAuth) -> OverviewResponse {
         match overview(&state).await {
             Ok(overview) => OverviewResponse::Overview(Json(overview)),

@@ -4,6 +4,7 @@ use chrono::SecondsFormat;
 use poem::web::Data;
 use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
+use poem_openapi::types::Example;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use whist_domain::images::CATALOG_ID;
 use whist_domain::{Actor, EventMetadata};
@@ -22,6 +23,7 @@ enum DesktopTag {
 
 /// Body of `POST /mandelbox/assign`.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct AssignBody {
     /// Regions to try, in order of preference (at most 32, each at most 32 characters).
     #[oai(validator(max_items = 32, max_length = 32))]
@@ -39,14 +41,37 @@ pub struct AssignBody {
     pub version: Option<String>,
 }
 
+impl Example for AssignBody {
+    fn example() -> Self {
+        Self {
+            regions: vec!["us-east-1".to_string(), "us-west-1".to_string()],
+            client_commit_hash: "9f3c2e1d0b8a7f6e5d4c3b2a1908f7e6d5c4b3a2".to_string(),
+            session_id: 1_700_000_000,
+            user_email: "ada@example.com".to_string(),
+            version: Some("3.1.0".to_string()),
+        }
+    }
+}
+
 /// Answer of `POST /mandelbox/assign` (200 and 503 alike).
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct AssignAnswer {
     pub ip: String,
     pub mandelbox_id: String,
     /// Empty on success, else one of REGION_NOT_ENABLED, NO_INSTANCE_AVAILABLE, COMMIT_HASH_MISMATCH,
     /// USER_ALREADY_ACTIVE, MAINTENANCE.
     pub error: String,
+}
+
+impl Example for AssignAnswer {
+    fn example() -> Self {
+        Self {
+            ip: "10.0.3.17".to_string(),
+            mandelbox_id: "0b8a3c9e-5d2f-4a61-9c7e-2f4b6d8a1c3e".to_string(),
+            error: String::new(),
+        }
+    }
 }
 
 #[derive(ApiResponse)]
@@ -110,7 +135,11 @@ pub struct DesktopApi;
 #[OpenApi(tag = "DesktopTag::DesktopApp")]
 impl DesktopApi {
     /// Reserve a mandelbox for the user on a host with room.
-    #[oai(path = "/mandelbox/assign", method = "post")]
+    #[oai(
+        path = "/mandelbox/assign",
+        method = "post",
+        operation_id = "assignMandelbox"
+    )]
     async fn assign(
         &self,
         state: Data<&AppState>,
@@ -187,8 +216,12 @@ impl DesktopApi {
         }
     }
 
-    /// One of the user's mandelboxes.
-    #[oai(path = "/mandelbox/:mandelbox_id", method = "get")]
+    /// Read one of the user's mandelboxes.
+    #[oai(
+        path = "/mandelbox/:mandelbox_id",
+        method = "get",
+        operation_id = "getMandelbox"
+    )]
     async fn mandelbox(
         &self,
         state: Data<&AppState>,
@@ -232,8 +265,8 @@ impl DesktopApi {
         }))
     }
 
-    /// Enabled regions that have an active image.
-    #[oai(path = "/regions", method = "get")]
+    /// List the enabled regions that have an active image.
+    #[oai(path = "/regions", method = "get", operation_id = "listRegions")]
     async fn regions(&self, state: Data<&AppState>) -> RegionsResponse {
         match state.services.catalog.load_from_history(CATALOG_ID).await {
             Ok((catalog, _)) => RegionsResponse::Regions(Json(

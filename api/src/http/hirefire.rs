@@ -47,14 +47,20 @@ pub struct HireFireApi;
 
 #[OpenApi(tag = "HireFireTag::HireFire")]
 impl HireFireApi {
-    /// HireFire's check that the endpoint exists.
-    #[oai(path = "/hirefire/test", method = "get")]
+    /// Answer HireFire's check that the endpoint exists.
+    #[oai(path = "/hirefire/test", method = "get", operation_id = "testHireFire")]
     async fn test(&self) -> TestResponse {
         TestResponse::Ok(Json(serde_json::json!({})))
     }
 
-    /// The number of side-effect jobs waiting, as HireFire reads it.
-    #[oai(path = "/hirefire/:token/info", method = "get")]
+    /// Count the side-effect jobs waiting, as HireFire reads it.
+    ///
+    /// The path's `token` is `HIREFIRE_TOKEN`, HireFire's only credential: any other value answers 404.
+    #[oai(
+        path = "/hirefire/:token/info",
+        method = "get",
+        operation_id = "getHireFireInfo"
+    )]
     async fn info(&self, state: Data<&AppState>, token: Path<String>) -> InfoResponse {
         let not_found = || InfoResponse::NotFound(error_body("NOT_FOUND"));
         let Some(expected) = &state.settings.hirefire_token else {

@@ -4,6 +4,7 @@ use chrono::Utc;
 use poem::web::Data;
 use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
+use poem_openapi::types::Example;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
 use whist_adapters::store::CommandError;
 use whist_adapters::tokens::{fingerprint, Purpose};
@@ -15,7 +16,7 @@ use whist_domain::{Actor, EventMetadata};
 
 use crate::http::error::{error_body, unavailable, ErrorBody};
 use crate::http::middleware::RequestId;
-use crate::http::security::PeerToken;
+use crate::http::security::{BootstrapToken, HostToken, ProtocolSecret};
 use crate::state::AppState;
 use crate::workers::heartbeats::{now_ms, Heartbeat};
 
@@ -35,6 +36,7 @@ enum HostTag {
 
 /// Body of `POST /host/register`.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct RegisterBody {
     pub instance_id: String,
     pub region: String,
@@ -64,6 +66,23 @@ impl std::fmt::Debug for RegisterAnswer {
     }
 }
 
+impl Example for RegisterBody {
+    fn example() -> Self {
+        Self {
+            instance_id: "6f1c2a8e-3b4d-4e5f-8a9b-0c1d2e3f4a5b".to_string(),
+            region: "us-east-1".to_string(),
+            image_id: "ami-0123456789abcdef0".to_string(),
+            instance_type: "g4dn.2xlarge".to_string(),
+            client_commit_hash: "9f3c2e1d0b8a7f6e5d4c3b2a1908f7e6d5c4b3a2".to_string(),
+            ip: "10.0.3.17".to_string(),
+            mandelbox_capacity: 8,
+            tls_cert_sha256: Some(
+                "3f0a6c1e9b2d4f8a7c5e3b1d9f7a5c3e1b9d7f5a3c1e9b7d5f3a1c9e7b5d3f1a".to_string(),
+            ),
+        }
+    }
+}
+
 /// An empty JSON object.
 #[derive(Debug, Object)]
 pub struct Empty {}
@@ -86,6 +105,7 @@ pub enum RegisterResponse {
 
 /// Body of `POST /host/heartbeat`.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct HeartbeatBody {
     pub instance_id: String,
     pub timestamp: String,
@@ -94,6 +114,20 @@ pub struct HeartbeatBody {
     pub free_ram_kb: i64,
     pub avail_ram_kb: i64,
     pub is_dying: bool,
+}
+
+impl Example for HeartbeatBody {
+    fn example() -> Self {
+        Self {
+            instance_id: "6f1c2a8e-3b4d-4e5f-8a9b-0c1d2e3f4a5b".to_string(),
+            timestamp: "2026-12-05T10:15:00Z".to_string(),
+            heartbeat_number: 42,
+            total_ram_kb: 32_768_000,
+            free_ram_kb: 20_480_000,
+            avail_ram_kb: 24_576_000,
+            is_dying: false,
+        }
+    }
 }
 
 #[derive(ApiResponse)]
@@ -116,9 +150,19 @@ pub enum ReportedStatusBody {
     Dying,
 }
 
+/// Body of `POST /host/mandelbox/{mandelbox_id}/status`.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct StatusBody {
     pub status: ReportedStatusBody,
+}
+
+impl Example for StatusBody {
+    fn example() -> Self {
+        Self {
+            status: ReportedStatusBody::Running,
+        }
+    }
 }
 
 #[derive(ApiResponse)]
@@ -143,13 +187,20 @@ pub struct HostApi;
 
 #[OpenApi]
 impl HostApi {
-    /// A host proves it is the launch it claims with its one-time bootstrap token, and becomes ACTIVE.
-    #[oai(path = "/host/register", method = "post", tag = "HostTag::HostService")]
+    /// Register a host with its one-time bootstrap token.
+    ///
+    /// The host proves it is the launch it claims, is given its `auth_token`, and becomes ACTIVE.
+    #[oai(
+        path = "/host/register",
+        method = "post",
+        tag = "HostTag::HostService",
+        operation_id = "registerHost"
+    )]
     async fn register(
         &self,
         state: Data<&AppState>,
         request_id: Data<&RequestId>,
-        token: PeerToken,
+        token: BootstrapToken,
         body: Json<RegisterBody>,
     ) -> RegisterResponse {
         let body = body.0;
@@ -230,17 +281,20 @@ impl HostApi {
         }
     }
 
-    /// A host says it is alive. Not an event: only changes of liveness become events.
+    /// Say that a host is alive.
+    ///
+    /// Not an event: only changes of liveness become events.
     #[oai(
         path = "/host/heartbeat",
         method = "post",
-        tag = "HostTag::HostService"
+        tag = "HostTag::HostService",
+        operation_id = "sendHeartbeat"
     )]
     async fn heartbeat(
         &self,
         state: Data<&AppState>,
         request_id: Data<&RequestId>,
-        token: PeerToken,
+        token: HostToken,
         body: Json<HeartbeatBody>,
     ) -> HeartbeatResponse {
         let body = body.0;
@@ -297,17 +351,18 @@ impl HostApi {
         HeartbeatResponse::Ok(Json(Empty {}))
     }
 
-    /// A host reports a mandelbox's status.
+    /// Report a mandelbox's status from its host.
     #[oai(
         path = "/host/mandelbox/:mandelbox_id/status",
         method = "post",
-        tag = "HostTag::HostService"
+        tag = "HostTag::HostService",
+        operation_id = "reportMandelboxStatus"
     )]
     async fn mandelbox_status(
         &self,
         state: Data<&AppState>,
         request_id: Data<&RequestId>,
-        token: PeerToken,
+        token: HostToken,
         mandelbox_id: Path<String>,
         body: Json<StatusBody>,
     ) -> PeerResponse {
@@ -355,17 +410,20 @@ impl HostApi {
         }
     }
 
-    /// The protocol server says the user disconnected: the mandelbox ends and its slot frees. Idempotent.
+    /// Say that the user disconnected from a mandelbox.
+    ///
+    /// Called by the protocol server: the mandelbox ends and its slot frees. Idempotent.
     #[oai(
         path = "/mandelbox/:mandelbox_id/disconnect",
         method = "post",
-        tag = "HostTag::ProtocolServer"
+        tag = "HostTag::ProtocolServer",
+        operation_id = "disconnectMandelbox"
     )]
     async fn disconnect(
         &self,
         state: Data<&AppState>,
         request_id: Data<&RequestId>,
-        token: PeerToken,
+        token: ProtocolSecret,
         mandelbox_id: Path<String>,
     ) -> PeerResponse {
         let services = &state.services;

@@ -34,16 +34,18 @@ pub struct OpsApi;
 
 #[OpenApi(tag = "OpsTag::Operations")]
 impl OpsApi {
-    /// The process is up.
-    #[oai(path = "/healthz", method = "get")]
+    /// Tell whether the process is up.
+    #[oai(path = "/healthz", method = "get", operation_id = "getHealth")]
     async fn healthz(&self) -> Json<ProbeBody> {
         Json(ProbeBody {
             status: "ok".to_string(),
         })
     }
 
-    /// The process can reach its event store and none of its background loops is down.
-    #[oai(path = "/readyz", method = "get")]
+    /// Tell whether the process is ready to serve.
+    ///
+    /// Ready: it can reach its event store and none of its background loops is down.
+    #[oai(path = "/readyz", method = "get", operation_id = "getReadiness")]
     async fn readyz(&self, state: Data<&AppState>) -> ReadyResponse {
         // A loop that is down is answered first, without a query: the process cannot keep its promises meanwhile
         // (a stopped reconciler starts no mandelbox), whether or not the store answers.
@@ -66,8 +68,8 @@ impl OpsApi {
         }
     }
 
-    /// Prometheus text exposition of the process's metrics.
-    #[oai(path = "/metrics", method = "get")]
+    /// Read the process's metrics in Prometheus's text exposition format.
+    #[oai(path = "/metrics", method = "get", operation_id = "getMetrics")]
     async fn metrics(&self, state: Data<&AppState>) -> PlainText<String> {
         if let Ok(statuses) = state.projections.status().await {
             for status in statuses {

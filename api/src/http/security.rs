@@ -9,6 +9,8 @@ use whist_adapters::auth::Principal;
 use crate::state::AppState;
 
 /// The desktop app's Auth0 token (RS256, `sub` is the user).
+///
+/// Refused with `401 {"error": "UNAUTHORIZED"}` unless its signature, `iss`, `aud` and `exp` check.
 #[derive(SecurityScheme)]
 #[oai(ty = "bearer", bearer_format = "JWT", checker = "check_user")]
 pub struct UserAuth(pub Principal);
@@ -30,13 +32,31 @@ async fn check_user(request: &Request, bearer: Bearer) -> poem::Result<Principal
     }
 }
 
-/// A host's or protocol server's token (`auth_token`, bootstrap token or protocol secret); which one is checked by
-/// the handler, since it depends on the path.
+/// The one-time bootstrap token a host was launched with (`WHIST_BOOTSTRAP_TOKEN` in its user data).
+///
+/// Checked by the handler (by HMAC, against the `instance_id` of the body), before anything is read.
 #[derive(SecurityScheme)]
 #[oai(ty = "bearer")]
-pub struct PeerToken(pub Bearer);
+pub struct BootstrapToken(pub Bearer);
 
-/// A developer's Auth0 token: as [`UserAuth`], and it must carry scope `admin` (else 403).
+/// The `auth_token` a host was given when it registered.
+///
+/// Checked by the handler (by HMAC, against the host it names), before anything is read.
+#[derive(SecurityScheme)]
+#[oai(ty = "bearer")]
+pub struct HostToken(pub Bearer);
+
+/// The protocol secret a mandelbox was spun up with (`protocol_secret` of `PUT /spin_up_mandelbox`).
+///
+/// Checked by the handler (by HMAC, against the mandelbox of the path), before anything is read.
+#[derive(SecurityScheme)]
+#[oai(ty = "bearer")]
+pub struct ProtocolSecret(pub Bearer);
+
+/// A developer's Auth0 token: as the desktop app's, and it must carry scope `admin`.
+///
+/// Refused with `401 {"error": "UNAUTHORIZED"}` as the desktop app's, and with `403 {"error": "FORBIDDEN"}` without
+/// scope `admin`.
 #[derive(SecurityScheme)]
 #[oai(ty = "bearer", bearer_format = "JWT", checker = "check_admin")]
 pub struct AdminAuth(pub Principal);

@@ -4,7 +4,8 @@
 //!   (examples, coverage of every schema constraint, fuzzing, stateful sequences) with every check it has: no
 //!   answer may be a server error outside the contract (`whist_hooks.contract_server_error`), an undocumented
 //!   status or content type, a body that violates its schema, a valid request refused, an invalid one accepted.
-//! - A body over 1 MiB on every operation that takes a body (and the Stripe webhook), declared and chunked: `413`.
+//! - A body over 1 MiB on every operation that takes a body (the Stripe webhook among them), declared and chunked:
+//!   `413`.
 //! - Stripe webhook forgeries: refused with `400`, and nothing recorded.
 //!
 //! - Every JWT attack (`auth::forgeries`) and no token at all, on every operation that takes an Auth0 token, against
@@ -40,7 +41,10 @@ async fn serve(dir: &std::path::Path, stripe: &StripeFake) -> ChildProcess {
             ("HIREFIRE_TOKEN", "hirefire-hostile".to_string()),
             ("ASSIGN_RATE_LIMIT_PER_MINUTE", "0".to_string()),
             ("ASSIGN_RATE_LIMIT_PER_IP_PER_MINUTE", "0".to_string()),
-            ("RUST_LOG", "warn".to_string()),
+            // async-stripe-webhook logs an ERROR for every signed event it cannot read in full against its own
+            // Stripe API version, which the adapter tolerates by design (`adapters/src/stripe.rs`); the fuzzer's
+            // signed events are such events, and the server's own errors are what this suite looks for.
+            ("RUST_LOG", "warn,stripe_webhook=off".to_string()),
         ],
         "serve.log",
     );
@@ -109,6 +113,8 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_spec() {
         .current_dir(dir.path())
         .env("PYTHONPATH", hooks)
         .env("SCHEMATHESIS_HOOKS", "whist_hooks")
+        // The hooks sign the webhook deliveries they generate, as Stripe would.
+        .env("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET)
         .env("NO_COLOR", "1")
         .kill_on_drop(true)
         .output();
@@ -243,12 +249,15 @@ async fn oversized_bodies_and_forged_webhooks_are_refused_and_record_nothing() {
         .json()
         .await
         .expect("the document");
-    let mut targets = operations_with_a_body(&document);
+    let targets = operations_with_a_body(&document);
     assert!(
         targets.len() >= 6,
         "the document lists the operations with a body: {targets:?}"
     );
-    targets.push(("POST".to_string(), "/stripe/webhook".to_string()));
+    assert!(
+        targets.contains(&("POST".to_string(), "/stripe/webhook".to_string())),
+        "the webhook is an operation with a body: {targets:?}"
+    );
     let port = server.port.expect("a port");
     for (method, path) in &targets {
         for chunked in [false, true] {
