@@ -271,3 +271,68 @@ async fn a_disconnect_repeated_on_a_server_whose_copies_are_behind_answers_200_a
     second.stop().await;
     first.stop().await;
 }
+
+/// Two servers fill different hosts: while its own share (by rendezvous hashing over the live members) has room,
+/// each server assigns there, so the two do not race for the same fullest host.
+#[tokio::test]
+async fn two_servers_fill_the_hosts_of_their_own_share_first() {
+    use whist_adapters::store::members::owner;
+    let database = TestDatabase::postgres().await;
+    let first = spawn_app(&database).await;
+    let second = spawn_second_app(&database, &first).await;
+    assert!(
+        whist_tests::eventually(Duration::from_secs(10), || async {
+            first.state.services.members.live().len() == 2
+                && second.state.services.members.live().len() == 2
+        })
+        .await,
+        "each server sees both as members"
+    );
+    let spec = launch_spec("us-east-1", "ami-share", "hash-share");
+    let mut hosts = Vec::new();
+    for _ in 0..12 {
+        hosts.push(first.active_host(spec.clone(), 10).await);
+    }
+    for host in &hosts {
+        second.wait_for_instance(&host.instance_id, "ACTIVE").await;
+    }
+    let live = first.state.services.members.live();
+    assert_eq!(live, second.state.services.members.live());
+    let mut owned_somewhere = 0;
+    for app in [&first, &second] {
+        let me = app.state.services.members.id().to_string();
+        let own: HashSet<&str> = hosts
+            .iter()
+            .map(|host| host.instance_id.as_str())
+            .filter(|host| owner(&live, host) == Some(me.as_str()))
+            .collect();
+        if own.is_empty() {
+            // One chance in 2,048: every host hashed to the other member; this one falls back to theirs.
+            continue;
+        }
+        owned_somewhere += 1;
+        for session in 0..4 {
+            let user = format!("auth0|share-{}", uuid::Uuid::new_v4().simple());
+            let (status, body) = app
+                .assign(&user_token(&user), assign_body(&["us-east-1"], "hash-share", session))
+                .await;
+            assert_eq!(status, 200, "{body}");
+            let mandelbox_id = body["mandelbox_id"].as_str().expect("an id");
+            let (mandelbox, _) = app
+                .state
+                .services
+                .mandelboxes
+                .load_caught_up(mandelbox_id)
+                .await
+                .expect("the mandelbox");
+            let host = mandelbox.placement.expect("placed").instance_id;
+            assert!(
+                own.contains(host.as_str()),
+                "an assign of member {me} went to {host}, not one of its own {own:?}"
+            );
+        }
+    }
+    assert!(owned_somewhere >= 1);
+    second.stop().await;
+    first.stop().await;
+}
