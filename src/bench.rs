@@ -96,8 +96,12 @@ pub async fn append_worker(options: AppendWorkerOptions) -> anyhow::Result<()> {
     if wait > 0 {
         tokio::time::sleep(Duration::from_millis(wait.unsigned_abs())).await;
     }
-    let appends =
-        measure_appends(&store, options.writers, Duration::from_secs(options.seconds)).await?;
+    let appends = measure_appends(
+        &store,
+        options.writers,
+        Duration::from_secs(options.seconds),
+    )
+    .await?;
     database.close().await;
     println!("{appends}");
     Ok(())

@@ -312,8 +312,11 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
     // `--rate`, open loop (assigns sent at a fixed arrival rate whatever the answers' speed).
     let server_pids: Vec<u32> = servers.iter().map(|server| server.0.id()).collect();
     let users = Users::new(options.clients);
+    // Statements per assign, where Postgres keeps statement statistics.
+    let _ = Statements::enable(&database).await;
     let load = AssignLoad {
         client: &client,
+        database: &database,
         bases: &bases,
         tokens: &tokens,
         users: &users,
@@ -584,6 +587,8 @@ struct Phase {
     /// Open loop: sends that left more than a millisecond after their scheduled time (the generator fell behind).
     late_sends: u64,
     most_in_flight: u64,
+    /// Statements the server processes ran over the phase (`pg_stat_statements`), when Postgres keeps them.
+    statements: Option<Statements>,
 }
 
 impl Phase {
@@ -622,6 +627,13 @@ impl Phase {
                 "assigns decided more than once",
                 100.0 * self.retried / self.counted
             );
+        }
+        match &self.statements {
+            Some(statements) => statements.print(self.assigned.max(1) as f64),
+            None => println!(
+                "{:<36} {:>14}",
+                "statements per assign", "n/a (no pg_stat_statements)"
+            ),
         }
         if self.most_in_flight > 0 {
             println!(
@@ -674,6 +686,8 @@ impl Tally {
 /// What the assign phases send to, and as whom.
 struct AssignLoad<'a> {
     client: &'a reqwest::Client,
+    /// The load's database, for `pg_stat_statements`.
+    database: &'a Database,
     bases: &'a [String],
     tokens: &'a Tokens,
     users: &'a Users,
@@ -687,6 +701,7 @@ impl AssignLoad<'_> {
         let deadline = Instant::now() + Duration::from_secs(self.seconds);
         let tally = Arc::new(Tally::default());
         let (retried_before, counted_before) = self.retries().await;
+        let statements_before = Statements::read(self.database).await;
         let cpu_before = CpuTimes::read(server_pids);
         let started = Instant::now();
         let mut tasks = Vec::new();
@@ -718,8 +733,17 @@ impl AssignLoad<'_> {
         for task in tasks {
             latencies.extend(task.await?);
         }
-        self.finish(&tally, latencies, started, cpu_before, server_pids, (retried_before, counted_before), (0, 0))
-            .await
+        self.finish(
+            &tally,
+            latencies,
+            started,
+            cpu_before,
+            server_pids,
+            (retried_before, counted_before),
+            (0, 0),
+            statements_before,
+        )
+        .await
     }
 
     /// Assigns sent at `rate` per second for `seconds`, on schedule whatever the answers' speed (no send waits for
@@ -733,6 +757,7 @@ impl AssignLoad<'_> {
         let mut most_in_flight = 0;
         let mut late_sends = 0;
         let (retried_before, counted_before) = self.retries().await;
+        let statements_before = Statements::read(self.database).await;
         let cpu_before = CpuTimes::read(server_pids);
         let started = Instant::now();
         let first = tokio::time::Instant::now() + Duration::from_millis(20);
@@ -774,6 +799,7 @@ impl AssignLoad<'_> {
             server_pids,
             (retried_before, counted_before),
             (late_sends, most_in_flight),
+            statements_before,
         )
         .await
     }
@@ -788,10 +814,15 @@ impl AssignLoad<'_> {
         server_pids: &[u32],
         (retried_before, counted_before): (f64, f64),
         (late_sends, most_in_flight): (u64, u64),
+        statements_before: Option<Statements>,
     ) -> anyhow::Result<Phase> {
         let elapsed = started.elapsed().as_secs_f64();
         let cpu = CpuTimes::read(server_pids)
             .zip(cpu_before)
+            .map(|(after, before)| after.since(&before));
+        let statements = Statements::read(self.database)
+            .await
+            .zip(statements_before)
             .map(|(after, before)| after.since(&before));
         let (retried, counted) = self.retries().await;
         latencies.sort();
@@ -807,6 +838,7 @@ impl AssignLoad<'_> {
             counted: counted - counted_before,
             late_sends,
             most_in_flight,
+            statements,
         })
     }
 
@@ -822,6 +854,65 @@ impl AssignLoad<'_> {
             metric_total(&texts, "whist_assigns_retried_total").unwrap_or(0.0),
             metric_sum(&texts, "whist_assigns_total"),
         )
+    }
+}
+
+/// Calls of each statement the load's database ran, from `pg_stat_statements` (the server processes' and the load
+/// test's own few: the latter are a handful per phase).
+struct Statements {
+    calls: std::collections::HashMap<String, i64>,
+}
+
+impl Statements {
+    /// Creates the extension in the load's database; whether Postgres keeps statement statistics (it must load
+    /// `pg_stat_statements` at start, `shared_preload_libraries`).
+    async fn enable(database: &Database) -> bool {
+        let created = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(database.any())
+            .await
+            .is_ok();
+        created && Self::read(database).await.is_some()
+    }
+
+    /// The calls so far, by statement text; `None` when Postgres keeps none.
+    async fn read(database: &Database) -> Option<Self> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT query, calls FROM pg_stat_statements \
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_all(database.any())
+        .await
+        .ok()?;
+        let mut calls = std::collections::HashMap::with_capacity(rows.len());
+        for (query, count) in rows {
+            *calls.entry(query).or_insert(0) += count;
+        }
+        Some(Self { calls })
+    }
+
+    fn since(mut self, earlier: &Self) -> Self {
+        for (query, count) in &mut self.calls {
+            *count -= earlier.calls.get(query).copied().unwrap_or(0);
+        }
+        self.calls.retain(|_, count| *count > 0);
+        self
+    }
+
+    /// Statements per assign, and the most frequent ones.
+    fn print(&self, assigns: f64) {
+        let total: i64 = self.calls.values().sum();
+        println!(
+            "{:<36} {:>14.1}",
+            "statements per assign",
+            total as f64 / assigns
+        );
+        let mut top: Vec<(&String, &i64)> = self.calls.iter().collect();
+        top.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+        for (query, count) in top.into_iter().take(8) {
+            let text: String = query.split_whitespace().collect::<Vec<_>>().join(" ");
+            let text: String = text.chars().take(72).collect();
+            println!("  {:>6.2} per assign  {text}", *count as f64 / assigns);
+        }
     }
 }
 

@@ -314,7 +314,10 @@ async fn two_servers_fill_the_hosts_of_their_own_share_first() {
         for session in 0..4 {
             let user = format!("auth0|share-{}", uuid::Uuid::new_v4().simple());
             let (status, body) = app
-                .assign(&user_token(&user), assign_body(&["us-east-1"], "hash-share", session))
+                .assign(
+                    &user_token(&user),
+                    assign_body(&["us-east-1"], "hash-share", session),
+                )
                 .await;
             assert_eq!(status, 200, "{body}");
             let mandelbox_id = body["mandelbox_id"].as_str().expect("an id");

@@ -29,6 +29,7 @@ mod simulated;
 mod snapshots;
 mod store;
 mod stripe;
+mod traces;
 
 /// The `whist` binary cargo built for this suite.
 pub fn whist_binary() -> std::path::PathBuf {

@@ -73,7 +73,10 @@ impl Members {
         .bind(ttl_ms)
         .fetch_all(self.database.any())
         .await?;
-        if !live.iter().any(|member| member.as_str() == self.id.as_ref()) {
+        if !live
+            .iter()
+            .any(|member| member.as_str() == self.id.as_ref())
+        {
             live.push(self.id.to_string());
             live.sort();
         }
