@@ -1,5 +1,5 @@
 //! Records the git commit the crate is built from, or `unknown` outside a git checkout: the `git_commit` of
-//! `whist_build_info`, the same commit `whist --version` prints (the `whist` crate's own `build.rs` does the same).
+//! `whist_build_info`, and what `whist --version` prints (`whist_api::VERSION`).
 
 use std::process::Command;
 

@@ -18,12 +18,7 @@ use whist_api::Context;
 use whist_projections::{ProjectionRunner, RebuildProgress};
 
 /// The version and the git commit the binary was built from.
-const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (",
-    env!("WHIST_GIT_COMMIT"),
-    ")"
-);
+const VERSION: &str = whist_api::VERSION;
 
 /// The exit codes, as the top-level help lists them (README.md's "Exit codes" says the same).
 const EXIT_CODES: &str = "\

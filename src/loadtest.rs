@@ -683,6 +683,15 @@ impl Tally {
     }
 }
 
+/// The counts a phase's figures are taken from, as the phase starts.
+struct Before {
+    /// Assigns decided more than once, and all assigns, as the servers had counted them.
+    retries: (f64, f64),
+    statements: Option<Statements>,
+    cpu: Option<CpuTimes>,
+    started: Instant,
+}
+
 /// What the assign phases send to, and as whom.
 struct AssignLoad<'a> {
     client: &'a reqwest::Client,
@@ -700,10 +709,7 @@ impl AssignLoad<'_> {
     async fn closed_loop(&self, clients: usize, server_pids: &[u32]) -> anyhow::Result<Phase> {
         let deadline = Instant::now() + Duration::from_secs(self.seconds);
         let tally = Arc::new(Tally::default());
-        let (retried_before, counted_before) = self.retries().await;
-        let statements_before = Statements::read(self.database).await;
-        let cpu_before = CpuTimes::read(server_pids);
-        let started = Instant::now();
+        let before = self.before(server_pids).await;
         let mut tasks = Vec::new();
         for index in 0..clients {
             let client = self.client.clone();
@@ -733,17 +739,8 @@ impl AssignLoad<'_> {
         for task in tasks {
             latencies.extend(task.await?);
         }
-        self.finish(
-            &tally,
-            latencies,
-            started,
-            cpu_before,
-            server_pids,
-            (retried_before, counted_before),
-            (0, 0),
-            statements_before,
-        )
-        .await
+        self.finish(&tally, latencies, before, server_pids, (0, 0))
+            .await
     }
 
     /// Assigns sent at `rate` per second for `seconds`, on schedule whatever the answers' speed (no send waits for
@@ -756,10 +753,7 @@ impl AssignLoad<'_> {
         let in_flight = Arc::new(AtomicU64::new(0));
         let mut most_in_flight = 0;
         let mut late_sends = 0;
-        let (retried_before, counted_before) = self.retries().await;
-        let statements_before = Statements::read(self.database).await;
-        let cpu_before = CpuTimes::read(server_pids);
-        let started = Instant::now();
+        let before = self.before(server_pids).await;
         let first = tokio::time::Instant::now() + Duration::from_millis(20);
         let mut tasks = Vec::with_capacity(total as usize);
         for index in 0..total {
@@ -794,37 +788,44 @@ impl AssignLoad<'_> {
         self.finish(
             &tally,
             latencies,
-            started,
-            cpu_before,
+            before,
             server_pids,
-            (retried_before, counted_before),
             (late_sends, most_in_flight),
-            statements_before,
         )
         .await
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// What the servers and the machine had counted as a phase starts.
+    async fn before(&self, server_pids: &[u32]) -> Before {
+        let retries = self.retries().await;
+        let statements = Statements::read(self.database).await;
+        Before {
+            retries,
+            statements,
+            cpu: CpuTimes::read(server_pids),
+            started: Instant::now(),
+        }
+    }
+
+    /// The phase's figures: what was counted since `before`.
     async fn finish(
         &self,
         tally: &Tally,
         mut latencies: Vec<Duration>,
-        started: Instant,
-        cpu_before: Option<CpuTimes>,
+        before: Before,
         server_pids: &[u32],
-        (retried_before, counted_before): (f64, f64),
         (late_sends, most_in_flight): (u64, u64),
-        statements_before: Option<Statements>,
     ) -> anyhow::Result<Phase> {
-        let elapsed = started.elapsed().as_secs_f64();
+        let elapsed = before.started.elapsed().as_secs_f64();
         let cpu = CpuTimes::read(server_pids)
-            .zip(cpu_before)
-            .map(|(after, before)| after.since(&before));
+            .zip(before.cpu)
+            .map(|(after, earlier)| after.since(&earlier));
         let statements = Statements::read(self.database)
             .await
-            .zip(statements_before)
-            .map(|(after, before)| after.since(&before));
+            .zip(before.statements)
+            .map(|(after, earlier)| after.since(&earlier));
         let (retried, counted) = self.retries().await;
+        let (retried_before, counted_before) = before.retries;
         latencies.sort();
         Ok(Phase {
             sent: tally.sent.load(Ordering::Relaxed),

@@ -14,4 +14,14 @@ pub mod traces;
 pub mod workers;
 
 pub use startup::Application;
+
+/// The git commit this build was made from (`api/build.rs`; `unknown` outside a git checkout).
+pub const GIT_COMMIT: &str = env!("WHIST_GIT_COMMIT");
+/// The version and the commit, as `whist --version` prints them.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("WHIST_GIT_COMMIT"),
+    ")"
+);
 pub use state::{AppState, Context};

@@ -70,7 +70,7 @@ pub fn metrics_handle() -> PrometheusHandle {
             // which is the right behaviour for a process that chose its own recorder.
             let _ = metrics::set_global_recorder(recorder);
             metrics::gauge!("whist_build_info", "version" => env!("CARGO_PKG_VERSION"),
-                "git_commit" => env!("WHIST_GIT_COMMIT"))
+                "git_commit" => crate::GIT_COMMIT)
             .set(1.0);
             handle
         })
