@@ -492,6 +492,24 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
             units / statements.max(1.0)
         );
     }
+    // Aggregates read from the database rather than remembered (a cold load, or a snapshot's tail), per assign.
+    for line in server_metrics
+        .iter()
+        .flat_map(|text| text.lines())
+        .filter(|line| line.starts_with("whist_aggregate_loads_total{"))
+    {
+        if let Some((series, value)) = line.rsplit_once(' ') {
+            let loads: f64 = value.trim().parse().unwrap_or(0.0);
+            let labels = series
+                .trim_start_matches("whist_aggregate_loads_total")
+                .replace('"', "");
+            println!(
+                "{:<36} {:>14.2}",
+                format!("loads per assign {labels}"),
+                loads / assigned_count
+            );
+        }
+    }
     println!(
         "{:<36} {:>12.0}/s",
         format!("pgbench one-row insert, {} clients", options.clients),

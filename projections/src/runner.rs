@@ -71,8 +71,12 @@ impl VerifyReport {
 /// What one step of a projection did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StepOutcome {
-    /// Events up to `position` were applied.
-    Applied { count: usize, position: i64 },
+    /// Events up to `position` were applied; the log's head was at `head` as the step began.
+    Applied {
+        count: usize,
+        position: i64,
+        head: i64,
+    },
     /// Nothing new after the checkpoint.
     CaughtUp,
     /// The projection is stopped on an event that fails (see its `last_error`); a rebuild restarts it.
@@ -237,6 +241,7 @@ impl ProjectionRunner {
                 Ok(StepOutcome::Applied {
                     count: events.len(),
                     position: last_position,
+                    head,
                 })
             }
             Err(ProjectionError::Database(error)) => Err(RunnerError::Database(error)),
@@ -390,10 +395,15 @@ impl ProjectionRunner {
                 registered = self.register().await.is_ok();
             }
             let pause = match self.step(name).await {
-                Ok(StepOutcome::Applied { position, .. }) => {
+                Ok(StepOutcome::Applied { position, head, .. }) => {
                     metrics::gauge!("whist_projection_position", "projection" => name)
                         .set(position as f64);
-                    continue;
+                    if position < head {
+                        continue;
+                    }
+                    // Caught up with the head the step saw: wait for the head to move and gather what comes in
+                    // that window into the next step, instead of a step that finds nothing or one event.
+                    Duration::from_secs(1)
                 }
                 Ok(StepOutcome::CaughtUp) => Duration::from_secs(1),
                 Ok(StepOutcome::Stopped | StepOutcome::Waiting) => Duration::from_secs(5),
@@ -648,13 +658,10 @@ async fn lock_checkpoint(
     transaction: &mut Transaction<'_, Any>,
     name: &str,
 ) -> Result<Option<(i64, String, i64)>, sqlx::Error> {
-    sqlx::query("UPDATE projection_checkpoints SET updated_at = updated_at WHERE name = $1")
-        .bind(name)
-        .execute(&mut **transaction)
-        .await?;
+    // One statement: the row lock, the checkpoint and the head.
     let row = sqlx::query(
-        "SELECT position, status, (SELECT position FROM event_log_head WHERE id = 1) AS head \
-         FROM projection_checkpoints WHERE name = $1",
+        "UPDATE projection_checkpoints SET updated_at = updated_at WHERE name = $1 \
+         RETURNING position, status, (SELECT position FROM event_log_head WHERE id = 1) AS head",
     )
     .bind(name)
     .fetch_optional(&mut **transaction)
