@@ -109,6 +109,18 @@ where
         }
     }
 
+    /// A store for aggregates of type `A` of which there is one per deployment, whose id only this code names:
+    /// like [`AggregateStore::new`], but one that was never written is remembered as such, so that reading it
+    /// caught up costs one small read rather than a cold load each time.
+    pub fn singleton(database: &Database, services: A::Services) -> Self {
+        let store = Self::new(database, services);
+        match &store.frameworks {
+            Frameworks::Postgres { store } => store.remember_empty(),
+            Frameworks::Sqlite { store } => store.remember_empty(),
+        }
+        store
+    }
+
     /// Loads the aggregate, lets it decide, and appends what it decided, with `metadata` on every event.
     ///
     /// # Errors

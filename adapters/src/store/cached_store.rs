@@ -30,6 +30,8 @@ struct Shared<R: PersistedEventRepository, A: Aggregate> {
     catch_up: R,
     cache: quick_cache::sync::Cache<String, Remembered<A>, CopyWeight>,
     snapshots: Snapshots,
+    /// Whether an aggregate with no events is remembered too (see [`CachedEventStore::remember_empty`]).
+    remembers_empty: std::sync::atomic::AtomicBool,
 }
 
 /// How much remembering aggregates of one type may take: at most `entries` copies and `bytes` bytes of state (as
@@ -122,8 +124,18 @@ where
                     },
                 ),
                 snapshots,
+                remembers_empty: std::sync::atomic::AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Remembers aggregates that have no events too: for a store of singletons, whose ids only this code names
+    /// (the service switch, the image catalog, the fleet's leadership), so that reading one that was never written
+    /// costs one catch-up read instead of a cold load each time.
+    pub(crate) fn remember_empty(&self) {
+        self.shared
+            .remembers_empty
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Remembers `aggregate` as a commit left it, from version `before` to `after`, and writes a snapshot when the
@@ -343,7 +355,11 @@ where
         aggregate_id: &str,
     ) -> Result<EventStoreAggregateContext<A>, AggregateError<A::Error>> {
         let context = self.load_from_snapshot(aggregate_id).await?;
-        if context.current_sequence == 0 {
+        let remembers_empty = self
+            .shared
+            .remembers_empty
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if context.current_sequence == 0 && !remembers_empty {
             // Nothing is remembered for an id that has no events: anyone can ask about any id, and remembering
             // each would let requests for made-up ids fill the cache and push out the aggregates that matter.
             self.forget(aggregate_id);

@@ -107,13 +107,18 @@ impl Members {
             .unwrap_or_else(|_| Arc::from(vec![self.id.to_string()]))
     }
 
-    /// Reorders `candidates` (host id first) so that this member's hosts come first, each part in its order.
-    pub fn put_own_first<T>(&self, candidates: &mut [(String, T)]) {
+    /// Reorders `candidates` (host id first) so that this member's hosts come first, each part in its order; how
+    /// many are this member's (all of them when it is the only member).
+    pub fn put_own_first<T>(&self, candidates: &mut [(String, T)]) -> usize {
         let live = self.live();
         if live.len() < 2 {
-            return;
+            return candidates.len();
         }
         candidates.sort_by_cached_key(|(host, _)| owner(&live, host) != Some(self.id.as_ref()));
+        candidates
+            .iter()
+            .take_while(|(host, _)| owner(&live, host) == Some(self.id.as_ref()))
+            .count()
     }
 
     /// Renews every [`RENEW_EVERY`] until `shutdown`, then leaves.

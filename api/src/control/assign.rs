@@ -404,17 +404,23 @@ fn phase(name: &'static str, since: Instant) {
 }
 
 /// The candidates in the order to try them: this process's own hosts first (`Members`, so that processes fill
-/// different hosts), and among them first the fullest host no other request of this process is
-/// allocating on right now, with its lock already held (concurrent assigns spread instead of queueing), then the
-/// others in order (from a random one when none is free), whose locks are taken when their turn comes. Hosts on
-/// which this process recently lost to another writer come after the rest, in the same order.
+/// different hosts; the others' hosts only once its own are tried), and among them first the fullest host no
+/// other request of this process is allocating on right now, with its lock already held (concurrent assigns
+/// spread instead of queueing), then the others in order (from a random one when none is free), whose locks are
+/// taken when their turn comes. Hosts on which this process recently lost to another writer come after the rest
+/// of their part, in the same order.
 fn lock_order(
     services: &crate::services::Services,
     mut candidates: Vec<(String, String)>,
 ) -> Vec<(String, String, Option<OwnedMutexGuard<()>>)> {
-    services.members.put_own_first(&mut candidates);
-    services.host_locks.put_contended_last(&mut candidates);
-    let free = candidates
+    let own = services.members.put_own_first(&mut candidates);
+    // While this process has hosts of its own with room, it keeps to them: a busy one of its own is worth waiting
+    // for, where another process's host would cost a catch-up read and likely a conflict with its owner.
+    let first = if own > 0 { own } else { candidates.len() };
+    let (preferred, rest) = candidates.split_at_mut(first);
+    services.host_locks.put_contended_last(preferred);
+    services.host_locks.put_contended_last(rest);
+    let free = preferred
         .iter()
         .enumerate()
         .find_map(|(index, (instance_id, _))| {
@@ -429,11 +435,10 @@ fn lock_order(
     if let Some((index, guard)) = free {
         let (instance_id, ip) = candidates.remove(index);
         ordered.push((instance_id, ip, Some(guard)));
-    } else if !candidates.is_empty() {
-        // Every candidate is busy: queue behind a random one rather than all behind the fullest.
-        let offset =
-            usize::try_from(Uuid::new_v4().as_u128() % candidates.len() as u128).unwrap_or(0);
-        candidates.rotate_left(offset);
+    } else if first > 0 {
+        // Every preferred candidate is busy: queue behind a random one rather than all behind the fullest.
+        let offset = usize::try_from(Uuid::new_v4().as_u128() % first as u128).unwrap_or(0);
+        candidates[..first].rotate_left(offset);
     }
     ordered.extend(
         candidates
