@@ -42,21 +42,6 @@ pub async fn whist(
     arguments: &[&str],
     log: &str,
 ) -> (bool, String) {
-    let mut child = whist_tests::ChildProcess::start(
-        &whist_binary(),
-        arguments,
-        database.data_dir.path(),
-        &[(
-            "DATABASE_URL",
-            database.url.clone().expect("a Postgres database"),
-        )],
-        log,
-    );
-    let Some(status) = child.exited(std::time::Duration::from_secs(120)).await else {
-        panic!(
-            "whist {arguments:?} did not exit within 120 s; its log:\n{}",
-            child.log_text()
-        );
-    };
-    (status.success(), child.log_text())
+    let (code, log) = cli::whist_exit_code(database, arguments, log).await;
+    (code == Some(0), log)
 }
