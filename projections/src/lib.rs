@@ -19,8 +19,8 @@ mod runner;
 
 pub use projection::{Projection, ProjectionError, ShadowRun, Tables};
 pub use runner::{
-    checkpoint_position, ProjectionRunner, ProjectionStatus, RebuildProgress, RebuildReport,
-    RunnerError, StepOutcome, TableDifference, VerifyReport,
+    checkpoint_position, step_lease, ProjectionRunner, ProjectionStatus, RebuildProgress,
+    RebuildReport, RunnerError, StepOutcome, TableDifference, VerifyReport, STEP_LEASE,
 };
 
 use std::sync::Arc;

@@ -12,7 +12,7 @@ use chrono::Utc;
 use sqlx::{Any, AnyConnection, Row, Transaction};
 use tokio::sync::watch;
 use tracing::Instrument;
-use whist_adapters::store::{Database, EventLog, LoggedEvent, GATHER_WINDOW};
+use whist_adapters::store::{lease, Database, EventLog, LoggedEvent, GATHER_WINDOW};
 
 use crate::projection::{Projection, ProjectionError, ShadowRun, Tables};
 
@@ -128,6 +128,20 @@ pub struct ProjectionRunner {
     batch_size: i64,
     /// The projections of this process that wait before an event of a newer binary, and why.
     waiting: Arc<std::sync::Mutex<std::collections::HashMap<&'static str, String>>>,
+    /// Who this process is among those that run projections (the holder of their step leases).
+    holder: Arc<str>,
+}
+
+/// How long a process may step a projection without renewing its lease (`leases`, `projection:{name}`): one process
+/// steps each projection at a time, so that several processes do not split each other's batches or queue on the
+/// checkpoint's row lock; when it stops (or stalls) another takes over within this time.
+pub const STEP_LEASE: Duration = Duration::from_secs(3);
+/// How often the holder renews a step lease.
+const STEP_LEASE_RENEWAL: Duration = Duration::from_secs(1);
+
+/// The name of a projection's step lease.
+pub fn step_lease(name: &str) -> String {
+    format!("projection:{name}")
 }
 
 const STATUS_WAITING: &str = "waiting";
@@ -139,7 +153,13 @@ impl ProjectionRunner {
             projections,
             batch_size: 2_000,
             waiting: Arc::default(),
+            holder: Arc::from(uuid::Uuid::new_v4().to_string()),
         }
+    }
+
+    /// Who this process is among the holders of projections' step leases.
+    pub fn holder(&self) -> &str {
+        &self.holder
     }
 
     /// Records whether this process's projection `name` waits before an event of a newer binary (`Some(why)`).
@@ -384,15 +404,40 @@ impl ProjectionRunner {
     async fn run_one(&self, name: &'static str, mut shutdown: watch::Receiver<bool>) {
         let mut advanced = self.database.signal().on_advance();
         let mut registered = false;
+        let lease = step_lease(name);
+        let mut renew_at: Option<tokio::time::Instant> = None;
         loop {
             // A dropped sender counts as a request to stop: nobody could ask any more, and `changed()` would
             // answer at once on every pass.
             if whist_adapters::supervision::stopping(&shutdown) {
+                // Another process takes over at once rather than when the lease runs out.
+                if renew_at.is_some() {
+                    let _ = lease::release(&self.database, &lease, &self.holder).await;
+                }
                 return;
             }
             advanced.borrow_and_update();
             if !registered {
                 registered = self.register().await.is_ok();
+            }
+            if renew_at.is_none_or(|at| tokio::time::Instant::now() >= at) {
+                match lease::hold(&self.database, &lease, &self.holder, STEP_LEASE).await {
+                    Ok(Some(_)) => {
+                        renew_at = Some(tokio::time::Instant::now() + STEP_LEASE_RENEWAL);
+                    }
+                    outcome => {
+                        if let Err(error) = outcome {
+                            tracing::warn!(error = %error, "could not renew a projection's step lease");
+                        }
+                        // Another process steps it (or the store is down): look again in a while.
+                        renew_at = None;
+                        tokio::select! {
+                            _ = tokio::time::sleep(STEP_LEASE_RENEWAL) => {}
+                            _ = shutdown.changed() => {}
+                        }
+                        continue;
+                    }
+                }
             }
             let pause = match self.step(name).await {
                 Ok(StepOutcome::Applied { position, head, .. }) => {

@@ -765,3 +765,52 @@ async fn the_fleet_read_models_are_the_same_one_event_at_a_time_as_in_one_batch_
     the_fleet_read_models_are_the_same_one_event_at_a_time_as_in_one_batch(BackendKind::Sqlite)
         .await;
 }
+
+/// Two processes running projections: one steps each projection at a time (its step lease), and when it stops the
+/// other takes over and the read models keep following the log.
+#[tokio::test]
+async fn one_process_steps_each_projection_and_another_takes_over_when_it_stops() {
+    let test_database = TestDatabase::new(BackendKind::Postgres).await;
+    let database = test_database.open().await;
+    let first = ProjectionRunner::new(database.clone(), whist_projections::all());
+    let first_background =
+        whist_api::workers::background::Background::start(&database, first.clone());
+    let second = ProjectionRunner::new(database.clone(), whist_projections::all());
+    let second_background =
+        whist_api::workers::background::Background::start(&database, second.clone());
+    append(&database, 3, 2).await;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let database = database.clone();
+            async move { index_totals(&database).await == (6, 0) }
+        })
+        .await
+    );
+    let lease = whist_projections::step_lease("aggregate_index");
+    let (holder, _, _) = whist_adapters::store::lease::current(&database, &lease)
+        .await
+        .expect("reads")
+        .expect("one process holds the projection's step lease");
+    // Whoever holds it stops; the other takes over (at once: a clean stop gives the lease up).
+    let (stopping, staying) = if holder == first.holder() {
+        (first_background, second_background)
+    } else {
+        (second_background, first_background)
+    };
+    stopping.stop().await;
+    append(&database, 2, 2).await;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let database = database.clone();
+            async move { index_totals(&database).await == (10, 0) }
+        })
+        .await,
+        "the other process follows the log"
+    );
+    let (taken_over_by, _, _) = whist_adapters::store::lease::current(&database, &lease)
+        .await
+        .expect("reads")
+        .expect("a holder");
+    assert_ne!(taken_over_by, holder);
+    staying.stop().await;
+}
