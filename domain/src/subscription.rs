@@ -323,6 +323,22 @@ mod tests {
         }
     }
 
+    /// One subscription's facts, created with the first status and updated with each next one, a second apart.
+    fn history_of(statuses: &[&str]) -> Vec<SubscriptionFact> {
+        statuses
+            .iter()
+            .enumerate()
+            .map(|(index, status)| {
+                let kind = if index == 0 {
+                    FactKind::Created
+                } else {
+                    FactKind::Updated
+                };
+                fact(&format!("evt_{index}"), kind, 100 + index as i64, status)
+            })
+            .collect()
+    }
+
     fn changed(fact: SubscriptionFact, previous: Option<&str>) -> SubscriptionEvent {
         SubscriptionEvent::StatusChanged {
             entitled: status_grants_service(&fact.status),
@@ -468,14 +484,7 @@ mod tests {
             order in any::<proptest::sample::Index>(),
             cut in any::<proptest::sample::Index>(),
         ) {
-            let mut facts: Vec<SubscriptionFact> = statuses
-                .iter()
-                .enumerate()
-                .map(|(index, status)| {
-                    let kind = if index == 0 { FactKind::Created } else { FactKind::Updated };
-                    fact(&format!("evt_{index}"), kind, 100 + index as i64, status)
-                })
-                .collect();
+            let mut facts = history_of(&statuses);
             let rotation = order.index(facts.len());
             facts.rotate_left(rotation);
             let mut subscription = Subscription::default();
@@ -499,14 +508,7 @@ mod tests {
             order in any::<proptest::sample::Index>(),
             repeats in proptest::collection::vec(any::<proptest::sample::Index>(), 0..4),
         ) {
-            let history: Vec<SubscriptionFact> = statuses
-                .iter()
-                .enumerate()
-                .map(|(index, status)| {
-                    let kind = if index == 0 { FactKind::Created } else { FactKind::Updated };
-                    fact(&format!("evt_{index}"), kind, 100 + index as i64, status)
-                })
-                .collect();
+            let history = history_of(&statuses);
             let mut delivered = history.clone();
             let rotation = order.index(delivered.len());
             delivered.rotate_left(rotation);

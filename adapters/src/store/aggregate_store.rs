@@ -79,6 +79,17 @@ where
 {
     /// A store for aggregates of type `A` in `database`, with the services its `handle` receives.
     pub fn new(database: &Database, services: A::Services) -> Self {
+        Self::build(database, services, false)
+    }
+
+    /// A store for aggregates of type `A` of which there is one per deployment, whose id only this code names:
+    /// like [`AggregateStore::new`], but one that was never written is remembered as such, so that reading it
+    /// caught up costs one small read rather than a cold load each time.
+    pub fn singleton(database: &Database, services: A::Services) -> Self {
+        Self::build(database, services, true)
+    }
+
+    fn build(database: &Database, services: A::Services, remembers_empty: bool) -> Self {
         let frameworks = match database.backend() {
             Backend::Postgres(pool) => {
                 let store = CachedEventStore::new(
@@ -86,6 +97,7 @@ where
                     PostgresRepository::new(pool.clone(), database.clone()),
                     REMEMBERED,
                     Snapshots::new(database.backend().clone()),
+                    remembers_empty,
                 );
                 database.watermark().on_rewind(store.forgetter());
                 Frameworks::Postgres { store }
@@ -96,6 +108,7 @@ where
                     SqliteEventRepository::new(pool.clone()),
                     REMEMBERED,
                     Snapshots::new(database.backend().clone()),
+                    remembers_empty,
                 );
                 database.watermark().on_rewind(store.forgetter());
                 Frameworks::Sqlite { store }
@@ -107,18 +120,6 @@ where
             signal: database.signal().clone(),
             database: database.clone(),
         }
-    }
-
-    /// A store for aggregates of type `A` of which there is one per deployment, whose id only this code names:
-    /// like [`AggregateStore::new`], but one that was never written is remembered as such, so that reading it
-    /// caught up costs one small read rather than a cold load each time.
-    pub fn singleton(database: &Database, services: A::Services) -> Self {
-        let store = Self::new(database, services);
-        match &store.frameworks {
-            Frameworks::Postgres { store } => store.remember_empty(),
-            Frameworks::Sqlite { store } => store.remember_empty(),
-        }
-        store
     }
 
     /// Loads the aggregate, lets it decide, and appends what it decided, with `metadata` on every event.
@@ -668,13 +669,13 @@ pub enum UnitError {
 /// The stored metadata of a unit's events: `metadata`, with the trace context of the span recording the unit when
 /// the decision named none (the reconciler's job for a decision continues that trace).
 fn traced(metadata: &EventMetadata) -> HashMap<String, String> {
-    let mut map = metadata.to_map();
-    if metadata.traceparent.is_none() {
-        if let Some(traceparent) = crate::trace_context::current_traceparent() {
-            map.insert("traceparent".to_string(), traceparent);
-        }
+    if metadata.traceparent.is_some() {
+        return metadata.to_map();
     }
-    map
+    metadata
+        .clone()
+        .in_trace(crate::trace_context::current_traceparent())
+        .to_map()
 }
 
 impl Unit {

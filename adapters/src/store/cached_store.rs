@@ -30,8 +30,10 @@ struct Shared<R: PersistedEventRepository, A: Aggregate> {
     catch_up: R,
     cache: quick_cache::sync::Cache<String, Remembered<A>, CopyWeight>,
     snapshots: Snapshots,
-    /// Whether an aggregate with no events is remembered too (see [`CachedEventStore::remember_empty`]).
-    remembers_empty: std::sync::atomic::AtomicBool,
+    /// Whether an aggregate with no events is remembered too: for a store of singletons, whose ids only this code
+    /// names (the service switch, the image catalog, the fleet's leadership), so that reading one that was never
+    /// written costs one catch-up read instead of a cold load each time.
+    remembers_empty: bool,
 }
 
 /// How much remembering aggregates of one type may take: at most `entries` copies and `bytes` bytes of state (as
@@ -103,12 +105,14 @@ where
     A: Aggregate + Clone,
 {
     /// A store over `repository` that remembers aggregates within `bounds`; `catch_up` reads the events a stale
-    /// copy misses (and those after a snapshot); `snapshots` holds the aggregates' snapshots.
+    /// copy misses (and those after a snapshot); `snapshots` holds the aggregates' snapshots; `remembers_empty`
+    /// says whether an aggregate with no events is remembered too (a store of singletons).
     pub(crate) fn new(
         repository: R,
         catch_up: R,
         bounds: CacheBounds,
         snapshots: Snapshots,
+        remembers_empty: bool,
     ) -> Self {
         let entries = bounds.entries.max(1);
         Self {
@@ -124,18 +128,9 @@ where
                     },
                 ),
                 snapshots,
-                remembers_empty: std::sync::atomic::AtomicBool::new(false),
+                remembers_empty,
             }),
         }
-    }
-
-    /// Remembers aggregates that have no events too: for a store of singletons, whose ids only this code names
-    /// (the service switch, the image catalog, the fleet's leadership), so that reading one that was never written
-    /// costs one catch-up read instead of a cold load each time.
-    pub(crate) fn remember_empty(&self) {
-        self.shared
-            .remembers_empty
-            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Remembers `aggregate` as a commit left it, from version `before` to `after`, and writes a snapshot when the
@@ -355,11 +350,7 @@ where
         aggregate_id: &str,
     ) -> Result<EventStoreAggregateContext<A>, AggregateError<A::Error>> {
         let context = self.load_from_snapshot(aggregate_id).await?;
-        let remembers_empty = self
-            .shared
-            .remembers_empty
-            .load(std::sync::atomic::Ordering::Relaxed);
-        if context.current_sequence == 0 && !remembers_empty {
+        if context.current_sequence == 0 && !self.shared.remembers_empty {
             // Nothing is remembered for an id that has no events: anyone can ask about any id, and remembering
             // each would let requests for made-up ids fill the cache and push out the aggregates that matter.
             self.forget(aggregate_id);

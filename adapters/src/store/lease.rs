@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use super::Database;
 
-/// Now, in milliseconds since the epoch, by the database's clock.
-fn now_ms(database: &Database) -> &'static str {
+/// Now, in milliseconds since the epoch, by the database's clock (SQL to put in a statement).
+pub(crate) fn now_ms(database: &Database) -> &'static str {
     if database.is_postgres() {
         "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
     } else {

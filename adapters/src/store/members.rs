@@ -13,6 +13,7 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use super::lease::now_ms;
 use super::Database;
 
 /// How long a member stays one without renewing its row.
@@ -157,15 +158,6 @@ fn weight(member: &str, key: &str) -> u64 {
     hash ^= hash >> 33;
     hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
     hash ^ (hash >> 33)
-}
-
-/// Now, in milliseconds since the epoch, by the database's clock.
-fn now_ms(database: &Database) -> &'static str {
-    if database.is_postgres() {
-        "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
-    } else {
-        "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
-    }
 }
 
 #[cfg(test)]
