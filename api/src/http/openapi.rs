@@ -75,7 +75,7 @@ fn usual_error_code(status: &str) -> Option<&'static str> {
         "415" => "UNSUPPORTED_MEDIA_TYPE",
         "429" => "RATE_LIMITED",
         "502" => "STRIPE_UNAVAILABLE",
-        "503" => "STORE_UNAVAILABLE",
+        "503" => crate::http::error::STORE_UNAVAILABLE,
         _ => return None,
     })
 }
