@@ -492,7 +492,8 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
             units / statements.max(1.0)
         );
     }
-    // Aggregates read from the database rather than remembered (a cold load, or a snapshot's tail), per assign.
+    // Aggregates read from the database rather than served from memory (a cold load, a snapshot's tail, or a
+    // remembered copy's catch-up), per assign.
     for line in server_metrics
         .iter()
         .flat_map(|text| text.lines())
@@ -772,11 +773,26 @@ impl AssignLoad<'_> {
         let mut most_in_flight = 0;
         let mut late_sends = 0;
         let before = self.before(server_pids).await;
-        let first = tokio::time::Instant::now() + Duration::from_millis(20);
+        // The schedule is kept by a thread of its own, which sleeps to each send time with the operating system's
+        // precision (tens of microseconds) and hands the send to the runtime: tokio's timers fire on whole
+        // milliseconds, which would make most sends up to a millisecond late and add that to every answer time.
+        let first_std = std::time::Instant::now() + Duration::from_millis(20);
+        let first = tokio::time::Instant::from_std(first_std);
+        let (pace, mut due) = tokio::sync::mpsc::unbounded_channel::<u64>();
+        let pacer = std::thread::spawn(move || {
+            for index in 0..total {
+                let scheduled = first_std + interval.mul_f64(index as f64);
+                if let Some(wait) = scheduled.checked_duration_since(std::time::Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                if pace.send(index).is_err() {
+                    return;
+                }
+            }
+        });
         let mut tasks = Vec::with_capacity(total as usize);
-        for index in 0..total {
+        while let Some(index) = due.recv().await {
             let scheduled = first + interval.mul_f64(index as f64);
-            tokio::time::sleep_until(scheduled).await;
             if tokio::time::Instant::now().duration_since(scheduled) > Duration::from_millis(1) {
                 late_sends += 1;
             }
@@ -799,6 +815,9 @@ impl AssignLoad<'_> {
                 answered
             }));
         }
+        pacer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the open loop's pacer thread panicked"))?;
         let mut latencies = Vec::with_capacity(tasks.len());
         for task in tasks {
             latencies.push(task.await?);

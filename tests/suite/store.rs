@@ -1040,3 +1040,92 @@ async fn every_store_session_carries_its_timeouts() {
         .expect("reads");
     assert_eq!((on_backend_pool, on_any_pool), (expected.clone(), expected));
 }
+
+/// Up to `attempts` tries of `operation`, each failure counted; the first success and the failures before it.
+async fn first_success<T, E: std::fmt::Debug, F: std::future::Future<Output = Result<T, E>>>(
+    attempts: usize,
+    mut operation: impl FnMut() -> F,
+) -> (T, usize) {
+    let mut failures = Vec::new();
+    for _ in 0..attempts {
+        match operation().await {
+            Ok(value) => return (value, failures.len()),
+            Err(error) => failures.push(error),
+        }
+    }
+    panic!("no success in {attempts} attempts: {failures:?}");
+}
+
+/// The append flusher and the catch-up reads keep their connections between statements instead of giving them
+/// back to the pool: a kept connection the server has closed must be given up after the statement it failed, not
+/// kept and failed forever. Every session of the database is ended under a live store; appends and catch-up reads
+/// each carry on after at most one failure per connection the process had open, and nothing is lost.
+#[tokio::test]
+async fn connections_kept_between_statements_are_given_up_once_the_server_closes_them() {
+    let test_database = TestDatabase::postgres().await;
+    let database = test_database.open().await;
+    let writer = AggregateStore::<Probe>::new(&database, ());
+    let reader = AggregateStore::<Probe>::new(&database, ());
+    for by in 1..=3 {
+        writer
+            .execute("kept", ProbeCommand::Increment { by }, &metadata())
+            .await
+            .expect("recorded");
+    }
+    reader.load_caught_up("kept").await.expect("a cold load");
+    writer
+        .execute("kept", ProbeCommand::Increment { by: 4 }, &metadata())
+        .await
+        .expect("recorded");
+    let (caught_up, _) = reader
+        .load_caught_up("kept")
+        .await
+        .expect("a catch-up read");
+    assert_eq!(caught_up.total, 10);
+
+    let url = test_database.url.clone().expect("a Postgres test database");
+    let database_name = url.rsplit('/').next().expect("a database name").to_string();
+    let admin = sqlx::PgPool::connect(&whist_tests::postgres_server_url())
+        .await
+        .expect("the server answers");
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(&database_name)
+    .fetch_all(&admin)
+    .await
+    .expect("sessions ended");
+    assert!(!ended.is_empty(), "the store had sessions open");
+
+    // Each connection the process had open fails one statement at most (the pool's idle ones too, since it does not
+    // test them before handing them out); a kept one that failed is not kept again.
+    let attempts = usize::try_from(whist_tests::TEST_POOL_SIZE).expect("small") * 2 + 2;
+    let recorded_as = metadata();
+    let ((), append_failures) = first_success(attempts, || {
+        writer.execute("kept", ProbeCommand::Increment { by: 5 }, &recorded_as)
+    })
+    .await;
+    writer
+        .execute("kept", ProbeCommand::Increment { by: 6 }, &metadata())
+        .await
+        .expect("the next append goes through at once");
+    let ((state, _), read_failures) =
+        first_success(attempts, || reader.load_caught_up("kept")).await;
+    assert_eq!(
+        state.total, 21,
+        "appends {append_failures} failed, reads {read_failures}"
+    );
+    let (again, _) = reader
+        .load_caught_up("kept")
+        .await
+        .expect("the next catch-up read goes through at once");
+    assert_eq!(again.total, 21);
+    let fresh = sqlx::PgPool::connect(&url)
+        .await
+        .expect("the test database answers");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&fresh)
+        .await
+        .expect("counted");
+    assert_eq!(stored, 6, "every recorded increment stored once");
+}

@@ -14,9 +14,10 @@
 use std::collections::HashSet;
 
 use cqrs_es::persist::{PersistenceError, SerializedEvent};
-use sqlx::PgPool;
+use sqlx::PgConnection;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::held::HeldConnections;
 use super::log::LogWatermark;
 use crate::supervision::BackgroundLoops;
 
@@ -53,17 +54,22 @@ impl AppendBatcher {
     /// (restarted should it panic); they stop when every handle is dropped. A unit in the batch of a flusher that
     /// panics is answered with an error (its reply is dropped), never left waiting; units still queued wait for
     /// the flusher's restart, or are taken by the other flushers meanwhile.
-    /// Every append's answer carries the head after it, which `watermark` is given (see [`LogWatermark`]).
-    pub fn start(pool: PgPool, watermark: LogWatermark, loops: &BackgroundLoops) -> Self {
+    /// Every append's answer carries the head after it, which `watermark` is given (see [`LogWatermark`]). The
+    /// flusher appends on a connection of `connections`, kept between statements.
+    pub(crate) fn start(
+        connections: HeldConnections,
+        watermark: LogWatermark,
+        loops: &BackgroundLoops,
+    ) -> Self {
         let (queue, receiver) = mpsc::channel::<Unit>(4 * MAX_BATCH_EVENTS);
         let receiver = std::sync::Arc::new(tokio::sync::Mutex::new(receiver));
         let (stop, stopped) = watch::channel(false);
         for _ in 0..FLUSHERS {
-            let pool = pool.clone();
+            let connections = connections.clone();
             let receiver = receiver.clone();
             let watermark = watermark.clone();
             loops.supervise(LOOP_NAME, stopped.clone(), move |_| {
-                flush_until_closed(pool.clone(), watermark.clone(), receiver.clone())
+                flush_until_closed(connections.clone(), watermark.clone(), receiver.clone())
             });
         }
         Self {
@@ -93,8 +99,11 @@ impl AppendBatcher {
 }
 
 /// Takes whatever units are queued, up to `MAX_BATCH_EVENTS` events, and writes them, until the queue is closed.
+///
+/// The flusher keeps the connection it appends on while its statements succeed ([`HeldConnections`]): giving it
+/// back to the pool after every statement would cost a test round trip between one append and the next.
 async fn flush_until_closed(
-    pool: PgPool,
+    connections: HeldConnections,
     watermark: LogWatermark,
     receiver: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Unit>>>,
 ) {
@@ -104,6 +113,10 @@ async fn flush_until_closed(
             let Some(first) = receiver.recv().await else {
                 return;
             };
+            // The writers the last statement answered were only woken: one turn of the scheduler lets those with
+            // another unit ready queue it, so that it rides this statement instead of the next one (a lone writer
+            // loses nothing: nobody else is runnable).
+            tokio::task::yield_now().await;
             let mut events = first.events.len();
             let mut batch = vec![first];
             while events < MAX_BATCH_EVENTS {
@@ -117,7 +130,23 @@ async fn flush_until_closed(
             }
             batch
         };
-        flush(&pool, &watermark, batch).await;
+        let mut connection = match connections.take().await {
+            Ok(connection) => connection,
+            Err(error) => {
+                answer_failed(batch, &BatchFailed(std::sync::Arc::new(error)));
+                continue;
+            }
+        };
+        if flush(&mut connection, &watermark, batch).await.is_ok() {
+            connections.keep(connection);
+        }
+    }
+}
+
+/// Answers every unit of a batch that could not be written with the failure, with its cause.
+fn answer_failed(batch: Vec<Unit>, shared: &BatchFailed) {
+    for unit in batch {
+        let _ = unit.reply.send(Err(failure(&shared.0, shared.clone())));
     }
 }
 
@@ -131,7 +160,11 @@ fn key(event: &SerializedEvent) -> Key {
     )
 }
 
-async fn flush(pool: &PgPool, watermark: &LogWatermark, batch: Vec<Unit>) {
+async fn flush(
+    connection: &mut PgConnection,
+    watermark: &LogWatermark,
+    batch: Vec<Unit>,
+) -> Result<(), BatchFailed> {
     // Two events of the same aggregate and sequence cannot share a statement (it could not tell which one won).
     // Once the statement has run, a row with that key exists (this batch's or an earlier one's), so every later
     // unit wanting the same key has lost: it is answered with a conflict without another round trip (should the
@@ -148,7 +181,7 @@ async fn flush(pool: &PgPool, watermark: &LogWatermark, batch: Vec<Unit>) {
         keys.extend(unit_keys);
         true
     });
-    let written = write(pool, watermark, now).await;
+    let written = write(connection, watermark, now).await;
     for unit in later {
         let outcome = match &written {
             Ok(()) => Err(PersistenceError::OptimisticLockError),
@@ -156,6 +189,7 @@ async fn flush(pool: &PgPool, watermark: &LogWatermark, batch: Vec<Unit>) {
         };
         let _ = unit.reply.send(outcome);
     }
+    written
 }
 
 /// A batched statement's failure, shared by every unit it carried (each unit's caller gets it with its cause).
@@ -184,7 +218,7 @@ pub(crate) fn failure(
 
 /// Writes one statement and answers every unit in it; `Err` carries the failure the units were given.
 async fn write(
-    pool: &PgPool,
+    connection: &mut PgConnection,
     watermark: &LogWatermark,
     batch: Vec<Unit>,
 ) -> Result<(), BatchFailed> {
@@ -224,7 +258,7 @@ async fn write(
     .bind(&event_versions)
     .bind(&payloads)
     .bind(&metadatas)
-    .fetch_one(pool)
+    .fetch_one(connection)
     .await;
     match outcome {
         Ok((lost, head)) => {
@@ -243,9 +277,7 @@ async fn write(
         }
         Err(error) => {
             let shared = BatchFailed(std::sync::Arc::new(error));
-            for unit in batch {
-                let _ = unit.reply.send(Err(failure(&shared.0, shared.clone())));
-            }
+            answer_failed(batch, &shared);
             Err(shared)
         }
     }

@@ -258,6 +258,8 @@ where
         // Events another process appended since this copy was remembered: how stale copies of each type run.
         metrics::counter!("whist_catch_up_events_total", "aggregate" => A::TYPE)
             .increment(applied as u64);
+        metrics::counter!("whist_aggregate_loads_total", "aggregate" => A::TYPE, "from" => "catch_up")
+            .increment(1);
         self.remember(aggregate_id, state.clone(), version);
         Ok(EventStoreAggregateContext {
             aggregate_id: aggregate_id.to_string(),

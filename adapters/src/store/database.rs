@@ -12,6 +12,7 @@ use sqlx::{AnyPool, PgPool, SqlitePool};
 use cqrs_es::persist::{PersistenceError, SerializedEvent};
 
 use super::append_batcher::AppendBatcher;
+use super::held::HeldConnections;
 use super::log::{EventLog, LogSignal, LogWatermark};
 use super::reachability::Reachability;
 use crate::supervision::BackgroundLoops;
@@ -19,6 +20,20 @@ use crate::supervision::BackgroundLoops;
 /// How long a request waits for a pooled connection before the store counts as unavailable (503): long enough to
 /// ride out a burst on a loaded machine, short enough that an outage answers instead of hanging.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The connections of the first Postgres pool kept between statements.
+#[derive(Clone, Debug)]
+struct KeptConnections {
+    /// The append flusher's one.
+    appends: HeldConnections,
+    catch_up_reads: HeldConnections,
+}
+
+/// Connections of a pool of `max_connections` that the catch-up reads keep for themselves: a quarter, at most 4,
+/// so that the rest of the process (the append flusher keeps one more) always finds some in the pool.
+fn catch_up_connections(max_connections: u32) -> usize {
+    usize::try_from(max_connections / 4).unwrap_or(0).min(4)
+}
 
 /// Limits on every session of the store's pools to Postgres, so that one stalled holder cannot freeze everything:
 /// a statement that runs too long, a wait for a lock that does not come, a transaction left open by a process that
@@ -140,6 +155,9 @@ pub struct Database {
     direct: Option<PgPool>,
     /// Group commit of units on Postgres (`None` on SQLite, which writes one transaction at a time anyway).
     batcher: Option<AppendBatcher>,
+    /// Connections kept between statements (Postgres; see [`HeldConnections`]): the append flusher's, and the
+    /// catch-up reads' of remembered copies.
+    kept: Option<KeptConnections>,
     any: AnyPool,
     signal: LogSignal,
     /// The highest position this process has seen, and the stretch of the log it read last, shared by its readers.
@@ -244,13 +262,21 @@ impl Database {
         let background_loops = BackgroundLoops::new();
         let watermark = LogWatermark::default();
         let head_watch = Some(watch_the_head(&pool, &watermark, &background_loops));
+        let kept = KeptConnections {
+            appends: HeldConnections::new(pool.clone(), 1),
+            catch_up_reads: HeldConnections::new(
+                pool.clone(),
+                catch_up_connections(pools.max_connections),
+            ),
+        };
         Ok(Self {
             _head_watch: head_watch,
             batcher: Some(AppendBatcher::start(
-                pool.clone(),
+                kept.appends.clone(),
                 watermark.clone(),
                 &background_loops,
             )),
+            kept: Some(kept),
             direct: None,
             backend: Backend::Postgres(pool),
             any,
@@ -299,6 +325,7 @@ impl Database {
             .map_err(connect_error)?;
         Ok(Self {
             batcher: None,
+            kept: None,
             direct: None,
             backend: Backend::Sqlite(pool),
             any,
@@ -439,13 +466,22 @@ impl Database {
         }
     }
 
+    /// The connections the catch-up reads of remembered copies keep between reads (`None` on SQLite).
+    pub(crate) fn catch_up_reads(&self) -> Option<&HeldConnections> {
+        self.kept.as_ref().map(|kept| &kept.catch_up_reads)
+    }
+
     /// Where the store lives, with any password removed (for logs).
     pub fn description(&self) -> &str {
         &self.description
     }
 
-    /// Closes both pools.
+    /// Closes both pools (after giving back the connections kept between statements).
     pub async fn close(&self) {
+        if let Some(kept) = &self.kept {
+            kept.appends.give_back();
+            kept.catch_up_reads.give_back();
+        }
         match &self.backend {
             Backend::Postgres(pool) => pool.close().await,
             Backend::Sqlite(pool) => pool.close().await,

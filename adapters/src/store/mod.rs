@@ -6,6 +6,7 @@ mod append_batcher;
 mod cached_store;
 pub mod chain;
 mod database;
+mod held;
 pub mod lease;
 mod listener;
 mod log;

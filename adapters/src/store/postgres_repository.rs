@@ -5,7 +5,8 @@
 //! share one statement and one commit. Reads are postgres-es's own, except the catch-up read of the events after a
 //! version: postgres-es writes that version into the SQL text, so every version is a statement of its own that the
 //! server parses and plans anew and sqlx prepares with an extra round trip (and evicts from its statement cache);
-//! here it is a parameter of one prepared statement.
+//! here it is a parameter of one prepared statement, run on a connection the store keeps for these reads
+//! (`held`), since there are several per request.
 //! Optimistic concurrency is unchanged: the primary key (aggregate_type, aggregate_id, sequence) refuses a second
 //! writer of the same sequence number.
 
@@ -59,16 +60,27 @@ impl PersistedEventRepository for PostgresRepository {
                 format!("sequence {last_sequence} is beyond what the store holds").into(),
             )
         })?;
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata \
              FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 ORDER BY sequence",
         )
         .bind(A::TYPE)
         .bind(aggregate_id)
-        .bind(last_sequence)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|error| {
+        .bind(last_sequence);
+        let read = match self.database.catch_up_reads() {
+            Some(connections) => match connections.take().await {
+                Ok(mut connection) => {
+                    let read = query.fetch_all(&mut *connection).await;
+                    if read.is_ok() {
+                        connections.keep(connection);
+                    }
+                    read
+                }
+                Err(error) => Err(error),
+            },
+            None => query.fetch_all(&self.pool).await,
+        };
+        let rows = read.map_err(|error| {
             let shared = std::sync::Arc::new(error);
             failure(&shared, shared.clone())
         })?;

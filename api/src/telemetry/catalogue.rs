@@ -202,7 +202,7 @@ pub const CATALOGUE: &[Metric] = &[
     ),
     counter(
         "whist_aggregate_loads_total",
-        "Aggregates loaded from the store rather than from memory, by aggregate type and from: snapshot or history.",
+        "Aggregates read from the store rather than served from memory, by aggregate type and from: snapshot, history, or catch_up (a remembered copy brought up to date).",
     ),
     counter(
         "whist_remembered_copies_total",
