@@ -50,9 +50,9 @@ pub struct StoreBenchOptions {
     /// skips the measurement).
     #[arg(long, default_value_t = 1_000_000)]
     host_events: i64,
-    /// Numbers of `whist` processes appending at once, comma-separated (`1,2,4`; empty skips the measurement):
-    /// each batches its own appends, as every `serve` and `worker` does, and all of them serialise on the log's
-    /// one append lock.
+    /// Numbers of `whist` processes appending at once, comma-separated (`1,2,4`; `0` skips the measurement): each
+    /// batches its own appends, as every `serve` and `worker` does, and all of them serialise on the log's one
+    /// append lock.
     #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
     processes: Vec<usize>,
     /// Concurrent writers in each of those processes.
