@@ -134,8 +134,8 @@ pub struct Settings {
     /// transaction-mode pooler, for `LISTEN` and migrations. `None`: `DATABASE_URL` is direct.
     pub database_direct_url: Option<Secret>,
     /// `WHIST_DB_POOL_SIZE` (20, at least 2): connections per pool to Postgres (a process keeps two pools; the append
-    /// flusher keeps one connection of the first for itself). Many processes on one server (tests, a fleet of
-    /// workers) must fit in its `max_connections`.
+    /// flusher and the hottest reads keep a few for themselves, `store::held`). Many processes on one server
+    /// (tests, a fleet of workers) must fit in its `max_connections`.
     pub database_pool_size: u32,
     /// Limits on every session of the store's pools: `WHIST_DB_STATEMENT_TIMEOUT_S` (60),
     /// `WHIST_DB_LOCK_TIMEOUT_S` (10), `WHIST_DB_IDLE_IN_TRANSACTION_TIMEOUT_S` (30); 0 turns one off.

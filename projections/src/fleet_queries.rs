@@ -25,7 +25,7 @@ pub async fn hosts_with_room(
     client_commit_hash: &str,
     limit: i64,
 ) -> Result<Vec<Candidate>, sqlx::Error> {
-    let rows = sqlx::query(
+    let query = sqlx::query(
         "SELECT instance_id, ip FROM instances \
          WHERE region = $1 AND client_commit_hash = $2 AND status = 'ACTIVE' \
            AND live_mandelboxes < mandelbox_capacity AND ip IS NOT NULL \
@@ -33,9 +33,11 @@ pub async fn hosts_with_room(
     )
     .bind(region)
     .bind(client_commit_hash)
-    .bind(limit)
-    .fetch_all(database.any())
-    .await?;
+    .bind(limit);
+    // Read on every assign: on a connection kept between such reads.
+    let mut connection = database.hot_read().await?;
+    let rows = query.fetch_all(&mut *connection).await?;
+    connection.keep();
     rows.iter()
         .map(|row| {
             Ok(Candidate {

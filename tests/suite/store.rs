@@ -1056,10 +1056,11 @@ async fn first_success<T, E: std::fmt::Debug, F: std::future::Future<Output = Re
     panic!("no success in {attempts} attempts: {failures:?}");
 }
 
-/// The append flusher and the catch-up reads keep their connections between statements instead of giving them
-/// back to the pool: a kept connection the server has closed must be given up after the statement it failed, not
-/// kept and failed forever. Every session of the database is ended under a live store; appends and catch-up reads
-/// each carry on after at most one failure per connection the process had open, and nothing is lost.
+/// The append flusher, the catch-up reads and the hot reads keep their connections between statements instead of
+/// giving them back to the pool: a kept connection the server has closed must be given up after the statement it
+/// failed, not kept and failed forever. Every session of the database is ended under a live store; appends,
+/// catch-up reads and hot reads each carry on after at most one failure per connection the process had open, and
+/// nothing is lost.
 #[tokio::test]
 async fn connections_kept_between_statements_are_given_up_once_the_server_closes_them() {
     let test_database = TestDatabase::postgres().await;
@@ -1082,6 +1083,16 @@ async fn connections_kept_between_statements_are_given_up_once_the_server_closes
         .await
         .expect("a catch-up read");
     assert_eq!(caught_up.total, 10);
+    // A read model's read on every request (the assign's candidates) keeps its connection the same way.
+    let hot_read = || async {
+        let mut connection = database.hot_read().await?;
+        let one: i64 = sqlx::query_scalar("SELECT CAST(1 AS BIGINT)")
+            .fetch_one(&mut *connection)
+            .await?;
+        connection.keep();
+        Ok::<i64, sqlx::Error>(one)
+    };
+    assert_eq!(hot_read().await.expect("a hot read"), 1);
 
     let url = test_database.url.clone().expect("a Postgres test database");
     let database_name = url.rsplit('/').next().expect("a database name").to_string();
@@ -1120,6 +1131,14 @@ async fn connections_kept_between_statements_are_given_up_once_the_server_closes
         .await
         .expect("the next catch-up read goes through at once");
     assert_eq!(again.total, 21);
+    let (one, _) = first_success(attempts, hot_read).await;
+    assert_eq!(one, 1);
+    assert_eq!(
+        hot_read()
+            .await
+            .expect("the next hot read goes through at once"),
+        1
+    );
     let fresh = sqlx::PgPool::connect(&url)
         .await
         .expect("the test database answers");

@@ -14,7 +14,7 @@
 use std::collections::HashSet;
 
 use cqrs_es::persist::{PersistenceError, SerializedEvent};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Postgres};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::held::HeldConnections;
@@ -57,7 +57,7 @@ impl AppendBatcher {
     /// Every append's answer carries the head after it, which `watermark` is given (see [`LogWatermark`]). The
     /// flusher appends on a connection of `connections`, kept between statements.
     pub(crate) fn start(
-        connections: HeldConnections,
+        connections: HeldConnections<Postgres>,
         watermark: LogWatermark,
         loops: &BackgroundLoops,
     ) -> Self {
@@ -103,7 +103,7 @@ impl AppendBatcher {
 /// The flusher keeps the connection it appends on while its statements succeed ([`HeldConnections`]): giving it
 /// back to the pool after every statement would cost a test round trip between one append and the next.
 async fn flush_until_closed(
-    connections: HeldConnections,
+    connections: HeldConnections<Postgres>,
     watermark: LogWatermark,
     receiver: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Unit>>>,
 ) {
@@ -138,7 +138,7 @@ async fn flush_until_closed(
             }
         };
         if flush(&mut connection, &watermark, batch).await.is_ok() {
-            connections.keep(connection);
+            connection.keep();
         }
     }
 }

@@ -7,12 +7,12 @@ use std::time::Duration;
 use sqlx::any::AnyPoolOptions;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{AnyPool, PgPool, SqlitePool};
+use sqlx::{Any, AnyPool, PgPool, Postgres, SqlitePool};
 
 use cqrs_es::persist::{PersistenceError, SerializedEvent};
 
 use super::append_batcher::AppendBatcher;
-use super::held::HeldConnections;
+use super::held::{Held, HeldConnections};
 use super::log::{EventLog, LogSignal, LogWatermark};
 use super::reachability::Reachability;
 use crate::supervision::BackgroundLoops;
@@ -21,17 +21,19 @@ use crate::supervision::BackgroundLoops;
 /// ride out a burst on a loaded machine, short enough that an outage answers instead of hanging.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The connections of the first Postgres pool kept between statements.
+/// The connections kept between statements on Postgres.
 #[derive(Clone, Debug)]
 struct KeptConnections {
     /// The append flusher's one.
-    appends: HeldConnections,
-    catch_up_reads: HeldConnections,
+    appends: HeldConnections<Postgres>,
+    catch_up_reads: HeldConnections<Postgres>,
+    /// Of the `Any` pool: the read models' reads on every request (`Database::hot_read`).
+    hot_reads: HeldConnections<Any>,
 }
 
-/// Connections of a pool of `max_connections` that the catch-up reads keep for themselves: a quarter, at most 4,
-/// so that the rest of the process (the append flusher keeps one more) always finds some in the pool.
-fn catch_up_connections(max_connections: u32) -> usize {
+/// Connections of a pool of `max_connections` that a kind of read keeps for itself: a quarter, at most 4, so that
+/// the rest of the process (the append flusher keeps one more of the first pool) always finds some in the pool.
+fn kept_for_reads(max_connections: u32) -> usize {
     usize::try_from(max_connections / 4).unwrap_or(0).min(4)
 }
 
@@ -266,8 +268,9 @@ impl Database {
             appends: HeldConnections::new(pool.clone(), 1),
             catch_up_reads: HeldConnections::new(
                 pool.clone(),
-                catch_up_connections(pools.max_connections),
+                kept_for_reads(pools.max_connections),
             ),
+            hot_reads: HeldConnections::new(any.clone(), kept_for_reads(pools.max_connections)),
         };
         Ok(Self {
             _head_watch: head_watch,
@@ -467,8 +470,21 @@ impl Database {
     }
 
     /// The connections the catch-up reads of remembered copies keep between reads (`None` on SQLite).
-    pub(crate) fn catch_up_reads(&self) -> Option<&HeldConnections> {
+    pub(crate) fn catch_up_reads(&self) -> Option<&HeldConnections<Postgres>> {
         self.kept.as_ref().map(|kept| &kept.catch_up_reads)
+    }
+
+    /// A connection of the `Any` pool for a read model's read made on every request (the assign's candidates):
+    /// [`Held::keep`] it after a read that succeeded, so that the next such read skips the pool's test round trip.
+    /// On SQLite, a connection of the pool as usual.
+    ///
+    /// # Errors
+    /// The pool could not give a connection.
+    pub async fn hot_read(&self) -> Result<Held<Any>, sqlx::Error> {
+        match &self.kept {
+            Some(kept) => kept.hot_reads.take().await,
+            None => HeldConnections::new(self.any.clone(), 0).take().await,
+        }
     }
 
     /// Where the store lives, with any password removed (for logs).
@@ -481,6 +497,7 @@ impl Database {
         if let Some(kept) = &self.kept {
             kept.appends.give_back();
             kept.catch_up_reads.give_back();
+            kept.hot_reads.give_back();
         }
         match &self.backend {
             Backend::Postgres(pool) => pool.close().await,

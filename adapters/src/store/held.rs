@@ -4,7 +4,7 @@
 //! that cannot be turned off. A path that runs one short statement per acquire pays two round trips for one: on a
 //! 2-core machine the tests were 12% of the server's CPU under `whist loadtest`, and on the append path, which
 //! serialises every process's appends, they sat between one statement and the next. Such a path takes a connection
-//! here, runs its statement, and hands the connection back here when the statement succeeded; a connection whose
+//! here, runs its statement, and [`Held::keep`]s the connection when the statement succeeded; a connection whose
 //! statement failed (or whose future was dropped halfway) goes back to the pool, which tests it and closes it if
 //! it is broken. A connection is kept at most [`HOLD_FOR`] before it goes back through the pool, so that the
 //! pool's own lifetime rules still apply to it. Closing the store gives every kept connection back first (a pool's
@@ -14,46 +14,89 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
-use sqlx::{PgPool, Postgres};
+use sqlx::Pool;
 
 /// How long a connection is kept out of the pool before it goes back (and is tested) once.
 pub(crate) const HOLD_FOR: Duration = Duration::from_secs(60);
 
 /// Up to `keep` connections of `pool`, kept between statements. Clones share them.
-#[derive(Clone, Debug)]
-pub(crate) struct HeldConnections {
-    pool: PgPool,
+pub(crate) struct HeldConnections<DB: sqlx::Database> {
+    pool: Pool<DB>,
     keep: usize,
     /// The kept connections, each with when it was taken from the pool.
-    idle: Arc<Mutex<Vec<Kept>>>,
+    idle: Arc<Mutex<Vec<Kept<DB>>>>,
 }
 
-type Kept = (PoolConnection<Postgres>, Instant);
+type Kept<DB> = (PoolConnection<DB>, Instant);
+
+impl<DB: sqlx::Database> Clone for HeldConnections<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            keep: self.keep,
+            idle: self.idle.clone(),
+        }
+    }
+}
+
+impl<DB: sqlx::Database> std::fmt::Debug for HeldConnections<DB> {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("HeldConnections")
+            .field("keep", &self.keep)
+            .finish_non_exhaustive()
+    }
+}
 
 /// A connection taken from [`HeldConnections`]: [`Held::keep`] it after a statement that succeeded; dropped, it
-/// goes back to the pool.
-pub(crate) struct Held {
-    connection: PoolConnection<Postgres>,
+/// goes back to the pool (which tests it).
+pub struct Held<DB: sqlx::Database> {
+    connection: PoolConnection<DB>,
     since: Instant,
+    home: HeldConnections<DB>,
 }
 
-impl std::ops::Deref for Held {
-    type Target = sqlx::PgConnection;
+impl<DB: sqlx::Database> std::ops::Deref for Held<DB> {
+    type Target = DB::Connection;
 
     fn deref(&self) -> &Self::Target {
         &self.connection
     }
 }
 
-impl std::ops::DerefMut for Held {
+impl<DB: sqlx::Database> std::ops::DerefMut for Held<DB> {
     fn deref_mut(&mut self) -> &mut Self::Target {
         &mut self.connection
     }
 }
 
-impl HeldConnections {
+impl<DB: sqlx::Database> Held<DB> {
+    /// Keeps the connection for the next statement (call it after one that succeeded); beyond what its home keeps,
+    /// or once the pool is closing, it goes back to the pool.
+    pub fn keep(self) {
+        let Self {
+            connection,
+            since,
+            home,
+        } = self;
+        if home.pool.is_closed() {
+            return;
+        }
+        let refused = match home.idle.lock() {
+            Ok(mut idle) if idle.len() < home.keep => {
+                idle.push((connection, since));
+                None
+            }
+            _ => Some(connection),
+        };
+        // Back to the pool (after the lock is released).
+        drop(refused);
+    }
+}
+
+impl<DB: sqlx::Database> HeldConnections<DB> {
     /// Keeps up to `keep` connections of `pool` (0 keeps none: every statement acquires from the pool).
-    pub(crate) fn new(pool: PgPool, keep: usize) -> Self {
+    pub(crate) fn new(pool: Pool<DB>, keep: usize) -> Self {
         Self {
             pool,
             keep,
@@ -65,13 +108,19 @@ impl HeldConnections {
     ///
     /// # Errors
     /// The pool could not give a connection.
-    pub(crate) async fn take(&self) -> Result<Held, sqlx::Error> {
+    pub(crate) async fn take(&self) -> Result<Held<DB>, sqlx::Error> {
         loop {
             let kept = self.idle.lock().map(|mut idle| idle.pop()).unwrap_or(None);
             match kept {
                 // Dropped: it goes back through the pool, which tests it once.
                 Some((_, since)) if since.elapsed() >= HOLD_FOR => continue,
-                Some((connection, since)) => return Ok(Held { connection, since }),
+                Some((connection, since)) => {
+                    return Ok(Held {
+                        connection,
+                        since,
+                        home: self.clone(),
+                    })
+                }
                 None => break,
             }
         }
@@ -79,20 +128,8 @@ impl HeldConnections {
         Ok(Held {
             connection,
             since: Instant::now(),
+            home: self.clone(),
         })
-    }
-
-    /// Keeps `held` for the next statement (after one that succeeded); beyond `keep`, or once the pool is closing,
-    /// it goes back to the pool.
-    pub(crate) fn keep(&self, held: Held) {
-        if self.pool.is_closed() {
-            return;
-        }
-        if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() < self.keep {
-                idle.push((held.connection, held.since));
-            }
-        }
     }
 
     /// Gives every kept connection back to the pool: closing a pool waits for all of its connections.

@@ -21,6 +21,7 @@ pub use chain::{chain_hash, ChainBreak, ChainReport, VerifyProgress, GENESIS};
 pub use database::{
     redact_url, Backend, Database, DatabaseError, PoolSettings, SessionLimits, HEAD_WATCH_LOOP,
 };
+pub use held::Held;
 pub use listener::{LogListener, LOG_CHANNEL};
 pub use log::{EventLog, HeadReading, LogSignal, LogWatermark, LoggedEvent, GATHER_WINDOW};
 pub use reachability::Reachability;

@@ -72,7 +72,7 @@ impl PersistedEventRepository for PostgresRepository {
                 Ok(mut connection) => {
                     let read = query.fetch_all(&mut *connection).await;
                     if read.is_ok() {
-                        connections.keep(connection);
+                        connection.keep();
                     }
                     read
                 }
