@@ -71,6 +71,7 @@ where
 {
     // After an attempt that had to decide again, every later one decides on copies all read fresh.
     let mut fresh = false;
+    let mut losses = 0u32;
     for _ in 0..attempts {
         let unit = if fresh {
             Unit::reading_fresh(metadata)
@@ -85,10 +86,29 @@ where
                     return Ok(answer);
                 }
                 lost(answer);
+                losses += 1;
+                pause_after_losses(losses).await;
             }
         }
     }
     Err(UseCaseError::Contended { attempts })
+}
+
+/// The pause before deciding again after `losses` lost records in a row. The first loss is decided again at once
+/// (a fresh read usually settles it). After more, a random pause of up to `losses - 1` milliseconds: two processes
+/// racing for the last slots of one host, the one whose copies lag would otherwise read, decide and lose again
+/// while the other's next append is already on its way (two `serve` processes filling their hosts to the last slot
+/// saw an assign lose 8 times in a row).
+async fn pause_after_losses(losses: u32) {
+    if losses < 2 {
+        return;
+    }
+    let most = u128::from(losses - 1) * 1_000;
+    let micros = uuid::Uuid::new_v4().as_u128() % most;
+    tokio::time::sleep(std::time::Duration::from_micros(
+        u64::try_from(micros).unwrap_or(0),
+    ))
+    .await;
 }
 
 /// `origin` (its actor and time) carried on in the chain of one aggregate's last event, caused by that event: for a
