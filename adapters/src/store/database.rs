@@ -21,14 +21,12 @@ use crate::supervision::BackgroundLoops;
 /// ride out a burst on a loaded machine, short enough that an outage answers instead of hanging.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The connections kept between statements on Postgres.
+/// The connections of the Postgres pool kept between statements.
 #[derive(Clone, Debug)]
 struct KeptConnections {
     /// The append flusher's one.
     appends: HeldConnections<Postgres>,
     catch_up_reads: HeldConnections<Postgres>,
-    /// Of the `Any` pool: the read models' reads on every request (`Database::hot_read`).
-    hot_reads: HeldConnections<Any>,
 }
 
 /// Connections of a pool of `max_connections` that a kind of read keeps for itself: a quarter, at most 4, so that
@@ -161,6 +159,9 @@ pub struct Database {
     /// catch-up reads' of remembered copies.
     kept: Option<KeptConnections>,
     any: AnyPool,
+    /// Connections of the `Any` pool kept between the read models' reads on every request (`Database::hot_read`);
+    /// none on SQLite, whose pool has no test round trip to save.
+    hot_reads: HeldConnections<Any>,
     signal: LogSignal,
     /// The highest position this process has seen, and the stretch of the log it read last, shared by its readers.
     watermark: LogWatermark,
@@ -270,8 +271,8 @@ impl Database {
                 pool.clone(),
                 kept_for_reads(pools.max_connections),
             ),
-            hot_reads: HeldConnections::new(any.clone(), kept_for_reads(pools.max_connections)),
         };
+        let hot_reads = HeldConnections::new(any.clone(), kept_for_reads(pools.max_connections));
         Ok(Self {
             _head_watch: head_watch,
             batcher: Some(AppendBatcher::start(
@@ -283,6 +284,7 @@ impl Database {
             direct: None,
             backend: Backend::Postgres(pool),
             any,
+            hot_reads,
             signal: LogSignal::new(),
             watermark,
             description: redact_url(url),
@@ -331,6 +333,7 @@ impl Database {
             kept: None,
             direct: None,
             backend: Backend::Sqlite(pool),
+            hot_reads: HeldConnections::new(any.clone(), 0),
             any,
             signal: LogSignal::new(),
             watermark: LogWatermark::default(),
@@ -481,10 +484,7 @@ impl Database {
     /// # Errors
     /// The pool could not give a connection.
     pub async fn hot_read(&self) -> Result<Held<Any>, sqlx::Error> {
-        match &self.kept {
-            Some(kept) => kept.hot_reads.take().await,
-            None => HeldConnections::new(self.any.clone(), 0).take().await,
-        }
+        self.hot_reads.take().await
     }
 
     /// Where the store lives, with any password removed (for logs).
@@ -497,8 +497,8 @@ impl Database {
         if let Some(kept) = &self.kept {
             kept.appends.give_back();
             kept.catch_up_reads.give_back();
-            kept.hot_reads.give_back();
         }
+        self.hot_reads.give_back();
         match &self.backend {
             Backend::Postgres(pool) => pool.close().await,
             Backend::Sqlite(pool) => pool.close().await,

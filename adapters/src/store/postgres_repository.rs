@@ -16,10 +16,11 @@ use cqrs_es::persist::{
 use cqrs_es::Aggregate;
 use postgres_es::PostgresEventRepository;
 use serde_json::Value;
-use sqlx::{PgPool, Row};
+use sqlx::{PgPool, Postgres, Row};
 
 use super::append_batcher::failure;
 use super::database::Database;
+use super::held::HeldConnections;
 
 /// Events of one command at most (a unit is never split across statements).
 const MAX_EVENTS_PER_COMMAND: usize = 1_000;
@@ -27,16 +28,21 @@ const MAX_EVENTS_PER_COMMAND: usize = 1_000;
 /// See the module documentation.
 pub struct PostgresRepository {
     reads: PostgresEventRepository,
-    pool: PgPool,
+    /// The connections the catch-up reads keep between reads (the store's, shared by every repository).
+    catch_up_reads: HeldConnections<Postgres>,
     database: Database,
 }
 
 impl PostgresRepository {
     /// A repository reading through `pool` and appending through `database`'s group commit.
     pub fn new(pool: PgPool, database: Database) -> Self {
+        let catch_up_reads = database
+            .catch_up_reads()
+            .cloned()
+            .unwrap_or_else(|| HeldConnections::new(pool.clone(), 0));
         Self {
-            reads: PostgresEventRepository::new(pool.clone()),
-            pool,
+            reads: PostgresEventRepository::new(pool),
+            catch_up_reads,
             database,
         }
     }
@@ -67,20 +73,13 @@ impl PersistedEventRepository for PostgresRepository {
         .bind(A::TYPE)
         .bind(aggregate_id)
         .bind(last_sequence);
-        let read = match self.database.catch_up_reads() {
-            Some(connections) => match connections.take().await {
-                Ok(mut connection) => {
-                    let read = query.fetch_all(&mut *connection).await;
-                    if read.is_ok() {
-                        connection.keep();
-                    }
-                    read
-                }
-                Err(error) => Err(error),
-            },
-            None => query.fetch_all(&self.pool).await,
+        let read = async {
+            let mut connection = self.catch_up_reads.take().await?;
+            let rows = query.fetch_all(&mut *connection).await?;
+            connection.keep();
+            Ok(rows)
         };
-        let rows = read.map_err(|error| {
+        let rows = read.await.map_err(|error: sqlx::Error| {
             let shared = std::sync::Arc::new(error);
             failure(&shared, shared.clone())
         })?;
