@@ -776,23 +776,22 @@ impl AssignLoad<'_> {
         // The schedule is kept by a thread of its own, which sleeps to each send time with the operating system's
         // precision (tens of microseconds) and hands the send to the runtime: tokio's timers fire on whole
         // milliseconds, which would make most sends up to a millisecond late and add that to every answer time.
-        let first_std = std::time::Instant::now() + Duration::from_millis(20);
-        let first = tokio::time::Instant::from_std(first_std);
-        let (pace, mut due) = tokio::sync::mpsc::unbounded_channel::<u64>();
+        let first = std::time::Instant::now() + Duration::from_millis(20);
+        let (pace, mut due) = tokio::sync::mpsc::unbounded_channel::<(u64, std::time::Instant)>();
         let pacer = std::thread::spawn(move || {
             for index in 0..total {
-                let scheduled = first_std + interval.mul_f64(index as f64);
+                let scheduled = first + interval.mul_f64(index as f64);
                 if let Some(wait) = scheduled.checked_duration_since(std::time::Instant::now()) {
                     std::thread::sleep(wait);
                 }
-                if pace.send(index).is_err() {
+                if pace.send((index, scheduled)).is_err() {
                     return;
                 }
             }
         });
         let mut tasks = Vec::with_capacity(total as usize);
-        while let Some(index) = due.recv().await {
-            let scheduled = first + interval.mul_f64(index as f64);
+        while let Some((index, scheduled)) = due.recv().await {
+            let scheduled = tokio::time::Instant::from_std(scheduled);
             if tokio::time::Instant::now().duration_since(scheduled) > Duration::from_millis(1) {
                 late_sends += 1;
             }
