@@ -493,23 +493,15 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
         );
     }
     // Aggregates read from the database rather than served from memory (a cold load, a snapshot's tail, or a
-    // remembered copy's catch-up), per assign.
-    for line in server_metrics
-        .iter()
-        .flat_map(|text| text.lines())
-        .filter(|line| line.starts_with("whist_aggregate_loads_total{"))
-    {
-        if let Some((series, value)) = line.rsplit_once(' ') {
-            let loads: f64 = value.trim().parse().unwrap_or(0.0);
-            let labels = series
-                .trim_start_matches("whist_aggregate_loads_total")
-                .replace('"', "");
-            println!(
-                "{:<36} {:>14.2}",
-                format!("loads per assign {labels}"),
-                loads / assigned_count
-            );
-        }
+    // remembered copy's catch-up), and why copies were marked behind the store, per assign.
+    for (metric, caption) in [
+        ("whist_aggregate_loads_total", "loads per assign"),
+        (
+            "whist_copies_marked_stale_total",
+            "copies marked stale per assign",
+        ),
+    ] {
+        print_per_assign(&server_metrics, metric, caption, assigned_count);
     }
     println!(
         "{:<36} {:>12.0}/s",
@@ -1123,6 +1115,26 @@ fn clock_ticks() -> f64 {
         .and_then(|text| text.trim().parse::<f64>().ok())
         .filter(|ticks| *ticks > 0.0)
         .unwrap_or(100.0)
+}
+
+/// Each series of the counter `metric` in the servers' `/metrics` answers, divided by the assigns answered.
+fn print_per_assign(server_metrics: &[String], metric: &str, caption: &str, assigned: f64) {
+    let prefix = format!("{metric}{{");
+    for line in server_metrics
+        .iter()
+        .flat_map(|text| text.lines())
+        .filter(|line| line.starts_with(&prefix))
+    {
+        if let Some((series, value)) = line.rsplit_once(' ') {
+            let count: f64 = value.trim().parse().unwrap_or(0.0);
+            let labels = series.trim_start_matches(metric).replace('"', "");
+            println!(
+                "{:<36} {:>14.2}",
+                format!("{caption} {labels}"),
+                count / assigned
+            );
+        }
+    }
 }
 
 #[cfg(test)]

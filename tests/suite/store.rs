@@ -220,6 +220,8 @@ async fn the_log_holds_every_aggregate_in_sequence_order_on_sqlite() {
 async fn a_stale_remembered_copy_costs_a_retry_never_a_wrong_decision(kind: BackendKind) {
     let test_database = TestDatabase::new(kind).await;
     let database = test_database.open().await;
+    // Without the log follower, which would mark `first`'s copy stale before it is used (most of the time).
+    database.following().stop();
     let first = AggregateStore::<Probe>::new(&database, ());
     let second = AggregateStore::<Probe>::new(&database, ());
     first
@@ -672,6 +674,64 @@ async fn a_process_that_finds_the_log_moved_back_forgets_what_it_remembered_past
     );
 }
 
+/// Two processes on one store: what one records makes the other's remembered copy stale through its log follower,
+/// without the other reading that aggregate, and a read as of the log then serves the new state. A copy nothing
+/// changed stays current, so reading it costs no statement.
+async fn a_process_follows_the_log_and_marks_the_copies_another_process_changed(kind: BackendKind) {
+    let test_database = TestDatabase::new(kind).await;
+    let (one, other) = (test_database.open().await, test_database.open().await);
+    let (writer, follower) = (
+        AggregateStore::<Probe>::new(&one, ()),
+        AggregateStore::<Probe>::new(&other, ()),
+    );
+    // The follower starts by forgetting every copy (one remembered before it found the head could miss events).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !other.following().is_current() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for id in ["changed", "untouched"] {
+        follower
+            .execute(id, ProbeCommand::Increment { by: 1 }, &metadata())
+            .await
+            .expect("recorded");
+    }
+    assert!(follower.remembers_current("changed"));
+    writer
+        .execute("changed", ProbeCommand::Increment { by: 5 }, &metadata())
+        .await
+        .expect("recorded by the other process");
+    while follower.remembers_current("changed") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower never marked the copy the other process changed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        follower.remembers_current("untouched"),
+        "a copy nothing changed stays current"
+    );
+    let (probe, version) = follower.load_as_of_log("changed").await.expect("loads");
+    assert_eq!((probe.total, version), (6, 2));
+    assert!(follower.remembers_current("changed"), "caught up again");
+}
+
+#[tokio::test]
+async fn a_process_follows_the_log_and_marks_the_copies_another_process_changed_on_postgres() {
+    a_process_follows_the_log_and_marks_the_copies_another_process_changed(BackendKind::Postgres)
+        .await;
+}
+
+#[tokio::test]
+async fn a_process_follows_the_log_and_marks_the_copies_another_process_changed_on_sqlite() {
+    a_process_follows_the_log_and_marks_the_copies_another_process_changed(BackendKind::Sqlite)
+        .await;
+}
+
 /// A command that decides nothing on a remembered copy is decided again on the store: another process turned
 /// maintenance on, and turning it off here, where the copy still says off, records the change.
 #[tokio::test]
@@ -1100,7 +1160,9 @@ async fn connections_kept_between_statements_are_given_up_once_the_server_closes
         .await
         .expect("the server answers");
     let ended: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        // Waiting (up to 5 s each) until each session has ended: a session still ending could answer one more
+        // statement after this, and fail the one after that.
+        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
     )
     .bind(&database_name)
     .fetch_all(&admin)

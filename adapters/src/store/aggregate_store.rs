@@ -13,7 +13,7 @@ use whist_domain::EventMetadata;
 use super::database::{Backend, Database};
 use super::log::LogSignal;
 
-use super::cached_store::{CacheBounds, CachedEventStore};
+use super::cached_store::{CacheBounds, CachedEventStore, Stale};
 use super::postgres_repository::PostgresRepository;
 use super::snapshots::Snapshots;
 
@@ -100,6 +100,9 @@ where
                     remembers_empty,
                 );
                 database.watermark().on_rewind(store.forgetter());
+                database
+                    .following()
+                    .on_event_of(A::TYPE, store.behind_marker());
                 Frameworks::Postgres { store }
             }
             Backend::Sqlite(pool) => {
@@ -111,6 +114,9 @@ where
                     remembers_empty,
                 );
                 database.watermark().on_rewind(store.forgetter());
+                database
+                    .following()
+                    .on_event_of(A::TYPE, store.behind_marker());
                 Frameworks::Sqlite { store }
             }
         };
@@ -173,7 +179,7 @@ where
         loop {
             match self.execute(aggregate_id, command.clone(), metadata).await {
                 Err(CommandError::Conflict) if attempt + 1 < CONFLICT_ATTEMPTS => {
-                    self.mark_stale(aggregate_id);
+                    self.mark_stale(aggregate_id, Stale::Conflict);
                     attempt += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(attempt * 5)).await;
                 }
@@ -274,7 +280,7 @@ where
             .await
         {
             Err(CommandError::Rejected(_)) | Ok(Staged::Nothing) => {
-                self.mark_stale(aggregate_id);
+                self.mark_stale(aggregate_id, Stale::DecidedAgain);
                 self.stage_once(unit, aggregate_id, commands, Freshness::CaughtUp)
                     .await
                     .map(|_| ())
@@ -336,7 +342,7 @@ where
         aggregate_id: &str,
     ) -> Result<Loaded<A>, CommandError<A::Error>> {
         if unit.reads_fresh {
-            self.mark_stale(aggregate_id);
+            self.mark_stale(aggregate_id, Stale::UnitReadsFresh);
         }
         Ok(self.load_copy(aggregate_id).await?)
     }
@@ -368,7 +374,7 @@ where
         &self,
         aggregate_id: &str,
     ) -> Result<Loaded<A>, CommandError<A::Error>> {
-        self.mark_stale(aggregate_id);
+        self.mark_stale(aggregate_id, Stale::Asked);
         Ok(self.load_copy(aggregate_id).await?)
     }
 
@@ -381,7 +387,7 @@ where
                 Frameworks::Postgres { store, .. } => store.remember_unread(&loaded.id),
                 Frameworks::Sqlite { store, .. } => store.remember_unread(&loaded.id),
             },
-            Freshness::Remembered => self.mark_stale(&loaded.id),
+            Freshness::Remembered => self.mark_stale(&loaded.id, Stale::DecidedAgain),
         }
     }
 
@@ -509,16 +515,47 @@ where
         &self,
         aggregate_id: &str,
     ) -> Result<(A, usize), CommandError<A::Error>> {
-        self.mark_stale(aggregate_id);
+        self.mark_stale(aggregate_id, Stale::Asked);
         let context = self.remembered_context(aggregate_id).await?;
         Ok((context.aggregate, context.current_sequence))
     }
 
-    /// Marks the remembered copy of one aggregate as behind, so that the next command first reads what it missed.
-    pub fn mark_stale(&self, aggregate_id: &str) {
+    /// The aggregate as of the log, and its version: the remembered copy while the process's log follower is
+    /// current (then the copy holds every event the follower has read, at most `FOLLOW_LAG_BOUND` behind the
+    /// log; a copy an event made stale is brought up to date first), else as [`AggregateStore::load_caught_up`].
+    /// For reads on every request that would otherwise cost a statement each (the subscription, the maintenance
+    /// switch) and checks before a side effect; never for a refusal that must be final.
+    ///
+    /// # Errors
+    /// The database failed or an event could not be read.
+    pub async fn load_as_of_log(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<(A, usize), CommandError<A::Error>> {
+        let followed = self.database.following().is_current();
+        let how = if followed { "followed" } else { "caught_up" };
+        metrics::counter!("whist_as_of_log_loads_total", "aggregate" => A::TYPE, "how" => how)
+            .increment(1);
+        if followed {
+            self.load_possibly_stale(aggregate_id).await
+        } else {
+            self.load_caught_up(aggregate_id).await
+        }
+    }
+
+    /// Whether a copy of the aggregate is remembered and not marked behind: the next load serves it without a read.
+    pub fn remembers_current(&self, aggregate_id: &str) -> bool {
         match &self.frameworks {
-            Frameworks::Postgres { store, .. } => store.mark_stale(aggregate_id),
-            Frameworks::Sqlite { store, .. } => store.mark_stale(aggregate_id),
+            Frameworks::Postgres { store, .. } => store.remembers_current(aggregate_id),
+            Frameworks::Sqlite { store, .. } => store.remembers_current(aggregate_id),
+        }
+    }
+
+    /// Marks the remembered copy of one aggregate as behind, so that the next command first reads what it missed.
+    pub fn mark_stale(&self, aggregate_id: &str, why: Stale) {
+        match &self.frameworks {
+            Frameworks::Postgres { store, .. } => store.mark_stale(aggregate_id, why),
+            Frameworks::Sqlite { store, .. } => store.mark_stale(aggregate_id, why),
         }
     }
 
@@ -584,7 +621,7 @@ where
     Box::new(move |settled| match settled {
         Settled::Committed => store.committed(&id, aggregate, before, after),
         Settled::Conflicted if presumed_new => store.remember_unread(&id),
-        Settled::Conflicted => store.mark_stale(&id),
+        Settled::Conflicted => store.mark_stale(&id, Stale::Conflict),
         Settled::Failed => store.forget(&id),
     })
 }

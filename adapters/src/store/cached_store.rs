@@ -30,6 +30,8 @@ struct Shared<R: PersistedEventRepository, A: Aggregate> {
     catch_up: R,
     cache: quick_cache::sync::Cache<String, Remembered<A>, CopyWeight>,
     snapshots: Snapshots,
+    /// The last keys the log follower read for this type; its marker and `remember` take this lock.
+    followed: std::sync::Mutex<RecentlyFollowed>,
     /// Whether an aggregate with no events is remembered too: for a store of singletons, whose ids only this code
     /// names (the service switch, the image catalog, the fleet's leadership), so that reading one that was never
     /// written costs one catch-up read instead of a cold load each time.
@@ -55,6 +57,75 @@ struct CopyWeight {
 impl<A> quick_cache::Weighter<String, Remembered<A>> for CopyWeight {
     fn weight(&self, key: &String, remembered: &Remembered<A>) -> u64 {
         (remembered.bytes + key.len() as u64).max(self.floor)
+    }
+}
+
+/// Why a remembered copy was marked behind the store (`whist_copies_marked_stale_total{why}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stale {
+    /// Its append collided: another writer appended first.
+    Conflict,
+    /// The log follower read a newer event of it (another process's).
+    Followed,
+    /// A decision refused, or decided nothing, on it: decided again on fresh state.
+    DecidedAgain,
+    /// A unit that reads every copy fresh (an attempt after one that had to decide again).
+    UnitReadsFresh,
+    /// A read asked for it caught up.
+    Asked,
+    /// It was presumed new and was not.
+    PresumedNew,
+}
+
+impl Stale {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Conflict => "conflict",
+            Self::Followed => "followed",
+            Self::DecidedAgain => "decided_again",
+            Self::UnitReadsFresh => "unit_reads_fresh",
+            Self::Asked => "asked",
+            Self::PresumedNew => "presumed_new",
+        }
+    }
+}
+
+fn count_stale<A: Aggregate>(why: Stale) {
+    metrics::counter!("whist_copies_marked_stale_total", "aggregate" => A::TYPE, "why" => why.as_str())
+        .increment(1);
+}
+
+/// Keys the log follower read last, at most [`RecentlyFollowed::KEPT`] aggregates: the highest sequence of each.
+/// A load or commit that began before the follower read one of these events and ends after it (microseconds to
+/// milliseconds) checks here; one that outlasts `KEPT` newer aggregates of its type is not covered.
+#[derive(Default)]
+struct RecentlyFollowed {
+    highest: HashMap<String, i64>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl RecentlyFollowed {
+    const KEPT: usize = 4096;
+
+    fn saw(&mut self, aggregate_id: &str, sequence: i64) {
+        match self.highest.get_mut(aggregate_id) {
+            Some(highest) => *highest = (*highest).max(sequence),
+            None => {
+                self.highest.insert(aggregate_id.to_string(), sequence);
+                self.order.push_back(aggregate_id.to_string());
+                if self.order.len() > Self::KEPT {
+                    if let Some(oldest) = self.order.pop_front() {
+                        self.highest.remove(&oldest);
+                    }
+                }
+            }
+        }
+    }
+
+    fn newer_than(&self, aggregate_id: &str, version: usize) -> bool {
+        self.highest
+            .get(aggregate_id)
+            .is_some_and(|&sequence| sequence > version as i64)
     }
 }
 
@@ -128,6 +199,7 @@ where
                     },
                 ),
                 snapshots,
+                followed: std::sync::Mutex::new(RecentlyFollowed::default()),
                 remembers_empty,
             }),
         }
@@ -148,6 +220,14 @@ where
         metrics::counter!("whist_remembered_copies_total", "aggregate" => A::TYPE, "outcome" => outcome)
             .increment(1);
         remembered
+    }
+
+    /// Whether a copy of the aggregate is remembered and not marked stale.
+    pub(crate) fn remembers_current(&self, aggregate_id: &str) -> bool {
+        self.shared
+            .cache
+            .peek(aggregate_id)
+            .is_some_and(|remembered| !remembered.stale)
     }
 
     /// Whether a copy of the aggregate is remembered (up to date or stale).
@@ -172,21 +252,34 @@ where
     /// next command reads its whole history, through the catch-up from version 0.
     pub(crate) fn remember_unread(&self, aggregate_id: &str) {
         self.remember(aggregate_id, A::default(), 0);
-        self.mark_stale(aggregate_id);
+        self.mark_stale(aggregate_id, Stale::PresumedNew);
     }
 
     /// Remembers `aggregate` at `version`, as committed.
+    ///
+    /// A copy read (or committed) just as the log follower read a newer event of the aggregate would miss it and
+    /// not be marked (the marker found no copy, or the old one): the follower's last keys are checked under the
+    /// same lock, and such a copy is remembered stale.
     pub(crate) fn remember(&self, aggregate_id: &str, aggregate: A, version: usize) {
         let bytes = state_bytes(&aggregate);
+        let followed = self.shared.followed.lock();
+        let stale = match &followed {
+            Ok(followed) => followed.newer_than(aggregate_id, version),
+            Err(_) => true,
+        };
+        if stale {
+            count_stale::<A>(Stale::Followed);
+        }
         self.shared.cache.insert(
             aggregate_id.to_string(),
             Remembered {
                 aggregate,
                 version,
-                stale: false,
+                stale,
                 bytes,
             },
         );
+        drop(followed);
     }
 
     /// A hook for the store's `LogWatermark` that forgets every aggregate this store remembers, for as long as the
@@ -204,14 +297,47 @@ where
         }
     }
 
+    /// A marker for the log follower that marks the remembered copy of an aggregate as behind when an event of it
+    /// (its sequence) is newer than the copy, for as long as the store exists.
+    pub(crate) fn behind_marker(&self) -> impl Fn(&str, i64) + Send + Sync + 'static
+    where
+        R: 'static,
+        A: 'static,
+    {
+        let shared = Arc::downgrade(&self.shared);
+        move |aggregate_id, sequence| {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let Ok(mut followed) = shared.followed.lock() else {
+                return;
+            };
+            followed.saw(aggregate_id, sequence);
+            if let Some(mut remembered) = shared.cache.peek(aggregate_id) {
+                if !remembered.stale && (remembered.version as i64) < sequence {
+                    count_stale::<A>(Stale::Followed);
+                    remembered.stale = true;
+                    let _ = shared
+                        .cache
+                        .replace(aggregate_id.to_string(), remembered, true);
+                }
+            }
+        }
+    }
+
     /// Forgets one aggregate, so that the next command loads it whole.
     pub fn forget(&self, aggregate_id: &str) {
         self.shared.cache.remove(aggregate_id);
     }
 
     /// Marks a remembered copy as behind the store, so that the next command first reads what it missed.
-    pub fn mark_stale(&self, aggregate_id: &str) {
-        self.mark(aggregate_id, |remembered| remembered.stale = true);
+    pub fn mark_stale(&self, aggregate_id: &str, why: Stale) {
+        self.mark(aggregate_id, |remembered| {
+            if !remembered.stale {
+                count_stale::<A>(why);
+            }
+            remembered.stale = true;
+        });
     }
 
     /// Carries `state`, known at `version`, on to the store's last event (upcast as a full load would): the state,
@@ -406,7 +532,7 @@ where
                 Ok(committed)
             }
             Err(AggregateError::AggregateConflict) => {
-                self.mark_stale(&aggregate_id);
+                self.mark_stale(&aggregate_id, Stale::Conflict);
                 Err(AggregateError::AggregateConflict)
             }
             Err(error) => {
@@ -471,8 +597,27 @@ impl EventUpcaster for DomainUpcaster {
 
 #[cfg(test)]
 mod tests {
-    use super::{state_bytes, CopyWeight, Remembered};
+    use super::{state_bytes, CopyWeight, RecentlyFollowed, Remembered};
     use whist_domain::probe::Probe;
+
+    #[test]
+    fn a_copy_is_behind_a_followed_event_until_that_event_is_forgotten_among_newer_ones() {
+        let mut followed = RecentlyFollowed::default();
+        followed.saw("a", 3);
+        followed.saw("a", 2);
+        assert!(followed.newer_than("a", 2), "sequence 3 was followed");
+        assert!(!followed.newer_than("a", 3));
+        assert!(!followed.newer_than("b", 0), "nothing followed of b");
+        for other in 0..RecentlyFollowed::KEPT {
+            followed.saw(&format!("other-{other}"), 1);
+        }
+        assert!(
+            !followed.newer_than("a", 0),
+            "forgotten after KEPT newer aggregates"
+        );
+        assert_eq!(followed.highest.len(), RecentlyFollowed::KEPT);
+        assert_eq!(followed.order.len(), RecentlyFollowed::KEPT);
+    }
 
     fn cache(
         entries: usize,

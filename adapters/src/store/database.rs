@@ -12,6 +12,7 @@ use sqlx::{Any, AnyPool, PgPool, Postgres, SqlitePool};
 use cqrs_es::persist::{PersistenceError, SerializedEvent};
 
 use super::append_batcher::AppendBatcher;
+use super::follower::LogFollowing;
 use super::held::{Held, HeldConnections};
 use super::log::{EventLog, LogSignal, LogWatermark};
 use super::reachability::Reachability;
@@ -167,6 +168,10 @@ pub struct Database {
     watermark: LogWatermark,
     /// Stops the head watch (Postgres) when the last handle of the store is dropped.
     _head_watch: Option<std::sync::Arc<tokio::sync::watch::Sender<bool>>>,
+    /// The log follower's standing (how current the remembered copies are) and the stores' markers.
+    following: LogFollowing,
+    /// Stops the log follower when the last handle of the store is dropped.
+    _follower: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
     description: String,
     reachability: Reachability,
     /// The supervised background loops of the process that opened this store: the append batcher's flushers from
@@ -273,8 +278,13 @@ impl Database {
             ),
         };
         let hot_reads = HeldConnections::new(any.clone(), kept_for_reads(pools.max_connections));
+        let signal = LogSignal::new();
+        let following = LogFollowing::default();
+        let follower = following.start(&any, &signal, &watermark, &background_loops);
         Ok(Self {
             _head_watch: head_watch,
+            following,
+            _follower: follower,
             batcher: Some(AppendBatcher::start(
                 kept.appends.clone(),
                 watermark.clone(),
@@ -285,7 +295,7 @@ impl Database {
             backend: Backend::Postgres(pool),
             any,
             hot_reads,
-            signal: LogSignal::new(),
+            signal,
             watermark,
             description: redact_url(url),
             reachability,
@@ -328,6 +338,13 @@ impl Database {
             .connect(&url)
             .await
             .map_err(connect_error)?;
+        let (signal, watermark, background_loops) = (
+            LogSignal::new(),
+            LogWatermark::default(),
+            BackgroundLoops::new(),
+        );
+        let following = LogFollowing::default();
+        let follower = following.start(&any, &signal, &watermark, &background_loops);
         Ok(Self {
             batcher: None,
             kept: None,
@@ -335,12 +352,14 @@ impl Database {
             backend: Backend::Sqlite(pool),
             hot_reads: HeldConnections::new(any.clone(), 0),
             any,
-            signal: LogSignal::new(),
-            watermark: LogWatermark::default(),
+            signal,
+            watermark,
             _head_watch: None,
+            following,
+            _follower: follower,
             description: url,
             reachability: Reachability::embedded(),
-            background_loops: BackgroundLoops::new(),
+            background_loops,
         })
     }
 
@@ -359,7 +378,20 @@ impl Database {
             }
             Backend::Sqlite(pool) => sqlx::migrate!("../migrations/sqlite").run(pool).await?,
         }
+        self.start_following().await;
         Ok(())
+    }
+
+    /// Starts the log follower from the head, unless it has started: before the process remembers any copy, so
+    /// that it has none to forget (the follower does it by itself otherwise, forgetting what was remembered).
+    async fn start_following(&self) {
+        if let Err(error) = self
+            .following
+            .start_from_head(&self.any, &self.watermark)
+            .await
+        {
+            tracing::debug!(error = %error, "the log follower could not start yet");
+        }
     }
 
     /// The migrations this binary ships that the store has not applied, oldest first (`version_description`).
@@ -400,7 +432,10 @@ impl Database {
     pub async fn require_migrated(&self) -> Result<(), DatabaseError> {
         let pending = self.pending_migrations().await?;
         match pending.first() {
-            None => Ok(()),
+            None => {
+                self.start_following().await;
+                Ok(())
+            }
             Some(first) => Err(DatabaseError::SchemaBehind {
                 pending: pending.len(),
                 first: first.clone(),
@@ -448,6 +483,11 @@ impl Database {
     /// A reader of the global log.
     pub fn log(&self) -> EventLog {
         EventLog::new(self.any.clone(), self.watermark.clone())
+    }
+
+    /// How current the process's remembered copies are (see `LogFollowing`).
+    pub fn following(&self) -> &LogFollowing {
+        &self.following
     }
 
     /// The highest position this process has seen, and what it forgets should the log move back (see

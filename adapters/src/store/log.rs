@@ -373,6 +373,23 @@ impl LogWatermark {
         }
     }
 
+    /// Raises the highest position seen to `position` (a reader that read up to it).
+    pub(crate) fn saw(&self, position: i64) {
+        self.inner
+            .highest
+            .fetch_max(position, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Forgets every remembered aggregate copy of the process (the log follower starting over), without the
+    /// bookkeeping of a rewind.
+    pub(crate) fn forget_remembered(&self) {
+        if let Ok(forgetters) = self.inner.forgetters.lock() {
+            for forget in forgetters.iter() {
+                forget();
+            }
+        }
+    }
+
     fn observe(&self, head: i64, seen_before: i64) -> bool {
         use std::sync::atomic::Ordering;
         if head >= seen_before {

@@ -6,6 +6,7 @@ mod append_batcher;
 mod cached_store;
 pub mod chain;
 mod database;
+mod follower;
 mod held;
 pub mod lease;
 mod listener;
@@ -17,10 +18,12 @@ pub mod snapshots;
 
 pub use aggregate_store::{AggregateStore, CommandError, Loaded, Unit, UnitError};
 pub use append_batcher::LOOP_NAME as APPEND_BATCHER_LOOP;
+pub use cached_store::Stale;
 pub use chain::{chain_hash, ChainBreak, ChainReport, VerifyProgress, GENESIS};
 pub use database::{
     redact_url, Backend, Database, DatabaseError, PoolSettings, SessionLimits, HEAD_WATCH_LOOP,
 };
+pub use follower::{LogFollowing, FOLLOW_LAG_BOUND, FOLLOW_LOOP};
 pub use held::Held;
 pub use listener::{LogListener, LOG_CHANNEL};
 pub use log::{EventLog, HeadReading, LogSignal, LogWatermark, LoggedEvent, GATHER_WINDOW};

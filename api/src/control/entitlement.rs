@@ -7,8 +7,10 @@ use whist_domain::subscription::SubscriptionError;
 
 use crate::state::Context;
 
-/// Whether `principal` may be assigned a mandelbox now. The user's subscription is read fresh (the remembered copy
-/// plus whatever was recorded since, by any process), so a webhook answered 200 counts for the very next assign.
+/// Whether `principal` may be assigned a mandelbox now. The user's subscription is read as of the log (the
+/// remembered copy, kept current by the process's log follower within `FOLLOW_LAG_BOUND`, 250 ms), and a refusal is
+/// only final on the subscription read caught up: a webhook answered 200 by any process counts for the very next
+/// assign, and a subscription that ended stops counting in every process within the bound.
 ///
 /// # Errors
 /// The store failed.
@@ -19,10 +21,11 @@ pub async fn is_entitled(
     if principal.is_admin {
         return Ok(true);
     }
-    let (subscription, _) = state
-        .services
-        .subscriptions
-        .load_caught_up(&principal.user_id)
-        .await?;
+    let subscriptions = &state.services.subscriptions;
+    let (subscription, _) = subscriptions.load_as_of_log(&principal.user_id).await?;
+    if subscription.is_entitled() {
+        return Ok(true);
+    }
+    let (subscription, _) = subscriptions.load_caught_up(&principal.user_id).await?;
     Ok(subscription.is_entitled())
 }

@@ -209,6 +209,14 @@ pub const CATALOGUE: &[Metric] = &[
         "Looks for a remembered copy of an aggregate, by aggregate type and outcome: hit or miss.",
     ),
     counter(
+        "whist_as_of_log_loads_total",
+        "Reads of an aggregate as of the log, by aggregate type and how: followed (the remembered copy, kept current by the log follower) or caught_up (the follower was behind its bound, so the copy was brought up to date by a read).",
+    ),
+    counter(
+        "whist_copies_marked_stale_total",
+        "Remembered aggregate copies marked behind the store, by aggregate type and why: conflict, followed (the log follower read another process's newer event), decided_again, unit_reads_fresh, asked (a read caught up), presumed_new.",
+    ),
+    counter(
         "whist_catch_up_events_total",
         "Events applied to a remembered copy that other processes appended since it was remembered, by aggregate type.",
     ),

@@ -199,8 +199,11 @@ impl Reconciler {
 
     async fn spin_up(&self, mandelbox_id: &str, chain: &EventMetadata) -> Outcome {
         let services = &self.state.services;
-        // Fresh: the remembered copy (usually this process's, from the assign) and whatever it missed.
-        let mandelbox = match services.mandelboxes.load_caught_up(mandelbox_id).await {
+        // As of the log: the remembered copy (usually this process's, from the assign), brought up to date when the
+        // log follower saw it change. (The check and the host's call were never one step: an end recorded after
+        // the check, or up to `FOLLOW_LAG_BOUND` before it, meets a mandelbox being started, as one recorded during
+        // the call always could.)
+        let mandelbox = match services.mandelboxes.load_as_of_log(mandelbox_id).await {
             Ok((mandelbox, _)) => mandelbox,
             Err(error) => return Outcome::Retry(error.to_string()),
         };
