@@ -214,7 +214,7 @@ pub const CATALOGUE: &[Metric] = &[
     ),
     counter(
         "whist_copies_marked_stale_total",
-        "Remembered aggregate copies marked behind the store, by aggregate type and why: conflict, followed (the log follower read another process's newer event), decided_again, unit_reads_fresh, asked (a read caught up), presumed_new.",
+        "Remembered aggregate copies marked behind the store, by aggregate type and why: conflict, followed (the log follower read an event newer than the copy: another process's, or under load this process's own before the commit that recorded it was remembered, which then replaces the copy), decided_again, unit_reads_fresh, asked (a read caught up), presumed_new.",
     ),
     counter(
         "whist_catch_up_events_total",

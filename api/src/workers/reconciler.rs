@@ -223,10 +223,16 @@ impl Reconciler {
         let token = services
             .tokens
             .derive(Purpose::HostAuth, &placement.instance_id);
-        // The host's certificate fingerprint, as it registered it (the placement carries only the address).
-        let host = match self.load_instance(&placement.instance_id).await {
-            Ok(host) => host,
-            Err(outcome) => return outcome,
+        // The host's certificate fingerprint, as it registered it (the placement carries only the address), as of
+        // the log: should the host have registered again with another certificate within `FOLLOW_LAG_BOUND`, the
+        // pinned call fails and the job is retried on the copy the follower has marked by then.
+        let host = match services
+            .instances
+            .load_as_of_log(&placement.instance_id)
+            .await
+        {
+            Ok((host, _)) => host,
+            Err(error) => return Outcome::Retry(error.to_string()),
         };
         let endpoint = HostEndpoint {
             ip: &placement.ip,
