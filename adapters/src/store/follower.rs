@@ -181,7 +181,6 @@ impl LogFollowing {
             .map_or(true, |standing| standing.stopped)
     }
 
-    /// Starts over (`None`), or from `followed` after `forget` has forgotten every copy: both unless stopped.
     /// Follows from the head as it is now, unless already following, after forgetting every remembered copy:
     /// one remembered before this read may have missed events up to the head it finds; those remembered after it
     /// hold every event before it. (`Database::migrate` starts it before the process remembers anything.)
@@ -216,6 +215,8 @@ impl LogFollowing {
         Ok(())
     }
 
+    /// Stands at `followed` (`None`: starts over from the head on the next read) after `forget` has forgotten
+    /// every copy: both unless stopped.
     fn set(&self, followed: Option<Followed>, forget: impl FnOnce()) {
         if let Ok(mut standing) = self.inner.standing.lock() {
             if !standing.stopped {
