@@ -46,6 +46,8 @@ pub struct Services {
     pub user_rate: RateLimiter,
     pub ip_rate: RateLimiter,
     pub host_locks: HostLocks,
+    /// The candidate hosts the `instances` read model gave last, per region and release.
+    pub candidate_hints: CandidateHints,
     /// The processes serving assigns, and which hosts this one fills first.
     pub members: whist_adapters::store::members::Members,
 }
@@ -63,6 +65,44 @@ pub struct HostLocks {
 
 /// How long a host on which an assign lost to another writer is tried after the others.
 const CONTENDED_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The hosts with room the `instances` read model gave this process last, per region and release. The assigns of
+/// the next `HINTS_FOR` try them first instead of reading the read model again (a statement per assign). They are
+/// hints, as the read model's rows always were (it lags the log): each host decides on its own state whether it has
+/// room, and an assign that none of them takes reads the read model afresh before it answers that no host has room.
+#[derive(Default)]
+pub struct CandidateHints {
+    read: Mutex<HashMap<(String, String), Hints>>,
+}
+
+/// Hosts read at an instant.
+type Hints = (std::time::Instant, Arc<Vec<(String, String)>>);
+
+/// How long a read of the candidate hosts serves the assigns after it: about the read model's own lag behind the log
+/// (its projection gathers appends for 20 ms, then writes them).
+pub const HINTS_FOR: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl CandidateHints {
+    /// The hosts read for `region` and `hash` less than `HINTS_FOR` ago.
+    pub fn recent(&self, region: &str, hash: &str) -> Option<Arc<Vec<(String, String)>>> {
+        let read = self.read.lock().ok()?;
+        let (at, hosts) = read.get(&(region.to_string(), hash.to_string()))?;
+        (at.elapsed() < HINTS_FOR).then(|| hosts.clone())
+    }
+
+    /// Keeps `hosts`, just read for `region` and `hash`.
+    pub fn keep(&self, region: &str, hash: &str, hosts: Arc<Vec<(String, String)>>) {
+        if let Ok(mut read) = self.read.lock() {
+            if read.len() > 1_000 {
+                read.retain(|_, (at, _)| at.elapsed() < HINTS_FOR);
+            }
+            read.insert(
+                (region.to_string(), hash.to_string()),
+                (std::time::Instant::now(), hosts),
+            );
+        }
+    }
+}
 
 /// Whether a host marked contended at `since` still is.
 fn recently(since: Option<&std::time::Instant>) -> bool {
@@ -151,6 +191,7 @@ impl Services {
             user_rate: RateLimiter::new(settings.assign_rate_limit_per_minute),
             ip_rate: RateLimiter::new(settings.assign_rate_limit_per_ip_per_minute),
             host_locks: HostLocks::default(),
+            candidate_hints: CandidateHints::default(),
             members: whist_adapters::store::members::Members::new(
                 database,
                 &uuid::Uuid::new_v4().to_string(),
@@ -255,8 +296,22 @@ fn address_key(address: std::net::IpAddr) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{HostLocks, RateLimiter, CONTENDED_FOR};
+    use super::{CandidateHints, HostLocks, RateLimiter, CONTENDED_FOR, HINTS_FOR};
+    use std::sync::Arc;
     use std::time::Duration;
+
+    #[test]
+    fn hints_serve_their_region_and_release_for_hints_for_and_then_none() {
+        let hints = CandidateHints::default();
+        assert!(hints.recent("us-east-1", "abc").is_none(), "nothing read yet");
+        let hosts = Arc::new(vec![("i-1".to_string(), "10.0.0.1".to_string())]);
+        hints.keep("us-east-1", "abc", hosts.clone());
+        assert_eq!(hints.recent("us-east-1", "abc"), Some(hosts));
+        assert!(hints.recent("us-east-1", "def").is_none(), "another release");
+        assert!(hints.recent("eu-west-1", "abc").is_none(), "another region");
+        std::thread::sleep(HINTS_FOR);
+        assert!(hints.recent("us-east-1", "abc").is_none(), "too old");
+    }
 
     #[test]
     fn a_key_over_its_limit_is_refused_with_a_retry_time_and_others_are_not() {

@@ -247,109 +247,128 @@ async fn attempt(
             continue;
         };
         // Candidates come from the read model, which may be a little behind: a host it shows with room may be
-        // full (refused on the host's own state, read fresh), or taken by a concurrent assign (the unit conflicts).
-        let read = Instant::now();
-        let candidates = candidates(state, region, &wanted_hash).await?;
-        phase("candidates", read);
-        tracing::debug!(
-            region = region.as_str(),
-            candidates = candidates.len(),
-            "candidates read"
-        );
-        tried.push((region.as_str(), wanted_hash, !candidates.is_empty()));
-        for (instance_id, ip, guard) in lock_order(services, candidates) {
-            let lock = match guard {
-                Some(guard) => guard,
-                None => {
-                    let waited = Instant::now();
-                    let guard = services.host_locks.of(&instance_id).lock_owned().await;
-                    phase("host_lock", waited);
-                    guard
-                }
+        // full (refused on the host's own state), or taken by a concurrent assign (the unit conflicts). First the
+        // hosts it gave this process last (`CandidateHints`, at most `HINTS_FOR` ago), then, when none of them
+        // takes the mandelbox, the read model read now.
+        let mut showed_room = false;
+        for pass in [Pass::Hints, Pass::Fresh] {
+            let read = Instant::now();
+            let Some(candidates) = candidates(state, region, &wanted_hash, pass).await? else {
+                continue;
             };
-            let location = Location { region, ip: &ip };
-            let mut host = services
-                .instances
-                .load_to_decide(&unit, &instance_id)
-                .await?;
-            let placed = loop {
-                match reserved.place(
-                    host.state(),
-                    &instance_id,
-                    location,
-                    mandelbox.state(),
-                    session.state(),
-                ) {
-                    // A refusal is only final on the host's fresh state.
-                    Err(PlacementRefusal::Host(_)) if !final_on!((services.instances, &host)) => {
-                        host = services
-                            .instances
-                            .load_to_decide(&unit, &instance_id)
-                            .await?;
+            phase("candidates", read);
+            tracing::debug!(
+                region = region.as_str(),
+                candidates = candidates.len(),
+                ?pass,
+                "candidates read"
+            );
+            // What the read model shows now is what the answer goes by (the fresh pass always runs last).
+            showed_room = !candidates.is_empty();
+            // On a hint, a host that refuses on its remembered copy, current as of the log, is passed over without a
+            // read: passing over a host is not the answer, which only the read model read now can give.
+            let hint_on_followed_copies =
+                pass == Pass::Hints && state.database.following().is_current();
+            for (instance_id, ip, guard) in lock_order(services, candidates.to_vec()) {
+                let lock = match guard {
+                    Some(guard) => guard,
+                    None => {
+                        let waited = Instant::now();
+                        let guard = services.host_locks.of(&instance_id).lock_owned().await;
+                        phase("host_lock", waited);
+                        guard
                     }
-                    placed => break placed,
-                }
-            };
-            let placed = match placed {
-                Ok(placed) => placed,
-                Err(PlacementRefusal::Host(
-                    refusal @ (InstanceError::AtCapacity | InstanceError::NotAcceptingMandelboxes),
-                )) => {
-                    tracing::debug!(instance_id, %refusal, "a candidate from the read model refused the slot");
-                    continue;
-                }
-                Err(PlacementRefusal::Host(other)) => {
-                    tracing::warn!(instance_id, error = %other, "candidate refused the allocation");
-                    continue;
-                }
-                Err(PlacementRefusal::Mandelbox(_))
-                    if !final_on!((services.mandelboxes, &mandelbox)) =>
-                {
+                };
+                let location = Location { region, ip: &ip };
+                let mut host = services
+                    .instances
+                    .load_to_decide(&unit, &instance_id)
+                    .await?;
+                let placed = loop {
+                    match reserved.place(
+                        host.state(),
+                        &instance_id,
+                        location,
+                        mandelbox.state(),
+                        session.state(),
+                    ) {
+                        // A host's refusal is only final on its fresh state; on a hint, its copy as of the log
+                        // is enough to pass it over.
+                        Err(PlacementRefusal::Host(_))
+                            if !hint_on_followed_copies
+                                && !final_on!((services.instances, &host)) =>
+                        {
+                            host = services
+                                .instances
+                                .load_to_decide(&unit, &instance_id)
+                                .await?;
+                        }
+                        placed => break placed,
+                    }
+                };
+                let placed = match placed {
+                    Ok(placed) => placed,
+                    Err(PlacementRefusal::Host(
+                        refusal @ (InstanceError::AtCapacity
+                        | InstanceError::NotAcceptingMandelboxes),
+                    )) => {
+                        tracing::debug!(instance_id, %refusal, "a candidate from the read model refused the slot");
+                        continue;
+                    }
+                    Err(PlacementRefusal::Host(other)) => {
+                        tracing::warn!(instance_id, error = %other, "candidate refused the allocation");
+                        continue;
+                    }
+                    Err(PlacementRefusal::Mandelbox(_))
+                        if !final_on!((services.mandelboxes, &mandelbox)) =>
+                    {
+                        return Ok(Attempt::Again);
+                    }
+                    Err(refusal @ PlacementRefusal::Mandelbox(_)) => {
+                        return Err(UseCaseError::Refused(Box::new(refusal)));
+                    }
+                };
+                // 3. The mandelbox and its session, recorded with the reservations above.
+                let staged = stage_parts!(
+                    &mut unit,
+                    (services.users, user, placed.user),
+                    (services.instances, host, placed.instance),
+                    (services.mandelboxes, mandelbox, placed.mandelbox),
+                    (services.sessions, session, placed.session),
+                );
+                if !staged {
                     return Ok(Attempt::Again);
                 }
-                Err(refusal @ PlacementRefusal::Mandelbox(_)) => {
-                    return Err(UseCaseError::Refused(Box::new(refusal)));
-                }
-            };
-            // 3. The mandelbox and its session, recorded with the reservations above.
-            let staged = stage_parts!(
-                &mut unit,
-                (services.users, user, placed.user),
-                (services.instances, host, placed.instance),
-                (services.mandelboxes, mandelbox, placed.mandelbox),
-                (services.sessions, session, placed.session),
-            );
-            if !staged {
-                return Ok(Attempt::Again);
-            }
-            let assigned = Assigned {
-                mandelbox_id: assignment.mandelbox_id.clone(),
-                ip,
-                region: region.to_string(),
-            };
-            // 4. The key's answer, in the same unit: a second assign with the key collides here.
-            if let Some(key) = key {
-                let answer = AssignKeyCommand::Answer {
-                    answer: KeyedAnswer {
-                        mandelbox_id: assigned.mandelbox_id.clone(),
-                        ip: assigned.ip.clone(),
-                        region: assigned.region.clone(),
-                        at: assignment.at,
-                    },
+                let assigned = Assigned {
+                    mandelbox_id: assignment.mandelbox_id.clone(),
+                    ip,
+                    region: region.to_string(),
                 };
-                let events = key
-                    .state()
-                    .decide(answer)
-                    .map_err(|refusal| UseCaseError::Refused(Box::new(refusal)))?;
-                services.assign_keys.stage_events(&mut unit, key, events)?;
+                // 4. The key's answer, in the same unit: a second assign with the key collides here.
+                if let Some(key) = key {
+                    let answer = AssignKeyCommand::Answer {
+                        answer: KeyedAnswer {
+                            mandelbox_id: assigned.mandelbox_id.clone(),
+                            ip: assigned.ip.clone(),
+                            region: assigned.region.clone(),
+                            at: assignment.at,
+                        },
+                    };
+                    let events = key
+                        .state()
+                        .decide(answer)
+                        .map_err(|refusal| UseCaseError::Refused(Box::new(refusal)))?;
+                    services.assign_keys.stage_events(&mut unit, key, events)?;
+                }
+                let host = Host {
+                    instance_id,
+                    _lock: lock,
+                    staged_at: Instant::now(),
+                };
+                return Ok(Attempt::Record(unit, (Ok(assigned), Some(host))));
             }
-            let host = Host {
-                instance_id,
-                _lock: lock,
-                staged_at: Instant::now(),
-            };
-            return Ok(Attempt::Record(unit, (Ok(assigned), Some(host))));
         }
+        tried.push((region.as_str(), wanted_hash, showed_room));
     }
     let refusal = if serves_release(state, catalog, &tried).await? {
         Refusal::NoInstanceAvailable
@@ -473,28 +492,45 @@ async fn current_catalog<'a>(
 }
 
 /// Hosts in `region` running `client_commit_hash` with a free slot, fullest first.
+/// Where an attempt's candidates come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// The hosts the read model gave this process last, if at most `HINTS_FOR` ago.
+    Hints,
+    /// The read model, read now (and kept as the next hints).
+    Fresh,
+}
+
+/// The candidates of `pass`: `None` when there are no hints to try.
 async fn candidates(
     state: &Context,
     region: &str,
     client_commit_hash: &str,
-) -> Result<Vec<(String, String)>, AssignFailure> {
-    whist_projections::fleet_queries::hosts_with_room(
+    pass: Pass,
+) -> Result<Option<std::sync::Arc<Vec<(String, String)>>>, AssignFailure> {
+    let hints = &state.services.candidate_hints;
+    if pass == Pass::Hints {
+        return Ok(hints.recent(region, client_commit_hash));
+    }
+    let hosts = whist_projections::fleet_queries::hosts_with_room(
         &state.database,
         region,
         client_commit_hash,
         CANDIDATES,
     )
     .await
-    .map(|hosts| {
-        hosts
-            .into_iter()
-            .map(|host| (host.instance_id, host.ip))
-            .collect()
-    })
     .map_err(|error| {
         crate::telemetry::log_failure("could not read candidate hosts", &error);
         AssignFailure::from(error)
-    })
+    })?;
+    let hosts = std::sync::Arc::new(
+        hosts
+            .into_iter()
+            .map(|host| (host.instance_id, host.ip))
+            .collect::<Vec<_>>(),
+    );
+    hints.keep(region, client_commit_hash, hosts.clone());
+    Ok(Some(hosts))
 }
 
 /// Whether a refused assign asked for a release some tried region serves (then the answer is that no host has
