@@ -303,11 +303,17 @@ mod tests {
     #[test]
     fn hints_serve_their_region_and_release_for_hints_for_and_then_none() {
         let hints = CandidateHints::default();
-        assert!(hints.recent("us-east-1", "abc").is_none(), "nothing read yet");
+        assert!(
+            hints.recent("us-east-1", "abc").is_none(),
+            "nothing read yet"
+        );
         let hosts = Arc::new(vec![("i-1".to_string(), "10.0.0.1".to_string())]);
         hints.keep("us-east-1", "abc", hosts.clone());
         assert_eq!(hints.recent("us-east-1", "abc"), Some(hosts));
-        assert!(hints.recent("us-east-1", "def").is_none(), "another release");
+        assert!(
+            hints.recent("us-east-1", "def").is_none(),
+            "another release"
+        );
         assert!(hints.recent("eu-west-1", "abc").is_none(), "another region");
         std::thread::sleep(HINTS_FOR);
         assert!(hints.recent("us-east-1", "abc").is_none(), "too old");
