@@ -543,6 +543,24 @@ where
         }
     }
 
+    /// As [`AggregateStore::load_as_of_log`], read caught up when `refuses` says the copy as of the log would refuse
+    /// (a refusal is only final on fresh state): for checks whose "no" must hold at once and whose "yes" may lag
+    /// the log by `FOLLOW_LAG_BOUND` (a subscription, the maintenance switch).
+    ///
+    /// # Errors
+    /// The database failed or an event could not be read.
+    pub async fn load_as_of_log_unless(
+        &self,
+        aggregate_id: &str,
+        refuses: impl Fn(&A) -> bool,
+    ) -> Result<(A, usize), CommandError<A::Error>> {
+        let loaded = self.load_as_of_log(aggregate_id).await?;
+        if refuses(&loaded.0) {
+            return self.load_caught_up(aggregate_id).await;
+        }
+        Ok(loaded)
+    }
+
     /// Whether a copy of the aggregate is remembered and not marked behind: the next load serves it without a read.
     pub fn remembers_current(&self, aggregate_id: &str) -> bool {
         match &self.frameworks {

@@ -65,7 +65,8 @@ impl<A> quick_cache::Weighter<String, Remembered<A>> for CopyWeight {
 pub enum Stale {
     /// Its append collided: another writer appended first.
     Conflict,
-    /// The log follower read a newer event of it (another process's).
+    /// The log follower read a newer event of it: another process's, or this process's own before the commit
+    /// that recorded it remembered its copy (which then replaces the marked one).
     Followed,
     /// A decision refused, or decided nothing, on it: decided again on fresh state.
     DecidedAgain,
@@ -162,6 +163,29 @@ struct Remembered<A> {
     bytes: u64,
 }
 
+impl<R: PersistedEventRepository, A: Aggregate + Clone> Shared<R, A> {
+    /// Marks the remembered copy, if there is one not marked yet and `behind` says it is, as behind the store
+    /// (counted by `why`). (Two changes at once may lose one: a copy marked stale may come back unmarked only when
+    /// a commit remembered it afresh, and a copy that is behind only costs a conflict, never a wrong decision.)
+    fn mark_stale_when(
+        &self,
+        aggregate_id: &str,
+        why: Stale,
+        behind: impl FnOnce(&Remembered<A>) -> bool,
+    ) {
+        if let Some(mut remembered) = self.cache.peek(aggregate_id) {
+            if remembered.stale || !behind(&remembered) {
+                return;
+            }
+            count_stale::<A>(why);
+            remembered.stale = true;
+            let _ = self
+                .cache
+                .replace(aggregate_id.to_string(), remembered, true);
+        }
+    }
+}
+
 impl<R: PersistedEventRepository, A: Aggregate> Clone for CachedEventStore<R, A> {
     fn clone(&self) -> Self {
         Self {
@@ -235,19 +259,6 @@ where
         self.shared.cache.contains_key(aggregate_id)
     }
 
-    /// Changes the flags of a remembered copy, if there is one. (Two changes at once may lose one: a copy marked
-    /// stale may come back unmarked only when a commit remembered it afresh, and a copy that is behind only costs
-    /// a conflict, never a wrong decision.)
-    fn mark(&self, aggregate_id: &str, change: impl FnOnce(&mut Remembered<A>)) {
-        if let Some(mut remembered) = self.shared.cache.peek(aggregate_id) {
-            change(&mut remembered);
-            let _ = self
-                .shared
-                .cache
-                .replace(aggregate_id.to_string(), remembered, true);
-        }
-    }
-
     /// Remembers that the aggregate has events this process has not read (it was presumed new and was not): the
     /// next command reads its whole history, through the catch-up from version 0.
     pub(crate) fn remember_unread(&self, aggregate_id: &str) {
@@ -313,15 +324,9 @@ where
                 return;
             };
             followed.saw(aggregate_id, sequence);
-            if let Some(mut remembered) = shared.cache.peek(aggregate_id) {
-                if !remembered.stale && (remembered.version as i64) < sequence {
-                    count_stale::<A>(Stale::Followed);
-                    remembered.stale = true;
-                    let _ = shared
-                        .cache
-                        .replace(aggregate_id.to_string(), remembered, true);
-                }
-            }
+            shared.mark_stale_when(aggregate_id, Stale::Followed, |remembered| {
+                (remembered.version as i64) < sequence
+            });
         }
     }
 
@@ -332,12 +337,7 @@ where
 
     /// Marks a remembered copy as behind the store, so that the next command first reads what it missed.
     pub fn mark_stale(&self, aggregate_id: &str, why: Stale) {
-        self.mark(aggregate_id, |remembered| {
-            if !remembered.stale {
-                count_stale::<A>(why);
-            }
-            remembered.stale = true;
-        });
+        self.shared.mark_stale_when(aggregate_id, why, |_| true);
     }
 
     /// Carries `state`, known at `version`, on to the store's last event (upcast as a full load would): the state,

@@ -399,27 +399,25 @@ async fn wanted_hash(
         .map(|image| image.client_commit_hash.clone()))
 }
 
-/// Whether maintenance mode is on. Read as of the log (`AggregateStore::load_as_of_log`), and when that says on,
-/// read caught up, since a refusal is only final on fresh state: a switch turned off by any process counts for the
-/// very next assign, one turned on counts in every process within `FOLLOW_LAG_BOUND` (250 ms).
+/// Whether maintenance mode is on. Read as of the log, and when that says on, read caught up, since a refusal is
+/// only final on fresh state (`AggregateStore::load_as_of_log_unless`): a switch turned off by any process counts
+/// for the very next assign, one turned on counts in every process within `FOLLOW_LAG_BOUND` (250 ms).
 ///
 /// # Errors
 /// The store failed.
 pub async fn in_maintenance(state: &Context) -> Result<bool, AssignFailure> {
-    use whist_domain::service::SERVICE_ID;
-    let service = &state.services.service;
-    let switched_on = match service.load_as_of_log(SERVICE_ID).await {
-        Ok((switch, _)) if !switch.maintenance => Ok(false),
-        Ok(_) => service
-            .load_caught_up(SERVICE_ID)
-            .await
-            .map(|(switch, _)| switch.maintenance),
-        Err(error) => Err(error),
-    };
-    switched_on.map_err(|error| {
-        crate::telemetry::log_failure("could not read the maintenance switch", &error);
-        AssignFailure::from(error)
-    })
+    state
+        .services
+        .service
+        .load_as_of_log_unless(whist_domain::service::SERVICE_ID, |switch| {
+            switch.maintenance
+        })
+        .await
+        .map(|(switch, _)| switch.maintenance)
+        .map_err(|error| {
+            crate::telemetry::log_failure("could not read the maintenance switch", &error);
+            AssignFailure::from(error)
+        })
 }
 
 /// Time spent in one phase of an assign (the load test prints these to show where latency goes).

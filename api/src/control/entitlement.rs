@@ -21,11 +21,12 @@ pub async fn is_entitled(
     if principal.is_admin {
         return Ok(true);
     }
-    let subscriptions = &state.services.subscriptions;
-    let (subscription, _) = subscriptions.load_as_of_log(&principal.user_id).await?;
-    if subscription.is_entitled() {
-        return Ok(true);
-    }
-    let (subscription, _) = subscriptions.load_caught_up(&principal.user_id).await?;
+    let (subscription, _) = state
+        .services
+        .subscriptions
+        .load_as_of_log_unless(&principal.user_id, |subscription| {
+            !subscription.is_entitled()
+        })
+        .await?;
     Ok(subscription.is_entitled())
 }
