@@ -663,7 +663,7 @@ async fn a_process_that_finds_the_log_moved_back_forgets_what_it_remembered_past
         );
         assert!(
             std::time::Instant::now() < deadline,
-            "the head watch did not notice the log moved back"
+            "the log follower did not notice the log moved back"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -166,11 +166,11 @@ pub struct Database {
     signal: LogSignal,
     /// The highest position this process has seen, and the stretch of the log it read last, shared by its readers.
     watermark: LogWatermark,
-    /// Stops the head watch (Postgres) when the last handle of the store is dropped.
-    _head_watch: Option<std::sync::Arc<tokio::sync::watch::Sender<bool>>>,
     /// The log follower's standing (how current the remembered copies are) and the stores' markers.
     following: LogFollowing,
-    /// Stops the log follower when the last handle of the store is dropped.
+    /// Stops the log follower when the last handle of the store is dropped. Its reads that reach the head are
+    /// also this process's head watch: a process that neither appends nor projects (`serve --api-only` between
+    /// requests) still notices a log that moved back within `IDLE_READ` (100 ms).
     _follower: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
     description: String,
     reachability: Reachability,
@@ -269,7 +269,6 @@ impl Database {
             .map_err(connect_error)?;
         let background_loops = BackgroundLoops::new();
         let watermark = LogWatermark::default();
-        let head_watch = Some(watch_the_head(&pool, &watermark, &background_loops));
         let kept = KeptConnections {
             appends: HeldConnections::new(pool.clone(), 1),
             catch_up_reads: HeldConnections::new(
@@ -282,7 +281,6 @@ impl Database {
         let following = LogFollowing::default();
         let follower = following.start(&any, &signal, &watermark, &background_loops);
         Ok(Self {
-            _head_watch: head_watch,
             following,
             _follower: follower,
             batcher: Some(AppendBatcher::start(
@@ -354,7 +352,6 @@ impl Database {
             any,
             signal,
             watermark,
-            _head_watch: None,
             following,
             _follower: follower,
             description: url,
@@ -545,55 +542,6 @@ impl Database {
         }
         self.any.close().await;
     }
-}
-
-/// The supervised loop that reads the head once a second, so that a process which neither appends nor projects
-/// (`serve --api-only` between requests) still notices a log that moved back before it decides on what it
-/// remembers.
-pub const HEAD_WATCH_LOOP: &str = "head_watch";
-
-/// How often the head watch reads the head.
-const HEAD_WATCH_PERIOD: Duration = Duration::from_secs(1);
-
-/// Starts the head watch; it stops once the returned sender is dropped (with the last handle of the store).
-fn watch_the_head(
-    pool: &PgPool,
-    watermark: &LogWatermark,
-    loops: &BackgroundLoops,
-) -> std::sync::Arc<tokio::sync::watch::Sender<bool>> {
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let pool = pool.clone();
-    let watermark = watermark.clone();
-    loops.supervise(HEAD_WATCH_LOOP, stopped, move |mut shutdown| {
-        let pool = pool.clone();
-        let watermark = watermark.clone();
-        async move {
-            let mut ticks = tokio::time::interval(HEAD_WATCH_PERIOD);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = ticks.tick() => {}
-                    _ = shutdown.changed() => return,
-                }
-                let reading = watermark.reading_head();
-                match sqlx::query_scalar::<_, i64>(
-                    "SELECT position FROM event_log_head WHERE id = 1",
-                )
-                .fetch_one(&pool)
-                .await
-                {
-                    Ok(head) => {
-                        reading.observe(head);
-                    }
-                    // An outage is noticed and reported elsewhere (readiness, the request that meets it).
-                    Err(error) => {
-                        tracing::debug!(error = %error, "the head watch could not read the head")
-                    }
-                }
-            }
-        }
-    });
-    std::sync::Arc::new(stop)
 }
 
 /// One transaction: SQLite runs one writer at a time, so there is nothing to gather.

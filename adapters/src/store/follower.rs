@@ -9,6 +9,8 @@
 //! loaded that the follower lags). What such a read may miss is what other processes recorded in the last
 //! [`FOLLOW_LAG_BOUND`]. Decisions are unaffected: every unit is still checked by optimistic concurrency.
 //!
+//! Each of its reads that reaches the head is a read of the head (`LogWatermark`): the process's head watch.
+//!
 //! The follower starts from the head as it finds it, after forgetting every remembered copy (one remembered
 //! before could miss an event between its load and that head), and checks on every read that the event it last
 //! followed is still stored as it was: should the log have moved back (a failover to a standby that lagged, a
@@ -317,6 +319,7 @@ impl Follower {
     /// and marks the copies they make stale.
     async fn read_after(&self, last: Option<EventKey>) -> Result<Step, sqlx::Error> {
         let began = Instant::now();
+        let reading = self.watermark.reading_head();
         let from = last.as_ref().map_or(0, |last| last.position);
         let rows = sqlx::query(SELECT_FROM)
             .bind(from)
@@ -331,8 +334,9 @@ impl Follower {
             keys.remove(0);
         }
         let reached_head = keys.len() < BATCH as usize;
-        if let Some(newest) = keys.last() {
-            self.watermark.saw(newest.position);
+        if reached_head {
+            // A read of the head, as every other: one below what the process had seen is a log that moved back.
+            reading.observe(keys.last().map_or(from, |newest| newest.position));
         }
         self.following.follow(&keys, reached_head.then_some(began));
         Ok(Step::Followed { reached_head })

@@ -373,13 +373,6 @@ impl LogWatermark {
         }
     }
 
-    /// Raises the highest position seen to `position` (a reader that read up to it).
-    pub(crate) fn saw(&self, position: i64) {
-        self.inner
-            .highest
-            .fetch_max(position, std::sync::atomic::Ordering::SeqCst);
-    }
-
     /// Forgets every remembered aggregate copy of the process (the log follower starting over), without the
     /// bookkeeping of a rewind.
     pub(crate) fn forget_remembered(&self) {

@@ -20,9 +20,7 @@ pub use aggregate_store::{AggregateStore, CommandError, Loaded, Unit, UnitError}
 pub use append_batcher::LOOP_NAME as APPEND_BATCHER_LOOP;
 pub use cached_store::Stale;
 pub use chain::{chain_hash, ChainBreak, ChainReport, VerifyProgress, GENESIS};
-pub use database::{
-    redact_url, Backend, Database, DatabaseError, PoolSettings, SessionLimits, HEAD_WATCH_LOOP,
-};
+pub use database::{redact_url, Backend, Database, DatabaseError, PoolSettings, SessionLimits};
 pub use follower::{LogFollowing, FOLLOW_LAG_BOUND, FOLLOW_LOOP};
 pub use held::Held;
 pub use listener::{LogListener, LOG_CHANNEL};
