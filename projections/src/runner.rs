@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use sqlx::{Any, AnyConnection, Row, Transaction};
 use tokio::sync::watch;
-use tracing::Instrument;
 use whist_adapters::store::{lease, Database, EventLog, LoggedEvent, GATHER_WINDOW};
 
 use crate::projection::{Projection, ProjectionError, ShadowRun, Tables};
@@ -87,6 +86,19 @@ pub enum StepOutcome {
     Waiting,
 }
 
+/// What one step of several projections together did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Together {
+    /// Each projection in `applied` applied its events up to the position beside it, in one transaction (none
+    /// when all were at the head); `behind`: the batch ended before the log's head, and another step follows.
+    Stepped {
+        applied: Vec<(&'static str, i64)>,
+        behind: bool,
+    },
+    /// A projection could not apply its events and nothing was kept: step each alone (`ProjectionRunner::step`).
+    Apart,
+}
+
 /// A projection's standing, as `GET /admin/projections` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ProjectionStatus {
@@ -145,6 +157,70 @@ pub fn step_lease(name: &str) -> String {
 }
 
 const STATUS_WAITING: &str = "waiting";
+
+/// The step leases of one process's projections: which it holds, and when each is next renewed (or, held by
+/// another process, tried again).
+struct StepLeases {
+    leases: Vec<StepLease>,
+}
+
+struct StepLease {
+    name: &'static str,
+    held: bool,
+    due: tokio::time::Instant,
+}
+
+impl StepLeases {
+    fn new(names: &[&'static str]) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            leases: names
+                .iter()
+                .map(|name| StepLease {
+                    name,
+                    held: false,
+                    due: now,
+                })
+                .collect(),
+        }
+    }
+
+    /// Renews the leases that are due, tries again those that another process held, and returns the projections
+    /// this process holds.
+    async fn renew(&mut self, database: &Database, holder: &str) -> Vec<&'static str> {
+        let now = tokio::time::Instant::now();
+        for step_lease_of in &mut self.leases {
+            if now < step_lease_of.due {
+                continue;
+            }
+            let outcome = lease::hold(
+                database,
+                &step_lease(step_lease_of.name),
+                holder,
+                STEP_LEASE,
+            )
+            .await;
+            if let Err(error) = &outcome {
+                tracing::warn!(projection = step_lease_of.name, error = %error,
+                    "could not renew a projection's step lease");
+            }
+            step_lease_of.held = matches!(outcome, Ok(Some(_)));
+            step_lease_of.due = now + STEP_LEASE_RENEWAL;
+        }
+        self.leases
+            .iter()
+            .filter(|lease| lease.held)
+            .map(|lease| lease.name)
+            .collect()
+    }
+
+    /// Gives up every lease this process holds.
+    async fn release_all(&self, database: &Database, holder: &str) {
+        for held in self.leases.iter().filter(|lease| lease.held) {
+            let _ = lease::release(database, &step_lease(held.name), holder).await;
+        }
+    }
+}
 
 impl ProjectionRunner {
     pub fn new(database: Database, projections: Vec<Arc<dyn Projection>>) -> Self {
@@ -273,6 +349,89 @@ impl ProjectionRunner {
         }
     }
 
+    /// Applies at most one batch to each of the projections named `names`, all in one transaction: one lock of
+    /// their checkpoints, one read of the log from the earliest of them, each projection's events after its own
+    /// checkpoint, one write of the checkpoints, one commit (a step of each alone costs all of that per
+    /// projection). A stopped projection is left out. Should any projection fail to apply its events, nothing is
+    /// kept and `Together::Apart` says to step each alone (`step`), which keeps every event before the one that
+    /// fails and stops or waits there.
+    ///
+    /// # Errors
+    /// The database failed (nothing was recorded; the step can be retried).
+    pub async fn step_together(&self, names: &[&'static str]) -> Result<Together, RunnerError> {
+        let projections = names
+            .iter()
+            .map(|name| self.find(name))
+            .collect::<Result<Vec<_>, _>>()?;
+        if projections.is_empty() {
+            return Ok(Together::Stepped {
+                applied: Vec::new(),
+                behind: false,
+            });
+        }
+        let mut transaction = self.database.any().begin().await?;
+        let log = self.database.log();
+        let reading = log.watermark().reading_head();
+        let (checkpoints, head) =
+            lock_checkpoints(&mut transaction, names, self.database.is_postgres()).await?;
+        reading.observe(head);
+        let running: Vec<(&Arc<dyn Projection>, i64)> = projections
+            .iter()
+            .filter_map(|projection| {
+                checkpoints
+                    .iter()
+                    .find(|(name, _, status)| name == projection.name() && status != STATUS_FAILED)
+                    .map(|(_, position, _)| (projection, *position))
+            })
+            .collect();
+        let Some(from) = running.iter().map(|(_, position)| *position).min() else {
+            transaction.rollback().await?;
+            return Ok(Together::Stepped {
+                applied: Vec::new(),
+                behind: false,
+            });
+        };
+        let events = log
+            .read_after_in(&mut *transaction, from, self.batch_size)
+            .await?;
+        let Some(last) = events.last().map(|event| event.position) else {
+            transaction.rollback().await?;
+            return Ok(Together::Stepped {
+                applied: Vec::new(),
+                behind: false,
+            });
+        };
+        let mut applied = Vec::new();
+        for (projection, position) in &running {
+            let after = events.partition_point(|event| event.position <= *position);
+            if after == events.len() {
+                continue;
+            }
+            let live = Tables::live(projection.tables());
+            match projection
+                .apply(&mut transaction, &live, &events[after..])
+                .await
+            {
+                Ok(()) => applied.push((projection.name(), last)),
+                Err(ProjectionError::Database(error)) => return Err(RunnerError::Database(error)),
+                Err(_) => {
+                    transaction.rollback().await?;
+                    return Ok(Together::Apart);
+                }
+            }
+        }
+        save_checkpoints(&mut transaction, &applied).await?;
+        transaction.commit().await?;
+        for (name, _) in &applied {
+            self.set_waiting(name, None);
+        }
+        // Behind when the batch ended before the head the step saw: another step follows at once.
+        Ok(Together::Stepped {
+            applied,
+            behind: last < head,
+        })
+    }
+
     /// After a batch failed, applies its events one at a time so that every event before the failing one is kept,
     /// then stops the projection on the failing one with `last_error` set.
     async fn isolate_failure(
@@ -356,107 +515,95 @@ impl ProjectionRunner {
     }
 
     /// Runs every projection until `shutdown` turns true, waking on every move of the log's head (and once a
-    /// second regardless). Database failures are logged and retried. Should one projection's task panic, or end
-    /// before `shutdown`, the others are stopped and the panic goes on to the caller (a projection left behind
-    /// while the rest run would go unnoticed): the runner is meant to run under a supervisor that restarts it
+    /// second regardless). Database failures are logged and retried.
+    ///
+    /// One loop steps every projection whose step lease this process holds, together (`step_together`: one
+    /// transaction for all of them per wake, instead of one each). A projection that cannot apply its events is
+    /// stepped alone, which stops it on the failing event or makes it wait for a newer binary; one that waits is
+    /// stepped alone every 5 seconds until it applies again, and the others carry on together. Should the loop
+    /// panic, the panic goes on to the caller: the runner is meant to run under a supervisor that restarts it
     /// whole, each projection from its checkpoint.
-    pub async fn run(self, shutdown: watch::Receiver<bool>) {
-        if let Err(error) = self.register().await {
-            tracing::error!(error = %error, "could not register projections; will retry in the loop");
-        }
-        let mut tasks = tokio::task::JoinSet::new();
-        for projection in &self.projections {
-            let runner = self.clone();
-            let name = projection.name();
-            let shutdown = shutdown.clone();
-            let span = tracing::info_span!("projection", projection = name);
-            tasks.spawn(
-                async move {
-                    runner.run_one(name, shutdown).await;
-                    name
-                }
-                .instrument(span),
-            );
-        }
-        while let Some(ended) = tasks.join_next().await {
-            if whist_adapters::supervision::stopping(&shutdown) {
-                if let Err(error) = ended {
-                    tracing::error!(error = %error, "projection task ended abnormally");
-                }
-                continue;
-            }
-            // Aborting the others drops their open transactions, which roll back: nothing is half applied.
-            tasks.abort_all();
-            match ended {
-                Ok(name) => {
-                    tracing::error!(projection = name, "a projection stopped before shutdown");
-                    return;
-                }
-                Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-                Err(error) => {
-                    tracing::error!(error = %error, "a projection task was cancelled");
-                    return;
-                }
-            }
-        }
-    }
-
-    async fn run_one(&self, name: &'static str, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let names: Vec<&'static str> = self
+            .projections
+            .iter()
+            .map(|projection| projection.name())
+            .collect();
         let mut advanced = self.database.signal().on_advance();
         let mut registered = false;
-        let lease = step_lease(name);
-        let mut renew_at: Option<tokio::time::Instant> = None;
+        let mut leases = StepLeases::new(&names);
+        // Projections stepped alone (they wait before a newer binary's event, or could not apply), and when next.
+        let mut alone: std::collections::HashMap<&'static str, Instant> = Default::default();
         loop {
             // A dropped sender counts as a request to stop: nobody could ask any more, and `changed()` would
             // answer at once on every pass.
             if whist_adapters::supervision::stopping(&shutdown) {
-                // Another process takes over at once rather than when the lease runs out.
-                if renew_at.is_some() {
-                    let _ = lease::release(&self.database, &lease, &self.holder).await;
-                }
+                // Another process takes over at once rather than when the leases run out.
+                leases.release_all(&self.database, &self.holder).await;
                 return;
             }
             advanced.borrow_and_update();
             if !registered {
                 registered = self.register().await.is_ok();
             }
-            if renew_at.is_none_or(|at| tokio::time::Instant::now() >= at) {
-                match lease::hold(&self.database, &lease, &self.holder, STEP_LEASE).await {
-                    Ok(Some(_)) => {
-                        renew_at = Some(tokio::time::Instant::now() + STEP_LEASE_RENEWAL);
+            let held = leases.renew(&self.database, &self.holder).await;
+            let together: Vec<&'static str> = held
+                .iter()
+                .copied()
+                .filter(|name| !alone.contains_key(name))
+                .collect();
+            let mut pause = Duration::from_secs(1);
+            match self.step_together(&together).await {
+                Ok(Together::Stepped { applied, behind }) => {
+                    for (name, position) in &applied {
+                        metrics::gauge!("whist_projection_position", "projection" => *name)
+                            .set(*position as f64);
                     }
-                    outcome => {
-                        if let Err(error) = outcome {
-                            tracing::warn!(error = %error, "could not renew a projection's step lease");
+                    if behind {
+                        pause = Duration::ZERO;
+                    }
+                }
+                Ok(Together::Apart) => {
+                    for name in together {
+                        alone.insert(name, Instant::now());
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "projections' step failed; retrying");
+                }
+            }
+            for name in held {
+                let Some(due) = alone.get(name).copied() else {
+                    continue;
+                };
+                if Instant::now() < due {
+                    continue;
+                }
+                match self.step(name).await {
+                    Ok(StepOutcome::Applied { position, head, .. }) => {
+                        metrics::gauge!("whist_projection_position", "projection" => name)
+                            .set(position as f64);
+                        alone.remove(name);
+                        if position < head {
+                            pause = Duration::ZERO;
                         }
-                        // Another process steps it (or the store is down): look again in a while.
-                        renew_at = None;
-                        tokio::select! {
-                            _ = tokio::time::sleep(STEP_LEASE_RENEWAL) => {}
-                            _ = shutdown.changed() => {}
-                        }
-                        continue;
+                    }
+                    Ok(StepOutcome::CaughtUp) => {
+                        alone.remove(name);
+                    }
+                    Ok(StepOutcome::Stopped | StepOutcome::Waiting) => {
+                        alone.insert(name, Instant::now() + Duration::from_secs(5));
+                    }
+                    Err(error) => {
+                        tracing::warn!(projection = name, error = %error, "projection step failed; retrying");
                     }
                 }
             }
-            let pause = match self.step(name).await {
-                Ok(StepOutcome::Applied { position, head, .. }) => {
-                    metrics::gauge!("whist_projection_position", "projection" => name)
-                        .set(position as f64);
-                    if position < head {
-                        continue;
-                    }
-                    // Caught up with the head the step saw: wait for the head to move and gather what comes in
-                    // that window into the next step, instead of a step that finds nothing or one event.
-                    Duration::from_secs(1)
-                }
-                Ok(StepOutcome::CaughtUp) => Duration::from_secs(1),
-                Ok(StepOutcome::Stopped | StepOutcome::Waiting) => Duration::from_secs(5),
-                Err(error) => {
-                    tracing::warn!(error = %error, "projection step failed; retrying");
-                    Duration::from_secs(1)
-                }
-            };
+            if pause.is_zero() {
+                continue;
+            }
+            // Caught up with the head the step saw: wait for the head to move and gather what comes in that window
+            // into the next step, instead of a step that finds nothing or one event.
             tokio::select! {
                 _ = advanced.changed() => tokio::time::sleep(GATHER_WINDOW).await,
                 _ = tokio::time::sleep(pause) => {}
@@ -719,6 +866,82 @@ async fn lock_checkpoint(
         ))
     })
     .transpose()
+}
+
+/// Locks the checkpoint rows of `names` for the rest of the transaction, in the order of their names (so that
+/// two steps of overlapping sets never wait on each other in a cycle), and reads each one's position and status,
+/// and the log's head, in one statement. On SQLite the first write takes the database's write lock, as in
+/// [`lock_checkpoint`].
+async fn lock_checkpoints(
+    transaction: &mut Transaction<'_, Any>,
+    names: &[&'static str],
+    postgres: bool,
+) -> Result<(Vec<(String, i64, String)>, i64), sqlx::Error> {
+    let placeholders = (1..=names.len())
+        .map(|index| format!("${index}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = if postgres {
+        format!(
+            "SELECT name, position, status, (SELECT position FROM event_log_head WHERE id = 1) AS head \
+             FROM projection_checkpoints WHERE name IN ({placeholders}) ORDER BY name FOR UPDATE"
+        )
+    } else {
+        format!(
+            "UPDATE projection_checkpoints SET updated_at = updated_at WHERE name IN ({placeholders}) \
+             RETURNING name, position, status, (SELECT position FROM event_log_head WHERE id = 1) AS head"
+        )
+    };
+    let mut query = sqlx::query(&sql);
+    for name in names {
+        query = query.bind(*name);
+    }
+    let rows = query.fetch_all(&mut **transaction).await?;
+    let mut head = 0;
+    let mut checkpoints = Vec::with_capacity(rows.len());
+    for row in rows {
+        head = row.try_get("head")?;
+        checkpoints.push((
+            row.try_get("name")?,
+            row.try_get("position")?,
+            row.try_get("status")?,
+        ));
+    }
+    Ok((checkpoints, head))
+}
+
+/// Moves each checkpoint in `applied` to the position beside it, in one statement.
+async fn save_checkpoints(
+    transaction: &mut Transaction<'_, Any>,
+    applied: &[(&'static str, i64)],
+) -> Result<(), sqlx::Error> {
+    if applied.is_empty() {
+        return Ok(());
+    }
+    let cases = (0..applied.len())
+        .map(|index| {
+            format!(
+                "WHEN ${} THEN CAST(${} AS BIGINT)",
+                2 * index + 2,
+                2 * index + 3
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let names = (0..applied.len())
+        .map(|index| format!("${}", 2 * index + 2))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "UPDATE projection_checkpoints SET position = CASE name {cases} END, status = '{STATUS_RUNNING}', \
+         last_error = NULL, updated_at = $1 WHERE name IN ({names})"
+    );
+    let mut query = sqlx::query(&sql).bind(Utc::now().timestamp_millis());
+    for (name, position) in applied {
+        query = query.bind(*name).bind(*position);
+    }
+    query.execute(&mut **transaction).await?;
+    Ok(())
 }
 
 async fn save_checkpoint(

@@ -8,7 +8,9 @@ use sqlx::{AnyConnection, Row};
 use whist_adapters::store::{AggregateStore, Database, LoggedEvent};
 use whist_domain::probe::{Probe, ProbeCommand};
 use whist_domain::{Actor, EventMetadata};
-use whist_projections::{Projection, ProjectionError, ProjectionRunner, StepOutcome, Tables};
+use whist_projections::{
+    Projection, ProjectionError, ProjectionRunner, StepOutcome, Tables, Together,
+};
 use whist_tests::{eventually, BackendKind, ChildProcess, TestDatabase};
 
 fn metadata() -> EventMetadata {
@@ -295,6 +297,123 @@ async fn a_projection_that_fails_stops_on_that_event_keeping_its_position_on_pos
 #[tokio::test]
 async fn a_projection_that_fails_stops_on_that_event_keeping_its_position_on_sqlite() {
     a_projection_that_fails_stops_on_that_event_keeping_its_position(BackendKind::Sqlite).await;
+}
+
+/// Projections stepped together (one transaction per step for all of them): each applies only the events after
+/// its own checkpoint, once, whichever is ahead; a batch one of them cannot apply keeps nothing for any of them and
+/// says to step each alone; a stopped projection is left out.
+async fn projections_stepped_together_each_apply_the_events_after_their_own_checkpoint(
+    kind: BackendKind,
+) {
+    let test_database = TestDatabase::new(kind).await;
+    let database = test_database.open().await;
+    let background = whist_api::workers::background::Background::start(
+        &database,
+        ProjectionRunner::new(database.clone(), vec![]),
+    );
+    append(&database, 4, 3).await;
+    wait_for_positions(&database, 12).await;
+    let runner = ProjectionRunner::new(
+        database.clone(),
+        vec![
+            Arc::new(whist_projections::aggregate_index::AggregateIndex),
+            Arc::new(Picky),
+        ],
+    )
+    .with_batch_size(5);
+    runner.register().await.expect("registered");
+    let both = ["aggregate_index", "picky"];
+    let positions = |runner: ProjectionRunner| async move {
+        runner
+            .status()
+            .await
+            .expect("status")
+            .into_iter()
+            .map(|status| (status.name, status.position, status.status))
+            .collect::<Vec<_>>()
+    };
+    // The index goes ahead alone; then both together, each from its own checkpoint.
+    assert!(matches!(
+        runner.step("aggregate_index").await.expect("steps"),
+        StepOutcome::Applied { position: 5, .. }
+    ));
+    let mut steps = 0;
+    loop {
+        steps += 1;
+        assert!(steps < 10, "the projections never reached the head");
+        match runner.step_together(&both).await.expect("steps") {
+            Together::Stepped { behind: true, .. } => continue,
+            Together::Stepped { behind: false, .. } => break,
+            Together::Apart => panic!("no event is poisoned yet"),
+        }
+    }
+    assert_eq!(index_totals(&database).await, (12, 0), "every event once");
+    assert_eq!(
+        positions(runner.clone()).await,
+        [
+            ("aggregate_index".to_string(), 12, "running".to_string()),
+            ("picky".to_string(), 12, "running".to_string()),
+        ]
+    );
+
+    AggregateStore::<Probe>::new(&database, ())
+        .execute("poison", ProbeCommand::Increment { by: 1 }, &metadata())
+        .await
+        .expect("recorded");
+    wait_for_positions(&database, 13).await;
+    assert_eq!(
+        runner.step_together(&both).await.expect("steps"),
+        Together::Apart
+    );
+    assert_eq!(
+        index_totals(&database).await,
+        (12, 0),
+        "nothing kept of the batch"
+    );
+    assert_eq!(
+        positions(runner.clone())
+            .await
+            .iter()
+            .map(|(_, position, _)| *position)
+            .collect::<Vec<_>>(),
+        [12, 12]
+    );
+    // Alone, the index applies the event and the picky projection stops on it; together, the stopped one is left
+    // out.
+    assert!(matches!(
+        runner.step("aggregate_index").await.expect("steps"),
+        StepOutcome::Applied { position: 13, .. }
+    ));
+    assert_eq!(
+        runner.step("picky").await.expect("steps"),
+        StepOutcome::Stopped
+    );
+    assert_eq!(
+        runner.step_together(&both).await.expect("steps"),
+        Together::Stepped {
+            applied: vec![],
+            behind: false
+        }
+    );
+    assert_eq!(index_totals(&database).await, (13, 0));
+    background.stop().await;
+}
+
+#[tokio::test]
+async fn projections_stepped_together_each_apply_the_events_after_their_own_checkpoint_on_postgres()
+{
+    projections_stepped_together_each_apply_the_events_after_their_own_checkpoint(
+        BackendKind::Postgres,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn projections_stepped_together_each_apply_the_events_after_their_own_checkpoint_on_sqlite() {
+    projections_stepped_together_each_apply_the_events_after_their_own_checkpoint(
+        BackendKind::Sqlite,
+    )
+    .await;
 }
 
 /// Reads every probe event's payload as this binary's shape, and fails on one it cannot read.
