@@ -21,6 +21,59 @@ pub trait Decide {
 
     /// The state after `event`. Total: a stored event is a fact, and every fact can be applied.
     fn evolve(&mut self, event: Self::Event);
+
+    /// Whether this state is settled: every command that it refuses, or on which it decides nothing, is refused
+    /// or decides nothing alike on every later state of the aggregate (an ended mandelbox stays ended whatever is
+    /// reported of it). Such a decision, taken on a copy that may be behind the store, is then final without a
+    /// read of the store: no event it may have missed can change it. `false` unless the aggregate says otherwise;
+    /// a wrong `true` would make a stale refusal final, so each `true` is tested against every later event
+    /// ([`settles_for`]).
+    fn is_settled(&self) -> bool {
+        false
+    }
+}
+
+/// [`Decide::is_settled`], for code that knows an aggregate only as cqrs-es's `Aggregate` (whose associated types
+/// share `Decide`'s names): the store asks it whether a decision on a copy that may be behind is final.
+pub trait Settles {
+    fn is_settled(&self) -> bool;
+}
+
+impl<D: Decide> Settles for D {
+    fn is_settled(&self) -> bool {
+        Decide::is_settled(self)
+    }
+}
+
+/// Whether `state` decides each of `commands` as every later state does, for the commands it refuses or on which
+/// it decides nothing: the later states are `state` after each of `later` in turn. The property
+/// [`Decide::is_settled`] promises, for tests.
+#[cfg(test)]
+pub(crate) fn settles_for<D>(state: &D, commands: &[D::Command], later: &[D::Event]) -> bool
+where
+    D: Decide + Clone,
+    D::Command: Clone,
+    D::Event: Clone + PartialEq + std::fmt::Debug,
+{
+    let outcome = |state: &D, command: &D::Command| match state.decide(command.clone()) {
+        Ok(events) if events.is_empty() => Some("nothing".to_string()),
+        Ok(_) => None,
+        Err(refusal) => Some(refusal.to_string()),
+    };
+    let mut after = state.clone();
+    let mut states = vec![state.clone()];
+    for event in later {
+        after.evolve(event.clone());
+        states.push(after.clone());
+    }
+    commands
+        .iter()
+        .all(|command| match outcome(state, command) {
+            None => true,
+            Some(first) => states
+                .iter()
+                .all(|later| outcome(later, command).as_deref() == Some(first.as_str())),
+        })
 }
 
 /// The events `commands` lead to, each decided on the state the ones before it left (as the event sink applies

@@ -177,6 +177,12 @@ impl crate::decide::Decide for Session {
             }
         }
     }
+
+    /// An ended (or refused) session records nothing more: every command decides nothing or is refused on it, so
+    /// it has no later state.
+    fn is_settled(&self) -> bool {
+        self.status == Some(SessionStatus::Ended)
+    }
 }
 
 crate::cqrs_aggregate!(Session, "session");
@@ -209,6 +215,59 @@ mod tests {
             at: at() + Duration::milliseconds(40),
         });
         events
+    }
+
+    #[test]
+    fn an_ended_or_refused_session_is_settled_and_records_nothing_more() {
+        use crate::decide::{state_from, Decide as _};
+        let mut ended = assigned();
+        ended.push(SessionEvent::Ended {
+            duration_ms: 1,
+            connected_ms: 0,
+            at: at(),
+        });
+        let mut refused = requested();
+        refused.push(SessionEvent::Refused {
+            code: "NO_INSTANCE_AVAILABLE".to_string(),
+            at: at(),
+        });
+        let every_command = [
+            SessionCommand::Request {
+                user_id: "u".to_string(),
+                regions: vec!["us-east-1".to_string()],
+                client_commit_hash: "abc".to_string(),
+                at: at(),
+            },
+            SessionCommand::Assign {
+                mandelbox_id: "m1".to_string(),
+                at: at(),
+            },
+            SessionCommand::Assign {
+                mandelbox_id: "m2".to_string(),
+                at: at(),
+            },
+            SessionCommand::Refuse {
+                code: "NO_INSTANCE_AVAILABLE".to_string(),
+                at: at(),
+            },
+            SessionCommand::MarkConnected { at: at() },
+            SessionCommand::End { at: at() },
+        ];
+        for history in [ended, refused] {
+            let session = state_from::<Session>(history);
+            assert!(session.is_settled());
+            for command in every_command.clone() {
+                assert!(
+                    session
+                        .decide(command.clone())
+                        .map_or(true, |events| events.is_empty()),
+                    "{command:?} recorded something on an ended session"
+                );
+            }
+        }
+        for history in [requested(), assigned()] {
+            assert!(!state_from::<Session>(history).is_settled());
+        }
     }
 
     #[test]

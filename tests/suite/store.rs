@@ -771,6 +771,87 @@ async fn a_command_that_decides_nothing_on_a_stale_copy_is_decided_again_on_the_
     );
 }
 
+/// A settled copy (a dead mandelbox) decides for good without a read of the store: a report of it decides
+/// nothing and a second allocation elsewhere is refused, though the copy missed an event another process recorded
+/// (the spin-up), which no such decision depends on.
+#[tokio::test]
+async fn a_settled_copy_refuses_and_decides_nothing_without_reading_what_it_missed() {
+    use whist_domain::mandelbox::{
+        Mandelbox, MandelboxCommand, MandelboxError, MandelboxStatus, Placement, ReportedStatus,
+    };
+    let test_database = TestDatabase::postgres().await;
+    let here = test_database.open().await;
+    let elsewhere = test_database.open().await;
+    // Copies here stay as they are unless a decision here reads the store.
+    here.following().stop();
+    let (store_here, store_elsewhere) = (
+        AggregateStore::<Mandelbox>::new(&here, ()),
+        AggregateStore::<Mandelbox>::new(&elsewhere, ()),
+    );
+    let placement = |instance_id: &str| Placement {
+        instance_id: instance_id.to_string(),
+        region: "us-east-1".to_string(),
+        ip: "10.0.0.1".to_string(),
+        user_id: "u".to_string(),
+        session_id: 1,
+        app_name: "browsers/chrome".to_string(),
+    };
+    let at = chrono::Utc::now();
+    let allocate = |instance_id: &str| MandelboxCommand::Allocate {
+        placement: placement(instance_id),
+        protocol_secret_hash: "h".to_string(),
+        at,
+    };
+    store_here
+        .execute("m", allocate("i"), &metadata())
+        .await
+        .expect("allocated");
+    store_here
+        .execute("m", MandelboxCommand::Disconnect { at }, &metadata())
+        .await
+        .expect("ended");
+    store_elsewhere
+        .execute("m", MandelboxCommand::RecordSpunUp { at }, &metadata())
+        .await
+        .expect("the spin-up, recorded by the other process");
+
+    store_here
+        .execute(
+            "m",
+            MandelboxCommand::ReportStatus {
+                status: ReportedStatus::Running,
+                at,
+            },
+            &metadata(),
+        )
+        .await
+        .expect("a report of a dead mandelbox decides nothing");
+    let refused = store_here.execute("m", allocate("j"), &metadata()).await;
+    assert!(
+        matches!(
+            refused,
+            Err(CommandError::Rejected(MandelboxError::AlreadyExists))
+        ),
+        "{refused:?}"
+    );
+
+    let copy = store_here
+        .load_to_decide(&Unit::new(&metadata()), "m")
+        .await
+        .expect("the remembered copy");
+    assert!(copy.decides_finally());
+    assert_eq!(
+        (copy.state().status, copy.state().spun_up_at),
+        (Some(MandelboxStatus::Dead), None),
+        "neither decision read the store: the copy still misses the spin-up"
+    );
+    let (stored, version) = store_here
+        .load_from_history("m")
+        .await
+        .expect("the history");
+    assert_eq!((stored.spun_up_at.is_some(), version), (true, 3));
+}
+
 /// Many writers whose transactions stay open for random times while a reader follows the log: the reader ends
 /// with every committed event exactly once, in increasing positions, and the positions have no gap.
 #[tokio::test]
@@ -847,6 +928,9 @@ async fn a_polling_reader_sees_every_event_exactly_once_whatever_the_commit_timi
 async fn a_unit_is_recorded_whole_or_not_at_all(kind: BackendKind) {
     let test_database = TestDatabase::new(kind).await;
     let database = test_database.open().await;
+    // The copy below must stay stale until the unit is staged on it: the log follower would mark it (and the stage
+    // read it fresh) when it reads `first`'s event first, which a loaded machine lets it do.
+    database.following().stop();
     // Two stores with their own memories, like two processes.
     let first = AggregateStore::<Probe>::new(&database, ());
     let second = AggregateStore::<Probe>::new(&database, ());

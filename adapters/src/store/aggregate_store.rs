@@ -8,6 +8,7 @@ use cqrs_es::persist::{
 };
 use cqrs_es::{Aggregate, AggregateError, EventEnvelope, EventStore};
 use sqlite_es::SqliteEventRepository;
+use whist_domain::decide::Settles;
 use whist_domain::EventMetadata;
 
 use super::database::{Backend, Database};
@@ -74,7 +75,7 @@ pub struct AggregateStore<A: Aggregate + Clone> {
 
 impl<A> AggregateStore<A>
 where
-    A: Aggregate + Clone + 'static,
+    A: Aggregate + Settles + Clone + 'static,
     A::Services: Clone,
 {
     /// A store for aggregates of type `A` in `database`, with the services its `handle` receives.
@@ -143,8 +144,8 @@ where
     where
         A::Command: Clone,
     {
-        // A refusal is only final on fresh state: staging decides again after reading what a remembered copy
-        // missed (see `stage`).
+        // A refusal is only final on fresh state or a settled copy: staging decides again after reading what a
+        // remembered copy missed (see `stage`).
         let outcome = self.execute_once(aggregate_id, command, metadata).await;
         let label = match &outcome {
             Ok(()) => "recorded",
@@ -223,6 +224,9 @@ where
     /// can find an idempotent command already satisfied (a slot freed that, to the copy, was never taken). Staging
     /// nothing would then record the rest of the unit without this aggregate and without any check of its version,
     /// so the decision is taken again after reading what the copy missed.
+    ///
+    /// Except on a settled copy ([`Settles::is_settled`]: an ended mandelbox, an ended session): no event it may
+    /// have missed can change a refusal or a decision of nothing there, so both are final without a read.
     pub async fn stage(
         &self,
         unit: &mut Unit,
@@ -264,7 +268,8 @@ where
     }
 
     /// Decides on the `first` copy; a refusal or no decision there is decided again on fresh state (the copy
-    /// brought up to date, or the aggregate read whole when there is none).
+    /// brought up to date, or the aggregate read whole when there is none), unless the copy was settled
+    /// ([`Settles::is_settled`]: no event it may have missed can change such a decision).
     async fn stage_from(
         &self,
         unit: &mut Unit,
@@ -279,7 +284,7 @@ where
             .stage_once(unit, aggregate_id, commands.clone(), first)
             .await
         {
-            Err(CommandError::Rejected(_)) | Ok(Staged::Nothing) => {
+            Ok(Staged::Nothing) => {
                 self.mark_stale(aggregate_id, Stale::DecidedAgain);
                 self.stage_once(unit, aggregate_id, commands, Freshness::CaughtUp)
                     .await
@@ -312,14 +317,18 @@ where
         if copy == Freshness::CaughtUp {
             loaded.freshness = Freshness::CaughtUp;
         }
+        let settled = loaded.state.is_settled();
         let mut events = Vec::new();
         for command in commands {
             let sink = EventSink::<A>::default();
-            loaded
-                .state
-                .handle(command, &self.services, &sink)
-                .await
-                .map_err(CommandError::Rejected)?;
+            if let Err(refusal) = loaded.state.handle(command, &self.services, &sink).await {
+                // Final on fresh state, or on a settled copy the commands had not changed yet; else decide
+                // again on fresh state.
+                if loaded.freshness == Freshness::CaughtUp || (settled && events.is_empty()) {
+                    return Err(CommandError::Rejected(refusal));
+                }
+                return Ok(Staged::Nothing);
+            }
             events.extend(sink.collect().await);
         }
         // The sink applied each event to the state as it was written.
@@ -381,6 +390,9 @@ where
     /// Makes the next load of `loaded`'s aggregate fresh: for a decision that refused, or decided nothing, on a
     /// copy that may have been behind. Nothing to do for a copy that was fresh.
     pub fn decide_again(&self, loaded: &Loaded<A>) {
+        if loaded.decides_finally() {
+            return;
+        }
         match loaded.freshness {
             Freshness::CaughtUp => {}
             Freshness::PresumedNew => match &self.frameworks {
@@ -460,7 +472,7 @@ where
                 format!("{} {id} is staged twice in one unit", A::TYPE).into(),
             ));
         }
-        if events.is_empty() && freshness != Freshness::CaughtUp {
+        if events.is_empty() && freshness != Freshness::CaughtUp && !after.is_settled() {
             self.decide_again(&Loaded {
                 id,
                 state: after,
@@ -482,6 +494,11 @@ where
             unit.events.push(serialized);
         }
         unit.staged.insert((A::TYPE.to_string(), id.clone()));
+        if after_version == version && freshness != Freshness::CaughtUp {
+            // A settled copy that decided nothing: it is remembered as it was (stale, should the log follower have
+            // marked it so), and nothing of it is checked or recorded.
+            return Ok(Staged::Decided);
+        }
         let presumed = freshness == Freshness::PresumedNew;
         let settle = match &self.frameworks {
             Frameworks::Postgres { store, .. } => {
@@ -676,9 +693,17 @@ impl<A> Loaded<A> {
         &self.id
     }
 
-    /// Whether the state was read from the database just now: a refusal decided on it is final.
+    /// Whether the state was read from the database just now.
     pub fn is_fresh(&self) -> bool {
         self.freshness == Freshness::CaughtUp
+    }
+}
+
+impl<A: Settles> Loaded<A> {
+    /// Whether a refusal, or a decision of nothing, taken on this copy is final: it was read fresh, or it is
+    /// settled ([`Settles::is_settled`]), so no event it may have missed can change the decision.
+    pub fn decides_finally(&self) -> bool {
+        self.is_fresh() || self.state.is_settled()
     }
 }
 
@@ -687,7 +712,8 @@ impl<A> Loaded<A> {
 enum Staged {
     /// Events (possibly none, on a caught-up copy) are staged and the aggregate is part of the unit.
     Decided,
-    /// The remembered copy decided nothing; nothing was staged, and the decision must be taken on fresh state.
+    /// A copy that may be behind, and is not settled, decided nothing or refused: nothing was staged, and the
+    /// decision must be taken on fresh state.
     Nothing,
 }
 
@@ -755,6 +781,22 @@ impl Unit {
             reads_fresh: true,
             ..Self::new(metadata)
         }
+    }
+
+    /// Makes every event of the unit carry `metadata` instead: for a decision that learns which chain it continues
+    /// only once it knows it records something (a host's status report reads its mandelbox's last event only
+    /// then).
+    ///
+    /// # Errors
+    /// `Store` when events are already staged: they carry the metadata the unit had.
+    pub fn carry(&mut self, metadata: &EventMetadata) -> Result<(), UnitError> {
+        if !self.events.is_empty() {
+            return Err(UnitError::Store(
+                "a unit's metadata is set before its events are staged".into(),
+            ));
+        }
+        self.metadata = traced(metadata);
+        Ok(())
     }
 
     /// Whether copies loaded for this unit are brought up to date first.

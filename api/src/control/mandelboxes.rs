@@ -55,6 +55,8 @@ pub async fn placement(
 ///
 /// A report continues the mandelbox's chain: it is recorded with the correlation id of the mandelbox's last event
 /// (the assign's request, through its spin-up) and caused by that event (its position); `report` gives the actor.
+/// That event is read only when the report records something: a report that changes nothing for good (of a
+/// mandelbox that has ended, say) costs no read of the store.
 #[tracing::instrument(skip_all, fields(mandelbox_id = %mandelbox_id, instance_id = %placement.instance_id, ?status))]
 pub async fn record_status(
     context: &Context,
@@ -65,13 +67,12 @@ pub async fn record_status(
 ) -> Result<(), UseCaseError> {
     const ATTEMPTS: usize = 10;
     let services = &context.services;
-    let metadata = &continuing(context, Mandelbox::TYPE, mandelbox_id, report_metadata).await?;
     let report = &StatusReport {
         status,
         at: Utc::now(),
     };
     let session_id = &session_aggregate_id(&placement.user_id, placement.session_id);
-    record_unit(context, metadata, ATTEMPTS, |mut unit| async move {
+    record_unit(context, report_metadata, ATTEMPTS, |mut unit| async move {
         let mandelbox = services
             .mandelboxes
             .load_to_decide(&unit, mandelbox_id)
@@ -86,6 +87,19 @@ pub async fn record_status(
             Err(_) if !final_on!((services.mandelboxes, &mandelbox)) => return Ok(Attempt::Again),
             Err(refusal) => return Err(UseCaseError::Refused(Box::new(refusal))),
         };
+        let changes_nothing = reported.mandelbox.is_empty() && reported.session.is_empty();
+        if changes_nothing
+            && mandelbox.decides_finally()
+            && session.as_ref().is_none_or(Loaded::decides_finally)
+        {
+            return Ok(Attempt::Settled(()));
+        }
+        if !changes_nothing {
+            let metadata =
+                continuing(context, Mandelbox::TYPE, mandelbox_id, report_metadata).await?;
+            unit.carry(&metadata)
+                .map_err(|error| UseCaseError::Store(Box::new(error)))?;
+        }
         let mut staged = stage_parts!(
             &mut unit,
             (services.mandelboxes, mandelbox, reported.mandelbox)

@@ -143,12 +143,13 @@ pub async fn continuing(
     })
 }
 
-/// Whether a refusal decided on these copies is final: it is when every copy was read fresh. Otherwise each copy
-/// that may have been behind is marked to be read fresh, and the use case decides again (`Attempt::Again`).
+/// Whether a refusal decided on these copies is final: it is when every copy was read fresh or is settled (no
+/// event it may have missed can change the refusal: `Decide::is_settled`). Otherwise each copy that may have
+/// been behind is marked to be read fresh, and the use case decides again (`Attempt::Again`).
 #[macro_export]
 macro_rules! final_on {
     ($(($store:expr, $copy:expr)),+ $(,)?) => {{
-        let fresh = true $(&& $copy.is_fresh())+;
+        let fresh = true $(&& $copy.decides_finally())+;
         if !fresh {
             $($store.decide_again($copy);)+
         }
