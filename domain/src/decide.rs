@@ -31,18 +31,50 @@ pub trait Decide {
     fn is_settled(&self) -> bool {
         false
     }
+
+    /// The most events one aggregate of this kind can ever have, when its rules bound its life (a mandelbox: six);
+    /// `None` when they do not. The store reads no snapshot for a kind bounded below its snapshot interval, so
+    /// each bound is tested against random histories ([`most_events_in`]).
+    const MOST_EVENTS: Option<usize> = None;
 }
 
-/// [`Decide::is_settled`], for code that knows an aggregate only as cqrs-es's `Aggregate` (whose associated types
-/// share `Decide`'s names): the store asks it whether a decision on a copy that may be behind is final.
-pub trait Settles {
+/// What the store asks of an aggregate's life, for code that knows it only as cqrs-es's `Aggregate` (whose
+/// associated types share `Decide`'s names): [`Decide::is_settled`] (whether a decision on a copy that may be
+/// behind is final) and [`Decide::MOST_EVENTS`].
+pub trait Lifecycle {
     fn is_settled(&self) -> bool;
+    fn most_events() -> Option<usize>;
 }
 
-impl<D: Decide> Settles for D {
+impl<D: Decide> Lifecycle for D {
     fn is_settled(&self) -> bool {
         Decide::is_settled(self)
     }
+
+    fn most_events() -> Option<usize> {
+        D::MOST_EVENTS
+    }
+}
+
+/// The events a history of `commands` records, each decided on the state the ones before it left (refusals
+/// skipped): what a bound in [`Decide::MOST_EVENTS`] is tested against.
+#[cfg(test)]
+pub(crate) fn most_events_in<D>(commands: impl IntoIterator<Item = D::Command>) -> usize
+where
+    D: Decide + Default,
+    D::Event: Clone,
+{
+    let mut state = D::default();
+    let mut recorded = 0;
+    for command in commands {
+        if let Ok(events) = state.decide(command) {
+            for event in events {
+                state.evolve(event);
+                recorded += 1;
+            }
+        }
+    }
+    recorded
 }
 
 /// Whether `state` decides each of `commands` as every later state does, for the commands it refuses or on which

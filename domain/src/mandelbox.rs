@@ -261,6 +261,9 @@ impl crate::decide::Decide for Mandelbox {
     fn is_settled(&self) -> bool {
         self.status == Some(MandelboxStatus::Dead)
     }
+
+    /// Allocated once, three status changes at most (status only moves forward), ended once, spun up once.
+    const MOST_EVENTS: Option<usize> = Some(6);
 }
 
 crate::cqrs_aggregate!(Mandelbox, "mandelbox");
@@ -550,6 +553,25 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn no_history_of_a_mandelbox_is_longer_than_its_bound(
+            commands in proptest::collection::vec(
+                prop_oneof![
+                    any_command(),
+                    Just(MandelboxCommand::RecordSpunUp { at: at() }),
+                    Just(MandelboxCommand::Allocate {
+                        placement: placement(),
+                        protocol_secret_hash: "secret".to_string(),
+                        at: at(),
+                    }),
+                ],
+                0..60,
+            ),
+        ) {
+            let most = Mandelbox::MOST_EVENTS.unwrap_or(usize::MAX);
+            prop_assert!(crate::decide::most_events_in::<Mandelbox>(commands) <= most);
+        }
+
         #[test]
         fn a_settled_mandelbox_decides_every_refusal_and_every_nothing_as_any_later_state_does(
             commands in proptest::collection::vec(

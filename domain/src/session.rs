@@ -183,6 +183,9 @@ impl crate::decide::Decide for Session {
     fn is_settled(&self) -> bool {
         self.status == Some(SessionStatus::Ended)
     }
+
+    /// Requested, assigned (or refused), connected and ended, each at most once.
+    const MOST_EVENTS: Option<usize> = Some(4);
 }
 
 crate::cqrs_aggregate!(Session, "session");
@@ -215,6 +218,45 @@ mod tests {
             at: at() + Duration::milliseconds(40),
         });
         events
+    }
+
+    #[test]
+    fn no_history_of_a_session_is_longer_than_its_bound() {
+        use crate::decide::Decide as _;
+        let commands = [
+            SessionCommand::Request {
+                user_id: "u".to_string(),
+                regions: vec!["us-east-1".to_string()],
+                client_commit_hash: "abc".to_string(),
+                at: at(),
+            },
+            SessionCommand::Assign {
+                mandelbox_id: "m1".to_string(),
+                at: at(),
+            },
+            SessionCommand::Assign {
+                mandelbox_id: "m2".to_string(),
+                at: at(),
+            },
+            SessionCommand::Refuse {
+                code: "NO_INSTANCE_AVAILABLE".to_string(),
+                at: at(),
+            },
+            SessionCommand::MarkConnected { at: at() },
+            SessionCommand::End { at: at() },
+        ];
+        // Every sequence of up to six of these commands (6^6 histories), each command as often as it likes.
+        let most = Session::MOST_EVENTS.unwrap_or(usize::MAX);
+        let mut longest = 0;
+        for mut code in 0..6usize.pow(6) {
+            let mut history = Vec::new();
+            for _ in 0..6 {
+                history.push(commands[code % 6].clone());
+                code /= 6;
+            }
+            longest = longest.max(crate::decide::most_events_in::<Session>(history));
+        }
+        assert_eq!(longest, most, "the bound is reached and never passed");
     }
 
     #[test]

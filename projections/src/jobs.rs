@@ -4,6 +4,11 @@
 //! Unlike a read model it is not rebuilt: a rebuild would plan every past side effect again. The reconciler
 //! that runs the jobs is level-triggered anyway (it checks the aggregate before acting), so a stale job is skipped.
 //!
+//! A spin-up whose mandelbox ends before the reconciler has claimed it is finished here, as the reconciler would
+//! finish it (`done`, nothing to do): planned finished when the end is in the same batch as the allocation, and a
+//! pending one marked so when the end comes later. It then costs the reconciler no claim and no read of the
+//! mandelbox (in a process that does not remember it, a whole load). One it has claimed is left to it.
+//!
 //! The reconciler's reads and writes of the `jobs` table live here too: [`claim`], [`renew_claim`],
 //! [`write_outcomes`] and [`waiting_jobs`].
 
@@ -136,6 +141,14 @@ impl Projection for JobPlanner {
         events: &[LoggedEvent],
     ) -> Result<(), ProjectionError> {
         let table = tables.get("jobs")?;
+        // The mandelboxes this batch ends: their spin-ups are not needed any more.
+        let ended: std::collections::HashSet<&str> = events
+            .iter()
+            .filter(|event| {
+                event.aggregate_type == "mandelbox" && event.event_type == "MandelboxEnded"
+            })
+            .map(|event| event.aggregate_id.as_str())
+            .collect();
         let mut planned = Vec::new();
         for event in events {
             if let Some((kind, key, payload)) = plan(event)? {
@@ -162,30 +175,57 @@ impl Projection for JobPlanner {
         }
         // One statement per chunk of planned jobs; a job already planned (its key taken) is left as it is.
         let now = Utc::now().timestamp_millis();
+        let mut planned_ends = std::collections::HashSet::new();
         for chunk in planned.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO {table} (kind, job_key, aggregate_id, payload, status, attempts, run_after_ms, \
-                 claimed_until_ms, created_ms, correlation_id, planned_by, traceparent) VALUES {} \
+                 claimed_until_ms, created_ms, correlation_id, planned_by, traceparent, finished_ms) VALUES {} \
                  ON CONFLICT (job_key) DO NOTHING",
-                values_placeholders(chunk.len(), 12)
+                values_placeholders(chunk.len(), 13)
             );
             let mut query = sqlx::query(&sql);
             for ((kind, key, payload), aggregate_id, (correlation_id, planned_by, traceparent)) in
                 chunk
             {
+                let not_needed = *kind == JobKind::SpinUp && ended.contains(aggregate_id);
+                if not_needed {
+                    planned_ends.insert(*aggregate_id);
+                }
                 query = query
                     .bind(kind.as_str())
                     .bind(format!("{}:{key}", kind.as_str()))
                     .bind(*aggregate_id)
                     .bind(payload.as_str())
-                    .bind("pending")
+                    .bind(if not_needed { "done" } else { "pending" })
                     .bind(0i64)
                     .bind(now)
                     .bind(0i64)
                     .bind(now)
                     .bind(correlation_id.as_deref())
                     .bind(*planned_by)
-                    .bind(traceparent.as_deref());
+                    .bind(traceparent.as_deref())
+                    .bind(not_needed.then_some(now));
+            }
+            query.execute(&mut *connection).await?;
+        }
+        // Spin-ups planned in earlier batches whose mandelbox this batch ends, still unclaimed.
+        let earlier: Vec<String> = ended
+            .iter()
+            .filter(|id| !planned_ends.contains(*id))
+            .map(|id| format!("{}:{id}", JobKind::SpinUp.as_str()))
+            .collect();
+        for chunk in earlier.chunks(ROWS_PER_STATEMENT) {
+            let keys = (0..chunk.len())
+                .map(|index| format!("${}", index + 2))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "UPDATE {table} SET status = 'done', finished_ms = $1 \
+                 WHERE status = 'pending' AND job_key IN ({keys})"
+            );
+            let mut query = sqlx::query(&sql).bind(now);
+            for key in chunk {
+                query = query.bind(key.as_str());
             }
             query.execute(&mut *connection).await?;
         }

@@ -873,6 +873,116 @@ async fn the_fleet_read_models_are_the_same_one_event_at_a_time_as_in_one_batch(
     );
 }
 
+/// A spin-up whose mandelbox ends before the reconciler claims it is finished by the job planner (nothing to do):
+/// planned finished when the end comes in the same batch as the allocation, marked so when it comes later; one the
+/// reconciler has claimed is left to it, and one whose mandelbox lives stays pending.
+async fn spin_ups_of_mandelboxes_that_ended_before_a_claim_are_finished_by_the_planner(
+    kind: BackendKind,
+) {
+    use whist_domain::mandelbox::{Mandelbox, MandelboxCommand, Placement};
+    let test_database = TestDatabase::new(kind).await;
+    let database = test_database.open().await;
+    let mandelboxes = AggregateStore::<Mandelbox>::new(&database, ());
+    let runner = ProjectionRunner::new(database.clone(), whist_projections::all());
+    runner.register().await.expect("registers");
+    let at = chrono::Utc::now();
+    let allocate = |id: &str| {
+        let mandelboxes = &mandelboxes;
+        let id = id.to_string();
+        async move {
+            mandelboxes
+                .execute(
+                    &id,
+                    MandelboxCommand::Allocate {
+                        placement: Placement {
+                            instance_id: "host".to_string(),
+                            user_id: format!("user-{id}"),
+                            session_id: 1,
+                            region: "us-east-1".to_string(),
+                            ip: "10.0.0.1".to_string(),
+                            app_name: "CHROME".to_string(),
+                        },
+                        protocol_secret_hash: "secret".to_string(),
+                        at,
+                    },
+                    &metadata(),
+                )
+                .await
+                .expect("allocated");
+        }
+    };
+    let disconnect = |id: &str| {
+        let mandelboxes = &mandelboxes;
+        let id = id.to_string();
+        async move {
+            mandelboxes
+                .execute(&id, MandelboxCommand::Disconnect { at }, &metadata())
+                .await
+                .expect("disconnected");
+        }
+    };
+    for id in ["ends-later", "lives", "claimed"] {
+        allocate(id).await;
+    }
+    runner.catch_up("jobs").await.expect("plans");
+    sqlx::query("UPDATE jobs SET status = 'running', attempts = 1 WHERE job_key = $1")
+        .bind("spin_up_mandelbox:claimed")
+        .execute(database.any())
+        .await
+        .expect("claimed, as the reconciler claims");
+    allocate("ends-at-once").await;
+    for id in ["ends-at-once", "ends-later", "claimed"] {
+        disconnect(id).await;
+    }
+    runner.catch_up("jobs").await.expect("plans");
+    let rows = table_rows(
+        &database,
+        "jobs",
+        "job_key",
+        &["job_key", "status", "attempts"],
+    )
+    .await;
+    assert_eq!(
+        rows,
+        [
+            "spin_up_mandelbox:claimed running 1",
+            "spin_up_mandelbox:ends-at-once done 0",
+            "spin_up_mandelbox:ends-later done 0",
+            "spin_up_mandelbox:lives pending 0",
+        ]
+    );
+    let unfinished: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE status = 'done' AND finished_ms IS NULL",
+    )
+    .fetch_one(database.any())
+    .await
+    .expect("counts");
+    assert_eq!(unfinished, 0, "a finished job says when");
+    assert_eq!(
+        whist_projections::jobs::waiting_jobs(&database)
+            .await
+            .expect("counts"),
+        2
+    );
+}
+
+#[tokio::test]
+async fn spin_ups_of_mandelboxes_that_ended_before_a_claim_are_finished_by_the_planner_on_postgres()
+{
+    spin_ups_of_mandelboxes_that_ended_before_a_claim_are_finished_by_the_planner(
+        BackendKind::Postgres,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn spin_ups_of_mandelboxes_that_ended_before_a_claim_are_finished_by_the_planner_on_sqlite() {
+    spin_ups_of_mandelboxes_that_ended_before_a_claim_are_finished_by_the_planner(
+        BackendKind::Sqlite,
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn the_fleet_read_models_are_the_same_one_event_at_a_time_as_in_one_batch_on_postgres() {
     the_fleet_read_models_are_the_same_one_event_at_a_time_as_in_one_batch(BackendKind::Postgres)

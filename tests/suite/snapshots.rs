@@ -49,7 +49,7 @@ fn as_json(state: &impl Serialize) -> serde_json::Value {
 /// there, then a cold load, gives the state and version the whole history gives. The number of loads checked.
 async fn snapshot_and_tail_equal_the_whole_history<A>(database: &Database) -> usize
 where
-    A: Aggregate<Services = ()> + whist_domain::decide::Settles + Clone + 'static,
+    A: Aggregate<Services = ()> + whist_domain::decide::Lifecycle + Clone + 'static,
 {
     let ids: Vec<String> =
         sqlx::query_scalar("SELECT DISTINCT aggregate_id FROM events WHERE aggregate_type = $1")

@@ -8,7 +8,7 @@ use cqrs_es::persist::{
 };
 use cqrs_es::{Aggregate, AggregateError, EventEnvelope, EventStore};
 use sqlite_es::SqliteEventRepository;
-use whist_domain::decide::Settles;
+use whist_domain::decide::Lifecycle;
 use whist_domain::EventMetadata;
 
 use super::database::{Backend, Database};
@@ -75,7 +75,7 @@ pub struct AggregateStore<A: Aggregate + Clone> {
 
 impl<A> AggregateStore<A>
 where
-    A: Aggregate + Settles + Clone + 'static,
+    A: Aggregate + Lifecycle + Clone + 'static,
     A::Services: Clone,
 {
     /// A store for aggregates of type `A` in `database`, with the services its `handle` receives.
@@ -91,13 +91,17 @@ where
     }
 
     fn build(database: &Database, services: A::Services, remembers_empty: bool) -> Self {
+        // A kind whose histories never reach a snapshot point is loaded cold without looking for one.
+        let snapshots = A::most_events()
+            .is_none_or(|most| most >= super::snapshots::SNAPSHOT_EVERY)
+            .then(|| Snapshots::new(database.backend().clone()));
         let frameworks = match database.backend() {
             Backend::Postgres(pool) => {
                 let store = CachedEventStore::new(
                     PostgresRepository::new(pool.clone(), database.clone()),
                     PostgresRepository::new(pool.clone(), database.clone()),
                     REMEMBERED,
-                    Snapshots::new(database.backend().clone()),
+                    snapshots.clone(),
                     remembers_empty,
                 );
                 database.watermark().on_rewind(store.forgetter());
@@ -111,7 +115,7 @@ where
                     SqliteEventRepository::new(pool.clone()),
                     SqliteEventRepository::new(pool.clone()),
                     REMEMBERED,
-                    Snapshots::new(database.backend().clone()),
+                    snapshots,
                     remembers_empty,
                 );
                 database.watermark().on_rewind(store.forgetter());
@@ -225,7 +229,7 @@ where
     /// nothing would then record the rest of the unit without this aggregate and without any check of its version,
     /// so the decision is taken again after reading what the copy missed.
     ///
-    /// Except on a settled copy ([`Settles::is_settled`]: an ended mandelbox, an ended session): no event it may
+    /// Except on a settled copy ([`Lifecycle::is_settled`]: an ended mandelbox, an ended session): no event it may
     /// have missed can change a refusal or a decision of nothing there, so both are final without a read.
     pub async fn stage(
         &self,
@@ -269,7 +273,7 @@ where
 
     /// Decides on the `first` copy; a refusal or no decision there is decided again on fresh state (the copy
     /// brought up to date, or the aggregate read whole when there is none), unless the copy was settled
-    /// ([`Settles::is_settled`]: no event it may have missed can change such a decision).
+    /// ([`Lifecycle::is_settled`]: no event it may have missed can change such a decision).
     async fn stage_from(
         &self,
         unit: &mut Unit,
@@ -699,9 +703,9 @@ impl<A> Loaded<A> {
     }
 }
 
-impl<A: Settles> Loaded<A> {
+impl<A: Lifecycle> Loaded<A> {
     /// Whether a refusal, or a decision of nothing, taken on this copy is final: it was read fresh, or it is
-    /// settled ([`Settles::is_settled`]), so no event it may have missed can change the decision.
+    /// settled ([`Lifecycle::is_settled`]), so no event it may have missed can change the decision.
     pub fn decides_finally(&self) -> bool {
         self.is_fresh() || self.state.is_settled()
     }

@@ -29,7 +29,9 @@ struct Shared<R: PersistedEventRepository, A: Aggregate> {
     /// Reads only the events after a remembered version, to bring a stale copy up to date cheaply.
     catch_up: R,
     cache: quick_cache::sync::Cache<String, Remembered<A>, CopyWeight>,
-    snapshots: Snapshots,
+    /// `None` for a kind whose histories never reach a snapshot point (a mandelbox's life is a few events): a cold
+    /// load then reads the events alone, without first looking for a snapshot that cannot exist.
+    snapshots: Option<Snapshots>,
     /// The last keys the log follower read for this type; its marker and `remember` take this lock.
     followed: std::sync::Mutex<RecentlyFollowed>,
     /// Whether an aggregate with no events is remembered too: for a store of singletons, whose ids only this code
@@ -200,13 +202,14 @@ where
     A: Aggregate + Clone,
 {
     /// A store over `repository` that remembers aggregates within `bounds`; `catch_up` reads the events a stale
-    /// copy misses (and those after a snapshot); `snapshots` holds the aggregates' snapshots; `remembers_empty`
-    /// says whether an aggregate with no events is remembered too (a store of singletons).
+    /// copy misses (and those after a snapshot); `snapshots` holds the aggregates' snapshots (`None` for a kind
+    /// whose histories never reach a snapshot point); `remembers_empty` says whether an aggregate with no events is
+    /// remembered too (a store of singletons).
     pub(crate) fn new(
         repository: R,
         catch_up: R,
         bounds: CacheBounds,
-        snapshots: Snapshots,
+        snapshots: Option<Snapshots>,
         remembers_empty: bool,
     ) -> Self {
         let entries = bounds.entries.max(1);
@@ -232,8 +235,10 @@ where
     /// Remembers `aggregate` as a commit left it, from version `before` to `after`, and writes a snapshot when the
     /// commit crossed a snapshot point.
     pub(crate) fn committed(&self, aggregate_id: &str, aggregate: A, before: usize, after: usize) {
-        if snapshots::due(before, after) {
-            self.shared.snapshots.write(aggregate_id, after, &aggregate);
+        if let Some(snapshots) = &self.shared.snapshots {
+            if snapshots::due(before, after) {
+                snapshots.write(aggregate_id, after, &aggregate);
+            }
         }
         self.remember(aggregate_id, aggregate, after);
     }
@@ -428,9 +433,16 @@ where
         &self,
         aggregate_id: &str,
     ) -> Result<EventStoreAggregateContext<A>, AggregateError<A::Error>> {
-        let snapshot = self
-            .shared
-            .snapshots
+        let Some(snapshots) = &self.shared.snapshots else {
+            let (state, version, _) = self.load_whole_history(aggregate_id).await?;
+            return Ok(EventStoreAggregateContext {
+                aggregate_id: aggregate_id.to_string(),
+                aggregate: state,
+                current_sequence: version,
+                current_snapshot: None,
+            });
+        };
+        let snapshot = snapshots
             .read::<A>(aggregate_id)
             .await
             .map_err(|error| AggregateError::DatabaseConnectionError(Box::new(error)))?;
@@ -447,7 +459,7 @@ where
             None => self.load_whole_history(aggregate_id).await?,
         };
         if replayed >= snapshots::SNAPSHOT_EVERY {
-            self.shared.snapshots.write(aggregate_id, version, &state);
+            snapshots.write(aggregate_id, version, &state);
         }
         Ok(EventStoreAggregateContext {
             aggregate_id: aggregate_id.to_string(),
