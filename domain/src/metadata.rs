@@ -89,7 +89,8 @@ impl EventMetadata {
     /// Metadata for a command that starts a new chain of causes (a fresh correlation id), taken by the chain's root
     /// itself (a background pass, a CLI command): its cause is the chain's own id.
     pub fn new(actor: Actor, recorded_at: DateTime<Utc>) -> Self {
-        let correlation_id = Uuid::new_v4().to_string();
+        // Time-ordered, as the request ids the webserver makes (see `api`'s request context).
+        let correlation_id = Uuid::now_v7().to_string();
         Self {
             recorded_at,
             actor,

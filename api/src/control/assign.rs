@@ -106,7 +106,9 @@ pub async fn assign(
     if regions.is_empty() {
         return Ok(Err(Refusal::RegionNotEnabled));
     }
-    let mandelbox_id = Uuid::new_v4().to_string();
+    // Time-ordered (UUIDv7, still 74 random bits): a new mandelbox's events join the primary key of `events` at its
+    // end instead of at a random place.
+    let mandelbox_id = Uuid::now_v7().to_string();
     tracing::Span::current().record("mandelbox_id", mandelbox_id.as_str());
     let secret = state
         .services
