@@ -220,10 +220,9 @@ mod tests {
         events
     }
 
-    #[test]
-    fn no_history_of_a_session_is_longer_than_its_bound() {
-        use crate::decide::Decide as _;
-        let commands = [
+    /// Every kind of session command, assignments of the session's own mandelbox and of another included.
+    fn every_command() -> [SessionCommand; 6] {
+        [
             SessionCommand::Request {
                 user_id: "u".to_string(),
                 regions: vec!["us-east-1".to_string()],
@@ -244,7 +243,13 @@ mod tests {
             },
             SessionCommand::MarkConnected { at: at() },
             SessionCommand::End { at: at() },
-        ];
+        ]
+    }
+
+    #[test]
+    fn no_history_of_a_session_is_longer_than_its_bound() {
+        use crate::decide::Decide as _;
+        let commands = every_command();
         // Every sequence of up to six of these commands (6^6 histories), each command as often as it likes.
         let most = Session::MOST_EVENTS.unwrap_or(usize::MAX);
         let mut longest = 0;
@@ -273,28 +278,7 @@ mod tests {
             code: "NO_INSTANCE_AVAILABLE".to_string(),
             at: at(),
         });
-        let every_command = [
-            SessionCommand::Request {
-                user_id: "u".to_string(),
-                regions: vec!["us-east-1".to_string()],
-                client_commit_hash: "abc".to_string(),
-                at: at(),
-            },
-            SessionCommand::Assign {
-                mandelbox_id: "m1".to_string(),
-                at: at(),
-            },
-            SessionCommand::Assign {
-                mandelbox_id: "m2".to_string(),
-                at: at(),
-            },
-            SessionCommand::Refuse {
-                code: "NO_INSTANCE_AVAILABLE".to_string(),
-                at: at(),
-            },
-            SessionCommand::MarkConnected { at: at() },
-            SessionCommand::End { at: at() },
-        ];
+        let every_command = every_command();
         for history in [ended, refused] {
             let session = state_from::<Session>(history);
             assert!(session.is_settled());
