@@ -339,3 +339,50 @@ async fn two_servers_fill_the_hosts_of_their_own_share_first() {
     second.stop().await;
     first.stop().await;
 }
+
+/// One user's assigns at once in one process queue on the user's lock instead of colliding on the user's aggregate
+/// (a collision costs a catch-up read and another attempt, and under a backlog collisions fed it): none loses an
+/// attempt to another, and the user's limit still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_users_assigns_at_once_in_one_process_queue_instead_of_colliding() {
+    const REGION: &str = "us-east-1";
+    const IMAGE: &str = "ami-queued";
+    const HASH: &str = "hash-queued";
+    let database = TestDatabase::postgres().await;
+    let app = spawn_app(&database).await;
+    app.activate_image(&[REGION], IMAGE, HASH).await;
+    let _host = app.active_host(launch_spec(REGION, IMAGE, HASH), 16).await;
+    let token = user_token("auth0|queued");
+    // The first assign subscribes the user; it is ended before the burst.
+    let (status, body) = app.assign(&token, assign_body(&[REGION], HASH, 1)).await;
+    assert_eq!(status, 200, "{body}");
+    let first = body["mandelbox_id"].as_str().expect("an id").to_string();
+    assert_eq!(app.disconnect(&first).await, 200);
+
+    let answers = futures::future::join_all(
+        (2..10).map(|session| app.assign(&token, assign_body(&[REGION], HASH, session))),
+    )
+    .await;
+    let assigned = answers.iter().filter(|(status, _)| *status == 200).count();
+    assert_eq!(assigned, 3, "the user's limit: {answers:?}");
+
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("answers")
+        .text()
+        .await
+        .expect("text");
+    let conflicts: f64 = metrics
+        .lines()
+        .filter(|line| line.starts_with("whist_assign_conflicts_total"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        conflicts, 0.0,
+        "an assign lost an attempt to another of the same user"
+    );
+    app.stop().await;
+}

@@ -133,6 +133,9 @@ pub async fn assign(
         .map(|key| fingerprint(&format!("{}\n{key}", request.user_id)));
     let (assignment, regions, catalog, key) = (&assignment, &regions, &catalog, key.as_deref());
     let mut attempts = 0u32;
+    // The user's lock in this process, around every attempt and its record (before any host's lock).
+    let user_lock = state.services.user_locks.of(&assignment.user_id);
+    let user_guard = user_lock.lock().await;
     let answer = record_unit_or_learn(
         state,
         metadata,
@@ -155,6 +158,7 @@ pub async fn assign(
         },
     )
     .await;
+    drop(user_guard);
     if let Ok((_, Some(host))) = &answer {
         phase("commit", host.staged_at);
     }
