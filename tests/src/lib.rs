@@ -846,6 +846,18 @@ impl TestApp {
         );
     }
 
+    /// The server's `/metrics`, as text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("answers")
+            .text()
+            .await
+            .expect("text")
+    }
+
     /// The protocol server's `POST /mandelbox/{id}/disconnect` with the mandelbox's secret; the status.
     pub async fn disconnect(&self, mandelbox_id: &str) -> u16 {
         self.disconnect_request(mandelbox_id)

@@ -366,15 +366,7 @@ async fn one_users_assigns_at_once_in_one_process_queue_instead_of_colliding() {
     let assigned = answers.iter().filter(|(status, _)| *status == 200).count();
     assert_eq!(assigned, 3, "the user's limit: {answers:?}");
 
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("answers")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     let conflicts: f64 = metrics
         .lines()
         .filter(|line| line.starts_with("whist_assign_conflicts_total"))

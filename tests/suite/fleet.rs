@@ -429,18 +429,6 @@ async fn a_host_that_never_registers_and_a_drained_host_that_stays_are_terminate
     app.stop().await;
 }
 
-/// `GET /metrics` of the app, as text.
-async fn metrics_text(app: &TestApp) -> String {
-    app.client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics answer")
-        .text()
-        .await
-        .expect("metrics are text")
-}
-
 #[tokio::test]
 async fn when_more_than_half_of_a_regions_hosts_fall_silent_at_once_none_of_them_is_terminated() {
     let database = TestDatabase::sqlite();
@@ -505,7 +493,7 @@ async fn when_more_than_half_of_a_regions_hosts_fall_silent_at_once_none_of_them
             .await
             .is_empty());
     }
-    let metrics = metrics_text(&app).await;
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("whist_sweep_braked{region=\"us-east-1\"} 1"),
         "{metrics}"

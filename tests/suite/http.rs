@@ -77,15 +77,7 @@ async fn health_readiness_docs_and_metrics_answer(kind: BackendKind) {
         .expect("html")
         .to_lowercase()
         .contains("swagger"));
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("answers")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     assert!(metrics.contains("whist_http_requests_total"), "{metrics}");
     assert!(
         metrics.contains("whist_http_request_duration_seconds"),

@@ -12,14 +12,7 @@ use whist_api::telemetry::catalogue::{self, CATALOGUE};
 use whist_tests::{assign_body, launch_spec, spawn_app, user_token, TestApp, TestDatabase};
 
 async fn scrape(app: &TestApp) -> String {
-    app.client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("answers")
-        .text()
-        .await
-        .expect("text")
+    app.metrics().await
 }
 
 /// `whist --version`'s version and git commit: `whist 0.1.0 (<commit>)`.

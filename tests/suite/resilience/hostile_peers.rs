@@ -126,16 +126,7 @@ async fn requests_to_unknown_paths_add_almost_no_series_and_no_secret_reaches_a_
         "hirefire-s3cret-token".to_string(),
     ));
     let app = spawn_app_with(&database, settings).await;
-    let metrics = || async {
-        app.client
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .expect("answers")
-            .text()
-            .await
-            .expect("text")
-    };
+    let metrics = || app.metrics();
     // Only request series count: other series (projection lag, say) appear as the server settles.
     let request_series = |text: &str| -> BTreeSet<String> {
         series(text)
