@@ -330,8 +330,7 @@ impl ProjectionRunner {
         let last_position = last.position;
         match projection.apply(&mut transaction, &live, &events).await {
             Ok(()) => {
-                save_checkpoint(&mut transaction, name, last_position, STATUS_RUNNING, None)
-                    .await?;
+                save_checkpoints(&mut transaction, &[(name, last_position)]).await?;
                 transaction.commit().await?;
                 self.set_waiting(projection.name(), None);
                 Ok(StepOutcome::Applied {
@@ -372,8 +371,7 @@ impl ProjectionRunner {
         let mut transaction = self.database.any().begin().await?;
         let log = self.database.log();
         let reading = log.watermark().reading_head();
-        let (checkpoints, head) =
-            lock_checkpoints(&mut transaction, names, self.database.is_postgres()).await?;
+        let (checkpoints, head) = lock_checkpoints(&mut transaction, names).await?;
         reading.observe(head);
         let running: Vec<(&Arc<dyn Projection>, i64)> = projections
             .iter()
@@ -455,8 +453,7 @@ impl ProjectionRunner {
                 .await
             {
                 Ok(()) => {
-                    save_checkpoint(&mut transaction, name, event.position, STATUS_RUNNING, None)
-                        .await?;
+                    save_checkpoints(&mut transaction, &[(name, event.position)]).await?;
                     transaction.commit().await?;
                 }
                 Err(ProjectionError::Database(error)) => return Err(RunnerError::Database(error)),
@@ -690,7 +687,7 @@ impl ProjectionRunner {
             swap_in_shadow_table(&mut transaction, self.database.is_postgres(), &run, table)
                 .await?;
         }
-        save_checkpoint(&mut transaction, name, position, STATUS_RUNNING, None).await?;
+        save_checkpoints(&mut transaction, &[(name, position)]).await?;
         transaction.commit().await?;
         progress(RebuildProgress {
             position,
@@ -843,40 +840,29 @@ pub async fn checkpoint_position(
         .await
 }
 
-/// Locks the checkpoint row for the rest of the transaction and reads its position and status, with the log's head
-/// in the same statement (no extra round trip: the step gives it to the watermark before it reads on). The lock is taken with an UPDATE so that it works the same on Postgres (row lock) and SQLite (the
-/// write lock, taken before any read).
+/// Locks the checkpoint row of `name` for the rest of the transaction and reads its position and status, with the
+/// log's head in the same statement ([`lock_checkpoints`] of one name); `None` when it is not registered.
 async fn lock_checkpoint(
     transaction: &mut Transaction<'_, Any>,
     name: &str,
 ) -> Result<Option<(i64, String, i64)>, sqlx::Error> {
-    // One statement: the row lock, the checkpoint and the head.
-    let row = sqlx::query(
-        "UPDATE projection_checkpoints SET updated_at = updated_at WHERE name = $1 \
-         RETURNING position, status, (SELECT position FROM event_log_head WHERE id = 1) AS head",
-    )
-    .bind(name)
-    .fetch_optional(&mut **transaction)
-    .await?;
-    row.map(|row| {
-        Ok((
-            row.try_get("position")?,
-            row.try_get("status")?,
-            row.try_get("head")?,
-        ))
-    })
-    .transpose()
+    let (checkpoints, head) = lock_checkpoints(transaction, &[name]).await?;
+    Ok(checkpoints
+        .into_iter()
+        .next()
+        .map(|(_, position, status)| (position, status, head)))
 }
 
 /// Locks the checkpoint rows of `names` for the rest of the transaction, in the order of their names (so that
 /// two steps of overlapping sets never wait on each other in a cycle), and reads each one's position and status,
-/// and the log's head, in one statement. On SQLite the first write takes the database's write lock, as in
-/// [`lock_checkpoint`].
+/// and the log's head, in one statement (no extra round trip: a step gives the head to the watermark before it
+/// reads on). On SQLite the lock is taken with an UPDATE: its first write takes the database's write lock, before
+/// any read.
 async fn lock_checkpoints(
     transaction: &mut Transaction<'_, Any>,
-    names: &[&'static str],
-    postgres: bool,
+    names: &[&str],
 ) -> Result<(Vec<(String, i64, String)>, i64), sqlx::Error> {
+    let postgres = transaction.backend_name() == "PostgreSQL";
     let placeholders = (1..=names.len())
         .map(|index| format!("${index}"))
         .collect::<Vec<_>>()
@@ -913,7 +899,7 @@ async fn lock_checkpoints(
 /// Moves each checkpoint in `applied` to the position beside it, in one statement.
 async fn save_checkpoints(
     transaction: &mut Transaction<'_, Any>,
-    applied: &[(&'static str, i64)],
+    applied: &[(&str, i64)],
 ) -> Result<(), sqlx::Error> {
     if applied.is_empty() {
         return Ok(());
@@ -941,27 +927,6 @@ async fn save_checkpoints(
         query = query.bind(*name).bind(*position);
     }
     query.execute(&mut **transaction).await?;
-    Ok(())
-}
-
-async fn save_checkpoint(
-    transaction: &mut Transaction<'_, Any>,
-    name: &str,
-    position: i64,
-    status: &str,
-    last_error: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE projection_checkpoints SET position = $2, status = $3, last_error = $4, updated_at = $5 \
-         WHERE name = $1",
-    )
-    .bind(name)
-    .bind(position)
-    .bind(status)
-    .bind(last_error)
-    .bind(Utc::now().timestamp_millis())
-    .execute(&mut **transaction)
-    .await?;
     Ok(())
 }
 
