@@ -243,6 +243,9 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
         whist_adapters::store::PoolSettings::sized(4),
     )
     .await?;
+    // The load tool decides nothing from remembered copies: its own log follower would only read every event's key
+    // again beside the servers' (about a tenth of the machine's reads of the log), and count as the system's CPU.
+    database.following().stop();
     let tokens = Tokens::load(&database).await?;
     let instances = AggregateStore::<Instance>::new(&database, ());
     let spec = LaunchSpec {

@@ -31,6 +31,10 @@ use tokio::sync::watch;
 
 use crate::config::{Environment, Settings};
 
+mod verified;
+use verified::VerifiedTokens;
+pub use verified::{MOST_REMEMBERED, REMEMBERED_FOR};
+
 /// The `kid` of the local development key.
 pub const DEV_KEY_ID: &str = "whist-local-dev";
 /// Issuer and audience of development tokens.
@@ -389,6 +393,8 @@ fn rsa_keys_by_id(set: &JwkSet) -> KeysById {
 pub struct TokenVerifier {
     auth0: Option<Arc<Auth0>>,
     dev_key: Option<Arc<DecodingKey>>,
+    /// Tokens that passed every check, remembered with the key that checked them (see `verified`).
+    verified: VerifiedTokens,
 }
 
 impl TokenVerifier {
@@ -418,12 +424,18 @@ impl TokenVerifier {
             .then(|| DecodingKey::from_rsa_pem(DEV_VERIFYING_KEY).ok())
             .flatten()
             .map(Arc::new);
-        Self { auth0, dev_key }
+        Self {
+            auth0,
+            dev_key,
+            verified: VerifiedTokens::default(),
+        }
     }
 
     /// Checks a token and says whom it speaks for: an RS256 signature by a key of the tenant's JWKS (found by
     /// `kid`, waiting for a fetch when the cache needs one), the issuer, the audience, `exp` and `nbf` (with 30 s
-    /// of leeway) and a non-empty `sub`.
+    /// of leeway) and a non-empty `sub`. A token that passed them all is remembered, with the key that checked it,
+    /// until its `exp` (at most [`REMEMBERED_FOR`]): the same token again costs a lookup, not a signature check,
+    /// while the verifier would still check it with that same key (`verified`).
     ///
     /// # Errors
     /// Any failure to prove the token genuine, current and meant for us, including having no current signing keys
@@ -434,27 +446,42 @@ impl TokenVerifier {
             return Err(AuthError::WrongAlgorithm);
         }
         let kid = header.kid.ok_or(AuthError::UnknownKey)?;
-        if kid == DEV_KEY_ID {
+        let (key, issuer, audience) = if kid == DEV_KEY_ID {
             let key = self.dev_key.as_ref().ok_or(AuthError::UnknownKey)?;
-            return check(token, key, Some(DEV_ISSUER), Some(DEV_AUDIENCE));
+            (key.clone(), Some(DEV_ISSUER), Some(DEV_AUDIENCE))
+        } else {
+            let auth0 = self.auth0.as_ref().ok_or(AuthError::NotConfigured)?;
+            (
+                auth0.key_for(&kid).await?,
+                auth0.issuer.as_deref(),
+                auth0.audience.as_deref(),
+            )
+        };
+        // The key is looked up first, so a token remembered with a key the verifier no longer uses is checked
+        // again (and refused, should the key be gone).
+        let now = verified::now_seconds();
+        if let Some(principal) = self.verified.get(token, &key, now) {
+            return Ok(principal);
         }
-        let auth0 = self.auth0.as_ref().ok_or(AuthError::NotConfigured)?;
-        let key = auth0.key_for(&kid).await?;
-        check(
+        let (principal, exp) = check(token, &key, issuer, audience)?;
+        self.verified.remember(
             token,
             &key,
-            auth0.issuer.as_deref(),
-            auth0.audience.as_deref(),
-        )
+            &principal,
+            now,
+            exp.saturating_add(CLOCK_LEEWAY_SECONDS),
+        );
+        Ok(principal)
     }
 }
 
+/// Checks `token` in full; whom it speaks for and its `exp`.
 fn check(
     token: &str,
     key: &DecodingKey,
     issuer: Option<&str>,
     audience: Option<&str>,
-) -> Result<Principal, AuthError> {
+) -> Result<(Principal, u64), AuthError> {
     let mut validation = Validation::new(Algorithm::RS256);
     validation.leeway = CLOCK_LEEWAY_SECONDS;
     // `nbf` is optional (Auth0 does not set it), but a token that says it is not valid yet is not.
@@ -480,10 +507,11 @@ fn check(
     if data.claims.sub.is_empty() {
         return Err(AuthError::Invalid("empty sub".to_string()));
     }
-    Ok(Principal {
+    let principal = Principal {
         user_id: data.claims.sub,
         is_admin: scopes.contains("admin"),
-    })
+    };
+    Ok((principal, data.claims.exp))
 }
 
 /// A token signed by the local development key (`whist dev token`), valid for `lifetime`.
@@ -776,6 +804,48 @@ mod tests {
             .store(false, std::sync::atomic::Ordering::SeqCst);
         tokio::time::sleep(FAILED_FETCH_INTERVAL).await;
         assert!(verifier.verify(&token).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_is_refused_once_the_tenant_drops_its_key() {
+        let (verifier, fake) = verifier_with_fake_tenant(2).await;
+        let token = tenant_token(TENANT_KID, serde_json::json!({}));
+        assert!(verifier.verify(&token).await.is_ok());
+        assert_eq!(verifier.verified.len(), 1, "remembered");
+        assert!(verifier.verify(&token).await.is_ok());
+        fake.publish(&["tenant-next"]);
+        // Past half the keys' life the next request starts a refresh, which brings keys without the token's kid.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(verifier.verify(&token).await.is_ok(), "the keys in hand");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(fake.fetches(), 2, "the refresh ran");
+        assert_eq!(verifier.verify(&token).await, Err(AuthError::UnknownKey));
+    }
+
+    #[tokio::test]
+    async fn a_token_that_differs_from_a_remembered_one_is_checked_in_full() {
+        let (verifier, _fake) = verifier_with_fake_tenant(600).await;
+        let token = tenant_token(TENANT_KID, serde_json::json!({}));
+        assert!(verifier.verify(&token).await.is_ok());
+        // The same header and claims with another signature, and the same signature with other claims.
+        let (signed, signature) = token.rsplit_once('.').expect("three parts");
+        let flipped = if signature.starts_with('A') { "B" } else { "A" };
+        let forged_signature = format!("{signed}.{flipped}{}", &signature[1..]);
+        assert!(matches!(
+            verifier.verify(&forged_signature).await,
+            Err(AuthError::Invalid(_))
+        ));
+        let other = tenant_token(
+            TENANT_KID,
+            serde_json::json!({ "sub": "auth0|someone-else" }),
+        );
+        let (other_signed, _) = other.rsplit_once('.').expect("three parts");
+        let forged_claims = format!("{other_signed}.{signature}");
+        assert!(matches!(
+            verifier.verify(&forged_claims).await,
+            Err(AuthError::Invalid(_))
+        ));
+        assert_eq!(verifier.verified.len(), 1, "refusals are not remembered");
     }
 
     #[tokio::test]
