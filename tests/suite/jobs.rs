@@ -83,3 +83,84 @@ async fn an_outcome_is_written_only_over_the_claim_that_ran_the_job_on_postgres(
 async fn an_outcome_is_written_only_over_the_claim_that_ran_the_job_on_sqlite() {
     an_outcome_is_written_only_over_the_claim_that_ran_the_job(BackendKind::Sqlite).await;
 }
+
+/// Inserts a job with `status`; returns its id.
+async fn job_with_status(
+    database: &whist_adapters::store::Database,
+    key: &str,
+    status: &str,
+) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO jobs (kind, job_key, aggregate_id, payload, status, attempts, run_after_ms, \
+         claimed_until_ms, created_ms) VALUES ('spin_up_mandelbox', $1, $1, '{}', $2, 0, 0, 0, 0) \
+         RETURNING id",
+    )
+    .bind(key)
+    .bind(status)
+    .fetch_one(database.any())
+    .await
+    .expect("a job")
+}
+
+async fn claims_from_the_lowest_open_job_take_every_open_job_and_no_finished_one(
+    kind: BackendKind,
+) {
+    use whist_projections::jobs::{claim, lowest_open, JobKind};
+    let test_database = TestDatabase::new(kind).await;
+    let database = test_database.open().await;
+    assert_eq!(
+        lowest_open(&database).await.expect("read"),
+        0,
+        "an empty table"
+    );
+    let mut finished = Vec::new();
+    for index in 0..30 {
+        finished.push(job_with_status(&database, &format!("done-{index}"), "done").await);
+    }
+    let highest_finished = *finished.last().expect("jobs");
+    assert_eq!(
+        lowest_open(&database).await.expect("read"),
+        highest_finished,
+        "none open: the highest id, below every job planned later"
+    );
+    // Open jobs among finished ones, in the order the planner inserts them.
+    let mut open = Vec::new();
+    for index in 0..10 {
+        open.push(job_with_status(&database, &format!("open-{index}"), "pending").await);
+        finished.push(job_with_status(&database, &format!("later-done-{index}"), "failed").await);
+    }
+    let floor = lowest_open(&database).await.expect("read");
+    assert_eq!(floor, open[0]);
+    let claimed = claim(&database, &JobKind::ALL, 1_000, 61_000, 100, floor)
+        .await
+        .expect("claimed");
+    let mut claimed_ids: Vec<i64> = claimed.iter().map(|job| job.id).collect();
+    claimed_ids.sort_unstable();
+    assert_eq!(claimed_ids, open, "every open job, and only those");
+    // A job planned after the bound was read is above it.
+    let planned_later = job_with_status(&database, "planned-later", "pending").await;
+    let claimed = claim(&database, &JobKind::ALL, 1_000, 61_000, 100, floor)
+        .await
+        .expect("claimed");
+    assert_eq!(
+        claimed.iter().map(|job| job.id).collect::<Vec<_>>(),
+        [planned_later]
+    );
+    // Claims that expired are open again, from the same bound.
+    let claimed = claim(&database, &JobKind::ALL, 70_000, 130_000, 100, floor)
+        .await
+        .expect("claimed");
+    assert_eq!(claimed.len(), open.len() + 1);
+}
+
+#[tokio::test]
+async fn claims_from_the_lowest_open_job_take_every_open_job_and_no_finished_one_on_postgres() {
+    claims_from_the_lowest_open_job_take_every_open_job_and_no_finished_one(BackendKind::Postgres)
+        .await;
+}
+
+#[tokio::test]
+async fn claims_from_the_lowest_open_job_take_every_open_job_and_no_finished_one_on_sqlite() {
+    claims_from_the_lowest_open_job_take_every_open_job_and_no_finished_one(BackendKind::Sqlite)
+        .await;
+}
