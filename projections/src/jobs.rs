@@ -257,10 +257,6 @@ pub struct Job {
 /// Claims up to `limit` runnable jobs of `kinds`, lowest id first, until `claimed_until_ms`: those pending whose
 /// `run_after_ms` has come, and those running whose claim expired before `now_ms`. Each claim is one more attempt.
 /// On Postgres the rows are taken `FOR UPDATE SKIP LOCKED`, so that processes claiming at once take different jobs.
-/// Only jobs from id `from_id` on are looked at: [`lowest_open`] of a moment ago, or 0. (A job whose status leaves
-/// `pending` and `running` never returns to them, so the scan skips the entries of every job finished before the
-/// lowest open one; without that bound each claim walked every finished job's dead entry still in the indexes
-/// until the next vacuum: 327 buffers for a claim 10 s into a load test, against 17 with it.)
 ///
 /// # Errors
 /// The database failed (nothing was claimed), or a claimed row could not be read.
@@ -270,10 +266,9 @@ pub async fn claim(
     now_ms: i64,
     claimed_until_ms: i64,
     limit: i64,
-    from_id: i64,
 ) -> Result<Vec<Job>, sqlx::Error> {
     let placeholders: Vec<String> = (0..kinds.len())
-        .map(|index| format!("${}", index + 5))
+        .map(|index| format!("${}", index + 4))
         .collect();
     let lock = if database.is_postgres() {
         " FOR UPDATE SKIP LOCKED"
@@ -282,7 +277,7 @@ pub async fn claim(
     };
     let sql = format!(
         "UPDATE jobs SET status = 'running', attempts = attempts + 1, claimed_until_ms = $2 \
-         WHERE id IN (SELECT id FROM jobs WHERE status IN ('pending', 'running') AND id >= $4 \
+         WHERE id IN (SELECT id FROM jobs WHERE status IN ('pending', 'running') \
            AND ((status = 'pending' AND run_after_ms <= $1) OR (status = 'running' AND claimed_until_ms < $1)) \
            AND kind IN ({}) ORDER BY id LIMIT $3{lock}) \
          RETURNING id, kind, aggregate_id, payload, attempts, correlation_id, planned_by, traceparent",
@@ -291,8 +286,7 @@ pub async fn claim(
     let mut query = sqlx::query(&sql)
         .bind(now_ms)
         .bind(claimed_until_ms)
-        .bind(limit)
-        .bind(from_id);
+        .bind(limit);
     for kind in kinds {
         query = query.bind(kind.as_str());
     }
@@ -314,22 +308,6 @@ pub async fn claim(
             })
         })
         .collect()
-}
-
-/// The id from which every open job (`pending` or `running`) lies: the lowest open one, or the highest id of all
-/// when none is open (jobs planned later get higher ids), or 0 in an empty table. Only the jobs planner inserts
-/// jobs, one step at a time, so a job committed after this read has a higher id than every job it saw; should that
-/// ever not hold, the job is still claimed once the bound is read again, since it is then open.
-///
-/// # Errors
-/// The database failed.
-pub async fn lowest_open(database: &Database) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT coalesce((SELECT min(id) FROM jobs WHERE status IN ('pending', 'running')), \
-                         (SELECT max(id) FROM jobs), 0)",
-    )
-    .fetch_one(database.any())
-    .await
 }
 
 /// Extends the claim `attempts` of the running job `id` until `claimed_until_ms`; whether the claim was still held

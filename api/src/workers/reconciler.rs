@@ -82,12 +82,7 @@ pub struct Reconciler {
     state: Context,
     hosts: HostClient,
     simulated: Arc<Mutex<HashMap<String, SimulatedHost>>>,
-    /// The id claims start from (`jobs::lowest_open`) and when it was read.
-    claim_floor: Arc<std::sync::Mutex<Option<(i64, std::time::Instant)>>>,
 }
-
-/// How often the id claims start from is read again.
-const CLAIM_FLOOR_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Reconciler {
     pub fn new(state: Context) -> Self {
@@ -100,7 +95,6 @@ impl Reconciler {
             state,
             hosts,
             simulated: Arc::new(Mutex::new(HashMap::new())),
-            claim_floor: Arc::default(),
         }
     }
 
@@ -113,38 +107,17 @@ impl Reconciler {
         i64::try_from(self.state.settings.fleet.job_claim.as_millis()).unwrap_or(60_000)
     }
 
-    /// Claims up to `limit` runnable jobs, from the lowest open one as read at most [`CLAIM_FLOOR_REFRESH`] ago.
+    /// Claims up to `limit` runnable jobs.
     async fn claim(&self, limit: i64) -> Result<Vec<Job>, sqlx::Error> {
         let now = Utc::now().timestamp_millis();
-        let from_id = self.claim_floor().await?;
         whist_projections::jobs::claim(
             &self.state.database,
             self.kinds(),
             now,
             now + self.claim_ms(),
             limit,
-            from_id,
         )
         .await
-    }
-
-    async fn claim_floor(&self) -> Result<i64, sqlx::Error> {
-        let remembered = *self
-            .claim_floor
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((floor, read_at)) = remembered {
-            if read_at.elapsed() < CLAIM_FLOOR_REFRESH {
-                return Ok(floor);
-            }
-        }
-        let read_at = std::time::Instant::now();
-        let floor = whist_projections::jobs::lowest_open(&self.state.database).await?;
-        *self
-            .claim_floor
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((floor, read_at));
-        Ok(floor)
     }
 
     async fn finish(
