@@ -88,6 +88,11 @@ impl KeyedLocks {
             .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
             .clone()
     }
+
+    /// Waits for the lock of `key` and holds it until the guard is dropped.
+    pub async fn lock(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        self.of(key).lock_owned().await
+    }
 }
 
 /// How long a host on which an assign lost to another writer is tried after the others.

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use sqlx::{AnyConnection, Row};
-use whist_adapters::store::{values_placeholders, Database, LoggedEvent};
+use whist_adapters::store::{list_placeholders, values_placeholders, Database, LoggedEvent};
 use whist_domain::instance::InstanceEvent;
 use whist_domain::mandelbox::MandelboxEvent;
 
@@ -215,10 +215,7 @@ impl Projection for JobPlanner {
             .map(|id| format!("{}:{id}", JobKind::SpinUp.as_str()))
             .collect();
         for chunk in earlier.chunks(ROWS_PER_STATEMENT) {
-            let keys = (0..chunk.len())
-                .map(|index| format!("${}", index + 2))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let keys = list_placeholders(2, chunk.len());
             let sql = format!(
                 "UPDATE {table} SET status = 'done', finished_ms = $1 \
                  WHERE status = 'pending' AND job_key IN ({keys})"
@@ -267,9 +264,7 @@ pub async fn claim(
     claimed_until_ms: i64,
     limit: i64,
 ) -> Result<Vec<Job>, sqlx::Error> {
-    let placeholders: Vec<String> = (0..kinds.len())
-        .map(|index| format!("${}", index + 4))
-        .collect();
+    let placeholders = list_placeholders(4, kinds.len());
     let lock = if database.is_postgres() {
         " FOR UPDATE SKIP LOCKED"
     } else {
@@ -281,7 +276,7 @@ pub async fn claim(
            AND ((status = 'pending' AND run_after_ms <= $1) OR (status = 'running' AND claimed_until_ms < $1)) \
            AND kind IN ({}) ORDER BY id LIMIT $3{lock}) \
          RETURNING id, kind, aggregate_id, payload, attempts, correlation_id, planned_by, traceparent",
-        placeholders.join(", ")
+        placeholders
     );
     let mut query = sqlx::query(&sql)
         .bind(now_ms)

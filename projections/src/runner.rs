@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use sqlx::{Any, AnyConnection, Row, Transaction};
 use tokio::sync::watch;
-use whist_adapters::store::{lease, Database, EventLog, LoggedEvent, GATHER_WINDOW};
+use whist_adapters::store::{
+    lease, list_placeholders, Database, EventLog, LoggedEvent, GATHER_WINDOW,
+};
 
 use crate::projection::{Projection, ProjectionError, ShadowRun, Tables};
 
@@ -863,10 +865,7 @@ async fn lock_checkpoints(
     names: &[&str],
 ) -> Result<(Vec<(String, i64, String)>, i64), sqlx::Error> {
     let postgres = transaction.backend_name() == "PostgreSQL";
-    let placeholders = (1..=names.len())
-        .map(|index| format!("${index}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let placeholders = list_placeholders(1, names.len());
     let sql = if postgres {
         format!(
             "SELECT name, position, status, (SELECT position FROM event_log_head WHERE id = 1) AS head \

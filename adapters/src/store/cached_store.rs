@@ -433,19 +433,14 @@ where
         &self,
         aggregate_id: &str,
     ) -> Result<EventStoreAggregateContext<A>, AggregateError<A::Error>> {
-        let Some(snapshots) = &self.shared.snapshots else {
-            let (state, version, _) = self.load_whole_history(aggregate_id).await?;
-            return Ok(EventStoreAggregateContext {
-                aggregate_id: aggregate_id.to_string(),
-                aggregate: state,
-                current_sequence: version,
-                current_snapshot: None,
-            });
+        // A kind without snapshots (`None`) is read whole, as one with no snapshot yet.
+        let snapshot = match &self.shared.snapshots {
+            Some(snapshots) => snapshots
+                .read::<A>(aggregate_id)
+                .await
+                .map_err(|error| AggregateError::DatabaseConnectionError(Box::new(error)))?,
+            None => None,
         };
-        let snapshot = snapshots
-            .read::<A>(aggregate_id)
-            .await
-            .map_err(|error| AggregateError::DatabaseConnectionError(Box::new(error)))?;
         let from_snapshot = match snapshot {
             Some((taken_at, state)) => self.continue_from(aggregate_id, state, taken_at).await?,
             None => None,
@@ -458,8 +453,10 @@ where
             }
             None => self.load_whole_history(aggregate_id).await?,
         };
-        if replayed >= snapshots::SNAPSHOT_EVERY {
-            snapshots.write(aggregate_id, version, &state);
+        if let Some(snapshots) = &self.shared.snapshots {
+            if replayed >= snapshots::SNAPSHOT_EVERY {
+                snapshots.write(aggregate_id, version, &state);
+            }
         }
         Ok(EventStoreAggregateContext {
             aggregate_id: aggregate_id.to_string(),

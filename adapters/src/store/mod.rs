@@ -48,8 +48,22 @@ pub fn values_placeholders(rows: usize, columns: usize) -> String {
     sql
 }
 
+/// `$3, $4, $5` for `count` parameters numbered from `first`: the list of an `IN (…)`, for both backends.
+pub fn list_placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|number| format!("${number}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_list_numbers_its_parameters_from_the_first() {
+        assert_eq!(super::list_placeholders(3, 3), "$3, $4, $5");
+        assert_eq!(super::list_placeholders(1, 0), "");
+    }
+
     #[test]
     fn placeholders_number_every_parameter_once_row_by_row() {
         assert_eq!(

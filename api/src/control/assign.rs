@@ -134,8 +134,7 @@ pub async fn assign(
     let (assignment, regions, catalog, key) = (&assignment, &regions, &catalog, key.as_deref());
     let mut attempts = 0u32;
     // The user's lock in this process, around every attempt and its record (before any host's lock).
-    let user_lock = state.services.user_locks.of(&assignment.user_id);
-    let user_guard = user_lock.lock().await;
+    let user_guard = state.services.user_locks.lock(&assignment.user_id).await;
     let answer = record_unit_or_learn(
         state,
         metadata,

@@ -180,8 +180,7 @@ pub async fn end_mandelbox_for(
     };
     let session_id = &session_aggregate_id(&placement.user_id, placement.session_id);
     // The user's lock in this process, as an assign takes it: before the host's.
-    let user_lock = services.user_locks.of(&placement.user_id);
-    let user_guard = user_lock.lock().await;
+    let user_guard = services.user_locks.lock(&placement.user_id).await;
     let guard = record_unit(context, metadata, ATTEMPTS, |mut unit| async move {
         let mandelbox = services
             .mandelboxes
