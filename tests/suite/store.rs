@@ -708,6 +708,39 @@ async fn a_copy_remembered_past_a_log_that_moved_back_never_appends_a_hole_on_sq
     a_copy_remembered_past_a_log_that_moved_back_never_appends_a_hole(BackendKind::Sqlite).await;
 }
 
+/// A tool that stops following the log (the load test's own process) stops it for good: its loop waits for the
+/// process's shutdown instead of ending, which its supervisor would take for a failure and restart (logging an
+/// error each time) while the log moves.
+#[tokio::test]
+async fn a_follower_stopped_for_good_is_not_restarted_as_the_log_moves() {
+    let test_database = TestDatabase::postgres().await;
+    let database = test_database.open().await;
+    let store = AggregateStore::<Probe>::new(&database, ());
+    store
+        .execute("before", ProbeCommand::Increment { by: 1 }, &metadata())
+        .await
+        .expect("recorded");
+    database.following().stop();
+    for turn in 0..5 {
+        store
+            .execute(
+                &format!("after-{turn}"),
+                ProbeCommand::Increment { by: 1 },
+                &metadata(),
+            )
+            .await
+            .expect("recorded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let loops = database.background_loops();
+    assert_eq!(loops.restarts(whist_adapters::store::FOLLOW_LOOP), 0);
+    assert!(
+        !loops.down().contains(&whist_adapters::store::FOLLOW_LOOP),
+        "down: {:?}",
+        loops.down()
+    );
+}
+
 /// A process that only reads (an API process between requests) notices within seconds that the log moved back,
 /// and forgets the copies it remembered past the new head.
 #[tokio::test]

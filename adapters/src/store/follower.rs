@@ -272,7 +272,13 @@ impl Follower {
         // them are one step under the standing's lock.
         let mut advanced = self.signal.on_advance();
         loop {
-            if *shutdown.borrow() || self.following.is_stopped() {
+            if *shutdown.borrow() {
+                return;
+            }
+            if self.following.is_stopped() {
+                // Stopped for good, not ended: a loop that ended would be restarted by its supervisor (with an
+                // error logged each time). It waits for the process's shutdown instead.
+                let _ = shutdown.wait_for(|stop| *stop).await;
                 return;
             }
             let step = match self.following.last() {
