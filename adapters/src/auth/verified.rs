@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use jsonwebtoken::DecodingKey;
 
@@ -88,14 +88,6 @@ impl VerifiedTokens {
     pub(crate) fn len(&self) -> usize {
         self.entries().len()
     }
-}
-
-/// Seconds since the Unix epoch, as the full check reads the clock.
-pub(crate) fn now_seconds() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|since| since.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
