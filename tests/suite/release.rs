@@ -218,6 +218,57 @@ struct Outcome {
     after_swap: bool,
     status: u16,
     error: String,
+    /// When it was answered, in ms since the clients started.
+    answered_ms: u128,
+    /// For an answer the test does not expect: the region's hosts as the read model showed them just after.
+    fleet: Option<Vec<String>>,
+}
+
+impl Outcome {
+    /// Whether the release explains the answer: an old client refused once the swap-over began.
+    fn expected(&self) -> bool {
+        self.status == 200
+            || (self.hash == OLD_HASH && self.after_swap && self.error == "COMMIT_HASH_MISMATCH")
+    }
+
+    /// The answer, when it came, and the region's hosts just after, if they were read.
+    fn describe(&self) -> String {
+        let fleet = self
+            .fleet
+            .as_ref()
+            .map(|rows| format!("\n      {}", rows.join("\n      ")))
+            .unwrap_or_default();
+        format!(
+            "at {} ms: {} {} {} (after the swap-over began: {}){fleet}",
+            self.answered_ms, self.hash, self.status, self.error, self.after_swap
+        )
+    }
+}
+
+/// A region's hosts, one line each, as the read model shows them now: what a failed assign saw.
+async fn fleet_rows(app: &TestApp, region: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT instance_id || ' ' || image_id || ' ' || status || ' ' || live_mandelboxes || '/' \
+         || mandelbox_capacity || ' since ' || updated_at FROM instances WHERE region = $1 ORDER BY instance_id",
+    )
+    .bind(region)
+    .fetch_all(app.state.database.any())
+    .await
+    .unwrap_or_else(|error| vec![format!("the read model did not answer: {error}")])
+}
+
+/// Every change of a host's life (not its slots), in log order: what a failed assign's fleet went through.
+async fn host_lives(app: &TestApp) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT position || ' ' || aggregate_id || ' ' || event_type || ' at ' \
+         || COALESCE(metadata->>'recorded_at', '') || ' by ' || COALESCE(metadata->>'actor', '') FROM events \
+         WHERE aggregate_type = 'instance' \
+           AND event_type NOT IN ('InstanceMandelboxAllocated', 'InstanceMandelboxFreed') \
+         ORDER BY position",
+    )
+    .fetch_all(app.state.database.any())
+    .await
+    .unwrap_or_else(|error| vec![format!("the log did not answer: {error}")])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -228,6 +279,7 @@ async fn a_full_release_under_load_switches_every_region_at_once_and_retires_the
     let swapping = Arc::new(AtomicBool::new(false));
     let swapped = Arc::new(AtomicBool::new(false));
     let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
+    let started = std::time::Instant::now();
 
     // 32 desktop apps, 16 per region, assigning and disconnecting; they move to the new hash once it is released.
     let mut clients = Vec::new();
@@ -256,23 +308,32 @@ async fn a_full_release_under_load_switches_every_region_at_once_and_retires_the
                 // Read once answered: a request sent just before the swap-over began may be decided after it.
                 let after_swap = swapping.load(Ordering::SeqCst);
                 let error = body["error"].as_str().unwrap_or_default().to_string();
-                outcomes.lock().expect("outcomes").push(Outcome {
+                let mut outcome = Outcome {
                     hash,
                     after_swap,
                     status,
                     error,
-                });
+                    answered_ms: started.elapsed().as_millis(),
+                    fleet: None,
+                };
+                if !outcome.expected() {
+                    outcome.fleet = Some(fleet_rows(&app, region).await);
+                }
+                outcomes.lock().expect("outcomes").push(outcome);
                 if status == 200 {
                     tokio::time::sleep(Duration::from_millis(150)).await;
                     let mandelbox_id = body["mandelbox_id"].as_str().unwrap_or_default();
                     let disconnected = app.disconnect(mandelbox_id).await;
                     if disconnected != 200 {
-                        outcomes.lock().expect("outcomes").push(Outcome {
+                        let failure = Outcome {
                             hash,
                             after_swap,
                             status: disconnected,
                             error: format!("disconnect of {mandelbox_id}"),
-                        });
+                            answered_ms: started.elapsed().as_millis(),
+                            fleet: Some(fleet_rows(&app, region).await),
+                        };
+                        outcomes.lock().expect("outcomes").push(failure);
                     }
                 } else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -330,6 +391,7 @@ async fn a_full_release_under_load_switches_every_region_at_once_and_retires_the
     };
 
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut phases = vec![("create-buffers", started.elapsed().as_millis())];
     let (ok, log) = images_command(
         &release,
         &[
@@ -361,7 +423,9 @@ async fn a_full_release_under_load_switches_every_region_at_once_and_retires_the
         "the autoscaler neither drains nor adds candidate hosts"
     );
 
+    phases.push(("buffers checked", started.elapsed().as_millis()));
     swapping.store(true, Ordering::SeqCst);
+    phases.push(("swap-over", started.elapsed().as_millis()));
     let (ok, log) = images_command(&release, &["swap-over", "--commit-hash", NEW_HASH]).await;
     assert!(ok, "swap-over succeeds: {log}");
     swapped.store(true, Ordering::SeqCst);
@@ -376,14 +440,17 @@ async fn a_full_release_under_load_switches_every_region_at_once_and_retires_the
     let outcomes = outcomes.lock().expect("outcomes").clone();
     let failed: Vec<&Outcome> = outcomes
         .iter()
-        .filter(|outcome| outcome.status != 200)
-        .filter(|outcome| {
-            !(outcome.hash == OLD_HASH
-                && outcome.after_swap
-                && outcome.error == "COMMIT_HASH_MISMATCH")
-        })
+        .filter(|outcome| !outcome.expected())
         .collect();
-    assert!(failed.is_empty(), "failed assigns: {failed:?}");
+    // A failure says when it happened and what the fleet had been through, so that a rare one explains itself.
+    if !failed.is_empty() {
+        let failed: Vec<String> = failed.iter().map(|outcome| outcome.describe()).collect();
+        panic!(
+            "failed assigns:\n  {}\nphases (ms since the clients started): {phases:?}\nthe hosts' lives:\n  {}",
+            failed.join("\n  "),
+            host_lives(&release.app).await.join("\n  ")
+        );
+    }
     let served = |hash: &str| {
         outcomes
             .iter()
