@@ -493,6 +493,37 @@ async fn activate_in(
         .expect("the release is activated");
 }
 
+/// The hosts a fleet's read model shows now, one line each (in `region`, or all), for a failing test's message.
+pub async fn fleet_rows(
+    store: &whist_adapters::store::Database,
+    region: Option<&str>,
+) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT region || ' ' || instance_id || ' ' || image_id || ' ' || status || ' ' || live_mandelboxes || '/' \
+         || mandelbox_capacity || ' since ' || updated_at FROM instances \
+         WHERE $1 IS NULL OR region = $1 ORDER BY region, instance_id",
+    )
+    .bind(region)
+    .fetch_all(store.any())
+    .await
+    .unwrap_or_else(|error| vec![format!("the read model did not answer: {error}")])
+}
+
+/// Every change of a host's life (launch, registration, drain, silence, end; not its slots) and of the fleet's
+/// leadership, in log order, with when and by whom it was decided, for a failing test's message.
+pub async fn fleet_history(store: &whist_adapters::store::Database) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT position || ' ' || aggregate_id || ' ' || event_type || ' at ' \
+         || COALESCE(metadata->>'recorded_at', '') || ' by ' || COALESCE(metadata->>'actor', '') FROM events \
+         WHERE aggregate_type IN ('instance', 'leadership') \
+           AND event_type NOT IN ('InstanceMandelboxAllocated', 'InstanceMandelboxFreed') \
+         ORDER BY position",
+    )
+    .fetch_all(store.any())
+    .await
+    .unwrap_or_else(|error| vec![format!("the log did not answer: {error}")])
+}
+
 /// The warnings, errors and panics in each log file (at most 20 lines each), for a failing test's message.
 pub fn log_troubles<'a>(logs: impl IntoIterator<Item = &'a Path>) -> String {
     logs.into_iter()

@@ -10,8 +10,8 @@ use std::time::Duration;
 use whist_adapters::config::Settings;
 use whist_tests::moto_hosts::HostImages;
 use whist_tests::{
-    admin_token, assign_body, eventually, http_client, spawn_app, spawn_app_with, user_token,
-    ChildProcess, Moto, MotoHosts, TestApp, TestDatabase,
+    admin_token, assign_body, eventually, fleet_history, fleet_rows, http_client, spawn_app,
+    spawn_app_with, user_token, ChildProcess, Moto, MotoHosts, TestApp, TestDatabase,
 };
 
 const REGIONS: [&str; 2] = ["us-east-1", "us-west-2"];
@@ -245,32 +245,6 @@ impl Outcome {
     }
 }
 
-/// A region's hosts, one line each, as the read model shows them now: what a failed assign saw.
-async fn fleet_rows(app: &TestApp, region: &str) -> Vec<String> {
-    sqlx::query_scalar(
-        "SELECT instance_id || ' ' || image_id || ' ' || status || ' ' || live_mandelboxes || '/' \
-         || mandelbox_capacity || ' since ' || updated_at FROM instances WHERE region = $1 ORDER BY instance_id",
-    )
-    .bind(region)
-    .fetch_all(app.state.database.any())
-    .await
-    .unwrap_or_else(|error| vec![format!("the read model did not answer: {error}")])
-}
-
-/// Every change of a host's life (not its slots), in log order: what a failed assign's fleet went through.
-async fn host_lives(app: &TestApp) -> Vec<String> {
-    sqlx::query_scalar(
-        "SELECT position || ' ' || aggregate_id || ' ' || event_type || ' at ' \
-         || COALESCE(metadata->>'recorded_at', '') || ' by ' || COALESCE(metadata->>'actor', '') FROM events \
-         WHERE aggregate_type = 'instance' \
-           AND event_type NOT IN ('InstanceMandelboxAllocated', 'InstanceMandelboxFreed') \
-         ORDER BY position",
-    )
-    .fetch_all(app.state.database.any())
-    .await
-    .unwrap_or_else(|error| vec![format!("the log did not answer: {error}")])
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_release_under_load_switches_every_region_at_once_and_retires_the_old_hosts() {
     let release = release_fleet(8, 20).await;
@@ -317,7 +291,7 @@ async fn a_full_release_under_load_switches_every_region_at_once_and_retires_the
                     fleet: None,
                 };
                 if !outcome.expected() {
-                    outcome.fleet = Some(fleet_rows(&app, region).await);
+                    outcome.fleet = Some(fleet_rows(&app.state.database, Some(region)).await);
                 }
                 outcomes.lock().expect("outcomes").push(outcome);
                 if status == 200 {
@@ -331,7 +305,7 @@ async fn a_full_release_under_load_switches_every_region_at_once_and_retires_the
                             status: disconnected,
                             error: format!("disconnect of {mandelbox_id}"),
                             answered_ms: started.elapsed().as_millis(),
-                            fleet: Some(fleet_rows(&app, region).await),
+                            fleet: Some(fleet_rows(&app.state.database, Some(region)).await),
                         };
                         outcomes.lock().expect("outcomes").push(failure);
                     }
@@ -446,9 +420,9 @@ async fn a_full_release_under_load_switches_every_region_at_once_and_retires_the
     if !failed.is_empty() {
         let failed: Vec<String> = failed.iter().map(|outcome| outcome.describe()).collect();
         panic!(
-            "failed assigns:\n  {}\nphases (ms since the clients started): {phases:?}\nthe hosts' lives:\n  {}",
+            "failed assigns:\n  {}\nphases (ms since the clients started): {phases:?}\nthe fleet's history:\n  {}",
             failed.join("\n  "),
-            host_lives(&release.app).await.join("\n  ")
+            fleet_history(&release.app.state.database).await.join("\n  ")
         );
     }
     let served = |hash: &str| {

@@ -479,11 +479,14 @@ async fn a_production_rehearsal_releases_and_restarts_behind_nginx_and_pgbouncer
                       FROM instances WHERE status = 'ACTIVE'";
     let deadline = Instant::now() + Duration::from_secs(120);
     while count(&store, free_slots).await < i64::from(DESIRED_FREE) {
-        assert!(
-            Instant::now() < deadline,
-            "the warm buffer fills: {}",
-            troubles(&webs)
-        );
+        if Instant::now() >= deadline {
+            panic!(
+                "the warm buffer fills: the hosts now:\n  {}\nthe fleet's history:\n  {}\n{}",
+                whist_tests::fleet_rows(&store, None).await.join("\n  "),
+                whist_tests::fleet_history(&store).await.join("\n  "),
+                troubles(&webs)
+            );
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
