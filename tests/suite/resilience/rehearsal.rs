@@ -631,6 +631,25 @@ async fn a_production_rehearsal_releases_and_restarts_behind_nginx_and_pgbouncer
         web.kill();
     }
     worker.kill();
+    // No process panicked on the way, not even in a loop its supervisor restarted.
+    let panics: Vec<String> = std::fs::read_dir(&dir)
+        .expect("the processes' folder")
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|extension| extension == "log"))
+        .flat_map(|path| {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            text.lines()
+                .filter(|line| line.contains("panicked"))
+                .map(|line| format!("{}: {line}", path.display()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        panics.is_empty(),
+        "a process panicked:\n{}",
+        panics.join("\n")
+    );
     record(&Row {
         scenario: "Production rehearsal",
         load: format!(
