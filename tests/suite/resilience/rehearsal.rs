@@ -468,7 +468,12 @@ async fn a_production_rehearsal_releases_and_restarts_behind_nginx_and_pgbouncer
         web.wait_healthy(Duration::from_secs(90)).await;
         webs.push(web);
     }
-    let worker = start_process("worker", &dir, &environment, "worker.log");
+    // The worker at `info` (it logs no request, only its loops' decisions), so that a fleet that does not fill says
+    // whether it led, decided and launched.
+    let mut worker_environment = environment.clone();
+    worker_environment.retain(|(key, _)| *key != "RUST_LOG");
+    worker_environment.push(("RUST_LOG", "info".to_string()));
+    let worker = start_process("worker", &dir, &worker_environment, "worker.log");
     let troubles = |webs: &[ChildProcess]| {
         let mut logs = vec![worker.log_text(), nginx.error_log(), bouncer.log_text()];
         logs.extend(webs.iter().map(ChildProcess::log_text));
