@@ -199,28 +199,30 @@ impl BillingApi {
         let span = tracing::info_span!("stripe_event", event_id = %event.id, event_type = %event.event_type);
         let metadata = EventMetadata::for_request(Actor::Stripe, &request_id.0 .0, Utc::now());
         // The span goes with the future, never entered across an await (`clippy.toml`).
-        let recorded = crate::control::billing::record(&state, &event, &metadata)
-            .instrument(span.clone())
-            .await;
-        span.in_scope(|| match recorded {
-            Ok(delivery) => {
-                let label = match delivery {
-                    crate::control::billing::Delivery::Recorded => "recorded",
-                    crate::control::billing::Delivery::Ignored => "ignored",
-                };
-                metrics::counter!("whist_stripe_webhooks_total", "outcome" => label).increment(1);
-                WebhookResponse::Received(Json(Empty {}))
+        async {
+            match crate::control::billing::record(&state, &event, &metadata).await {
+                Ok(delivery) => {
+                    let label = match delivery {
+                        crate::control::billing::Delivery::Recorded => "recorded",
+                        crate::control::billing::Delivery::Ignored => "ignored",
+                    };
+                    metrics::counter!("whist_stripe_webhooks_total", "outcome" => label)
+                        .increment(1);
+                    WebhookResponse::Received(Json(Empty {}))
+                }
+                Err(error) => {
+                    tracing::error!(
+                        error = %crate::telemetry::Chain(&error),
+                        "could not record a Stripe event; Stripe will deliver it again"
+                    );
+                    metrics::counter!("whist_stripe_webhooks_total", "outcome" => "failed")
+                        .increment(1);
+                    WebhookResponse::Unavailable(error_body(STORE_UNAVAILABLE))
+                }
             }
-            Err(error) => {
-                tracing::error!(
-                    error = %crate::telemetry::Chain(&error),
-                    "could not record a Stripe event; Stripe will deliver it again"
-                );
-                metrics::counter!("whist_stripe_webhooks_total", "outcome" => "failed")
-                    .increment(1);
-                WebhookResponse::Unavailable(error_body(STORE_UNAVAILABLE))
-            }
-        })
+        }
+        .instrument(span)
+        .await
     }
 
     /// Get the page where the user manages or starts a subscription.
