@@ -493,15 +493,11 @@ async fn activate_in(
         .expect("the release is activated");
 }
 
-/// The hosts a fleet's read model shows now, one line each (in `region`, or all), for a failing test's message.
-pub async fn fleet_rows(
-    store: &whist_adapters::store::Database,
-    region: Option<&str>,
-) -> Vec<String> {
+/// The hosts of `region` the fleet's read model shows now, one line each, for a failing test's message.
+pub async fn fleet_rows(store: &whist_adapters::store::Database, region: &str) -> Vec<String> {
     sqlx::query_scalar(
-        "SELECT region || ' ' || instance_id || ' ' || image_id || ' ' || status || ' ' || live_mandelboxes || '/' \
-         || mandelbox_capacity || ' since ' || updated_at FROM instances \
-         WHERE $1 IS NULL OR region = $1 ORDER BY region, instance_id",
+        "SELECT instance_id || ' ' || image_id || ' ' || status || ' ' || live_mandelboxes || '/' \
+         || mandelbox_capacity || ' since ' || updated_at FROM instances WHERE region = $1 ORDER BY instance_id",
     )
     .bind(region)
     .fetch_all(store.any())

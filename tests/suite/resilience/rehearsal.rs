@@ -487,7 +487,7 @@ async fn a_production_rehearsal_releases_and_restarts_behind_nginx_and_pgbouncer
         if Instant::now() >= deadline {
             panic!(
                 "the warm buffer fills: the hosts now:\n  {}\nthe fleet's history:\n  {}\n{}",
-                whist_tests::fleet_rows(&store, None).await.join("\n  "),
+                whist_tests::fleet_rows(&store, REGION).await.join("\n  "),
                 whist_tests::fleet_history(&store).await.join("\n  "),
                 troubles(&webs)
             );
@@ -636,24 +636,23 @@ async fn a_production_rehearsal_releases_and_restarts_behind_nginx_and_pgbouncer
         web.kill();
     }
     worker.kill();
-    // No process panicked on the way, not even in a loop its supervisor restarted.
-    let panics: Vec<String> = std::fs::read_dir(&dir)
+    // No process panicked on the way, not even in a loop its supervisor restarted: every process's log, across the
+    // rolling restart.
+    let panicked: Vec<PathBuf> = std::fs::read_dir(&dir)
         .expect("the processes' folder")
         .filter_map(Result::ok)
         .map(|entry| entry.path())
         .filter(|path| path.extension().is_some_and(|extension| extension == "log"))
-        .flat_map(|path| {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            text.lines()
-                .filter(|line| line.contains("panicked"))
-                .map(|line| format!("{}: {line}", path.display()))
-                .collect::<Vec<_>>()
+        .filter(|path| {
+            std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .contains("panicked")
         })
         .collect();
     assert!(
-        panics.is_empty(),
+        panicked.is_empty(),
         "a process panicked:\n{}",
-        panics.join("\n")
+        whist_tests::log_troubles(panicked.iter().map(PathBuf::as_path))
     );
     record(&Row {
         scenario: "Production rehearsal",
