@@ -4,12 +4,12 @@
 //! aggregates that must be recorded together (an assign reserves the user's limit, the host's slot, the mandelbox
 //! and the session at once). Under load, many decisions append at the same moment; writing each in its own
 //! transaction costs one commit (a WAL flush) each. The batcher writes whatever units are waiting with one call of
-//! `whist_append_units_checked` (migration 0012, its body since 0016): one statement, one commit. The function gives the events their
-//! global positions under a transaction-scoped advisory lock, held until commit, so appends are serialised across
-//! every process and positions follow commit order; it refuses a unit that would leave a hole in a sequence. A unit any of whose events collided with an existing sequence number
-//! keeps none of its events and gets a conflict, exactly what a transaction of its own would have told it. Nothing
-//! waits for a timer: a flusher takes everything queued while the previous statement ran, so a lone writer pays no
-//! extra latency.
+//! `whist_append_units_checked` (migration 0012, its body since 0016): one statement, one commit. The function
+//! gives the events their global positions under a transaction-scoped advisory lock, held until commit, so appends
+//! are serialised across every process and positions follow commit order; it refuses a unit that would leave a
+//! hole in a sequence. A unit any of whose events collided with an existing sequence number keeps none of its
+//! events and gets a conflict, exactly what a transaction of its own would have told it. Nothing waits for a timer:
+//! a flusher takes everything queued while the previous statement ran, so a lone writer pays no extra latency.
 
 use std::collections::HashSet;
 
