@@ -174,6 +174,22 @@ impl ImageCatalog {
             .collect()
     }
 
+    /// Every region's images whose hosts the catalog keeps, as (region, image id): the region's active image and
+    /// every prepared release's image there.
+    pub fn kept(&self) -> BTreeSet<(String, String)> {
+        let active = self
+            .active
+            .iter()
+            .map(|(region, image)| (region.clone(), image.image_id.clone()));
+        let prepared = self.prepared.values().flat_map(|release| {
+            release
+                .images
+                .iter()
+                .map(|(region, image_id)| (region.clone(), image_id.clone()))
+        });
+        active.chain(prepared).collect()
+    }
+
     /// Whether `client_commit_hash` is active or prepared in `region` (a client on it is current).
     pub fn serves(&self, region: &str, client_commit_hash: &str) -> bool {
         self.active
@@ -425,6 +441,29 @@ impl crate::decide::Decide for ImageCatalog {
 }
 
 crate::cqrs_aggregate!(ImageCatalog, "image_catalog");
+
+/// Why the hosts of a retired image retire, from the catalog's history (its events in order): for every (region,
+/// image id) the catalog kept and keeps no longer, the index in `events` of the event that stopped keeping it (the
+/// swap-over that replaced it, the rollback of its release). An image kept again later has no entry. Whoever retires
+/// such a host (the release workflow or the autoscaler, whichever comes first) records that event as the cause.
+pub fn retirement_causes(
+    events: impl IntoIterator<Item = ImageCatalogEvent>,
+) -> BTreeMap<(String, String), usize> {
+    let mut catalog = ImageCatalog::default();
+    let mut causes = BTreeMap::new();
+    for (index, event) in events.into_iter().enumerate() {
+        let before = catalog.kept();
+        crate::decide::Decide::evolve(&mut catalog, event);
+        let after = catalog.kept();
+        for stopped in before.difference(&after) {
+            causes.insert(stopped.clone(), index);
+        }
+        for kept in &after {
+            causes.remove(kept);
+        }
+    }
+    causes
+}
 
 #[cfg(test)]
 mod tests {
@@ -801,5 +840,77 @@ mod tests {
             ])
             .when(prepare())
             .then_expect_events(vec![prepared(2)]);
+    }
+
+    fn swapped_over() -> ImageCatalogEvent {
+        ImageCatalogEvent::ReleaseSwappedOver {
+            client_commit_hash: "new".to_string(),
+            images: new_images(),
+            replaced: [
+                ("eu-west-1", "ami-old-2", "old"),
+                ("us-east-1", "ami-old-1", "old"),
+            ]
+            .into_iter()
+            .map(|(region, image_id, hash)| {
+                (
+                    region.to_string(),
+                    RegionImage {
+                        image_id: image_id.to_string(),
+                        client_commit_hash: hash.to_string(),
+                    },
+                )
+            })
+            .collect(),
+            at: at(),
+        }
+    }
+
+    fn rolled_back() -> ImageCatalogEvent {
+        ImageCatalogEvent::ReleaseRolledBack {
+            client_commit_hash: "new".to_string(),
+            images: new_images(),
+            at: at(),
+        }
+    }
+
+    fn key(region: &str, image_id: &str) -> (String, String) {
+        (region.to_string(), image_id.to_string())
+    }
+
+    #[test]
+    fn the_swap_over_is_why_the_images_it_replaced_retire() {
+        let causes = retirement_causes(vec![old_release(), prepared(1), swapped_over()]);
+        assert_eq!(
+            causes,
+            [
+                (key("eu-west-1", "ami-old-2"), 2),
+                (key("us-east-1", "ami-old-1"), 2)
+            ]
+            .into()
+        );
+    }
+
+    #[test]
+    fn the_rollback_is_why_a_release_candidates_retire_until_they_are_prepared_again() {
+        let rolled = vec![old_release(), prepared(1), rolled_back()];
+        assert_eq!(
+            retirement_causes(rolled.clone()),
+            [
+                (key("eu-west-1", "ami-new-2"), 2),
+                (key("us-east-1", "ami-new-1"), 2)
+            ]
+            .into()
+        );
+        let mut again = rolled;
+        again.push(prepared(2));
+        assert_eq!(retirement_causes(again.clone()), BTreeMap::new());
+        again.push(swapped_over());
+        assert_eq!(
+            retirement_causes(again).keys().collect::<Vec<_>>(),
+            [
+                &key("eu-west-1", "ami-old-2"),
+                &key("us-east-1", "ami-old-1")
+            ]
+        );
     }
 }

@@ -46,11 +46,30 @@ pub struct RegionPlan {
     pub retire: Vec<Retirement>,
 }
 
-/// What to do with a host on a retired image.
+/// A host on a retired image, and what to do with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Retirement {
-    Drain(String),
-    Terminate(String),
+pub struct Retirement {
+    pub instance_id: String,
+    /// The retired image it runs: the catalog event that retired the image is why the host retires.
+    pub image_id: String,
+    pub step: RetirementStep,
+}
+
+/// How a host retires: a registered one drains, one still booting is terminated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetirementStep {
+    Drain,
+    Terminate,
+}
+
+impl Retirement {
+    pub fn new(instance_id: &str, image_id: &str, step: RetirementStep) -> Self {
+        Self {
+            instance_id: instance_id.to_string(),
+            image_id: image_id.to_string(),
+            step,
+        }
+    }
 }
 
 /// Hosts of the region on an image that is neither `active_image` nor protected, that are still up or coming up.
@@ -62,10 +81,13 @@ pub fn retirements(
     hosts
         .iter()
         .filter(|host| host.image_id != active_image && !protected_images.contains(&host.image_id))
-        .filter_map(|host| match host.status {
-            InstanceStatus::Active => Some(Retirement::Drain(host.instance_id.clone())),
-            InstanceStatus::PreConnection => Some(Retirement::Terminate(host.instance_id.clone())),
-            _ => None,
+        .filter_map(|host| {
+            match host.status {
+                InstanceStatus::Active => Some(RetirementStep::Drain),
+                InstanceStatus::PreConnection => Some(RetirementStep::Terminate),
+                _ => None,
+            }
+            .map(|step| Retirement::new(&host.instance_id, &host.image_id, step))
         })
         .collect()
 }
@@ -262,9 +284,9 @@ mod tests {
         assert_eq!(
             plan.retire,
             vec![
-                Retirement::Drain("old".to_string()),
-                Retirement::Drain("old-busy".to_string()),
-                Retirement::Terminate("old-booting".to_string()),
+                Retirement::new("old", "ami-old", RetirementStep::Drain),
+                Retirement::new("old-busy", "ami-old", RetirementStep::Drain),
+                Retirement::new("old-booting", "ami-old", RetirementStep::Terminate),
             ]
         );
     }
@@ -275,7 +297,10 @@ mod tests {
         let hosts = [host("old", "ami-old", InstanceStatus::Active, 4, 1)];
         let plan = plan_region(&hosts, targets(4, &none));
         assert_eq!(plan.launch, 1);
-        assert_eq!(plan.retire, vec![Retirement::Drain("old".to_string())]);
+        assert_eq!(
+            plan.retire,
+            vec![Retirement::new("old", "ami-old", RetirementStep::Drain)]
+        );
     }
 
     fn any_host() -> impl Strategy<Value = HostView> {

@@ -10,8 +10,8 @@ use std::time::Duration;
 use whist_adapters::config::Settings;
 use whist_tests::moto_hosts::HostImages;
 use whist_tests::{
-    admin_token, assign_body, eventually, fleet_history, fleet_rows, http_client, spawn_app,
-    spawn_app_with, user_token, ChildProcess, Moto, MotoHosts, TestApp, TestDatabase,
+    admin_token, assign_body, eventually, fleet_history, fleet_rows, http_client, launch_spec,
+    spawn_app, spawn_app_with, user_token, ChildProcess, Moto, MotoHosts, TestApp, TestDatabase,
 };
 
 const REGIONS: [&str; 2] = ["us-east-1", "us-west-2"];
@@ -476,8 +476,9 @@ async fn a_full_release_under_load_switches_every_region_at_once_and_retires_the
             == 0
     })
     .await;
-    // Why did the old hosts drain? Each drain the swap-over decided is caused by its catalog event, in the chain
-    // of the swap-over command, whose root is the release workflow.
+    // Why did the old hosts drain? Each retirement is caused by the catalog event of the swap-over, whose root is
+    // the release workflow, whoever recorded it: the swap-over command, or the autoscaler when its pass saw the
+    // new catalog first.
     let store = &release.app.state.database;
     let swapped_over: Vec<whist_api::control::audit::EventRecord> =
         whist_api::control::audit::history(
@@ -494,12 +495,12 @@ async fn a_full_release_under_load_switches_every_region_at_once_and_retires_the
     let swap = &swapped_over[0];
     let drains: Vec<(String, i64)> = sqlx::query_as(
         "SELECT aggregate_id, sequence FROM events WHERE event_type = 'InstanceDrainStarted' \
-         AND metadata->>'actor' = 'release-workflow'",
+         AND payload->'DrainStarted'->>'reason' = 'image_retired'",
     )
     .fetch_all(store.any())
     .await
     .expect("the drains");
-    assert!(!drains.is_empty(), "the swap-over drained the old hosts");
+    assert!(!drains.is_empty(), "the old hosts drained as retired");
     for (instance_id, sequence) in &drains {
         let walk = whist_api::control::audit::why(store, "instance", instance_id, Some(*sequence))
             .await
@@ -667,6 +668,41 @@ async fn rollback_retires_the_candidates_and_leaves_the_old_release_serving() {
             .all(|status| *status != Some(active))
     })
     .await;
+    // Either way, each drain names the rollback as its cause, whose root is the release workflow.
+    for region in REGIONS {
+        let instance_id = whist_api::control::release::buffer_instance_id(NEW_HASH, 2, region, 0);
+        let sequence: i64 = sqlx::query_scalar(
+            "SELECT sequence FROM events WHERE aggregate_id = $1 AND event_type = 'InstanceDrainStarted'",
+        )
+        .bind(&instance_id)
+        .fetch_one(app.state.database.any())
+        .await
+        .expect("the candidate drained");
+        let walk = whist_api::control::audit::why(
+            &app.state.database,
+            "instance",
+            &instance_id,
+            Some(sequence),
+        )
+        .await
+        .expect("the walk reads")
+        .expect("the drain is stored");
+        let types: Vec<&str> = walk
+            .steps
+            .iter()
+            .map(|step| step.event_type.as_str())
+            .collect();
+        assert_eq!(
+            types,
+            ["InstanceDrainStarted", "ImageReleaseRolledBack"],
+            "{region}"
+        );
+        assert!(
+            matches!(&walk.root, whist_api::control::audit::WalkRoot::Origin { actor, .. } if actor == "release-workflow"),
+            "{:?}",
+            walk.root
+        );
+    }
     wait("the candidates are gone from moto", 60, async || {
         live_in_moto_on(&release, NEW_IMAGE).await == 0
     })
@@ -692,6 +728,82 @@ async fn rollback_retires_the_candidates_and_leaves_the_old_release_serving() {
     let (ok, log) = images_command(&release, &["swap-over", "--commit-hash", NEW_HASH]).await;
     assert!(!ok && log.contains("no prepared release"), "{log}");
     release.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_autoscaler_pass_that_retires_the_old_hosts_first_names_the_swap_over_as_their_cause() {
+    use whist_domain::images::{ImageCatalogCommand, CATALOG_ID};
+    use whist_domain::metadata::Actor;
+    use whist_domain::EventMetadata;
+
+    let database = TestDatabase::postgres().await;
+    let app = spawn_app(&database).await;
+    app.activate_image(&["us-east-1"], OLD_IMAGE, OLD_HASH)
+        .await;
+    let old = app
+        .active_host(launch_spec("us-east-1", OLD_IMAGE, OLD_HASH), 4)
+        .await;
+    // The release workflow switches the catalog and stops there, as if it crashed before retiring anything (or an
+    // autoscaler pass saw the new catalog first).
+    let workflow = EventMetadata::new(Actor::ReleaseWorkflow, chrono::Utc::now());
+    let catalog = &app.state.services.catalog;
+    let images: std::collections::BTreeMap<String, String> =
+        [("us-east-1".to_string(), NEW_IMAGE.to_string())].into();
+    for command in [
+        ImageCatalogCommand::Prepare {
+            client_commit_hash: NEW_HASH.to_string(),
+            images,
+            at: chrono::Utc::now(),
+        },
+        ImageCatalogCommand::SwapOver {
+            client_commit_hash: NEW_HASH.to_string(),
+            ready_regions: ["us-east-1".to_string()].into(),
+            at: chrono::Utc::now(),
+        },
+    ] {
+        catalog
+            .execute_retrying(CATALOG_ID, command, &workflow.at(chrono::Utc::now()))
+            .await
+            .expect("the catalog takes the release");
+    }
+    let scaler = whist_api::workers::autoscaler::Autoscaler::new(app.state.context.clone());
+    // Retirements are not fenced by the fleet's lease: any epoch will do.
+    let decided = scaler.decide_once(1).await.expect("decides");
+    assert_eq!(decided.retired, 1, "{decided:?}");
+
+    let store = &app.state.database;
+    let (_, sequence): (String, i64) = sqlx::query_as(
+        "SELECT CAST(metadata AS TEXT), sequence FROM events WHERE aggregate_id = $1 \
+         AND event_type = 'InstanceDrainStarted'",
+    )
+    .bind(&old.instance_id)
+    .fetch_one(store.any())
+    .await
+    .expect("the old host drained");
+    let walk = whist_api::control::audit::why(store, "instance", &old.instance_id, Some(sequence))
+        .await
+        .expect("the walk reads")
+        .expect("the drain is stored");
+    let steps: Vec<(&str, &str)> = walk
+        .steps
+        .iter()
+        .map(|step| (step.event_type.as_str(), step.metadata.actor.as_str()))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("InstanceDrainStarted", "system"),
+            ("ImageReleaseSwappedOver", "release-workflow")
+        ]
+    );
+    assert_eq!(
+        walk.root,
+        whist_api::control::audit::WalkRoot::Origin {
+            correlation_id: workflow.correlation_id.clone(),
+            actor: "release-workflow".to_string(),
+        }
+    );
+    app.stop().await;
 }
 
 #[tokio::test]

@@ -6,7 +6,8 @@
 //!    it is rolled back and every host it started is retired.
 //! 2. `swap_over` switches every region at once (one catalog event), then retires the hosts of older images: those
 //!    registered drain (no new mandelbox; they shut down when their last mandelbox ends), those still booting are
-//!    terminated. The autoscaler retires them too on its next pass, so a crash between the two steps loses nothing.
+//!    terminated. The autoscaler retires them too on its next pass, so a crash between the two steps loses nothing;
+//!    whichever records a retirement first names the catalog event that retired the image as its cause.
 //! 3. `roll_back` undoes a release that was prepared and not swapped over.
 //!
 //! Every step is idempotent: the buffer's instance ids derive from the commit hash, the preparation's generation and
@@ -24,7 +25,7 @@ use whist_domain::images::{ImageCatalog, ImageCatalogCommand, ImageCatalogError,
 use whist_domain::instance::{
     DrainReason, InstanceCommand, InstanceError, InstanceStatus, LaunchSpec, TerminationReason,
 };
-use whist_domain::scaling::{retirements, Retirement};
+use whist_domain::scaling::{retirements, Retirement, RetirementStep};
 use whist_domain::EventMetadata;
 use whist_projections::fleet_queries;
 
@@ -457,7 +458,7 @@ async fn abandon(
     buffers: &Buffers,
     origin: &EventMetadata,
 ) -> Result<Retired, ReleaseError> {
-    let caused = execute_catalog(
+    execute_catalog(
         state,
         ImageCatalogCommand::RollBack {
             client_commit_hash: buffers.client_commit_hash.clone(),
@@ -467,7 +468,7 @@ async fn abandon(
     )
     .await?;
     let mut retired = Retired::default();
-    for (_, ids) in buffers.regions.values() {
+    for (image_id, ids) in buffers.regions.values() {
         for instance_id in ids {
             let (instance, _) = state
                 .services
@@ -475,14 +476,15 @@ async fn abandon(
                 .load_caught_up(instance_id)
                 .await
                 .map_err(store_error)?;
-            let retirement = match instance.status {
-                Some(InstanceStatus::PreConnection) => Retirement::Terminate(instance_id.clone()),
+            let step = match instance.status {
+                Some(InstanceStatus::PreConnection) => RetirementStep::Terminate,
                 Some(InstanceStatus::Active | InstanceStatus::Unresponsive) => {
-                    Retirement::Drain(instance_id.clone())
+                    RetirementStep::Drain
                 }
                 _ => continue,
             };
-            retired += record_retirements(state, &caused, &[retirement])
+            let retirement = Retirement::new(instance_id, image_id, step);
+            retired += record_retirements(state, origin, &[retirement])
                 .await
                 .map_err(ReleaseError::Store)?;
         }
@@ -502,8 +504,6 @@ pub async fn swap_over(
 ) -> Result<SwappedOver, ReleaseError> {
     let before = catalog(state).await?;
     let mut switched = false;
-    // The drains a swap-over leads to are caused by its catalog event (a rerun's, by the rerun itself).
-    let mut caused = origin.clone();
     if let Some(prepared) = before.prepared.get(client_commit_hash) {
         let mut ready_regions = BTreeSet::new();
         for (region, image_id) in &prepared.images {
@@ -514,7 +514,7 @@ pub async fn swap_over(
                 ready_regions.insert(region.clone());
             }
         }
-        caused = execute_catalog(
+        execute_catalog(
             state,
             ImageCatalogCommand::SwapOver {
                 client_commit_hash: client_commit_hash.to_string(),
@@ -543,7 +543,8 @@ pub async fn swap_over(
         .map(|(region, image)| (region.clone(), image.image_id.clone()))
         .collect();
     let regions: Vec<String> = images.keys().cloned().collect();
-    let retired = retire_old_hosts(state, &regions, &caused).await?;
+    // Each drain is caused by the catalog event that retired the host's image, a rerun's too.
+    let retired = retire_old_hosts(state, &regions, origin).await?;
     Ok(SwappedOver {
         switched,
         images,
@@ -561,7 +562,7 @@ pub async fn roll_back(
     origin: &EventMetadata,
 ) -> Result<Retired, ReleaseError> {
     let before = catalog(state).await?;
-    let caused = execute_catalog(
+    execute_catalog(
         state,
         ImageCatalogCommand::RollBack {
             client_commit_hash: client_commit_hash.to_string(),
@@ -575,7 +576,7 @@ pub async fn roll_back(
         // Already rolled back (a rerun): retire whatever is left anywhere.
         None => state.settings.enabled_regions.clone(),
     };
-    retire_old_hosts(state, &regions, &caused).await
+    retire_old_hosts(state, &regions, origin).await
 }
 
 /// Waits until the `instances` read model has applied every event sequenced before the call; whether it did within
@@ -633,7 +634,10 @@ pub async fn retire_old_hosts(
 }
 
 /// Records retirements: a registered host drains, a booting one is terminated. A host that changed meanwhile (it
-/// registered, or is already ending) is retired the way its new state calls for, or left alone.
+/// registered, or is already ending) is retired the way its new state calls for, or left alone. Each is recorded in
+/// `origin`'s chain, caused by the catalog event that retired its image (see
+/// [`whist_domain::images::retirement_causes`]): whoever gets there first, the release workflow or the autoscaler,
+/// records the same cause.
 ///
 /// # Errors
 /// The store failed.
@@ -642,12 +646,26 @@ pub async fn record_retirements(
     origin: &EventMetadata,
     retirements: &[Retirement],
 ) -> Result<Retired, UseCaseError> {
-    let metadata = || origin.at(Utc::now());
+    if retirements.is_empty() {
+        return Ok(Retired::default());
+    }
+    let causes = retirement_causes(state).await?;
     let mut retired = Retired::default();
     for retirement in retirements {
-        let (instance_id, first) = match retirement {
-            Retirement::Drain(id) => (id, drain_command()),
-            Retirement::Terminate(id) => (id, terminate_command()),
+        let Retirement {
+            instance_id,
+            image_id,
+            step,
+        } = retirement;
+        let (instance, _) = state.services.instances.load_caught_up(instance_id).await?;
+        let region = instance.spec.map(|spec| spec.region).unwrap_or_default();
+        let metadata = || match causes.get(&(region.clone(), image_id.clone())) {
+            Some(position) => origin.caused_by(position.to_string(), Utc::now()),
+            None => origin.at(Utc::now()),
+        };
+        let first = match step {
+            RetirementStep::Drain => drain_command(),
+            RetirementStep::Terminate => terminate_command(),
         };
         let mut outcome = state
             .services
@@ -690,6 +708,32 @@ pub async fn record_retirements(
         }
     }
     Ok(retired)
+}
+
+/// (region, image id) → the position of the catalog event that retired the image there, from the catalog's history.
+///
+/// # Errors
+/// The store failed, or a catalog event is unreadable.
+async fn retirement_causes(
+    state: &Context,
+) -> Result<BTreeMap<(String, String), i64>, UseCaseError> {
+    let logged = state
+        .database
+        .log()
+        .events_of(ImageCatalog::TYPE, CATALOG_ID)
+        .await?;
+    let mut events = Vec::with_capacity(logged.len());
+    for event in &logged {
+        events.push(
+            event
+                .payload_as()
+                .map_err(|error| UseCaseError::Store(Box::new(error)))?,
+        );
+    }
+    Ok(whist_domain::images::retirement_causes(events)
+        .into_iter()
+        .map(|(key, index)| (key, logged[index].position))
+        .collect())
 }
 
 fn drain_command() -> InstanceCommand {
