@@ -1,6 +1,7 @@
 //! Helpers for the black-box test suite: fresh databases, an in-process server on a free port, and the real
 //! `whist` binary as a child process.
 
+pub mod connection_budget;
 pub mod fault_proxy;
 pub mod moto_hosts;
 pub mod pgbouncer;
@@ -41,7 +42,12 @@ pub struct TestDatabase {
     /// The embedded store's folder (also the working folder for child processes).
     pub data_dir: tempfile::TempDir,
     name: Option<String>,
+    /// The test's share of the server's connections (Postgres only), given back after the database is dropped.
+    _admission: Option<connection_budget::Admission>,
 }
+
+/// The connections a test of one server may hold on Postgres at its peak (measured: 20 to 28).
+pub const ONE_SERVER_CONNECTIONS: u32 = 30;
 
 impl TestDatabase {
     /// A fresh database of the given kind.
@@ -52,8 +58,16 @@ impl TestDatabase {
         }
     }
 
-    /// A fresh, empty Postgres database on the local server.
+    /// A fresh, empty Postgres database on the local server, for a test of one server
+    /// ([`ONE_SERVER_CONNECTIONS`]).
     pub async fn postgres() -> Self {
+        Self::postgres_for(ONE_SERVER_CONNECTIONS).await
+    }
+
+    /// A fresh, empty Postgres database on the local server, for a test that holds up to `connections` on it at
+    /// once (several processes, a pooler): it waits for that share of the server first (`connection_budget`).
+    pub async fn postgres_for(connections: u32) -> Self {
+        let admission = connection_budget::admit(&postgres_server_url(), connections).await;
         let name = format!("whist_test_{}", uuid::Uuid::new_v4().simple());
         let admin = PgPoolOptions::new()
             .max_connections(1)
@@ -71,6 +85,7 @@ impl TestDatabase {
             url: Some(url),
             data_dir: tempfile::tempdir().expect("a temporary folder"),
             name: Some(name),
+            _admission: Some(admission),
         }
     }
 
@@ -81,6 +96,7 @@ impl TestDatabase {
             url: None,
             data_dir: tempfile::tempdir().expect("a temporary folder"),
             name: None,
+            _admission: None,
         }
     }
 

@@ -20,7 +20,7 @@ const CLIENTS: usize = 64;
 
 #[tokio::test]
 async fn two_servers_never_give_one_slot_twice_nor_overfill_a_host() {
-    let test_database = TestDatabase::postgres().await;
+    let test_database = TestDatabase::postgres_for(40).await;
     let database = test_database.open().await;
     let url = test_database.url.clone().expect("url");
     let host_service_port = free_port();
@@ -214,7 +214,7 @@ async fn a_disconnect_repeated_on_a_server_whose_copies_are_behind_answers_200_a
     const REGION: &str = "us-east-1";
     const IMAGE: &str = "ami-behind";
     const HASH: &str = "hash-behind";
-    let database = TestDatabase::postgres().await;
+    let database = TestDatabase::postgres_for(40).await;
     let first = spawn_app(&database).await;
     let second = spawn_second_app(&database, &first).await;
     first.activate_image(&[REGION], IMAGE, HASH).await;
@@ -277,7 +277,7 @@ async fn a_disconnect_repeated_on_a_server_whose_copies_are_behind_answers_200_a
 #[tokio::test]
 async fn two_servers_fill_the_hosts_of_their_own_share_first() {
     use whist_adapters::store::members::owner;
-    let database = TestDatabase::postgres().await;
+    let database = TestDatabase::postgres_for(40).await;
     let first = spawn_app(&database).await;
     let second = spawn_second_app(&database, &first).await;
     assert!(

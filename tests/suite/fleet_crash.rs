@@ -158,7 +158,7 @@ fn adopted(logs: &str) -> bool {
 #[tokio::test]
 async fn a_worker_killed_between_launch_and_record_never_doubles_an_instance() {
     let moto = Moto::start().await;
-    let database = TestDatabase::postgres().await;
+    let database = TestDatabase::postgres_for(35).await;
     let mut ids = Vec::new();
     let mut logs = String::new();
     let mut current = worker(&database, &moto, 3_000, "worker-0");
@@ -185,7 +185,7 @@ async fn a_worker_killed_between_launch_and_record_never_doubles_an_instance() {
 #[tokio::test]
 async fn two_workers_racing_on_one_backlog_and_killed_in_turn_never_double_an_instance() {
     let moto = Moto::start().await;
-    let database = TestDatabase::postgres().await;
+    let database = TestDatabase::postgres_for(35).await;
     let mut ids = Vec::new();
     let mut logs = String::new();
     let mut a = worker(&database, &moto, 3_000, "a-0");

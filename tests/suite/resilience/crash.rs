@@ -410,7 +410,7 @@ async fn replay_slots(database: &Database) -> Slots {
 async fn processes_killed_at_random_under_load_lose_and_double_nothing() {
     let started = Instant::now();
     let moto = Moto::start().await;
-    let database = TestDatabase::postgres().await;
+    let database = TestDatabase::postgres_for(60).await;
     let store = database.open_with(4).await;
     whist_tests::activate_release(&store, &[REGION], IMAGE, HASH).await;
     let tokens = Arc::new(Tokens::load(&store).await.expect("the server key"));

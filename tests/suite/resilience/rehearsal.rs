@@ -364,7 +364,7 @@ async fn a_production_rehearsal_releases_and_restarts_behind_nginx_and_pgbouncer
     let dir: PathBuf = folder.path().to_path_buf();
 
     // The database, through PgBouncer over TLS (its certificate from the database CA), and directly.
-    let database = TestDatabase::postgres().await;
+    let database = TestDatabase::postgres_for(60).await;
     let direct = database.url.clone().expect("Postgres");
     let database_ca = Authority::new("rehearsal database CA").expect("a CA");
     let ca_file = dir.join("database-ca.pem");
