@@ -468,7 +468,7 @@ async fn abandon(
     )
     .await?;
     let mut retired = Retired::default();
-    for (image_id, ids) in buffers.regions.values() {
+    for (region, (image_id, ids)) in &buffers.regions {
         for instance_id in ids {
             let (instance, _) = state
                 .services
@@ -484,7 +484,7 @@ async fn abandon(
                 _ => continue,
             };
             let retirement = Retirement::new(instance_id, image_id, step);
-            retired += record_retirements(state, origin, &[retirement])
+            retired += record_retirements(state, origin, region, &[retirement])
                 .await
                 .map_err(ReleaseError::Store)?;
         }
@@ -626,16 +626,16 @@ pub async fn retire_old_hosts(
             .await
             .map_err(store_error)?;
         let plan = retirements(&hosts, &active.image_id, &protected);
-        retired += record_retirements(state, metadata, &plan)
+        retired += record_retirements(state, metadata, region, &plan)
             .await
             .map_err(ReleaseError::Store)?;
     }
     Ok(retired)
 }
 
-/// Records retirements: a registered host drains, a booting one is terminated. A host that changed meanwhile (it
-/// registered, or is already ending) is retired the way its new state calls for, or left alone. Each is recorded in
-/// `origin`'s chain, caused by the catalog event that retired its image (see
+/// Records retirements of hosts in `region`: a registered host drains, a booting one is terminated. A host that
+/// changed meanwhile (it registered, or is already ending) is retired the way its new state calls for, or left
+/// alone. Each is recorded in `origin`'s chain, caused by the catalog event that retired its image there (see
 /// [`whist_domain::images::retirement_causes`]): whoever gets there first, the release workflow or the autoscaler,
 /// records the same cause.
 ///
@@ -644,6 +644,7 @@ pub async fn retire_old_hosts(
 pub async fn record_retirements(
     state: &Context,
     origin: &EventMetadata,
+    region: &str,
     retirements: &[Retirement],
 ) -> Result<Retired, UseCaseError> {
     if retirements.is_empty() {
@@ -657,9 +658,7 @@ pub async fn record_retirements(
             image_id,
             step,
         } = retirement;
-        let (instance, _) = state.services.instances.load_caught_up(instance_id).await?;
-        let region = instance.spec.map(|spec| spec.region).unwrap_or_default();
-        let metadata = || match causes.get(&(region.clone(), image_id.clone())) {
+        let metadata = || match causes.get(&(region.to_string(), image_id.clone())) {
             Some(position) => origin.caused_by(position.to_string(), Utc::now()),
             None => origin.at(Utc::now()),
         };

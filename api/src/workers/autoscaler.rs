@@ -232,9 +232,13 @@ impl Autoscaler {
                 }
             }
             if !plan.retire.is_empty() {
-                let retired =
-                    crate::control::release::record_retirements(&self.state, pass, &plan.retire)
-                        .await?;
+                let retired = crate::control::release::record_retirements(
+                    &self.state,
+                    pass,
+                    &region,
+                    &plan.retire,
+                )
+                .await?;
                 decisions.retired += retired.drained + retired.terminated;
             }
             decisions.plans.push((region.clone(), plan));
