@@ -111,6 +111,34 @@ async fn records_on(app: &TestApp, image: &str) -> i64 {
 }
 
 /// Live EC2 instances (in moto) of hosts recorded on `image`, across both regions.
+/// Why `instance_id` drained: the walk back from its `InstanceDrainStarted`, each step as (event type, actor,
+/// position), and where the walk ended.
+async fn why_drained(
+    store: &whist_adapters::store::Database,
+    instance_id: &str,
+) -> (
+    Vec<(String, String, Option<i64>)>,
+    whist_api::control::audit::WalkRoot,
+) {
+    let sequence: i64 = sqlx::query_scalar(
+        "SELECT sequence FROM events WHERE aggregate_id = $1 AND event_type = 'InstanceDrainStarted'",
+    )
+    .bind(instance_id)
+    .fetch_one(store.any())
+    .await
+    .expect("the host drained");
+    let walk = whist_api::control::audit::why(store, "instance", instance_id, Some(sequence))
+        .await
+        .expect("the walk reads")
+        .expect("the drain is stored");
+    let steps = walk
+        .steps
+        .into_iter()
+        .map(|step| (step.event_type, step.metadata.actor, step.position))
+        .collect();
+    (steps, walk.root)
+}
+
 async fn live_in_moto_on(release: &Release, image: &str) -> usize {
     let records: BTreeSet<String> =
         sqlx::query_scalar("SELECT instance_id FROM instances WHERE image_id = $1")
@@ -493,32 +521,25 @@ async fn a_full_release_under_load_switches_every_region_at_once_and_retires_the
         .collect();
     assert_eq!(swapped_over.len(), 1, "one swap-over");
     let swap = &swapped_over[0];
-    let drains: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT aggregate_id, sequence FROM events WHERE event_type = 'InstanceDrainStarted' \
+    let drains: Vec<String> = sqlx::query_scalar(
+        "SELECT aggregate_id FROM events WHERE event_type = 'InstanceDrainStarted' \
          AND payload->'DrainStarted'->>'reason' = 'image_retired'",
     )
     .fetch_all(store.any())
     .await
     .expect("the drains");
     assert!(!drains.is_empty(), "the old hosts drained as retired");
-    for (instance_id, sequence) in &drains {
-        let walk = whist_api::control::audit::why(store, "instance", instance_id, Some(*sequence))
-            .await
-            .expect("the walk reads")
-            .expect("the drain is stored");
-        let types: Vec<&str> = walk
-            .steps
-            .iter()
-            .map(|step| step.event_type.as_str())
-            .collect();
+    for instance_id in &drains {
+        let (steps, root) = why_drained(store, instance_id).await;
+        let types: Vec<&str> = steps.iter().map(|(kind, _, _)| kind.as_str()).collect();
         assert_eq!(
             types,
             ["InstanceDrainStarted", "ImageReleaseSwappedOver"],
             "{instance_id}"
         );
-        assert_eq!(walk.steps[1].position, swap.position);
+        assert_eq!(steps[1].2, swap.position);
         assert_eq!(
-            walk.root,
+            root,
             whist_api::control::audit::WalkRoot::Origin {
                 correlation_id: swap.metadata.correlation_id.clone(),
                 actor: "release-workflow".to_string(),
@@ -671,36 +692,16 @@ async fn rollback_retires_the_candidates_and_leaves_the_old_release_serving() {
     // Either way, each drain names the rollback as its cause, whose root is the release workflow.
     for region in REGIONS {
         let instance_id = whist_api::control::release::buffer_instance_id(NEW_HASH, 2, region, 0);
-        let sequence: i64 = sqlx::query_scalar(
-            "SELECT sequence FROM events WHERE aggregate_id = $1 AND event_type = 'InstanceDrainStarted'",
-        )
-        .bind(&instance_id)
-        .fetch_one(app.state.database.any())
-        .await
-        .expect("the candidate drained");
-        let walk = whist_api::control::audit::why(
-            &app.state.database,
-            "instance",
-            &instance_id,
-            Some(sequence),
-        )
-        .await
-        .expect("the walk reads")
-        .expect("the drain is stored");
-        let types: Vec<&str> = walk
-            .steps
-            .iter()
-            .map(|step| step.event_type.as_str())
-            .collect();
+        let (steps, root) = why_drained(&app.state.database, &instance_id).await;
+        let types: Vec<&str> = steps.iter().map(|(kind, _, _)| kind.as_str()).collect();
         assert_eq!(
             types,
             ["InstanceDrainStarted", "ImageReleaseRolledBack"],
             "{region}"
         );
         assert!(
-            matches!(&walk.root, whist_api::control::audit::WalkRoot::Origin { actor, .. } if actor == "release-workflow"),
-            "{:?}",
-            walk.root
+            matches!(&root, whist_api::control::audit::WalkRoot::Origin { actor, .. } if actor == "release-workflow"),
+            "{root:?}"
         );
     }
     wait("the candidates are gone from moto", 60, async || {
@@ -771,23 +772,10 @@ async fn an_autoscaler_pass_that_retires_the_old_hosts_first_names_the_swap_over
     let decided = scaler.decide_once(1).await.expect("decides");
     assert_eq!(decided.retired, 1, "{decided:?}");
 
-    let store = &app.state.database;
-    let (_, sequence): (String, i64) = sqlx::query_as(
-        "SELECT CAST(metadata AS TEXT), sequence FROM events WHERE aggregate_id = $1 \
-         AND event_type = 'InstanceDrainStarted'",
-    )
-    .bind(&old.instance_id)
-    .fetch_one(store.any())
-    .await
-    .expect("the old host drained");
-    let walk = whist_api::control::audit::why(store, "instance", &old.instance_id, Some(sequence))
-        .await
-        .expect("the walk reads")
-        .expect("the drain is stored");
-    let steps: Vec<(&str, &str)> = walk
-        .steps
+    let (steps, root) = why_drained(&app.state.database, &old.instance_id).await;
+    let steps: Vec<(&str, &str)> = steps
         .iter()
-        .map(|step| (step.event_type.as_str(), step.metadata.actor.as_str()))
+        .map(|(kind, actor, _)| (kind.as_str(), actor.as_str()))
         .collect();
     assert_eq!(
         steps,
@@ -797,7 +785,7 @@ async fn an_autoscaler_pass_that_retires_the_old_hosts_first_names_the_swap_over
         ]
     );
     assert_eq!(
-        walk.root,
+        root,
         whist_api::control::audit::WalkRoot::Origin {
             correlation_id: workflow.correlation_id.clone(),
             actor: "release-workflow".to_string(),
