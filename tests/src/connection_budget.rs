@@ -43,7 +43,7 @@ pub async fn admit(server_url: &str, connections: u32) -> Admission {
         .expect("the server says its max_connections");
     let max_connections: u32 = max_connections.parse().unwrap_or(100);
     let tokens = (max_connections.saturating_sub(RESERVED) / CONNECTIONS_PER_TOKEN).max(1);
-    let wanted = connections.div_ceil(CONNECTIONS_PER_TOKEN).clamp(1, tokens);
+    let wanted = connections.div_ceil(CONNECTIONS_PER_TOKEN).clamp(1, tokens) as usize;
 
     sqlx::query("SELECT pg_advisory_lock($1, $2)")
         .bind(LOCK_CLASS)
@@ -52,13 +52,13 @@ pub async fn admit(server_url: &str, connections: u32) -> Admission {
         .await
         .expect("the turnstile is taken");
     let started = Instant::now();
+    // Advisory locks are re-entrant within a session: a token already held is not tried again.
     let mut held = BTreeSet::new();
-    while u32::try_from(held.len()).unwrap_or(u32::MAX) < wanted {
+    loop {
         for token in 0..tokens {
-            if u32::try_from(held.len()).unwrap_or(u32::MAX) == wanted {
+            if held.len() == wanted {
                 break;
             }
-            // Advisory locks are re-entrant within a session: a token already held is not taken twice.
             if held.contains(&token) {
                 continue;
             }
@@ -72,7 +72,7 @@ pub async fn admit(server_url: &str, connections: u32) -> Admission {
                 held.insert(token);
             }
         }
-        if u32::try_from(held.len()).unwrap_or(u32::MAX) == wanted {
+        if held.len() == wanted {
             break;
         }
         if started.elapsed() > PATIENCE {

@@ -7,6 +7,7 @@ mod causes;
 mod cli;
 mod concurrency;
 mod config;
+mod connection_budget;
 mod console;
 mod deploy;
 mod ec2;
