@@ -111,15 +111,11 @@ async fn records_on(app: &TestApp, image: &str) -> i64 {
 }
 
 /// Live EC2 instances (in moto) of hosts recorded on `image`, across both regions.
-/// Why `instance_id` drained: the walk back from its `InstanceDrainStarted`, each step as (event type, actor,
-/// position), and where the walk ended.
+/// Why `instance_id` drained: the walk back from its `InstanceDrainStarted`.
 async fn why_drained(
     store: &whist_adapters::store::Database,
     instance_id: &str,
-) -> (
-    Vec<(String, String, Option<i64>)>,
-    whist_api::control::audit::WalkRoot,
-) {
+) -> whist_api::control::audit::CauseWalk {
     let sequence: i64 = sqlx::query_scalar(
         "SELECT sequence FROM events WHERE aggregate_id = $1 AND event_type = 'InstanceDrainStarted'",
     )
@@ -127,16 +123,18 @@ async fn why_drained(
     .fetch_one(store.any())
     .await
     .expect("the host drained");
-    let walk = whist_api::control::audit::why(store, "instance", instance_id, Some(sequence))
+    whist_api::control::audit::why(store, "instance", instance_id, Some(sequence))
         .await
         .expect("the walk reads")
-        .expect("the drain is stored");
-    let steps = walk
-        .steps
-        .into_iter()
-        .map(|step| (step.event_type, step.metadata.actor, step.position))
-        .collect();
-    (steps, walk.root)
+        .expect("the drain is stored")
+}
+
+/// The event types of a walk's steps.
+fn step_types(walk: &whist_api::control::audit::CauseWalk) -> Vec<&str> {
+    walk.steps
+        .iter()
+        .map(|step| step.event_type.as_str())
+        .collect()
 }
 
 async fn live_in_moto_on(release: &Release, image: &str) -> usize {
@@ -530,16 +528,20 @@ async fn a_full_release_under_load_switches_every_region_at_once_and_retires_the
     .expect("the drains");
     assert!(!drains.is_empty(), "the old hosts drained as retired");
     for instance_id in &drains {
-        let (steps, root) = why_drained(store, instance_id).await;
-        let types: Vec<&str> = steps.iter().map(|(kind, _, _)| kind.as_str()).collect();
+        let walk = why_drained(store, instance_id).await;
         assert_eq!(
-            types,
+            step_types(&walk),
             ["InstanceDrainStarted", "ImageReleaseSwappedOver"],
             "{instance_id}"
         );
-        assert_eq!(steps[1].2, swap.position);
+        assert_eq!(walk.steps[1].position, swap.position);
+        // In the release's chain, whoever recorded it.
         assert_eq!(
-            root,
+            walk.steps[0].metadata.correlation_id,
+            swap.metadata.correlation_id
+        );
+        assert_eq!(
+            walk.root,
             whist_api::control::audit::WalkRoot::Origin {
                 correlation_id: swap.metadata.correlation_id.clone(),
                 actor: "release-workflow".to_string(),
@@ -692,16 +694,16 @@ async fn rollback_retires_the_candidates_and_leaves_the_old_release_serving() {
     // Either way, each drain names the rollback as its cause, whose root is the release workflow.
     for region in REGIONS {
         let instance_id = whist_api::control::release::buffer_instance_id(NEW_HASH, 2, region, 0);
-        let (steps, root) = why_drained(&app.state.database, &instance_id).await;
-        let types: Vec<&str> = steps.iter().map(|(kind, _, _)| kind.as_str()).collect();
+        let walk = why_drained(&app.state.database, &instance_id).await;
         assert_eq!(
-            types,
+            step_types(&walk),
             ["InstanceDrainStarted", "ImageReleaseRolledBack"],
             "{region}"
         );
         assert!(
-            matches!(&root, whist_api::control::audit::WalkRoot::Origin { actor, .. } if actor == "release-workflow"),
-            "{root:?}"
+            matches!(&walk.root, whist_api::control::audit::WalkRoot::Origin { actor, .. } if actor == "release-workflow"),
+            "{:?}",
+            walk.root
         );
     }
     wait("the candidates are gone from moto", 60, async || {
@@ -772,20 +774,29 @@ async fn an_autoscaler_pass_that_retires_the_old_hosts_first_names_the_swap_over
     let decided = scaler.decide_once(1).await.expect("decides");
     assert_eq!(decided.retired, 1, "{decided:?}");
 
-    let (steps, root) = why_drained(&app.state.database, &old.instance_id).await;
-    let steps: Vec<(&str, &str)> = steps
+    let walk = why_drained(&app.state.database, &old.instance_id).await;
+    let steps: Vec<(&str, &str, &str)> = walk
+        .steps
         .iter()
-        .map(|(kind, actor, _)| (kind.as_str(), actor.as_str()))
+        .map(|step| {
+            (
+                step.event_type.as_str(),
+                step.metadata.actor.as_str(),
+                step.metadata.correlation_id.as_str(),
+            )
+        })
         .collect();
+    // The autoscaler's decision, in the release's chain.
+    let chain = workflow.correlation_id.as_str();
     assert_eq!(
         steps,
         [
-            ("InstanceDrainStarted", "system"),
-            ("ImageReleaseSwappedOver", "release-workflow")
+            ("InstanceDrainStarted", "system", chain),
+            ("ImageReleaseSwappedOver", "release-workflow", chain)
         ]
     );
     assert_eq!(
-        root,
+        walk.root,
         whist_api::control::audit::WalkRoot::Origin {
             correlation_id: workflow.correlation_id.clone(),
             actor: "release-workflow".to_string(),

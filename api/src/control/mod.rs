@@ -128,17 +128,28 @@ pub async fn continuing(
         .log()
         .last_event_of(aggregate_type, aggregate_id)
         .await?;
-    let Some(last) = last else {
-        return Ok(origin.clone());
-    };
-    let chain = last
+    match last {
+        Some(last) => continuing_from(&last, origin),
+        None => Ok(origin.clone()),
+    }
+}
+
+/// `origin` (its actor and time) carried on in the chain of `event`, caused by it (see [`continuing`]).
+///
+/// # Errors
+/// The event's metadata cannot be read.
+pub fn continuing_from(
+    event: &whist_adapters::store::LoggedEvent,
+    origin: &EventMetadata,
+) -> Result<EventMetadata, UseCaseError> {
+    let chain = event
         .metadata()
         .map_err(|error| UseCaseError::Store(Box::new(error)))?;
     Ok(EventMetadata {
         recorded_at: origin.recorded_at,
         actor: origin.actor.clone(),
         correlation_id: chain.correlation_id,
-        causation_id: Some(last.position.to_string()),
+        causation_id: Some(event.position.to_string()),
         traceparent: origin.traceparent.clone(),
     })
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use cqrs_es::Aggregate;
 use uuid::Uuid;
-use whist_adapters::store::CommandError;
+use whist_adapters::store::{CommandError, LoggedEvent};
 use whist_adapters::tokens::{fingerprint, Purpose};
 use whist_domain::images::{ImageCatalog, ImageCatalogCommand, ImageCatalogError, CATALOG_ID};
 use whist_domain::instance::{
@@ -543,7 +543,7 @@ pub async fn swap_over(
         .map(|(region, image)| (region.clone(), image.image_id.clone()))
         .collect();
     let regions: Vec<String> = images.keys().cloned().collect();
-    // Each drain is caused by the catalog event that retired the host's image, a rerun's too.
+    // Each retirement continues the chain of the catalog event that retired the host's image, a rerun's too.
     let retired = retire_old_hosts(state, &regions, origin).await?;
     Ok(SwappedOver {
         switched,
@@ -635,9 +635,10 @@ pub async fn retire_old_hosts(
 
 /// Records retirements of hosts in `region`: a registered host drains, a booting one is terminated. A host that
 /// changed meanwhile (it registered, or is already ending) is retired the way its new state calls for, or left
-/// alone. Each is recorded in `origin`'s chain, caused by the catalog event that retired its image there (see
-/// [`whist_domain::images::retirement_causes`]): whoever gets there first, the release workflow or the autoscaler,
-/// records the same cause.
+/// alone. Each is `origin`'s decision (its actor) continuing the chain of the catalog event that retired the host's
+/// image there, caused by it (see [`whist_domain::images::retirement_causes`]): whoever gets there first, the release
+/// workflow or the autoscaler, records the same cause in the release's chain. A host whose image no catalog event
+/// retired there is retired in `origin`'s own chain.
 ///
 /// # Errors
 /// The store failed.
@@ -658,9 +659,10 @@ pub async fn record_retirements(
             image_id,
             step,
         } = retirement;
-        let metadata = || match causes.get(&(region.to_string(), image_id.clone())) {
-            Some(position) => origin.caused_by(position.to_string(), Utc::now()),
-            None => origin.at(Utc::now()),
+        let cause = causes.get(&(region.to_string(), image_id.clone()));
+        let metadata = || match cause {
+            Some(event) => crate::control::continuing_from(event, &origin.at(Utc::now())),
+            None => Ok(origin.at(Utc::now())),
         };
         let first = match step {
             RetirementStep::Drain => drain_command(),
@@ -669,7 +671,7 @@ pub async fn record_retirements(
         let mut outcome = state
             .services
             .instances
-            .execute_retrying(instance_id, first.clone(), &metadata())
+            .execute_retrying(instance_id, first.clone(), &metadata()?)
             .await;
         // A booting host that registered since the read drains instead.
         if matches!(
@@ -680,7 +682,7 @@ pub async fn record_retirements(
             outcome = state
                 .services
                 .instances
-                .execute_retrying(instance_id, drain_command(), &metadata())
+                .execute_retrying(instance_id, drain_command(), &metadata()?)
                 .await;
             if outcome.is_ok() {
                 retired.drained += 1;
@@ -709,13 +711,13 @@ pub async fn record_retirements(
     Ok(retired)
 }
 
-/// (region, image id) → the position of the catalog event that retired the image there, from the catalog's history.
+/// (region, image id) → the catalog event that retired the image there, from the catalog's history.
 ///
 /// # Errors
 /// The store failed, or a catalog event is unreadable.
 async fn retirement_causes(
     state: &Context,
-) -> Result<BTreeMap<(String, String), i64>, UseCaseError> {
+) -> Result<BTreeMap<(String, String), LoggedEvent>, UseCaseError> {
     let logged = state
         .database
         .log()
@@ -731,7 +733,7 @@ async fn retirement_causes(
     }
     Ok(whist_domain::images::retirement_causes(events)
         .into_iter()
-        .map(|(key, index)| (key, logged[index].position))
+        .filter_map(|(key, index)| Some((key, logged.get(index)?.clone())))
         .collect())
 }
 
