@@ -28,9 +28,12 @@ pub struct LoadTestOptions {
     /// Seconds of heartbeat load.
     #[arg(long, default_value_t = 5)]
     heartbeat_seconds: u64,
-    /// `whist serve` processes on the one database; clients and hosts are spread over them in turn.
-    #[arg(long, default_value_t = 1)]
-    servers: usize,
+    /// `whist serve` processes on the one database; clients and hosts are spread over them in turn. A list
+    /// (`1,2`) runs the whole load once per count, back to back, each on a fresh database, then prints each run of
+    /// another count against the run of the first count before it (closed loop: assigns/s, machine CPU per assign,
+    /// p99, assigns decided more than once; the scale-out targets).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    servers: Vec<usize>,
     /// Simulated hosts in the fleet.
     #[arg(long, default_value_t = 40)]
     hosts: usize,
@@ -80,11 +83,124 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 pub async fn run(options: LoadTestOptions) -> anyhow::Result<()> {
-    let scratch =
-        crate::bench::ScratchDatabase::create(&options.server.database_url, "whist_load").await?;
-    let outcome = load(&options, &scratch.url).await;
-    scratch.drop_it().await?;
-    outcome
+    anyhow::ensure!(
+        !options.servers.is_empty() && options.servers.iter().all(|&count| count >= 1),
+        "--servers must be at least 1"
+    );
+    let mut runs = Vec::new();
+    for (index, &servers) in options.servers.iter().enumerate() {
+        if index > 0 {
+            println!();
+        }
+        let scratch =
+            crate::bench::ScratchDatabase::create(&options.server.database_url, "whist_load")
+                .await?;
+        let outcome = load(&options, servers, &scratch.url).await;
+        scratch.drop_it().await?;
+        runs.push(outcome?);
+    }
+    if runs.len() > 1 {
+        println!();
+        for line in compare_runs(&runs) {
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+/// What one run's closed loop came to, for comparing server counts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct RunSummary {
+    servers: usize,
+    /// `None` when the run had no closed loop (`--rate N`).
+    closed: Option<ClosedFigures>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ClosedFigures {
+    rate: f64,
+    /// Seconds of machine CPU per assign, when the machine's CPU could be read.
+    cpu_per_assign: Option<f64>,
+    p99_ms: f64,
+    /// Share of assigns the servers decided more than once (lost their first attempt), when they counted.
+    retried: Option<f64>,
+}
+
+/// Each run of another server count against the run of the first count before it, with the scale-out targets:
+/// assigns/s >= 90%, machine CPU per assign <= 1.2x, p99 <= 1.5x, assigns decided more than once <= 5%.
+fn compare_runs(runs: &[RunSummary]) -> Vec<String> {
+    let Some(first) = runs.first().map(|run| run.servers) else {
+        return Vec::new();
+    };
+    let mut lines = Vec::new();
+    let mut baseline: Option<&RunSummary> = None;
+    for run in runs {
+        if run.servers == first {
+            baseline = Some(run);
+            continue;
+        }
+        let Some(base) = baseline else { continue };
+        lines.push(format!(
+            "-- {} servers against {} (closed loop, back to back) --",
+            run.servers, base.servers
+        ));
+        let (Some(one), Some(many)) = (base.closed, run.closed) else {
+            lines.push("n/a: a run had no closed loop".to_string());
+            continue;
+        };
+        let rate = many.rate / one.rate.max(1e-9);
+        let cpu = one
+            .cpu_per_assign
+            .zip(many.cpu_per_assign)
+            .map(|(one, many)| many / one.max(1e-12));
+        let p99 = many.p99_ms / one.p99_ms.max(1e-9);
+        let holds = |held: bool| if held { "holds" } else { "misses" };
+        lines.push(format!(
+            "{:<36} {:>6.0}% ({:.0}/s against {:.0}/s; target >= 90%: {})",
+            "assigns/s",
+            100.0 * rate,
+            many.rate,
+            one.rate,
+            holds(rate >= 0.9)
+        ));
+        match cpu {
+            Some(cpu) => lines.push(format!(
+                "{:<36} {:>6.2}x (target <= 1.2x: {})",
+                "machine CPU per assign",
+                cpu,
+                holds(cpu <= 1.2)
+            )),
+            None => lines.push(format!("{:<36} {:>7}", "machine CPU per assign", "n/a")),
+        }
+        lines.push(format!(
+            "{:<36} {:>6.2}x (target <= 1.5x: {})",
+            "assign latency p99",
+            p99,
+            holds(p99 <= 1.5)
+        ));
+        match many.retried {
+            Some(retried) => lines.push(format!(
+                "{:<36} {:>6.1}% (target <= 5%: {})",
+                "assigns decided more than once",
+                100.0 * retried,
+                holds(retried <= 0.05)
+            )),
+            None => lines.push(format!(
+                "{:<36} {:>7}",
+                "assigns decided more than once", "n/a"
+            )),
+        }
+        let every = rate >= 0.9
+            && cpu.is_some_and(|cpu| cpu <= 1.2)
+            && p99 <= 1.5
+            && many.retried.is_some_and(|retried| retried <= 0.05);
+        lines.push(format!(
+            "{:<36} {:>7}",
+            "every condition at once",
+            if every { "yes" } else { "no" }
+        ));
+    }
+    lines
 }
 
 /// Where the server's log goes: the file named by `WHIST_LOADTEST_SERVER_LOG`, else nowhere.
@@ -194,15 +310,19 @@ fn start_server(
     ))
 }
 
-async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
-    anyhow::ensure!(options.servers >= 1, "--servers must be at least 1");
+/// One whole run with `servers` processes: prints its report and returns its closed loop's figures.
+async fn load(
+    options: &LoadTestOptions,
+    server_count: usize,
+    url: &str,
+) -> anyhow::Result<RunSummary> {
     let host_port = free_port()?;
     let aws_endpoint = format!("http://127.0.0.1:{}", free_port()?);
     let data_dir = std::env::temp_dir().join(format!("whist-load-{}", std::process::id()));
     std::fs::create_dir_all(&data_dir)?;
     let mut ports = Vec::new();
     let mut servers = Vec::new();
-    for _ in 0..options.servers {
+    for _ in 0..server_count {
         let port = free_port()?;
         servers.push(start_server(
             url,
@@ -421,7 +541,7 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
         .map(|(after, before)| after.since(&before).machine / (pgbench * pgbench_elapsed).max(1.0));
     println!(
         "whist loadtest: {} server(s), {} clients, {} hosts x {} slots, {} s of assigns per phase, {} s of heartbeats",
-        options.servers,
+        server_count,
         options.clients,
         options.hosts,
         options.capacity,
@@ -527,9 +647,12 @@ async fn load(options: &LoadTestOptions, url: &str) -> anyhow::Result<()> {
     }
     println!(
         "(targets: CPU per assign <= 10 pgbench inserts; open loop at half the closed-loop rate p50 <= 5 ms, \
-         p99 <= 20 ms; heartbeats >= 20000/s; 2 servers >= 90% of 1)"
+         p99 <= 20 ms; heartbeats >= 20000/s; 2 servers >= 90% of 1: --servers 1,2)"
     );
-    Ok(())
+    Ok(RunSummary {
+        servers: server_count,
+        closed: closed.as_ref().map(Phase::figures),
+    })
 }
 
 /// An unlabelled metric summed over several servers' metrics (`None` when no server has it).
@@ -608,6 +731,17 @@ struct Phase {
 impl Phase {
     fn rate(&self) -> f64 {
         self.assigned as f64 / self.elapsed.max(1e-9)
+    }
+
+    fn figures(&self) -> ClosedFigures {
+        ClosedFigures {
+            rate: self.rate(),
+            cpu_per_assign: self
+                .cpu
+                .map(|cpu| cpu.machine / self.assigned.max(1) as f64),
+            p99_ms: self.percentile(0.99),
+            retried: (self.counted > 0.0).then(|| self.retried / self.counted),
+        }
     }
 
     fn percentile(&self, fraction: f64) -> f64 {
@@ -1142,7 +1276,62 @@ fn print_per_assign(server_metrics: &[String], metric: &str, caption: &str, assi
 
 #[cfg(test)]
 mod tests {
-    use super::{metric_total, metric_value};
+    use super::{compare_runs, metric_total, metric_value, ClosedFigures, RunSummary};
+
+    fn run(servers: usize, rate: f64, cpu_ms: f64, p99_ms: f64, retried: f64) -> RunSummary {
+        RunSummary {
+            servers,
+            closed: Some(ClosedFigures {
+                rate,
+                cpu_per_assign: Some(cpu_ms / 1000.0),
+                p99_ms,
+                retried: Some(retried),
+            }),
+        }
+    }
+
+    #[test]
+    fn each_run_of_two_servers_is_held_against_the_run_of_one_before_it() {
+        let lines = compare_runs(&[
+            run(1, 1000.0, 1.0, 40.0, 0.0),
+            run(2, 950.0, 1.1, 50.0, 0.01),
+            run(1, 2000.0, 0.8, 40.0, 0.0),
+            run(2, 1700.0, 1.1, 50.0, 0.0),
+        ]);
+        let text = lines.join("\n");
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|line| line.starts_with("-- 2 servers against 1"))
+                .count(),
+            2,
+            "{text}"
+        );
+        // The first pair holds every condition; the second misses on rate (85%) and CPU (1.38x).
+        let every: Vec<&str> = lines
+            .iter()
+            .filter(|line| line.starts_with("every condition at once"))
+            .map(|line| line.trim_end().rsplit(' ').next().unwrap_or_default())
+            .collect();
+        assert_eq!(every, ["yes", "no"], "{text}");
+        assert!(
+            text.contains("85% (1700/s against 2000/s; target >= 90%: misses)"),
+            "{text}"
+        );
+        assert!(text.contains("1.38x (target <= 1.2x: misses)"), "{text}");
+    }
+
+    #[test]
+    fn a_single_count_or_a_run_without_a_closed_loop_compares_nothing_it_cannot() {
+        assert!(compare_runs(&[run(2, 1.0, 1.0, 1.0, 0.0)]).is_empty());
+        let open_only = RunSummary {
+            servers: 2,
+            closed: None,
+        };
+        let lines = compare_runs(&[run(1, 1.0, 1.0, 1.0, 0.0), open_only]);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[1].starts_with("n/a"), "{lines:?}");
+    }
 
     #[test]
     fn a_metric_is_read_by_its_exact_name_from_the_prometheus_text() {
