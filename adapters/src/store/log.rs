@@ -87,13 +87,6 @@ SELECT position, aggregate_type, aggregate_id, sequence, event_type, event_versi
  ORDER BY sequence DESC
  LIMIT 1";
 
-const SELECT_HISTORY: &str = "
-SELECT position, aggregate_type, aggregate_id, sequence, event_type, event_version,
-       CAST(payload AS TEXT) AS payload, CAST(metadata AS TEXT) AS metadata
-  FROM events
- WHERE aggregate_type = $1 AND aggregate_id = $2 AND position IS NOT NULL
- ORDER BY sequence";
-
 const SELECT_AFTER: &str = "
 SELECT position, aggregate_type, aggregate_id, sequence, event_type, event_version,
        CAST(payload AS TEXT) AS payload, CAST(metadata AS TEXT) AS metadata
@@ -230,33 +223,6 @@ impl EventLog {
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(LoggedEvent::from_row).transpose()
-    }
-
-    /// One aggregate's events in sequence order, each with its position and metadata, up to the first one not yet
-    /// sequenced (a commit still in flight).
-    ///
-    /// # Errors
-    /// The database failed, or a row does not have the log's shape.
-    pub async fn events_of(
-        &self,
-        aggregate_type: &str,
-        aggregate_id: &str,
-    ) -> Result<Vec<LoggedEvent>, sqlx::Error> {
-        let rows = sqlx::query(SELECT_HISTORY)
-            .bind(aggregate_type)
-            .bind(aggregate_id)
-            .fetch_all(&self.pool)
-            .await?;
-        let mut events = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let event = LoggedEvent::from_row(row)?;
-            // A gap: an earlier event is not sequenced yet; what follows it would be read without it.
-            if event.sequence != i64::try_from(events.len()).unwrap_or(i64::MAX) + 1 {
-                break;
-            }
-            events.push(event);
-        }
-        Ok(events)
     }
 
     /// One aggregate's last event (as [`EventLog::event_at`]); `None` for an aggregate with no events.

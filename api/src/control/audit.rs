@@ -441,7 +441,8 @@ pub async fn latest_events(
     records(&rows)
 }
 
-async fn aggregate_events(
+/// One aggregate's events in sequence order, each with its position (`None` while unsequenced) and seal.
+pub(crate) async fn aggregate_events(
     database: &Database,
     aggregate_type: &str,
     aggregate_id: &str,

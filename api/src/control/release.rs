@@ -711,18 +711,21 @@ pub async fn record_retirements(
     Ok(retired)
 }
 
-/// (region, image id) → the catalog event that retired the image there, from the catalog's history.
+/// (region, image id) → the catalog event that retired the image there, from the catalog's history (up to its first
+/// event not yet sequenced, should a commit be in flight).
 ///
 /// # Errors
 /// The store failed, or a catalog event is unreadable.
 async fn retirement_causes(
     state: &Context,
 ) -> Result<BTreeMap<(String, String), LoggedEvent>, UseCaseError> {
-    let logged = state
-        .database
-        .log()
-        .events_of(ImageCatalog::TYPE, CATALOG_ID)
-        .await?;
+    let logged: Vec<LoggedEvent> =
+        crate::control::audit::aggregate_events(&state.database, ImageCatalog::TYPE, CATALOG_ID)
+            .await
+            .map_err(|error| UseCaseError::Store(Box::new(error)))?
+            .into_iter()
+            .map_while(|(event, position, _)| position.map(|_| event))
+            .collect();
     let mut events = Vec::with_capacity(logged.len());
     for event in &logged {
         events.push(
