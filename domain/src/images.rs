@@ -451,8 +451,8 @@ pub fn retirement_causes(
 ) -> BTreeMap<(String, String), usize> {
     let mut catalog = ImageCatalog::default();
     let mut causes = BTreeMap::new();
+    let mut before = BTreeSet::new();
     for (index, event) in events.into_iter().enumerate() {
-        let before = catalog.kept();
         crate::decide::Decide::evolve(&mut catalog, event);
         let after = catalog.kept();
         for stopped in before.difference(&after) {
@@ -461,6 +461,7 @@ pub fn retirement_causes(
         for kept in &after {
             causes.remove(kept);
         }
+        before = after;
     }
     causes
 }

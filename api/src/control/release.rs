@@ -469,6 +469,7 @@ async fn abandon(
     .await?;
     let mut retired = Retired::default();
     for (region, (image_id, ids)) in &buffers.regions {
+        let mut plan = Vec::with_capacity(ids.len());
         for instance_id in ids {
             let (instance, _) = state
                 .services
@@ -483,11 +484,11 @@ async fn abandon(
                 }
                 _ => continue,
             };
-            let retirement = Retirement::new(instance_id, image_id, step);
-            retired += record_retirements(state, origin, region, &[retirement])
-                .await
-                .map_err(ReleaseError::Store)?;
+            plan.push(Retirement::new(instance_id, image_id, step));
         }
+        retired += record_retirements(state, origin, region, &plan)
+            .await
+            .map_err(ReleaseError::Store)?;
     }
     Ok(retired)
 }
