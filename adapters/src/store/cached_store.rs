@@ -17,6 +17,7 @@ use cqrs_es::persist::{
 };
 use cqrs_es::{Aggregate, AggregateError, EventEnvelope, EventStore};
 
+use super::follower::FollowedEvent;
 use super::snapshots::{self, Snapshots};
 
 /// See the module documentation. Clones share the same store and memory.
@@ -32,7 +33,7 @@ struct Shared<R: PersistedEventRepository, A: Aggregate> {
     /// `None` for a kind whose histories never reach a snapshot point (a mandelbox's life is a few events): a cold
     /// load then reads the events alone, without first looking for a snapshot that cannot exist.
     snapshots: Option<Snapshots>,
-    /// The last keys the log follower read for this type; its marker and `remember` take this lock.
+    /// The last keys the log follower read for this type; its keeper and `remember` take this lock.
     followed: std::sync::Mutex<RecentlyFollowed>,
     /// Whether an aggregate with no events is remembered too: for a store of singletons, whose ids only this code
     /// names (the service switch, the image catalog, the fleet's leadership), so that reading one that was never
@@ -67,8 +68,9 @@ impl<A> quick_cache::Weighter<String, Remembered<A>> for CopyWeight {
 pub enum Stale {
     /// Its append collided: another writer appended first.
     Conflict,
-    /// The log follower read a newer event of it: another process's, or this process's own before the commit
-    /// that recorded it remembered its copy (which then replaces the marked one).
+    /// The log follower read a newer event of it that it could not apply (the copy was further behind, or marked
+    /// already, or the event is of a version this binary cannot read), or one that a load or commit of this process
+    /// running at the same time may have missed.
     Followed,
     /// A decision refused, or decided nothing, on it: decided again on fresh state.
     DecidedAgain,
@@ -166,6 +168,67 @@ struct Remembered<A> {
 }
 
 impl<R: PersistedEventRepository, A: Aggregate + Clone> Shared<R, A> {
+    /// Keeps the copy of the event's aggregate current with an event the log follower read:
+    /// - a copy at or past the event (this process's own, remembered by its commit): nothing to do;
+    /// - a copy just before the event, not marked behind: the event applied to it;
+    /// - no copy, and the event is the aggregate's first (another process created it, most likely): remembered
+    ///   from it, so that a follow-up decided here finds it without reading its history;
+    /// - no copy of an older aggregate: nothing (the next command reads it, as before);
+    /// - otherwise (a copy further behind or marked already, an event this binary cannot read): marked behind.
+    ///
+    /// The event is read and applied outside the lock `remember` takes; under it, the copy is replaced only if it
+    /// is still the one the event was applied to (a commit or a load of this process may have remembered a newer
+    /// one meanwhile, which stands).
+    fn follow(&self, event: &FollowedEvent) {
+        let aggregate_id = event.aggregate_id();
+        let Ok(sequence) = usize::try_from(event.sequence()) else {
+            return;
+        };
+        let base = match self.cache.peek(aggregate_id) {
+            Some(remembered) if remembered.version >= sequence => None,
+            Some(remembered) if !remembered.stale && remembered.version + 1 == sequence => {
+                Some((remembered.aggregate, remembered.version))
+            }
+            Some(_) => None,
+            None if sequence == 1 => Some((A::default(), 0)),
+            None => None,
+        };
+        let applied = base.and_then(|(mut state, before)| {
+            read_followed::<A>(event).map(|payload| {
+                state.apply(payload);
+                (state, before)
+            })
+        });
+        let bytes = applied.as_ref().map(|(state, _)| state_bytes(state));
+        let Ok(mut followed) = self.followed.lock() else {
+            return;
+        };
+        followed.saw(aggregate_id, event.sequence());
+        if let (Some((state, before)), Some(bytes)) = (applied, bytes) {
+            let unchanged = match self.cache.peek(aggregate_id) {
+                Some(remembered) => !remembered.stale && remembered.version == before,
+                None => before == 0,
+            };
+            if unchanged {
+                metrics::counter!("whist_copies_kept_by_follower_total", "aggregate" => A::TYPE, "how" => if before == 0 { "remembered" } else { "applied" })
+                    .increment(1);
+                self.cache.insert(
+                    aggregate_id.to_string(),
+                    Remembered {
+                        aggregate: state,
+                        version: sequence,
+                        stale: false,
+                        bytes,
+                    },
+                );
+                return;
+            }
+        }
+        self.mark_stale_when(aggregate_id, Stale::Followed, |remembered| {
+            remembered.version < sequence
+        });
+    }
+
     /// Marks the remembered copy, if there is one not marked yet and `behind` says it is, as behind the store
     /// (counted by `why`). (Two changes at once may lose one: a copy marked stale may come back unmarked only when
     /// a commit remembered it afresh, and a copy that is behind only costs a conflict, never a wrong decision.)
@@ -259,6 +322,15 @@ where
             .is_some_and(|remembered| !remembered.stale)
     }
 
+    /// The remembered copy and its version, when one is remembered and not marked stale, without reading.
+    pub(crate) fn current_copy(&self, aggregate_id: &str) -> Option<(A, usize)> {
+        self.shared
+            .cache
+            .peek(aggregate_id)
+            .filter(|remembered| !remembered.stale)
+            .map(|remembered| (remembered.aggregate, remembered.version))
+    }
+
     /// Whether a copy of the aggregate is remembered (up to date or stale).
     pub(crate) fn is_remembered(&self, aggregate_id: &str) -> bool {
         self.shared.cache.contains_key(aggregate_id)
@@ -313,26 +385,29 @@ where
         }
     }
 
-    /// A marker for the log follower that marks the remembered copy of an aggregate as behind when an event of it
-    /// (its sequence) is newer than the copy, for as long as the store exists.
-    pub(crate) fn behind_marker(&self) -> impl Fn(&str, i64) + Send + Sync + 'static
+    /// A keeper for the log follower that keeps the remembered copy of an aggregate current with an event the
+    /// follower read (see `Shared::follow`), for as long as the store exists.
+    pub(crate) fn keeper(&self) -> impl Fn(&FollowedEvent) + Send + Sync + 'static
     where
         R: 'static,
         A: 'static,
     {
         let shared = Arc::downgrade(&self.shared);
-        move |aggregate_id, sequence| {
-            let Some(shared) = shared.upgrade() else {
-                return;
-            };
-            let Ok(mut followed) = shared.followed.lock() else {
-                return;
-            };
-            followed.saw(aggregate_id, sequence);
-            shared.mark_stale_when(aggregate_id, Stale::Followed, |remembered| {
-                (remembered.version as i64) < sequence
-            });
+        move |event| {
+            if let Some(shared) = shared.upgrade() {
+                shared.follow(event);
+            }
         }
+    }
+
+    /// Marks the remembered copy behind after a unit decided on it at `decided_at` lost its append to another
+    /// writer, unless the log follower has carried the copy past that version meanwhile (it is then as current as
+    /// the follower, and the next attempt decides on it without a read).
+    pub(crate) fn conflicted(&self, aggregate_id: &str, decided_at: usize) {
+        self.shared
+            .mark_stale_when(aggregate_id, Stale::Conflict, |remembered| {
+                remembered.version <= decided_at
+            });
     }
 
     /// Forgets one aggregate, so that the next command loads it whole.
@@ -532,7 +607,8 @@ where
         metadata: HashMap<String, String>,
     ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
         let aggregate_id = context.aggregate_id.clone();
-        let version = context.current_sequence + events.len();
+        let decided_at = context.current_sequence;
+        let version = decided_at + events.len();
         // The command's events were already applied to the context's aggregate by the event sink.
         let after = context.aggregate.clone();
         match self.shared.inner.commit(events, context, metadata).await {
@@ -541,7 +617,7 @@ where
                 Ok(committed)
             }
             Err(AggregateError::AggregateConflict) => {
-                self.mark_stale(&aggregate_id, Stale::Conflict);
+                self.conflicted(&aggregate_id, decided_at);
                 Err(AggregateError::AggregateConflict)
             }
             Err(error) => {
@@ -567,6 +643,15 @@ fn apply_stored<A: Aggregate>(
         version = event.sequence;
     }
     Ok(version)
+}
+
+/// An event the log follower read, as the aggregate's event type; `None` when this binary cannot read it (a newer
+/// binary's event, during a rolling deploy) or its payload does not have the event's shape.
+fn read_followed<A: Aggregate>(event: &FollowedEvent) -> Option<A::Event> {
+    if !whist_domain::versions::is_known(&event.event_type, &event.event_version) {
+        return None;
+    }
+    super::log::payload_as(&event.event_type, &event.event_version, &event.payload).ok()
 }
 
 /// The domain's upcasters (`whist_domain::versions`), as cqrs-es calls them when it loads an aggregate.

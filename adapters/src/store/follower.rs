@@ -1,6 +1,10 @@
-//! Following the log: every process reads the key of each event appended after it started (type, id, sequence,
-//! never the payload) and marks its remembered copy of that aggregate as behind when the event is newer than the
-//! copy. A copy that is not marked is then as current as the process's position in the log.
+//! Following the log: every process reads each event appended after it started (its key and payload, not its
+//! metadata) and keeps its remembered copy of that aggregate current: a copy one event behind has the event applied,
+//! an aggregate another process created (its first event) is remembered from it, and a copy the event cannot bring
+//! up to date (one marked behind already, or further behind) is marked behind. A copy that is not marked is then as
+//! current as the process's position in the log. So a follow-up that lands on another process than the one that
+//! decided before it (a spin-up's outcome, a host's report, a disconnect through a balancer) finds a current copy
+//! there instead of reading the aggregate's history, and a copy another process changed costs no catch-up read.
 //!
 //! Reads that used to bring a copy up to date on every use (the subscription on every assign, the maintenance
 //! switch, the mandelbox before its spin-up: one statement each) use the remembered copy instead while the
@@ -43,11 +47,13 @@ const BATCH: i64 = 4096;
 const SELECT_LAST: &str =
     "SELECT position, aggregate_type, aggregate_id, sequence FROM events ORDER BY position DESC LIMIT 1";
 
-const SELECT_FROM: &str = "SELECT position, aggregate_type, aggregate_id, sequence FROM events \
-     WHERE position >= $1 ORDER BY position LIMIT $2";
+const SELECT_FROM: &str =
+    "SELECT position, aggregate_type, aggregate_id, sequence, event_type, event_version, \
+     CAST(payload AS TEXT) AS payload FROM events WHERE position >= $1 ORDER BY position LIMIT $2";
 
-/// Marks a remembered copy of one aggregate type as behind when the event (its id and sequence) is newer.
-type Marker = Box<dyn Fn(&str, i64) + Send + Sync>;
+/// Keeps the remembered copies of one aggregate type current with an event the follower read (see the module
+/// documentation).
+type Keeper = Box<dyn Fn(&FollowedEvent) + Send + Sync>;
 
 /// The key of one event in the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +64,26 @@ struct EventKey {
     sequence: i64,
 }
 
+/// One event as the follower reads it: its key, and what a store needs to apply it to a copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FollowedEvent {
+    key: EventKey,
+    pub(crate) event_type: String,
+    pub(crate) event_version: String,
+    /// As stored (JSON text), read only by a store that applies the event.
+    pub(crate) payload: String,
+}
+
+impl FollowedEvent {
+    pub(crate) fn aggregate_id(&self) -> &str {
+        &self.key.aggregate_id
+    }
+
+    pub(crate) fn sequence(&self) -> i64 {
+        self.key.sequence
+    }
+}
+
 /// Where the follower stands: the last event it followed (`None` in an empty log) and when its last read that
 /// reached the head began.
 #[derive(Debug, Clone)]
@@ -66,7 +92,7 @@ struct Followed {
     complete: Instant,
 }
 
-/// The follower's standing and the markers of every store of the process. Clones share them.
+/// The follower's standing and the keepers of every store of the process. Clones share them.
 #[derive(Clone, Default)]
 pub struct LogFollowing {
     inner: Arc<Inner>,
@@ -74,9 +100,12 @@ pub struct LogFollowing {
 
 #[derive(Default)]
 struct Inner {
-    /// Held while copies are marked or forgotten, so that nothing is marked or forgotten once `stop` returns.
+    /// Held while copies are kept or forgotten, so that nothing is changed or forgotten once `stop` returns.
     standing: Mutex<Standing>,
-    markers: Mutex<HashMap<String, Vec<Marker>>>,
+    /// When the last read that reached the head began, once the copies were kept with what it read (`None` while
+    /// not following): what `is_current` reads, under a lock of its own so that it never waits for the keepers.
+    current_as_of: Mutex<Option<Instant>>,
+    keepers: Mutex<HashMap<String, Vec<Keeper>>>,
 }
 
 #[derive(Default)]
@@ -98,44 +127,50 @@ impl LogFollowing {
     /// Whether a copy not marked behind is current as of the log, at most [`FOLLOW_LAG_BOUND`] ago.
     pub fn is_current(&self) -> bool {
         self.inner
-            .standing
+            .current_as_of
             .lock()
             .ok()
-            .and_then(|standing| {
-                standing
-                    .followed
-                    .as_ref()
-                    .map(|followed| followed.complete.elapsed() <= FOLLOW_LAG_BOUND)
+            .and_then(|current_as_of| {
+                current_as_of.map(|complete| complete.elapsed() <= FOLLOW_LAG_BOUND)
             })
             .unwrap_or(false)
     }
 
-    /// Stops following for good: from now on no copy is marked or forgotten by the follower, and every read as of
+    /// Says what `standing` says of when the follower was last current (called with its lock held, after the
+    /// copies were kept).
+    fn publish(&self, standing: &Standing) {
+        if let Ok(mut current_as_of) = self.inner.current_as_of.lock() {
+            *current_as_of = standing.followed.as_ref().map(|followed| followed.complete);
+        }
+    }
+
+    /// Stops following for good: from now on no copy is changed or forgotten by the follower, and every read as of
     /// the log is read caught up (for tools and tests that need copies to stay as they were left).
     pub fn stop(&self) {
         if let Ok(mut standing) = self.inner.standing.lock() {
             standing.stopped = true;
             standing.followed = None;
+            self.publish(&standing);
         }
     }
 
-    /// Registers the marker of a store of aggregates of `aggregate_type`.
+    /// Registers the keeper of a store of aggregates of `aggregate_type`.
     pub(crate) fn on_event_of(
         &self,
         aggregate_type: &str,
-        marker: impl Fn(&str, i64) + Send + Sync + 'static,
+        keeper: impl Fn(&FollowedEvent) + Send + Sync + 'static,
     ) {
-        if let Ok(mut markers) = self.inner.markers.lock() {
-            markers
+        if let Ok(mut keepers) = self.inner.keepers.lock() {
+            keepers
                 .entry(aggregate_type.to_string())
                 .or_default()
-                .push(Box::new(marker));
+                .push(Box::new(keeper));
         }
     }
 
-    /// Marks the copies `keys` make stale and moves on past them; `complete` when the read that found them began
-    /// and reached the head.
-    fn follow(&self, keys: &[EventKey], complete: Option<Instant>) {
+    /// Keeps the copies `events` concern current and moves on past them; `complete` when the read that found them
+    /// began and reached the head.
+    fn follow(&self, events: &[FollowedEvent], complete: Option<Instant>) {
         let Ok(mut standing) = self.inner.standing.lock() else {
             return;
         };
@@ -145,23 +180,24 @@ impl LogFollowing {
         let Some(followed) = standing.followed.as_mut() else {
             return;
         };
-        if let Some(last) = keys.last() {
-            followed.last = Some(last.clone());
+        if let Some(last) = events.last() {
+            followed.last = Some(last.key.clone());
         }
         if let Some(complete) = complete {
             followed.complete = complete;
         }
-        self.mark(keys);
+        self.keep(events);
+        self.publish(&standing);
     }
 
-    fn mark(&self, keys: &[EventKey]) {
-        let Ok(markers) = self.inner.markers.lock() else {
+    fn keep(&self, events: &[FollowedEvent]) {
+        let Ok(keepers) = self.inner.keepers.lock() else {
             return;
         };
-        for key in keys {
-            if let Some(markers) = markers.get(&key.aggregate_type) {
-                for mark in markers {
-                    mark(&key.aggregate_id, key.sequence);
+        for event in events {
+            if let Some(keepers) = keepers.get(&event.key.aggregate_type) {
+                for keep in keepers {
+                    keep(event);
                 }
             }
         }
@@ -212,6 +248,7 @@ impl LogFollowing {
                     last,
                     complete: began,
                 });
+                self.publish(&standing);
             }
         }
         Ok(())
@@ -224,6 +261,7 @@ impl LogFollowing {
             if !standing.stopped {
                 forget();
                 standing.followed = followed;
+                self.publish(&standing);
             }
         }
     }
@@ -268,8 +306,8 @@ enum Step {
 
 impl Follower {
     async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        // A restart (after a panic) carries on from the last event followed: each read's marks and its move past
-        // them are one step under the standing's lock.
+        // A restart (after a panic) carries on from the last event followed: each read's changes to copies and its
+        // move past them are one step under the standing's lock.
         let mut advanced = self.signal.on_advance();
         loop {
             if *shutdown.borrow() {
@@ -321,8 +359,8 @@ impl Follower {
         }
     }
 
-    /// Reads the keys after the last event followed (and that event itself, which must still be stored as it was),
-    /// and marks the copies they make stale.
+    /// Reads the events after the last event followed (and that event itself, which must still be stored as it
+    /// was), and keeps the copies they concern current.
     async fn read_after(&self, last: Option<EventKey>) -> Result<Step, sqlx::Error> {
         let began = Instant::now();
         let reading = self.watermark.reading_head();
@@ -332,19 +370,23 @@ impl Follower {
             .bind(BATCH + 1)
             .fetch_all(&self.pool)
             .await?;
-        let mut keys = rows.iter().map(key).collect::<Result<Vec<_>, _>>()?;
+        let mut events = rows
+            .iter()
+            .map(followed_event)
+            .collect::<Result<Vec<_>, _>>()?;
         if let Some(last) = &last {
-            if keys.first() != Some(last) {
+            if events.first().map(|first| &first.key) != Some(last) {
                 return Ok(Step::Rewound);
             }
-            keys.remove(0);
+            events.remove(0);
         }
-        let reached_head = keys.len() < BATCH as usize;
+        let reached_head = events.len() < BATCH as usize;
         if reached_head {
             // A read of the head, as every other: one below what the process had seen is a log that moved back.
-            reading.observe(keys.last().map_or(from, |newest| newest.position));
+            reading.observe(events.last().map_or(from, |newest| newest.key.position));
         }
-        self.following.follow(&keys, reached_head.then_some(began));
+        self.following
+            .follow(&events, reached_head.then_some(began));
         Ok(Step::Followed { reached_head })
     }
 }
@@ -358,20 +400,39 @@ fn key(row: &sqlx::any::AnyRow) -> Result<EventKey, sqlx::Error> {
     })
 }
 
+fn followed_event(row: &sqlx::any::AnyRow) -> Result<FollowedEvent, sqlx::Error> {
+    Ok(FollowedEvent {
+        key: key(row)?,
+        event_type: row.try_get("event_type")?,
+        event_version: row.try_get("event_version")?,
+        payload: row.try_get("payload")?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicI64, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use super::{EventKey, Followed, LogFollowing, FOLLOW_LAG_BOUND};
+    use super::{EventKey, Followed, FollowedEvent, LogFollowing, FOLLOW_LAG_BOUND};
 
-    fn key(position: i64, aggregate_type: &str, aggregate_id: &str, sequence: i64) -> EventKey {
-        EventKey {
-            position,
-            aggregate_type: aggregate_type.to_string(),
-            aggregate_id: aggregate_id.to_string(),
-            sequence,
+    fn event(
+        position: i64,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        sequence: i64,
+    ) -> FollowedEvent {
+        FollowedEvent {
+            key: EventKey {
+                position,
+                aggregate_type: aggregate_type.to_string(),
+                aggregate_id: aggregate_id.to_string(),
+                sequence,
+            },
+            event_type: "ProbeIncremented".to_string(),
+            event_version: "1.0".to_string(),
+            payload: "{}".to_string(),
         }
     }
 
@@ -403,7 +464,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stopped_follower_is_never_current_and_marks_nothing() {
+    fn a_stopped_follower_is_never_current_and_changes_nothing() {
         let following = LogFollowing::default();
         following.set(
             Some(Followed {
@@ -412,16 +473,16 @@ mod tests {
             }),
             || {},
         );
-        let marked = Arc::new(AtomicI64::new(0));
-        let seen = marked.clone();
-        following.on_event_of("instance", move |_, _| {
+        let kept = Arc::new(AtomicI64::new(0));
+        let seen = kept.clone();
+        following.on_event_of("instance", move |_| {
             seen.fetch_add(1, Ordering::SeqCst);
         });
-        following.follow(&[key(1, "instance", "i-1", 1)], Some(Instant::now()));
-        assert_eq!(marked.load(Ordering::SeqCst), 1);
+        following.follow(&[event(1, "instance", "i-1", 1)], Some(Instant::now()));
+        assert_eq!(kept.load(Ordering::SeqCst), 1);
         following.stop();
         assert!(!following.is_current());
-        following.follow(&[key(2, "instance", "i-1", 2)], Some(Instant::now()));
+        following.follow(&[event(2, "instance", "i-1", 2)], Some(Instant::now()));
         let mut forgot = false;
         following.set(
             Some(Followed {
@@ -431,9 +492,9 @@ mod tests {
             || forgot = true,
         );
         assert_eq!(
-            marked.load(Ordering::SeqCst),
+            kept.load(Ordering::SeqCst),
             1,
-            "nothing marked once stopped"
+            "no copy changed once stopped"
         );
         assert!(
             !forgot && !following.is_current(),
@@ -442,18 +503,18 @@ mod tests {
     }
 
     #[test]
-    fn each_key_reaches_the_markers_of_its_aggregate_type_only() {
+    fn each_event_reaches_the_keepers_of_its_aggregate_type_only() {
         let following = LogFollowing::default();
         let instances = Arc::new(AtomicI64::new(0));
         let seen = instances.clone();
-        following.on_event_of("instance", move |id, sequence| {
-            assert_eq!(id, "i-1");
-            seen.fetch_add(sequence, Ordering::SeqCst);
+        following.on_event_of("instance", move |event| {
+            assert_eq!(event.aggregate_id(), "i-1");
+            seen.fetch_add(event.sequence(), Ordering::SeqCst);
         });
-        following.mark(&[
-            key(1, "instance", "i-1", 3),
-            key(2, "user", "u-1", 100),
-            key(3, "instance", "i-1", 4),
+        following.keep(&[
+            event(1, "instance", "i-1", 3),
+            event(2, "user", "u-1", 100),
+            event(3, "instance", "i-1", 4),
         ]);
         assert_eq!(instances.load(Ordering::SeqCst), 7);
     }
