@@ -17,7 +17,7 @@ use cqrs_es::persist::{
 };
 use cqrs_es::{Aggregate, AggregateError, EventEnvelope, EventStore};
 
-use super::follower::FollowedEvent;
+use super::follower::{CopyKeeper, FollowedEvent, FollowedPayload};
 use super::snapshots::{self, Snapshots};
 
 /// See the module documentation. Clones share the same store and memory.
@@ -168,12 +168,27 @@ struct Remembered<A> {
 }
 
 impl<R: PersistedEventRepository, A: Aggregate + Clone> Shared<R, A> {
+    /// The copy an event at `sequence` would bring up to date, and its version: a copy just before the event, not
+    /// marked behind, or (for the aggregate's first event, when this process remembers nothing of it) a new one.
+    /// `None` for a copy at or past the event (this process's own, remembered by its commit), a copy further
+    /// behind or marked already, or no copy of an aggregate whose first event came before.
+    fn copy_before(&self, aggregate_id: &str, sequence: usize) -> Option<(A, usize)> {
+        match self.cache.peek(aggregate_id) {
+            Some(remembered) if !remembered.stale && remembered.version + 1 == sequence => {
+                Some((remembered.aggregate, remembered.version))
+            }
+            Some(_) => None,
+            None if sequence == 1 => Some((A::default(), 0)),
+            None => None,
+        }
+    }
+
     /// Keeps the copy of the event's aggregate current with an event the log follower read:
-    /// - a copy at or past the event (this process's own, remembered by its commit): nothing to do;
-    /// - a copy just before the event, not marked behind: the event applied to it;
-    /// - no copy, and the event is the aggregate's first (another process created it, most likely): remembered
-    ///   from it, so that a follow-up decided here finds it without reading its history;
-    /// - no copy of an older aggregate: nothing (the next command reads it, as before);
+    /// - the copy `copy_before` gives, when the event carries its payload (the follower read the payloads of the
+    ///   events `copy_before` wanted): the event applied to it, so that a follow-up decided here (on an aggregate
+    ///   another process created or changed) finds it without reading the store;
+    /// - a copy at or past the event: nothing to do; no copy of an older aggregate: nothing (the next command
+    ///   reads it, as before);
     /// - otherwise (a copy further behind or marked already, an event this binary cannot read): marked behind.
     ///
     /// The event is read and applied outside the lock `remember` takes; under it, the copy is replaced only if it
@@ -184,20 +199,10 @@ impl<R: PersistedEventRepository, A: Aggregate + Clone> Shared<R, A> {
         let Ok(sequence) = usize::try_from(event.sequence()) else {
             return;
         };
-        let base = match self.cache.peek(aggregate_id) {
-            Some(remembered) if remembered.version >= sequence => None,
-            Some(remembered) if !remembered.stale && remembered.version + 1 == sequence => {
-                Some((remembered.aggregate, remembered.version))
-            }
-            Some(_) => None,
-            None if sequence == 1 => Some((A::default(), 0)),
-            None => None,
-        };
-        let applied = base.and_then(|(mut state, before)| {
-            read_followed::<A>(event).map(|payload| {
-                state.apply(payload);
-                (state, before)
-            })
+        let applied = event.payload.as_ref().and_then(|payload| {
+            let (mut state, before) = self.copy_before(aggregate_id, sequence)?;
+            state.apply(read_followed::<A>(payload)?);
+            Some((state, before))
         });
         let bytes = applied.as_ref().map(|(state, _)| state_bytes(state));
         let Ok(mut followed) = self.followed.lock() else {
@@ -385,18 +390,15 @@ where
         }
     }
 
-    /// A keeper for the log follower that keeps the remembered copy of an aggregate current with an event the
-    /// follower read (see `Shared::follow`), for as long as the store exists.
-    pub(crate) fn keeper(&self) -> impl Fn(&FollowedEvent) + Send + Sync + 'static
+    /// A keeper for the log follower that keeps the remembered copies current with the events the follower reads
+    /// (see `Shared::follow`), for as long as the store exists.
+    pub(crate) fn keeper(&self) -> impl CopyKeeper + 'static
     where
         R: 'static,
         A: 'static,
     {
-        let shared = Arc::downgrade(&self.shared);
-        move |event| {
-            if let Some(shared) = shared.upgrade() {
-                shared.follow(event);
-            }
+        Keeper {
+            shared: Arc::downgrade(&self.shared),
         }
     }
 
@@ -645,9 +647,34 @@ fn apply_stored<A: Aggregate>(
     Ok(version)
 }
 
+/// The log follower's side of a store (`CachedEventStore::keeper`).
+struct Keeper<R: PersistedEventRepository, A: Aggregate> {
+    shared: std::sync::Weak<Shared<R, A>>,
+}
+
+impl<R, A> CopyKeeper for Keeper<R, A>
+where
+    R: PersistedEventRepository,
+    A: Aggregate + Clone,
+{
+    fn wants(&self, aggregate_id: &str, sequence: i64) -> bool {
+        let (Some(shared), Ok(sequence)) = (self.shared.upgrade(), usize::try_from(sequence))
+        else {
+            return false;
+        };
+        shared.copy_before(aggregate_id, sequence).is_some()
+    }
+
+    fn keep(&self, event: &FollowedEvent) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.follow(event);
+        }
+    }
+}
+
 /// An event the log follower read, as the aggregate's event type; `None` when this binary cannot read it (a newer
 /// binary's event, during a rolling deploy) or its payload does not have the event's shape.
-fn read_followed<A: Aggregate>(event: &FollowedEvent) -> Option<A::Event> {
+fn read_followed<A: Aggregate>(event: &FollowedPayload) -> Option<A::Event> {
     if !whist_domain::versions::is_known(&event.event_type, &event.event_version) {
         return None;
     }

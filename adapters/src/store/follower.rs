@@ -1,5 +1,6 @@
-//! Following the log: every process reads each event appended after it started (its key and payload, not its
-//! metadata) and keeps its remembered copy of that aggregate current: a copy one event behind has the event applied,
+//! Following the log: every process reads the key of each event appended after it started (type, id, sequence),
+//! then the payloads of only those events a copy of its own needs, and keeps its remembered copy of that aggregate
+//! current: a copy one event behind has the event applied,
 //! an aggregate another process created (its first event) is remembered from it, and a copy the event cannot bring
 //! up to date (one marked behind already, or further behind) is marked behind. A copy that is not marked is then as
 //! current as the process's position in the log. So a follow-up that lands on another process than the one that
@@ -47,13 +48,58 @@ const BATCH: i64 = 4096;
 const SELECT_LAST: &str =
     "SELECT position, aggregate_type, aggregate_id, sequence FROM events ORDER BY position DESC LIMIT 1";
 
-const SELECT_FROM: &str =
-    "SELECT position, aggregate_type, aggregate_id, sequence, event_type, event_version, \
-     CAST(payload AS TEXT) AS payload FROM events WHERE position >= $1 ORDER BY position LIMIT $2";
+const SELECT_FROM: &str = "SELECT position, aggregate_type, aggregate_id, sequence FROM events \
+     WHERE position >= $1 ORDER BY position LIMIT $2";
 
-/// Keeps the remembered copies of one aggregate type current with an event the follower read (see the module
-/// documentation).
-type Keeper = Box<dyn Fn(&FollowedEvent) + Send + Sync>;
+/// Keeps the remembered copies of one aggregate type current with the events the follower reads (see the module
+/// documentation): a store's side of the follower.
+pub(crate) trait CopyKeeper: Send + Sync {
+    /// Whether the copy of this aggregate needs the event at `sequence` applied (its payload read): one
+    /// remembered one event behind it, or none when it is the aggregate's first event.
+    fn wants(&self, aggregate_id: &str, sequence: i64) -> bool;
+
+    /// Keeps the copy current with the event: applies it when it carries its payload and the copy still wants it,
+    /// else marks the copy behind when the event is newer.
+    fn keep(&self, event: &FollowedEvent);
+}
+
+type Keeper = Box<dyn CopyKeeper>;
+
+/// How the follower reads the payloads it wants, by position, in one statement: the SQL and the list of positions
+/// as its one parameter, for each backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Postgres,
+    Sqlite,
+}
+
+impl Dialect {
+    fn select_payloads(self) -> &'static str {
+        match self {
+            Self::Postgres => {
+                "SELECT position, event_type, event_version, CAST(payload AS TEXT) AS payload FROM events \
+                 WHERE position = ANY(CAST($1 AS BIGINT[]))"
+            }
+            Self::Sqlite => {
+                "SELECT position, event_type, event_version, CAST(payload AS TEXT) AS payload FROM events \
+                 WHERE position IN (SELECT value FROM json_each($1))"
+            }
+        }
+    }
+
+    /// `{1,5,9}` (a Postgres array) or `[1,5,9]` (JSON, for SQLite's `json_each`).
+    fn positions(self, positions: &[i64]) -> String {
+        let list = positions
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        match self {
+            Self::Postgres => format!("{{{list}}}"),
+            Self::Sqlite => format!("[{list}]"),
+        }
+    }
+}
 
 /// The key of one event in the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,13 +110,19 @@ struct EventKey {
     sequence: i64,
 }
 
-/// One event as the follower reads it: its key, and what a store needs to apply it to a copy.
+/// One event as the follower reads it: its key, and its payload when a copy wanted it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct FollowedEvent {
     key: EventKey,
+    pub(crate) payload: Option<FollowedPayload>,
+}
+
+/// What a store needs to apply an event to a copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FollowedPayload {
     pub(crate) event_type: String,
     pub(crate) event_version: String,
-    /// As stored (JSON text), read only by a store that applies the event.
+    /// As stored (JSON text).
     pub(crate) payload: String,
 }
 
@@ -155,11 +207,7 @@ impl LogFollowing {
     }
 
     /// Registers the keeper of a store of aggregates of `aggregate_type`.
-    pub(crate) fn on_event_of(
-        &self,
-        aggregate_type: &str,
-        keeper: impl Fn(&FollowedEvent) + Send + Sync + 'static,
-    ) {
+    pub(crate) fn on_event_of(&self, aggregate_type: &str, keeper: impl CopyKeeper + 'static) {
         if let Ok(mut keepers) = self.inner.keepers.lock() {
             keepers
                 .entry(aggregate_type.to_string())
@@ -196,11 +244,28 @@ impl LogFollowing {
         };
         for event in events {
             if let Some(keepers) = keepers.get(&event.key.aggregate_type) {
-                for keep in keepers {
-                    keep(event);
+                for keeper in keepers {
+                    keeper.keep(event);
                 }
             }
         }
+    }
+
+    /// The positions among `keys` whose payloads a copy of this process wants.
+    fn wanted(&self, keys: &[EventKey]) -> Vec<i64> {
+        let Ok(keepers) = self.inner.keepers.lock() else {
+            return Vec::new();
+        };
+        keys.iter()
+            .filter(|key| {
+                keepers.get(&key.aggregate_type).is_some_and(|keepers| {
+                    keepers
+                        .iter()
+                        .any(|keeper| keeper.wants(&key.aggregate_id, key.sequence))
+                })
+            })
+            .map(|key| key.position)
+            .collect()
     }
 
     fn last(&self) -> Option<Option<EventKey>> {
@@ -270,6 +335,7 @@ impl LogFollowing {
     pub(crate) fn start(
         &self,
         pool: &AnyPool,
+        dialect: Dialect,
         signal: &LogSignal,
         watermark: &LogWatermark,
         loops: &BackgroundLoops,
@@ -277,6 +343,7 @@ impl LogFollowing {
         let (stop, stopped) = watch::channel(false);
         let follower = Follower {
             pool: pool.clone(),
+            dialect,
             signal: signal.clone(),
             watermark: watermark.clone(),
             following: self.clone(),
@@ -291,6 +358,7 @@ impl LogFollowing {
 #[derive(Clone)]
 struct Follower {
     pool: AnyPool,
+    dialect: Dialect,
     signal: LogSignal,
     watermark: LogWatermark,
     following: LogFollowing,
@@ -359,8 +427,8 @@ impl Follower {
         }
     }
 
-    /// Reads the events after the last event followed (and that event itself, which must still be stored as it
-    /// was), and keeps the copies they concern current.
+    /// Reads the keys after the last event followed (and that event itself, which must still be stored as it was),
+    /// then the payloads of the events a copy wants, and keeps the copies they concern current.
     async fn read_after(&self, last: Option<EventKey>) -> Result<Step, sqlx::Error> {
         let began = Instant::now();
         let reading = self.watermark.reading_head();
@@ -370,24 +438,57 @@ impl Follower {
             .bind(BATCH + 1)
             .fetch_all(&self.pool)
             .await?;
-        let mut events = rows
-            .iter()
-            .map(followed_event)
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut keys = rows.iter().map(key).collect::<Result<Vec<_>, _>>()?;
         if let Some(last) = &last {
-            if events.first().map(|first| &first.key) != Some(last) {
+            if keys.first() != Some(last) {
                 return Ok(Step::Rewound);
             }
-            events.remove(0);
+            keys.remove(0);
         }
-        let reached_head = events.len() < BATCH as usize;
+        let reached_head = keys.len() < BATCH as usize;
         if reached_head {
             // A read of the head, as every other: one below what the process had seen is a log that moved back.
-            reading.observe(events.last().map_or(from, |newest| newest.key.position));
+            reading.observe(keys.last().map_or(from, |newest| newest.position));
         }
+        let mut payloads = self.payloads(&self.following.wanted(&keys)).await?;
+        let events = keys
+            .into_iter()
+            .map(|key| FollowedEvent {
+                payload: payloads.remove(&key.position),
+                key,
+            })
+            .collect::<Vec<_>>();
         self.following
             .follow(&events, reached_head.then_some(began));
         Ok(Step::Followed { reached_head })
+    }
+}
+
+impl Follower {
+    /// The payloads at `positions` (none read when none is wanted: a process alone, whose copies are its own).
+    async fn payloads(
+        &self,
+        positions: &[i64],
+    ) -> Result<HashMap<i64, FollowedPayload>, sqlx::Error> {
+        let mut payloads = HashMap::with_capacity(positions.len());
+        if positions.is_empty() {
+            return Ok(payloads);
+        }
+        let rows = sqlx::query(self.dialect.select_payloads())
+            .bind(self.dialect.positions(positions))
+            .fetch_all(&self.pool)
+            .await?;
+        for row in &rows {
+            payloads.insert(
+                row.try_get("position")?,
+                FollowedPayload {
+                    event_type: row.try_get("event_type")?,
+                    event_version: row.try_get("event_version")?,
+                    payload: row.try_get("payload")?,
+                },
+            );
+        }
+        Ok(payloads)
     }
 }
 
@@ -400,22 +501,29 @@ fn key(row: &sqlx::any::AnyRow) -> Result<EventKey, sqlx::Error> {
     })
 }
 
-fn followed_event(row: &sqlx::any::AnyRow) -> Result<FollowedEvent, sqlx::Error> {
-    Ok(FollowedEvent {
-        key: key(row)?,
-        event_type: row.try_get("event_type")?,
-        event_version: row.try_get("event_version")?,
-        payload: row.try_get("payload")?,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicI64, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use super::{EventKey, Followed, FollowedEvent, LogFollowing, FOLLOW_LAG_BOUND};
+    use super::{
+        CopyKeeper, Dialect, EventKey, Followed, FollowedEvent, LogFollowing, FOLLOW_LAG_BOUND,
+    };
+
+    /// A keeper that wants no payload and adds up the sequences of the events it is given.
+    struct Summing(Arc<AtomicI64>);
+
+    impl CopyKeeper for Summing {
+        fn wants(&self, _: &str, _: i64) -> bool {
+            false
+        }
+
+        fn keep(&self, event: &FollowedEvent) {
+            assert_eq!(event.aggregate_id(), "i-1");
+            self.0.fetch_add(event.sequence(), Ordering::SeqCst);
+        }
+    }
 
     fn event(
         position: i64,
@@ -430,9 +538,7 @@ mod tests {
                 aggregate_id: aggregate_id.to_string(),
                 sequence,
             },
-            event_type: "ProbeIncremented".to_string(),
-            event_version: "1.0".to_string(),
-            payload: "{}".to_string(),
+            payload: None,
         }
     }
 
@@ -474,10 +580,7 @@ mod tests {
             || {},
         );
         let kept = Arc::new(AtomicI64::new(0));
-        let seen = kept.clone();
-        following.on_event_of("instance", move |_| {
-            seen.fetch_add(1, Ordering::SeqCst);
-        });
+        following.on_event_of("instance", Summing(kept.clone()));
         following.follow(&[event(1, "instance", "i-1", 1)], Some(Instant::now()));
         assert_eq!(kept.load(Ordering::SeqCst), 1);
         following.stop();
@@ -506,16 +609,19 @@ mod tests {
     fn each_event_reaches_the_keepers_of_its_aggregate_type_only() {
         let following = LogFollowing::default();
         let instances = Arc::new(AtomicI64::new(0));
-        let seen = instances.clone();
-        following.on_event_of("instance", move |event| {
-            assert_eq!(event.aggregate_id(), "i-1");
-            seen.fetch_add(event.sequence(), Ordering::SeqCst);
-        });
+        following.on_event_of("instance", Summing(instances.clone()));
         following.keep(&[
             event(1, "instance", "i-1", 3),
             event(2, "user", "u-1", 100),
             event(3, "instance", "i-1", 4),
         ]);
         assert_eq!(instances.load(Ordering::SeqCst), 7);
+    }
+
+    #[test]
+    fn the_wanted_positions_are_one_parameter_in_each_backends_list_syntax() {
+        assert_eq!(Dialect::Postgres.positions(&[1, 5, 9]), "{1,5,9}");
+        assert_eq!(Dialect::Sqlite.positions(&[1, 5, 9]), "[1,5,9]");
+        assert_eq!(Dialect::Postgres.positions(&[7]), "{7}");
     }
 }
