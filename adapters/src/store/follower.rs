@@ -251,21 +251,32 @@ impl LogFollowing {
         }
     }
 
-    /// The positions among `keys` whose payloads a copy of this process wants.
+    /// The positions among `keys` whose payloads a copy of this process wants: those a keeper wants as its copies
+    /// stand, and each event that follows a wanted one of the same aggregate in `keys` (its copy will stand just
+    /// before it once the earlier one is applied).
     fn wanted(&self, keys: &[EventKey]) -> Vec<i64> {
         let Ok(keepers) = self.inner.keepers.lock() else {
             return Vec::new();
         };
-        keys.iter()
-            .filter(|key| {
-                keepers.get(&key.aggregate_type).is_some_and(|keepers| {
+        let mut last_wanted: HashMap<(&str, &str), i64> = HashMap::new();
+        let mut wanted = Vec::new();
+        for key in keys {
+            let aggregate = (key.aggregate_type.as_str(), key.aggregate_id.as_str());
+            let follows_a_wanted_one = last_wanted
+                .get(&aggregate)
+                .is_some_and(|&sequence| sequence + 1 == key.sequence);
+            let wants = follows_a_wanted_one
+                || keepers.get(&key.aggregate_type).is_some_and(|keepers| {
                     keepers
                         .iter()
                         .any(|keeper| keeper.wants(&key.aggregate_id, key.sequence))
-                })
-            })
-            .map(|key| key.position)
-            .collect()
+                });
+            if wants {
+                last_wanted.insert(aggregate, key.sequence);
+                wanted.push(key.position);
+            }
+        }
+        wanted
     }
 
     fn last(&self) -> Option<Option<EventKey>> {
@@ -623,5 +634,36 @@ mod tests {
         assert_eq!(Dialect::Postgres.positions(&[1, 5, 9]), "{1,5,9}");
         assert_eq!(Dialect::Sqlite.positions(&[1, 5, 9]), "[1,5,9]");
         assert_eq!(Dialect::Postgres.positions(&[7]), "{7}");
+    }
+
+    /// Wants the first event of any aggregate only, as a store that remembers nothing does.
+    struct FirstEvents;
+
+    impl CopyKeeper for FirstEvents {
+        fn wants(&self, _: &str, sequence: i64) -> bool {
+            sequence == 1
+        }
+
+        fn keep(&self, _: &FollowedEvent) {}
+    }
+
+    #[test]
+    fn an_event_that_follows_a_wanted_one_of_its_aggregate_in_the_same_read_is_wanted_too() {
+        let following = LogFollowing::default();
+        following.on_event_of("session", FirstEvents);
+        let keys = [
+            event(10, "session", "s-1", 1),
+            event(11, "session", "s-2", 4),
+            event(12, "session", "s-1", 2),
+            event(13, "user", "u-1", 1),
+            event(14, "session", "s-1", 3),
+            event(15, "session", "s-2", 5),
+        ]
+        .map(|event| event.key);
+        assert_eq!(
+            following.wanted(&keys),
+            vec![10, 12, 14],
+            "s-1 from its first event on; s-2 (remembered nowhere) and a type without a keeper not at all"
+        );
     }
 }
