@@ -623,10 +623,6 @@ async fn load(
             "whist_copies_marked_stale_total",
             "copies marked stale per assign",
         ),
-        (
-            "whist_copies_kept_by_follower_total",
-            "copies kept by the follower per assign",
-        ),
     ] {
         print_per_assign(&server_metrics, metric, caption, assigned_count);
     }

@@ -105,7 +105,9 @@ where
                     remembers_empty,
                 );
                 database.watermark().on_rewind(store.forgetter());
-                database.following().on_event_of(A::TYPE, store.keeper());
+                database
+                    .following()
+                    .on_event_of(A::TYPE, store.behind_marker());
                 Frameworks::Postgres { store }
             }
             Backend::Sqlite(pool) => {
@@ -117,7 +119,9 @@ where
                     remembers_empty,
                 );
                 database.watermark().on_rewind(store.forgetter());
-                database.following().on_event_of(A::TYPE, store.keeper());
+                database
+                    .following()
+                    .on_event_of(A::TYPE, store.behind_marker());
                 Frameworks::Sqlite { store }
             }
         };
@@ -179,8 +183,8 @@ where
         let mut attempt: u64 = 0;
         loop {
             match self.execute(aggregate_id, command.clone(), metadata).await {
-                // The unit's settling marked the copy behind, unless the log follower had carried it on.
                 Err(CommandError::Conflict) if attempt + 1 < CONFLICT_ATTEMPTS => {
+                    self.mark_stale(aggregate_id, Stale::Conflict);
                     attempt += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(attempt * 5)).await;
                 }
@@ -586,15 +590,6 @@ where
         }
     }
 
-    /// The copy of the aggregate this process remembers and its version, when one is remembered and not marked
-    /// behind (as current as the log follower), without reading the store.
-    pub fn current_copy(&self, aggregate_id: &str) -> Option<(A, usize)> {
-        match &self.frameworks {
-            Frameworks::Postgres { store, .. } => store.current_copy(aggregate_id),
-            Frameworks::Sqlite { store, .. } => store.current_copy(aggregate_id),
-        }
-    }
-
     /// Marks the remembered copy of one aggregate as behind, so that the next command first reads what it missed.
     pub fn mark_stale(&self, aggregate_id: &str, why: Stale) {
         match &self.frameworks {
@@ -665,7 +660,7 @@ where
     Box::new(move |settled| match settled {
         Settled::Committed => store.committed(&id, aggregate, before, after),
         Settled::Conflicted if presumed_new => store.remember_unread(&id),
-        Settled::Conflicted => store.conflicted(&id, before),
+        Settled::Conflicted => store.mark_stale(&id, Stale::Conflict),
         Settled::Failed => store.forget(&id),
     })
 }

@@ -17,7 +17,6 @@ use cqrs_es::persist::{
 };
 use cqrs_es::{Aggregate, AggregateError, EventEnvelope, EventStore};
 
-use super::follower::{CopyKeeper, FollowedEvent, FollowedPayload};
 use super::snapshots::{self, Snapshots};
 
 /// See the module documentation. Clones share the same store and memory.
@@ -33,7 +32,7 @@ struct Shared<R: PersistedEventRepository, A: Aggregate> {
     /// `None` for a kind whose histories never reach a snapshot point (a mandelbox's life is a few events): a cold
     /// load then reads the events alone, without first looking for a snapshot that cannot exist.
     snapshots: Option<Snapshots>,
-    /// The last keys the log follower read for this type; its keeper and `remember` take this lock.
+    /// The last keys the log follower read for this type; its marker and `remember` take this lock.
     followed: std::sync::Mutex<RecentlyFollowed>,
     /// Whether an aggregate with no events is remembered too: for a store of singletons, whose ids only this code
     /// names (the service switch, the image catalog, the fleet's leadership), so that reading one that was never
@@ -68,9 +67,8 @@ impl<A> quick_cache::Weighter<String, Remembered<A>> for CopyWeight {
 pub enum Stale {
     /// Its append collided: another writer appended first.
     Conflict,
-    /// The log follower read a newer event of it that it could not apply (the copy was further behind, or marked
-    /// already, or the event is of a version this binary cannot read), or one that a load or commit of this process
-    /// running at the same time may have missed.
+    /// The log follower read a newer event of it: another process's, or this process's own before the commit
+    /// that recorded it remembered its copy (which then replaces the marked one).
     Followed,
     /// A decision refused, or decided nothing, on it: decided again on fresh state.
     DecidedAgain,
@@ -168,72 +166,6 @@ struct Remembered<A> {
 }
 
 impl<R: PersistedEventRepository, A: Aggregate + Clone> Shared<R, A> {
-    /// The copy an event at `sequence` would bring up to date, and its version: a copy just before the event, not
-    /// marked behind, or (for the aggregate's first event, when this process remembers nothing of it) a new one.
-    /// `None` for a copy at or past the event (this process's own, remembered by its commit), a copy further
-    /// behind or marked already, or no copy of an aggregate whose first event came before.
-    fn copy_before(&self, aggregate_id: &str, sequence: usize) -> Option<(A, usize)> {
-        match self.cache.peek(aggregate_id) {
-            Some(remembered) if !remembered.stale && remembered.version + 1 == sequence => {
-                Some((remembered.aggregate, remembered.version))
-            }
-            Some(_) => None,
-            None if sequence == 1 => Some((A::default(), 0)),
-            None => None,
-        }
-    }
-
-    /// Keeps the copy of the event's aggregate current with an event the log follower read:
-    /// - the copy `copy_before` gives, when the event carries its payload (the follower read the payloads of the
-    ///   events `copy_before` wanted): the event applied to it, so that a follow-up decided here (on an aggregate
-    ///   another process created or changed) finds it without reading the store;
-    /// - a copy at or past the event: nothing to do; no copy of an older aggregate: nothing (the next command
-    ///   reads it, as before);
-    /// - otherwise (a copy further behind or marked already, an event this binary cannot read): marked behind.
-    ///
-    /// The event is read and applied outside the lock `remember` takes; under it, the copy is replaced only if it
-    /// is still the one the event was applied to (a commit or a load of this process may have remembered a newer
-    /// one meanwhile, which stands).
-    fn follow(&self, event: &FollowedEvent) {
-        let aggregate_id = event.aggregate_id();
-        let Ok(sequence) = usize::try_from(event.sequence()) else {
-            return;
-        };
-        let applied = event.payload.as_ref().and_then(|payload| {
-            let (mut state, before) = self.copy_before(aggregate_id, sequence)?;
-            state.apply(read_followed::<A>(payload)?);
-            Some((state, before))
-        });
-        let bytes = applied.as_ref().map(|(state, _)| state_bytes(state));
-        let Ok(mut followed) = self.followed.lock() else {
-            return;
-        };
-        followed.saw(aggregate_id, event.sequence());
-        if let (Some((state, before)), Some(bytes)) = (applied, bytes) {
-            let unchanged = match self.cache.peek(aggregate_id) {
-                Some(remembered) => !remembered.stale && remembered.version == before,
-                None => before == 0,
-            };
-            if unchanged {
-                metrics::counter!("whist_copies_kept_by_follower_total", "aggregate" => A::TYPE, "how" => if before == 0 { "remembered" } else { "applied" })
-                    .increment(1);
-                self.cache.insert(
-                    aggregate_id.to_string(),
-                    Remembered {
-                        aggregate: state,
-                        version: sequence,
-                        stale: false,
-                        bytes,
-                    },
-                );
-                return;
-            }
-        }
-        self.mark_stale_when(aggregate_id, Stale::Followed, |remembered| {
-            remembered.version < sequence
-        });
-    }
-
     /// Marks the remembered copy, if there is one not marked yet and `behind` says it is, as behind the store
     /// (counted by `why`). (Two changes at once may lose one: a copy marked stale may come back unmarked only when
     /// a commit remembered it afresh, and a copy that is behind only costs a conflict, never a wrong decision.)
@@ -327,15 +259,6 @@ where
             .is_some_and(|remembered| !remembered.stale)
     }
 
-    /// The remembered copy and its version, when one is remembered and not marked stale, without reading.
-    pub(crate) fn current_copy(&self, aggregate_id: &str) -> Option<(A, usize)> {
-        self.shared
-            .cache
-            .peek(aggregate_id)
-            .filter(|remembered| !remembered.stale)
-            .map(|remembered| (remembered.aggregate, remembered.version))
-    }
-
     /// Whether a copy of the aggregate is remembered (up to date or stale).
     pub(crate) fn is_remembered(&self, aggregate_id: &str) -> bool {
         self.shared.cache.contains_key(aggregate_id)
@@ -390,26 +313,26 @@ where
         }
     }
 
-    /// A keeper for the log follower that keeps the remembered copies current with the events the follower reads
-    /// (see `Shared::follow`), for as long as the store exists.
-    pub(crate) fn keeper(&self) -> impl CopyKeeper + 'static
+    /// A marker for the log follower that marks the remembered copy of an aggregate as behind when an event of it
+    /// (its sequence) is newer than the copy, for as long as the store exists.
+    pub(crate) fn behind_marker(&self) -> impl Fn(&str, i64) + Send + Sync + 'static
     where
         R: 'static,
         A: 'static,
     {
-        Keeper {
-            shared: Arc::downgrade(&self.shared),
-        }
-    }
-
-    /// Marks the remembered copy behind after a unit decided on it at `decided_at` lost its append to another
-    /// writer, unless the log follower has carried the copy past that version meanwhile (it is then as current as
-    /// the follower, and the next attempt decides on it without a read).
-    pub(crate) fn conflicted(&self, aggregate_id: &str, decided_at: usize) {
-        self.shared
-            .mark_stale_when(aggregate_id, Stale::Conflict, |remembered| {
-                remembered.version <= decided_at
+        let shared = Arc::downgrade(&self.shared);
+        move |aggregate_id, sequence| {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let Ok(mut followed) = shared.followed.lock() else {
+                return;
+            };
+            followed.saw(aggregate_id, sequence);
+            shared.mark_stale_when(aggregate_id, Stale::Followed, |remembered| {
+                (remembered.version as i64) < sequence
             });
+        }
     }
 
     /// Forgets one aggregate, so that the next command loads it whole.
@@ -609,8 +532,7 @@ where
         metadata: HashMap<String, String>,
     ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
         let aggregate_id = context.aggregate_id.clone();
-        let decided_at = context.current_sequence;
-        let version = decided_at + events.len();
+        let version = context.current_sequence + events.len();
         // The command's events were already applied to the context's aggregate by the event sink.
         let after = context.aggregate.clone();
         match self.shared.inner.commit(events, context, metadata).await {
@@ -619,7 +541,7 @@ where
                 Ok(committed)
             }
             Err(AggregateError::AggregateConflict) => {
-                self.conflicted(&aggregate_id, decided_at);
+                self.mark_stale(&aggregate_id, Stale::Conflict);
                 Err(AggregateError::AggregateConflict)
             }
             Err(error) => {
@@ -645,40 +567,6 @@ fn apply_stored<A: Aggregate>(
         version = event.sequence;
     }
     Ok(version)
-}
-
-/// The log follower's side of a store (`CachedEventStore::keeper`).
-struct Keeper<R: PersistedEventRepository, A: Aggregate> {
-    shared: std::sync::Weak<Shared<R, A>>,
-}
-
-impl<R, A> CopyKeeper for Keeper<R, A>
-where
-    R: PersistedEventRepository,
-    A: Aggregate + Clone,
-{
-    fn wants(&self, aggregate_id: &str, sequence: i64) -> bool {
-        let (Some(shared), Ok(sequence)) = (self.shared.upgrade(), usize::try_from(sequence))
-        else {
-            return false;
-        };
-        shared.copy_before(aggregate_id, sequence).is_some()
-    }
-
-    fn keep(&self, event: &FollowedEvent) {
-        if let Some(shared) = self.shared.upgrade() {
-            shared.follow(event);
-        }
-    }
-}
-
-/// An event the log follower read, as the aggregate's event type; `None` when this binary cannot read it (a newer
-/// binary's event, during a rolling deploy) or its payload does not have the event's shape.
-fn read_followed<A: Aggregate>(event: &FollowedPayload) -> Option<A::Event> {
-    if !whist_domain::versions::is_known(&event.event_type, &event.event_version) {
-        return None;
-    }
-    super::log::payload_as(&event.event_type, &event.event_version, &event.payload).ok()
 }
 
 /// The domain's upcasters (`whist_domain::versions`), as cqrs-es calls them when it loads an aggregate.

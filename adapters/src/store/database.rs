@@ -12,7 +12,7 @@ use sqlx::{Any, AnyPool, PgPool, Postgres, SqlitePool};
 use cqrs_es::persist::{PersistenceError, SerializedEvent};
 
 use super::append_batcher::AppendBatcher;
-use super::follower::{Dialect, LogFollowing};
+use super::follower::LogFollowing;
 use super::held::{Held, HeldConnections};
 use super::log::{EventLog, LogSignal, LogWatermark};
 use super::reachability::Reachability;
@@ -279,13 +279,7 @@ impl Database {
         let hot_reads = HeldConnections::new(any.clone(), kept_for_reads(pools.max_connections));
         let signal = LogSignal::new();
         let following = LogFollowing::default();
-        let follower = following.start(
-            &any,
-            Dialect::Postgres,
-            &signal,
-            &watermark,
-            &background_loops,
-        );
+        let follower = following.start(&any, &signal, &watermark, &background_loops);
         Ok(Self {
             following,
             _follower: follower,
@@ -348,13 +342,7 @@ impl Database {
             BackgroundLoops::new(),
         );
         let following = LogFollowing::default();
-        let follower = following.start(
-            &any,
-            Dialect::Sqlite,
-            &signal,
-            &watermark,
-            &background_loops,
-        );
+        let follower = following.start(&any, &signal, &watermark, &background_loops);
         Ok(Self {
             batcher: None,
             kept: None,

@@ -1,11 +1,6 @@
-//! Following the log: every process reads the key of each event appended after it started (type, id, sequence),
-//! then the payloads of only those events a copy of its own needs, and keeps its remembered copy of that aggregate
-//! current: a copy one event behind has the event applied,
-//! an aggregate another process created (its first event) is remembered from it, and a copy the event cannot bring
-//! up to date (one marked behind already, or further behind) is marked behind. A copy that is not marked is then as
-//! current as the process's position in the log. So a follow-up that lands on another process than the one that
-//! decided before it (a spin-up's outcome, a host's report, a disconnect through a balancer) finds a current copy
-//! there instead of reading the aggregate's history, and a copy another process changed costs no catch-up read.
+//! Following the log: every process reads the key of each event appended after it started (type, id, sequence,
+//! never the payload) and marks its remembered copy of that aggregate as behind when the event is newer than the
+//! copy. A copy that is not marked is then as current as the process's position in the log.
 //!
 //! Reads that used to bring a copy up to date on every use (the subscription on every assign, the maintenance
 //! switch, the mandelbox before its spin-up: one statement each) use the remembered copy instead while the
@@ -51,55 +46,8 @@ const SELECT_LAST: &str =
 const SELECT_FROM: &str = "SELECT position, aggregate_type, aggregate_id, sequence FROM events \
      WHERE position >= $1 ORDER BY position LIMIT $2";
 
-/// Keeps the remembered copies of one aggregate type current with the events the follower reads (see the module
-/// documentation): a store's side of the follower.
-pub(crate) trait CopyKeeper: Send + Sync {
-    /// Whether the copy of this aggregate needs the event at `sequence` applied (its payload read): one
-    /// remembered one event behind it, or none when it is the aggregate's first event.
-    fn wants(&self, aggregate_id: &str, sequence: i64) -> bool;
-
-    /// Keeps the copy current with the event: applies it when it carries its payload and the copy still wants it,
-    /// else marks the copy behind when the event is newer.
-    fn keep(&self, event: &FollowedEvent);
-}
-
-type Keeper = Box<dyn CopyKeeper>;
-
-/// How the follower reads the payloads it wants, by position, in one statement: the SQL and the list of positions
-/// as its one parameter, for each backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Dialect {
-    Postgres,
-    Sqlite,
-}
-
-impl Dialect {
-    fn select_payloads(self) -> &'static str {
-        match self {
-            Self::Postgres => {
-                "SELECT position, event_type, event_version, CAST(payload AS TEXT) AS payload FROM events \
-                 WHERE position = ANY(CAST($1 AS BIGINT[]))"
-            }
-            Self::Sqlite => {
-                "SELECT position, event_type, event_version, CAST(payload AS TEXT) AS payload FROM events \
-                 WHERE position IN (SELECT value FROM json_each($1))"
-            }
-        }
-    }
-
-    /// `{1,5,9}` (a Postgres array) or `[1,5,9]` (JSON, for SQLite's `json_each`).
-    fn positions(self, positions: &[i64]) -> String {
-        let list = positions
-            .iter()
-            .map(i64::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
-        match self {
-            Self::Postgres => format!("{{{list}}}"),
-            Self::Sqlite => format!("[{list}]"),
-        }
-    }
-}
+/// Marks a remembered copy of one aggregate type as behind when the event (its id and sequence) is newer.
+type Marker = Box<dyn Fn(&str, i64) + Send + Sync>;
 
 /// The key of one event in the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,32 +58,6 @@ struct EventKey {
     sequence: i64,
 }
 
-/// One event as the follower reads it: its key, and its payload when a copy wanted it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct FollowedEvent {
-    key: EventKey,
-    pub(crate) payload: Option<FollowedPayload>,
-}
-
-/// What a store needs to apply an event to a copy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct FollowedPayload {
-    pub(crate) event_type: String,
-    pub(crate) event_version: String,
-    /// As stored (JSON text).
-    pub(crate) payload: String,
-}
-
-impl FollowedEvent {
-    pub(crate) fn aggregate_id(&self) -> &str {
-        &self.key.aggregate_id
-    }
-
-    pub(crate) fn sequence(&self) -> i64 {
-        self.key.sequence
-    }
-}
-
 /// Where the follower stands: the last event it followed (`None` in an empty log) and when its last read that
 /// reached the head began.
 #[derive(Debug, Clone)]
@@ -144,7 +66,7 @@ struct Followed {
     complete: Instant,
 }
 
-/// The follower's standing and the keepers of every store of the process. Clones share them.
+/// The follower's standing and the markers of every store of the process. Clones share them.
 #[derive(Clone, Default)]
 pub struct LogFollowing {
     inner: Arc<Inner>,
@@ -152,12 +74,9 @@ pub struct LogFollowing {
 
 #[derive(Default)]
 struct Inner {
-    /// Held while copies are kept or forgotten, so that nothing is changed or forgotten once `stop` returns.
+    /// Held while copies are marked or forgotten, so that nothing is marked or forgotten once `stop` returns.
     standing: Mutex<Standing>,
-    /// When the last read that reached the head began, once the copies were kept with what it read (`None` while
-    /// not following): what `is_current` reads, under a lock of its own so that it never waits for the keepers.
-    current_as_of: Mutex<Option<Instant>>,
-    keepers: Mutex<HashMap<String, Vec<Keeper>>>,
+    markers: Mutex<HashMap<String, Vec<Marker>>>,
 }
 
 #[derive(Default)]
@@ -179,46 +98,44 @@ impl LogFollowing {
     /// Whether a copy not marked behind is current as of the log, at most [`FOLLOW_LAG_BOUND`] ago.
     pub fn is_current(&self) -> bool {
         self.inner
-            .current_as_of
+            .standing
             .lock()
             .ok()
-            .and_then(|current_as_of| {
-                current_as_of.map(|complete| complete.elapsed() <= FOLLOW_LAG_BOUND)
+            .and_then(|standing| {
+                standing
+                    .followed
+                    .as_ref()
+                    .map(|followed| followed.complete.elapsed() <= FOLLOW_LAG_BOUND)
             })
             .unwrap_or(false)
     }
 
-    /// Says what `standing` says of when the follower was last current (called with its lock held, after the
-    /// copies were kept).
-    fn publish(&self, standing: &Standing) {
-        if let Ok(mut current_as_of) = self.inner.current_as_of.lock() {
-            *current_as_of = standing.followed.as_ref().map(|followed| followed.complete);
-        }
-    }
-
-    /// Stops following for good: from now on no copy is changed or forgotten by the follower, and every read as of
+    /// Stops following for good: from now on no copy is marked or forgotten by the follower, and every read as of
     /// the log is read caught up (for tools and tests that need copies to stay as they were left).
     pub fn stop(&self) {
         if let Ok(mut standing) = self.inner.standing.lock() {
             standing.stopped = true;
             standing.followed = None;
-            self.publish(&standing);
         }
     }
 
-    /// Registers the keeper of a store of aggregates of `aggregate_type`.
-    pub(crate) fn on_event_of(&self, aggregate_type: &str, keeper: impl CopyKeeper + 'static) {
-        if let Ok(mut keepers) = self.inner.keepers.lock() {
-            keepers
+    /// Registers the marker of a store of aggregates of `aggregate_type`.
+    pub(crate) fn on_event_of(
+        &self,
+        aggregate_type: &str,
+        marker: impl Fn(&str, i64) + Send + Sync + 'static,
+    ) {
+        if let Ok(mut markers) = self.inner.markers.lock() {
+            markers
                 .entry(aggregate_type.to_string())
                 .or_default()
-                .push(Box::new(keeper));
+                .push(Box::new(marker));
         }
     }
 
-    /// Keeps the copies `events` concern current and moves on past them; `complete` when the read that found them
-    /// began and reached the head.
-    fn follow(&self, events: &[FollowedEvent], complete: Option<Instant>) {
+    /// Marks the copies `keys` make stale and moves on past them; `complete` when the read that found them began
+    /// and reached the head.
+    fn follow(&self, keys: &[EventKey], complete: Option<Instant>) {
         let Ok(mut standing) = self.inner.standing.lock() else {
             return;
         };
@@ -228,55 +145,26 @@ impl LogFollowing {
         let Some(followed) = standing.followed.as_mut() else {
             return;
         };
-        if let Some(last) = events.last() {
-            followed.last = Some(last.key.clone());
+        if let Some(last) = keys.last() {
+            followed.last = Some(last.clone());
         }
         if let Some(complete) = complete {
             followed.complete = complete;
         }
-        self.keep(events);
-        self.publish(&standing);
+        self.mark(keys);
     }
 
-    fn keep(&self, events: &[FollowedEvent]) {
-        let Ok(keepers) = self.inner.keepers.lock() else {
+    fn mark(&self, keys: &[EventKey]) {
+        let Ok(markers) = self.inner.markers.lock() else {
             return;
         };
-        for event in events {
-            if let Some(keepers) = keepers.get(&event.key.aggregate_type) {
-                for keeper in keepers {
-                    keeper.keep(event);
+        for key in keys {
+            if let Some(markers) = markers.get(&key.aggregate_type) {
+                for mark in markers {
+                    mark(&key.aggregate_id, key.sequence);
                 }
             }
         }
-    }
-
-    /// The positions among `keys` whose payloads a copy of this process wants: those a keeper wants as its copies
-    /// stand, and each event that follows a wanted one of the same aggregate in `keys` (its copy will stand just
-    /// before it once the earlier one is applied).
-    fn wanted(&self, keys: &[EventKey]) -> Vec<i64> {
-        let Ok(keepers) = self.inner.keepers.lock() else {
-            return Vec::new();
-        };
-        let mut last_wanted: HashMap<(&str, &str), i64> = HashMap::new();
-        let mut wanted = Vec::new();
-        for key in keys {
-            let aggregate = (key.aggregate_type.as_str(), key.aggregate_id.as_str());
-            let follows_a_wanted_one = last_wanted
-                .get(&aggregate)
-                .is_some_and(|&sequence| sequence + 1 == key.sequence);
-            let wants = follows_a_wanted_one
-                || keepers.get(&key.aggregate_type).is_some_and(|keepers| {
-                    keepers
-                        .iter()
-                        .any(|keeper| keeper.wants(&key.aggregate_id, key.sequence))
-                });
-            if wants {
-                last_wanted.insert(aggregate, key.sequence);
-                wanted.push(key.position);
-            }
-        }
-        wanted
     }
 
     fn last(&self) -> Option<Option<EventKey>> {
@@ -324,7 +212,6 @@ impl LogFollowing {
                     last,
                     complete: began,
                 });
-                self.publish(&standing);
             }
         }
         Ok(())
@@ -337,7 +224,6 @@ impl LogFollowing {
             if !standing.stopped {
                 forget();
                 standing.followed = followed;
-                self.publish(&standing);
             }
         }
     }
@@ -346,7 +232,6 @@ impl LogFollowing {
     pub(crate) fn start(
         &self,
         pool: &AnyPool,
-        dialect: Dialect,
         signal: &LogSignal,
         watermark: &LogWatermark,
         loops: &BackgroundLoops,
@@ -354,7 +239,6 @@ impl LogFollowing {
         let (stop, stopped) = watch::channel(false);
         let follower = Follower {
             pool: pool.clone(),
-            dialect,
             signal: signal.clone(),
             watermark: watermark.clone(),
             following: self.clone(),
@@ -369,7 +253,6 @@ impl LogFollowing {
 #[derive(Clone)]
 struct Follower {
     pool: AnyPool,
-    dialect: Dialect,
     signal: LogSignal,
     watermark: LogWatermark,
     following: LogFollowing,
@@ -385,8 +268,8 @@ enum Step {
 
 impl Follower {
     async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        // A restart (after a panic) carries on from the last event followed: each read's changes to copies and its
-        // move past them are one step under the standing's lock.
+        // A restart (after a panic) carries on from the last event followed: each read's marks and its move past
+        // them are one step under the standing's lock.
         let mut advanced = self.signal.on_advance();
         loop {
             if *shutdown.borrow() {
@@ -439,7 +322,7 @@ impl Follower {
     }
 
     /// Reads the keys after the last event followed (and that event itself, which must still be stored as it was),
-    /// then the payloads of the events a copy wants, and keeps the copies they concern current.
+    /// and marks the copies they make stale.
     async fn read_after(&self, last: Option<EventKey>) -> Result<Step, sqlx::Error> {
         let began = Instant::now();
         let reading = self.watermark.reading_head();
@@ -461,45 +344,8 @@ impl Follower {
             // A read of the head, as every other: one below what the process had seen is a log that moved back.
             reading.observe(keys.last().map_or(from, |newest| newest.position));
         }
-        let mut payloads = self.payloads(&self.following.wanted(&keys)).await?;
-        let events = keys
-            .into_iter()
-            .map(|key| FollowedEvent {
-                payload: payloads.remove(&key.position),
-                key,
-            })
-            .collect::<Vec<_>>();
-        self.following
-            .follow(&events, reached_head.then_some(began));
+        self.following.follow(&keys, reached_head.then_some(began));
         Ok(Step::Followed { reached_head })
-    }
-}
-
-impl Follower {
-    /// The payloads at `positions` (none read when none is wanted: a process alone, whose copies are its own).
-    async fn payloads(
-        &self,
-        positions: &[i64],
-    ) -> Result<HashMap<i64, FollowedPayload>, sqlx::Error> {
-        let mut payloads = HashMap::with_capacity(positions.len());
-        if positions.is_empty() {
-            return Ok(payloads);
-        }
-        let rows = sqlx::query(self.dialect.select_payloads())
-            .bind(self.dialect.positions(positions))
-            .fetch_all(&self.pool)
-            .await?;
-        for row in &rows {
-            payloads.insert(
-                row.try_get("position")?,
-                FollowedPayload {
-                    event_type: row.try_get("event_type")?,
-                    event_version: row.try_get("event_version")?,
-                    payload: row.try_get("payload")?,
-                },
-            );
-        }
-        Ok(payloads)
     }
 }
 
@@ -518,38 +364,14 @@ mod tests {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use super::{
-        CopyKeeper, Dialect, EventKey, Followed, FollowedEvent, LogFollowing, FOLLOW_LAG_BOUND,
-    };
+    use super::{EventKey, Followed, LogFollowing, FOLLOW_LAG_BOUND};
 
-    /// A keeper that wants no payload and adds up the sequences of the events it is given.
-    struct Summing(Arc<AtomicI64>);
-
-    impl CopyKeeper for Summing {
-        fn wants(&self, _: &str, _: i64) -> bool {
-            false
-        }
-
-        fn keep(&self, event: &FollowedEvent) {
-            assert_eq!(event.aggregate_id(), "i-1");
-            self.0.fetch_add(event.sequence(), Ordering::SeqCst);
-        }
-    }
-
-    fn event(
-        position: i64,
-        aggregate_type: &str,
-        aggregate_id: &str,
-        sequence: i64,
-    ) -> FollowedEvent {
-        FollowedEvent {
-            key: EventKey {
-                position,
-                aggregate_type: aggregate_type.to_string(),
-                aggregate_id: aggregate_id.to_string(),
-                sequence,
-            },
-            payload: None,
+    fn key(position: i64, aggregate_type: &str, aggregate_id: &str, sequence: i64) -> EventKey {
+        EventKey {
+            position,
+            aggregate_type: aggregate_type.to_string(),
+            aggregate_id: aggregate_id.to_string(),
+            sequence,
         }
     }
 
@@ -581,7 +403,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stopped_follower_is_never_current_and_changes_nothing() {
+    fn a_stopped_follower_is_never_current_and_marks_nothing() {
         let following = LogFollowing::default();
         following.set(
             Some(Followed {
@@ -590,13 +412,16 @@ mod tests {
             }),
             || {},
         );
-        let kept = Arc::new(AtomicI64::new(0));
-        following.on_event_of("instance", Summing(kept.clone()));
-        following.follow(&[event(1, "instance", "i-1", 1)], Some(Instant::now()));
-        assert_eq!(kept.load(Ordering::SeqCst), 1);
+        let marked = Arc::new(AtomicI64::new(0));
+        let seen = marked.clone();
+        following.on_event_of("instance", move |_, _| {
+            seen.fetch_add(1, Ordering::SeqCst);
+        });
+        following.follow(&[key(1, "instance", "i-1", 1)], Some(Instant::now()));
+        assert_eq!(marked.load(Ordering::SeqCst), 1);
         following.stop();
         assert!(!following.is_current());
-        following.follow(&[event(2, "instance", "i-1", 2)], Some(Instant::now()));
+        following.follow(&[key(2, "instance", "i-1", 2)], Some(Instant::now()));
         let mut forgot = false;
         following.set(
             Some(Followed {
@@ -606,9 +431,9 @@ mod tests {
             || forgot = true,
         );
         assert_eq!(
-            kept.load(Ordering::SeqCst),
+            marked.load(Ordering::SeqCst),
             1,
-            "no copy changed once stopped"
+            "nothing marked once stopped"
         );
         assert!(
             !forgot && !following.is_current(),
@@ -617,53 +442,19 @@ mod tests {
     }
 
     #[test]
-    fn each_event_reaches_the_keepers_of_its_aggregate_type_only() {
+    fn each_key_reaches_the_markers_of_its_aggregate_type_only() {
         let following = LogFollowing::default();
         let instances = Arc::new(AtomicI64::new(0));
-        following.on_event_of("instance", Summing(instances.clone()));
-        following.keep(&[
-            event(1, "instance", "i-1", 3),
-            event(2, "user", "u-1", 100),
-            event(3, "instance", "i-1", 4),
+        let seen = instances.clone();
+        following.on_event_of("instance", move |id, sequence| {
+            assert_eq!(id, "i-1");
+            seen.fetch_add(sequence, Ordering::SeqCst);
+        });
+        following.mark(&[
+            key(1, "instance", "i-1", 3),
+            key(2, "user", "u-1", 100),
+            key(3, "instance", "i-1", 4),
         ]);
         assert_eq!(instances.load(Ordering::SeqCst), 7);
-    }
-
-    #[test]
-    fn the_wanted_positions_are_one_parameter_in_each_backends_list_syntax() {
-        assert_eq!(Dialect::Postgres.positions(&[1, 5, 9]), "{1,5,9}");
-        assert_eq!(Dialect::Sqlite.positions(&[1, 5, 9]), "[1,5,9]");
-        assert_eq!(Dialect::Postgres.positions(&[7]), "{7}");
-    }
-
-    /// Wants the first event of any aggregate only, as a store that remembers nothing does.
-    struct FirstEvents;
-
-    impl CopyKeeper for FirstEvents {
-        fn wants(&self, _: &str, sequence: i64) -> bool {
-            sequence == 1
-        }
-
-        fn keep(&self, _: &FollowedEvent) {}
-    }
-
-    #[test]
-    fn an_event_that_follows_a_wanted_one_of_its_aggregate_in_the_same_read_is_wanted_too() {
-        let following = LogFollowing::default();
-        following.on_event_of("session", FirstEvents);
-        let keys = [
-            event(10, "session", "s-1", 1),
-            event(11, "session", "s-2", 4),
-            event(12, "session", "s-1", 2),
-            event(13, "user", "u-1", 1),
-            event(14, "session", "s-1", 3),
-            event(15, "session", "s-2", 5),
-        ]
-        .map(|event| event.key);
-        assert_eq!(
-            following.wanted(&keys),
-            vec![10, 12, 14],
-            "s-1 from its first event on; s-2 (remembered nowhere) and a type without a keeper not at all"
-        );
     }
 }

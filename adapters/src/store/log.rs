@@ -38,7 +38,14 @@ impl LoggedEvent {
     /// # Errors
     /// The payload does not have the event's shape (or an old version's).
     pub fn payload_as<E: serde::de::DeserializeOwned>(&self) -> Result<E, serde_json::Error> {
-        payload_as(&self.event_type, &self.event_version, &self.payload)
+        if !whist_domain::versions::needs_upcast(&self.event_type, &self.event_version) {
+            return serde_json::from_str(&self.payload);
+        }
+        let stored: Value = serde_json::from_str(&self.payload)?;
+        let (_, current) =
+            whist_domain::versions::upcast(&self.event_type, &self.event_version, stored)
+                .map_err(serde::de::Error::custom)?;
+        serde_json::from_value(current)
     }
 
     /// The metadata recorded with the event.
@@ -64,25 +71,6 @@ impl LoggedEvent {
             metadata: row.try_get("metadata")?,
         })
     }
-}
-
-/// A stored payload (JSON text) of an event of `event_type` at `event_version`, as the event type in its current
-/// shape: an old version is upcast first (`whist_domain::versions`).
-///
-/// # Errors
-/// The payload does not have the event's shape (or an old version's).
-pub(crate) fn payload_as<E: serde::de::DeserializeOwned>(
-    event_type: &str,
-    event_version: &str,
-    payload: &str,
-) -> Result<E, serde_json::Error> {
-    if !whist_domain::versions::needs_upcast(event_type, event_version) {
-        return serde_json::from_str(payload);
-    }
-    let stored: Value = serde_json::from_str(payload)?;
-    let (_, current) = whist_domain::versions::upcast(event_type, event_version, stored)
-        .map_err(serde::de::Error::custom)?;
-    serde_json::from_value(current)
 }
 
 const SELECT_ONE: &str = "

@@ -214,11 +214,7 @@ pub const CATALOGUE: &[Metric] = &[
     ),
     counter(
         "whist_copies_marked_stale_total",
-        "Remembered aggregate copies marked behind the store, by aggregate type and why: conflict, followed (the log follower read an event newer than the copy that it could not apply: the copy was further behind or marked already, or the event is a newer binary's; or a load or commit of this process ran as it read it), decided_again, unit_reads_fresh, asked (a read caught up), presumed_new.",
-    ),
-    counter(
-        "whist_copies_kept_by_follower_total",
-        "Remembered aggregate copies the log follower kept current with another process's event, by aggregate type and how: applied (to the copy one event behind it) or remembered (an aggregate another process created, from its first event).",
+        "Remembered aggregate copies marked behind the store, by aggregate type and why: conflict, followed (the log follower read an event newer than the copy: another process's, or under load this process's own before the commit that recorded it was remembered, which then replaces the copy), decided_again, unit_reads_fresh, asked (a read caught up), presumed_new.",
     ),
     counter(
         "whist_catch_up_events_total",
