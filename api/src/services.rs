@@ -53,62 +53,8 @@ pub struct Services {
     pub user_locks: KeyedLocks,
     /// The candidate hosts the `instances` read model gave last, per region and release.
     pub candidate_hints: CandidateHints,
-    /// The mandelboxes this process assigned in the last `OWN_SPIN_UPS_FIRST_FOR` whose spin-ups it has not claimed:
-    /// its reconciler claims those spin-ups before other processes' (which take them only once they have waited).
-    pub recent_assigns: RecentAssigns,
     /// The processes serving assigns, and which hosts this one fills first.
     pub members: whist_adapters::store::members::Members,
-}
-
-/// The mandelboxes this process assigned in the last [`OWN_SPIN_UPS_FIRST_FOR`] whose spin-ups it has not claimed
-/// yet, at most [`RecentAssigns::KEPT`]. The reconciler of the process that assigned a mandelbox remembers it and
-/// runs its spin-up without reading it; a reconciler of another process would read its history first (its check of
-/// the mandelbox), so each process claims first the spin-ups of the mandelboxes it assigned, and other processes'
-/// once they have waited (`workers::reconciler`).
-#[derive(Default)]
-pub struct RecentAssigns {
-    assigned: Mutex<HashMap<String, std::time::Instant>>,
-}
-
-/// How long a mandelbox this process assigned counts as its own for its spin-up: well beyond the time from an assign
-/// to its spin-up's claim (the planner's gather and a reconciler's wake, milliseconds). Each claim sends these ids,
-/// so the window is kept short.
-pub const OWN_SPIN_UPS_FIRST_FOR: Duration = Duration::from_millis(500);
-
-impl RecentAssigns {
-    /// At most this many ids are kept (and sent with a claim).
-    pub const KEPT: usize = 4_096;
-
-    /// Notes a mandelbox this process just assigned.
-    pub fn note(&self, mandelbox_id: &str) {
-        if let Ok(mut assigned) = self.assigned.lock() {
-            if assigned.len() >= Self::KEPT {
-                assigned.retain(|_, at| at.elapsed() <= OWN_SPIN_UPS_FIRST_FOR);
-            }
-            if assigned.len() < Self::KEPT {
-                assigned.insert(mandelbox_id.to_string(), std::time::Instant::now());
-            }
-        }
-    }
-
-    /// The mandelboxes assigned in the last [`OWN_SPIN_UPS_FIRST_FOR`] whose spin-ups are not claimed yet,
-    /// forgetting older ones.
-    pub fn unclaimed(&self) -> Vec<String> {
-        let Ok(mut assigned) = self.assigned.lock() else {
-            return Vec::new();
-        };
-        assigned.retain(|_, at| at.elapsed() <= OWN_SPIN_UPS_FIRST_FOR);
-        assigned.keys().cloned().collect()
-    }
-
-    /// Forgets mandelboxes whose spin-ups were just claimed.
-    pub fn claimed<'a>(&self, mandelbox_ids: impl IntoIterator<Item = &'a str>) {
-        if let Ok(mut assigned) = self.assigned.lock() {
-            for id in mandelbox_ids {
-                assigned.remove(id);
-            }
-        }
-    }
 }
 
 /// One lock per host within this process: commands on one host's aggregate from this process queue here instead of
@@ -270,7 +216,6 @@ impl Services {
             host_locks: HostLocks::default(),
             user_locks: KeyedLocks::default(),
             candidate_hints: CandidateHints::default(),
-            recent_assigns: RecentAssigns::default(),
             members: whist_adapters::store::members::Members::new(
                 database,
                 &uuid::Uuid::new_v4().to_string(),
@@ -375,31 +320,9 @@ fn address_key(address: std::net::IpAddr) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{
-        CandidateHints, HostLocks, RateLimiter, RecentAssigns, CONTENDED_FOR, HINTS_FOR,
-        OWN_SPIN_UPS_FIRST_FOR,
-    };
+    use super::{CandidateHints, HostLocks, RateLimiter, CONTENDED_FOR, HINTS_FOR};
     use std::sync::Arc;
     use std::time::Duration;
-
-    #[test]
-    fn an_assigned_mandelbox_is_sent_with_claims_until_its_spin_up_is_claimed_or_the_window_passes()
-    {
-        let recent = RecentAssigns::default();
-        recent.note("a");
-        recent.note("b");
-        let mut unclaimed = recent.unclaimed();
-        unclaimed.sort();
-        assert_eq!(unclaimed, ["a", "b"]);
-        recent.claimed(["a", "unknown"]);
-        assert_eq!(recent.unclaimed(), ["b"], "a's spin-up was claimed");
-        std::thread::sleep(OWN_SPIN_UPS_FIRST_FOR + Duration::from_millis(10));
-        assert!(recent.unclaimed().is_empty(), "b's window passed");
-        for index in 0..RecentAssigns::KEPT + 10 {
-            recent.note(&format!("m-{index}"));
-        }
-        assert_eq!(recent.unclaimed().len(), RecentAssigns::KEPT, "bounded");
-    }
 
     #[test]
     fn hints_serve_their_region_and_release_for_hints_for_and_then_none() {

@@ -251,28 +251,8 @@ pub struct Job {
     pub traceparent: Option<String>,
 }
 
-/// `{"a","b"}`: a Postgres text array literal of `values`, each quoted.
-fn postgres_text_array(values: &[String]) -> String {
-    let quoted = values
-        .iter()
-        .map(|value| format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\"")))
-        .collect::<Vec<_>>()
-        .join(",");
-    format!("{{{quoted}}}")
-}
-
-/// Which spin-ups a claim takes at once: those of the mandelboxes its process assigned (`own`, which that process
-/// remembers, so that running them reads nothing), and any other only once it has been runnable since
-/// `others_before_ms` (left first to the process that assigned it).
-#[derive(Debug, Clone, Copy)]
-pub struct SpinUpsFirst<'a> {
-    pub own: &'a [String],
-    pub others_before_ms: i64,
-}
-
 /// Claims up to `limit` runnable jobs of `kinds`, lowest id first, until `claimed_until_ms`: those pending whose
 /// `run_after_ms` has come, and those running whose claim expired before `now_ms`. Each claim is one more attempt.
-/// A spin-up pending for another process's mandelbox is claimed only once `spin_ups` allows it.
 /// On Postgres the rows are taken `FOR UPDATE SKIP LOCKED`, so that processes claiming at once take different jobs.
 ///
 /// # Errors
@@ -283,38 +263,25 @@ pub async fn claim(
     now_ms: i64,
     claimed_until_ms: i64,
     limit: i64,
-    spin_ups: SpinUpsFirst<'_>,
 ) -> Result<Vec<Job>, sqlx::Error> {
-    let placeholders = list_placeholders(6, kinds.len());
-    let (lock, own, own_list) = if database.is_postgres() {
-        (
-            " FOR UPDATE SKIP LOCKED",
-            "aggregate_id = ANY(CAST($5 AS TEXT[]))",
-            postgres_text_array(spin_ups.own),
-        )
+    let placeholders = list_placeholders(4, kinds.len());
+    let lock = if database.is_postgres() {
+        " FOR UPDATE SKIP LOCKED"
     } else {
-        (
-            "",
-            "aggregate_id IN (SELECT value FROM json_each($5))",
-            serde_json::to_string(spin_ups.own).unwrap_or_else(|_| "[]".to_string()),
-        )
+        ""
     };
     let sql = format!(
         "UPDATE jobs SET status = 'running', attempts = attempts + 1, claimed_until_ms = $2 \
          WHERE id IN (SELECT id FROM jobs WHERE status IN ('pending', 'running') \
            AND ((status = 'pending' AND run_after_ms <= $1) OR (status = 'running' AND claimed_until_ms < $1)) \
-           AND kind IN ({placeholders}) \
-           AND (kind <> '{spin_up}' OR status = 'running' OR run_after_ms <= $4 OR {own}) \
-           ORDER BY id LIMIT $3{lock}) \
+           AND kind IN ({}) ORDER BY id LIMIT $3{lock}) \
          RETURNING id, kind, aggregate_id, payload, attempts, correlation_id, planned_by, traceparent",
-        spin_up = JobKind::SpinUp.as_str(),
+        placeholders
     );
     let mut query = sqlx::query(&sql)
         .bind(now_ms)
         .bind(claimed_until_ms)
-        .bind(limit)
-        .bind(spin_ups.others_before_ms)
-        .bind(own_list);
+        .bind(limit);
     for kind in kinds {
         query = query.bind(kind.as_str());
     }

@@ -166,12 +166,7 @@ pub async fn assign(
             record_refused_session(state, assignment, refusal, metadata).await;
             Ok(Err(refusal))
         }
-        Ok((outcome, _)) => {
-            if let Ok(assigned) = &outcome {
-                state.services.recent_assigns.note(&assigned.mandelbox_id);
-            }
-            Ok(outcome)
-        }
+        Ok((outcome, _)) => Ok(outcome),
         Err(error) => {
             crate::telemetry::log_failure("assign failed", &error);
             Err(error)

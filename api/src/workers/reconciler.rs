@@ -25,17 +25,12 @@ use whist_domain::instance::{
 };
 use whist_domain::mandelbox::{EndReason, MandelboxCommand, MandelboxStatus};
 use whist_domain::{Actor, EventMetadata};
-use whist_projections::jobs::{Job, JobKind, SpinUpsFirst};
+use whist_projections::jobs::{Job, JobKind};
 
 use crate::state::Context;
 
 /// Attempts before a job is given up (except the kinds `retries_until_done` names).
 const MAX_ATTEMPTS: i64 = 6;
-
-/// How long a spin-up of a mandelbox another serving process assigned is left to that process's reconciler before
-/// this one claims it: that one claims its own within milliseconds, from memory; this one would first read the
-/// mandelbox's history.
-const OTHERS_SPIN_UPS_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 /// The longest wait between two attempts of a job.
 const MAX_BACKOFF_MS: i64 = 15_000;
 /// Jobs one process runs at once.
@@ -112,39 +107,17 @@ impl Reconciler {
         i64::try_from(self.state.settings.fleet.job_claim.as_millis()).unwrap_or(60_000)
     }
 
-    /// Claims up to `limit` runnable jobs. In a process that serves assigns beside others (a member among
-    /// several), the spin-ups of mandelboxes this process assigned at once, other processes' once they have waited
-    /// [`OTHERS_SPIN_UPS_AFTER`] for their own reconciler (which remembers the mandelbox, where this one would read
-    /// its history to check it). A process alone, or one that assigns nothing (a `worker`, never a member, sees
-    /// only itself), takes every spin-up at once.
+    /// Claims up to `limit` runnable jobs.
     async fn claim(&self, limit: i64) -> Result<Vec<Job>, sqlx::Error> {
         let now = Utc::now().timestamp_millis();
-        let services = &self.state.services;
-        let own = services.recent_assigns.unclaimed();
-        let others_after = if services.members.live().len() > 1 {
-            i64::try_from(OTHERS_SPIN_UPS_AFTER.as_millis()).unwrap_or(100)
-        } else {
-            0
-        };
         whist_projections::jobs::claim(
             &self.state.database,
             self.kinds(),
             now,
             now + self.claim_ms(),
             limit,
-            SpinUpsFirst {
-                own: &own,
-                others_before_ms: now - others_after,
-            },
         )
         .await
-        .inspect(|jobs| {
-            services.recent_assigns.claimed(
-                jobs.iter()
-                    .filter(|job| job.kind == Some(JobKind::SpinUp))
-                    .map(|job| job.aggregate_id.as_str()),
-            );
-        })
     }
 
     async fn finish(
