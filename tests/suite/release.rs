@@ -110,7 +110,6 @@ async fn records_on(app: &TestApp, image: &str) -> i64 {
         .expect("the read model answers")
 }
 
-/// Live EC2 instances (in moto) of hosts recorded on `image`, across both regions.
 /// Why `instance_id` drained: the walk back from its `InstanceDrainStarted`.
 async fn why_drained(
     store: &whist_adapters::store::Database,
@@ -137,6 +136,7 @@ fn step_types(walk: &whist_api::control::audit::CauseWalk) -> Vec<&str> {
         .collect()
 }
 
+/// Live EC2 instances (in moto) of hosts recorded on `image`, across both regions.
 async fn live_in_moto_on(release: &Release, image: &str) -> usize {
     let records: BTreeSet<String> =
         sqlx::query_scalar("SELECT instance_id FROM instances WHERE image_id = $1")
