@@ -20,7 +20,8 @@ mod runner;
 pub use projection::{Projection, ProjectionError, ShadowRun, Tables};
 pub use runner::{
     checkpoint_position, step_lease, ProjectionRunner, ProjectionStatus, RebuildProgress,
-    RebuildReport, RunnerError, StepOutcome, TableDifference, Together, VerifyReport, STEP_LEASE,
+    RebuildReport, RunnerError, StepOutcome, TableDifference, Together, VerifyReport,
+    PROJECTIONS_LEASE, STEP_LEASE,
 };
 
 use std::sync::Arc;

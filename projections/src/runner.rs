@@ -148,8 +148,14 @@ pub struct ProjectionRunner {
 
 /// How long a process may step a projection without renewing its lease (`leases`, `projection:{name}`): one process
 /// steps each projection at a time, so that several processes do not split each other's batches or queue on the
-/// checkpoint's row lock; when it stops (or stalls) another takes over within this time.
+/// checkpoint's row lock; when it stops (or stalls) another takes over within this time. The same term holds for
+/// [`PROJECTIONS_LEASE`].
 pub const STEP_LEASE: Duration = Duration::from_secs(3);
+/// The lease whose holder takes every projection's step lease: only it takes a step lease, and a process that does
+/// not hold it gives up those it holds. Projections split between processes would each read the log apart and
+/// step in their own transactions: two `serve` processes that started together and split the six leases cost
+/// about a fifth more CPU per assign than when one process held them all (`whist loadtest --servers 2`).
+pub const PROJECTIONS_LEASE: &str = "projections";
 /// How often the holder renews a step lease.
 const STEP_LEASE_RENEWAL: Duration = Duration::from_secs(1);
 
@@ -161,8 +167,11 @@ pub fn step_lease(name: &str) -> String {
 const STATUS_WAITING: &str = "waiting";
 
 /// The step leases of one process's projections: which it holds, and when each is next renewed (or, held by
-/// another process, tried again).
+/// another process, tried again); and whether it holds [`PROJECTIONS_LEASE`], which they follow.
 struct StepLeases {
+    /// Whether this process holds [`PROJECTIONS_LEASE`], and when it is next renewed (or tried again).
+    lead: bool,
+    lead_due: tokio::time::Instant,
     leases: Vec<StepLease>,
 }
 
@@ -176,6 +185,8 @@ impl StepLeases {
     fn new(names: &[&'static str]) -> Self {
         let now = tokio::time::Instant::now();
         Self {
+            lead: false,
+            lead_due: now,
             leases: names
                 .iter()
                 .map(|name| StepLease {
@@ -188,10 +199,27 @@ impl StepLeases {
     }
 
     /// Renews the leases that are due, tries again those that another process held, and returns the projections
-    /// this process holds.
+    /// this process holds. The step leases follow [`PROJECTIONS_LEASE`]: while this process holds it, it renews and
+    /// takes them; while another holds it, this process gives up those it holds, so that its holder takes them at
+    /// its next renewal.
     async fn renew(&mut self, database: &Database, holder: &str) -> Vec<&'static str> {
         let now = tokio::time::Instant::now();
+        if now >= self.lead_due {
+            let outcome = lease::hold(database, PROJECTIONS_LEASE, holder, STEP_LEASE).await;
+            if let Err(error) = &outcome {
+                tracing::warn!(error = %error, "could not renew the projections' lease");
+            }
+            self.lead = matches!(outcome, Ok(Some(_)));
+            self.lead_due = now + STEP_LEASE_RENEWAL;
+        }
         for step_lease_of in &mut self.leases {
+            if !self.lead {
+                if step_lease_of.held {
+                    let _ = lease::release(database, &step_lease(step_lease_of.name), holder).await;
+                    step_lease_of.held = false;
+                }
+                continue;
+            }
             if now < step_lease_of.due {
                 continue;
             }
@@ -220,6 +248,9 @@ impl StepLeases {
     async fn release_all(&self, database: &Database, holder: &str) {
         for held in self.leases.iter().filter(|lease| lease.held) {
             let _ = lease::release(database, &step_lease(held.name), holder).await;
+        }
+        if self.lead {
+            let _ = lease::release(database, PROJECTIONS_LEASE, holder).await;
         }
     }
 }

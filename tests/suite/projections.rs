@@ -1043,3 +1043,96 @@ async fn one_process_steps_each_projection_and_another_takes_over_when_it_stops(
     assert_ne!(taken_over_by, holder);
     staying.stop().await;
 }
+
+/// Two processes that start together: one of them holds every projection's step lease (the one that holds the
+/// projections' lease), so that neither reads the log for a part of the projections apart from the other; when it
+/// stops, the other holds them all.
+#[tokio::test]
+async fn two_processes_starting_together_do_not_split_the_projections() {
+    let test_database = TestDatabase::new(BackendKind::Postgres).await;
+    let database = test_database.open().await;
+    let first = ProjectionRunner::new(database.clone(), whist_projections::all());
+    let second = ProjectionRunner::new(database.clone(), whist_projections::all());
+    let (first_background, second_background) = tokio::join!(
+        async { whist_api::workers::background::Background::start(&database, first.clone()) },
+        async { whist_api::workers::background::Background::start(&database, second.clone()) },
+    );
+    append(&database, 3, 2).await;
+    let names: Vec<&'static str> = whist_projections::all()
+        .iter()
+        .map(|projection| projection.name())
+        .collect();
+    let holders = |database: Database| {
+        let names = names.clone();
+        async move {
+            let mut holders = Vec::new();
+            for name in std::iter::once(whist_projections::PROJECTIONS_LEASE.to_string())
+                .chain(names.iter().map(|name| whist_projections::step_lease(name)))
+            {
+                let holder = whist_adapters::store::lease::current(&database, &name)
+                    .await
+                    .expect("reads")
+                    .map(|(holder, _, _)| holder);
+                holders.push(holder);
+            }
+            holders
+        }
+    };
+    let one_holds_all = |database: Database| {
+        let holders = holders.clone();
+        async move {
+            let holders = holders(database).await;
+            holders
+                .iter()
+                .all(|holder| holder.is_some() && *holder == holders[0])
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || one_holds_all(database.clone())).await,
+        "one process holds every lease: {:?}",
+        holders(database.clone()).await
+    );
+    let Some(holder) = holders(database.clone()).await.remove(0) else {
+        panic!("the projections' lease has a holder");
+    };
+    let (stopping, staying, other) = if holder == first.holder() {
+        (
+            first_background,
+            second_background,
+            second.holder().to_string(),
+        )
+    } else {
+        (
+            second_background,
+            first_background,
+            first.holder().to_string(),
+        )
+    };
+    stopping.stop().await;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let holders = holders.clone();
+            let database = database.clone();
+            let other = other.clone();
+            async move {
+                holders(database)
+                    .await
+                    .iter()
+                    .all(|holder| holder.as_deref() == Some(other.as_str()))
+            }
+        })
+        .await,
+        "the other process holds them all: {:?}",
+        holders(database.clone()).await
+    );
+    append(&database, 2, 2).await;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let database = database.clone();
+            async move { index_totals(&database).await == (10, 0) }
+        })
+        .await,
+        "and follows the log"
+    );
+    staying.stop().await;
+}

@@ -109,17 +109,10 @@ impl Members {
     }
 
     /// Reorders `candidates` (host id first) so that this member's hosts come first, each part in its order; how
-    /// many are this member's (all of them when it is the only member).
+    /// many are this member's (all of them when it is the only member). Each candidate's owner is computed once,
+    /// from each member's hash prefix computed once per call (this runs on every assign).
     pub fn put_own_first<T>(&self, candidates: &mut [(String, T)]) -> usize {
-        let live = self.live();
-        if live.len() < 2 {
-            return candidates.len();
-        }
-        candidates.sort_by_cached_key(|(host, _)| owner(&live, host) != Some(self.id.as_ref()));
-        candidates
-            .iter()
-            .take_while(|(host, _)| owner(&live, host) == Some(self.id.as_ref()))
-            .count()
+        put_own_first(&self.live(), &self.id, candidates)
     }
 
     /// Renews every [`RENEW_EVERY`] until `shutdown`, then leaves.
@@ -139,6 +132,25 @@ impl Members {
     }
 }
 
+/// [`Members::put_own_first`] for member `me` among `live`.
+fn put_own_first<T>(live: &[String], me: &str, candidates: &mut [(String, T)]) -> usize {
+    if live.len() < 2 {
+        return candidates.len();
+    }
+    let members: Vec<(u64, &str)> = live
+        .iter()
+        .map(|member| (member_prefix(member), member.as_str()))
+        .collect();
+    let mut own = 0;
+    // Stable, and calls the key function once per candidate.
+    candidates.sort_by_cached_key(|(host, _)| {
+        let mine = owner_by_prefix(&members, host) == Some(me);
+        own += usize::from(mine);
+        !mine
+    });
+    own
+}
+
 /// The member that owns `key` among `members`: the one with the highest hash of (member, key).
 pub fn owner<'a>(members: &'a [String], key: &str) -> Option<&'a str> {
     members
@@ -147,17 +159,39 @@ pub fn owner<'a>(members: &'a [String], key: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
+/// [`owner`], given each member's [`member_prefix`].
+fn owner_by_prefix<'a>(members: &[(u64, &'a str)], key: &str) -> Option<&'a str> {
+    members
+        .iter()
+        .max_by_key(|(prefix, member)| (finish_weight(*prefix, key), *member))
+        .map(|(_, member)| *member)
+}
+
 /// FNV-1a over member, a separator and key: the same in every process and release (unlike std's hasher).
 fn weight(member: &str, key: &str) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in member.bytes().chain([0xff]).chain(key.bytes()) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    finish_weight(member_prefix(member), key)
+}
+
+/// FNV-1a's state after a member and the separator.
+fn member_prefix(member: &str) -> u64 {
+    fnv(0xcbf2_9ce4_8422_2325, member.bytes().chain([0xff]))
+}
+
+/// The weight of (member, key) from the member's prefix.
+fn finish_weight(prefix: u64, key: &str) -> u64 {
+    let mut hash = fnv(prefix, key.bytes());
     // FNV's low bits mix poorly for inputs differing only at the end: finish with a multiply-shift.
     hash ^= hash >> 33;
     hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
     hash ^ (hash >> 33)
+}
+
+fn fnv(mut hash: u64, bytes: impl Iterator<Item = u8>) -> u64 {
+    for byte in bytes {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
 }
 
 #[cfg(test)]
@@ -192,6 +226,31 @@ mod tests {
                 after == before || after == Some("c"),
                 "{host} moved from {before:?} to {after:?}, not to the new member"
             );
+        }
+    }
+
+    #[test]
+    fn own_hosts_come_first_in_their_order_as_owner_says() {
+        let live = members(&["a", "b", "c"]);
+        let hosts: Vec<(String, usize)> = (0..200)
+            .map(|index| (format!("host-{index}"), index))
+            .collect();
+        for me in ["a", "b", "c"] {
+            let mut ordered = hosts.clone();
+            let own = put_own_first(&live, me, &mut ordered);
+            let expected_own: Vec<(String, usize)> = hosts
+                .iter()
+                .filter(|(host, _)| owner(&live, host) == Some(me))
+                .cloned()
+                .collect();
+            let expected_rest: Vec<(String, usize)> = hosts
+                .iter()
+                .filter(|(host, _)| owner(&live, host) != Some(me))
+                .cloned()
+                .collect();
+            assert_eq!(own, expected_own.len());
+            assert_eq!(ordered[..own], expected_own[..]);
+            assert_eq!(ordered[own..], expected_rest[..]);
         }
     }
 }
