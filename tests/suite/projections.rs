@@ -1058,41 +1058,18 @@ async fn two_processes_starting_together_do_not_split_the_projections() {
         async { whist_api::workers::background::Background::start(&database, second.clone()) },
     );
     append(&database, 3, 2).await;
-    let names: Vec<&'static str> = whist_projections::all()
-        .iter()
-        .map(|projection| projection.name())
-        .collect();
-    let holders = |database: Database| {
-        let names = names.clone();
-        async move {
-            let mut holders = Vec::new();
-            for name in std::iter::once(whist_projections::PROJECTIONS_LEASE.to_string())
-                .chain(names.iter().map(|name| whist_projections::step_lease(name)))
-            {
-                let holder = whist_adapters::store::lease::current(&database, &name)
-                    .await
-                    .expect("reads")
-                    .map(|(holder, _, _)| holder);
-                holders.push(holder);
-            }
-            holders
-        }
-    };
-    let one_holds_all = |database: Database| {
-        let holders = holders.clone();
-        async move {
-            let holders = holders(database).await;
-            holders
-                .iter()
-                .all(|holder| holder.is_some() && *holder == holders[0])
-        }
+    let one_holds_all = || async {
+        let holders = lease_holders(&database).await;
+        holders
+            .iter()
+            .all(|holder| holder.is_some() && *holder == holders[0])
     };
     assert!(
-        eventually(Duration::from_secs(10), || one_holds_all(database.clone())).await,
+        eventually(Duration::from_secs(10), one_holds_all).await,
         "one process holds every lease: {:?}",
-        holders(database.clone()).await
+        lease_holders(&database).await
     );
-    let Some(holder) = holders(database.clone()).await.remove(0) else {
+    let Some(holder) = lease_holders(&database).await.remove(0) else {
         panic!("the projections' lease has a holder");
     };
     let (stopping, staying, other) = if holder == first.holder() {
@@ -1110,20 +1087,15 @@ async fn two_processes_starting_together_do_not_split_the_projections() {
     };
     stopping.stop().await;
     assert!(
-        eventually(Duration::from_secs(10), || {
-            let holders = holders.clone();
-            let database = database.clone();
-            let other = other.clone();
-            async move {
-                holders(database)
-                    .await
-                    .iter()
-                    .all(|holder| holder.as_deref() == Some(other.as_str()))
-            }
+        eventually(Duration::from_secs(10), || async {
+            lease_holders(&database)
+                .await
+                .iter()
+                .all(|holder| holder.as_deref() == Some(other.as_str()))
         })
         .await,
         "the other process holds them all: {:?}",
-        holders(database.clone()).await
+        lease_holders(&database).await
     );
     append(&database, 2, 2).await;
     assert!(
@@ -1135,4 +1107,21 @@ async fn two_processes_starting_together_do_not_split_the_projections() {
         "and follows the log"
     );
     staying.stop().await;
+}
+
+/// Who holds the projections' lease, then each projection's step lease.
+async fn lease_holders(database: &Database) -> Vec<Option<String>> {
+    let mut holders = Vec::new();
+    let names = whist_projections::all()
+        .iter()
+        .map(|projection| whist_projections::step_lease(projection.name()))
+        .collect::<Vec<_>>();
+    for name in std::iter::once(whist_projections::PROJECTIONS_LEASE.to_string()).chain(names) {
+        let holder = whist_adapters::store::lease::current(database, &name)
+            .await
+            .expect("reads")
+            .map(|(holder, _, _)| holder);
+        holders.push(holder);
+    }
+    holders
 }
