@@ -61,6 +61,14 @@ async fn index_rows(database: &Database) -> Vec<String> {
         .collect()
 }
 
+/// Whether the aggregate index counts `events` events, each aggregate's count its version, within 10 s.
+async fn index_reaches(database: &Database, events: i64) -> bool {
+    eventually(Duration::from_secs(10), || async {
+        index_totals(database).await == (events, 0)
+    })
+    .await
+}
+
 /// (sum of event counts, aggregates whose count differs from their version).
 async fn index_totals(database: &Database) -> (i64, i64) {
     let row = sqlx::query(
@@ -142,13 +150,7 @@ async fn a_running_projection_follows_new_events_promptly(kind: BackendKind) {
     let background = whist_api::workers::background::Background::start(&database, runner.clone());
     append(&database, 3, 2).await;
     let started = std::time::Instant::now();
-    assert!(
-        eventually(Duration::from_secs(10), || {
-            let database = database.clone();
-            async move { index_totals(&database).await == (6, 0) }
-        })
-        .await
-    );
+    assert!(index_reaches(&database, 6).await);
     // Woken by the log signal, not by the one-second poll.
     assert!(
         started.elapsed() < Duration::from_millis(900),
@@ -174,13 +176,7 @@ async fn a_rebuild_gives_the_same_read_model_as_live(kind: BackendKind) {
     let runner = ProjectionRunner::new(database.clone(), whist_projections::all());
     let background = whist_api::workers::background::Background::start(&database, runner.clone());
     append(&database, 20, 5).await;
-    assert!(
-        eventually(Duration::from_secs(10), || {
-            let database = database.clone();
-            async move { index_totals(&database).await == (100, 0) }
-        })
-        .await
-    );
+    assert!(index_reaches(&database, 100).await);
     let live = index_rows(&database).await;
     let progress_calls = std::sync::atomic::AtomicUsize::new(0);
     let report = runner
@@ -195,13 +191,7 @@ async fn a_rebuild_gives_the_same_read_model_as_live(kind: BackendKind) {
     assert_eq!(index_rows(&database).await, live);
     // The swapped-in table is a full read model: the live runner keeps updating it.
     append(&database, 1, 1).await;
-    assert!(
-        eventually(Duration::from_secs(10), || {
-            let database = database.clone();
-            async move { index_totals(&database).await == (101, 0) }
-        })
-        .await
-    );
+    assert!(index_reaches(&database, 101).await);
     // And a second rebuild works on the swapped-in table.
     runner
         .rebuild("aggregate_index", &|_| {})
@@ -1008,13 +998,7 @@ async fn one_process_steps_each_projection_and_another_takes_over_when_it_stops(
     let second_background =
         whist_api::workers::background::Background::start(&database, second.clone());
     append(&database, 3, 2).await;
-    assert!(
-        eventually(Duration::from_secs(10), || {
-            let database = database.clone();
-            async move { index_totals(&database).await == (6, 0) }
-        })
-        .await
-    );
+    assert!(index_reaches(&database, 6).await);
     let lease = whist_projections::step_lease("aggregate_index");
     let (holder, _, _) = whist_adapters::store::lease::current(&database, &lease)
         .await
@@ -1029,11 +1013,7 @@ async fn one_process_steps_each_projection_and_another_takes_over_when_it_stops(
     stopping.stop().await;
     append(&database, 2, 2).await;
     assert!(
-        eventually(Duration::from_secs(10), || {
-            let database = database.clone();
-            async move { index_totals(&database).await == (10, 0) }
-        })
-        .await,
+        index_reaches(&database, 10).await,
         "the other process follows the log"
     );
     let (taken_over_by, _, _) = whist_adapters::store::lease::current(&database, &lease)
@@ -1098,14 +1078,7 @@ async fn two_processes_starting_together_do_not_split_the_projections() {
         lease_holders(&database).await
     );
     append(&database, 2, 2).await;
-    assert!(
-        eventually(Duration::from_secs(10), || {
-            let database = database.clone();
-            async move { index_totals(&database).await == (10, 0) }
-        })
-        .await,
-        "and follows the log"
-    );
+    assert!(index_reaches(&database, 10).await, "and follows the log");
     staying.stop().await;
 }
 
