@@ -137,10 +137,7 @@ fn put_own_first<T>(live: &[String], me: &str, candidates: &mut [(String, T)]) -
     if live.len() < 2 {
         return candidates.len();
     }
-    let members: Vec<(u64, &str)> = live
-        .iter()
-        .map(|member| (member_prefix(member), member.as_str()))
-        .collect();
+    let members = prefixed(live);
     let mut own = 0;
     // Stable, and calls the key function once per candidate.
     candidates.sort_by_cached_key(|(host, _)| {
@@ -153,32 +150,33 @@ fn put_own_first<T>(live: &[String], me: &str, candidates: &mut [(String, T)]) -
 
 /// The member that owns `key` among `members`: the one with the highest hash of (member, key).
 pub fn owner<'a>(members: &'a [String], key: &str) -> Option<&'a str> {
-    members
-        .iter()
-        .max_by_key(|member| (weight(member, key), member.as_str()))
-        .map(String::as_str)
+    owner_by_prefix(&prefixed(members), key)
 }
 
-/// [`owner`], given each member's [`member_prefix`].
+/// Each member with its [`member_prefix`], computed once for every key it is weighed against.
+fn prefixed(members: &[String]) -> Vec<(u64, &str)> {
+    members
+        .iter()
+        .map(|member| (member_prefix(member), member.as_str()))
+        .collect()
+}
+
+/// [`owner`], given [`prefixed`] members.
 fn owner_by_prefix<'a>(members: &[(u64, &'a str)], key: &str) -> Option<&'a str> {
     members
         .iter()
-        .max_by_key(|(prefix, member)| (finish_weight(*prefix, key), *member))
+        .max_by_key(|(prefix, member)| (weight(*prefix, key), *member))
         .map(|(_, member)| *member)
 }
 
-/// FNV-1a over member, a separator and key: the same in every process and release (unlike std's hasher).
-fn weight(member: &str, key: &str) -> u64 {
-    finish_weight(member_prefix(member), key)
-}
-
-/// FNV-1a's state after a member and the separator.
+/// FNV-1a over member, a separator and key (the same in every process and release, unlike std's hasher): its state
+/// after the member and the separator.
 fn member_prefix(member: &str) -> u64 {
     fnv(0xcbf2_9ce4_8422_2325, member.bytes().chain([0xff]))
 }
 
-/// The weight of (member, key) from the member's prefix.
-fn finish_weight(prefix: u64, key: &str) -> u64 {
+/// The weight of (member, key), from the member's prefix.
+fn weight(prefix: u64, key: &str) -> u64 {
     let mut hash = fnv(prefix, key.bytes());
     // FNV's low bits mix poorly for inputs differing only at the end: finish with a multiply-shift.
     hash ^= hash >> 33;
