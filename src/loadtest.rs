@@ -31,7 +31,8 @@ pub struct LoadTestOptions {
     /// `whist serve` processes on the one database; clients and hosts are spread over them in turn. A list
     /// (`1,2`) runs the whole load once per count, back to back, each on a fresh database, then prints each run of
     /// another count against the run of the first count before it (closed loop: assigns/s, machine CPU per assign,
-    /// p99, assigns decided more than once; the scale-out targets).
+    /// p99, assigns decided more than once; the scale-out targets), and, when one follows (`1,2,1`), against the
+    /// mean of the runs of the first count before and after it.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     servers: Vec<usize>,
     /// Simulated hosts in the fleet.
@@ -126,15 +127,32 @@ struct ClosedFigures {
     retried: Option<f64>,
 }
 
+impl ClosedFigures {
+    /// The mean of two runs' figures, as a baseline (the share retried is `self`'s: only the held run's counts).
+    fn mean_with(self, other: Self) -> Self {
+        Self {
+            rate: (self.rate + other.rate) / 2.0,
+            cpu_per_assign: self
+                .cpu_per_assign
+                .zip(other.cpu_per_assign)
+                .map(|(one, two)| (one + two) / 2.0),
+            p99_ms: (self.p99_ms + other.p99_ms) / 2.0,
+            retried: self.retried,
+        }
+    }
+}
+
 /// Each run of another server count against the run of the first count before it, with the scale-out targets:
-/// assigns/s >= 90%, machine CPU per assign <= 1.2x, p99 <= 1.5x, assigns decided more than once <= 5%.
+/// assigns/s >= 90%, machine CPU per assign <= 1.2x, p99 <= 1.5x, assigns decided more than once <= 5%. When a
+/// run of the first count follows it too (`--servers 1,2,1`), also against the mean of the two around it: a
+/// machine whose speed drifts steadily across the three moves both sides of that comparison alike.
 fn compare_runs(runs: &[RunSummary]) -> Vec<String> {
     let Some(first) = runs.first().map(|run| run.servers) else {
         return Vec::new();
     };
     let mut lines = Vec::new();
     let mut baseline: Option<&RunSummary> = None;
-    for run in runs {
+    for (index, run) in runs.iter().enumerate() {
         if run.servers == first {
             baseline = Some(run);
             continue;
@@ -148,64 +166,79 @@ fn compare_runs(runs: &[RunSummary]) -> Vec<String> {
             lines.push("n/a: a run had no closed loop".to_string());
             continue;
         };
-        let rate = many.rate / one.rate.max(1e-9);
-        let cpu = one
-            .cpu_per_assign
-            .zip(many.cpu_per_assign)
-            .map(|(one, many)| many / one.max(1e-12));
-        let p99 = many.p99_ms / one.p99_ms.max(1e-9);
-        // Each target is checked once: its line says it, and every condition at once is all of them.
-        let (rate_held, cpu_held, p99_held, retried_held) = (
-            rate >= 0.9,
-            cpu.map(|cpu| cpu <= 1.2),
-            p99 <= 1.5,
-            many.retried.map(|retried| retried <= 0.05),
-        );
-        let holds = |held: bool| if held { "holds" } else { "misses" };
-        lines.push(format!(
-            "{:<36} {:>6.0}% ({:.0}/s against {:.0}/s; target >= 90%: {})",
-            "assigns/s",
-            100.0 * rate,
-            many.rate,
-            one.rate,
-            holds(rate_held)
-        ));
-        match cpu.zip(cpu_held) {
-            Some((cpu, held)) => lines.push(format!(
-                "{:<36} {:>6.2}x (target <= 1.2x: {})",
-                "machine CPU per assign",
-                cpu,
-                holds(held)
-            )),
-            None => lines.push(format!("{:<36} {:>7}", "machine CPU per assign", "n/a")),
+        hold_against(&mut lines, one, many);
+        let after = runs[index + 1..]
+            .iter()
+            .find(|later| later.servers == first)
+            .and_then(|later| later.closed);
+        if let Some(after) = after {
+            lines.push(format!(
+                "-- {} servers against the mean of the runs of {} before and after it --",
+                run.servers, base.servers
+            ));
+            hold_against(&mut lines, one.mean_with(after), many);
         }
-        lines.push(format!(
-            "{:<36} {:>6.2}x (target <= 1.5x: {})",
-            "assign latency p99",
-            p99,
-            holds(p99_held)
-        ));
-        match many.retried.zip(retried_held) {
-            Some((retried, held)) => lines.push(format!(
-                "{:<36} {:>6.1}% (target <= 5%: {})",
-                "assigns decided more than once",
-                100.0 * retried,
-                holds(held)
-            )),
-            None => lines.push(format!(
-                "{:<36} {:>7}",
-                "assigns decided more than once", "n/a"
-            )),
-        }
-        let every =
-            rate_held && cpu_held.unwrap_or(false) && p99_held && retried_held.unwrap_or(false);
-        lines.push(format!(
-            "{:<36} {:>7}",
-            "every condition at once",
-            if every { "yes" } else { "no" }
-        ));
     }
     lines
+}
+
+/// The lines that hold the figures `many` against `one`, each target checked once.
+fn hold_against(lines: &mut Vec<String>, one: ClosedFigures, many: ClosedFigures) {
+    let rate = many.rate / one.rate.max(1e-9);
+    let cpu = one
+        .cpu_per_assign
+        .zip(many.cpu_per_assign)
+        .map(|(one, many)| many / one.max(1e-12));
+    let p99 = many.p99_ms / one.p99_ms.max(1e-9);
+    // Each target is checked once: its line says it, and every condition at once is all of them.
+    let (rate_held, cpu_held, p99_held, retried_held) = (
+        rate >= 0.9,
+        cpu.map(|cpu| cpu <= 1.2),
+        p99 <= 1.5,
+        many.retried.map(|retried| retried <= 0.05),
+    );
+    let holds = |held: bool| if held { "holds" } else { "misses" };
+    lines.push(format!(
+        "{:<36} {:>6.0}% ({:.0}/s against {:.0}/s; target >= 90%: {})",
+        "assigns/s",
+        100.0 * rate,
+        many.rate,
+        one.rate,
+        holds(rate_held)
+    ));
+    match cpu.zip(cpu_held) {
+        Some((cpu, held)) => lines.push(format!(
+            "{:<36} {:>6.2}x (target <= 1.2x: {})",
+            "machine CPU per assign",
+            cpu,
+            holds(held)
+        )),
+        None => lines.push(format!("{:<36} {:>7}", "machine CPU per assign", "n/a")),
+    }
+    lines.push(format!(
+        "{:<36} {:>6.2}x (target <= 1.5x: {})",
+        "assign latency p99",
+        p99,
+        holds(p99_held)
+    ));
+    match many.retried.zip(retried_held) {
+        Some((retried, held)) => lines.push(format!(
+            "{:<36} {:>6.1}% (target <= 5%: {})",
+            "assigns decided more than once",
+            100.0 * retried,
+            holds(held)
+        )),
+        None => lines.push(format!(
+            "{:<36} {:>7}",
+            "assigns decided more than once", "n/a"
+        )),
+    }
+    let every = rate_held && cpu_held.unwrap_or(false) && p99_held && retried_held.unwrap_or(false);
+    lines.push(format!(
+        "{:<36} {:>7}",
+        "every condition at once",
+        if every { "yes" } else { "no" }
+    ));
 }
 
 /// Where the server's log goes: the file named by `WHIST_LOADTEST_SERVER_LOG`, else nowhere.
@@ -1312,18 +1345,59 @@ mod tests {
             2,
             "{text}"
         );
-        // The first pair holds every condition; the second misses on rate (85%) and CPU (1.38x).
+        // The first pair holds every condition; the second misses on rate (85%) and CPU (1.38x). The first run of
+        // two is also held against the mean of the runs around it (1,500/s, 0.9 ms): 63%, 1.22x.
         let every: Vec<&str> = lines
             .iter()
             .filter(|line| line.starts_with("every condition at once"))
             .map(|line| line.trim_end().rsplit(' ').next().unwrap_or_default())
             .collect();
-        assert_eq!(every, ["yes", "no"], "{text}");
+        assert_eq!(every, ["yes", "no", "no"], "{text}");
+        assert!(
+            text.contains("63% (950/s against 1500/s; target >= 90%: misses)"),
+            "{text}"
+        );
         assert!(
             text.contains("85% (1700/s against 2000/s; target >= 90%: misses)"),
             "{text}"
         );
         assert!(text.contains("1.38x (target <= 1.2x: misses)"), "{text}");
+    }
+
+    #[test]
+    fn a_run_between_two_runs_of_one_is_also_held_against_their_mean() {
+        // The machine slowed steadily: one serve went 2,000 -> 1,600/s, 0.8 -> 1.0 ms.
+        let lines = compare_runs(&[
+            run(1, 2000.0, 0.8, 40.0, 0.0),
+            run(2, 1700.0, 1.0, 50.0, 0.01),
+            run(1, 1600.0, 1.0, 40.0, 0.0),
+        ]);
+        let text = lines.join("\n");
+        let headings: Vec<&str> = lines
+            .iter()
+            .filter(|line| line.starts_with("--"))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            headings,
+            [
+                "-- 2 servers against 1 (closed loop, back to back) --",
+                "-- 2 servers against the mean of the runs of 1 before and after it --"
+            ],
+            "{text}"
+        );
+        // Against the run before it: 85%, 1.25x; against the mean (1,800/s, 0.9 ms): 94%, 1.11x.
+        assert!(
+            text.contains("85% (1700/s against 2000/s; target >= 90%: misses)"),
+            "{text}"
+        );
+        assert!(text.contains("1.25x (target <= 1.2x: misses)"), "{text}");
+        assert!(
+            text.contains("94% (1700/s against 1800/s; target >= 90%: holds)"),
+            "{text}"
+        );
+        assert!(text.contains("1.11x (target <= 1.2x: holds)"), "{text}");
+        assert!(text.ends_with("yes"), "{text}");
     }
 
     #[test]

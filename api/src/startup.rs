@@ -141,7 +141,9 @@ impl Application {
         options: ServeOptions,
     ) -> Result<Self, StartupError> {
         let projections = ProjectionRunner::new(database.clone(), whist_projections::all());
-        let services = Arc::new(Services::new(&settings, &database).await?);
+        let mut services = Services::new(&settings, &database).await?;
+        services.runs_reconciler = !options.api_only;
+        let services = Arc::new(services);
         if settings.cloud == CloudKind::Local {
             activate_simulated_images(&settings, &services).await;
         }
