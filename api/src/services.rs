@@ -55,17 +55,6 @@ pub struct Services {
     pub candidate_hints: CandidateHints,
     /// The processes serving assigns, and which hosts this one fills first.
     pub members: whist_adapters::store::members::Members,
-    /// Whether this process runs a reconciler (`serve` without `--api-only`): its decisions then name it as the
-    /// reconciler that claims their jobs first (`EventMetadata::reconciler`).
-    pub runs_reconciler: bool,
-}
-
-impl Services {
-    /// The reconciler that claims the jobs of this process's decisions first: this process's member id when it runs
-    /// one, else none (any process's reconciler claims them at once).
-    pub fn reconciler(&self) -> Option<&str> {
-        self.runs_reconciler.then(|| self.members.id())
-    }
 }
 
 /// One lock per host within this process: commands on one host's aggregate from this process queue here instead of
@@ -231,7 +220,6 @@ impl Services {
                 database,
                 &uuid::Uuid::new_v4().to_string(),
             ),
-            runs_reconciler: false,
         })
     }
 }

@@ -141,9 +141,7 @@ impl Application {
         options: ServeOptions,
     ) -> Result<Self, StartupError> {
         let projections = ProjectionRunner::new(database.clone(), whist_projections::all());
-        let mut services = Services::new(&settings, &database).await?;
-        services.runs_reconciler = !options.api_only;
-        let services = Arc::new(services);
+        let services = Arc::new(Services::new(&settings, &database).await?);
         if settings.cloud == CloudKind::Local {
             activate_simulated_images(&settings, &services).await;
         }

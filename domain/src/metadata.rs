@@ -83,12 +83,6 @@ pub struct EventMetadata {
     /// effects it caused. Recorded, never decided on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
-    /// The process that took the decision, by its member id, when that process runs a reconciler: it claims the
-    /// jobs the decision plans before the other processes do, since it remembers the aggregates they act on (a
-    /// spin-up then costs no other process a load of the mandelbox, nor the decider a catch-up read of it after
-    /// another process recorded the spin-up). Recorded, never decided on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reconciler: Option<String>,
 }
 
 impl EventMetadata {
@@ -103,7 +97,6 @@ impl EventMetadata {
             causation_id: Some(correlation_id.clone()),
             correlation_id,
             traceparent: None,
-            reconciler: None,
         }
     }
 
@@ -128,7 +121,6 @@ impl EventMetadata {
             correlation_id: request_id.to_string(),
             causation_id: Some(request_id.to_string()),
             traceparent: None,
-            reconciler: None,
         }
     }
 
@@ -137,16 +129,6 @@ impl EventMetadata {
     pub fn in_trace(self, traceparent: Option<String>) -> Self {
         Self {
             traceparent,
-            ..self
-        }
-    }
-
-    /// The same metadata, naming the reconciler (`member`, a process's member id) that claims the jobs of the
-    /// decision first.
-    #[must_use]
-    pub fn with_reconciler(self, member: Option<&str>) -> Self {
-        Self {
-            reconciler: member.map(str::to_string),
             ..self
         }
     }
@@ -168,13 +150,12 @@ impl EventMetadata {
             correlation_id: self.correlation_id.clone(),
             causation_id: Some(causation_id.into()),
             traceparent: self.traceparent.clone(),
-            reconciler: self.reconciler.clone(),
         }
     }
 
     /// The string map cqrs-es stores as the event's metadata column.
     pub fn to_map(&self) -> HashMap<String, String> {
-        let mut map = HashMap::with_capacity(6);
+        let mut map = HashMap::with_capacity(5);
         map.insert(
             "recorded_at".to_string(),
             self.recorded_at
@@ -187,9 +168,6 @@ impl EventMetadata {
         }
         if let Some(traceparent) = &self.traceparent {
             map.insert("traceparent".to_string(), traceparent.clone());
-        }
-        if let Some(reconciler) = &self.reconciler {
-            map.insert("reconciler".to_string(), reconciler.clone());
         }
         map
     }
@@ -215,7 +193,6 @@ impl EventMetadata {
             correlation_id,
             causation_id: map.get("causation_id").cloned(),
             traceparent: map.get("traceparent").cloned(),
-            reconciler: map.get("reconciler").cloned(),
         })
     }
 }
@@ -251,11 +228,8 @@ mod tests {
     #[test]
     fn metadata_survives_a_round_trip_through_the_stored_map() {
         let metadata = EventMetadata::new(Actor::User("auth0|abc".into()), Utc::now())
-            .with_reconciler(Some("member-1"))
             .caused_by("request-1", Utc::now());
         let back = EventMetadata::from_map(&metadata.to_map()).expect("readable");
-        assert_eq!(back, metadata.at(back.recorded_at));
-        assert_eq!(back.reconciler.as_deref(), Some("member-1"));
         assert_eq!(back.actor, metadata.actor);
         assert_eq!(back.correlation_id, metadata.correlation_id);
         assert_eq!(back.causation_id.as_deref(), Some("request-1"));

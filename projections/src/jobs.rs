@@ -169,7 +169,6 @@ impl Projection for JobPlanner {
                         field("correlation_id"),
                         event.position,
                         field("traceparent"),
-                        field("reconciler"),
                     ),
                 ));
             }
@@ -180,16 +179,13 @@ impl Projection for JobPlanner {
         for chunk in planned.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO {table} (kind, job_key, aggregate_id, payload, status, attempts, run_after_ms, \
-                 claimed_until_ms, created_ms, correlation_id, planned_by, traceparent, finished_ms, reconciler) \
-                 VALUES {} ON CONFLICT (job_key) DO NOTHING",
-                values_placeholders(chunk.len(), 14)
+                 claimed_until_ms, created_ms, correlation_id, planned_by, traceparent, finished_ms) VALUES {} \
+                 ON CONFLICT (job_key) DO NOTHING",
+                values_placeholders(chunk.len(), 13)
             );
             let mut query = sqlx::query(&sql);
-            for (
-                (kind, key, payload),
-                aggregate_id,
-                (correlation_id, planned_by, traceparent, reconciler),
-            ) in chunk
+            for ((kind, key, payload), aggregate_id, (correlation_id, planned_by, traceparent)) in
+                chunk
             {
                 let not_needed = *kind == JobKind::SpinUp && ended.contains(aggregate_id);
                 if not_needed {
@@ -208,8 +204,7 @@ impl Projection for JobPlanner {
                     .bind(correlation_id.as_deref())
                     .bind(*planned_by)
                     .bind(traceparent.as_deref())
-                    .bind(not_needed.then_some(now))
-                    .bind(reconciler.as_deref());
+                    .bind(not_needed.then_some(now));
             }
             query.execute(&mut *connection).await?;
         }
@@ -256,37 +251,20 @@ pub struct Job {
     pub traceparent: Option<String>,
 }
 
-/// How long a job that names another process's reconciler waits before this one claims it (that process is
-/// likely to claim it within a few milliseconds; if it stopped, the job waits this long, plus the claiming loop's
-/// pause, for another).
-pub const OTHERS_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// Who claims: the reconciler's member id, and how long the jobs naming another reconciler wait for it.
-#[derive(Debug, Clone, Copy)]
-pub struct Claimant<'a> {
-    /// This process's member id: the jobs that name it are claimed at once.
-    pub reconciler: &'a str,
-    /// Jobs naming another reconciler are claimed once planned this long ago.
-    pub others_after_ms: i64,
-}
-
 /// Claims up to `limit` runnable jobs of `kinds`, lowest id first, until `claimed_until_ms`: those pending whose
-/// `run_after_ms` has come, and those running whose claim expired before `now_ms`. Of the pending ones, a job that
-/// names another reconciler is left to it for `claimant.others_after_ms` after it was planned (the decider
-/// remembers what the job acts on). Each claim is one more attempt. On Postgres the rows are taken
-/// `FOR UPDATE SKIP LOCKED`, so that processes claiming at once take different jobs.
+/// `run_after_ms` has come, and those running whose claim expired before `now_ms`. Each claim is one more attempt.
+/// On Postgres the rows are taken `FOR UPDATE SKIP LOCKED`, so that processes claiming at once take different jobs.
 ///
 /// # Errors
 /// The database failed (nothing was claimed), or a claimed row could not be read.
 pub async fn claim(
     database: &Database,
-    claimant: Claimant<'_>,
     kinds: &[JobKind],
     now_ms: i64,
     claimed_until_ms: i64,
     limit: i64,
 ) -> Result<Vec<Job>, sqlx::Error> {
-    let placeholders = list_placeholders(6, kinds.len());
+    let placeholders = list_placeholders(4, kinds.len());
     let lock = if database.is_postgres() {
         " FOR UPDATE SKIP LOCKED"
     } else {
@@ -295,9 +273,7 @@ pub async fn claim(
     let sql = format!(
         "UPDATE jobs SET status = 'running', attempts = attempts + 1, claimed_until_ms = $2 \
          WHERE id IN (SELECT id FROM jobs WHERE status IN ('pending', 'running') \
-           AND ((status = 'pending' AND run_after_ms <= $1 \
-                 AND (reconciler IS NULL OR reconciler = $4 OR created_ms <= $1 - $5)) \
-             OR (status = 'running' AND claimed_until_ms < $1)) \
+           AND ((status = 'pending' AND run_after_ms <= $1) OR (status = 'running' AND claimed_until_ms < $1)) \
            AND kind IN ({}) ORDER BY id LIMIT $3{lock}) \
          RETURNING id, kind, aggregate_id, payload, attempts, correlation_id, planned_by, traceparent",
         placeholders
@@ -305,9 +281,7 @@ pub async fn claim(
     let mut query = sqlx::query(&sql)
         .bind(now_ms)
         .bind(claimed_until_ms)
-        .bind(limit)
-        .bind(claimant.reconciler)
-        .bind(claimant.others_after_ms);
+        .bind(limit);
     for kind in kinds {
         query = query.bind(kind.as_str());
     }

@@ -131,10 +131,6 @@ pub async fn assign(
         .idempotency_key
         .as_ref()
         .map(|key| fingerprint(&format!("{}\n{key}", request.user_id)));
-    // The spin-up this plans is claimed first by this process's reconciler, which remembers the mandelbox.
-    let metadata = &metadata
-        .clone()
-        .with_reconciler(state.services.reconciler());
     let (assignment, regions, catalog, key) = (&assignment, &regions, &catalog, key.as_deref());
     let mut attempts = 0u32;
     // The user's lock in this process, around every attempt and its record (before any host's lock).

@@ -342,7 +342,6 @@ pub fn cause_of(event: &EventRecord) -> Cause {
         correlation_id: event.metadata.correlation_id.clone(),
         causation_id: event.metadata.causation_id.clone(),
         traceparent: None,
-        reconciler: None,
     }
     .cause()
 }

@@ -151,7 +151,6 @@ pub fn continuing_from(
         correlation_id: chain.correlation_id,
         causation_id: Some(event.position.to_string()),
         traceparent: origin.traceparent.clone(),
-        reconciler: origin.reconciler.clone(),
     })
 }
 

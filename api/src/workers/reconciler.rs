@@ -110,14 +110,8 @@ impl Reconciler {
     /// Claims up to `limit` runnable jobs.
     async fn claim(&self, limit: i64) -> Result<Vec<Job>, sqlx::Error> {
         let now = Utc::now().timestamp_millis();
-        let claimant = whist_projections::jobs::Claimant {
-            reconciler: self.state.services.members.id(),
-            others_after_ms: i64::try_from(whist_projections::jobs::OTHERS_AFTER.as_millis())
-                .unwrap_or(100),
-        };
         whist_projections::jobs::claim(
             &self.state.database,
-            claimant,
             self.kinds(),
             now,
             now + self.claim_ms(),
