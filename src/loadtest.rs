@@ -128,7 +128,8 @@ struct ClosedFigures {
 }
 
 impl ClosedFigures {
-    /// The mean of two runs' figures, as a baseline (the share retried is `self`'s: only the held run's counts).
+    /// The mean of two runs' figures, as a baseline. The share retried is `self`'s: a comparison reads only the
+    /// share of the run it holds against the baseline.
     fn mean_with(self, other: Self) -> Self {
         Self {
             rate: (self.rate + other.rate) / 2.0,
