@@ -1051,11 +1051,11 @@ async fn two_processes_starting_together_do_not_split_the_projections() {
 /// Who holds the projections' lease, then each projection's step lease.
 async fn lease_holders(database: &Database) -> Vec<Option<String>> {
     let mut holders = Vec::new();
-    let names = whist_projections::all()
-        .iter()
-        .map(|projection| whist_projections::step_lease(projection.name()))
-        .collect::<Vec<_>>();
-    for name in std::iter::once(whist_projections::PROJECTIONS_LEASE.to_string()).chain(names) {
+    let step_leases = whist_projections::all()
+        .into_iter()
+        .map(|projection| whist_projections::step_lease(projection.name()));
+    for name in std::iter::once(whist_projections::PROJECTIONS_LEASE.to_string()).chain(step_leases)
+    {
         let holder = whist_adapters::store::lease::current(database, &name)
             .await
             .expect("reads")
