@@ -751,6 +751,8 @@ enum Answer {
     Assigned(String),
     /// 503 `NO_INSTANCE_AVAILABLE`.
     Refused,
+    /// 429: more assigns at once than the server takes (`WHIST_ASSIGN_CONCURRENCY`; the load's rate limits are off).
+    Shed,
     /// Anything else, or no answer.
     Failed,
 }
@@ -760,6 +762,7 @@ struct Phase {
     sent: u64,
     assigned: u64,
     refused: u64,
+    shed: u64,
     failed: u64,
     /// Sorted: each assign's latency (closed loop) or answer time from its scheduled send (open loop).
     latencies: Vec<Duration>,
@@ -800,10 +803,10 @@ impl Phase {
         println!("{:<36} {:>12.0}/s", "assigns answered 200", self.rate());
         println!(
             "{:<36} {:>14}",
-            "assigns sent / 200 / refused / failed",
+            "sent / 200 / refused / 429 / failed",
             format!(
-                "{} / {} / {} / {}",
-                self.sent, self.assigned, self.refused, self.failed
+                "{} / {} / {} / {} / {}",
+                self.sent, self.assigned, self.refused, self.shed, self.failed
             )
         );
         for (label, fraction) in [("p50", 0.50), ("p99", 0.99), ("p99.9", 0.999)] {
@@ -873,6 +876,7 @@ struct Tally {
     sent: AtomicU64,
     assigned: AtomicU64,
     refused: AtomicU64,
+    shed: AtomicU64,
     failed: AtomicU64,
 }
 
@@ -881,6 +885,7 @@ impl Tally {
         let counter = match answer {
             Answer::Assigned(_) => &self.assigned,
             Answer::Refused => &self.refused,
+            Answer::Shed => &self.shed,
             Answer::Failed => &self.failed,
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -1053,6 +1058,7 @@ impl AssignLoad<'_> {
             sent: tally.sent.load(Ordering::Relaxed),
             assigned: tally.assigned.load(Ordering::Relaxed),
             refused: tally.refused.load(Ordering::Relaxed),
+            shed: tally.shed.load(Ordering::Relaxed),
             failed: tally.failed.load(Ordering::Relaxed),
             latencies,
             elapsed,
@@ -1158,6 +1164,7 @@ async fn assign(client: &reqwest::Client, base: &str, token: &str, session: i64)
     match (status, body["mandelbox_id"].as_str()) {
         (200, Some(mandelbox_id)) => Answer::Assigned(mandelbox_id.to_string()),
         (503, _) if body["error"] == "NO_INSTANCE_AVAILABLE" => Answer::Refused,
+        (429, _) => Answer::Shed,
         _ => Answer::Failed,
     }
 }

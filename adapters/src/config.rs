@@ -165,6 +165,10 @@ pub struct Settings {
     pub stale_allocation_timeout: Duration,
     pub assign_rate_limit_per_minute: u32,
     pub assign_rate_limit_per_ip_per_minute: u32,
+    /// `WHIST_ASSIGN_CONCURRENCY` (64): the most assigns one `serve` process decides at once. One more answers
+    /// `429` with `Retry-After: 1` at once, so that under more load than the process can take its queue, and with it
+    /// every answer's time and how long each slot is held, stays bounded instead of growing without end.
+    pub assign_concurrency: u32,
     pub hirefire_token: Option<Secret>,
     pub fleet: FleetSettings,
     /// `WHIST_TOKEN_KEYS`: the keys that derive host, bootstrap and protocol tokens, the first one signing. Required
@@ -726,6 +730,12 @@ impl Settings {
                 "a whole number (0 turns the limit off)",
                 |value| value.parse().ok(),
             )?,
+            assign_concurrency: sources.parse(
+                "WHIST_ASSIGN_CONCURRENCY",
+                64u32,
+                "a whole number, at least 1",
+                |value| value.parse().ok().filter(|bound| *bound > 0),
+            )?,
             hirefire_token: sources.raw("HIREFIRE_TOKEN").map(Secret::new),
             fleet: FleetSettings::from_sources(sources)?,
             token_keys: match sources.raw("WHIST_TOKEN_KEYS") {
@@ -1003,6 +1013,7 @@ mod tests {
         assert_eq!(settings.heartbeat_timeout, Duration::from_secs(120));
         assert_eq!(settings.assign_rate_limit_per_minute, 10);
         assert_eq!(settings.assign_rate_limit_per_ip_per_minute, 600);
+        assert_eq!(settings.assign_concurrency, 64);
         assert_eq!(settings.stripe.api_base, "https://api.stripe.com");
         assert_eq!(settings.hirefire_token, None);
         assert!(settings.fleet.autoscale);

@@ -45,6 +45,8 @@ pub struct Services {
     pub heartbeats: HeartbeatBook,
     pub user_rate: RateLimiter,
     pub ip_rate: RateLimiter,
+    /// `WHIST_ASSIGN_CONCURRENCY` permits: an assign that finds none answers `429` at once.
+    pub assign_permits: tokio::sync::Semaphore,
     pub host_locks: HostLocks,
     /// One lock per user within this process, held around a whole assign and a whole end of a mandelbox (taken
     /// before any host's lock): one user's decisions in this process queue instead of colliding on the user's
@@ -213,6 +215,9 @@ impl Services {
             heartbeats: HeartbeatBook::new(database.clone(), settings.heartbeat_timeout),
             user_rate: RateLimiter::new(settings.assign_rate_limit_per_minute),
             ip_rate: RateLimiter::new(settings.assign_rate_limit_per_ip_per_minute),
+            assign_permits: tokio::sync::Semaphore::new(
+                usize::try_from(settings.assign_concurrency).unwrap_or(usize::MAX),
+            ),
             host_locks: HostLocks::default(),
             user_locks: KeyedLocks::default(),
             candidate_hints: CandidateHints::default(),

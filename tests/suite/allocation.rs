@@ -423,3 +423,174 @@ async fn a_malformed_assign_body_answers_400_and_no_token_answers_401() {
     assert_eq!(anonymous.status(), 401);
     app.stop().await;
 }
+
+/// The value of one sample of the Prometheus text (0 when it is not there yet).
+fn sample(metrics: &str, name_and_labels: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(name_and_labels)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Every host full while the read model shows each with room (as when it lags under load): the assign passes each
+/// over on this process's copy and reads them all fresh in one statement before it answers, instead of one read per
+/// host.
+#[tokio::test]
+async fn a_refusal_reads_the_hosts_it_passed_over_together_in_one_statement() {
+    const HOSTS: usize = 6;
+    let database = TestDatabase::postgres().await;
+    let app = spawn_app(&database).await;
+    let mut hosts = Vec::new();
+    for _ in 0..HOSTS {
+        hosts.push(
+            app.active_host(launch_spec("us-east-1", "ami-a", "hash-a"), 1)
+                .await,
+        );
+    }
+    for session in 0..HOSTS {
+        let (status, body) = app
+            .assign(
+                &user_token(&new_user()),
+                assign_body(&["us-east-1"], "hash-a", session as i64),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    for host in &hosts {
+        app.wait_for_live(&host.instance_id, 1).await;
+    }
+    // The read model behind: every host shown empty.
+    sqlx::query("UPDATE instances SET live_mandelboxes = 0")
+        .execute(app.state.database.any())
+        .await
+        .expect("the read model is written");
+    let reads = "whist_catch_up_reads_total{aggregate=\"instance\"}";
+    let before = sample(&app.metrics().await, reads);
+    let (status, body) = app
+        .assign(
+            &user_token(&new_user()),
+            assign_body(&["us-east-1"], "hash-a", 99),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "NO_INSTANCE_AVAILABLE");
+    let metrics = app.metrics().await;
+    assert_eq!(
+        sample(&metrics, reads) - before,
+        1.0,
+        "one read brought all {HOSTS} hosts up to date"
+    );
+    assert!(
+        sample(
+            &metrics,
+            "whist_assign_phase_seconds_count{phase=\"recheck\"}"
+        ) >= 1.0
+    );
+    app.stop().await;
+}
+
+/// A host this process's copy shows full, freed by another process it has not followed yet: passed over on the
+/// copy, then read fresh before the answer, and it takes the mandelbox.
+#[tokio::test]
+async fn a_host_passed_over_on_a_copy_behind_the_log_is_read_fresh_and_takes_the_assign() {
+    let database = TestDatabase::postgres().await;
+    let here = spawn_app(&database).await;
+    let there = whist_tests::spawn_second_app(&database, &here).await;
+    let host = here
+        .active_host(launch_spec("us-east-1", "ami-a", "hash-a"), 1)
+        .await;
+    let (status, body) = here
+        .assign(
+            &user_token(&new_user()),
+            assign_body(&["us-east-1"], "hash-a", 1),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let mandelbox_id = body["mandelbox_id"].as_str().expect("id").to_string();
+    here.wait_for_live(&host.instance_id, 1).await;
+    // From now on this process's copies stay as they are: the other process's writes are not followed.
+    here.state.database.following().stop();
+    assert_eq!(there.disconnect(&mandelbox_id).await, 200);
+    here.wait_for_live(&host.instance_id, 0).await;
+    let (status, body) = here
+        .assign(
+            &user_token(&new_user()),
+            assign_body(&["us-east-1"], "hash-a", 2),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        sample(
+            &here.metrics().await,
+            "whist_assign_phase_seconds_count{phase=\"recheck\"}"
+        ) >= 1.0,
+        "the host was passed over on its copy, then read fresh"
+    );
+    there.stop().await;
+    here.stop().await;
+}
+
+/// More assigns at once than `WHIST_ASSIGN_CONCURRENCY`: the one beyond answers 429 with `Retry-After` at once,
+/// and the one in flight is answered as usual.
+#[tokio::test]
+async fn an_assign_beyond_the_concurrency_bound_answers_429_at_once() {
+    let database = TestDatabase::sqlite();
+    let mut settings = database.settings();
+    settings.assign_concurrency = 1;
+    let app = spawn_app_with(&database, settings).await;
+    let host = app
+        .active_host(launch_spec("us-east-1", "ami-a", "hash-a"), 4)
+        .await;
+    // The host's lock in this process, held here: the first assign waits for it, holding the one permit.
+    let lock = app
+        .state
+        .services
+        .host_locks
+        .of(&host.instance_id)
+        .lock_owned()
+        .await;
+    let (first_token, second_token) = (user_token(&new_user()), user_token(&new_user()));
+    let first = app.assign(&first_token, assign_body(&["us-east-1"], "hash-a", 1));
+    let second = async {
+        assert!(
+            whist_tests::eventually(std::time::Duration::from_secs(10), || async {
+                app.state.services.assign_permits.available_permits() == 0
+            })
+            .await,
+            "the first assign is in flight"
+        );
+        let response = app
+            .client
+            .post(app.url("/mandelbox/assign"))
+            .bearer_auth(&second_token)
+            .json(&assign_body(&["us-east-1"], "hash-a", 2))
+            .send()
+            .await
+            .expect("answers");
+        drop(lock);
+        response
+    };
+    let ((first_status, first_body), second) = tokio::join!(first, second);
+    assert_eq!(second.status(), 429);
+    assert_eq!(
+        second
+            .headers()
+            .get("retry-after")
+            .and_then(|value| value.to_str().ok()),
+        Some("1")
+    );
+    let body: serde_json::Value = second.json().await.expect("json");
+    assert_eq!(body["error"], "RATE_LIMITED");
+    assert_eq!(first_status, 200, "{first_body}");
+    assert_eq!(
+        sample(
+            &app.metrics().await,
+            "whist_assigns_total{outcome=\"overloaded\"}"
+        ),
+        1.0
+    );
+    app.stop().await;
+}

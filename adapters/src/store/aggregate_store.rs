@@ -391,6 +391,32 @@ where
         Ok(self.load_copy(aggregate_id).await?)
     }
 
+    /// Aggregates to decide on, each read just now (refusals on them are final), in the order of `aggregate_ids`
+    /// (distinct): the remembered copies brought up to date together, in one statement on Postgres whatever their
+    /// number, the others read whole. For a decision that passed several over on copies that may be behind and must
+    /// now be sure of them all (no host had room).
+    ///
+    /// # Errors
+    /// The database failed or an event could not be read.
+    pub async fn load_to_decide_caught_up_many(
+        &self,
+        aggregate_ids: &[String],
+    ) -> Result<Vec<Loaded<A>>, CommandError<A::Error>> {
+        let contexts = match &self.frameworks {
+            Frameworks::Postgres { store, .. } => store.load_caught_up_many(aggregate_ids).await?,
+            Frameworks::Sqlite { store, .. } => store.load_caught_up_many(aggregate_ids).await?,
+        };
+        Ok(contexts
+            .into_iter()
+            .map(|context| Loaded {
+                id: context.aggregate_id,
+                state: context.aggregate,
+                version: context.current_sequence,
+                freshness: Freshness::CaughtUp,
+            })
+            .collect())
+    }
+
     /// Makes the next load of `loaded`'s aggregate fresh: for a decision that refused, or decided nothing, on a
     /// copy that may have been behind. Nothing to do for a copy that was fresh.
     pub fn decide_again(&self, loaded: &Loaded<A>) {
@@ -695,6 +721,11 @@ impl<A> Loaded<A> {
     /// The aggregate's id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The aggregate's version as read: the sequence number of its last event.
+    pub fn version(&self) -> usize {
+        self.version
     }
 
     /// Whether the state was read from the database just now.

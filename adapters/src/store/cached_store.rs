@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use cqrs_es::persist::{
     EventStoreAggregateContext, EventUpcaster, PersistedEventRepository, PersistedEventStore,
-    SerializedEvent,
+    PersistenceError, SerializedEvent,
 };
 use cqrs_es::{Aggregate, AggregateError, EventEnvelope, EventStore};
 
@@ -352,25 +352,16 @@ where
     async fn continue_from(
         &self,
         aggregate_id: &str,
-        mut state: A,
+        state: A,
         version: usize,
-    ) -> Result<Option<(A, usize, usize)>, AggregateError<A::Error>> {
-        let mut events = self
+    ) -> Result<Option<Continued<A>>, AggregateError<A::Error>> {
+        count_catch_up_read::<A>();
+        let events = self
             .shared
             .catch_up
             .get_last_events::<A>(aggregate_id, version.saturating_sub(1))
             .await?;
-        if version > 0 {
-            match events.first() {
-                Some(known) if known.sequence == version => {
-                    events.remove(0);
-                }
-                _ => return Ok(None),
-            }
-        }
-        let applied = events.len();
-        let version = apply_stored(&mut state, version, events)?;
-        Ok(Some((state, version, applied)))
+        continue_with(state, version, events)
     }
 
     /// Brings a stale copy up to date with the events after its version (one small read instead of the whole
@@ -398,6 +389,66 @@ where
             current_sequence: version,
             current_snapshot: None,
         })
+    }
+
+    /// Each aggregate of `ids` (distinct), read just now, in their order: the remembered copies brought up to date
+    /// with one read of the events after each (one statement on Postgres, whatever their number), the others read
+    /// whole, as is a copy whose last event the store no longer holds.
+    pub(crate) async fn load_caught_up_many(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<EventStoreAggregateContext<A>>, AggregateError<A::Error>>
+    where
+        R: CatchUpMany,
+    {
+        let copies: Vec<Option<Remembered<A>>> = ids.iter().map(|id| self.remembered(id)).collect();
+        let after: Vec<(String, usize)> = ids
+            .iter()
+            .zip(&copies)
+            .filter_map(|(id, copy)| {
+                copy.as_ref()
+                    .map(|copy| (id.clone(), copy.version.saturating_sub(1)))
+            })
+            .collect();
+        let mut events: HashMap<String, Vec<SerializedEvent>> = HashMap::new();
+        if !after.is_empty() {
+            count_catch_up_read::<A>();
+            for event in self.shared.catch_up.get_events_after_each::<A>(&after).await? {
+                events
+                    .entry(event.aggregate_id.clone())
+                    .or_default()
+                    .push(event);
+            }
+        }
+        let mut loaded = Vec::with_capacity(ids.len());
+        for (id, copy) in ids.iter().zip(copies) {
+            let caught_up = match copy {
+                Some(copy) => continue_with(
+                    copy.aggregate,
+                    copy.version,
+                    events.remove(id).unwrap_or_default(),
+                )?,
+                None => None,
+            };
+            let context = match caught_up {
+                Some((state, version, applied)) => {
+                    metrics::counter!("whist_catch_up_events_total", "aggregate" => A::TYPE)
+                        .increment(applied as u64);
+                    metrics::counter!("whist_aggregate_loads_total", "aggregate" => A::TYPE, "from" => "catch_up")
+                        .increment(1);
+                    self.remember(id, state.clone(), version);
+                    EventStoreAggregateContext {
+                        aggregate_id: id.clone(),
+                        aggregate: state,
+                        current_sequence: version,
+                        current_snapshot: None,
+                    }
+                }
+                None => self.load_fresh(id).await?,
+            };
+            loaded.push(context);
+        }
+        Ok(loaded)
     }
 
     /// The remembered copy (read whole on a miss, brought up to date when marked stale), and whether it was read
@@ -549,6 +600,58 @@ where
                 Err(error)
             }
         }
+    }
+}
+
+/// Carries `state`, known at `version`, on with `events`, the stored events from the one at `version` itself on
+/// (all of them at version 0): the state, its version and the events applied, or `None` when the event at
+/// `version` is not among them (the log moved back below what `state` folded in: only the whole history tells).
+fn continue_with<A: Aggregate>(
+    mut state: A,
+    version: usize,
+    mut events: Vec<SerializedEvent>,
+) -> Result<Option<Continued<A>>, AggregateError<A::Error>> {
+    if version > 0 {
+        match events.first() {
+            Some(known) if known.sequence == version => {
+                events.remove(0);
+            }
+            _ => return Ok(None),
+        }
+    }
+    let applied = events.len();
+    let version = apply_stored(&mut state, version, events)?;
+    Ok(Some((state, version, applied)))
+}
+
+/// A copy carried on: its state, its version, and the events applied to get there.
+type Continued<A> = (A, usize, usize);
+
+fn count_catch_up_read<A: Aggregate>() {
+    metrics::counter!("whist_catch_up_reads_total", "aggregate" => A::TYPE).increment(1);
+}
+
+/// A repository that reads the events after the versions of several aggregates of one type in one go.
+pub trait CatchUpMany: PersistedEventRepository {
+    /// The events of aggregates of `A`'s type after each one's sequence in `after` (distinct ids), each
+    /// aggregate's in order of sequence.
+    fn get_events_after_each<A: Aggregate>(
+        &self,
+        after: &[(String, usize)],
+    ) -> impl std::future::Future<Output = Result<Vec<SerializedEvent>, PersistenceError>> + Send;
+}
+
+/// SQLite runs in the process: one read per aggregate costs no round trip.
+impl CatchUpMany for sqlite_es::SqliteEventRepository {
+    async fn get_events_after_each<A: Aggregate>(
+        &self,
+        after: &[(String, usize)],
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        let mut events = Vec::new();
+        for (aggregate_id, sequence) in after {
+            events.extend(self.get_last_events::<A>(aggregate_id, *sequence).await?);
+        }
+        Ok(events)
     }
 }
 

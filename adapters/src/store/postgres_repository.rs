@@ -20,6 +20,7 @@ use sqlx::{PgPool, Postgres, Row};
 
 use super::append_batcher::failure;
 use super::database::Database;
+use super::cached_store::CatchUpMany;
 use super::held::HeldConnections;
 
 /// Events of one command at most (a unit is never split across statements).
@@ -73,31 +74,7 @@ impl PersistedEventRepository for PostgresRepository {
         .bind(A::TYPE)
         .bind(aggregate_id)
         .bind(last_sequence);
-        let read = async {
-            let mut connection = self.catch_up_reads.take().await?;
-            let rows = query.fetch_all(&mut *connection).await?;
-            connection.keep();
-            Ok(rows)
-        };
-        let rows = read.await.map_err(|error: sqlx::Error| {
-            let shared = std::sync::Arc::new(error);
-            failure(&shared, shared.clone())
-        })?;
-        rows.iter()
-            .map(|row| {
-                let sequence: i64 = row.try_get("sequence")?;
-                Ok(SerializedEvent::new(
-                    row.try_get("aggregate_id")?,
-                    usize::try_from(sequence).unwrap_or_default(),
-                    row.try_get("aggregate_type")?,
-                    row.try_get("event_type")?,
-                    row.try_get("event_version")?,
-                    row.try_get("payload")?,
-                    row.try_get("metadata")?,
-                ))
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()
-            .map_err(|error| PersistenceError::DeserializationError(Box::new(error)))
+        self.read_events(query).await
     }
 
     async fn get_snapshot<A: Aggregate>(
@@ -139,5 +116,67 @@ impl PersistedEventRepository for PostgresRepository {
 
     async fn stream_all_events<A: Aggregate>(&self) -> Result<ReplayStream, PersistenceError> {
         self.reads.stream_all_events::<A>().await
+    }
+}
+
+impl PostgresRepository {
+    /// Runs a read of stored events on a held connection.
+    async fn read_events(
+        &self,
+        query: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        let read = async {
+            let mut connection = self.catch_up_reads.take().await?;
+            let rows = query.fetch_all(&mut *connection).await?;
+            connection.keep();
+            Ok(rows)
+        };
+        let rows = read.await.map_err(|error: sqlx::Error| {
+            let shared = std::sync::Arc::new(error);
+            failure(&shared, shared.clone())
+        })?;
+        rows.iter()
+            .map(|row| {
+                let sequence: i64 = row.try_get("sequence")?;
+                Ok(SerializedEvent::new(
+                    row.try_get("aggregate_id")?,
+                    usize::try_from(sequence).unwrap_or_default(),
+                    row.try_get("aggregate_type")?,
+                    row.try_get("event_type")?,
+                    row.try_get("event_version")?,
+                    row.try_get("payload")?,
+                    row.try_get("metadata")?,
+                ))
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(|error| PersistenceError::DeserializationError(Box::new(error)))
+    }
+}
+
+impl CatchUpMany for PostgresRepository {
+    async fn get_events_after_each<A: Aggregate>(
+        &self,
+        after: &[(String, usize)],
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        let mut ids = Vec::with_capacity(after.len());
+        let mut sequences = Vec::with_capacity(after.len());
+        for (id, sequence) in after {
+            ids.push(id.clone());
+            sequences.push(i64::try_from(*sequence).map_err(|_| {
+                PersistenceError::UnknownError(
+                    format!("sequence {sequence} is beyond what the store holds").into(),
+                )
+            })?);
+        }
+        let query = sqlx::query(
+            "SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, \
+             e.metadata FROM unnest($2::text[], $3::bigint[]) AS after_each(aggregate_id, sequence) \
+             JOIN events e ON e.aggregate_type = $1 AND e.aggregate_id = after_each.aggregate_id \
+             AND e.sequence > after_each.sequence ORDER BY e.aggregate_id, e.sequence",
+        )
+        .bind(A::TYPE)
+        .bind(ids)
+        .bind(sequences);
+        self.read_events(query).await
     }
 }

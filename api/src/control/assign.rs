@@ -9,6 +9,7 @@
 //!
 //! Starting the mandelbox on its host is the reconciler's job, after these are recorded, never this request's.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use chrono::Utc;
@@ -254,27 +255,45 @@ async fn attempt(
         // Candidates come from the read model, which may be a little behind: a host it shows with room may be
         // full (refused on the host's own state), or taken by a concurrent assign (the unit conflicts). First the
         // hosts it gave this process last (`CandidateHints`, at most `HINTS_FOR` ago), then, when none of them
-        // takes the mandelbox, the read model read now.
+        // takes the mandelbox, the read model read now. On both, a host that refuses on this process's copy is
+        // passed over without a read: passing over a host is not the answer. Only when none took the mandelbox are
+        // the hosts the read model's candidates passed over read fresh, all together, and tried again: a refusal
+        // on fresh state is final.
         let mut showed_room = false;
-        for pass in [Pass::Hints, Pass::Fresh] {
+        let mut passed_over: Vec<(String, String)> = Vec::new();
+        for pass in [Pass::Hints, Pass::Fresh, Pass::Recheck] {
             let read = Instant::now();
-            let Some(candidates) = candidates(state, region, &wanted_hash, pass).await? else {
-                continue;
+            let (candidates, mut read_now) = if pass == Pass::Recheck {
+                if passed_over.is_empty() {
+                    continue;
+                }
+                let ids: Vec<String> = passed_over.iter().map(|(id, _)| id.clone()).collect();
+                let hosts = services
+                    .instances
+                    .load_to_decide_caught_up_many(&ids)
+                    .await?;
+                phase("recheck", read);
+                let hosts: HashMap<String, _> = hosts
+                    .into_iter()
+                    .map(|host| (host.id().to_string(), host))
+                    .collect();
+                (std::mem::take(&mut passed_over), hosts)
+            } else {
+                let Some(candidates) = candidates(state, region, &wanted_hash, pass).await? else {
+                    continue;
+                };
+                phase("candidates", read);
+                // What the read model shows now is what the answer goes by (the fresh pass runs after the hints).
+                showed_room = !candidates.is_empty();
+                (candidates.to_vec(), HashMap::new())
             };
-            phase("candidates", read);
             tracing::debug!(
                 region = region.as_str(),
                 candidates = candidates.len(),
                 ?pass,
                 "candidates read"
             );
-            // What the read model shows now is what the answer goes by (the fresh pass always runs last).
-            showed_room = !candidates.is_empty();
-            // On a hint, a host that refuses on its remembered copy, current as of the log, is passed over without a
-            // read: passing over a host is not the answer, which only the read model read now can give.
-            let hint_on_followed_copies =
-                pass == Pass::Hints && state.database.following().is_current();
-            for (instance_id, ip, guard) in lock_order(services, candidates.to_vec()) {
+            for (instance_id, ip, guard) in lock_order(services, candidates) {
                 let lock = match guard {
                     Some(guard) => guard,
                     None => {
@@ -289,6 +308,12 @@ async fn attempt(
                     .instances
                     .load_to_decide(&unit, &instance_id)
                     .await?;
+                // The host as read for the recheck, unless this process recorded on it since (under its lock).
+                if let Some(read) = read_now.remove(&instance_id) {
+                    if read.version() >= host.version() {
+                        host = read;
+                    }
+                }
                 let placed = loop {
                     match reserved.place(
                         host.state(),
@@ -297,10 +322,9 @@ async fn attempt(
                         mandelbox.state(),
                         session.state(),
                     ) {
-                        // A host's refusal is only final on its fresh state; on a hint, its copy as of the log
-                        // is enough to pass it over.
+                        // A host's refusal is only final on its fresh state, which only the recheck waits for.
                         Err(PlacementRefusal::Host(_))
-                            if !hint_on_followed_copies
+                            if pass == Pass::Recheck
                                 && !final_on!((services.instances, &host)) =>
                         {
                             host = services
@@ -313,15 +337,17 @@ async fn attempt(
                 };
                 let placed = match placed {
                     Ok(placed) => placed,
-                    Err(PlacementRefusal::Host(
-                        refusal @ (InstanceError::AtCapacity
-                        | InstanceError::NotAcceptingMandelboxes),
-                    )) => {
-                        tracing::debug!(instance_id, %refusal, "a candidate from the read model refused the slot");
-                        continue;
-                    }
-                    Err(PlacementRefusal::Host(other)) => {
-                        tracing::warn!(instance_id, error = %other, "candidate refused the allocation");
+                    Err(PlacementRefusal::Host(refusal)) => {
+                        if pass == Pass::Fresh && !host.decides_finally() {
+                            passed_over.push((instance_id, ip));
+                        } else if matches!(
+                            refusal,
+                            InstanceError::AtCapacity | InstanceError::NotAcceptingMandelboxes
+                        ) {
+                            tracing::debug!(instance_id, %refusal, "a candidate from the read model refused the slot");
+                        } else {
+                            tracing::warn!(instance_id, error = %refusal, "candidate refused the allocation");
+                        }
                         continue;
                     }
                     Err(PlacementRefusal::Mandelbox(_))
@@ -494,7 +520,6 @@ async fn current_catalog<'a>(
         .await
 }
 
-/// Hosts in `region` running `client_commit_hash` with a free slot, fullest first.
 /// Where an attempt's candidates come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pass {
@@ -502,9 +527,12 @@ enum Pass {
     Hints,
     /// The read model, read now (and kept as the next hints).
     Fresh,
+    /// The hosts `Fresh` passed over on copies that may be behind, read fresh together.
+    Recheck,
 }
 
-/// The candidates of `pass`: `None` when there are no hints to try.
+/// The candidates of `pass` (`Hints` or `Fresh`), hosts in `region` running `client_commit_hash` with a free
+/// slot, fullest first: `None` when there are no hints to try.
 async fn candidates(
     state: &Context,
     region: &str,

@@ -82,7 +82,8 @@ pub enum AssignResponse {
     /// Only subscribers are served.
     #[oai(status = 402)]
     PaymentRequired(Json<ErrorBody>),
-    /// Too many assigns from this user or address; `Retry-After` says in how many seconds to try again.
+    /// Too many assigns from this user or address, or more at once than the server takes; `Retry-After` says in how
+    /// many seconds to try again.
     #[oai(status = 429)]
     TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
     /// No slot could be reserved; `error` says why.
@@ -166,6 +167,12 @@ impl DesktopApi {
                 retry_after.seconds(),
             );
         }
+        // More assigns at once than the process takes: answered at once, before they cost anything, so that the
+        // queue (and with it every answer's time, and how long each slot waits for its disconnect) stays bounded.
+        let Ok(_permit) = state.services.assign_permits.try_acquire() else {
+            metrics::counter!("whist_assigns_total", "outcome" => "overloaded").increment(1);
+            return AssignResponse::TooManyRequests(error_body("RATE_LIMITED"), 1);
+        };
         match crate::control::entitlement::is_entitled(&state, &principal).await {
             Ok(true) => {}
             Ok(false) => {

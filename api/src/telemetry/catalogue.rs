@@ -115,7 +115,7 @@ pub const CATALOGUE: &[Metric] = &[
     // Assigns (api/src/http/desktop.rs, api/src/control/assign.rs).
     counter(
         "whist_assigns_total",
-        "Assign requests answered, by outcome: assigned, rate_limited, payment_required, failed, or the refusal's code.",
+        "Assign requests answered, by outcome: assigned, rate_limited, overloaded (more at once than WHIST_ASSIGN_CONCURRENCY), payment_required, failed, or the refusal's code.",
     ),
     seconds(
         "whist_assign_seconds",
@@ -123,7 +123,7 @@ pub const CATALOGUE: &[Metric] = &[
     ),
     seconds(
         "whist_assign_phase_seconds",
-        "Time spent in one phase of an assign, by phase: user, candidates, host_lock, commit.",
+        "Time spent in one phase of an assign, by phase: user, candidates, recheck (the hosts passed over, read fresh together), host_lock, commit.",
     ),
     counter(
         "whist_assign_conflicts_total",
@@ -215,6 +215,10 @@ pub const CATALOGUE: &[Metric] = &[
     counter(
         "whist_copies_marked_stale_total",
         "Remembered aggregate copies marked behind the store, by aggregate type and why: conflict, followed (the log follower read an event newer than the copy: another process's, or under load this process's own before the commit that recorded it was remembered, which then replaces the copy), decided_again, unit_reads_fresh, asked (a read caught up), presumed_new.",
+    ),
+    counter(
+        "whist_catch_up_reads_total",
+        "Statements that read the events after known versions (remembered copies brought up to date, one or many at once, or a snapshot continued), by aggregate type.",
     ),
     counter(
         "whist_catch_up_events_total",
