@@ -413,7 +413,12 @@ where
         let mut events: HashMap<String, Vec<SerializedEvent>> = HashMap::new();
         if !after.is_empty() {
             count_catch_up_read::<A>();
-            for event in self.shared.catch_up.get_events_after_each::<A>(&after).await? {
+            for event in self
+                .shared
+                .catch_up
+                .get_events_after_each::<A>(&after)
+                .await?
+            {
                 events
                     .entry(event.aggregate_id.clone())
                     .or_default()

@@ -19,8 +19,8 @@ use serde_json::Value;
 use sqlx::{PgPool, Postgres, Row};
 
 use super::append_batcher::failure;
-use super::database::Database;
 use super::cached_store::CatchUpMany;
+use super::database::Database;
 use super::held::HeldConnections;
 
 /// Events of one command at most (a unit is never split across statements).

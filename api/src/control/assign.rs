@@ -324,8 +324,7 @@ async fn attempt(
                     ) {
                         // A host's refusal is only final on its fresh state, which only the recheck waits for.
                         Err(PlacementRefusal::Host(_))
-                            if pass == Pass::Recheck
-                                && !final_on!((services.instances, &host)) =>
+                            if pass == Pass::Recheck && !final_on!((services.instances, &host)) =>
                         {
                             host = services
                                 .instances
