@@ -594,3 +594,61 @@ async fn an_assign_beyond_the_concurrency_bound_answers_429_at_once() {
     );
     app.stop().await;
 }
+
+/// The events of one user's session, by type, in order.
+async fn session_events(app: &whist_tests::TestApp, user_id: &str, session_id: i64) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT event_type FROM events WHERE aggregate_type = 'session' AND aggregate_id = $1 ORDER BY sequence",
+    )
+    .bind(whist_domain::session::session_aggregate_id(user_id, session_id))
+    .fetch_all(app.state.database.any())
+    .await
+    .expect("the log answers")
+}
+
+/// A refused assign is recorded on its session, which the desktop app names anew for each assign: presumed new,
+/// without reading it.
+#[tokio::test]
+async fn a_refusal_is_recorded_on_its_new_session_without_reading_it() {
+    let database = TestDatabase::sqlite();
+    let app = spawn_app(&database).await;
+    let user = new_user();
+    let token = user_token(&user);
+    let loads = "whist_aggregate_loads_total{aggregate=\"session\",from=\"history\"}";
+    let before = sample(&app.metrics().await, loads);
+    let (status, body) = app
+        .assign(&token, assign_body(&["us-east-1"], "hash-nowhere", 7))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "COMMIT_HASH_MISMATCH");
+    assert_eq!(
+        session_events(&app, &user, 7).await,
+        vec!["SessionRequested", "SessionRefused"]
+    );
+    assert_eq!(sample(&app.metrics().await, loads) - before, 0.0);
+    app.stop().await;
+}
+
+/// A session id sent again, to another process, after it was refused: that process presumes the session new, loses
+/// to the recorded one, reads it, and records nothing more on it.
+#[tokio::test]
+async fn a_refused_session_sent_again_to_another_process_is_read_and_left_as_it_is() {
+    let database = TestDatabase::postgres().await;
+    let here = spawn_app(&database).await;
+    let there = whist_tests::spawn_second_app(&database, &here).await;
+    let user = new_user();
+    let token = user_token(&user);
+    for app in [&here, &there] {
+        let (status, body) = app
+            .assign(&token, assign_body(&["us-east-1"], "hash-nowhere", 7))
+            .await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"], "COMMIT_HASH_MISMATCH");
+    }
+    assert_eq!(
+        session_events(&here, &user, 7).await,
+        vec!["SessionRequested", "SessionRefused"]
+    );
+    there.stop().await;
+    here.stop().await;
+}

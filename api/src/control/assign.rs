@@ -602,6 +602,9 @@ async fn runs_image(
 }
 
 /// The refused request is recorded on its session, for the record; a failure to do so changes nothing else.
+/// The desktop app names a new session for each assign, so the session is presumed new without a read, as in the
+/// assign's own attempts; a wrong presumption (a session id sent again) costs a conflict and another attempt on the
+/// session read whole.
 async fn record_refused_session(
     state: &Context,
     assignment: &Assignment,
@@ -610,15 +613,17 @@ async fn record_refused_session(
 ) {
     let sessions = &state.services.sessions;
     let id = session_aggregate_id(&assignment.user_id, assignment.session_id);
-    let mut unit = Unit::new(metadata);
-    let outcome: Result<(), UseCaseError> = async {
-        let session = sessions.load_to_decide(&unit, &id).await?;
-        let events = assignment.refused_session(session.state(), refusal.code());
-        if sessions.stage_events(&mut unit, session, events)? {
-            unit.commit(&state.database).await?;
+    let outcome = super::record_unit(state, metadata, UNIT_ATTEMPTS, |mut unit| {
+        let id = &id;
+        async move {
+            let session = sessions.load_to_decide_new(&unit, id).await?;
+            let events = assignment.refused_session(session.state(), refusal.code());
+            if !sessions.stage_events(&mut unit, session, events)? {
+                return Ok(Attempt::Again);
+            }
+            Ok(Attempt::Record(unit, ()))
         }
-        Ok(())
-    }
+    })
     .await;
     if let Err(error) = outcome {
         tracing::info!(
