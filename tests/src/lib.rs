@@ -963,6 +963,15 @@ impl TestApp {
     }
 }
 
+/// The value of one sample of a Prometheus text (`name{labels}` exactly as the exporter writes it), `None` when it
+/// is not there.
+pub fn metric_sample(metrics: &str, name_and_labels: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        line.strip_prefix(name_and_labels)
+            .and_then(|rest| rest.trim().parse().ok())
+    })
+}
+
 /// The `sub` of a JWT (read, not verified: the server verifies).
 pub fn token_subject(token: &str) -> Option<String> {
     use base64::Engine;

@@ -424,15 +424,9 @@ async fn a_malformed_assign_body_answers_400_and_no_token_answers_401() {
     app.stop().await;
 }
 
-/// The value of one sample of the Prometheus text (0 when it is not there yet).
+/// The value of one sample of the Prometheus text, 0 when it is not there yet (a counter not yet counted).
 fn sample(metrics: &str, name_and_labels: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix(name_and_labels)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
+    whist_tests::metric_sample(metrics, name_and_labels).unwrap_or(0.0)
 }
 
 /// Every host full while the read model shows each with room (as when it lags under load): the assign passes each

@@ -60,14 +60,6 @@ async fn watch_readiness(
     }
 }
 
-/// The value of one sample of the Prometheus text, `None` when it is not there.
-fn sample(metrics: &str, name_and_labels: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        line.strip_prefix(name_and_labels)
-            .and_then(|rest| rest.trim().parse().ok())
-    })
-}
-
 async fn metrics_text(port: u16) -> String {
     match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
         Ok(response) => response.text().await.unwrap_or_default(),
@@ -123,7 +115,7 @@ async fn a_reconciler_that_panics_is_restarted_readyz_names_it_while_it_is_down_
     server.wait_healthy(Duration::from_secs(60)).await;
 
     let restarted = eventually(Duration::from_secs(30), || async {
-        sample(
+        whist_tests::metric_sample(
             &metrics_text(port).await,
             "whist_background_loop_restarts_total{loop=\"reconciler\"}",
         ) == Some(1.0)
@@ -237,7 +229,7 @@ async fn a_reconciler_that_panics_is_restarted_readyz_names_it_while_it_is_down_
         "no other loop restarted: {other_restarts:?}"
     );
     assert_eq!(
-        sample(&metrics, "whist_background_loop_up{loop=\"reconciler\"}"),
+        whist_tests::metric_sample(&metrics, "whist_background_loop_up{loop=\"reconciler\"}"),
         Some(1.0)
     );
 
