@@ -371,24 +371,33 @@ where
         aggregate_id: &str,
         remembered: Remembered<A>,
     ) -> Result<EventStoreAggregateContext<A>, AggregateError<A::Error>> {
-        let Some((state, version, applied)) = self
+        let continued = self
             .continue_from(aggregate_id, remembered.aggregate, remembered.version)
-            .await?
-        else {
-            return self.load_fresh(aggregate_id).await;
-        };
+            .await?;
+        match continued {
+            Some(continued) => Ok(self.caught_up(aggregate_id, continued)),
+            None => self.load_fresh(aggregate_id).await,
+        }
+    }
+
+    /// A copy brought up to date, remembered as such.
+    fn caught_up(
+        &self,
+        aggregate_id: &str,
+        (state, version, applied): Continued<A>,
+    ) -> EventStoreAggregateContext<A> {
         // Events another process appended since this copy was remembered: how stale copies of each type run.
         metrics::counter!("whist_catch_up_events_total", "aggregate" => A::TYPE)
             .increment(applied as u64);
         metrics::counter!("whist_aggregate_loads_total", "aggregate" => A::TYPE, "from" => "catch_up")
             .increment(1);
         self.remember(aggregate_id, state.clone(), version);
-        Ok(EventStoreAggregateContext {
+        EventStoreAggregateContext {
             aggregate_id: aggregate_id.to_string(),
             aggregate: state,
             current_sequence: version,
             current_snapshot: None,
-        })
+        }
     }
 
     /// Each aggregate of `ids` (distinct), read just now, in their order: the remembered copies brought up to date
@@ -436,19 +445,7 @@ where
                 None => None,
             };
             let context = match caught_up {
-                Some((state, version, applied)) => {
-                    metrics::counter!("whist_catch_up_events_total", "aggregate" => A::TYPE)
-                        .increment(applied as u64);
-                    metrics::counter!("whist_aggregate_loads_total", "aggregate" => A::TYPE, "from" => "catch_up")
-                        .increment(1);
-                    self.remember(id, state.clone(), version);
-                    EventStoreAggregateContext {
-                        aggregate_id: id.clone(),
-                        aggregate: state,
-                        current_sequence: version,
-                        current_snapshot: None,
-                    }
-                }
+                Some(continued) => self.caught_up(id, continued),
                 None => self.load_fresh(id).await?,
             };
             loaded.push(context);
