@@ -528,12 +528,13 @@ async fn a_host_passed_over_on_a_copy_behind_the_log_is_read_fresh_and_takes_the
 }
 
 /// More assigns at once than `WHIST_ASSIGN_CONCURRENCY`: the one beyond answers 429 with `Retry-After` at once,
-/// and the one in flight is answered as usual.
+/// without spending its user's rate budget, and the one in flight is answered as usual.
 #[tokio::test]
 async fn an_assign_beyond_the_concurrency_bound_answers_429_at_once() {
     let database = TestDatabase::sqlite();
     let mut settings = database.settings();
     settings.assign_concurrency = 1;
+    settings.assign_rate_limit_per_minute = 1;
     let app = spawn_app_with(&database, settings).await;
     let host = app
         .active_host(launch_spec("us-east-1", "ami-a", "hash-a"), 4)
@@ -579,6 +580,11 @@ async fn an_assign_beyond_the_concurrency_bound_answers_429_at_once() {
     let body: serde_json::Value = second.json().await.expect("json");
     assert_eq!(body["error"], "RATE_LIMITED");
     assert_eq!(first_status, 200, "{first_body}");
+    // The refused one spent nothing of its user's one assign a minute.
+    let (status, body) = app
+        .assign(&second_token, assign_body(&["us-east-1"], "hash-a", 3))
+        .await;
+    assert_eq!(status, 200, "{body}");
     assert_eq!(
         sample(
             &app.metrics().await,

@@ -154,6 +154,13 @@ impl DesktopApi {
         idempotency_key: poem_openapi::param::Header<Option<String>>,
     ) -> AssignResponse {
         let principal = auth.0;
+        // More assigns at once than the process takes: answered at once, before they cost anything (not even the
+        // user's rate budget, since the app retries after `Retry-After`), so that the queue, and with it every
+        // answer's time and how long each slot waits for its disconnect, stays bounded.
+        let Ok(_permit) = state.services.assign_permits.try_acquire() else {
+            metrics::counter!("whist_assigns_total", "outcome" => "overloaded").increment(1);
+            return AssignResponse::TooManyRequests(error_body("RATE_LIMITED"), 1);
+        };
         // The user's own limit first: a user over it spends nothing of the budget their address shares with others.
         let limited = state
             .services
@@ -167,12 +174,6 @@ impl DesktopApi {
                 retry_after.seconds(),
             );
         }
-        // More assigns at once than the process takes: answered at once, before they cost anything, so that the
-        // queue (and with it every answer's time, and how long each slot waits for its disconnect) stays bounded.
-        let Ok(_permit) = state.services.assign_permits.try_acquire() else {
-            metrics::counter!("whist_assigns_total", "outcome" => "overloaded").increment(1);
-            return AssignResponse::TooManyRequests(error_body("RATE_LIMITED"), 1);
-        };
         match crate::control::entitlement::is_entitled(&state, &principal).await {
             Ok(true) => {}
             Ok(false) => {
