@@ -51,6 +51,10 @@ pub struct LoadTestOptions {
     /// (hosts x capacity).
     #[arg(long)]
     keep_mandelboxes: bool,
+    /// A setting for every server started (`KEY=VALUE`, repeatable), over the load's own: for example
+    /// `TOKIO_WORKER_THREADS=1`, or `WHIST_ASSIGN_CONCURRENCY=128`. The load generator itself does not see it.
+    #[arg(long = "server-env", value_name = "KEY=VALUE", value_parser = parse_setting)]
+    server_env: Vec<(String, String)>,
 }
 
 /// The arrival rate of the open loop.
@@ -74,6 +78,18 @@ fn parse_rate(text: &str) -> Result<Rate, NotARate> {
     match text.parse::<f64>() {
         Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(Rate::Fixed(rate)),
         _ => Err(NotARate(text.to_string())),
+    }
+}
+
+/// A `--server-env` that is not `KEY=VALUE` with a key.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a setting: KEY=VALUE")]
+pub struct NotASetting(String);
+
+fn parse_setting(text: &str) -> Result<(String, String), NotASetting> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(NotASetting(text.to_string())),
     }
 }
 
@@ -323,6 +339,7 @@ fn start_server(
     aws_endpoint: &str,
     data_dir: &std::path::Path,
     capacity: u32,
+    settings: &[(String, String)],
 ) -> anyhow::Result<Server> {
     Ok(Server(
         std::process::Command::new(std::env::current_exe()?)
@@ -350,6 +367,7 @@ fn start_server(
             .env("MANDELBOX_LIMIT_PER_USER", "1000")
             .env("STRIPE_WEBHOOK_SECRET", LOAD_WEBHOOK_SECRET)
             .env("RUST_LOG", "warn")
+            .envs(settings.iter().map(|(key, value)| (key, value)))
             .stdout(server_log()?)
             .stderr(server_log_append()?)
             .spawn()
@@ -378,6 +396,7 @@ async fn load(
             &aws_endpoint,
             &data_dir,
             options.capacity,
+            &options.server_env,
         )?);
         ports.push(port);
     }
@@ -1341,7 +1360,8 @@ fn print_per_assign(server_metrics: &[String], metric: &str, caption: &str, assi
 #[cfg(test)]
 mod tests {
     use super::{
-        compare_runs, metric_total, metric_value, percentile_ms, ClosedFigures, RunSummary,
+        compare_runs, metric_total, metric_value, parse_setting, percentile_ms, ClosedFigures,
+        RunSummary,
     };
     use std::time::Duration;
 
@@ -1439,6 +1459,24 @@ mod tests {
         let lines = compare_runs(&[run(1, 1.0, 1.0, 1.0, 0.0), open_only]);
         assert_eq!(lines.len(), 2, "{lines:?}");
         assert!(lines[1].starts_with("n/a"), "{lines:?}");
+    }
+
+    #[test]
+    fn a_server_setting_is_a_key_and_everything_after_its_first_equals_sign() {
+        assert_eq!(
+            parse_setting("TOKIO_WORKER_THREADS=1"),
+            Ok(("TOKIO_WORKER_THREADS".to_string(), "1".to_string()))
+        );
+        assert_eq!(
+            parse_setting("RUST_LOG=whist=debug"),
+            Ok(("RUST_LOG".to_string(), "whist=debug".to_string()))
+        );
+        assert_eq!(
+            parse_setting("EMPTY="),
+            Ok(("EMPTY".to_string(), String::new()))
+        );
+        assert!(parse_setting("=1").is_err());
+        assert!(parse_setting("NO_VALUE").is_err());
     }
 
     #[test]
