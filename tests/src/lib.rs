@@ -143,7 +143,7 @@ impl TestDatabase {
         settings.public_url = "http://127.0.0.1:0".to_string();
         // Tests run in parallel: simulated hosts of each server get a port of their own. No warm buffer unless a
         // test asks for one.
-        settings.host_service_port = free_port();
+        settings.host_service_port = host_service_port();
         settings.desired_free_mandelboxes = 0;
         settings.fleet.autoscale = false;
         // Tests run in parallel, some with several servers each, against one Postgres (max_connections 100).
@@ -555,6 +555,19 @@ pub fn log_troubles<'a>(logs: impl IntoIterator<Item = &'a Path>) -> String {
 }
 
 /// A free TCP port on loopback (bound and released; good enough for tests).
+/// A port for simulated host services, which bind it on loopback addresses of their own (127.b.c.d): free now, and
+/// below the kernel's ephemeral range (32768 and up), so that no server of a test running beside this one that binds
+/// the wildcard address to port 0 (every test server does) can be given it before the hosts bind it. A port from
+/// [`free_port`] is in that range; CI saw a host find all its addresses taken that way.
+pub fn host_service_port() -> u16 {
+    loop {
+        let port = 10_000 + u16::try_from(uuid::Uuid::new_v4().as_u128() % 22_000).unwrap_or(0);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())

@@ -23,7 +23,7 @@ async fn two_servers_never_give_one_slot_twice_nor_overfill_a_host() {
     let test_database = TestDatabase::postgres_for(40).await;
     let database = test_database.open().await;
     let url = test_database.url.clone().expect("url");
-    let host_service_port = free_port();
+    let host_service_port = whist_tests::host_service_port();
     let mut servers = Vec::new();
     for index in 0..2 {
         let port = free_port();

@@ -506,7 +506,10 @@ async fn the_dashboard_drives_a_drain_in_headless_chromium() {
         folder.path(),
         &[
             ("PORT", port.to_string()),
-            ("HOST_SERVICE_PORT", free_port().to_string()),
+            (
+                "HOST_SERVICE_PORT",
+                whist_tests::host_service_port().to_string(),
+            ),
             ("DESIRED_FREE_MANDELBOXES", "8".to_string()),
         ],
         "serve.log",

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use whist_adapters::store::AggregateStore;
 use whist_adapters::tokens::Tokens;
 use whist_domain::instance::Instance;
-use whist_tests::{free_port, launch_spec, ChildProcess, Moto, TestDatabase};
+use whist_tests::{launch_spec, ChildProcess, Moto, TestDatabase};
 
 const REGIONS: [&str; 2] = ["us-east-1", "us-west-1"];
 /// Launch decisions recorded before each crash.
@@ -35,7 +35,10 @@ fn worker(database: &TestDatabase, moto: &Moto, pause_ms: u64, name: &str) -> Ch
             // Repair would adopt the unrecorded launches too; leave that to the retried launch jobs while crashing
             // (it runs once at start, before any launch, then not again within the test).
             ("WHIST_REPAIR_INTERVAL_S", "600".to_string()),
-            ("HOST_SERVICE_PORT", free_port().to_string()),
+            (
+                "HOST_SERVICE_PORT",
+                whist_tests::host_service_port().to_string(),
+            ),
             ("RUST_LOG", "info".to_string()),
         ],
         &format!("{name}.log"),

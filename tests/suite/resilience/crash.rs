@@ -414,7 +414,7 @@ async fn processes_killed_at_random_under_load_lose_and_double_nothing() {
     let store = database.open_with(4).await;
     whist_tests::activate_release(&store, &[REGION], IMAGE, HASH).await;
     let tokens = Arc::new(Tokens::load(&store).await.expect("the server key"));
-    let host_service_port = free_port();
+    let host_service_port = whist_tests::host_service_port();
     let server_ports = vec![free_port(), free_port()];
     let balancer = Balancer::start(server_ports.clone()).await;
     let _hosts = MotoHosts::start(

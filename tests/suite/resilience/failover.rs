@@ -88,7 +88,10 @@ async fn a_failover_to_a_standby_that_lagged_is_noticed_and_the_server_carries_o
         ("WHIST_AUTOSCALE", "true".to_string()),
         ("DESIRED_FREE_MANDELBOXES", CAPACITY.to_string()),
         ("WHIST_HOST_CAPACITY", CAPACITY.to_string()),
-        ("HOST_SERVICE_PORT", free_port().to_string()),
+        (
+            "HOST_SERVICE_PORT",
+            whist_tests::host_service_port().to_string(),
+        ),
         ("ASSIGN_RATE_LIMIT_PER_MINUTE", "0".to_string()),
         ("ASSIGN_RATE_LIMIT_PER_IP_PER_MINUTE", "0".to_string()),
         ("WHIST_JOB_CLAIM_S", "5".to_string()),

@@ -143,7 +143,10 @@ async fn a_database_outage_answers_503_promptly_and_loses_no_acknowledged_assign
         ("WHIST_AUTOSCALE", "true".to_string()),
         ("DESIRED_FREE_MANDELBOXES", DESIRED_FREE.to_string()),
         ("WHIST_HOST_CAPACITY", CAPACITY.to_string()),
-        ("HOST_SERVICE_PORT", free_port().to_string()),
+        (
+            "HOST_SERVICE_PORT",
+            whist_tests::host_service_port().to_string(),
+        ),
         ("ASSIGN_RATE_LIMIT_PER_MINUTE", "0".to_string()),
         ("ASSIGN_RATE_LIMIT_PER_IP_PER_MINUTE", "0".to_string()),
         ("WHIST_JOB_CLAIM_S", "5".to_string()),

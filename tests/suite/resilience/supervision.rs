@@ -97,7 +97,10 @@ async fn a_reconciler_that_panics_is_restarted_readyz_names_it_while_it_is_down_
         ("WHIST_AUTOSCALE", "true".to_string()),
         ("DESIRED_FREE_MANDELBOXES", "2".to_string()),
         ("WHIST_HOST_CAPACITY", "2".to_string()),
-        ("HOST_SERVICE_PORT", free_port().to_string()),
+        (
+            "HOST_SERVICE_PORT",
+            whist_tests::host_service_port().to_string(),
+        ),
         ("WHIST_FAULT_PANIC_LOOP", "reconciler".to_string()),
     ];
     let mut server = ChildProcess::start(
@@ -269,7 +272,10 @@ async fn a_worker_whose_projections_panic_restarts_them_and_they_catch_up() {
             ("DATABASE_URL", url),
             // Nothing but the projections matters here: no simulated fleet of the worker's own.
             ("WHIST_AUTOSCALE", "false".to_string()),
-            ("HOST_SERVICE_PORT", free_port().to_string()),
+            (
+                "HOST_SERVICE_PORT",
+                whist_tests::host_service_port().to_string(),
+            ),
             ("WHIST_FAULT_PANIC_LOOP", "projections".to_string()),
         ],
         "worker.log",
