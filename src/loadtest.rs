@@ -31,8 +31,9 @@ pub struct LoadTestOptions {
     /// `whist serve` processes on the one database; clients and hosts are spread over them in turn. A list
     /// (`1,2`) runs the whole load once per count, back to back, each on a fresh database, then prints each run of
     /// another count against the run of the first count before it (closed loop: assigns/s, machine CPU per assign,
-    /// p99, assigns decided more than once; the scale-out targets), and, when one follows (`1,2,1`), against the
-    /// mean of the runs of the first count before and after it.
+    /// p99, assigns decided more than once; the scale-out targets, with the load generator's own CPU per assign as
+    /// a control), and, when one follows (`1,2,1`), against the mean of the runs of the first count before and after
+    /// it; over a longer series (`1,2,1,2,1`), the median of each ratio too.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     servers: Vec<usize>,
     /// Simulated hosts in the fleet.
@@ -138,6 +139,9 @@ struct ClosedFigures {
     rate: f64,
     /// Seconds of machine CPU per assign, when the machine's CPU could be read.
     cpu_per_assign: Option<f64>,
+    /// Seconds of the load generator's own CPU (with its simulated hosts) per assign: the same work whatever the
+    /// number of servers, so its ratio between two runs is the machine's own drift and contention, a control.
+    generator_cpu_per_assign: Option<f64>,
     p99_ms: f64,
     /// Share of assigns the servers decided more than once (lost their first attempt), when they counted.
     retried: Option<f64>,
@@ -153,6 +157,10 @@ impl ClosedFigures {
                 .cpu_per_assign
                 .zip(other.cpu_per_assign)
                 .map(|(one, two)| (one + two) / 2.0),
+            generator_cpu_per_assign: self
+                .generator_cpu_per_assign
+                .zip(other.generator_cpu_per_assign)
+                .map(|(one, two)| (one + two) / 2.0),
             p99_ms: (self.p99_ms + other.p99_ms) / 2.0,
             retried: self.retried,
         }
@@ -162,13 +170,17 @@ impl ClosedFigures {
 /// Each run of another server count against the run of the first count before it, with the scale-out targets:
 /// assigns/s >= 90%, machine CPU per assign <= 1.2x, p99 <= 1.5x, assigns decided more than once <= 5%. When a
 /// run of the first count follows it too (`--servers 1,2,1`), also against the mean of the two around it: a
-/// machine whose speed drifts steadily across the three moves both sides of that comparison alike.
+/// machine whose speed drifts steadily across the three moves both sides of that comparison alike. When the series
+/// holds two runs of another count or more (`--servers 1,2,1,2,1`), the median of each ratio over them, each run
+/// against its closest baseline (the mean around it where there is one): on a machine whose speed swings from
+/// one run to the next, a single pair says more about the swing than about the servers.
 fn compare_runs(runs: &[RunSummary]) -> Vec<String> {
     let Some(first) = runs.first().map(|run| run.servers) else {
         return Vec::new();
     };
     let mut lines = Vec::new();
     let mut baseline: Option<&RunSummary> = None;
+    let mut held: Vec<Held> = Vec::new();
     for (index, run) in runs.iter().enumerate() {
         if run.servers == first {
             baseline = Some(run);
@@ -183,28 +195,144 @@ fn compare_runs(runs: &[RunSummary]) -> Vec<String> {
             lines.push("n/a: a run had no closed loop".to_string());
             continue;
         };
-        hold_against(&mut lines, one, many);
+        let back_to_back = hold_against(&mut lines, one, many);
         let after = runs[index + 1..]
             .iter()
             .find(|later| later.servers == first)
             .and_then(|later| later.closed);
-        if let Some(after) = after {
-            lines.push(format!(
-                "-- {} servers against the mean of the runs of {} before and after it --",
-                run.servers, base.servers
-            ));
-            hold_against(&mut lines, one.mean_with(after), many);
-        }
+        let closest = match after {
+            Some(after) => {
+                lines.push(format!(
+                    "-- {} servers against the mean of the runs of {} before and after it --",
+                    run.servers, base.servers
+                ));
+                hold_against(&mut lines, one.mean_with(after), many)
+            }
+            None => back_to_back,
+        };
+        held.push(closest);
+    }
+    if held.len() >= 2 {
+        summarise_series(&mut lines, first, &held);
     }
     lines
 }
 
+/// One run held against its baseline: the ratios and whether each target held.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    rate: f64,
+    cpu: Option<f64>,
+    generator_cpu: Option<f64>,
+    p99: f64,
+    retried: Option<f64>,
+    every: bool,
+}
+
+/// The median of each ratio over a series of comparisons, with its range, each held against its target.
+fn summarise_series(lines: &mut Vec<String>, first: usize, held: &[Held]) {
+    let holds = |held: bool| if held { "holds" } else { "misses" };
+    lines.push(format!(
+        "-- the series: {} runs of more servers, each against the mean of the runs of {first} around it (or the run \
+         before it), median (lowest-highest) --",
+        held.len()
+    ));
+    let rates: Vec<f64> = held.iter().map(|held| held.rate).collect();
+    let (rate, rate_low, rate_high) = median_and_range(&rates);
+    lines.push(format!(
+        "{:<36} {:>6.0}% ({:.0}-{:.0}%; target >= 90%: {})",
+        "assigns/s",
+        100.0 * rate,
+        100.0 * rate_low,
+        100.0 * rate_high,
+        holds(rate >= 0.9)
+    ));
+    let cpus: Option<Vec<f64>> = held.iter().map(|held| held.cpu).collect();
+    let cpu_held = cpus.map(|cpus| {
+        let (cpu, low, high) = median_and_range(&cpus);
+        lines.push(format!(
+            "{:<36} {:>6.2}x ({low:.2}-{high:.2}x; target <= 1.2x: {})",
+            "machine CPU per assign",
+            cpu,
+            holds(cpu <= 1.2)
+        ));
+        cpu <= 1.2
+    });
+    if cpu_held.is_none() {
+        lines.push(format!("{:<36} {:>7}", "machine CPU per assign", "n/a"));
+    }
+    let generator: Option<Vec<f64>> = held.iter().map(|held| held.generator_cpu).collect();
+    if let Some(generator) = generator {
+        let (ratio, low, high) = median_and_range(&generator);
+        lines.push(format!(
+            "{:<36} {:>6.2}x ({low:.2}-{high:.2}x; control, no target)",
+            "load generator's CPU per assign", ratio
+        ));
+    }
+    let p99s: Vec<f64> = held.iter().map(|held| held.p99).collect();
+    let (p99, p99_low, p99_high) = median_and_range(&p99s);
+    lines.push(format!(
+        "{:<36} {:>6.2}x ({p99_low:.2}-{p99_high:.2}x; target <= 1.5x: {})",
+        "assign latency p99",
+        p99,
+        holds(p99 <= 1.5)
+    ));
+    let retried: Option<Vec<f64>> = held.iter().map(|held| held.retried).collect();
+    let retried_held = retried.map(|retried| {
+        let (share, low, high) = median_and_range(&retried);
+        lines.push(format!(
+            "{:<36} {:>6.1}% ({:.1}-{:.1}%; target <= 5%: {})",
+            "assigns decided more than once",
+            100.0 * share,
+            100.0 * low,
+            100.0 * high,
+            holds(share <= 0.05)
+        ));
+        share <= 0.05
+    });
+    if retried_held.is_none() {
+        lines.push(format!(
+            "{:<36} {:>7}",
+            "assigns decided more than once", "n/a"
+        ));
+    }
+    let on_medians =
+        rate >= 0.9 && cpu_held.unwrap_or(false) && p99 <= 1.5 && retried_held.unwrap_or(false);
+    lines.push(format!(
+        "{:<36} {:>7} (in {} of {} runs alone)",
+        "every condition, on the medians",
+        if on_medians { "yes" } else { "no" },
+        held.iter().filter(|held| held.every).count(),
+        held.len()
+    ));
+}
+
+/// The median (the mean of the middle two of an even count), the lowest and the highest of `values`.
+fn median_and_range(values: &[f64]) -> (f64, f64, f64) {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let Some((&low, &high)) = sorted.first().zip(sorted.last()) else {
+        return (0.0, 0.0, 0.0);
+    };
+    let middle = sorted.len() / 2;
+    let median = if sorted.len() % 2 == 0 {
+        (sorted[middle - 1] + sorted[middle]) / 2.0
+    } else {
+        sorted[middle]
+    };
+    (median, low, high)
+}
+
 /// The lines that hold the figures `many` against `one`, each target checked once.
-fn hold_against(lines: &mut Vec<String>, one: ClosedFigures, many: ClosedFigures) {
+fn hold_against(lines: &mut Vec<String>, one: ClosedFigures, many: ClosedFigures) -> Held {
     let rate = many.rate / one.rate.max(1e-9);
     let cpu = one
         .cpu_per_assign
         .zip(many.cpu_per_assign)
+        .map(|(one, many)| many / one.max(1e-12));
+    let generator_cpu = one
+        .generator_cpu_per_assign
+        .zip(many.generator_cpu_per_assign)
         .map(|(one, many)| many / one.max(1e-12));
     let p99 = many.p99_ms / one.p99_ms.max(1e-9);
     // Each target is checked once: its line says it, and every condition at once is all of them.
@@ -232,6 +360,12 @@ fn hold_against(lines: &mut Vec<String>, one: ClosedFigures, many: ClosedFigures
         )),
         None => lines.push(format!("{:<36} {:>7}", "machine CPU per assign", "n/a")),
     }
+    if let Some(generator_cpu) = generator_cpu {
+        lines.push(format!(
+            "{:<36} {:>6.2}x (control, no target: the same work in both runs)",
+            "load generator's CPU per assign", generator_cpu
+        ));
+    }
     lines.push(format!(
         "{:<36} {:>6.2}x (target <= 1.5x: {})",
         "assign latency p99",
@@ -256,6 +390,14 @@ fn hold_against(lines: &mut Vec<String>, one: ClosedFigures, many: ClosedFigures
         "every condition at once",
         if every { "yes" } else { "no" }
     ));
+    Held {
+        rate,
+        cpu,
+        generator_cpu,
+        p99,
+        retried: many.retried,
+        every,
+    }
 }
 
 /// The `fraction` percentile of `sorted` durations, in milliseconds (0 when there are none).
@@ -809,6 +951,9 @@ impl Phase {
             cpu_per_assign: self
                 .cpu
                 .map(|cpu| cpu.machine / self.assigned.max(1) as f64),
+            generator_cpu_per_assign: self
+                .cpu
+                .map(|cpu| cpu.generator / self.assigned.max(1) as f64),
             p99_ms: self.percentile(0.99),
             retried: (self.counted > 0.0).then(|| self.retried / self.counted),
         }
@@ -1371,6 +1516,8 @@ mod tests {
             closed: Some(ClosedFigures {
                 rate,
                 cpu_per_assign: Some(cpu_ms / 1000.0),
+                // The generator's work per assign does not change with the servers.
+                generator_cpu_per_assign: Some(0.000_1),
                 p99_ms,
                 retried: Some(retried),
             }),
@@ -1447,6 +1594,51 @@ mod tests {
         );
         assert!(text.contains("1.11x (target <= 1.2x: holds)"), "{text}");
         assert!(text.ends_with("yes"), "{text}");
+    }
+
+    #[test]
+    fn a_series_is_summed_up_by_the_median_of_each_ratio_against_the_runs_around_it() {
+        // 1,2,1,2,1,2,1: the machine swings; the runs of two sit at 1,500, 1,400 and 1,700/s.
+        let lines = compare_runs(&[
+            run(1, 1600.0, 1.0, 40.0, 0.0),
+            run(2, 1500.0, 1.1, 50.0, 0.01),
+            run(1, 1400.0, 1.0, 40.0, 0.0),
+            run(2, 1400.0, 1.5, 50.0, 0.002),
+            run(1, 1800.0, 1.0, 40.0, 0.0),
+            run(2, 1700.0, 1.15, 70.0, 0.0),
+            run(1, 1800.0, 1.0, 40.0, 0.0),
+        ]);
+        let text = lines.join("\n");
+        let summary: Vec<&str> = lines
+            .iter()
+            .skip_while(|line| !line.starts_with("-- the series: 3 runs"))
+            .map(String::as_str)
+            .collect();
+        // Against the means around them (1,500, 1,600, 1,800/s): 100%, 88%, 94%; CPU 1.1x, 1.5x, 1.15x; p99
+        // 1.25x, 1.25x, 1.75x; retried 1%, 0.2%, 0%.
+        assert_eq!(summary.len(), 7, "{text}");
+        assert!(
+            summary[1].ends_with("94% (88-100%; target >= 90%: holds)"),
+            "{text}"
+        );
+        assert!(
+            summary[2].ends_with("1.15x (1.10-1.50x; target <= 1.2x: holds)"),
+            "{text}"
+        );
+        assert!(
+            summary[3].ends_with("1.00x (1.00-1.00x; control, no target)"),
+            "{text}"
+        );
+        assert!(
+            summary[4].ends_with("1.25x (1.25-1.75x; target <= 1.5x: holds)"),
+            "{text}"
+        );
+        assert!(
+            summary[5].ends_with("0.2% (0.0-1.0%; target <= 5%: holds)"),
+            "{text}"
+        );
+        // Each run alone misses one condition or more but the first; the medians hold every one.
+        assert!(summary[6].ends_with("yes (in 1 of 3 runs alone)"), "{text}");
     }
 
     #[test]
