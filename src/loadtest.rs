@@ -1023,6 +1023,12 @@ impl Phase {
                 100.0 * cpu.generator / cpu.machine.max(1e-9),
                 100.0 * (cpu.machine - cpu.server - cpu.generator).max(0.0) / cpu.machine.max(1e-9),
             );
+            println!(
+                "{:<36} {:>14.1} (the kernel {:.0}% of the machine's CPU)",
+                "context switches per assign",
+                cpu.switches / self.assigned.max(1) as f64,
+                100.0 * cpu.kernel / cpu.machine.max(1e-9),
+            );
             if let Some(per_insert) = cpu_per_insert {
                 println!(
                     "{:<36} {:>13.1}x",
@@ -1416,6 +1422,10 @@ struct CpuTimes {
     machine: f64,
     server: f64,
     generator: f64,
+    /// The machine's busy time in the kernel (system, interrupts, soft interrupts), of `machine`.
+    kernel: f64,
+    /// Context switches on the whole machine: what more processes and threads than cores cost shows here.
+    switches: f64,
 }
 
 impl CpuTimes {
@@ -1437,8 +1447,19 @@ impl CpuTimes {
             .filter(|(index, _)| *index != 3 && *index != 4)
             .map(|(_, value)| value)
             .sum();
+        // system, irq, softirq.
+        let kernel: u64 = [2, 5, 6]
+            .iter()
+            .filter_map(|&index| fields.get(index))
+            .sum();
+        let switches = stat
+            .lines()
+            .find_map(|line| line.strip_prefix("ctxt "))
+            .and_then(|count| count.trim().parse::<f64>().ok())?;
         Some(Self {
             machine: busy as f64 / ticks,
+            kernel: kernel as f64 / ticks,
+            switches,
             server: server_pids
                 .iter()
                 .map(|pid| process_ticks(*pid))
@@ -1453,6 +1474,8 @@ impl CpuTimes {
             machine: self.machine - earlier.machine,
             server: self.server - earlier.server,
             generator: self.generator - earlier.generator,
+            kernel: self.kernel - earlier.kernel,
+            switches: self.switches - earlier.switches,
         }
     }
 }
@@ -1506,7 +1529,7 @@ fn print_per_assign(server_metrics: &[String], metric: &str, caption: &str, assi
 mod tests {
     use super::{
         compare_runs, metric_total, metric_value, parse_setting, percentile_ms, ClosedFigures,
-        RunSummary,
+        CpuTimes, RunSummary,
     };
     use std::time::Duration;
 
@@ -1695,6 +1718,26 @@ mod tests {
             Some(640.0)
         );
         assert_eq!(metric_value(text, "whist_append_batch_units"), None);
+    }
+
+    #[test]
+    fn the_machine_s_cpu_counts_its_kernel_time_and_context_switches() {
+        let before = CpuTimes::read(&[std::process::id()]).expect("/proc is readable on Linux");
+        // Make the kernel switch: sleep a few times.
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let after = CpuTimes::read(&[std::process::id()]).expect("/proc is readable on Linux");
+        let spent = after.since(&before);
+        assert!(spent.switches >= 5.0, "{spent:?}");
+        assert!(
+            before.kernel > 0.0 && before.kernel <= before.machine,
+            "{before:?}"
+        );
+        assert!(
+            spent.kernel >= 0.0 && spent.kernel <= spent.machine,
+            "{spent:?}"
+        );
     }
 
     #[test]
