@@ -315,7 +315,7 @@ fn median_and_range(values: &[f64]) -> (f64, f64, f64) {
         return (0.0, 0.0, 0.0);
     };
     let middle = sorted.len() / 2;
-    let median = if sorted.len() % 2 == 0 {
+    let median = if sorted.len().is_multiple_of(2) {
         (sorted[middle - 1] + sorted[middle]) / 2.0
     } else {
         sorted[middle]
