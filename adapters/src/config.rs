@@ -169,6 +169,12 @@ pub struct Settings {
     /// `429` with `Retry-After: 1` at once, so that under more load than the process can take its queue, and with it
     /// every answer's time and how long each slot is held, stays bounded instead of growing without end.
     pub assign_concurrency: u32,
+    /// `WHIST_ASSIGN_QUEUE_MS` (100): how long the bound of `WHIST_ASSIGN_CONCURRENCY` may stay full while the
+    /// assigns that find it full wait for a place. A bound full for less is a stall, which passes (a pause of the
+    /// machine or of the database at half load holds 64 assigns within tens of milliseconds); full for longer, it is
+    /// more load than the process takes, and every assign that finds it full is answered `429` at once, as a queue
+    /// would only grow. 0: answered `429` at once, always.
+    pub assign_queue: Duration,
     pub hirefire_token: Option<Secret>,
     pub fleet: FleetSettings,
     /// `WHIST_TOKEN_KEYS`: the keys that derive host, bootstrap and protocol tokens, the first one signing. Required
@@ -736,6 +742,12 @@ impl Settings {
                 "a whole number, at least 1",
                 |value| value.parse().ok().filter(|bound| *bound > 0),
             )?,
+            assign_queue: Duration::from_millis(sources.parse(
+                "WHIST_ASSIGN_QUEUE_MS",
+                100u64,
+                "a whole number of milliseconds (0 answers 429 at once)",
+                |value| value.parse().ok(),
+            )?),
             hirefire_token: sources.raw("HIREFIRE_TOKEN").map(Secret::new),
             fleet: FleetSettings::from_sources(sources)?,
             token_keys: match sources.raw("WHIST_TOKEN_KEYS") {
@@ -1014,6 +1026,7 @@ mod tests {
         assert_eq!(settings.assign_rate_limit_per_minute, 10);
         assert_eq!(settings.assign_rate_limit_per_ip_per_minute, 600);
         assert_eq!(settings.assign_concurrency, 64);
+        assert_eq!(settings.assign_queue, Duration::from_millis(100));
         assert_eq!(settings.stripe.api_base, "https://api.stripe.com");
         assert_eq!(settings.hirefire_token, None);
         assert!(settings.fleet.autoscale);

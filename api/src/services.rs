@@ -45,8 +45,9 @@ pub struct Services {
     pub heartbeats: HeartbeatBook,
     pub user_rate: RateLimiter,
     pub ip_rate: RateLimiter,
-    /// `WHIST_ASSIGN_CONCURRENCY` permits: an assign that finds none answers `429` at once.
-    pub assign_permits: tokio::sync::Semaphore,
+    /// `WHIST_ASSIGN_CONCURRENCY` places for assigns in flight, waited for only while the bound has been full for
+    /// less than `WHIST_ASSIGN_QUEUE_MS`.
+    pub assign_admission: AssignAdmission,
     pub host_locks: HostLocks,
     /// One lock per user within this process, held around a whole assign and a whole end of a mandelbox (taken
     /// before any host's lock): one user's decisions in this process queue instead of colliding on the user's
@@ -215,8 +216,9 @@ impl Services {
             heartbeats: HeartbeatBook::new(database.clone(), settings.heartbeat_timeout),
             user_rate: RateLimiter::new(settings.assign_rate_limit_per_minute),
             ip_rate: RateLimiter::new(settings.assign_rate_limit_per_ip_per_minute),
-            assign_permits: tokio::sync::Semaphore::new(
-                usize::try_from(settings.assign_concurrency).unwrap_or(usize::MAX),
+            assign_admission: AssignAdmission::new(
+                settings.assign_concurrency,
+                settings.assign_queue,
             ),
             host_locks: HostLocks::default(),
             user_locks: KeyedLocks::default(),
@@ -236,6 +238,102 @@ pub enum ServicesError {
     Tokens(#[from] whist_adapters::tokens::TokenKeysError),
     #[error("could not build the Stripe client")]
     Stripe(#[from] StripeApiError),
+}
+
+/// At most a bound of assigns in flight in this process (`WHIST_ASSIGN_CONCURRENCY`), told a stall from overload as
+/// CoDel tells a passing queue from a standing one. An assign that finds the bound full waits for a place while the
+/// bound has been full for less than `grace` (`WHIST_ASSIGN_QUEUE_MS`): counted from the last assign that found a
+/// place at once, so that every assign waiting in one stall is admitted or refused within `grace` of its start. Once
+/// the bound has been full that long, the process is taking more than it can decide, and an assign that finds it
+/// full is refused at once (answered 429, which the desktop app retries after `Retry-After`): waiting would only
+/// lengthen every answer and how long each slot is held. Places are handed to waiters in order of arrival.
+pub struct AssignAdmission {
+    places: tokio::sync::Semaphore,
+    grace: Duration,
+    /// When an assign last found a place without waiting, in milliseconds since `epoch`.
+    last_free_ms: std::sync::atomic::AtomicU64,
+    epoch: tokio::time::Instant,
+    /// Assigns waiting for a place now.
+    waiting: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one assign as waiting while it lives (a wait can end by its request being dropped).
+struct Waiting(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Waiting {
+    fn new(count: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// How an assign was let in, or not.
+#[derive(Debug)]
+pub enum Admission<'a> {
+    /// A place was free.
+    AtOnce(tokio::sync::SemaphorePermit<'a>),
+    /// The bound was full for less than the grace; a place came free before its end.
+    AfterWaiting(tokio::sync::SemaphorePermit<'a>),
+    /// The bound was full, and stayed full for the grace (or had already been full that long).
+    Refused { waited: bool },
+}
+
+impl AssignAdmission {
+    pub fn new(bound: u32, grace: Duration) -> Self {
+        Self {
+            places: tokio::sync::Semaphore::new(usize::try_from(bound).unwrap_or(usize::MAX)),
+            grace,
+            last_free_ms: std::sync::atomic::AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
+            waiting: std::sync::Arc::default(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A place for one assign, held until the returned permit is dropped, or a refusal.
+    pub async fn admit(&self) -> Admission<'_> {
+        use std::sync::atomic::Ordering;
+        if let Ok(place) = self.places.try_acquire() {
+            self.last_free_ms.store(self.now_ms(), Ordering::Relaxed);
+            return Admission::AtOnce(place);
+        }
+        let full_for = Duration::from_millis(
+            self.now_ms()
+                .saturating_sub(self.last_free_ms.load(Ordering::Relaxed)),
+        );
+        let Some(left) = self
+            .grace
+            .checked_sub(full_for)
+            .filter(|left| !left.is_zero())
+        else {
+            return Admission::Refused { waited: false };
+        };
+        let _waiting = Waiting::new(&self.waiting);
+        match tokio::time::timeout(left, self.places.acquire()).await {
+            Ok(Ok(place)) => Admission::AfterWaiting(place),
+            // Timed out (or closed, which this process never does).
+            _ => Admission::Refused { waited: true },
+        }
+    }
+
+    /// Places free now (for tests).
+    pub fn free(&self) -> usize {
+        self.places.available_permits()
+    }
+
+    /// Assigns waiting for a place now (for tests).
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// A limit of requests per key per minute, in this process (0 turns it off): `governor`'s GCRA, so a key may spend
@@ -325,7 +423,10 @@ fn address_key(address: std::net::IpAddr) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{CandidateHints, HostLocks, RateLimiter, CONTENDED_FOR, HINTS_FOR};
+    use super::{
+        Admission, AssignAdmission, CandidateHints, HostLocks, RateLimiter, CONTENDED_FOR,
+        HINTS_FOR,
+    };
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -430,5 +531,53 @@ mod tests {
         locks.mark_contended("c");
         locks.put_contended_last(&mut candidates);
         assert_eq!(order(&candidates), "bdac");
+    }
+    #[tokio::test]
+    async fn an_assign_that_finds_the_bound_full_in_a_stall_waits_for_the_place_that_frees() {
+        let admission = Arc::new(AssignAdmission::new(1, Duration::from_secs(5)));
+        let Admission::AtOnce(first) = admission.admit().await else {
+            panic!("a free place is taken at once");
+        };
+        let waiter = admission.clone();
+        let second =
+            tokio::spawn(async move { matches!(waiter.admit().await, Admission::AfterWaiting(_)) });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(first);
+        assert!(
+            second.await.expect("joins"),
+            "the place freed within the grace goes to the one waiting"
+        );
+        assert_eq!(admission.free(), 1, "and comes back when it is done");
+        assert_eq!(admission.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn once_the_bound_has_been_full_for_the_grace_an_assign_is_refused_at_once() {
+        let admission = AssignAdmission::new(1, Duration::from_millis(100));
+        let Admission::AtOnce(first) = admission.admit().await else {
+            panic!("a free place is taken at once");
+        };
+        // Full since the first was let in: the second waits out what is left of the grace.
+        assert!(matches!(
+            admission.admit().await,
+            Admission::Refused { waited: true }
+        ));
+        // Full for the whole grace now: overload, not a stall.
+        assert!(matches!(
+            admission.admit().await,
+            Admission::Refused { waited: false }
+        ));
+        drop(first);
+        assert!(matches!(admission.admit().await, Admission::AtOnce(_)));
+    }
+
+    #[tokio::test]
+    async fn without_a_grace_an_assign_that_finds_the_bound_full_is_refused_at_once() {
+        let admission = AssignAdmission::new(1, Duration::ZERO);
+        let _first = admission.admit().await;
+        assert!(matches!(
+            admission.admit().await,
+            Admission::Refused { waited: false }
+        ));
     }
 }

@@ -527,13 +527,15 @@ async fn a_host_passed_over_on_a_copy_behind_the_log_is_read_fresh_and_takes_the
     here.stop().await;
 }
 
-/// More assigns at once than `WHIST_ASSIGN_CONCURRENCY`: the one beyond answers 429 with `Retry-After` at once,
-/// without spending its user's rate budget, and the one in flight is answered as usual.
+/// More assigns at once than `WHIST_ASSIGN_CONCURRENCY`, with no grace (`WHIST_ASSIGN_QUEUE_MS=0`): the one beyond
+/// answers 429 with `Retry-After` at once, without spending its user's rate budget, and the one in flight is
+/// answered as usual.
 #[tokio::test]
 async fn an_assign_beyond_the_concurrency_bound_answers_429_at_once() {
     let database = TestDatabase::sqlite();
     let mut settings = database.settings();
     settings.assign_concurrency = 1;
+    settings.assign_queue = std::time::Duration::ZERO;
     settings.assign_rate_limit_per_minute = 1;
     let app = spawn_app_with(&database, settings).await;
     let host = app
@@ -552,7 +554,7 @@ async fn an_assign_beyond_the_concurrency_bound_answers_429_at_once() {
     let second = async {
         assert!(
             whist_tests::eventually(std::time::Duration::from_secs(10), || async {
-                app.state.services.assign_permits.available_permits() == 0
+                app.state.services.assign_admission.free() == 0
             })
             .await,
             "the first assign is in flight"
@@ -592,6 +594,67 @@ async fn an_assign_beyond_the_concurrency_bound_answers_429_at_once() {
         ),
         1.0
     );
+    app.stop().await;
+}
+
+/// An assign that finds `WHIST_ASSIGN_CONCURRENCY` assigns in flight for less than `WHIST_ASSIGN_QUEUE_MS` (a stall,
+/// here a host lock the test holds) waits for a place instead of answering 429, and is answered when one frees.
+#[tokio::test]
+async fn an_assign_that_finds_the_bound_full_in_a_stall_waits_and_is_answered() {
+    let database = TestDatabase::sqlite();
+    let mut settings = database.settings();
+    settings.assign_concurrency = 1;
+    settings.assign_queue = std::time::Duration::from_secs(30);
+    let app = spawn_app_with(&database, settings).await;
+    let host = app
+        .active_host(launch_spec("us-east-1", "ami-a", "hash-a"), 4)
+        .await;
+    let lock = app
+        .state
+        .services
+        .host_locks
+        .of(&host.instance_id)
+        .lock_owned()
+        .await;
+    let (first_token, second_token) = (user_token(&new_user()), user_token(&new_user()));
+    let first = app.assign(&first_token, assign_body(&["us-east-1"], "hash-a", 1));
+    let second = async {
+        assert!(
+            whist_tests::eventually(std::time::Duration::from_secs(10), || async {
+                app.state.services.assign_admission.free() == 0
+            })
+            .await,
+            "the first assign is in flight"
+        );
+        let second = app.assign(&second_token, assign_body(&["us-east-1"], "hash-a", 2));
+        let release = async {
+            assert!(
+                whist_tests::eventually(std::time::Duration::from_secs(10), || async {
+                    app.state.services.assign_admission.waiting() == 1
+                })
+                .await,
+                "the second assign waits for a place"
+            );
+            drop(lock);
+        };
+        tokio::join!(second, release).0
+    };
+    let ((first_status, first_body), (second_status, second_body)) = tokio::join!(first, second);
+    assert_eq!(first_status, 200, "{first_body}");
+    assert_eq!(second_status, 200, "{second_body}");
+    let metrics = app.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "whist_assign_admission_waits_total{outcome=\"admitted\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&metrics, "whist_assigns_total{outcome=\"overloaded\"}"),
+        0.0
+    );
+    assert_eq!(app.state.services.assign_admission.waiting(), 0);
     app.stop().await;
 }
 

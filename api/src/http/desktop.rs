@@ -13,6 +13,7 @@ use crate::control::assign::{assign, AssignRequest};
 use crate::http::error::{error_body, unavailable, ErrorBody, STORE_UNAVAILABLE};
 use crate::http::middleware::{ClientAddress, RequestId};
 use crate::http::security::UserAuth;
+use crate::services::Admission;
 use crate::state::AppState;
 
 #[derive(Tags)]
@@ -154,12 +155,24 @@ impl DesktopApi {
         idempotency_key: poem_openapi::param::Header<Option<String>>,
     ) -> AssignResponse {
         let principal = auth.0;
-        // More assigns at once than the process takes: answered at once, before they cost anything (not even the
-        // user's rate budget, since the app retries after `Retry-After`), so that the queue, and with it every
-        // answer's time and how long each slot waits for its disconnect, stays bounded.
-        let Ok(_permit) = state.services.assign_permits.try_acquire() else {
-            metrics::counter!("whist_assigns_total", "outcome" => "overloaded").increment(1);
-            return AssignResponse::TooManyRequests(error_body("RATE_LIMITED"), 1);
+        // More assigns at once than the process takes, for longer than a stall lasts: answered before they cost
+        // anything (not even the user's rate budget, since the app retries after `Retry-After`), so that the queue,
+        // and with it every answer's time and how long each slot waits for its disconnect, stays bounded.
+        let _place = match state.services.assign_admission.admit().await {
+            Admission::AtOnce(place) => place,
+            Admission::AfterWaiting(place) => {
+                metrics::counter!("whist_assign_admission_waits_total", "outcome" => "admitted")
+                    .increment(1);
+                place
+            }
+            Admission::Refused { waited } => {
+                if waited {
+                    metrics::counter!("whist_assign_admission_waits_total", "outcome" => "refused")
+                        .increment(1);
+                }
+                metrics::counter!("whist_assigns_total", "outcome" => "overloaded").increment(1);
+                return AssignResponse::TooManyRequests(error_body("RATE_LIMITED"), 1);
+            }
         };
         // The user's own limit first: a user over it spends nothing of the budget their address shares with others.
         let limited = state

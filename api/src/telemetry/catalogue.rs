@@ -115,7 +115,11 @@ pub const CATALOGUE: &[Metric] = &[
     // Assigns (api/src/http/desktop.rs, api/src/control/assign.rs).
     counter(
         "whist_assigns_total",
-        "Assign requests answered, by outcome: assigned, rate_limited, overloaded (more at once than WHIST_ASSIGN_CONCURRENCY), payment_required, failed, or the refusal's code.",
+        "Assign requests answered, by outcome: assigned, rate_limited, overloaded (more at once than WHIST_ASSIGN_CONCURRENCY, for longer than WHIST_ASSIGN_QUEUE_MS), payment_required, failed, or the refusal's code.",
+    ),
+    counter(
+        "whist_assign_admission_waits_total",
+        "Assigns that found WHIST_ASSIGN_CONCURRENCY assigns in flight and waited for a place (the bound full for less than WHIST_ASSIGN_QUEUE_MS), by outcome: admitted, or refused when the wait ran out.",
     ),
     seconds(
         "whist_assign_seconds",
