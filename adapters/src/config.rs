@@ -173,7 +173,7 @@ pub struct Settings {
     /// assigns that find it full wait for a place. A bound full for less is a stall, which passes (a pause of the
     /// machine or of the database at half load holds 64 assigns within tens of milliseconds); full for longer, it is
     /// more load than the process takes, and every assign that finds it full is answered `429` at once, as a queue
-    /// would only grow. 0: answered `429` at once, always.
+    /// would only grow, until one finds half the places free. 0: answered `429` at once, always.
     pub assign_queue: Duration,
     pub hirefire_token: Option<Secret>,
     pub fleet: FleetSettings,
