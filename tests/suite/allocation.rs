@@ -527,21 +527,24 @@ async fn a_host_passed_over_on_a_copy_behind_the_log_is_read_fresh_and_takes_the
     here.stop().await;
 }
 
-/// More assigns at once than `WHIST_ASSIGN_CONCURRENCY`, with no grace (`WHIST_ASSIGN_QUEUE_MS=0`): the one beyond
-/// answers 429 with `Retry-After` at once, without spending its user's rate budget, and the one in flight is
-/// answered as usual.
-#[tokio::test]
-async fn an_assign_beyond_the_concurrency_bound_answers_429_at_once() {
+/// An app on its own database that decides one assign at a time (`WHIST_ASSIGN_CONCURRENCY=1`), with `settings`
+/// applied, and the lock in this process of its one host, held by the caller: the first assign waits for it, holding
+/// the one place. The database lives as long as the caller keeps it.
+async fn app_with_one_place_stalled(
+    settings: impl FnOnce(&mut whist_adapters::config::Settings),
+) -> (
+    TestDatabase,
+    whist_tests::TestApp,
+    tokio::sync::OwnedMutexGuard<()>,
+) {
     let database = TestDatabase::sqlite();
-    let mut settings = database.settings();
-    settings.assign_concurrency = 1;
-    settings.assign_queue = std::time::Duration::ZERO;
-    settings.assign_rate_limit_per_minute = 1;
-    let app = spawn_app_with(&database, settings).await;
+    let mut configured = database.settings();
+    configured.assign_concurrency = 1;
+    settings(&mut configured);
+    let app = spawn_app_with(&database, configured).await;
     let host = app
         .active_host(launch_spec("us-east-1", "ami-a", "hash-a"), 4)
         .await;
-    // The host's lock in this process, held here: the first assign waits for it, holding the one permit.
     let lock = app
         .state
         .services
@@ -549,16 +552,34 @@ async fn an_assign_beyond_the_concurrency_bound_answers_429_at_once() {
         .of(&host.instance_id)
         .lock_owned()
         .await;
+    (database, app, lock)
+}
+
+/// Waits until the one place is taken.
+async fn the_one_place_is_taken(app: &whist_tests::TestApp) {
+    assert!(
+        whist_tests::eventually(std::time::Duration::from_secs(10), || async {
+            app.state.services.assign_admission.free() == 0
+        })
+        .await,
+        "the first assign is in flight"
+    );
+}
+
+/// More assigns at once than `WHIST_ASSIGN_CONCURRENCY`, with no grace (`WHIST_ASSIGN_QUEUE_MS=0`): the one beyond
+/// answers 429 with `Retry-After` at once, without spending its user's rate budget, and the one in flight is
+/// answered as usual.
+#[tokio::test]
+async fn an_assign_beyond_the_concurrency_bound_answers_429_at_once() {
+    let (_database, app, lock) = app_with_one_place_stalled(|settings| {
+        settings.assign_queue = std::time::Duration::ZERO;
+        settings.assign_rate_limit_per_minute = 1;
+    })
+    .await;
     let (first_token, second_token) = (user_token(&new_user()), user_token(&new_user()));
     let first = app.assign(&first_token, assign_body(&["us-east-1"], "hash-a", 1));
     let second = async {
-        assert!(
-            whist_tests::eventually(std::time::Duration::from_secs(10), || async {
-                app.state.services.assign_admission.free() == 0
-            })
-            .await,
-            "the first assign is in flight"
-        );
+        the_one_place_is_taken(&app).await;
         let response = app
             .client
             .post(app.url("/mandelbox/assign"))
@@ -601,31 +622,14 @@ async fn an_assign_beyond_the_concurrency_bound_answers_429_at_once() {
 /// here a host lock the test holds) waits for a place instead of answering 429, and is answered when one frees.
 #[tokio::test]
 async fn an_assign_that_finds_the_bound_full_in_a_stall_waits_and_is_answered() {
-    let database = TestDatabase::sqlite();
-    let mut settings = database.settings();
-    settings.assign_concurrency = 1;
-    settings.assign_queue = std::time::Duration::from_secs(30);
-    let app = spawn_app_with(&database, settings).await;
-    let host = app
-        .active_host(launch_spec("us-east-1", "ami-a", "hash-a"), 4)
-        .await;
-    let lock = app
-        .state
-        .services
-        .host_locks
-        .of(&host.instance_id)
-        .lock_owned()
-        .await;
+    let (_database, app, lock) = app_with_one_place_stalled(|settings| {
+        settings.assign_queue = std::time::Duration::from_secs(30);
+    })
+    .await;
     let (first_token, second_token) = (user_token(&new_user()), user_token(&new_user()));
     let first = app.assign(&first_token, assign_body(&["us-east-1"], "hash-a", 1));
     let second = async {
-        assert!(
-            whist_tests::eventually(std::time::Duration::from_secs(10), || async {
-                app.state.services.assign_admission.free() == 0
-            })
-            .await,
-            "the first assign is in flight"
-        );
+        the_one_place_is_taken(&app).await;
         let second = app.assign(&second_token, assign_body(&["us-east-1"], "hash-a", 2));
         let release = async {
             assert!(
