@@ -180,7 +180,7 @@ fn compare_runs(runs: &[RunSummary]) -> Vec<String> {
     };
     let mut lines = Vec::new();
     let mut baseline: Option<&RunSummary> = None;
-    let mut held: Vec<Held> = Vec::new();
+    let mut held: Vec<(usize, Held)> = Vec::new();
     for (index, run) in runs.iter().enumerate() {
         if run.servers == first {
             baseline = Some(run);
@@ -210,10 +210,21 @@ fn compare_runs(runs: &[RunSummary]) -> Vec<String> {
             }
             None => back_to_back,
         };
-        held.push(closest);
+        held.push((run.servers, closest));
     }
-    if held.len() >= 2 {
-        summarise_series(&mut lines, first, &held);
+    // One summary per other count (`1,2,4,1,2,4,1` gives one for 2 and one for 4).
+    let mut counts: Vec<usize> = held.iter().map(|(servers, _)| *servers).collect();
+    counts.sort_unstable();
+    counts.dedup();
+    for servers in counts {
+        let of_count: Vec<Held> = held
+            .iter()
+            .filter(|(count, _)| *count == servers)
+            .map(|(_, held)| *held)
+            .collect();
+        if of_count.len() >= 2 {
+            summarise_series(&mut lines, first, servers, &of_count);
+        }
     }
     lines
 }
@@ -230,11 +241,11 @@ struct Held {
 }
 
 /// The median of each ratio over a series of comparisons, with its range, each held against its target.
-fn summarise_series(lines: &mut Vec<String>, first: usize, held: &[Held]) {
+fn summarise_series(lines: &mut Vec<String>, first: usize, servers: usize, held: &[Held]) {
     let holds = |held: bool| if held { "holds" } else { "misses" };
     lines.push(format!(
-        "-- the series: {} runs of more servers, each against the mean of the runs of {first} around it (or the run \
-         before it), median (lowest-highest) --",
+        "-- the series: {} runs of {servers} servers, each against the mean of the runs of {first} around it (or the \
+         run before it), median (lowest-highest) --",
         held.len()
     ));
     let rates: Vec<f64> = held.iter().map(|held| held.rate).collect();
@@ -1634,7 +1645,7 @@ mod tests {
         let text = lines.join("\n");
         let summary: Vec<&str> = lines
             .iter()
-            .skip_while(|line| !line.starts_with("-- the series: 3 runs"))
+            .skip_while(|line| !line.starts_with("-- the series: 3 runs of 2 servers"))
             .map(String::as_str)
             .collect();
         // Against the means around them (1,500, 1,600, 1,800/s): 100%, 88%, 94%; CPU 1.1x, 1.5x, 1.15x; p99
@@ -1662,6 +1673,41 @@ mod tests {
         );
         // Each run alone misses one condition or more but the first; the medians hold every one.
         assert!(summary[6].ends_with("yes (in 1 of 3 runs alone)"), "{text}");
+    }
+
+    #[test]
+    fn a_series_of_several_counts_is_summed_up_count_by_count() {
+        let lines = compare_runs(&[
+            run(1, 1000.0, 1.0, 40.0, 0.0),
+            run(2, 950.0, 1.1, 50.0, 0.0),
+            run(4, 700.0, 1.6, 80.0, 0.0),
+            run(1, 1000.0, 1.0, 40.0, 0.0),
+            run(2, 930.0, 1.1, 50.0, 0.0),
+            run(4, 720.0, 1.6, 80.0, 0.0),
+            run(1, 1000.0, 1.0, 40.0, 0.0),
+        ]);
+        let text = lines.join("\n");
+        let summaries: Vec<&str> = lines
+            .iter()
+            .filter(|line| line.starts_with("-- the series"))
+            .map(|line| line.split(',').next().unwrap_or_default())
+            .collect();
+        assert_eq!(
+            summaries,
+            [
+                "-- the series: 2 runs of 2 servers",
+                "-- the series: 2 runs of 4 servers"
+            ],
+            "{text}"
+        );
+        assert!(
+            text.contains("94% (93-95%; target >= 90%: holds)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("71% (70-72%; target >= 90%: misses)"),
+            "{text}"
+        );
     }
 
     #[test]
