@@ -286,7 +286,8 @@ pub enum Admission<'a> {
     AtOnce(tokio::sync::SemaphorePermit<'a>),
     /// The bound was full for less than the grace; a place came free before its end.
     AfterWaiting(tokio::sync::SemaphorePermit<'a>),
-    /// The bound was full, and stayed full for the grace (or had already been full that long).
+    /// The bound was full and stayed full for the grace (or had already been full that long, or the process
+    /// sheds); `waited` when this assign waited for a place first.
     Refused { waited: bool },
 }
 
