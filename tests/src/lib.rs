@@ -554,7 +554,6 @@ pub fn log_troubles<'a>(logs: impl IntoIterator<Item = &'a Path>) -> String {
         .join("\n---\n")
 }
 
-/// A free TCP port on loopback (bound and released; good enough for tests).
 /// A port for simulated host services, which bind it on loopback addresses of their own (127.b.c.d): free now, and
 /// below the kernel's ephemeral range (32768 and up), so that no server of a test running beside this one that binds
 /// the wildcard address to port 0 (every test server does) can be given it before the hosts bind it. A port from
@@ -568,6 +567,7 @@ pub fn host_service_port() -> u16 {
     }
 }
 
+/// A free TCP port on loopback (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
