@@ -260,20 +260,20 @@ pub struct AssignAdmission {
     shedding: std::sync::atomic::AtomicBool,
     bound: usize,
     /// Assigns waiting for a place now.
-    waiting: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 /// Counts one assign as waiting while it lives (a wait can end by its request being dropped).
-struct Waiting(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
 
-impl Waiting {
-    fn new(count: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+impl<'a> Waiting<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
         count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self(count.clone())
+        Self(count)
     }
 }
 
-impl Drop for Waiting {
+impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
@@ -300,7 +300,7 @@ impl AssignAdmission {
             grace,
             last_free_ms: std::sync::atomic::AtomicU64::new(0),
             epoch: tokio::time::Instant::now(),
-            waiting: std::sync::Arc::default(),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
