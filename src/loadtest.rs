@@ -56,6 +56,12 @@ pub struct LoadTestOptions {
     /// `TOKIO_WORKER_THREADS=1`, or `WHIST_ASSIGN_CONCURRENCY=128`. The load generator itself does not see it.
     #[arg(long = "server-env", value_name = "KEY=VALUE", value_parser = parse_setting)]
     server_env: Vec<(String, String)>,
+    /// The servers of a run share the machine's cores as one server has them: each runs
+    /// `TOKIO_WORKER_THREADS` = the cores divided by the run's servers (at least 1), instead of a runtime thread
+    /// per core each (more runnable threads than cores, which one server per machine, as deployed, never has). A
+    /// `--server-env TOKIO_WORKER_THREADS=…` wins over it.
+    #[arg(long)]
+    share_cores: bool,
 }
 
 /// The arrival rate of the open loop.
@@ -273,7 +279,7 @@ fn summarise_series(lines: &mut Vec<String>, first: usize, servers: usize, held:
         cpu <= 1.2
     });
     if cpu_held.is_none() {
-        lines.push(format!("{:<36} {:>7}", "machine CPU per assign", "n/a"));
+        lines.push(not_measured("machine CPU per assign"));
     }
     let generator: Option<Vec<f64>> = held.iter().map(|held| held.generator_cpu).collect();
     if let Some(generator) = generator {
@@ -305,10 +311,7 @@ fn summarise_series(lines: &mut Vec<String>, first: usize, servers: usize, held:
         share <= 0.05
     });
     if retried_held.is_none() {
-        lines.push(format!(
-            "{:<36} {:>7}",
-            "assigns decided more than once", "n/a"
-        ));
+        lines.push(not_measured("assigns decided more than once"));
     }
     let on_medians =
         rate >= 0.9 && cpu_held.unwrap_or(false) && p99 <= 1.5 && retried_held.unwrap_or(false);
@@ -319,6 +322,12 @@ fn summarise_series(lines: &mut Vec<String>, first: usize, servers: usize, held:
         held.iter().filter(|held| held.every).count(),
         held.len()
     ));
+}
+
+/// The line of a ratio a run could not measure (the machine's CPU where `/proc` cannot be read; decisions made more
+/// than once where the servers' metrics counted no assign).
+fn not_measured(caption: &str) -> String {
+    format!("{caption:<36} {:>7}", "n/a")
 }
 
 /// The median (the mean of the middle two of an even count), the lowest and the highest of `values`.
@@ -372,7 +381,7 @@ fn hold_against(lines: &mut Vec<String>, one: ClosedFigures, many: ClosedFigures
             cpu,
             holds(held)
         )),
-        None => lines.push(format!("{:<36} {:>7}", "machine CPU per assign", "n/a")),
+        None => lines.push(not_measured("machine CPU per assign")),
     }
     if let Some(generator_cpu) = generator_cpu {
         lines.push(format!(
@@ -393,10 +402,7 @@ fn hold_against(lines: &mut Vec<String>, one: ClosedFigures, many: ClosedFigures
             100.0 * retried,
             holds(held)
         )),
-        None => lines.push(format!(
-            "{:<36} {:>7}",
-            "assigns decided more than once", "n/a"
-        )),
+        None => lines.push(not_measured("assigns decided more than once")),
     }
     let every = rate_held && cpu_held.unwrap_or(false) && p99_held && retried_held.unwrap_or(false);
     lines.push(format!(
@@ -531,6 +537,29 @@ fn start_server(
     ))
 }
 
+/// The settings every server of a run of `server_count` gets: `--server-env`'s and, with `--share-cores`, a share
+/// of the machine's `cores` for each server's runtime.
+fn server_settings(
+    options: &LoadTestOptions,
+    server_count: usize,
+    cores: usize,
+) -> Vec<(String, String)> {
+    let mut settings = options.server_env.clone();
+    if options.share_cores && !settings.iter().any(|(key, _)| key == WORKER_THREADS) {
+        let share = (cores / server_count.max(1)).max(1);
+        settings.push((WORKER_THREADS.to_string(), share.to_string()));
+    }
+    settings
+}
+
+/// The setting of a tokio runtime's worker threads (a thread per core without it).
+const WORKER_THREADS: &str = "TOKIO_WORKER_THREADS";
+
+/// The cores this process may run on (1 when that cannot be told).
+fn machine_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
 /// One whole run with `servers` processes: prints its report and returns its closed loop's figures.
 async fn load(
     options: &LoadTestOptions,
@@ -541,6 +570,7 @@ async fn load(
     let aws_endpoint = format!("http://127.0.0.1:{}", free_port()?);
     let data_dir = std::env::temp_dir().join(format!("whist-load-{}", std::process::id()));
     std::fs::create_dir_all(&data_dir)?;
+    let settings = server_settings(options, server_count, machine_cores());
     let mut ports = Vec::new();
     let mut servers = Vec::new();
     for _ in 0..server_count {
@@ -552,7 +582,7 @@ async fn load(
             &aws_endpoint,
             &data_dir,
             options.capacity,
-            &options.server_env,
+            &settings,
         )?);
         ports.push(port);
     }
@@ -761,8 +791,13 @@ async fn load(
     let cpu_per_insert = CpuTimes::read(&[std::process::id()])
         .zip(machine_before)
         .map(|(after, before)| after.since(&before).machine / (pgbench * pgbench_elapsed).max(1.0));
+    let threads = settings
+        .iter()
+        .find(|(key, _)| key == WORKER_THREADS)
+        .map(|(_, threads)| format!(" of {threads} runtime thread(s) each"))
+        .unwrap_or_default();
     println!(
-        "whist loadtest: {} server(s), {} clients, {} hosts x {} slots, {} s of assigns per phase, {} s of heartbeats",
+        "whist loadtest: {} server(s){threads}, {} clients, {} hosts x {} slots, {} s of assigns per phase, {} s of heartbeats",
         server_count,
         options.clients,
         options.hosts,
@@ -952,6 +987,12 @@ struct Phase {
     /// it, fell behind). Empty for a closed loop.
     lateness: Vec<Duration>,
     most_in_flight: u64,
+    /// Open loop: answers slower than [`SLOW_ANSWER`] (the p99 target), by second of the schedule. A stall shows as
+    /// a second or two of many; a rate above what the servers sustain, as counts that grow to the end. Empty for a
+    /// closed loop.
+    slow_by_second: Vec<u64>,
+    /// Open loop: when its schedule began (UTC), to find a stall's second in other logs (Postgres's, the servers').
+    schedule_began: Option<chrono::DateTime<chrono::Utc>>,
     /// Statements the server processes ran over the phase (`pg_stat_statements`), when Postgres keeps them.
     statements: Option<Statements>,
 }
@@ -1030,6 +1071,16 @@ impl Phase {
                 .filter(|late| **late > Duration::from_millis(1))
                 .count();
             println!("{:<36} {:>14}", "sends late by > 1 ms", late);
+            let by_second: Vec<String> = self.slow_by_second.iter().map(u64::to_string).collect();
+            let from = self
+                .schedule_began
+                .map(|began| format!(" (from {} UTC)", began.format("%H:%M:%S%.3f")))
+                .unwrap_or_default();
+            println!(
+                "{:<36} {:>14}{from}",
+                format!("answers > {} ms, by second", SLOW_ANSWER.as_millis()),
+                by_second.join(" ")
+            );
             // Counted in the answer times above: a machine that holds up the generator shows here, not in the server.
             println!(
                 "{:<36} {:>11.1} ms (p99.9 {:.1} ms)",
@@ -1160,6 +1211,7 @@ impl AssignLoad<'_> {
         // precision (tens of microseconds) and hands the send to the runtime: tokio's timers fire on whole
         // milliseconds, which would make most sends up to a millisecond late and add that to every answer time.
         let first = std::time::Instant::now() + Duration::from_millis(20);
+        let schedule_began = chrono::Utc::now() + chrono::Duration::milliseconds(20);
         let (pace, mut due) = tokio::sync::mpsc::unbounded_channel::<(u64, std::time::Instant)>();
         let pacer = std::thread::spawn(move || {
             for index in 0..total {
@@ -1205,14 +1257,20 @@ impl AssignLoad<'_> {
             latencies.push(answered);
             lateness.push(late);
         }
-        self.finish(
-            &tally,
-            latencies,
-            before,
-            server_pids,
-            (lateness, most_in_flight),
-        )
-        .await
+        let times: Vec<Duration> = latencies.iter().map(|(took, _)| *took).collect();
+        let slow = slow_by_second(&times, rate, SLOW_ANSWER);
+        let mut phase = self
+            .finish(
+                &tally,
+                latencies,
+                before,
+                server_pids,
+                (lateness, most_in_flight),
+            )
+            .await?;
+        phase.slow_by_second = slow;
+        phase.schedule_began = Some(schedule_began);
+        Ok(phase)
     }
 
     /// What the servers and the machine had counted as a phase starts.
@@ -1262,6 +1320,8 @@ impl AssignLoad<'_> {
             counted: counted - counted_before,
             lateness,
             most_in_flight,
+            slow_by_second: Vec::new(),
+            schedule_began: None,
             statements,
         })
     }
@@ -1440,6 +1500,26 @@ async fn log_head(database: &Database) -> anyhow::Result<i64> {
     )
 }
 
+/// How slow an open loop's answer may be (the half-rate p99 target) before it counts in the phase's slow answers.
+const SLOW_ANSWER: Duration = Duration::from_millis(20);
+
+/// Of an open loop's answer times, in the order of their scheduled sends at `rate` per second, how many in each
+/// second of the schedule took longer than `slow`.
+fn slow_by_second(answers: &[Duration], rate: f64, slow: Duration) -> Vec<u64> {
+    let per_second = rate.max(1e-9);
+    let seconds = (answers.len() as f64 / per_second).ceil() as usize;
+    let mut counts = vec![0; seconds];
+    for (index, took) in answers.iter().enumerate() {
+        let second = ((index as f64 / per_second) as usize).min(seconds.saturating_sub(1));
+        if *took > slow {
+            if let Some(count) = counts.get_mut(second) {
+                *count += 1;
+            }
+        }
+    }
+    counts
+}
+
 /// Each answer's time, sorted, and, when some were 429s, the same with each 429 a second later (when the desktop
 /// app retries it: what it cost its user is at least that), sorted; empty without 429s.
 fn answer_times(answers: &[(Duration, bool)]) -> (Vec<Duration>, Vec<Duration>) {
@@ -1571,7 +1651,7 @@ fn print_per_assign(server_metrics: &[String], metric: &str, caption: &str, assi
 mod tests {
     use super::{
         answer_times, compare_runs, metric_total, metric_value, parse_setting, percentile_ms,
-        ClosedFigures, CpuTimes, RunSummary,
+        server_settings, slow_by_second, ClosedFigures, CpuTimes, LoadTestOptions, RunSummary,
     };
     use std::time::Duration;
 
@@ -1769,6 +1849,61 @@ mod tests {
         );
         assert!(parse_setting("=1").is_err());
         assert!(parse_setting("NO_VALUE").is_err());
+    }
+
+    fn options(args: &[&str]) -> LoadTestOptions {
+        #[derive(clap::Parser)]
+        struct Command {
+            #[command(flatten)]
+            options: LoadTestOptions,
+        }
+        let args = std::iter::once("loadtest").chain(args.iter().copied());
+        <Command as clap::Parser>::parse_from(args).options
+    }
+
+    fn threads(settings: &[(String, String)]) -> Vec<&str> {
+        settings
+            .iter()
+            .filter(|(key, _)| key == "TOKIO_WORKER_THREADS")
+            .map(|(_, value)| value.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn servers_that_share_the_cores_divide_them_and_each_keeps_one_at_least() {
+        let shared = options(&["--share-cores", "--server-env", "WHIST_ASSIGN_QUEUE_MS=0"]);
+        assert_eq!(threads(&server_settings(&shared, 1, 2)), ["2"]);
+        assert_eq!(threads(&server_settings(&shared, 2, 2)), ["1"]);
+        assert_eq!(threads(&server_settings(&shared, 4, 2)), ["1"]);
+        assert_eq!(threads(&server_settings(&shared, 2, 8)), ["4"]);
+        assert!(server_settings(&shared, 2, 2)
+            .contains(&("WHIST_ASSIGN_QUEUE_MS".to_string(), "0".to_string())));
+
+        let told = options(&["--share-cores", "--server-env", "TOKIO_WORKER_THREADS=3"]);
+        assert_eq!(threads(&server_settings(&told, 2, 2)), ["3"]);
+
+        let unshared = options(&[]);
+        assert!(threads(&server_settings(&unshared, 2, 2)).is_empty());
+    }
+
+    #[test]
+    fn slow_answers_are_counted_in_the_second_of_their_scheduled_send() {
+        let ms = Duration::from_millis;
+        // Four sends a second over two and a half seconds: a stall in the second second.
+        let answers = [
+            ms(3),
+            ms(4),
+            ms(25),
+            ms(2),
+            ms(40),
+            ms(31),
+            ms(20),
+            ms(5),
+            ms(3),
+            ms(90),
+        ];
+        assert_eq!(slow_by_second(&answers, 4.0, ms(20)), [1, 2, 1]);
+        assert_eq!(slow_by_second(&[], 4.0, ms(20)), Vec::<u64>::new());
     }
 
     #[test]
