@@ -742,12 +742,12 @@ impl Settings {
                 "a whole number, at least 1",
                 |value| value.parse().ok().filter(|bound| *bound > 0),
             )?,
-            assign_queue: Duration::from_millis(sources.parse(
+            assign_queue: milliseconds(
+                sources,
                 "WHIST_ASSIGN_QUEUE_MS",
-                100u64,
+                100,
                 "a whole number of milliseconds (0 answers 429 at once)",
-                |value| value.parse().ok(),
-            )?),
+            )?,
             hirefire_token: sources.raw("HIREFIRE_TOKEN").map(Secret::new),
             fleet: FleetSettings::from_sources(sources)?,
             token_keys: match sources.raw("WHIST_TOKEN_KEYS") {
@@ -847,6 +847,21 @@ fn seconds(sources: &Sources, key: &str, default: u64) -> Result<Duration, Confi
     )?))
 }
 
+/// A duration in whole milliseconds, 0 included; `what` says what a valid value is, in the error for one that is not.
+fn milliseconds(
+    sources: &Sources,
+    key: &str,
+    default: u64,
+    what: &'static str,
+) -> Result<Duration, ConfigError> {
+    Ok(Duration::from_millis(sources.parse(
+        key,
+        default,
+        what,
+        |value| value.parse().ok(),
+    )?))
+}
+
 /// A limit in whole seconds, where 0 turns it off.
 fn seconds_or_off(sources: &Sources, key: &str, default: u64) -> Result<Duration, ConfigError> {
     Ok(Duration::from_secs(sources.parse(
@@ -873,24 +888,24 @@ impl FleetSettings {
             drained_host_timeout: seconds(sources, "WHIST_DRAINED_HOST_TIMEOUT_S", 120)?,
             repair_interval: seconds(sources, "WHIST_REPAIR_INTERVAL_S", 60)?,
             job_claim: seconds(sources, "WHIST_JOB_CLAIM_S", 60)?,
-            fault_pause_after_launch: Duration::from_millis(sources.parse(
+            fault_pause_after_launch: milliseconds(
+                sources,
                 "WHIST_FAULT_PAUSE_AFTER_LAUNCH_MS",
-                0u64,
+                0,
                 "a whole number of milliseconds",
-                |value| value.parse().ok(),
-            )?),
+            )?,
             leader_lease: Duration::from_secs(sources.parse(
                 "WHIST_LEADER_LEASE_S",
                 15u64,
                 "a whole number of seconds, at least 3",
                 |value| value.parse().ok().filter(|seconds| *seconds >= 3),
             )?),
-            fault_pause_before_deciding: Duration::from_millis(sources.parse(
+            fault_pause_before_deciding: milliseconds(
+                sources,
                 "WHIST_FAULT_PAUSE_BEFORE_DECIDING_MS",
-                0u64,
+                0,
                 "a whole number of milliseconds",
-                |value| value.parse().ok(),
-            )?),
+            )?,
         })
     }
 }

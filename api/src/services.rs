@@ -293,9 +293,10 @@ pub enum Admission<'a> {
 
 impl AssignAdmission {
     pub fn new(bound: u32, grace: Duration) -> Self {
+        let bound = usize::try_from(bound).unwrap_or(usize::MAX);
         Self {
-            places: tokio::sync::Semaphore::new(usize::try_from(bound).unwrap_or(usize::MAX)),
-            bound: usize::try_from(bound).unwrap_or(usize::MAX),
+            places: tokio::sync::Semaphore::new(bound),
+            bound,
             shedding: std::sync::atomic::AtomicBool::new(false),
             grace,
             last_free_ms: std::sync::atomic::AtomicU64::new(0),
