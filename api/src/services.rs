@@ -1,6 +1,7 @@
 //! What handlers act through: the aggregate stores, token services and in-memory books of one process.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -254,28 +255,28 @@ pub struct AssignAdmission {
     places: tokio::sync::Semaphore,
     grace: Duration,
     /// When an assign last found a place without waiting, in milliseconds since `epoch`.
-    last_free_ms: std::sync::atomic::AtomicU64,
+    last_free_ms: AtomicU64,
     epoch: tokio::time::Instant,
     /// Whether the bound was full for the whole grace since an assign last found half the places free.
-    shedding: std::sync::atomic::AtomicBool,
+    shedding: AtomicBool,
     bound: usize,
     /// Assigns waiting for a place now.
-    waiting: std::sync::atomic::AtomicUsize,
+    waiting: AtomicUsize,
 }
 
 /// Counts one assign as waiting while it lives (a wait can end by its request being dropped).
-struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+struct Waiting<'a>(&'a AtomicUsize);
 
 impl<'a> Waiting<'a> {
-    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
-        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
         Self(count)
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -297,11 +298,11 @@ impl AssignAdmission {
         Self {
             places: tokio::sync::Semaphore::new(bound),
             bound,
-            shedding: std::sync::atomic::AtomicBool::new(false),
+            shedding: AtomicBool::new(false),
             grace,
-            last_free_ms: std::sync::atomic::AtomicU64::new(0),
+            last_free_ms: AtomicU64::new(0),
             epoch: tokio::time::Instant::now(),
-            waiting: std::sync::atomic::AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
         }
     }
 
@@ -311,7 +312,6 @@ impl AssignAdmission {
 
     /// A place for one assign, held until the returned permit is dropped, or a refusal.
     pub async fn admit(&self) -> Admission<'_> {
-        use std::sync::atomic::Ordering;
         if let Ok(place) = self.places.try_acquire() {
             self.last_free_ms.store(self.now_ms(), Ordering::Relaxed);
             // Half the places free (this one counted): the backlog is gone.
@@ -348,7 +348,7 @@ impl AssignAdmission {
 
     /// Whether the process refuses, at once, every assign that finds the bound full (for tests).
     pub fn is_shedding(&self) -> bool {
-        self.shedding.load(std::sync::atomic::Ordering::Relaxed)
+        self.shedding.load(Ordering::Relaxed)
     }
 
     /// Places free now (for tests).
@@ -358,7 +358,7 @@ impl AssignAdmission {
 
     /// Assigns waiting for a place now (for tests).
     pub fn waiting(&self) -> usize {
-        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+        self.waiting.load(Ordering::Relaxed)
     }
 }
 
@@ -370,7 +370,7 @@ impl AssignAdmission {
 /// given), so that cycling through addresses of one network buys no extra budget and no extra memory.
 pub struct RateLimiter {
     limiter: Option<governor::DefaultKeyedRateLimiter<String>>,
-    checks: std::sync::atomic::AtomicU64,
+    checks: AtomicU64,
 }
 
 /// A refusal: the key may try again after this long.
@@ -394,7 +394,7 @@ impl RateLimiter {
             limiter: std::num::NonZeroU32::new(per_minute).map(|per_minute| {
                 governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute))
             }),
-            checks: std::sync::atomic::AtomicU64::new(0),
+            checks: AtomicU64::new(0),
         }
     }
 
@@ -406,9 +406,7 @@ impl RateLimiter {
         let Some(limiter) = &self.limiter else {
             return Ok(());
         };
-        let checks = self
-            .checks
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let checks = self.checks.fetch_add(1, Ordering::Relaxed);
         if checks % Self::SWEEP_EVERY == Self::SWEEP_EVERY - 1 {
             limiter.retain_recent();
             limiter.shrink_to_fit();
