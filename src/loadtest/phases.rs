@@ -1,0 +1,528 @@
+//! The assign phases: a closed loop of clients, and an open loop sent on a fixed schedule, with what each came to.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use whist_adapters::store::Database;
+use whist_adapters::tokens::{Purpose, Tokens};
+
+use super::measures::{metric_sum, metric_total, CpuTimes, Statements};
+use super::series::ClosedFigures;
+use super::{Users, SHED_RETRY};
+
+/// How one assign was answered.
+enum Answer {
+    /// 200, with the mandelbox's id.
+    Assigned(String),
+    /// 503 `NO_INSTANCE_AVAILABLE`.
+    Refused,
+    /// 429: more assigns at once than the server takes (`WHIST_ASSIGN_CONCURRENCY`; the load's rate limits are off).
+    Shed,
+    /// Anything else, or no answer.
+    Failed,
+}
+
+/// One assign for the user signed in with `token`.
+async fn assign(client: &reqwest::Client, base: &str, token: &str, session: i64) -> Answer {
+    let response = client
+        .post(format!("{base}/mandelbox/assign"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({
+            "regions": ["us-east-1"],
+            "client_commit_hash": "load",
+            "session_id": session,
+            "user_email": "load@example.com",
+        }))
+        .send()
+        .await;
+    let Ok(response) = response else {
+        return Answer::Failed;
+    };
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    match (status, body["mandelbox_id"].as_str()) {
+        (200, Some(mandelbox_id)) => Answer::Assigned(mandelbox_id.to_string()),
+        (503, _) if body["error"] == "NO_INSTANCE_AVAILABLE" => Answer::Refused,
+        (429, _) => Answer::Shed,
+        _ => Answer::Failed,
+    }
+}
+
+/// The protocol server's disconnect of `mandelbox_id`.
+async fn disconnect(client: &reqwest::Client, base: &str, tokens: &Tokens, mandelbox_id: &str) {
+    let secret = tokens.derive(Purpose::Protocol, mandelbox_id);
+    let _ = client
+        .post(format!("{base}/mandelbox/{mandelbox_id}/disconnect"))
+        .bearer_auth(secret)
+        .send()
+        .await;
+}
+
+/// What one phase of assign load came to.
+pub(super) struct Phase {
+    sent: u64,
+    pub(super) assigned: u64,
+    refused: u64,
+    shed: u64,
+    failed: u64,
+    /// Sorted: each assign's latency (closed loop) or answer time from its scheduled send (open loop).
+    latencies: Vec<Duration>,
+    /// Sorted, as `latencies` but with each 429 a second later (when the app retries it); empty without 429s.
+    with_retries: Vec<Duration>,
+    elapsed: f64,
+    cpu: Option<CpuTimes>,
+    /// Assigns the servers decided more than once, and all assigns they counted, over the phase.
+    retried: f64,
+    counted: f64,
+    /// Open loop, sorted: how late each assign left after its scheduled time (the generator, or the machine under
+    /// it, fell behind). Empty for a closed loop.
+    lateness: Vec<Duration>,
+    most_in_flight: u64,
+    /// Open loop: answers slower than [`SLOW_ANSWER`] (the p99 target), by second of the schedule. A stall shows as
+    /// a second or two of many; a rate above what the servers sustain, as counts that grow to the end. Empty for a
+    /// closed loop.
+    slow_by_second: Vec<u64>,
+    /// Open loop: when its schedule began (UTC), to find a stall's second in other logs (Postgres's, the servers').
+    schedule_began: Option<chrono::DateTime<chrono::Utc>>,
+    /// Statements the server processes ran over the phase (`pg_stat_statements`), when Postgres keeps them.
+    statements: Option<Statements>,
+}
+
+impl Phase {
+    pub(super) fn rate(&self) -> f64 {
+        self.assigned as f64 / self.elapsed.max(1e-9)
+    }
+
+    pub(super) fn figures(&self) -> ClosedFigures {
+        ClosedFigures {
+            rate: self.rate(),
+            cpu_per_assign: self
+                .cpu
+                .map(|cpu| cpu.machine / self.assigned.max(1) as f64),
+            generator_cpu_per_assign: self
+                .cpu
+                .map(|cpu| cpu.generator / self.assigned.max(1) as f64),
+            p99_ms: self.percentile(0.99),
+            retried: (self.counted > 0.0).then(|| self.retried / self.counted),
+        }
+    }
+
+    fn percentile(&self, fraction: f64) -> f64 {
+        percentile_ms(&self.latencies, fraction)
+    }
+
+    pub(super) fn print(&self, cpu_per_insert: Option<f64>, timed: &str) {
+        println!("{:<36} {:>12.0}/s", "assigns answered 200", self.rate());
+        println!(
+            "{:<36} {:>14}",
+            "sent / 200 / refused / 429 / failed",
+            format!(
+                "{} / {} / {} / {} / {}",
+                self.sent, self.assigned, self.refused, self.shed, self.failed
+            )
+        );
+        for (label, fraction) in [("p50", 0.50), ("p99", 0.99), ("p99.9", 0.999)] {
+            println!(
+                "{:<36} {:>11.1} ms",
+                format!("assign {timed} {label}"),
+                self.percentile(fraction)
+            );
+        }
+        if !self.with_retries.is_empty() {
+            println!(
+                "{:<36} {:>11.1} ms (each 429 as its retry, {} s later)",
+                format!("assign {timed} p99, 429s retried"),
+                percentile_ms(&self.with_retries, 0.99),
+                SHED_RETRY.as_secs()
+            );
+        }
+        let figures = self.figures();
+        if let Some(retried) = figures.retried {
+            println!(
+                "{:<36} {:>13.1}%",
+                "assigns decided more than once",
+                100.0 * retried
+            );
+        }
+        match &self.statements {
+            Some(statements) => statements.print(self.assigned.max(1) as f64),
+            None => println!(
+                "{:<36} {:>14}",
+                "statements per assign", "n/a (no pg_stat_statements)"
+            ),
+        }
+        if self.most_in_flight > 0 {
+            println!(
+                "{:<36} {:>14}",
+                "most assigns in flight", self.most_in_flight
+            );
+            let late = self
+                .lateness
+                .iter()
+                .filter(|late| **late > Duration::from_millis(1))
+                .count();
+            println!("{:<36} {:>14}", "sends late by > 1 ms", late);
+            let by_second: Vec<String> = self.slow_by_second.iter().map(u64::to_string).collect();
+            let from = self
+                .schedule_began
+                .map(|began| format!(" (from {} UTC)", began.format("%H:%M:%S%.3f")))
+                .unwrap_or_default();
+            println!(
+                "{:<36} {:>14}{from}",
+                format!("answers > {} ms, by second", SLOW_ANSWER.as_millis()),
+                by_second.join(" ")
+            );
+            // Counted in the answer times above: a machine that holds up the generator shows here, not in the server.
+            println!(
+                "{:<36} {:>11.1} ms (p99.9 {:.1} ms)",
+                "send lateness p99",
+                percentile_ms(&self.lateness, 0.99),
+                percentile_ms(&self.lateness, 0.999)
+            );
+        }
+        if let (Some(cpu), Some(per_assign)) = (self.cpu, figures.cpu_per_assign) {
+            println!(
+                "{:<36} {:>11.2} ms (server {:.0}%, load generator and its hosts {:.0}%, Postgres and the rest {:.0}%)",
+                "machine CPU per assign",
+                per_assign * 1000.0,
+                100.0 * cpu.server / cpu.machine.max(1e-9),
+                100.0 * cpu.generator / cpu.machine.max(1e-9),
+                100.0 * (cpu.machine - cpu.server - cpu.generator).max(0.0) / cpu.machine.max(1e-9),
+            );
+            println!(
+                "{:<36} {:>14.1} (the kernel {:.0}% of the machine's CPU)",
+                "context switches per assign",
+                cpu.switches / self.assigned.max(1) as f64,
+                100.0 * cpu.kernel / cpu.machine.max(1e-9),
+            );
+            if let Some(per_insert) = cpu_per_insert {
+                println!(
+                    "{:<36} {:>13.1}x",
+                    "assign / pgbench insert, in CPU",
+                    per_assign / per_insert.max(1e-12)
+                );
+            }
+        }
+    }
+}
+
+/// Counts every phase of assign load shares.
+#[derive(Default)]
+struct Tally {
+    sent: AtomicU64,
+    assigned: AtomicU64,
+    refused: AtomicU64,
+    shed: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Tally {
+    fn count(&self, answer: &Answer) {
+        let counter = match answer {
+            Answer::Assigned(_) => &self.assigned,
+            Answer::Refused => &self.refused,
+            Answer::Shed => &self.shed,
+            Answer::Failed => &self.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The counts a phase's figures are taken from, as the phase starts.
+struct Before {
+    /// Assigns decided more than once, and all assigns, as the servers had counted them.
+    retries: (f64, f64),
+    statements: Option<Statements>,
+    cpu: Option<CpuTimes>,
+    started: Instant,
+}
+
+/// What the assign phases send to, and as whom.
+pub(super) struct AssignLoad<'a> {
+    pub(super) client: &'a reqwest::Client,
+    /// The load's database, for `pg_stat_statements`.
+    pub(super) database: &'a Database,
+    pub(super) bases: &'a [String],
+    pub(super) tokens: &'a Tokens,
+    pub(super) users: &'a Users,
+    pub(super) keep: bool,
+    pub(super) seconds: u64,
+}
+
+impl AssignLoad<'_> {
+    /// Every client assigns, then (unless `keep`) disconnects what it got, then assigns again, for `seconds`.
+    pub(super) async fn closed_loop(
+        &self,
+        clients: usize,
+        server_pids: &[u32],
+    ) -> anyhow::Result<Phase> {
+        let deadline = Instant::now() + Duration::from_secs(self.seconds);
+        let tally = Arc::new(Tally::default());
+        let before = self.before(server_pids).await;
+        let mut tasks = Vec::new();
+        for index in 0..clients {
+            let client = self.client.clone();
+            let base = self.bases[index % self.bases.len()].clone();
+            let token = self.users.token(index).to_string();
+            let tokens = self.tokens.clone();
+            let tally = tally.clone();
+            let keep = self.keep;
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut session = 0i64;
+                while Instant::now() < deadline {
+                    session += 1;
+                    let sent = Instant::now();
+                    tally.sent.fetch_add(1, Ordering::Relaxed);
+                    let answer = assign(&client, &base, &token, session).await;
+                    latencies.push((sent.elapsed(), matches!(answer, Answer::Shed)));
+                    tally.count(&answer);
+                    if let (Answer::Assigned(mandelbox_id), false) = (&answer, keep) {
+                        disconnect(&client, &base, &tokens, mandelbox_id).await;
+                    }
+                }
+                latencies
+            }));
+        }
+        let mut latencies = Vec::new();
+        for task in tasks {
+            latencies.extend(task.await?);
+        }
+        self.finish(&tally, latencies, before, server_pids, (Vec::new(), 0))
+            .await
+    }
+
+    /// Assigns sent at `rate` per second for `seconds`, on schedule whatever the answers' speed (no send waits for
+    /// an answer), each timed from its scheduled send: a queue anywhere shows in the figures instead of slowing the
+    /// sender down.
+    pub(super) async fn open_loop(&self, rate: f64, server_pids: &[u32]) -> anyhow::Result<Phase> {
+        let total = (rate * self.seconds as f64).round().max(1.0) as u64;
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let tally = Arc::new(Tally::default());
+        let in_flight = Arc::new(AtomicU64::new(0));
+        let mut most_in_flight = 0;
+        let before = self.before(server_pids).await;
+        // The schedule is kept by a thread of its own, which sleeps to each send time with the operating system's
+        // precision (tens of microseconds) and hands the send to the runtime: tokio's timers fire on whole
+        // milliseconds, which would make most sends up to a millisecond late and add that to every answer time.
+        let first = std::time::Instant::now() + Duration::from_millis(20);
+        let schedule_began = chrono::Utc::now() + chrono::Duration::milliseconds(20);
+        let (pace, mut due) = tokio::sync::mpsc::unbounded_channel::<(u64, std::time::Instant)>();
+        let pacer = std::thread::spawn(move || {
+            for index in 0..total {
+                let scheduled = first + interval.mul_f64(index as f64);
+                if let Some(wait) = scheduled.checked_duration_since(std::time::Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                if pace.send((index, scheduled)).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut tasks = Vec::with_capacity(total as usize);
+        while let Some((index, scheduled)) = due.recv().await {
+            let scheduled = tokio::time::Instant::from_std(scheduled);
+            let client = self.client.clone();
+            let base = self.bases[index as usize % self.bases.len()].clone();
+            let token = self.users.token(index as usize).to_string();
+            let tokens = self.tokens.clone();
+            let (tally, in_flight) = (tally.clone(), in_flight.clone());
+            let keep = self.keep;
+            most_in_flight = most_in_flight.max(in_flight.fetch_add(1, Ordering::Relaxed) + 1);
+            tally.sent.fetch_add(1, Ordering::Relaxed);
+            tasks.push(tokio::spawn(async move {
+                let late = scheduled.elapsed();
+                let answer = assign(&client, &base, &token, index as i64 + 1).await;
+                let answered = scheduled.elapsed();
+                tally.count(&answer);
+                if let (Answer::Assigned(mandelbox_id), false) = (&answer, keep) {
+                    disconnect(&client, &base, &tokens, mandelbox_id).await;
+                }
+                in_flight.fetch_sub(1, Ordering::Relaxed);
+                ((answered, matches!(answer, Answer::Shed)), late)
+            }));
+        }
+        pacer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the open loop's pacer thread panicked"))?;
+        let mut latencies = Vec::with_capacity(tasks.len());
+        let mut lateness = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            let (answered, late) = task.await?;
+            latencies.push(answered);
+            lateness.push(late);
+        }
+        let times: Vec<Duration> = latencies.iter().map(|(took, _)| *took).collect();
+        let slow = slow_by_second(&times, rate, SLOW_ANSWER);
+        let mut phase = self
+            .finish(
+                &tally,
+                latencies,
+                before,
+                server_pids,
+                (lateness, most_in_flight),
+            )
+            .await?;
+        phase.slow_by_second = slow;
+        phase.schedule_began = Some(schedule_began);
+        Ok(phase)
+    }
+
+    /// What the servers and the machine had counted as a phase starts.
+    async fn before(&self, server_pids: &[u32]) -> Before {
+        let retries = self.retries().await;
+        let statements = Statements::read(self.database).await;
+        Before {
+            retries,
+            statements,
+            cpu: CpuTimes::read(server_pids),
+            started: Instant::now(),
+        }
+    }
+
+    /// The phase's figures: what was counted since `before`.
+    async fn finish(
+        &self,
+        tally: &Tally,
+        answers: Vec<(Duration, bool)>,
+        before: Before,
+        server_pids: &[u32],
+        (mut lateness, most_in_flight): (Vec<Duration>, u64),
+    ) -> anyhow::Result<Phase> {
+        let elapsed = before.started.elapsed().as_secs_f64();
+        let cpu = CpuTimes::read(server_pids)
+            .zip(before.cpu)
+            .map(|(after, earlier)| after.since(&earlier));
+        let statements = Statements::read(self.database)
+            .await
+            .zip(before.statements)
+            .map(|(after, earlier)| after.since(&earlier));
+        let (retried, counted) = self.retries().await;
+        let (retried_before, counted_before) = before.retries;
+        let (latencies, with_retries) = answer_times(&answers);
+        lateness.sort();
+        Ok(Phase {
+            sent: tally.sent.load(Ordering::Relaxed),
+            assigned: tally.assigned.load(Ordering::Relaxed),
+            refused: tally.refused.load(Ordering::Relaxed),
+            shed: tally.shed.load(Ordering::Relaxed),
+            failed: tally.failed.load(Ordering::Relaxed),
+            latencies,
+            with_retries,
+            elapsed,
+            cpu,
+            retried: retried - retried_before,
+            counted: counted - counted_before,
+            lateness,
+            most_in_flight,
+            slow_by_second: Vec::new(),
+            schedule_began: None,
+            statements,
+        })
+    }
+
+    /// Assigns decided more than once, and all assigns, as the servers have counted them so far.
+    async fn retries(&self) -> (f64, f64) {
+        let mut texts = Vec::new();
+        for base in self.bases {
+            if let Ok(response) = self.client.get(format!("{base}/metrics")).send().await {
+                texts.push(response.text().await.unwrap_or_default());
+            }
+        }
+        (
+            metric_total(&texts, "whist_assigns_retried_total").unwrap_or(0.0),
+            metric_sum(&texts, "whist_assigns_total"),
+        )
+    }
+}
+
+/// How slow an open loop's answer may be (the half-rate p99 target) before it counts in the phase's slow answers.
+const SLOW_ANSWER: Duration = Duration::from_millis(20);
+
+/// Of an open loop's answer times, in the order of their scheduled sends at `rate` per second, how many in each
+/// second of the schedule took longer than `slow`.
+fn slow_by_second(answers: &[Duration], rate: f64, slow: Duration) -> Vec<u64> {
+    let per_second = rate.max(1e-9);
+    let seconds = (answers.len() as f64 / per_second).ceil() as usize;
+    let mut counts = vec![0; seconds];
+    for (index, took) in answers.iter().enumerate() {
+        let second = ((index as f64 / per_second) as usize).min(seconds.saturating_sub(1));
+        if *took > slow {
+            if let Some(count) = counts.get_mut(second) {
+                *count += 1;
+            }
+        }
+    }
+    counts
+}
+
+/// Each answer's time, sorted, and, when some were 429s, the same with each 429 a second later (when the desktop
+/// app retries it: what it cost its user is at least that), sorted; empty without 429s.
+fn answer_times(answers: &[(Duration, bool)]) -> (Vec<Duration>, Vec<Duration>) {
+    let mut latencies: Vec<Duration> = answers.iter().map(|(took, _)| *took).collect();
+    latencies.sort();
+    let mut with_retries: Vec<Duration> = if answers.iter().any(|(_, shed)| *shed) {
+        answers
+            .iter()
+            .map(|(took, shed)| if *shed { *took + SHED_RETRY } else { *took })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    with_retries.sort();
+    (latencies, with_retries)
+}
+
+/// The `fraction` percentile of `sorted` durations, in milliseconds (0 when there are none).
+fn percentile_ms(sorted: &[Duration], fraction: f64) -> f64 {
+    let index = ((sorted.len() as f64 * fraction) as usize).min(sorted.len().saturating_sub(1));
+    sorted
+        .get(index)
+        .map_or(0.0, |duration| duration.as_secs_f64() * 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_answers_are_counted_in_the_second_of_their_scheduled_send() {
+        let ms = Duration::from_millis;
+        // Four sends a second over two and a half seconds: a stall in the second second.
+        let answers = [
+            ms(3),
+            ms(4),
+            ms(25),
+            ms(2),
+            ms(40),
+            ms(31),
+            ms(20),
+            ms(5),
+            ms(3),
+            ms(90),
+        ];
+        assert_eq!(slow_by_second(&answers, 4.0, ms(20)), [1, 2, 1]);
+        assert_eq!(slow_by_second(&[], 4.0, ms(20)), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn a_429_counts_as_its_retry_a_second_later_in_the_second_view_only() {
+        let ms = Duration::from_millis;
+        let (latencies, with_retries) =
+            answer_times(&[(ms(5), false), (ms(2), true), (ms(3), false)]);
+        assert_eq!(latencies, [ms(2), ms(3), ms(5)]);
+        assert_eq!(with_retries, [ms(3), ms(5), ms(1002)]);
+        let (_, none) = answer_times(&[(ms(5), false)]);
+        assert!(none.is_empty(), "no 429, no second view");
+    }
+
+    #[test]
+    fn a_percentile_is_the_duration_at_its_rank_and_zero_of_none() {
+        let sorted: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile_ms(&sorted, 0.5), 51.0);
+        assert_eq!(percentile_ms(&sorted, 0.99), 100.0);
+        assert_eq!(percentile_ms(&sorted, 1.0), 100.0);
+        assert_eq!(percentile_ms(&[], 0.99), 0.0);
+    }
+}
