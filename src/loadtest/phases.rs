@@ -75,18 +75,52 @@ pub(super) struct Phase {
     /// Assigns the servers decided more than once, and all assigns they counted, over the phase.
     retried: f64,
     counted: f64,
-    /// Open loop, sorted: how late each assign left after its scheduled time (the generator, or the machine under
-    /// it, fell behind). Empty for a closed loop.
-    lateness: Vec<Duration>,
-    most_in_flight: u64,
-    /// Open loop: answers slower than [`SLOW_ANSWER`] (the p99 target), by second of the schedule. A stall shows as
-    /// a second or two of many; a rate above what the servers sustain, as counts that grow to the end. Empty for a
-    /// closed loop.
-    slow_by_second: Vec<u64>,
-    /// Open loop: when its schedule began (UTC), to find a stall's second in other logs (Postgres's, the servers').
-    schedule_began: Option<chrono::DateTime<chrono::Utc>>,
+    /// What only an open loop measures; `None` for a closed loop.
+    open: Option<OpenLoopFigures>,
     /// Statements the server processes ran over the phase (`pg_stat_statements`), when Postgres keeps them.
     statements: Option<Statements>,
+}
+
+/// What only an open loop measures: how its sends kept to the schedule, and in which seconds its answers were slow.
+struct OpenLoopFigures {
+    /// Sorted: how late each assign left after its scheduled time (the generator, or the machine under it, fell
+    /// behind).
+    lateness: Vec<Duration>,
+    most_in_flight: u64,
+    /// Answers slower than [`SLOW_ANSWER`] (the p99 target), by second of the schedule. A stall shows as a second or
+    /// two of many; a rate above what the servers sustain, as counts that grow to the end.
+    slow_by_second: Vec<u64>,
+    /// When the schedule began (UTC), to find a stall's second in other logs (Postgres's, the servers').
+    schedule_began: chrono::DateTime<chrono::Utc>,
+}
+
+impl OpenLoopFigures {
+    fn print(&self) {
+        println!(
+            "{:<36} {:>14}",
+            "most assigns in flight", self.most_in_flight
+        );
+        let late = self
+            .lateness
+            .iter()
+            .filter(|late| **late > Duration::from_millis(1))
+            .count();
+        println!("{:<36} {:>14}", "sends late by > 1 ms", late);
+        let by_second: Vec<String> = self.slow_by_second.iter().map(u64::to_string).collect();
+        println!(
+            "{:<36} {:>14} (from {} UTC)",
+            format!("answers > {} ms, by second", SLOW_ANSWER.as_millis()),
+            by_second.join(" "),
+            self.schedule_began.format("%H:%M:%S%.3f")
+        );
+        // Counted in the answer times above: a machine that holds up the generator shows here, not in the server.
+        println!(
+            "{:<36} {:>11.1} ms (p99.9 {:.1} ms)",
+            "send lateness p99",
+            percentile_ms(&self.lateness, 0.99),
+            percentile_ms(&self.lateness, 0.999)
+        );
+    }
 }
 
 impl Phase {
@@ -152,34 +186,8 @@ impl Phase {
                 "statements per assign", "n/a (no pg_stat_statements)"
             ),
         }
-        if self.most_in_flight > 0 {
-            println!(
-                "{:<36} {:>14}",
-                "most assigns in flight", self.most_in_flight
-            );
-            let late = self
-                .lateness
-                .iter()
-                .filter(|late| **late > Duration::from_millis(1))
-                .count();
-            println!("{:<36} {:>14}", "sends late by > 1 ms", late);
-            let by_second: Vec<String> = self.slow_by_second.iter().map(u64::to_string).collect();
-            let from = self
-                .schedule_began
-                .map(|began| format!(" (from {} UTC)", began.format("%H:%M:%S%.3f")))
-                .unwrap_or_default();
-            println!(
-                "{:<36} {:>14}{from}",
-                format!("answers > {} ms, by second", SLOW_ANSWER.as_millis()),
-                by_second.join(" ")
-            );
-            // Counted in the answer times above: a machine that holds up the generator shows here, not in the server.
-            println!(
-                "{:<36} {:>11.1} ms (p99.9 {:.1} ms)",
-                "send lateness p99",
-                percentile_ms(&self.lateness, 0.99),
-                percentile_ms(&self.lateness, 0.999)
-            );
+        if let Some(open) = &self.open {
+            open.print();
         }
         if let (Some(cpu), Some(per_assign)) = (self.cpu, figures.cpu_per_assign) {
             println!(
@@ -289,7 +297,7 @@ impl AssignLoad<'_> {
         for task in tasks {
             latencies.extend(task.await?);
         }
-        self.finish(&tally, latencies, before, server_pids, (Vec::new(), 0))
+        self.finish(&tally, latencies, before, server_pids, None)
             .await
     }
 
@@ -354,19 +362,15 @@ impl AssignLoad<'_> {
             lateness.push(late);
         }
         let times: Vec<Duration> = latencies.iter().map(|(took, _)| *took).collect();
-        let slow = slow_by_second(&times, rate, SLOW_ANSWER);
-        let mut phase = self
-            .finish(
-                &tally,
-                latencies,
-                before,
-                server_pids,
-                (lateness, most_in_flight),
-            )
-            .await?;
-        phase.slow_by_second = slow;
-        phase.schedule_began = Some(schedule_began);
-        Ok(phase)
+        lateness.sort();
+        let open = OpenLoopFigures {
+            lateness,
+            most_in_flight,
+            slow_by_second: slow_by_second(&times, rate, SLOW_ANSWER),
+            schedule_began,
+        };
+        self.finish(&tally, latencies, before, server_pids, Some(open))
+            .await
     }
 
     /// What the servers and the machine had counted as a phase starts.
@@ -388,7 +392,7 @@ impl AssignLoad<'_> {
         answers: Vec<(Duration, bool)>,
         before: Before,
         server_pids: &[u32],
-        (mut lateness, most_in_flight): (Vec<Duration>, u64),
+        open: Option<OpenLoopFigures>,
     ) -> anyhow::Result<Phase> {
         let elapsed = before.started.elapsed().as_secs_f64();
         let cpu = CpuTimes::read(server_pids)
@@ -401,7 +405,6 @@ impl AssignLoad<'_> {
         let (retried, counted) = self.retries().await;
         let (retried_before, counted_before) = before.retries;
         let (latencies, with_retries) = answer_times(&answers);
-        lateness.sort();
         Ok(Phase {
             sent: tally.sent.load(Ordering::Relaxed),
             assigned: tally.assigned.load(Ordering::Relaxed),
@@ -414,10 +417,7 @@ impl AssignLoad<'_> {
             cpu,
             retried: retried - retried_before,
             counted: counted - counted_before,
-            lateness,
-            most_in_flight,
-            slow_by_second: Vec::new(),
-            schedule_began: None,
+            open,
             statements,
         })
     }
