@@ -15,8 +15,10 @@
 use async_trait::async_trait;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
-use sqlx::{AnyConnection, Row};
-use whist_adapters::store::{list_placeholders, values_placeholders, Database, LoggedEvent};
+use sqlx::AnyConnection;
+use whist_adapters::store::{
+    list_placeholders, values_placeholders, Backend, Database, LoggedEvent,
+};
 use whist_domain::instance::InstanceEvent;
 use whist_domain::mandelbox::MandelboxEvent;
 
@@ -253,7 +255,9 @@ pub struct Job {
 
 /// Claims up to `limit` runnable jobs of `kinds`, lowest id first, until `claimed_until_ms`: those pending whose
 /// `run_after_ms` has come, and those running whose claim expired before `now_ms`. Each claim is one more attempt.
-/// On Postgres the rows are taken `FOR UPDATE SKIP LOCKED`, so that processes claiming at once take different jobs.
+/// On Postgres the rows are taken `FOR UPDATE SKIP LOCKED`, so that processes claiming at once take different jobs,
+/// by `whist_claim_jobs` (migration 0017), whose plan walks the open jobs' index and so passes the old versions of
+/// finished jobs once instead of on every claim.
 ///
 /// # Errors
 /// The database failed (nothing was claimed), or a claimed row could not be read.
@@ -264,45 +268,70 @@ pub async fn claim(
     claimed_until_ms: i64,
     limit: i64,
 ) -> Result<Vec<Job>, sqlx::Error> {
-    let placeholders = list_placeholders(4, kinds.len());
-    let lock = if database.is_postgres() {
-        " FOR UPDATE SKIP LOCKED"
-    } else {
-        ""
-    };
-    let sql = format!(
-        "UPDATE jobs SET status = 'running', attempts = attempts + 1, claimed_until_ms = $2 \
-         WHERE id IN (SELECT id FROM jobs WHERE status IN ('pending', 'running') \
-           AND ((status = 'pending' AND run_after_ms <= $1) OR (status = 'running' AND claimed_until_ms < $1)) \
-           AND kind IN ({}) ORDER BY id LIMIT $3{lock}) \
-         RETURNING id, kind, aggregate_id, payload, attempts, correlation_id, planned_by, traceparent",
-        placeholders
-    );
-    let mut query = sqlx::query(&sql)
-        .bind(now_ms)
-        .bind(claimed_until_ms)
-        .bind(limit);
-    for kind in kinds {
-        query = query.bind(kind.as_str());
+    match database.backend() {
+        Backend::Postgres(pool) => {
+            let kinds: Vec<&str> = kinds.iter().map(|kind| kind.as_str()).collect();
+            let rows: Vec<ClaimedRow> = sqlx::query_as(
+                "SELECT id, kind, aggregate_id, payload, attempts, correlation_id, planned_by, traceparent \
+                 FROM whist_claim_jobs($1, $2, $3, $4)",
+            )
+            .bind(now_ms)
+            .bind(claimed_until_ms)
+            .bind(limit)
+            .bind(&kinds)
+            .fetch_all(pool)
+            .await?;
+            Ok(rows.into_iter().map(claimed).collect())
+        }
+        Backend::Sqlite(_) => {
+            let placeholders = list_placeholders(4, kinds.len());
+            let sql = format!(
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, claimed_until_ms = $2 \
+                 WHERE id IN (SELECT id FROM jobs WHERE status IN ('pending', 'running') \
+                   AND ((status = 'pending' AND run_after_ms <= $1) \
+                     OR (status = 'running' AND claimed_until_ms < $1)) \
+                   AND kind IN ({placeholders}) ORDER BY id LIMIT $3) \
+                 RETURNING id, kind, aggregate_id, payload, attempts, correlation_id, planned_by, traceparent"
+            );
+            let mut query = sqlx::query_as::<_, ClaimedRow>(&sql)
+                .bind(now_ms)
+                .bind(claimed_until_ms)
+                .bind(limit);
+            for kind in kinds {
+                query = query.bind(kind.as_str());
+            }
+            let rows = query.fetch_all(database.any()).await?;
+            Ok(rows.into_iter().map(claimed).collect())
+        }
     }
-    let rows = query.fetch_all(database.any()).await?;
-    rows.iter()
-        .map(|row| {
-            let payload: String = row.try_get("payload")?;
-            let kind_name: String = row.try_get("kind")?;
-            Ok(Job {
-                id: row.try_get("id")?,
-                kind: JobKind::from_stored(&kind_name),
-                kind_name,
-                aggregate_id: row.try_get("aggregate_id")?,
-                payload: serde_json::from_str(&payload).unwrap_or_default(),
-                attempts: row.try_get("attempts")?,
-                correlation_id: row.try_get("correlation_id")?,
-                planned_by: row.try_get("planned_by")?,
-                traceparent: row.try_get("traceparent")?,
-            })
-        })
-        .collect()
+}
+
+/// A claimed row: id, kind, aggregate id, payload, attempts, correlation id, planning position, traceparent.
+type ClaimedRow = (
+    i64,
+    String,
+    String,
+    String,
+    i64,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+);
+
+fn claimed(
+    (id, kind_name, aggregate_id, payload, attempts, correlation_id, planned_by, traceparent): ClaimedRow,
+) -> Job {
+    Job {
+        id,
+        kind: JobKind::from_stored(&kind_name),
+        kind_name,
+        aggregate_id,
+        payload: serde_json::from_str(&payload).unwrap_or_default(),
+        attempts,
+        correlation_id,
+        planned_by,
+        traceparent,
+    }
 }
 
 /// Extends the claim `attempts` of the running job `id` until `claimed_until_ms`; whether the claim was still held
