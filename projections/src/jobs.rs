@@ -17,7 +17,7 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use sqlx::AnyConnection;
 use whist_adapters::store::{
-    list_placeholders, values_placeholders, Backend, Database, LoggedEvent,
+    list_placeholders, values_placeholders, Backend, Database, LoggedEvent, JOBS_CHANNEL,
 };
 use whist_domain::instance::InstanceEvent;
 use whist_domain::mandelbox::MandelboxEvent;
@@ -178,6 +178,9 @@ impl Projection for JobPlanner {
         // One statement per chunk of planned jobs; a job already planned (its key taken) is left as it is.
         let now = Utc::now().timestamp_millis();
         let mut planned_ends = std::collections::HashSet::new();
+        let to_claim = planned.iter().any(|((kind, _, _), aggregate_id, _)| {
+            !(*kind == JobKind::SpinUp && ended.contains(aggregate_id))
+        });
         for chunk in planned.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO {table} (kind, job_key, aggregate_id, payload, status, attempts, run_after_ms, \
@@ -228,7 +231,19 @@ impl Projection for JobPlanner {
             }
             query.execute(&mut *connection).await?;
         }
+        // Every process's reconciler wakes when this commits (this process's is also woken by `committed`, which
+        // is what wakes it on SQLite).
+        if to_claim && connection.backend_name() == "PostgreSQL" {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(JOBS_CHANNEL)
+                .execute(&mut *connection)
+                .await?;
+        }
         Ok(())
+    }
+
+    fn committed(&self, database: &Database) {
+        database.jobs_signal().planned();
     }
 }
 

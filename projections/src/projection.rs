@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use sqlx::AnyConnection;
-use whist_adapters::store::LoggedEvent;
+use whist_adapters::store::{Database, LoggedEvent};
 
 /// The physical names of a projection's tables: the live ones, or the shadow copies a rebuild fills.
 #[derive(Debug, Clone)]
@@ -128,4 +128,8 @@ pub trait Projection: Send + Sync + 'static {
         tables: &Tables,
         events: &[LoggedEvent],
     ) -> Result<(), ProjectionError>;
+
+    /// Called once a batch this projection applied is committed with its checkpoint, for what must see the batch's
+    /// rows committed (the jobs planner wakes this process's reconciler). Nothing by default.
+    fn committed(&self, _database: &Database) {}
 }

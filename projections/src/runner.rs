@@ -366,6 +366,7 @@ impl ProjectionRunner {
             Ok(()) => {
                 save_checkpoints(&mut transaction, &[(name, last_position)]).await?;
                 transaction.commit().await?;
+                projection.committed(&self.database);
                 self.set_waiting(projection.name(), None);
                 Ok(StepOutcome::Applied {
                     count: events.len(),
@@ -455,6 +456,12 @@ impl ProjectionRunner {
         save_checkpoints(&mut transaction, &applied).await?;
         transaction.commit().await?;
         for (name, _) in &applied {
+            if let Some((projection, _)) = running
+                .iter()
+                .find(|(projection, _)| projection.name() == *name)
+            {
+                projection.committed(&self.database);
+            }
             self.set_waiting(name, None);
         }
         // Behind when the batch ended before the head the step saw: another step follows at once.
@@ -489,6 +496,7 @@ impl ProjectionRunner {
                 Ok(()) => {
                     save_checkpoints(&mut transaction, &[(name, event.position)]).await?;
                     transaction.commit().await?;
+                    projection.committed(&self.database);
                 }
                 Err(ProjectionError::Database(error)) => return Err(RunnerError::Database(error)),
                 Err(error)

@@ -981,6 +981,80 @@ async fn spin_ups_of_mandelboxes_that_ended_before_a_claim_are_finished_by_the_p
     .await;
 }
 
+/// Plans one spin-up in `planner`'s process (an allocation, then a step of the `jobs` projection) and waits until
+/// `woken` says jobs were planned.
+async fn a_planned_job_wakes(
+    planner: &Database,
+    who: &str,
+    mut woken: tokio::sync::watch::Receiver<u64>,
+) {
+    use whist_domain::mandelbox::{Mandelbox, MandelboxCommand, Placement};
+    let runner = ProjectionRunner::new(planner.clone(), whist_projections::all());
+    runner.register().await.expect("registers");
+    AggregateStore::<Mandelbox>::new(planner, ())
+        .execute(
+            "to-spin-up",
+            MandelboxCommand::Allocate {
+                placement: Placement {
+                    instance_id: "host".to_string(),
+                    user_id: "user".to_string(),
+                    session_id: 1,
+                    region: "us-east-1".to_string(),
+                    ip: "10.0.0.1".to_string(),
+                    app_name: "CHROME".to_string(),
+                },
+                protocol_secret_hash: "secret".to_string(),
+                at: chrono::Utc::now(),
+            },
+            &metadata(),
+        )
+        .await
+        .expect("allocated");
+    woken.borrow_and_update();
+    runner.catch_up("jobs").await.expect("plans");
+    let raised = tokio::time::timeout(Duration::from_secs(10), woken.changed()).await;
+    assert!(
+        matches!(raised, Ok(Ok(()))),
+        "{who} heard that a job was planned"
+    );
+}
+
+/// A reconciler wakes when the planner has planned jobs, not when the log moved (then it claimed before the planner
+/// had planned an append's jobs, and a spin-up waited for its next poll, half a second): in the planner's process
+/// once the planner's batch is committed.
+#[tokio::test]
+async fn the_planner_s_own_process_hears_that_jobs_were_planned() {
+    let test_database = TestDatabase::sqlite();
+    let database = test_database.open().await;
+    let woken = database.jobs_signal().on_planned();
+    a_planned_job_wakes(&database, "the planner's process", woken).await;
+}
+
+/// ... and in every other process through `NOTIFY`, which its log listener hears.
+#[tokio::test]
+async fn other_processes_hear_that_jobs_were_planned() {
+    let test_database = TestDatabase::postgres().await;
+    let planner = test_database.open().await;
+    let other = test_database.open().await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let listener = whist_adapters::store::LogListener::new(
+        other.session_pool().expect("Postgres").clone(),
+        other.signal().clone(),
+        other.jobs_signal().clone(),
+        other.reachability().clone(),
+    );
+    let mut woken = other.jobs_signal().on_planned();
+    let listening = tokio::spawn(listener.run(stopped));
+    // The listener raises the signal once it listens (a notification may have been missed before).
+    tokio::time::timeout(Duration::from_secs(10), woken.changed())
+        .await
+        .expect("the listener listens")
+        .expect("the signal lives");
+    a_planned_job_wakes(&planner, "another process", woken).await;
+    let _ = stop.send(true);
+    listening.await.expect("the listener stops");
+}
+
 #[tokio::test]
 async fn the_fleet_read_models_are_the_same_one_event_at_a_time_as_in_one_batch_on_postgres() {
     the_fleet_read_models_are_the_same_one_event_at_a_time_as_in_one_batch(BackendKind::Postgres)

@@ -14,7 +14,7 @@ use cqrs_es::persist::{PersistenceError, SerializedEvent};
 use super::append_batcher::AppendBatcher;
 use super::follower::LogFollowing;
 use super::held::{Held, HeldConnections};
-use super::log::{EventLog, LogSignal, LogWatermark};
+use super::log::{EventLog, JobsSignal, LogSignal, LogWatermark};
 use super::reachability::Reachability;
 use crate::supervision::BackgroundLoops;
 
@@ -164,6 +164,8 @@ pub struct Database {
     /// none on SQLite, whose pool has no test round trip to save.
     hot_reads: HeldConnections<Any>,
     signal: LogSignal,
+    /// Raised when jobs were planned (see [`JobsSignal`]).
+    jobs: JobsSignal,
     /// The highest position this process has seen, and the stretch of the log it read last, shared by its readers.
     watermark: LogWatermark,
     /// The log follower's standing (how current the remembered copies are) and the stores' markers.
@@ -294,6 +296,7 @@ impl Database {
             any,
             hot_reads,
             signal,
+            jobs: JobsSignal::new(),
             watermark,
             description: redact_url(url),
             reachability,
@@ -351,6 +354,7 @@ impl Database {
             hot_reads: HeldConnections::new(any.clone(), 0),
             any,
             signal,
+            jobs: JobsSignal::new(),
             watermark,
             following,
             _follower: follower,
@@ -475,6 +479,11 @@ impl Database {
     /// The signal raised whenever this process commits events, and whenever the log's head moves.
     pub fn signal(&self) -> &LogSignal {
         &self.signal
+    }
+
+    /// The signal raised when jobs were planned, by this process or (through `LISTEN`) another.
+    pub fn jobs_signal(&self) -> &JobsSignal {
+        &self.jobs
     }
 
     /// A reader of the global log.

@@ -420,7 +420,7 @@ impl LogWatermark {
 /// Appends come in bursts under load; without the window every projection would commit once per append.
 pub const GATHER_WINDOW: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// Wakes the parts of this process that wait on the log (projections, the reconciler) when the head moved: this
+/// Wakes the parts of this process that wait on the log (projections, the log follower) when the head moved: this
 /// process appended (an append gives its events their positions), or another process did (Postgres
 /// `LISTEN/NOTIFY`, see `LogListener`).
 #[derive(Clone, Debug)]
@@ -448,6 +448,39 @@ impl LogSignal {
 
     /// A receiver that changes whenever the head moves.
     pub fn on_advance(&self) -> watch::Receiver<u64> {
+        self.inner.subscribe()
+    }
+}
+
+/// Wakes the reconciler when jobs were planned: this process's `jobs` projection committed a batch, or another
+/// process's planned jobs waiting to be claimed (Postgres `NOTIFY whist_jobs_planned`, see `LogListener`). Without
+/// it a reconciler woken by an append claims before the planner has planned that append's jobs, and the spin-up
+/// waits for the reconciler's next poll (half a second in a quiet system).
+#[derive(Clone, Debug)]
+pub struct JobsSignal {
+    inner: Arc<watch::Sender<u64>>,
+}
+
+impl Default for JobsSignal {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl JobsSignal {
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(watch::channel(0).0),
+        }
+    }
+
+    /// Jobs were planned, here or in another process.
+    pub fn planned(&self) {
+        self.inner.send_modify(|count| *count += 1);
+    }
+
+    /// A receiver that changes whenever jobs were planned.
+    pub fn on_planned(&self) -> watch::Receiver<u64> {
         self.inner.subscribe()
     }
 }

@@ -23,8 +23,10 @@ pub use chain::{chain_hash, ChainBreak, ChainReport, VerifyProgress, GENESIS};
 pub use database::{redact_url, Backend, Database, DatabaseError, PoolSettings, SessionLimits};
 pub use follower::{LogFollowing, FOLLOW_LAG_BOUND, FOLLOW_LOOP};
 pub use held::Held;
-pub use listener::{LogListener, LOG_CHANNEL};
-pub use log::{EventLog, HeadReading, LogSignal, LogWatermark, LoggedEvent, GATHER_WINDOW};
+pub use listener::{LogListener, JOBS_CHANNEL, LOG_CHANNEL};
+pub use log::{
+    EventLog, HeadReading, JobsSignal, LogSignal, LogWatermark, LoggedEvent, GATHER_WINDOW,
+};
 pub use reachability::Reachability;
 
 /// `($1, $2), ($3, $4)` for `rows` rows of `columns` parameters: the VALUES list of a multi-row INSERT, written the

@@ -39,6 +39,7 @@ impl Background {
             let listener = LogListener::new(
                 session.clone(),
                 database.signal().clone(),
+                database.jobs_signal().clone(),
                 database.reachability().clone(),
             );
             tasks.push(loops.supervise(

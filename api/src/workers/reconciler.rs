@@ -588,9 +588,10 @@ impl Reconciler {
         }
     }
 
-    /// Runs jobs until `shutdown`, waking when the log moves and at least every 500 ms.
+    /// Runs jobs until `shutdown`, waking when jobs were planned (here or in another process) and at least every
+    /// 500 ms (for retries that came due and claims that expired).
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut advanced = self.state.database.signal().on_advance();
+        let mut planned = self.state.database.jobs_signal().on_planned();
         // Up to `IN_FLIGHT` jobs run at once, each in its own task, so one slow side effect never holds up the
         // others; freed slots are filled by the next claim (at once when idle, `REFILL` at a time under a backlog).
         let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
@@ -614,7 +615,7 @@ impl Reconciler {
                 tracing::error!("the job outcome writer stopped; the reconciler stops with it");
                 return;
             }
-            advanced.borrow_and_update();
+            planned.borrow_and_update();
             let room = slots.available_permits();
             if room >= REFILL || (room > 0 && !backlog) {
                 match self.claim(room as i64).await {
@@ -647,8 +648,8 @@ impl Reconciler {
                 }
             }
             tokio::select! {
-                // Caught up: new jobs come from the log; gather a few milliseconds of it into one claim.
-                _ = advanced.changed(), if !backlog => tokio::time::sleep(GATHER_WINDOW).await,
+                // Caught up: new jobs come from the planner; gather a few milliseconds of its commits into one claim.
+                _ = planned.changed(), if !backlog => tokio::time::sleep(GATHER_WINDOW).await,
                 _ = finished.notified(), if room < IN_FLIGHT => {}
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = shutdown.changed() => {}
