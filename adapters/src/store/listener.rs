@@ -24,8 +24,9 @@ pub const LOG_CHANNEL: &str = "whist_event_log";
 /// The channel on which the `jobs` projection announces jobs to claim (`projections/src/jobs.rs`).
 pub const JOBS_CHANNEL: &str = "whist_jobs_planned";
 
-/// Listens for appends on `LOG_CHANNEL` and planned jobs on `JOBS_CHANNEL`, and raises the local signals. Reconnects by itself after a database outage;
-/// a lost connection makes `reachability` suspect one, so that an outage is noticed without waiting for a request.
+/// Listens for appends on `LOG_CHANNEL` and planned jobs on `JOBS_CHANNEL`, and raises the local signals.
+/// Reconnects by itself after a database outage; a lost connection makes `reachability` suspect one, so that an
+/// outage is noticed without waiting for a request.
 #[derive(Clone, Debug)]
 pub struct LogListener {
     pool: PgPool,
