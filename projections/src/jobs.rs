@@ -164,9 +164,12 @@ impl Projection for JobPlanner {
                         .as_ref()
                         .and_then(|metadata| metadata[name].as_str().map(str::to_string))
                 };
+                // A spin-up whose mandelbox this batch ends is planned finished: nothing is left to claim.
+                let not_needed =
+                    kind == JobKind::SpinUp && ended.contains(event.aggregate_id.as_str());
                 planned.push((
                     (kind, key, payload),
-                    event.aggregate_id.as_str(),
+                    (event.aggregate_id.as_str(), not_needed),
                     (
                         field("correlation_id"),
                         event.position,
@@ -177,10 +180,12 @@ impl Projection for JobPlanner {
         }
         // One statement per chunk of planned jobs; a job already planned (its key taken) is left as it is.
         let now = Utc::now().timestamp_millis();
-        let mut planned_ends = std::collections::HashSet::new();
-        let to_claim = planned.iter().any(|((kind, _, _), aggregate_id, _)| {
-            !(*kind == JobKind::SpinUp && ended.contains(aggregate_id))
-        });
+        let to_claim = planned.iter().any(|(_, (_, not_needed), _)| !not_needed);
+        let planned_ends: std::collections::HashSet<&str> = planned
+            .iter()
+            .filter(|(_, (_, not_needed), _)| *not_needed)
+            .map(|(_, (aggregate_id, _), _)| *aggregate_id)
+            .collect();
         for chunk in planned.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO {table} (kind, job_key, aggregate_id, payload, status, attempts, run_after_ms, \
@@ -189,13 +194,13 @@ impl Projection for JobPlanner {
                 values_placeholders(chunk.len(), 13)
             );
             let mut query = sqlx::query(&sql);
-            for ((kind, key, payload), aggregate_id, (correlation_id, planned_by, traceparent)) in
-                chunk
+            for (
+                (kind, key, payload),
+                (aggregate_id, not_needed),
+                (correlation_id, planned_by, traceparent),
+            ) in chunk
             {
-                let not_needed = *kind == JobKind::SpinUp && ended.contains(aggregate_id);
-                if not_needed {
-                    planned_ends.insert(*aggregate_id);
-                }
+                let not_needed = *not_needed;
                 query = query
                     .bind(kind.as_str())
                     .bind(format!("{}:{key}", kind.as_str()))
