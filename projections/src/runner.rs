@@ -435,6 +435,7 @@ impl ProjectionRunner {
             });
         };
         let mut applied = Vec::new();
+        let mut committed = Vec::new();
         for (projection, position) in &running {
             let after = events.partition_point(|event| event.position <= *position);
             if after == events.len() {
@@ -445,7 +446,10 @@ impl ProjectionRunner {
                 .apply(&mut transaction, &live, &events[after..])
                 .await
             {
-                Ok(()) => applied.push((projection.name(), last)),
+                Ok(()) => {
+                    applied.push((projection.name(), last));
+                    committed.push(*projection);
+                }
                 Err(ProjectionError::Database(error)) => return Err(RunnerError::Database(error)),
                 Err(_) => {
                     transaction.rollback().await?;
@@ -455,14 +459,9 @@ impl ProjectionRunner {
         }
         save_checkpoints(&mut transaction, &applied).await?;
         transaction.commit().await?;
-        for (name, _) in &applied {
-            if let Some((projection, _)) = running
-                .iter()
-                .find(|(projection, _)| projection.name() == *name)
-            {
-                projection.committed(&self.database);
-            }
-            self.set_waiting(name, None);
+        for projection in committed {
+            projection.committed(&self.database);
+            self.set_waiting(projection.name(), None);
         }
         // Behind when the batch ended before the head the step saw: another step follows at once.
         Ok(Together::Stepped {

@@ -420,35 +420,50 @@ impl LogWatermark {
 /// Appends come in bursts under load; without the window every projection would commit once per append.
 pub const GATHER_WINDOW: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// Wakes the parts of this process that wait on the log (projections, the log follower) when the head moved: this
-/// process appended (an append gives its events their positions), or another process did (Postgres
-/// `LISTEN/NOTIFY`, see `LogListener`).
+/// A counter that wakes whoever waits on it each time it is raised: the one mechanism under [`LogSignal`] and
+/// [`JobsSignal`], which say what the wait is for.
 #[derive(Clone, Debug)]
-pub struct LogSignal {
+struct Wakeup {
     inner: Arc<watch::Sender<u64>>,
 }
 
-impl Default for LogSignal {
+impl Default for Wakeup {
     fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl LogSignal {
-    pub fn new() -> Self {
         Self {
             inner: Arc::new(watch::channel(0).0),
         }
     }
+}
+
+impl Wakeup {
+    fn raise(&self) {
+        self.inner.send_modify(|count| *count += 1);
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.subscribe()
+    }
+}
+
+/// Wakes the parts of this process that wait on the log (projections, the log follower) when the head moved: this
+/// process appended (an append gives its events their positions), or another process did (Postgres
+/// `LISTEN/NOTIFY`, see `LogListener`).
+#[derive(Clone, Debug, Default)]
+pub struct LogSignal(Wakeup);
+
+impl LogSignal {
+    pub fn new() -> Self {
+        Self::default()
+    }
 
     /// The log's head moved: this process appended (its events have their positions), or another did.
     pub fn advanced(&self) {
-        self.inner.send_modify(|count| *count += 1);
+        self.0.raise();
     }
 
     /// A receiver that changes whenever the head moves.
     pub fn on_advance(&self) -> watch::Receiver<u64> {
-        self.inner.subscribe()
+        self.0.subscribe()
     }
 }
 
@@ -456,32 +471,22 @@ impl LogSignal {
 /// process's planned jobs waiting to be claimed (Postgres `NOTIFY whist_jobs_planned`, see `LogListener`). Without
 /// it a reconciler woken by an append claims before the planner has planned that append's jobs, and the spin-up
 /// waits for the reconciler's next poll (half a second in a quiet system).
-#[derive(Clone, Debug)]
-pub struct JobsSignal {
-    inner: Arc<watch::Sender<u64>>,
-}
-
-impl Default for JobsSignal {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+#[derive(Clone, Debug, Default)]
+pub struct JobsSignal(Wakeup);
 
 impl JobsSignal {
     pub fn new() -> Self {
-        Self {
-            inner: Arc::new(watch::channel(0).0),
-        }
+        Self::default()
     }
 
     /// Jobs were planned, here or in another process.
     pub fn planned(&self) {
-        self.inner.send_modify(|count| *count += 1);
+        self.0.raise();
     }
 
     /// A receiver that changes whenever jobs were planned.
     pub fn on_planned(&self) -> watch::Receiver<u64> {
-        self.inner.subscribe()
+        self.0.subscribe()
     }
 }
 
