@@ -556,23 +556,37 @@ pub fn log_troubles<'a>(logs: impl IntoIterator<Item = &'a Path>) -> String {
 
 /// A port for simulated host services, which bind it on loopback addresses of their own (127.b.c.d): free now, and
 /// below the kernel's ephemeral range (32768 and up), so that no server of a test running beside this one that binds
-/// the wildcard address to port 0 (every test server does) can be given it before the hosts bind it. A port from
-/// [`free_port`] is in that range; CI saw a host find all its addresses taken that way.
+/// the wildcard address to port 0 can be given it before the hosts bind it. CI saw a host find all its addresses
+/// taken when its port came from that range. [`free_port`] picks from the range just above this one.
 pub fn host_service_port() -> u16 {
+    unclaimed_port(10_000..21_000, "127.0.0.1")
+}
+
+/// A port for a server a test starts (a `whist` child, moto, PgBouncer, a private Postgres): free on every address
+/// now, and, like [`host_service_port`]'s, below the kernel's ephemeral range. A port bound to 0 and released is the
+/// kernel's next answer to another test's bind to 0, which took it before the child bound it ("Address already in
+/// use", seen in CI); a random one from a range the kernel never hands out is taken in between only by another
+/// test's draw of the same number.
+pub fn free_port() -> u16 {
+    unclaimed_port(21_000..32_000, "0.0.0.0")
+}
+
+/// A port of `range` that `address` can bind now and that this process has not handed out before.
+fn unclaimed_port(range: std::ops::Range<u16>, address: &str) -> u16 {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let span = u128::from(range.end - range.start);
     loop {
-        let port = 10_000 + u16::try_from(uuid::Uuid::new_v4().as_u128() % 22_000).unwrap_or(0);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let offset = u16::try_from(uuid::Uuid::new_v4().as_u128() % span).expect("below the span");
+        let port = range.start + offset;
+        let mut handed_out = HANDED_OUT.lock().expect("the handed-out ports");
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind((address, port)).is_ok() {
+            handed_out.push(port);
             return port;
         }
     }
-}
-
-/// A free TCP port on loopback (bound and released; good enough for tests).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free port")
 }
 
 impl ChildProcess {
