@@ -23,8 +23,13 @@ fn metric_value(text: &str, name: &str) -> Option<f64> {
 
 /// Calls of each statement the load's database ran, from `pg_stat_statements` (the server processes' and the load
 /// test's own few: the latter are a handful per phase).
+///
+/// Counted by query id at the phases' turns and named only once the load is over ([`Statements::name`]): reading
+/// the texts means reading Postgres's query-text file under the extension's shared lock, 40-73 ms here, and a server
+/// statement that had to add an entry waited behind it, right at the turn into the open loop.
 pub(super) struct Statements {
-    calls: std::collections::HashMap<String, i64>,
+    calls: std::collections::HashMap<i64, i64>,
+    texts: std::collections::HashMap<i64, String>,
 }
 
 impl Statements {
@@ -36,11 +41,12 @@ impl Statements {
             .await;
     }
 
-    /// The calls so far, by statement text; `None` when Postgres keeps none.
+    /// The calls so far, by query id, without the texts; `None` when Postgres keeps none.
     pub(super) async fn read(database: &Database) -> Option<Self> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT query, calls FROM pg_stat_statements \
-             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT queryid, calls FROM pg_stat_statements(false) \
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             AND queryid IS NOT NULL",
         )
         .fetch_all(database.any())
         .await
@@ -49,7 +55,26 @@ impl Statements {
         for (query, count) in rows {
             *calls.entry(query).or_insert(0) += count;
         }
-        Some(Self { calls })
+        Some(Self {
+            calls,
+            texts: std::collections::HashMap::new(),
+        })
+    }
+
+    /// Looks up the texts of the statements counted, once the load is over.
+    pub(super) async fn name(&mut self, database: &Database) {
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT queryid, query FROM pg_stat_statements \
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             AND queryid IS NOT NULL AND query IS NOT NULL",
+        )
+        .fetch_all(database.any())
+        .await
+        .unwrap_or_default();
+        self.texts = rows
+            .into_iter()
+            .filter(|(query, _)| self.calls.contains_key(query))
+            .collect();
     }
 
     pub(super) fn since(mut self, earlier: &Self) -> Self {
@@ -68,10 +93,13 @@ impl Statements {
             "statements per assign",
             total as f64 / assigns
         );
-        let mut top: Vec<(&String, &i64)> = self.calls.iter().collect();
+        let mut top: Vec<(&i64, &i64)> = self.calls.iter().collect();
         top.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
         for (query, count) in top.into_iter().take(8) {
-            let text: String = query.split_whitespace().collect::<Vec<_>>().join(" ");
+            let text = match self.texts.get(query) {
+                Some(text) => text.split_whitespace().collect::<Vec<_>>().join(" "),
+                None => format!("(query id {query}; its text is gone)"),
+            };
             let text: String = text.chars().take(72).collect();
             println!("  {:>6.2} per assign  {text}", *count as f64 / assigns);
         }

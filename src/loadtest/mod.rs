@@ -418,7 +418,7 @@ async fn load(
         seconds: options.seconds,
     };
     let head_before = log_head(&database).await?;
-    let closed = match options.rate {
+    let mut closed = match options.rate {
         Some(Rate::Fixed(_)) => None,
         _ => Some(load.closed_loop(options.clients, &server_pids).await?),
     };
@@ -427,7 +427,7 @@ async fn load(
         Some(Rate::Fixed(rate)) => Some(rate),
         Some(Rate::HalfOfClosed) => closed.as_ref().map(|phase| phase.rate() / 2.0),
     };
-    let open = match open_rate {
+    let mut open = match open_rate {
         Some(rate) => Some(load.open_loop(rate, &server_pids).await?),
         None => None,
     };
@@ -496,6 +496,9 @@ async fn load(
     let events_recorded = log_head(&database).await? - head_before;
     drop(hosts);
     drop(servers);
+    for phase in closed.iter_mut().chain(open.iter_mut()) {
+        phase.name_statements(&database).await;
+    }
     database.close().await;
 
     let pool = PgPoolOptions::new().max_connections(1).connect(url).await?;

@@ -124,6 +124,13 @@ impl OpenLoopFigures {
 }
 
 impl Phase {
+    /// Names the statements the phase counted (see [`Statements::name`]); once the load is over.
+    pub(super) async fn name_statements(&mut self, database: &Database) {
+        if let Some(statements) = &mut self.statements {
+            statements.name(database).await;
+        }
+    }
+
     pub(super) fn rate(&self) -> f64 {
         self.assigned as f64 / self.elapsed.max(1e-9)
     }
