@@ -353,7 +353,7 @@ impl ProjectionRunner {
             return Ok(StepOutcome::Stopped);
         }
         let events = log
-            .read_after_in(&mut *transaction, position, self.batch_size)
+            .read_after_in(&mut *transaction, position, self.batch_size, head)
             .await?;
         let Some(last) = events.last() else {
             transaction.rollback().await?;
@@ -425,7 +425,7 @@ impl ProjectionRunner {
             });
         };
         let events = log
-            .read_after_in(&mut *transaction, from, self.batch_size)
+            .read_after_in(&mut *transaction, from, self.batch_size, head)
             .await?;
         let Some(last) = events.last().map(|event| event.position) else {
             transaction.rollback().await?;

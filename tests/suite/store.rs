@@ -741,6 +741,49 @@ async fn a_follower_stopped_for_good_is_not_restarted_as_the_log_moves() {
     );
 }
 
+/// The events a process appends reach its own readers (the projections) from memory, numbered as the store
+/// numbered them and byte for byte as the store keeps them: the chain's seals hash what the readers get.
+#[tokio::test]
+async fn what_a_process_appends_its_readers_get_from_memory_as_the_store_keeps_it() {
+    let test_database = TestDatabase::postgres().await;
+    let database = test_database.open().await;
+    let store = Arc::new(AggregateStore::<Probe>::new(&database, ()));
+    let mut recording = tokio::task::JoinSet::new();
+    for writer in 0..8 {
+        let store = store.clone();
+        recording.spawn(async move {
+            for by in 1..=5 {
+                store
+                    .execute(
+                        &format!("stretch-{writer}"),
+                        ProbeCommand::Increment { by },
+                        &metadata(),
+                    )
+                    .await
+                    .expect("recorded");
+            }
+        });
+    }
+    while let Some(done) = recording.join_next().await {
+        done.expect("the writer finished");
+    }
+    let stored = whole_log(&database).await;
+    assert_eq!(stored.len(), 40);
+    // A pool that is closed answers no statement: what the read returns came from memory.
+    let closed = sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(test_database.url.as_deref().expect("a Postgres URL"))
+        .await
+        .expect("connects");
+    closed.close().await;
+    let served = database
+        .log()
+        .read_after_in(&closed, 0, 1_000, 40)
+        .await
+        .expect("served from the process's stretch of the log");
+    assert_eq!(served, stored);
+}
+
 /// A process that only reads (an API process between requests) notices within seconds that the log moved back,
 /// and forgets the copies it remembered past the new head.
 #[tokio::test]

@@ -10,6 +10,8 @@
 //! hole in a sequence. A unit any of whose events collided with an existing sequence number keeps none of its
 //! events and gets a conflict, exactly what a transaction of its own would have told it. Nothing waits for a timer:
 //! a flusher takes everything queued while the previous statement ran, so a lone writer pays no extra latency.
+//! The events appended join the process's stretch of the log as numbered ([`super::log::HeadReading`]), so that
+//! its projections do not read back what it has just written.
 
 use std::collections::HashSet;
 
@@ -18,7 +20,7 @@ use sqlx::{PgConnection, Postgres};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::held::HeldConnections;
-use super::log::LogWatermark;
+use super::log::{LogWatermark, LoggedEvent};
 use crate::supervision::BackgroundLoops;
 
 /// How many events one statement carries at most (a unit is never split).
@@ -143,6 +145,52 @@ async fn flush_until_closed(
     }
 }
 
+/// An event's payload or metadata as the JSON text the store keeps (the `json` column keeps the text as given, so
+/// the log's readers get it back byte for byte).
+///
+/// Written into a buffer sized for a typical event, not through `Display` (which checks every piece it writes and
+/// grows its string from nothing): the flusher writes every event of the process.
+fn json_text(value: &serde_json::Value) -> Result<String, sqlx::Error> {
+    let mut text = Vec::with_capacity(256);
+    serde_json::to_writer(&mut text, value)
+        .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+    String::from_utf8(text).map_err(|error| sqlx::Error::Encode(Box::new(error)))
+}
+
+/// The events of the units not lost, as the log now holds them: the append numbered them in the order of the call,
+/// consecutively up to `head`. `units`, `payloads` and `metadatas` run over the batch's events in that order.
+fn numbered(
+    batch: &[Unit],
+    units: &[i64],
+    lost: &HashSet<i64>,
+    payloads: Vec<String>,
+    metadatas: Vec<String>,
+    head: i64,
+) -> Vec<LoggedEvent> {
+    let kept = units.iter().filter(|unit| !lost.contains(unit)).count();
+    let first = head + 1 - i64::try_from(kept).unwrap_or(i64::MAX);
+    let events = units
+        .iter()
+        .zip(batch.iter().flat_map(|unit| &unit.events))
+        .zip(payloads.into_iter().zip(metadatas))
+        .filter(|((unit, _), _)| !lost.contains(unit));
+    events
+        .zip(first..)
+        .map(
+            |(((_, event), (payload, metadata)), position)| LoggedEvent {
+                position,
+                aggregate_type: event.aggregate_type.clone(),
+                aggregate_id: event.aggregate_id.clone(),
+                sequence: i64::try_from(event.sequence).unwrap_or(i64::MAX),
+                event_type: event.event_type.clone(),
+                event_version: event.event_version.clone(),
+                payload,
+                metadata,
+            },
+        )
+        .collect()
+}
+
 /// Answers every unit of a batch that could not be written with the failure, with its cause.
 fn answer_failed(batch: Vec<Unit>, shared: &BatchFailed) {
     for unit in batch {
@@ -232,8 +280,6 @@ async fn write(
     let mut sequences = Vec::with_capacity(events);
     let mut event_types = Vec::with_capacity(events);
     let mut event_versions = Vec::with_capacity(events);
-    let mut payloads = Vec::with_capacity(events);
-    let mut metadatas = Vec::with_capacity(events);
     for (index, unit) in batch.iter().enumerate() {
         for event in &unit.events {
             units.push(i64::try_from(index).unwrap_or(i64::MAX));
@@ -242,10 +288,21 @@ async fn write(
             sequences.push(i64::try_from(event.sequence).unwrap_or(i64::MAX));
             event_types.push(event.event_type.as_str());
             event_versions.push(event.event_version.as_str());
-            payloads.push(event.payload.to_string());
-            metadatas.push(event.metadata.to_string());
         }
     }
+    let texts = batch
+        .iter()
+        .flat_map(|unit| &unit.events)
+        .map(|event| Ok((json_text(&event.payload)?, json_text(&event.metadata)?)))
+        .collect::<Result<Vec<(String, String)>, sqlx::Error>>();
+    let (payloads, metadatas): (Vec<String>, Vec<String>) = match texts {
+        Ok(texts) => texts.into_iter().unzip(),
+        Err(error) => {
+            let shared = BatchFailed(std::sync::Arc::new(error));
+            answer_failed(batch, &shared);
+            return Err(shared);
+        }
+    };
     let reading = watermark.reading_head();
     let outcome = sqlx::query_as::<_, (Vec<i64>, i64)>(
         "SELECT lost, head FROM whist_append_units_checked($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -262,9 +319,10 @@ async fn write(
     .await;
     match outcome {
         Ok((lost, head)) => {
-            reading.observe(head);
-            metrics::histogram!("whist_append_batch_units").record(batch.len() as f64);
             let lost: HashSet<i64> = lost.into_iter().collect();
+            let appended = numbered(&batch, &units, &lost, payloads, metadatas, head);
+            reading.observe_appended(head, appended);
+            metrics::histogram!("whist_append_batch_units").record(batch.len() as f64);
             for (index, unit) in batch.into_iter().enumerate() {
                 let outcome = if lost.contains(&i64::try_from(index).unwrap_or(i64::MAX)) {
                     Err(PersistenceError::OptimisticLockError)

@@ -114,11 +114,12 @@ impl EventLog {
         &self.watermark
     }
 
-    /// Up to `limit` events after `after`, in order: from the stretch of the log this process read last when it
-    /// holds the next event, else read through `executor` (and kept for the next reader). Every projection of a
-    /// process reads the same new events; the first reads them from the database, the others from memory. A read
-    /// from memory may return fewer events than the database holds (the reader asks again); never other ones:
-    /// positions have no gaps and a stored event never changes. What is read from the store raises the watermark,
+    /// Up to `limit` events after `after`, in order: from the stretch of the log this process read or appended
+    /// last when it holds the next event and reaches `limit` events or `head` (the head the reader found), else
+    /// read through `executor` (and kept for the next reader). Every projection of a process reads the same new
+    /// events; what the process appended, and what one projection read, the others take from memory. A read from
+    /// memory never returns other events than the database holds: positions have no gaps and a stored event never
+    /// changes. What is read from the store raises the watermark,
     /// so that the stretch never holds an event past what the process has seen: should the log move back below it,
     /// the next head read drops the stretch before anything in it is served again.
     ///
@@ -129,12 +130,13 @@ impl EventLog {
         executor: E,
         after: i64,
         limit: i64,
+        head: i64,
     ) -> Result<Vec<LoggedEvent>, sqlx::Error>
     where
         E: Executor<'c, Database = Any>,
     {
         let recent = &self.watermark.inner.recent;
-        if let Some(events) = recent.after(after, limit) {
+        if let Some(events) = recent.after(after, limit, head) {
             return Ok(events);
         }
         let events = Self::read_after_with(executor, after, limit).await?;
@@ -246,57 +248,114 @@ impl EventLog {
 /// Events to keep in memory for the other readers of the process.
 const RECENT_EVENTS: usize = 10_000;
 
-/// The stretch of the log a process read last: consecutive positions, extended as the readers move forward. A
-/// reader that lags (a projection catching up) reads from the database and leaves the stretch alone.
+/// The stretch of the log a process read or appended last: consecutive positions, extended as the readers move
+/// forward and as this process's appends commit. A reader that lags (a projection catching up) reads from the
+/// database and leaves the stretch alone.
+///
+/// An append commits under the log's one append lock, held through the commit, so when it returns every position up
+/// to its last is committed: its events, numbered as the append numbered them, are the log's from there on, and this
+/// process's projections need not read back from the database what it has just written.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct RecentEvents {
-    inner: Arc<std::sync::Mutex<std::collections::VecDeque<LoggedEvent>>>,
+    inner: Arc<std::sync::Mutex<Stretch>>,
+}
+
+#[derive(Debug, Default)]
+struct Stretch {
+    events: std::collections::VecDeque<LoggedEvent>,
+    /// The rewinds the stretch was dropped for so far: what an append began under is kept only if none came since.
+    rewinds: u64,
+}
+
+impl Stretch {
+    /// Extends the stretch with `events`, consecutive from `after + 1`: the part past its end when they reach
+    /// it, all of them in a new stretch when they begin past its end; nothing when they lie within it.
+    fn extend(&mut self, after: i64, events: impl IntoIterator<Item = LoggedEvent>) {
+        let end = self.events.back().map(|event| event.position);
+        let mut events = events.into_iter().peekable();
+        match end {
+            Some(end) if end >= after => {
+                while events.next_if(|event| event.position <= end).is_some() {}
+            }
+            _ => self.events.clear(),
+        }
+        self.events.extend(events);
+        while self.events.len() > RECENT_EVENTS {
+            self.events.pop_front();
+        }
+    }
+}
+
+/// `events` hold consecutive positions from `after + 1`, and there is at least one.
+fn consecutive_after(after: i64, events: &[LoggedEvent]) -> bool {
+    !events.is_empty()
+        && events
+            .iter()
+            .zip(after + 1..)
+            .all(|(event, position)| event.position == position)
 }
 
 impl RecentEvents {
-    /// Forgets the whole stretch.
-    fn clear(&self) {
+    /// Forgets the whole stretch: the log moved back.
+    fn forget_for_rewind(&self) {
         if let Ok(mut recent) = self.inner.lock() {
-            recent.clear();
+            recent.events.clear();
+            recent.rewinds += 1;
         }
     }
 
-    /// Up to `limit` events after `after` when the stretch holds the next one.
-    fn after(&self, after: i64, limit: i64) -> Option<Vec<LoggedEvent>> {
+    /// The rewinds so far (see [`RecentEvents::keep_appended`]).
+    fn rewinds(&self) -> u64 {
+        self.inner.lock().map(|recent| recent.rewinds).unwrap_or(0)
+    }
+
+    /// Up to `limit` events after `after` when the stretch holds the next one and reaches as far as a read of the
+    /// store would: `limit` events, or the head, `head`, the reader found (a shorter batch would cost the reader
+    /// another step).
+    fn after(&self, after: i64, limit: i64, head: i64) -> Option<Vec<LoggedEvent>> {
         if limit <= 0 {
             return None;
         }
         let recent = self.inner.lock().ok()?;
-        let first = recent.front()?.position;
+        let first = recent.events.front()?.position;
+        let last = recent.events.back()?.position;
         let skip = usize::try_from(after + 1 - first).ok()?;
-        if skip >= recent.len() {
+        if skip >= recent.events.len() || last < after.saturating_add(limit).min(head) {
             return None;
         }
         let take = usize::try_from(limit).unwrap_or(0);
-        Some(recent.iter().skip(skip).take(take).cloned().collect())
+        Some(
+            recent
+                .events
+                .iter()
+                .skip(skip)
+                .take(take)
+                .cloned()
+                .collect(),
+        )
     }
 
-    /// Keeps `events`, just read after `after`, when they continue the stretch (or start a new one ahead of it).
+    /// Keeps `events`, just read after `after`, where they continue the stretch (or start a new one ahead of it).
     fn keep(&self, after: i64, events: &[LoggedEvent]) {
-        let consecutive = events
-            .iter()
-            .zip(after + 1..)
-            .all(|(event, position)| event.position == position);
-        if events.is_empty() || !consecutive {
+        if !consecutive_after(after, events) {
             return;
         }
-        let Ok(mut recent) = self.inner.lock() else {
-            return;
-        };
-        let end = recent.back().map(|event| event.position);
-        match end {
-            Some(end) if end == after => {}
-            Some(end) if end > after => return,
-            _ => recent.clear(),
+        if let Ok(mut recent) = self.inner.lock() {
+            recent.extend(after, events.iter().cloned());
         }
-        recent.extend(events.iter().cloned());
-        while recent.len() > RECENT_EVENTS {
-            recent.pop_front();
+    }
+
+    /// Keeps `events`, just appended by this process after `after`, as [`RecentEvents::keep`] does; unless the
+    /// stretch was dropped for a rewind since the append began (`rewinds_before`): the append may have committed on
+    /// a primary the log has since moved back from, so its events may be phantoms.
+    fn keep_appended(&self, rewinds_before: u64, after: i64, events: Vec<LoggedEvent>) {
+        if !consecutive_after(after, &events) {
+            return;
+        }
+        if let Ok(mut recent) = self.inner.lock() {
+            if recent.rewinds == rewinds_before {
+                recent.extend(after, events);
+            }
         }
     }
 }
@@ -340,6 +399,7 @@ impl std::fmt::Debug for LogWatermark {
 pub struct HeadReading<'a> {
     watermark: &'a LogWatermark,
     seen_before: i64,
+    rewinds_before: u64,
 }
 
 impl HeadReading<'_> {
@@ -347,6 +407,21 @@ impl HeadReading<'_> {
     /// the read began: the log moved back, and everything remembered past it was dropped.
     pub fn observe(self, head: i64) -> bool {
         self.watermark.observe(head, self.seen_before)
+    }
+
+    /// Gives the head an append of this process found, with the events it appended (numbered, consecutive up to
+    /// the head), as [`HeadReading::observe`] does; the events join the process's stretch of the log, so that its
+    /// readers (the projections) are served them without reading them back.
+    pub(crate) fn observe_appended(self, head: i64, events: Vec<LoggedEvent>) -> bool {
+        let rewound = self.watermark.observe(head, self.seen_before);
+        if !rewound {
+            let after = head - i64::try_from(events.len()).unwrap_or(i64::MAX);
+            self.watermark
+                .inner
+                .recent
+                .keep_appended(self.rewinds_before, after, events);
+        }
+        rewound
     }
 }
 
@@ -363,6 +438,7 @@ impl LogWatermark {
         HeadReading {
             watermark: self,
             seen_before: self.highest(),
+            rewinds_before: self.inner.recent.rewinds(),
         }
     }
 
@@ -397,7 +473,7 @@ impl LogWatermark {
             // Another observer handled this rewind while this one waited.
             return false;
         }
-        self.inner.recent.clear();
+        self.inner.recent.forget_for_rewind();
         for forget in forgetters.iter() {
             forget();
         }
@@ -520,21 +596,21 @@ mod tests {
     #[test]
     fn readers_after_the_first_get_the_same_events_from_memory() {
         let recent = RecentEvents::default();
-        assert_eq!(positions(recent.after(0, 10)), None, "nothing read yet");
+        assert_eq!(positions(recent.after(0, 10, 3)), None, "nothing read yet");
         recent.keep(0, &events(&[1, 2, 3]));
-        assert_eq!(positions(recent.after(0, 10)), Some(vec![1, 2, 3]));
+        assert_eq!(positions(recent.after(0, 10, 3)), Some(vec![1, 2, 3]));
         assert_eq!(
-            positions(recent.after(1, 1)),
+            positions(recent.after(1, 1, 3)),
             Some(vec![2]),
             "the limit holds"
         );
         assert_eq!(
-            positions(recent.after(3, 10)),
+            positions(recent.after(3, 10, 3)),
             None,
             "what follows is read from the database"
         );
         recent.keep(3, &events(&[4, 5]));
-        assert_eq!(positions(recent.after(2, 10)), Some(vec![3, 4, 5]));
+        assert_eq!(positions(recent.after(2, 10, 5)), Some(vec![3, 4, 5]));
     }
 
     #[test]
@@ -543,23 +619,89 @@ mod tests {
         recent.keep(10, &events(&[11, 12]));
         recent.keep(4, &events(&[5, 6]));
         assert_eq!(
-            positions(recent.after(4, 10)),
+            positions(recent.after(4, 10, 12)),
             None,
             "the lagging read is not kept"
         );
-        assert_eq!(positions(recent.after(10, 10)), Some(vec![11, 12]));
+        assert_eq!(positions(recent.after(10, 10, 12)), Some(vec![11, 12]));
         recent.keep(20, &events(&[21]));
-        assert_eq!(positions(recent.after(10, 10)), None, "a gap starts afresh");
-        assert_eq!(positions(recent.after(20, 10)), Some(vec![21]));
+        assert_eq!(
+            positions(recent.after(10, 10, 21)),
+            None,
+            "a gap starts afresh"
+        );
+        assert_eq!(positions(recent.after(20, 10, 21)), Some(vec![21]));
+    }
+
+    #[test]
+    fn a_read_that_reaches_past_the_end_of_the_stretch_extends_it() {
+        let recent = RecentEvents::default();
+        recent.keep(0, &events(&[1, 2, 3]));
+        recent.keep(1, &events(&[2, 3, 4, 5]));
+        assert_eq!(
+            positions(recent.after(0, 10, 5)),
+            Some(vec![1, 2, 3, 4, 5]),
+            "the events past 3 continue the stretch"
+        );
+    }
+
+    #[test]
+    fn a_stretch_that_stops_short_of_the_head_is_not_served() {
+        let recent = RecentEvents::default();
+        recent.keep(0, &events(&[1]));
+        assert_eq!(
+            positions(recent.after(0, 10, 2)),
+            None,
+            "the store holds 2 as well: one read of it serves both"
+        );
+        assert_eq!(positions(recent.after(0, 10, 1)), Some(vec![1]));
+        assert_eq!(
+            positions(recent.after(0, 1, 2)),
+            Some(vec![1]),
+            "the limit is reached"
+        );
+    }
+
+    #[test]
+    fn what_this_process_appended_is_served_without_a_read() {
+        let watermark = LogWatermark::default();
+        assert!(!watermark
+            .reading_head()
+            .observe_appended(3, events(&[1, 2, 3])));
+        assert!(!watermark
+            .reading_head()
+            .observe_appended(5, events(&[4, 5])));
+        assert_eq!(
+            positions(watermark.inner.recent.after(0, 10, 5)),
+            Some(vec![1, 2, 3, 4, 5])
+        );
+        assert_eq!(watermark.highest(), 5);
+    }
+
+    #[test]
+    fn an_append_begun_before_a_rewind_adds_nothing_to_the_stretch() {
+        let watermark = LogWatermark::default();
+        assert!(!watermark.reading_head().observe(85));
+        let append = watermark.reading_head();
+        assert!(
+            watermark.reading_head().observe(48),
+            "another reader finds the log moved back"
+        );
+        assert!(!append.observe_appended(90, events(&[86, 87, 88, 89, 90])));
+        assert_eq!(
+            positions(watermark.inner.recent.after(85, 10, 90)),
+            None,
+            "the append may have committed on the primary the log moved back from"
+        );
     }
 
     #[test]
     fn events_with_a_gap_are_not_kept() {
         let recent = RecentEvents::default();
         recent.keep(0, &events(&[1, 3]));
-        assert_eq!(positions(recent.after(0, 10)), None);
+        assert_eq!(positions(recent.after(0, 10, 3)), None);
         recent.keep(0, &events(&[2]));
-        assert_eq!(positions(recent.after(0, 10)), None, "not after 0");
+        assert_eq!(positions(recent.after(0, 10, 3)), None, "not after 0");
     }
 
     #[test]
@@ -582,7 +724,7 @@ mod tests {
         );
         assert_eq!(forgotten.load(Ordering::SeqCst), 1, "the stores forgot");
         assert_eq!(
-            positions(watermark.inner.recent.after(80, 10)),
+            positions(watermark.inner.recent.after(80, 10, 85)),
             None,
             "the phantom stretch is gone"
         );
