@@ -369,26 +369,37 @@ pub fn openapi_document() -> serde_json::Value {
         .unwrap_or_else(|_| serde_json::from_str(&spec).unwrap_or(serde_json::Value::Null))
 }
 
-/// Completes on SIGTERM or Ctrl-C.
-pub async fn termination_signal() {
-    let ctrl_c = async {
+/// Completes on SIGTERM or Ctrl-C (SIGINT).
+///
+/// The handlers are installed when this is called, not when the future is first polled: a process polls it beside
+/// its server, which may answer its first health check before that, and a SIGTERM in between (a deploy stopping a
+/// process that has just come up; seen in CI) took the default action and killed the process without its graceful
+/// stop.
+pub fn termination_signal() -> impl Future<Output = ()> + Send {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let terminate = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            match (terminate, interrupt) {
+                (Ok(mut terminate), Ok(mut interrupt)) => {
+                    tokio::select! {
+                        _ = terminate.recv() => {},
+                        _ = interrupt.recv() => {},
+                    }
+                }
+                (Ok(mut one), Err(_)) | (Err(_), Ok(mut one)) => {
+                    one.recv().await;
+                }
+                (Err(_), Err(_)) => std::future::pending::<()>().await,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
     }
 }
