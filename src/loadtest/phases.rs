@@ -198,7 +198,7 @@ impl Phase {
         }
         if let (Some(cpu), Some(per_assign)) = (self.cpu, figures.cpu_per_assign) {
             println!(
-                "{:<36} {:>11.2} ms (server {:.0}%, load generator and its hosts {:.0}%, Postgres and the rest {:.0}%)",
+                "{:<36} {:>11.2} ms (server {:.1}%, load generator and its hosts {:.1}%, Postgres and the rest {:.1}%)",
                 "machine CPU per assign",
                 per_assign * 1000.0,
                 100.0 * cpu.server / cpu.machine.max(1e-9),

@@ -119,9 +119,9 @@ impl EventLog {
     /// read through `executor` (and kept for the next reader). Every projection of a process reads the same new
     /// events; what the process appended, and what one projection read, the others take from memory. A read from
     /// memory never returns other events than the database holds: positions have no gaps and a stored event never
-    /// changes. What is read from the store raises the watermark,
-    /// so that the stretch never holds an event past what the process has seen: should the log move back below it,
-    /// the next head read drops the stretch before anything in it is served again.
+    /// changes. What is read from the store raises the watermark, so that the stretch never holds an event past what
+    /// the process has seen: should the log move back below it, the next head read drops the stretch before anything
+    /// in it is served again.
     ///
     /// # Errors
     /// The database failed, or a row does not have the log's shape.
