@@ -378,21 +378,21 @@ pub fn openapi_document() -> serde_json::Value {
 pub fn termination_signal() -> impl Future<Output = ()> + Send {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
-        let terminate = signal(SignalKind::terminate());
-        let interrupt = signal(SignalKind::interrupt());
+        use tokio::signal::unix::{signal, Signal, SignalKind};
+        async fn received(signal: std::io::Result<Signal>) {
+            match signal {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        }
+        let terminate = received(signal(SignalKind::terminate()));
+        let interrupt = received(signal(SignalKind::interrupt()));
         async move {
-            match (terminate, interrupt) {
-                (Ok(mut terminate), Ok(mut interrupt)) => {
-                    tokio::select! {
-                        _ = terminate.recv() => {},
-                        _ = interrupt.recv() => {},
-                    }
-                }
-                (Ok(mut one), Err(_)) | (Err(_), Ok(mut one)) => {
-                    one.recv().await;
-                }
-                (Err(_), Err(_)) => std::future::pending::<()>().await,
+            tokio::select! {
+                _ = terminate => {},
+                _ = interrupt => {},
             }
         }
     }

@@ -24,7 +24,7 @@ fn metric_value(text: &str, name: &str) -> Option<f64> {
 /// Calls of each statement the load's database ran, from `pg_stat_statements` (the server processes' and the load
 /// test's own few: the latter are a handful per phase).
 ///
-/// Counted by query id at the phases' turns and named only once the load is over ([`Statements::name`]): reading
+/// Counted by query id at the phases' turns and named only once the load is over ([`Statements::texts`]): reading
 /// the texts means reading Postgres's query-text file under the extension's shared lock, 40-73 ms here, and a server
 /// statement that had to add an entry waited behind it, right at the turn into the open loop.
 pub(super) struct Statements {
@@ -61,8 +61,8 @@ impl Statements {
         })
     }
 
-    /// Looks up the texts of the statements counted, once the load is over.
-    pub(super) async fn name(&mut self, database: &Database) {
+    /// The texts of the statements the load's database ran, by query id: read once, after the load.
+    pub(super) async fn texts(database: &Database) -> std::collections::HashMap<i64, String> {
         let rows: Vec<(i64, String)> = sqlx::query_as(
             "SELECT queryid, query FROM pg_stat_statements \
              WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
@@ -71,9 +71,15 @@ impl Statements {
         .fetch_all(database.any())
         .await
         .unwrap_or_default();
-        self.texts = rows
-            .into_iter()
-            .filter(|(query, _)| self.calls.contains_key(query))
+        rows.into_iter().collect()
+    }
+
+    /// Names the statements counted from `texts` ([`Statements::texts`]).
+    pub(super) fn name(&mut self, texts: &std::collections::HashMap<i64, String>) {
+        self.texts = self
+            .calls
+            .keys()
+            .filter_map(|query| Some((*query, texts.get(query)?.clone())))
             .collect();
     }
 

@@ -496,8 +496,9 @@ async fn load(
     let events_recorded = log_head(&database).await? - head_before;
     drop(hosts);
     drop(servers);
+    let texts = Statements::texts(&database).await;
     for phase in closed.iter_mut().chain(open.iter_mut()) {
-        phase.name_statements(&database).await;
+        phase.name_statements(&texts);
     }
     database.close().await;
 

@@ -124,10 +124,10 @@ impl OpenLoopFigures {
 }
 
 impl Phase {
-    /// Names the statements the phase counted (see [`Statements::name`]); once the load is over.
-    pub(super) async fn name_statements(&mut self, database: &Database) {
+    /// Names the statements the phase counted, from the texts read once the load is over ([`Statements::texts`]).
+    pub(super) fn name_statements(&mut self, texts: &std::collections::HashMap<i64, String>) {
         if let Some(statements) = &mut self.statements {
-            statements.name(database).await;
+            statements.name(texts);
         }
     }
 

@@ -157,33 +157,44 @@ fn json_text(value: &serde_json::Value) -> Result<String, sqlx::Error> {
     String::from_utf8(text).map_err(|error| sqlx::Error::Encode(Box::new(error)))
 }
 
+/// The unit index the append function is given for the unit at `index` of a batch.
+fn unit_number(index: usize) -> i64 {
+    i64::try_from(index).unwrap_or(i64::MAX)
+}
+
 /// The events of the units not lost, as the log now holds them: the append numbered them in the order of the call,
-/// consecutively up to `head`. `units`, `payloads` and `metadatas` run over the batch's events in that order.
+/// consecutively up to `head`. `payloads` and `metadatas` run over every unit's events in that order. The events
+/// are moved, not copied: after the append only the units' replies are still needed.
 fn numbered(
-    batch: &[Unit],
-    units: &[i64],
+    units: Vec<Vec<SerializedEvent>>,
     lost: &HashSet<i64>,
     payloads: Vec<String>,
     metadatas: Vec<String>,
     head: i64,
 ) -> Vec<LoggedEvent> {
-    let kept = units.iter().filter(|unit| !lost.contains(unit)).count();
-    let first = head + 1 - i64::try_from(kept).unwrap_or(i64::MAX);
-    let events = units
+    let is_kept = |index: usize| !lost.contains(&unit_number(index));
+    let kept: usize = units
         .iter()
-        .zip(batch.iter().flat_map(|unit| &unit.events))
+        .enumerate()
+        .filter(|(index, _)| is_kept(*index))
+        .map(|(_, events)| events.len())
+        .sum();
+    let first = head + 1 - i64::try_from(kept).unwrap_or(i64::MAX);
+    units
+        .into_iter()
+        .enumerate()
+        .flat_map(|(index, events)| events.into_iter().map(move |event| (index, event)))
         .zip(payloads.into_iter().zip(metadatas))
-        .filter(|((unit, _), _)| !lost.contains(unit));
-    events
+        .filter(|((index, _), _)| is_kept(*index))
         .zip(first..)
         .map(
             |(((_, event), (payload, metadata)), position)| LoggedEvent {
                 position,
-                aggregate_type: event.aggregate_type.clone(),
-                aggregate_id: event.aggregate_id.clone(),
+                aggregate_type: event.aggregate_type,
+                aggregate_id: event.aggregate_id,
                 sequence: i64::try_from(event.sequence).unwrap_or(i64::MAX),
-                event_type: event.event_type.clone(),
-                event_version: event.event_version.clone(),
+                event_type: event.event_type,
+                event_version: event.event_version,
                 payload,
                 metadata,
             },
@@ -282,7 +293,7 @@ async fn write(
     let mut event_versions = Vec::with_capacity(events);
     for (index, unit) in batch.iter().enumerate() {
         for event in &unit.events {
-            units.push(i64::try_from(index).unwrap_or(i64::MAX));
+            units.push(unit_number(index));
             aggregate_types.push(event.aggregate_type.as_str());
             aggregate_ids.push(event.aggregate_id.as_str());
             sequences.push(i64::try_from(event.sequence).unwrap_or(i64::MAX));
@@ -320,16 +331,19 @@ async fn write(
     match outcome {
         Ok((lost, head)) => {
             let lost: HashSet<i64> = lost.into_iter().collect();
-            let appended = numbered(&batch, &units, &lost, payloads, metadatas, head);
-            reading.observe_appended(head, appended);
             metrics::histogram!("whist_append_batch_units").record(batch.len() as f64);
-            for (index, unit) in batch.into_iter().enumerate() {
-                let outcome = if lost.contains(&i64::try_from(index).unwrap_or(i64::MAX)) {
+            let (replies, events): (Vec<Reply>, Vec<Vec<SerializedEvent>>) = batch
+                .into_iter()
+                .map(|unit| (unit.reply, unit.events))
+                .unzip();
+            reading.observe_appended(head, numbered(events, &lost, payloads, metadatas, head));
+            for (index, reply) in replies.into_iter().enumerate() {
+                let outcome = if lost.contains(&unit_number(index)) {
                     Err(PersistenceError::OptimisticLockError)
                 } else {
                     Ok(())
                 };
-                let _ = unit.reply.send(outcome);
+                let _ = reply.send(outcome);
             }
             Ok(())
         }
