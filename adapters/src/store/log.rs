@@ -1,5 +1,6 @@
 //! Reading the global log, and the signal that says it may have moved.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -139,15 +140,18 @@ impl EventLog {
         if let Some(events) = recent.after(after, limit, head) {
             return Ok(events);
         }
+        let rewinds_before = recent.rewinds();
         let events = Self::read_after_with(executor, after, limit).await?;
-        // What is read from the store has been seen: a head found below it later is a log that moved back.
-        if let Some(last) = events.last() {
-            self.watermark
-                .inner
-                .highest
-                .fetch_max(last.position, std::sync::atomic::Ordering::SeqCst);
+        // What is read from the store has been seen: a head found below it later is a log that moved back. Unless
+        // a rewind overtook the read: it may have answered from the primary the log moved back from.
+        if recent.keep(rewinds_before, after, Cow::Borrowed(&events)) {
+            if let Some(last) = events.last() {
+                self.watermark
+                    .inner
+                    .highest
+                    .fetch_max(last.position, std::sync::atomic::Ordering::SeqCst);
+            }
         }
-        recent.keep(after, &events);
         Ok(events)
     }
 
@@ -263,7 +267,8 @@ pub(crate) struct RecentEvents {
 #[derive(Debug, Default)]
 struct Stretch {
     events: std::collections::VecDeque<LoggedEvent>,
-    /// The rewinds the stretch was dropped for so far: what an append began under is kept only if none came since.
+    /// The rewinds the stretch was dropped for so far: what a read or an append began under is kept only if none
+    /// came since.
     rewinds: u64,
 }
 
@@ -304,7 +309,7 @@ impl RecentEvents {
         }
     }
 
-    /// The rewinds so far (see [`RecentEvents::keep_appended`]).
+    /// The rewinds so far (see [`RecentEvents::keep`]).
     fn rewinds(&self) -> u64 {
         self.inner.lock().map(|recent| recent.rewinds).unwrap_or(0)
     }
@@ -335,28 +340,24 @@ impl RecentEvents {
         )
     }
 
-    /// Keeps `events`, just read after `after`, where they continue the stretch (or start a new one ahead of it).
-    fn keep(&self, after: i64, events: &[LoggedEvent]) {
-        if !consecutive_after(after, events) {
-            return;
+    /// Keeps `events`, read or appended after `after` by a step begun when `rewinds_before` rewinds had been
+    /// handled, where they continue the stretch (or start a new one ahead of it); `false`, keeping nothing, when a
+    /// rewind came since: the step may have read from, or committed on, the primary the log has moved back from,
+    /// so its events may be phantoms.
+    fn keep(&self, rewinds_before: u64, after: i64, events: Cow<'_, [LoggedEvent]>) -> bool {
+        let Ok(mut recent) = self.inner.lock() else {
+            return false;
+        };
+        if recent.rewinds != rewinds_before {
+            return false;
         }
-        if let Ok(mut recent) = self.inner.lock() {
-            recent.extend(after, events.iter().cloned());
-        }
-    }
-
-    /// Keeps `events`, just appended by this process after `after`, as [`RecentEvents::keep`] does; unless the
-    /// stretch was dropped for a rewind since the append began (`rewinds_before`): the append may have committed on
-    /// a primary the log has since moved back from, so its events may be phantoms.
-    fn keep_appended(&self, rewinds_before: u64, after: i64, events: Vec<LoggedEvent>) {
-        if !consecutive_after(after, &events) {
-            return;
-        }
-        if let Ok(mut recent) = self.inner.lock() {
-            if recent.rewinds == rewinds_before {
-                recent.extend(after, events);
+        if consecutive_after(after, &events) {
+            match events {
+                Cow::Borrowed(events) => recent.extend(after, events.iter().cloned()),
+                Cow::Owned(events) => recent.extend(after, events),
             }
         }
+        true
     }
 }
 
@@ -419,7 +420,7 @@ impl HeadReading<'_> {
             self.watermark
                 .inner
                 .recent
-                .keep_appended(self.rewinds_before, after, events);
+                .keep(self.rewinds_before, after, Cow::Owned(events));
         }
         rewound
     }
@@ -571,6 +572,8 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
+    use std::borrow::Cow;
+
     use super::{LogWatermark, LoggedEvent, RecentEvents};
 
     fn events(positions: &[i64]) -> Vec<LoggedEvent> {
@@ -589,6 +592,11 @@ mod tests {
             .collect()
     }
 
+    /// A read of `positions` after `after` with no rewind under way, given to the stretch.
+    fn read(recent: &RecentEvents, after: i64, positions: &[i64]) {
+        assert!(recent.keep(recent.rewinds(), after, Cow::Owned(events(positions))));
+    }
+
     fn positions(read: Option<Vec<LoggedEvent>>) -> Option<Vec<i64>> {
         read.map(|events| events.iter().map(|event| event.position).collect())
     }
@@ -597,7 +605,7 @@ mod tests {
     fn readers_after_the_first_get_the_same_events_from_memory() {
         let recent = RecentEvents::default();
         assert_eq!(positions(recent.after(0, 10, 3)), None, "nothing read yet");
-        recent.keep(0, &events(&[1, 2, 3]));
+        read(&recent, 0, &[1, 2, 3]);
         assert_eq!(positions(recent.after(0, 10, 3)), Some(vec![1, 2, 3]));
         assert_eq!(
             positions(recent.after(1, 1, 3)),
@@ -609,22 +617,22 @@ mod tests {
             None,
             "what follows is read from the database"
         );
-        recent.keep(3, &events(&[4, 5]));
+        read(&recent, 3, &[4, 5]);
         assert_eq!(positions(recent.after(2, 10, 5)), Some(vec![3, 4, 5]));
     }
 
     #[test]
     fn a_lagging_reader_leaves_the_stretch_alone_and_a_jump_ahead_starts_a_new_one() {
         let recent = RecentEvents::default();
-        recent.keep(10, &events(&[11, 12]));
-        recent.keep(4, &events(&[5, 6]));
+        read(&recent, 10, &[11, 12]);
+        read(&recent, 4, &[5, 6]);
         assert_eq!(
             positions(recent.after(4, 10, 12)),
             None,
             "the lagging read is not kept"
         );
         assert_eq!(positions(recent.after(10, 10, 12)), Some(vec![11, 12]));
-        recent.keep(20, &events(&[21]));
+        read(&recent, 20, &[21]);
         assert_eq!(
             positions(recent.after(10, 10, 21)),
             None,
@@ -636,8 +644,8 @@ mod tests {
     #[test]
     fn a_read_that_reaches_past_the_end_of_the_stretch_extends_it() {
         let recent = RecentEvents::default();
-        recent.keep(0, &events(&[1, 2, 3]));
-        recent.keep(1, &events(&[2, 3, 4, 5]));
+        read(&recent, 0, &[1, 2, 3]);
+        read(&recent, 1, &[2, 3, 4, 5]);
         assert_eq!(
             positions(recent.after(0, 10, 5)),
             Some(vec![1, 2, 3, 4, 5]),
@@ -648,7 +656,7 @@ mod tests {
     #[test]
     fn a_stretch_that_stops_short_of_the_head_is_not_served() {
         let recent = RecentEvents::default();
-        recent.keep(0, &events(&[1]));
+        read(&recent, 0, &[1]);
         assert_eq!(
             positions(recent.after(0, 10, 2)),
             None,
@@ -696,11 +704,35 @@ mod tests {
     }
 
     #[test]
+    fn a_read_begun_before_a_rewind_adds_nothing_to_the_stretch() {
+        let watermark = LogWatermark::default();
+        let recent = &watermark.inner.recent;
+        assert!(!watermark.reading_head().observe(85));
+        read(recent, 80, &[81, 82, 83, 84, 85]);
+        let slow_read_began_under = recent.rewinds();
+        assert!(
+            watermark.reading_head().observe(48),
+            "another reader finds the log moved back"
+        );
+        assert!(
+            !recent.keep(slow_read_began_under, 85, Cow::Owned(events(&[86, 87]))),
+            "the read may have answered from the primary the log moved back from"
+        );
+        assert_eq!(positions(recent.after(85, 10, 87)), None);
+        read(recent, 48, &[49, 50]);
+        assert_eq!(
+            positions(recent.after(48, 10, 50)),
+            Some(vec![49, 50]),
+            "a read begun after the rewind is kept"
+        );
+    }
+
+    #[test]
     fn events_with_a_gap_are_not_kept() {
         let recent = RecentEvents::default();
-        recent.keep(0, &events(&[1, 3]));
+        read(&recent, 0, &[1, 3]);
         assert_eq!(positions(recent.after(0, 10, 3)), None);
-        recent.keep(0, &events(&[2]));
+        read(&recent, 0, &[2]);
         assert_eq!(positions(recent.after(0, 10, 3)), None, "not after 0");
     }
 
@@ -713,10 +745,7 @@ mod tests {
             counter.fetch_add(1, Ordering::SeqCst);
         });
         assert!(!watermark.reading_head().observe(85));
-        watermark
-            .inner
-            .recent
-            .keep(80, &events(&[81, 82, 83, 84, 85]));
+        read(&watermark.inner.recent, 80, &[81, 82, 83, 84, 85]);
 
         assert!(
             watermark.reading_head().observe(48),
