@@ -217,6 +217,276 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// How often [`Neighbours`] looks at every process: a neighbour's burst that stalls the load lasts 200-300 ms here.
+const NEIGHBOUR_SAMPLE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The CPU the machine's other processes took while an open loop ran: neither the servers, nor the load generator
+/// (and what it runs), nor the load's Postgres, but the machine's other services. Sampled from `/proc` every
+/// [`NEIGHBOUR_SAMPLE`] by a thread of its own (some 90 small reads a sample), so that a second of slow answers can
+/// be told apart: a neighbour's burst in it, or none (then the cause is in the load's own processes).
+pub(super) struct Neighbours {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sampler: std::thread::JoinHandle<Vec<Sample>>,
+    origin: std::time::Instant,
+}
+
+/// What the machine's processes took between one look at `/proc` and the next.
+struct Sample {
+    at: std::time::Instant,
+    /// CPU seconds of the processes outside the load, by command name.
+    outside: std::collections::HashMap<String, f64>,
+    /// CPU seconds the machine left idle.
+    idle: f64,
+}
+
+/// One process as `/proc/PID/stat` shows it.
+struct ProcessTicks {
+    command: String,
+    parent: u32,
+    /// User plus system time, in clock ticks.
+    ticks: u64,
+}
+
+/// Every process's ticks, by pid.
+fn every_process() -> std::collections::HashMap<u32, ProcessTicks> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return std::collections::HashMap::new();
+    };
+    entries
+        .filter_map(|entry| {
+            let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let command = stat.get(stat.find('(')? + 1..stat.rfind(')')?)?.to_string();
+            // After the command: state, parent, ...; user and system time are the 12th and 13th.
+            let fields: Vec<&str> = stat
+                .get(stat.rfind(')')? + 1..)?
+                .split_whitespace()
+                .collect();
+            let parent = fields.get(1)?.parse().ok()?;
+            let ticks =
+                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            Some((
+                pid,
+                ProcessTicks {
+                    command,
+                    parent,
+                    ticks,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Whether `process` (`pid`) is one of the load's processes, `load`, or a child of one (a Postgres backend, a
+/// command the load generator runs): everything else on the machine is another process.
+fn of_the_load(load: &[u32], pid: u32, process: &ProcessTicks) -> bool {
+    load.contains(&pid) || load.contains(&process.parent)
+}
+
+/// The CPU the machine's other processes (see [`of_the_load`]) had taken when read, by pid: so that what the
+/// machine's other services took over a phase can be told from what the load cost.
+#[derive(Debug, Clone)]
+pub(super) struct OtherProcesses {
+    ticks: std::collections::HashMap<u32, u64>,
+}
+
+impl OtherProcesses {
+    pub(super) fn read(load: &[u32]) -> Self {
+        Self {
+            ticks: every_process()
+                .into_iter()
+                .filter(|(pid, process)| !of_the_load(load, *pid, process))
+                .map(|(pid, process)| (pid, process.ticks))
+                .collect(),
+        }
+    }
+
+    /// CPU seconds the other processes took since `earlier`: a process begun since counts whole, one ended since
+    /// is missed.
+    pub(super) fn since(&self, earlier: &Self) -> f64 {
+        let ticks: u64 = self
+            .ticks
+            .iter()
+            .map(|(pid, ticks)| ticks.saturating_sub(earlier.ticks.get(pid).copied().unwrap_or(0)))
+            .sum();
+        ticks as f64 / clock_ticks()
+    }
+}
+
+/// The machine's idle and I/O-wait time, in clock ticks (`/proc/stat`'s first line).
+fn machine_idle_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    Some(fields.get(3)? + fields.get(4)?)
+}
+
+/// The parent of `pid` (`/proc/PID/stat`'s fourth field).
+pub(super) fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The load's Postgres server process (the parent of a backend), where Postgres runs on this machine.
+pub(super) async fn postgres_server_pid(database: &Database) -> Option<u32> {
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(database.any())
+        .await
+        .ok()?;
+    parent_pid(u32::try_from(backend).ok()?)
+}
+
+impl Neighbours {
+    /// Starts sampling; `load` are the load's own processes (their children count as theirs too), and seconds are
+    /// counted from `origin`.
+    pub(super) fn sample(load: Vec<u32>, origin: std::time::Instant) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let sampler = std::thread::spawn(move || {
+            let ticks_per_second = clock_ticks();
+            let mut samples = Vec::new();
+            let mut previous = every_process();
+            let mut previous_idle = machine_idle_ticks();
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(NEIGHBOUR_SAMPLE);
+                let now = every_process();
+                let idle = machine_idle_ticks();
+                let mut outside = std::collections::HashMap::new();
+                for (pid, process) in &now {
+                    if of_the_load(&load, *pid, process) {
+                        continue;
+                    }
+                    // A process that began since the last look spent all its time in this interval.
+                    let before = previous.get(pid).map_or(0, |earlier| earlier.ticks);
+                    let spent = process.ticks.saturating_sub(before);
+                    if spent > 0 {
+                        *outside.entry(process.command.clone()).or_insert(0.0) +=
+                            spent as f64 / ticks_per_second;
+                    }
+                }
+                samples.push(Sample {
+                    at: std::time::Instant::now(),
+                    outside,
+                    idle: idle
+                        .zip(previous_idle)
+                        .map_or(0.0, |(now, earlier)| now.saturating_sub(earlier) as f64)
+                        / ticks_per_second,
+                });
+                previous = now;
+                previous_idle = idle;
+            }
+            samples
+        });
+        Self {
+            stop,
+            sampler,
+            origin,
+        }
+    }
+
+    /// Stops sampling; what the other processes took, by second from the origin (`None` if the sampler failed).
+    pub(super) fn finish(self) -> Option<NeighbourSeconds> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let samples = self.sampler.join().ok()?;
+        Some(NeighbourSeconds::of(&samples, self.origin))
+    }
+}
+
+/// What the machine's other processes took, and what it left idle, in each second of an open loop.
+pub(super) struct NeighbourSeconds {
+    /// CPU seconds (cores) by command name, in each second.
+    outside: Vec<std::collections::HashMap<String, f64>>,
+    idle: Vec<f64>,
+}
+
+impl NeighbourSeconds {
+    fn of(samples: &[Sample], origin: std::time::Instant) -> Self {
+        let mut seconds = Self {
+            outside: Vec::new(),
+            idle: Vec::new(),
+        };
+        for sample in samples {
+            let Some(since) = sample.at.checked_duration_since(origin) else {
+                continue;
+            };
+            let second = since.as_secs() as usize;
+            if seconds.outside.len() <= second {
+                seconds
+                    .outside
+                    .resize_with(second + 1, std::collections::HashMap::new);
+                seconds.idle.resize(second + 1, 0.0);
+            }
+            for (command, spent) in &sample.outside {
+                *seconds.outside[second]
+                    .entry(command.clone())
+                    .or_insert(0.0) += spent;
+            }
+            seconds.idle[second] += sample.idle;
+        }
+        seconds
+    }
+
+    /// The cores the other processes took in `second`.
+    fn outside(&self, second: usize) -> f64 {
+        self.outside.get(second).map_or(0.0, |commands| {
+            commands.values().fold(0.0, |sum, spent| sum + spent)
+        })
+    }
+
+    /// The other process that took most in `second`, with what it took.
+    fn busiest(&self, second: usize) -> Option<(&str, f64)> {
+        self.outside
+            .get(second)?
+            .iter()
+            .max_by(|a, b| a.1.total_cmp(b.1).then_with(|| b.0.cmp(a.0)))
+            .map(|(command, spent)| (command.as_str(), *spent))
+    }
+
+    /// Prints the other processes' cores and the machine's idle cores by second, and for each second in which
+    /// `slow_by_second` counts at least `notable` slow answers, the busiest other process.
+    pub(super) fn print(&self, slow_by_second: &[u64], notable: u64, slow: &str) {
+        let by_second = |value: &dyn Fn(usize) -> f64| -> String {
+            (0..slow_by_second.len())
+                .map(|second| format!("{:.1}", value(second)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        println!(
+            "{:<36} {:>14}",
+            "other processes' cores, by second",
+            by_second(&|second| self.outside(second))
+        );
+        println!(
+            "{:<36} {:>14}",
+            "idle cores, by second",
+            by_second(&|second| self.idle.get(second).copied().unwrap_or(0.0))
+        );
+        for (second, count) in slow_by_second.iter().enumerate() {
+            if *count < notable.max(1) {
+                continue;
+            }
+            let busiest = self.busiest(second).map_or_else(
+                || "none".to_string(),
+                |(command, spent)| format!("{command} {spent:.2}"),
+            );
+            println!(
+                "  second {second}: {count} answers {slow}; other processes {:.2} cores (most: {busiest}), idle {:.2}",
+                self.outside(second),
+                self.idle.get(second).copied().unwrap_or(0.0),
+            );
+        }
+    }
+}
+
 /// Each series of the counter `metric` in the servers' `/metrics` answers, divided by the assigns answered.
 pub(super) fn print_per_assign(
     server_metrics: &[String],
@@ -282,6 +552,55 @@ mod tests {
             spent.kernel >= 0.0 && spent.kernel <= spent.machine,
             "{spent:?}"
         );
+    }
+
+    #[test]
+    fn every_process_is_read_with_its_parent_and_its_cpu() {
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_millis(50) {
+            std::hint::black_box(started.elapsed());
+        }
+        let processes = every_process();
+        let own = processes
+            .get(&std::process::id())
+            .expect("this process is in /proc");
+        assert!(own.ticks > 0, "50 ms of CPU spent");
+        assert_eq!(Some(own.parent), parent_pid(std::process::id()));
+        assert!(processes.len() > 1, "the parent at least");
+    }
+
+    #[test]
+    fn the_other_processes_cpu_is_summed_by_second_and_the_busiest_named() {
+        let origin = std::time::Instant::now();
+        let sample = |after_ms: u64, outside: &[(&str, f64)], idle: f64| Sample {
+            at: origin + Duration::from_millis(after_ms),
+            outside: outside
+                .iter()
+                .map(|(command, spent)| (command.to_string(), *spent))
+                .collect(),
+            idle,
+        };
+        let seconds = NeighbourSeconds::of(
+            &[
+                sample(100, &[("beam.smp", 0.05)], 0.1),
+                sample(900, &[("beam.smp", 0.05), ("redis-server", 0.01)], 0.1),
+                sample(1_100, &[("mariadbd", 0.02)], 0.0),
+                sample(1_200, &[("mariadbd", 0.03), ("beam.smp", 0.01)], 0.05),
+            ],
+            origin,
+        );
+        assert!((seconds.outside(0) - 0.11).abs() < 1e-9);
+        assert_eq!(
+            seconds.busiest(0).map(|(command, _)| command),
+            Some("beam.smp")
+        );
+        assert_eq!(
+            seconds.busiest(1).map(|(command, _)| command),
+            Some("mariadbd")
+        );
+        assert!((seconds.idle[1] - 0.05).abs() < 1e-9);
+        assert_eq!(seconds.outside(2), 0.0, "no sample in the third second");
+        assert_eq!(seconds.busiest(2), None);
     }
 
     #[test]

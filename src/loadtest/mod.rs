@@ -22,7 +22,9 @@ mod measures;
 mod phases;
 mod series;
 
-use measures::{metric_total, print_per_assign, CpuTimes, Statements};
+use measures::{
+    metric_total, postgres_server_pid, print_per_assign, CpuTimes, OtherProcesses, Statements,
+};
 use phases::{AssignLoad, Phase};
 use series::{compare_runs, RunSummary};
 
@@ -406,6 +408,10 @@ async fn load(
     // `--rate`, open loop (assigns sent at a fixed arrival rate whatever the answers' speed).
     let server_pids: Vec<u32> = servers.iter().map(|server| server.0.id()).collect();
     let users = Users::new(options.clients);
+    // The load's processes: the machine's others' CPU is told apart from theirs.
+    let mut load_processes = server_pids.clone();
+    load_processes.push(std::process::id());
+    load_processes.extend(postgres_server_pid(&database).await);
     // Statements per assign, where Postgres keeps statement statistics.
     Statements::enable(&database).await;
     let load = AssignLoad {
@@ -414,6 +420,7 @@ async fn load(
         bases: &bases,
         tokens: &tokens,
         users: &users,
+        load_processes: &load_processes,
         keep: options.keep_mandelboxes,
         seconds: options.seconds,
     };
@@ -507,13 +514,16 @@ async fn load(
         .await?;
     pool.close().await;
     let machine_before = CpuTimes::read(&[std::process::id()]);
+    let others_before = OtherProcesses::read(&load_processes);
     let pgbench_started = Instant::now();
     let pgbench =
         crate::bench::pgbench_one_row_insert(url, options.clients, options.seconds.min(10))?;
     let pgbench_elapsed = pgbench_started.elapsed().as_secs_f64();
-    let cpu_per_insert = CpuTimes::read(&[std::process::id()])
+    let pgbench_cpu = CpuTimes::read(&[std::process::id()])
         .zip(machine_before)
-        .map(|(after, before)| after.since(&before).machine / (pgbench * pgbench_elapsed).max(1.0));
+        .map(|(after, before)| after.since(&before).machine);
+    let others_in_pgbench = OtherProcesses::read(&load_processes).since(&others_before);
+    let cpu_per_insert = pgbench_cpu.map(|machine| machine / (pgbench * pgbench_elapsed).max(1.0));
     let threads = settings
         .iter()
         .find(|(key, _)| key == WORKER_THREADS)
@@ -611,11 +621,12 @@ async fn load(
         format!("pgbench one-row insert, {} clients", options.clients),
         pgbench
     );
-    if let Some(per_insert) = cpu_per_insert {
+    if let (Some(per_insert), Some(machine)) = (cpu_per_insert, pgbench_cpu) {
         println!(
-            "{:<36} {:>11.3} ms",
+            "{:<36} {:>11.3} ms (other processes {:.1}%)",
             "machine CPU per pgbench insert",
-            per_insert * 1000.0
+            per_insert * 1000.0,
+            100.0 * others_in_pgbench / machine.max(1e-9)
         );
     }
     if let Some(phase) = &closed {

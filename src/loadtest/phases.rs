@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use whist_adapters::store::Database;
 use whist_adapters::tokens::{Purpose, Tokens};
 
-use super::measures::{metric_sum, metric_total, CpuTimes, Statements};
+use super::measures::{
+    metric_sum, metric_total, CpuTimes, NeighbourSeconds, Neighbours, OtherProcesses, Statements,
+};
 use super::series::ClosedFigures;
 use super::{Users, SHED_RETRY};
 
@@ -72,6 +74,8 @@ pub(super) struct Phase {
     with_retries: Vec<Duration>,
     elapsed: f64,
     cpu: Option<CpuTimes>,
+    /// CPU seconds the machine's other processes took over the phase (counted in `cpu`'s machine time).
+    others: f64,
     /// Assigns the servers decided more than once, and all assigns they counted, over the phase.
     retried: f64,
     counted: f64,
@@ -92,6 +96,10 @@ struct OpenLoopFigures {
     slow_by_second: Vec<u64>,
     /// When the schedule began (UTC), to find a stall's second in other logs (Postgres's, the servers').
     schedule_began: chrono::DateTime<chrono::Utc>,
+    /// What the machine's other processes took in each second (`None` where `/proc` cannot be read).
+    neighbours: Option<NeighbourSeconds>,
+    /// Slow answers in a second that make it worth naming the busiest other process: 1% of the second's sends.
+    notable: u64,
 }
 
 impl OpenLoopFigures {
@@ -113,6 +121,13 @@ impl OpenLoopFigures {
             by_second.join(" "),
             self.schedule_began.format("%H:%M:%S%.3f")
         );
+        if let Some(neighbours) = &self.neighbours {
+            neighbours.print(
+                &self.slow_by_second,
+                self.notable,
+                &format!("> {} ms", SLOW_ANSWER.as_millis()),
+            );
+        }
         // Counted in the answer times above: a machine that holds up the generator shows here, not in the server.
         println!(
             "{:<36} {:>11.1} ms (p99.9 {:.1} ms)",
@@ -198,12 +213,15 @@ impl Phase {
         }
         if let (Some(cpu), Some(per_assign)) = (self.cpu, figures.cpu_per_assign) {
             println!(
-                "{:<36} {:>11.2} ms (server {:.1}%, load generator and its hosts {:.1}%, Postgres and the rest {:.1}%)",
+                "{:<36} {:>11.2} ms (server {:.1}%, load generator and its hosts {:.1}%, Postgres and the rest {:.1}%, \
+                 other processes {:.1}%)",
                 "machine CPU per assign",
                 per_assign * 1000.0,
                 100.0 * cpu.server / cpu.machine.max(1e-9),
                 100.0 * cpu.generator / cpu.machine.max(1e-9),
-                100.0 * (cpu.machine - cpu.server - cpu.generator).max(0.0) / cpu.machine.max(1e-9),
+                100.0 * (cpu.machine - cpu.server - cpu.generator - self.others).max(0.0)
+                    / cpu.machine.max(1e-9),
+                100.0 * self.others / cpu.machine.max(1e-9),
             );
             println!(
                 "{:<36} {:>14.1} (the kernel {:.0}% of the machine's CPU)",
@@ -250,6 +268,7 @@ struct Before {
     retries: (f64, f64),
     statements: Option<Statements>,
     cpu: Option<CpuTimes>,
+    others: OtherProcesses,
     started: Instant,
 }
 
@@ -261,6 +280,8 @@ pub(super) struct AssignLoad<'a> {
     pub(super) bases: &'a [String],
     pub(super) tokens: &'a Tokens,
     pub(super) users: &'a Users,
+    /// The servers, the load generator and the load's Postgres (see [`OtherProcesses`]).
+    pub(super) load_processes: &'a [u32],
     pub(super) keep: bool,
     pub(super) seconds: u64,
 }
@@ -323,6 +344,7 @@ impl AssignLoad<'_> {
         // milliseconds, which would make most sends up to a millisecond late and add that to every answer time.
         let first = std::time::Instant::now() + Duration::from_millis(20);
         let schedule_began = chrono::Utc::now() + chrono::Duration::milliseconds(20);
+        let neighbours = Neighbours::sample(self.load_processes.to_vec(), first);
         let (pace, mut due) = tokio::sync::mpsc::unbounded_channel::<(u64, std::time::Instant)>();
         let pacer = std::thread::spawn(move || {
             for index in 0..total {
@@ -368,6 +390,7 @@ impl AssignLoad<'_> {
             latencies.push(answered);
             lateness.push(late);
         }
+        let neighbours = neighbours.finish();
         let times: Vec<Duration> = latencies.iter().map(|(took, _)| *took).collect();
         lateness.sort();
         let open = OpenLoopFigures {
@@ -375,6 +398,8 @@ impl AssignLoad<'_> {
             most_in_flight,
             slow_by_second: slow_by_second(&times, rate, SLOW_ANSWER),
             schedule_began,
+            neighbours,
+            notable: (rate / 100.0).ceil() as u64,
         };
         self.finish(&tally, latencies, before, server_pids, Some(open))
             .await
@@ -388,6 +413,7 @@ impl AssignLoad<'_> {
             retries,
             statements,
             cpu: CpuTimes::read(server_pids),
+            others: OtherProcesses::read(self.load_processes),
             started: Instant::now(),
         }
     }
@@ -405,6 +431,7 @@ impl AssignLoad<'_> {
         let cpu = CpuTimes::read(server_pids)
             .zip(before.cpu)
             .map(|(after, earlier)| after.since(&earlier));
+        let others = OtherProcesses::read(self.load_processes).since(&before.others);
         let statements = Statements::read(self.database)
             .await
             .zip(before.statements)
@@ -422,6 +449,7 @@ impl AssignLoad<'_> {
             with_retries,
             elapsed,
             cpu,
+            others,
             retried: retried - retried_before,
             counted: counted - counted_before,
             open,
