@@ -223,7 +223,8 @@ const NEIGHBOUR_SAMPLE: std::time::Duration = std::time::Duration::from_millis(1
 /// The CPU the machine's other processes took while an open loop ran: neither the servers, nor the load generator
 /// (and what it runs), nor the load's Postgres, but the machine's other services. Sampled from `/proc` every
 /// [`NEIGHBOUR_SAMPLE`] by a thread of its own (some 90 small reads a sample), so that a second of slow answers can
-/// be told apart: a neighbour's burst in it, or none (then the cause is in the load's own processes).
+/// be told apart: a neighbour's burst in it, or the load's Postgres's background work (autovacuum, a checkpoint), or
+/// neither (then the cause is in the load's own work).
 pub(super) struct Neighbours {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     sampler: std::thread::JoinHandle<Vec<Sample>>,
@@ -235,8 +236,58 @@ struct Sample {
     at: std::time::Instant,
     /// CPU seconds of the processes outside the load, by command name.
     outside: std::collections::HashMap<String, f64>,
+    /// CPU seconds of the load's Postgres's background processes, by kind (autovacuum, the checkpointer, ...).
+    background: std::collections::HashMap<String, f64>,
     /// CPU seconds the machine left idle.
     idle: f64,
+    /// Writes the machine's disks completed, and the milliseconds they took in all.
+    disk: DiskWrites,
+}
+
+/// Writes completed by the machine's disks, and the time they took in all (`/proc/diskstats`' fifth and eighth
+/// fields, summed over the disks that are devices, not loop or RAM disks). A commit waits for its WAL's write: a
+/// disk whose writes slow down stalls every append while the CPU sits idle.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct DiskWrites {
+    writes: u64,
+    milliseconds: u64,
+}
+
+impl DiskWrites {
+    fn read() -> Self {
+        let Ok(stats) = std::fs::read_to_string("/proc/diskstats") else {
+            return Self::default();
+        };
+        stats
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let device = fields.get(2)?;
+                std::path::Path::new(&format!("/sys/block/{device}/device"))
+                    .exists()
+                    .then_some(())?;
+                Some(Self {
+                    writes: fields.get(7)?.parse().ok()?,
+                    milliseconds: fields.get(10)?.parse().ok()?,
+                })
+            })
+            .fold(Self::default(), |sum, disk| Self {
+                writes: sum.writes + disk.writes,
+                milliseconds: sum.milliseconds + disk.milliseconds,
+            })
+    }
+
+    fn since(self, earlier: Self) -> Self {
+        Self {
+            writes: self.writes.saturating_sub(earlier.writes),
+            milliseconds: self.milliseconds.saturating_sub(earlier.milliseconds),
+        }
+    }
+
+    /// The mean time of a write, in milliseconds (0 without writes).
+    fn mean_ms(self) -> f64 {
+        self.milliseconds as f64 / self.writes.max(1) as f64
+    }
 }
 
 /// One process as `/proc/PID/stat` shows it.
@@ -277,13 +328,61 @@ fn every_process() -> std::collections::HashMap<u32, ProcessTicks> {
         .collect()
 }
 
-/// Whether `process` (`pid`) is one of the load's processes, `load`, or a child of one (a Postgres backend, a
-/// command the load generator runs): everything else on the machine is another process.
-fn of_the_load(load: &[u32], pid: u32, process: &ProcessTicks) -> bool {
-    load.contains(&pid) || load.contains(&process.parent)
+/// The load's own processes: its servers, the load generator and the load's Postgres server (where it runs on this
+/// machine), each with its children (Postgres's backends and background processes, the commands the generator
+/// runs). Everything else on the machine is another process: another service's.
+#[derive(Debug, Clone)]
+pub(super) struct LoadProcesses {
+    pids: Vec<u32>,
+    postgres: Option<u32>,
 }
 
-/// The CPU the machine's other processes (see [`of_the_load`]) had taken when read, by pid: so that what the
+impl LoadProcesses {
+    /// The servers `server_pids`, this process, and the Postgres server behind `database`.
+    pub(super) async fn find(server_pids: &[u32], database: &Database) -> Self {
+        let mut pids = server_pids.to_vec();
+        pids.push(std::process::id());
+        let postgres = postgres_server_pid(database).await;
+        pids.extend(postgres);
+        Self { pids, postgres }
+    }
+
+    fn hold(&self, pid: u32, process: &ProcessTicks) -> bool {
+        self.pids.contains(&pid) || self.pids.contains(&process.parent)
+    }
+
+    /// Whether `process` is one of the load's Postgres's own background processes (not a backend serving a
+    /// connection).
+    fn postgres_background(&self, process: &ProcessTicks) -> bool {
+        self.postgres == Some(process.parent)
+    }
+}
+
+/// What kind of Postgres background process `pid` is, from the title Postgres gives it (`postgres: checkpointer`,
+/// `postgres: autovacuum worker`, ...); `None` for a backend serving a connection (`postgres: USER DATABASE HOST
+/// ...`) or a title that cannot be read.
+fn postgres_background_kind(pid: u32) -> Option<&'static str> {
+    let title = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    background_kind(&String::from_utf8_lossy(&title))
+}
+
+/// The kind of Postgres background process a process title names (see [`postgres_background_kind`]).
+fn background_kind(title: &str) -> Option<&'static str> {
+    const KINDS: [&str; 8] = [
+        "autovacuum launcher",
+        "autovacuum worker",
+        "checkpointer",
+        "background writer",
+        "walwriter",
+        "logical replication launcher",
+        "archiver",
+        "stats collector",
+    ];
+    let title = title.strip_prefix("postgres: ")?;
+    KINDS.into_iter().find(|kind| title.starts_with(kind))
+}
+
+/// The CPU the machine's other processes (see [`LoadProcesses`]) had taken when read, by pid: so that what the
 /// machine's other services took over a phase can be told from what the load cost.
 #[derive(Debug, Clone)]
 pub(super) struct OtherProcesses {
@@ -291,11 +390,11 @@ pub(super) struct OtherProcesses {
 }
 
 impl OtherProcesses {
-    pub(super) fn read(load: &[u32]) -> Self {
+    pub(super) fn read(load: &LoadProcesses) -> Self {
         Self {
             ticks: every_process()
                 .into_iter()
-                .filter(|(pid, process)| !of_the_load(load, *pid, process))
+                .filter(|(pid, process)| !load.hold(*pid, process))
                 .map(|(pid, process)| (pid, process.ticks))
                 .collect(),
         }
@@ -327,7 +426,7 @@ fn machine_idle_ticks() -> Option<u64> {
 }
 
 /// The parent of `pid` (`/proc/PID/stat`'s fourth field).
-pub(super) fn parent_pid(pid: u32) -> Option<u32> {
+fn parent_pid(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.get(stat.rfind(')')? + 1..)?
         .split_whitespace()
@@ -337,7 +436,7 @@ pub(super) fn parent_pid(pid: u32) -> Option<u32> {
 }
 
 /// The load's Postgres server process (the parent of a backend), where Postgres runs on this machine.
-pub(super) async fn postgres_server_pid(database: &Database) -> Option<u32> {
+async fn postgres_server_pid(database: &Database) -> Option<u32> {
     let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(database.any())
         .await
@@ -346,43 +445,59 @@ pub(super) async fn postgres_server_pid(database: &Database) -> Option<u32> {
 }
 
 impl Neighbours {
-    /// Starts sampling; `load` are the load's own processes (their children count as theirs too), and seconds are
-    /// counted from `origin`.
-    pub(super) fn sample(load: Vec<u32>, origin: std::time::Instant) -> Self {
+    /// Starts sampling what the processes other than `load` take, and the load's Postgres's background processes;
+    /// seconds are counted from `origin`.
+    pub(super) fn sample(load: LoadProcesses, origin: std::time::Instant) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopping = stop.clone();
         let sampler = std::thread::spawn(move || {
             let ticks_per_second = clock_ticks();
             let mut samples = Vec::new();
+            // The kind of each Postgres process seen (read once: a pid keeps its kind).
+            let mut kinds: std::collections::HashMap<u32, Option<&'static str>> =
+                std::collections::HashMap::new();
             let mut previous = every_process();
             let mut previous_idle = machine_idle_ticks();
+            let mut previous_disk = DiskWrites::read();
             while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
                 std::thread::sleep(NEIGHBOUR_SAMPLE);
                 let now = every_process();
                 let idle = machine_idle_ticks();
+                let disk = DiskWrites::read();
                 let mut outside = std::collections::HashMap::new();
+                let mut background = std::collections::HashMap::new();
                 for (pid, process) in &now {
-                    if of_the_load(&load, *pid, process) {
-                        continue;
-                    }
                     // A process that began since the last look spent all its time in this interval.
                     let before = previous.get(pid).map_or(0, |earlier| earlier.ticks);
                     let spent = process.ticks.saturating_sub(before);
-                    if spent > 0 {
-                        *outside.entry(process.command.clone()).or_insert(0.0) +=
-                            spent as f64 / ticks_per_second;
+                    if spent == 0 {
+                        continue;
+                    }
+                    let spent = spent as f64 / ticks_per_second;
+                    if load.postgres_background(process) {
+                        if let Some(kind) = *kinds
+                            .entry(*pid)
+                            .or_insert_with(|| postgres_background_kind(*pid))
+                        {
+                            *background.entry(kind.to_string()).or_insert(0.0) += spent;
+                        }
+                    } else if !load.hold(*pid, process) {
+                        *outside.entry(process.command.clone()).or_insert(0.0) += spent;
                     }
                 }
                 samples.push(Sample {
                     at: std::time::Instant::now(),
                     outside,
+                    background,
                     idle: idle
                         .zip(previous_idle)
                         .map_or(0.0, |(now, earlier)| now.saturating_sub(earlier) as f64)
                         / ticks_per_second,
+                    disk: disk.since(previous_disk),
                 });
                 previous = now;
                 previous_idle = idle;
+                previous_disk = disk;
             }
             samples
         });
@@ -401,58 +516,95 @@ impl Neighbours {
     }
 }
 
-/// What the machine's other processes took, and what it left idle, in each second of an open loop.
+/// CPU seconds by name (a command, a kind of Postgres process) in each second.
+#[derive(Default)]
+struct BySecond(Vec<std::collections::HashMap<String, f64>>);
+
+impl BySecond {
+    fn add(&mut self, second: usize, spent: &std::collections::HashMap<String, f64>) {
+        if self.0.len() <= second {
+            self.0
+                .resize_with(second + 1, std::collections::HashMap::new);
+        }
+        for (name, seconds) in spent {
+            *self.0[second].entry(name.clone()).or_insert(0.0) += seconds;
+        }
+    }
+
+    /// The cores taken in `second`.
+    fn total(&self, second: usize) -> f64 {
+        self.0.get(second).map_or(0.0, |spent| {
+            spent.values().fold(0.0, |sum, seconds| sum + seconds)
+        })
+    }
+
+    /// What took most in `second`, with what it took, as `name 0.12`; `none` when nothing took any.
+    fn busiest(&self, second: usize) -> String {
+        self.0
+            .get(second)
+            .and_then(|spent| {
+                spent
+                    .iter()
+                    .max_by(|a, b| a.1.total_cmp(b.1).then_with(|| b.0.cmp(a.0)))
+            })
+            .map_or_else(
+                || "none".to_string(),
+                |(name, seconds)| format!("{name} {seconds:.2}"),
+            )
+    }
+}
+
+/// What the machine's other processes and the load's Postgres's background processes took, and what the machine
+/// left idle, in each second of an open loop.
 pub(super) struct NeighbourSeconds {
-    /// CPU seconds (cores) by command name, in each second.
-    outside: Vec<std::collections::HashMap<String, f64>>,
+    others: BySecond,
+    background: BySecond,
     idle: Vec<f64>,
+    /// The disks' writes in each second, and those of its sample whose writes took longest on average.
+    disk: Vec<(DiskWrites, DiskWrites)>,
 }
 
 impl NeighbourSeconds {
     fn of(samples: &[Sample], origin: std::time::Instant) -> Self {
         let mut seconds = Self {
-            outside: Vec::new(),
+            others: BySecond::default(),
+            background: BySecond::default(),
             idle: Vec::new(),
+            disk: Vec::new(),
         };
         for sample in samples {
             let Some(since) = sample.at.checked_duration_since(origin) else {
                 continue;
             };
             let second = since.as_secs() as usize;
-            if seconds.outside.len() <= second {
-                seconds
-                    .outside
-                    .resize_with(second + 1, std::collections::HashMap::new);
+            seconds.others.add(second, &sample.outside);
+            seconds.background.add(second, &sample.background);
+            if seconds.idle.len() <= second {
                 seconds.idle.resize(second + 1, 0.0);
-            }
-            for (command, spent) in &sample.outside {
-                *seconds.outside[second]
-                    .entry(command.clone())
-                    .or_insert(0.0) += spent;
+                seconds.disk.resize(second + 1, Default::default());
             }
             seconds.idle[second] += sample.idle;
+            let (all, slowest) = &mut seconds.disk[second];
+            all.writes += sample.disk.writes;
+            all.milliseconds += sample.disk.milliseconds;
+            if sample.disk.mean_ms() > slowest.mean_ms() {
+                *slowest = sample.disk;
+            }
         }
         seconds
     }
 
-    /// The cores the other processes took in `second`.
-    fn outside(&self, second: usize) -> f64 {
-        self.outside.get(second).map_or(0.0, |commands| {
-            commands.values().fold(0.0, |sum, spent| sum + spent)
-        })
+    fn idle(&self, second: usize) -> f64 {
+        self.idle.get(second).copied().unwrap_or(0.0)
     }
 
-    /// The other process that took most in `second`, with what it took.
-    fn busiest(&self, second: usize) -> Option<(&str, f64)> {
-        self.outside
-            .get(second)?
-            .iter()
-            .max_by(|a, b| a.1.total_cmp(b.1).then_with(|| b.0.cmp(a.0)))
-            .map(|(command, spent)| (command.as_str(), *spent))
+    fn disk(&self, second: usize) -> (DiskWrites, DiskWrites) {
+        self.disk.get(second).copied().unwrap_or_default()
     }
 
-    /// Prints the other processes' cores and the machine's idle cores by second, and for each second in which
-    /// `slow_by_second` counts at least `notable` slow answers, the busiest other process.
+    /// Prints, by second, the other processes' cores, the load's Postgres's background cores and the machine's idle
+    /// cores, and for each second in which `slow_by_second` counts at least `notable` slow answers, the busiest of
+    /// each.
     pub(super) fn print(&self, slow_by_second: &[u64], notable: u64, slow: &str) {
         let by_second = |value: &dyn Fn(usize) -> f64| -> String {
             (0..slow_by_second.len())
@@ -463,25 +615,40 @@ impl NeighbourSeconds {
         println!(
             "{:<36} {:>14}",
             "other processes' cores, by second",
-            by_second(&|second| self.outside(second))
+            by_second(&|second| self.others.total(second))
+        );
+        println!(
+            "{:<36} {:>14}",
+            "Postgres background cores, by second",
+            by_second(&|second| self.background.total(second))
         );
         println!(
             "{:<36} {:>14}",
             "idle cores, by second",
-            by_second(&|second| self.idle.get(second).copied().unwrap_or(0.0))
+            by_second(&|second| self.idle(second))
+        );
+        println!(
+            "{:<36} {:>14}",
+            "disk writes' mean ms, by second",
+            by_second(&|second| self.disk(second).0.mean_ms())
         );
         for (second, count) in slow_by_second.iter().enumerate() {
             if *count < notable.max(1) {
                 continue;
             }
-            let busiest = self.busiest(second).map_or_else(
-                || "none".to_string(),
-                |(command, spent)| format!("{command} {spent:.2}"),
-            );
+            let (writes, slowest) = self.disk(second);
             println!(
-                "  second {second}: {count} answers {slow}; other processes {:.2} cores (most: {busiest}), idle {:.2}",
-                self.outside(second),
-                self.idle.get(second).copied().unwrap_or(0.0),
+                "  second {second}: {count} answers {slow}; other processes {:.2} cores (most: {}), Postgres \
+                 background {:.2} (most: {}), idle {:.2}; disk writes {} at {:.2} ms, slowest {} ms at {:.2} ms",
+                self.others.total(second),
+                self.others.busiest(second),
+                self.background.total(second),
+                self.background.busiest(second),
+                self.idle(second),
+                writes.writes,
+                writes.mean_ms(),
+                NEIGHBOUR_SAMPLE.as_millis(),
+                slowest.mean_ms(),
             );
         }
     }
@@ -572,35 +739,101 @@ mod tests {
     #[test]
     fn the_other_processes_cpu_is_summed_by_second_and_the_busiest_named() {
         let origin = std::time::Instant::now();
-        let sample = |after_ms: u64, outside: &[(&str, f64)], idle: f64| Sample {
-            at: origin + Duration::from_millis(after_ms),
-            outside: outside
+        let spent = |pairs: &[(&str, f64)]| {
+            pairs
                 .iter()
-                .map(|(command, spent)| (command.to_string(), *spent))
-                .collect(),
-            idle,
+                .map(|(name, seconds)| (name.to_string(), *seconds))
+                .collect()
         };
+        let sample =
+            |after_ms: u64, outside: &[(&str, f64)], background: &[(&str, f64)], idle: f64| {
+                Sample {
+                    at: origin + Duration::from_millis(after_ms),
+                    outside: spent(outside),
+                    background: spent(background),
+                    idle,
+                    disk: DiskWrites {
+                        writes: 100,
+                        milliseconds: after_ms / 10,
+                    },
+                }
+            };
         let seconds = NeighbourSeconds::of(
             &[
-                sample(100, &[("beam.smp", 0.05)], 0.1),
-                sample(900, &[("beam.smp", 0.05), ("redis-server", 0.01)], 0.1),
-                sample(1_100, &[("mariadbd", 0.02)], 0.0),
-                sample(1_200, &[("mariadbd", 0.03), ("beam.smp", 0.01)], 0.05),
+                sample(100, &[("beam.smp", 0.05)], &[], 0.1),
+                sample(
+                    900,
+                    &[("beam.smp", 0.05), ("redis-server", 0.01)],
+                    &[("checkpointer", 0.01)],
+                    0.1,
+                ),
+                sample(
+                    1_100,
+                    &[("mariadbd", 0.02)],
+                    &[("autovacuum worker", 0.06)],
+                    0.0,
+                ),
+                sample(1_200, &[("mariadbd", 0.03), ("beam.smp", 0.01)], &[], 0.05),
             ],
             origin,
         );
-        assert!((seconds.outside(0) - 0.11).abs() < 1e-9);
+        assert!((seconds.others.total(0) - 0.11).abs() < 1e-9);
+        assert_eq!(seconds.others.busiest(0), "beam.smp 0.10");
+        assert_eq!(seconds.others.busiest(1), "mariadbd 0.05");
+        assert_eq!(seconds.background.busiest(1), "autovacuum worker 0.06");
+        assert!((seconds.idle(1) - 0.05).abs() < 1e-9);
         assert_eq!(
-            seconds.busiest(0).map(|(command, _)| command),
-            Some("beam.smp")
+            seconds.others.total(2),
+            0.0,
+            "no sample in the third second"
+        );
+        assert_eq!(seconds.others.busiest(2), "none");
+        let (writes, slowest) = seconds.disk(1);
+        assert_eq!(
+            writes,
+            DiskWrites {
+                writes: 200,
+                milliseconds: 230
+            }
         );
         assert_eq!(
-            seconds.busiest(1).map(|(command, _)| command),
-            Some("mariadbd")
+            slowest.mean_ms(),
+            1.2,
+            "the sample at 1.2 s: 120 ms for 100 writes"
         );
-        assert!((seconds.idle[1] - 0.05).abs() < 1e-9);
-        assert_eq!(seconds.outside(2), 0.0, "no sample in the third second");
-        assert_eq!(seconds.busiest(2), None);
+    }
+
+    #[test]
+    fn the_disks_writes_are_read_from_the_devices() {
+        let disk = DiskWrites::read();
+        let later = DiskWrites::read();
+        assert!(later.writes >= disk.writes);
+        assert_eq!(later.since(disk).writes, later.writes - disk.writes);
+        assert_eq!(DiskWrites::default().mean_ms(), 0.0, "no writes, no mean");
+    }
+
+    #[test]
+    fn a_postgres_background_process_is_told_from_a_backend_by_its_title() {
+        assert_eq!(
+            background_kind("postgres: autovacuum worker whist_load_1\0"),
+            Some("autovacuum worker")
+        );
+        assert_eq!(
+            background_kind("postgres: checkpointer "),
+            Some("checkpointer")
+        );
+        assert_eq!(background_kind("postgres: walwriter "), Some("walwriter"));
+        assert_eq!(
+            background_kind("postgres: postgres whist_load_1 127.0.0.1(40312) idle"),
+            None,
+            "a backend serving a connection"
+        );
+        assert_eq!(
+            background_kind("/usr/lib/postgresql/15/bin/postgres\0-D\0/tmp/data"),
+            None,
+            "the server itself"
+        );
+        assert_eq!(postgres_background_kind(std::process::id()), None);
     }
 
     #[test]

@@ -23,7 +23,7 @@ mod phases;
 mod series;
 
 use measures::{
-    metric_total, postgres_server_pid, print_per_assign, CpuTimes, OtherProcesses, Statements,
+    metric_total, print_per_assign, CpuTimes, LoadProcesses, OtherProcesses, Statements,
 };
 use phases::{AssignLoad, Phase};
 use series::{compare_runs, RunSummary};
@@ -409,9 +409,7 @@ async fn load(
     let server_pids: Vec<u32> = servers.iter().map(|server| server.0.id()).collect();
     let users = Users::new(options.clients);
     // The load's processes: the machine's others' CPU is told apart from theirs.
-    let mut load_processes = server_pids.clone();
-    load_processes.push(std::process::id());
-    load_processes.extend(postgres_server_pid(&database).await);
+    let load_processes = LoadProcesses::find(&server_pids, &database).await;
     // Statements per assign, where Postgres keeps statement statistics.
     Statements::enable(&database).await;
     let load = AssignLoad {

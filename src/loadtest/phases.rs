@@ -8,7 +8,8 @@ use whist_adapters::store::Database;
 use whist_adapters::tokens::{Purpose, Tokens};
 
 use super::measures::{
-    metric_sum, metric_total, CpuTimes, NeighbourSeconds, Neighbours, OtherProcesses, Statements,
+    metric_sum, metric_total, CpuTimes, LoadProcesses, NeighbourSeconds, Neighbours,
+    OtherProcesses, Statements,
 };
 use super::series::ClosedFigures;
 use super::{Users, SHED_RETRY};
@@ -100,10 +101,33 @@ struct OpenLoopFigures {
     neighbours: Option<NeighbourSeconds>,
     /// Slow answers in a second that make it worth naming the busiest other process: 1% of the second's sends.
     notable: u64,
+    /// What the servers still had to do of the load before the open loop, and how long it took them.
+    settled: Settled,
 }
+
+/// What the servers still had to do as an open loop was about to begin (the tail of the closed loop before it, or
+/// of the fleet's registration), and how long the open loop waited for it.
+#[derive(Debug, Clone, Copy)]
+struct Settled {
+    /// Events the slowest projection had still to apply.
+    behind: i64,
+    /// Side effects the reconciler had not carried out yet.
+    jobs: i64,
+    took: Duration,
+}
+
+/// How long an open loop waits at most for the servers to settle (see [`AssignLoad::settle`]).
+const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 
 impl OpenLoopFigures {
     fn print(&self) {
+        println!(
+            "{:<36} {:>11.0} ms (projections {} events behind, {} jobs waiting)",
+            "settled before the schedule in",
+            self.settled.took.as_secs_f64() * 1000.0,
+            self.settled.behind,
+            self.settled.jobs
+        );
         println!(
             "{:<36} {:>14}",
             "most assigns in flight", self.most_in_flight
@@ -280,8 +304,8 @@ pub(super) struct AssignLoad<'a> {
     pub(super) bases: &'a [String],
     pub(super) tokens: &'a Tokens,
     pub(super) users: &'a Users,
-    /// The servers, the load generator and the load's Postgres (see [`OtherProcesses`]).
-    pub(super) load_processes: &'a [u32],
+    /// The servers, the load generator and the load's Postgres, told from the machine's other processes.
+    pub(super) load_processes: &'a LoadProcesses,
     pub(super) keep: bool,
     pub(super) seconds: u64,
 }
@@ -338,13 +362,14 @@ impl AssignLoad<'_> {
         let tally = Arc::new(Tally::default());
         let in_flight = Arc::new(AtomicU64::new(0));
         let mut most_in_flight = 0;
+        let settled = self.settle().await?;
         let before = self.before(server_pids).await;
         // The schedule is kept by a thread of its own, which sleeps to each send time with the operating system's
         // precision (tens of microseconds) and hands the send to the runtime: tokio's timers fire on whole
         // milliseconds, which would make most sends up to a millisecond late and add that to every answer time.
         let first = std::time::Instant::now() + Duration::from_millis(20);
         let schedule_began = chrono::Utc::now() + chrono::Duration::milliseconds(20);
-        let neighbours = Neighbours::sample(self.load_processes.to_vec(), first);
+        let neighbours = Neighbours::sample(self.load_processes.clone(), first);
         let (pace, mut due) = tokio::sync::mpsc::unbounded_channel::<(u64, std::time::Instant)>();
         let pacer = std::thread::spawn(move || {
             for index in 0..total {
@@ -400,9 +425,37 @@ impl AssignLoad<'_> {
             schedule_began,
             neighbours,
             notable: (rate / 100.0).ceil() as u64,
+            settled,
         };
         self.finish(&tally, latencies, before, server_pids, Some(open))
             .await
+    }
+
+    /// Waits, up to [`SETTLE_LIMIT`], until the servers have done what the load so far left them: every projection
+    /// at the log's head and no side effect waiting. A closed loop leaves a tail of events to project and jobs to
+    /// carry out; an open loop begun at once would measure how the servers recover from the closed loop's
+    /// saturation in its first second, not how they answer at its rate.
+    async fn settle(&self) -> anyhow::Result<Settled> {
+        let started = Instant::now();
+        let mut first = None;
+        loop {
+            let (behind, jobs): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT position FROM event_log_head WHERE id = 1) \
+                        - coalesce((SELECT min(position) FROM projection_checkpoints), 0), \
+                        (SELECT count(*) FROM jobs WHERE status IN ('pending', 'running'))",
+            )
+            .fetch_one(self.database.any())
+            .await?;
+            let (behind_first, jobs_first) = *first.get_or_insert((behind, jobs));
+            if (behind <= 0 && jobs == 0) || started.elapsed() >= SETTLE_LIMIT {
+                return Ok(Settled {
+                    behind: behind_first,
+                    jobs: jobs_first,
+                    took: started.elapsed(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// What the servers and the machine had counted as a phase starts.
