@@ -144,13 +144,7 @@ impl CpuTimes {
     pub(super) fn read(server_pids: &[u32]) -> Option<Self> {
         let ticks = clock_ticks();
         let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let fields: Vec<u64> = stat
-            .lines()
-            .next()?
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|field| field.parse().ok())
-            .collect();
+        let fields = machine_cpu_ticks(&stat)?;
         // user nice system idle iowait irq softirq steal: all but idle and iowait are busy.
         let busy: u64 = fields
             .iter()
@@ -194,15 +188,7 @@ impl CpuTimes {
 
 /// User plus system time of one process, in clock ticks (`/proc/PID/stat` fields 14 and 15).
 fn process_ticks(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces: count fields after its closing one.
-    let fields: Vec<&str> = stat
-        .get(stat.rfind(')')? + 1..)?
-        .split_whitespace()
-        .collect();
-    let user: u64 = fields.get(11)?.parse().ok()?;
-    let system: u64 = fields.get(12)?.parse().ok()?;
-    Some((user + system) as f64)
+    Some(ProcessTicks::read(pid)?.ticks as f64)
 }
 
 /// Clock ticks per second of `/proc`'s times (`getconf CLK_TCK`; 100 on Linux when that cannot run).
@@ -298,6 +284,24 @@ struct ProcessTicks {
     ticks: u64,
 }
 
+impl ProcessTicks {
+    fn read(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command (field 2) is in parentheses and may hold spaces: count the fields after its closing one
+        // (state, parent, ...; user and system time are the 12th and 13th).
+        let command = stat.get(stat.find('(')? + 1..stat.rfind(')')?)?.to_string();
+        let fields: Vec<&str> = stat
+            .get(stat.rfind(')')? + 1..)?
+            .split_whitespace()
+            .collect();
+        Some(Self {
+            command,
+            parent: fields.get(1)?.parse().ok()?,
+            ticks: fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?,
+        })
+    }
+}
+
 /// Every process's ticks, by pid.
 fn every_process() -> std::collections::HashMap<u32, ProcessTicks> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -306,24 +310,7 @@ fn every_process() -> std::collections::HashMap<u32, ProcessTicks> {
     entries
         .filter_map(|entry| {
             let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let command = stat.get(stat.find('(')? + 1..stat.rfind(')')?)?.to_string();
-            // After the command: state, parent, ...; user and system time are the 12th and 13th.
-            let fields: Vec<&str> = stat
-                .get(stat.rfind(')')? + 1..)?
-                .split_whitespace()
-                .collect();
-            let parent = fields.get(1)?.parse().ok()?;
-            let ticks =
-                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-            Some((
-                pid,
-                ProcessTicks {
-                    command,
-                    parent,
-                    ticks,
-                },
-            ))
+            Some((pid, ProcessTicks::read(pid)?))
         })
         .collect()
 }
@@ -412,27 +399,23 @@ impl OtherProcesses {
     }
 }
 
-/// The machine's idle and I/O-wait time, in clock ticks (`/proc/stat`'s first line).
+/// The machine's idle and I/O-wait time, in clock ticks.
 fn machine_idle_ticks() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|field| field.parse().ok())
-        .collect();
+    let fields = machine_cpu_ticks(&std::fs::read_to_string("/proc/stat").ok()?)?;
     Some(fields.get(3)? + fields.get(4)?)
 }
 
-/// The parent of `pid` (`/proc/PID/stat`'s fourth field).
-fn parent_pid(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.get(stat.rfind(')')? + 1..)?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+/// The machine's CPU times, in clock ticks, from `/proc/stat`'s first line: user, nice, system, idle, iowait, irq,
+/// softirq, steal, ...
+fn machine_cpu_ticks(stat: &str) -> Option<Vec<u64>> {
+    Some(
+        stat.lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|field| field.parse().ok())
+            .collect(),
+    )
 }
 
 /// The load's Postgres server process (the parent of a backend), where Postgres runs on this machine.
@@ -441,7 +424,7 @@ async fn postgres_server_pid(database: &Database) -> Option<u32> {
         .fetch_one(database.any())
         .await
         .ok()?;
-    parent_pid(u32::try_from(backend).ok()?)
+    Some(ProcessTicks::read(u32::try_from(backend).ok()?)?.parent)
 }
 
 impl Neighbours {
@@ -732,7 +715,7 @@ mod tests {
             .get(&std::process::id())
             .expect("this process is in /proc");
         assert!(own.ticks > 0, "50 ms of CPU spent");
-        assert_eq!(Some(own.parent), parent_pid(std::process::id()));
+        assert_eq!(own.parent, std::os::unix::process::parent_id());
         assert!(processes.len() > 1, "the parent at least");
     }
 
