@@ -97,7 +97,8 @@ struct OpenLoopFigures {
     slow_by_second: Vec<u64>,
     /// When the schedule began (UTC), to find a stall's second in other logs (Postgres's, the servers').
     schedule_began: chrono::DateTime<chrono::Utc>,
-    /// What the machine's other processes took in each second (`None` where `/proc` cannot be read).
+    /// What the machine's other processes, the load's Postgres's background processes and the disks did in each
+    /// second (`None` where the sampler failed).
     neighbours: Option<NeighbourSeconds>,
     /// Slow answers in a second that make it worth naming the busiest other process: 1% of the second's sends.
     notable: u64,
@@ -114,6 +115,8 @@ struct Settled {
     /// Side effects the reconciler had not carried out yet.
     jobs: i64,
     took: Duration,
+    /// `false` when [`SETTLE_LIMIT`] ran out first.
+    reached: bool,
 }
 
 /// How long an open loop waits at most for the servers to settle (see [`AssignLoad::settle`]).
@@ -122,11 +125,16 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 impl OpenLoopFigures {
     fn print(&self) {
         println!(
-            "{:<36} {:>11.0} ms (projections {} events behind, {} jobs waiting)",
+            "{:<36} {:>11.0} ms (projections {} events behind, {} jobs waiting{})",
             "settled before the schedule in",
             self.settled.took.as_secs_f64() * 1000.0,
             self.settled.behind,
-            self.settled.jobs
+            self.settled.jobs,
+            if self.settled.reached {
+                ""
+            } else {
+                "; still not settled: the schedule began anyway"
+            }
         );
         println!(
             "{:<36} {:>14}",
@@ -447,11 +455,13 @@ impl AssignLoad<'_> {
             .fetch_one(self.database.any())
             .await?;
             let (behind_first, jobs_first) = *first.get_or_insert((behind, jobs));
-            if (behind <= 0 && jobs == 0) || started.elapsed() >= SETTLE_LIMIT {
+            let reached = behind <= 0 && jobs == 0;
+            if reached || started.elapsed() >= SETTLE_LIMIT {
                 return Ok(Settled {
                     behind: behind_first,
                     jobs: jobs_first,
                     took: started.elapsed(),
+                    reached,
                 });
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
