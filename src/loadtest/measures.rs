@@ -168,10 +168,10 @@ impl CpuTimes {
             switches,
             server: server_pids
                 .iter()
-                .map(|pid| process_ticks(*pid))
+                .map(|pid| Some(ProcessTicks::read(*pid)?.ticks as f64))
                 .sum::<Option<f64>>()?
                 / ticks,
-            generator: process_ticks(std::process::id())? / ticks,
+            generator: ProcessTicks::read(std::process::id())?.ticks as f64 / ticks,
         })
     }
 
@@ -186,21 +186,19 @@ impl CpuTimes {
     }
 }
 
-/// User plus system time of one process, in clock ticks (`/proc/PID/stat` fields 14 and 15).
-fn process_ticks(pid: u32) -> Option<f64> {
-    Some(ProcessTicks::read(pid)?.ticks as f64)
-}
-
-/// Clock ticks per second of `/proc`'s times (`getconf CLK_TCK`; 100 on Linux when that cannot run).
+/// Clock ticks per second of `/proc`'s times (`getconf CLK_TCK`, run once; 100 on Linux when that cannot run).
 fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|output| String::from_utf8(output.stdout).ok())
-        .and_then(|text| text.trim().parse::<f64>().ok())
-        .filter(|ticks| *ticks > 0.0)
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|output| String::from_utf8(output.stdout).ok())
+            .and_then(|text| text.trim().parse::<f64>().ok())
+            .filter(|ticks| *ticks > 0.0)
+            .unwrap_or(100.0)
+    })
 }
 
 /// How often [`Neighbours`] looks at every process: a neighbour's burst that stalls the load lasts 200-300 ms here.
@@ -499,37 +497,27 @@ impl Neighbours {
     }
 }
 
-/// CPU seconds by name (a command, a kind of Postgres process) in each second.
+/// CPU seconds by name: a command, or a kind of Postgres process.
 #[derive(Default)]
-struct BySecond(Vec<std::collections::HashMap<String, f64>>);
+struct Spent(std::collections::BTreeMap<String, f64>);
 
-impl BySecond {
-    fn add(&mut self, second: usize, spent: &std::collections::HashMap<String, f64>) {
-        if self.0.len() <= second {
-            self.0
-                .resize_with(second + 1, std::collections::HashMap::new);
-        }
+impl Spent {
+    fn add(&mut self, spent: &std::collections::HashMap<String, f64>) {
         for (name, seconds) in spent {
-            *self.0[second].entry(name.clone()).or_insert(0.0) += seconds;
+            *self.0.entry(name.clone()).or_insert(0.0) += seconds;
         }
     }
 
-    /// The cores taken in `second`.
-    fn total(&self, second: usize) -> f64 {
-        self.0.get(second).map_or(0.0, |spent| {
-            spent.values().fold(0.0, |sum, seconds| sum + seconds)
-        })
+    /// The CPU seconds taken in all (the cores, over a second).
+    fn total(&self) -> f64 {
+        self.0.values().fold(0.0, |sum, seconds| sum + seconds)
     }
 
-    /// What took most in `second`, with what it took, as `name 0.12`; `none` when nothing took any.
-    fn busiest(&self, second: usize) -> String {
+    /// What took most, with what it took, as `name 0.12`; `none` when nothing took any.
+    fn busiest(&self) -> String {
         self.0
-            .get(second)
-            .and_then(|spent| {
-                spent
-                    .iter()
-                    .max_by(|a, b| a.1.total_cmp(b.1).then_with(|| b.0.cmp(a.0)))
-            })
+            .iter()
+            .max_by(|a, b| a.1.total_cmp(b.1).then_with(|| b.0.cmp(a.0)))
             .map_or_else(
                 || "none".to_string(),
                 |(name, seconds)| format!("{name} {seconds:.2}"),
@@ -537,52 +525,61 @@ impl BySecond {
     }
 }
 
-/// What the machine's other processes and the load's Postgres's background processes took, and what the machine
-/// left idle, in each second of an open loop.
-pub(super) struct NeighbourSeconds {
-    others: BySecond,
-    background: BySecond,
-    idle: Vec<f64>,
-    /// The disks' writes in each second, and those of its sample whose writes took longest on average.
-    disk: Vec<(DiskWrites, DiskWrites)>,
+/// What the machine did in one second of an open loop: its samples summed.
+#[derive(Default)]
+struct Second {
+    others: Spent,
+    background: Spent,
+    idle: f64,
+    disk: DiskWrites,
+    /// The writes of the second's sample whose writes took longest on average.
+    slowest: DiskWrites,
 }
+
+/// What the machine's other processes and the load's Postgres's background processes took, what the machine left
+/// idle, and what its disks wrote, in each second of an open loop.
+pub(super) struct NeighbourSeconds(Vec<Second>);
 
 impl NeighbourSeconds {
     fn of(samples: &[Sample], origin: std::time::Instant) -> Self {
-        let mut seconds = Self {
-            others: BySecond::default(),
-            background: BySecond::default(),
-            idle: Vec::new(),
-            disk: Vec::new(),
-        };
+        let mut seconds: Vec<Second> = Vec::new();
         for sample in samples {
             let Some(since) = sample.at.checked_duration_since(origin) else {
                 continue;
             };
-            let second = since.as_secs() as usize;
-            seconds.others.add(second, &sample.outside);
-            seconds.background.add(second, &sample.background);
-            if seconds.idle.len() <= second {
-                seconds.idle.resize(second + 1, 0.0);
-                seconds.disk.resize(second + 1, Default::default());
+            let index = since.as_secs() as usize;
+            if seconds.len() <= index {
+                seconds.resize_with(index + 1, Second::default);
             }
-            seconds.idle[second] += sample.idle;
-            let (all, slowest) = &mut seconds.disk[second];
-            all.writes += sample.disk.writes;
-            all.milliseconds += sample.disk.milliseconds;
-            if sample.disk.mean_ms() > slowest.mean_ms() {
-                *slowest = sample.disk;
+            let second = &mut seconds[index];
+            second.others.add(&sample.outside);
+            second.background.add(&sample.background);
+            second.idle += sample.idle;
+            second.disk.writes += sample.disk.writes;
+            second.disk.milliseconds += sample.disk.milliseconds;
+            if sample.disk.mean_ms() > second.slowest.mean_ms() {
+                second.slowest = sample.disk;
             }
         }
-        seconds
+        Self(seconds)
     }
 
-    fn idle(&self, second: usize) -> f64 {
-        self.idle.get(second).copied().unwrap_or(0.0)
-    }
-
-    fn disk(&self, second: usize) -> (DiskWrites, DiskWrites) {
-        self.disk.get(second).copied().unwrap_or_default()
+    /// The `index`th second; an empty one past the last sample.
+    fn second(&self, index: usize) -> &Second {
+        const NOTHING: &Second = &Second {
+            others: Spent(std::collections::BTreeMap::new()),
+            background: Spent(std::collections::BTreeMap::new()),
+            idle: 0.0,
+            disk: DiskWrites {
+                writes: 0,
+                milliseconds: 0,
+            },
+            slowest: DiskWrites {
+                writes: 0,
+                milliseconds: 0,
+            },
+        };
+        self.0.get(index).unwrap_or(NOTHING)
     }
 
     /// Prints, by second, the other processes' cores, the load's Postgres's background cores and the machine's idle
@@ -598,40 +595,46 @@ impl NeighbourSeconds {
         println!(
             "{:<36} {:>14}",
             "other processes' cores, by second",
-            by_second(&|second| self.others.total(second))
+            by_second(&|second| self.second(second).others.total())
         );
         println!(
             "{:<36} {:>14}",
             "Postgres background cores, by second",
-            by_second(&|second| self.background.total(second))
+            by_second(&|second| self.second(second).background.total())
         );
         println!(
             "{:<36} {:>14}",
             "idle cores, by second",
-            by_second(&|second| self.idle(second))
+            by_second(&|second| self.second(second).idle)
         );
         // The slowest 100 ms rather than the second's mean: a moment of slow writes is what stalls the commits, and
         // a second's mean dilutes it.
         println!(
             "{:<36} {:>14}",
             "disk ms a write, worst 100 ms",
-            by_second(&|second| self.disk(second).1.mean_ms())
+            by_second(&|second| self.second(second).slowest.mean_ms())
         );
         for (second, count) in slow_by_second.iter().enumerate() {
             if *count < notable.max(1) {
                 continue;
             }
-            let (writes, slowest) = self.disk(second);
+            let Second {
+                others,
+                background,
+                idle,
+                disk,
+                slowest,
+            } = self.second(second);
             println!(
                 "  second {second}: {count} answers {slow}; other processes {:.2} cores (most: {}), Postgres \
                  background {:.2} (most: {}), idle {:.2}; disk writes {} at {:.2} ms, slowest {} ms at {:.2} ms",
-                self.others.total(second),
-                self.others.busiest(second),
-                self.background.total(second),
-                self.background.busiest(second),
-                self.idle(second),
-                writes.writes,
-                writes.mean_ms(),
+                others.total(),
+                others.busiest(),
+                background.total(),
+                background.busiest(),
+                idle,
+                disk.writes,
+                disk.mean_ms(),
                 NEIGHBOUR_SAMPLE.as_millis(),
                 slowest.mean_ms(),
             );
@@ -762,20 +765,27 @@ mod tests {
             ],
             origin,
         );
-        assert!((seconds.others.total(0) - 0.11).abs() < 1e-9);
-        assert_eq!(seconds.others.busiest(0), "beam.smp 0.10");
-        assert_eq!(seconds.others.busiest(1), "mariadbd 0.05");
-        assert_eq!(seconds.background.busiest(1), "autovacuum worker 0.06");
-        assert!((seconds.idle(1) - 0.05).abs() < 1e-9);
+        assert!((seconds.second(0).others.total() - 0.11).abs() < 1e-9);
+        assert_eq!(seconds.second(0).others.busiest(), "beam.smp 0.10");
+        assert_eq!(seconds.second(1).others.busiest(), "mariadbd 0.05");
         assert_eq!(
-            seconds.others.total(2),
+            seconds.second(1).background.busiest(),
+            "autovacuum worker 0.06"
+        );
+        assert!((seconds.second(1).idle - 0.05).abs() < 1e-9);
+        assert_eq!(
+            seconds.second(2).others.total(),
             0.0,
             "no sample in the third second"
         );
-        assert_eq!(seconds.others.busiest(2), "none");
-        let (writes, slowest) = seconds.disk(1);
+        assert_eq!(seconds.second(2).others.busiest(), "none");
+        let Second {
+            disk: writes,
+            slowest,
+            ..
+        } = seconds.second(1);
         assert_eq!(
-            writes,
+            *writes,
             DiskWrites {
                 writes: 200,
                 milliseconds: 230

@@ -569,10 +569,9 @@ impl JobsSignal {
 
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-
-    use std::borrow::Cow;
 
     use super::{LogWatermark, LoggedEvent, RecentEvents};
 
