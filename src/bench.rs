@@ -545,6 +545,122 @@ pub fn pgbench_one_row_insert(url: &str, clients: usize, seconds: u64) -> anyhow
         .context("pgbench printed no tps line")
 }
 
+/// What Postgres alone answered at a fixed rate ([`pgbench_at_rate`]).
+pub struct RateControl {
+    /// Each transaction's time from its scheduled start, in the order of the schedule.
+    pub answers: Vec<Duration>,
+    /// Rows each transaction inserted.
+    pub rows: u64,
+    /// WAL written per transaction, as Postgres counted it over the run.
+    pub wal_per_transaction: f64,
+}
+
+/// WAL one row of [`pgbench_at_rate`]'s script writes, a key of 32 characters and 448 of payload with two b-tree
+/// indexes (Postgres 15: 6,772 B for a transaction of nine rows); the script inserts as many rows as make the WAL
+/// asked for.
+const CONTROL_ROW_WAL: f64 = 750.0;
+
+/// Postgres alone at `rate` transactions a second for `seconds` (pgbench `--rate`, whose latencies are timed from
+/// each transaction's scheduled start, like the load's open loop), each transaction inserting as many rows as write
+/// about `wal_per_transaction` bytes of WAL: the machine's own answer times for the writes an assign makes, at the
+/// assigns' rate, measured in the same run.
+///
+/// # Errors
+/// pgbench is missing or failed, or the database could not be reached.
+pub async fn pgbench_at_rate(
+    url: &str,
+    rate: f64,
+    seconds: u64,
+    clients: usize,
+    wal_per_transaction: f64,
+) -> anyhow::Result<RateControl> {
+    let rows = ((wal_per_transaction / CONTROL_ROW_WAL).round() as u64).max(1);
+    let pool = PgPoolOptions::new().max_connections(1).connect(url).await?;
+    pool.execute(
+        "CREATE TABLE IF NOT EXISTS pgbench_at_rate (id bigserial PRIMARY KEY, k text NOT NULL, payload text NOT NULL); \
+         CREATE INDEX IF NOT EXISTS pgbench_at_rate_k ON pgbench_at_rate (k)",
+    )
+    .await?;
+    let wal = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8";
+    let wal_before: f64 = sqlx::query_scalar(wal).fetch_one(&pool).await?;
+    let directory = std::env::temp_dir().join(format!("whist-pgbench-rate-{}", std::process::id()));
+    std::fs::create_dir_all(&directory)?;
+    let script = directory.join("script.sql");
+    std::fs::write(
+        &script,
+        format!(
+            "INSERT INTO pgbench_at_rate (k, payload) SELECT md5(random()::text), repeat(md5(random()::text), 14) \
+             FROM generate_series(1, {rows});\n"
+        ),
+    )?;
+    let output = std::process::Command::new("pgbench")
+        .arg("-n")
+        .arg("-f")
+        .arg(&script)
+        .arg("-c")
+        .arg(clients.to_string())
+        .arg("-j")
+        .arg(clients.min(2).to_string())
+        .arg("-R")
+        .arg(format!("{rate:.0}"))
+        .arg("-T")
+        .arg(seconds.to_string())
+        .arg("-l")
+        .arg(format!("--log-prefix={}", directory.join("log").display()))
+        .arg(url)
+        .output()
+        .context("Failed to run pgbench (install postgresql-client)")?;
+    let wal_after: f64 = sqlx::query_scalar(wal).fetch_one(&pool).await?;
+    pool.close().await;
+    let mut logs = String::new();
+    for entry in std::fs::read_dir(&directory)? {
+        let path = entry?.path();
+        if path
+            .file_name()
+            .is_some_and(|name| name.to_string_lossy().starts_with("log."))
+        {
+            logs.push_str(&std::fs::read_to_string(&path)?);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&directory);
+    if !output.status.success() {
+        anyhow::bail!(
+            "pgbench failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let answers = scheduled_answers(&logs);
+    Ok(RateControl {
+        wal_per_transaction: (wal_after - wal_before) / (answers.len().max(1) as f64),
+        answers,
+        rows,
+    })
+}
+
+/// Each transaction's time from its scheduled start, in the order of the schedule, from pgbench's per-transaction
+/// logs (`client transaction time_us script epoch_s epoch_us lag_us`: under `--rate` the time counts from the
+/// scheduled start, and the epoch is the transaction's end).
+fn scheduled_answers(logs: &str) -> Vec<Duration> {
+    let mut answers: Vec<(i64, Duration)> = logs
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<i64> = line
+                .split_whitespace()
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?;
+            let (took, seconds, micros) = (*fields.get(2)?, *fields.get(4)?, *fields.get(5)?);
+            let ended = seconds * 1_000_000 + micros;
+            Some((
+                ended - took,
+                Duration::from_micros(u64::try_from(took).ok()?),
+            ))
+        })
+        .collect();
+    answers.sort_by_key(|(scheduled, _)| *scheduled);
+    answers.into_iter().map(|(_, took)| took).collect()
+}
+
 /// Fills the log with `count` probe events across `count / 10` aggregates, positions already given, as fast as
 /// Postgres can insert them (the rebuild is what is measured, not this).
 async fn load_synthetic_log(pool: &sqlx::PgPool, count: i64) -> anyhow::Result<i64> {
@@ -603,7 +719,26 @@ fn replace_database(url: &str, database: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::replace_database;
+    use std::time::Duration;
+
+    use super::{replace_database, scheduled_answers};
+
+    #[test]
+    fn pgbench_answers_come_in_the_order_of_their_schedule() {
+        // Two clients' logs: the second client's transaction was scheduled first (ended later, took longer).
+        let logs = "0 1 2000 0 100 5000 10\n\
+                    0 2 1000 0 100 9000 0\n\
+                    1 1 4500 0 100 5500 300\n\
+                    not a log line\n";
+        assert_eq!(
+            scheduled_answers(logs),
+            [
+                Duration::from_micros(4500),
+                Duration::from_micros(2000),
+                Duration::from_micros(1000)
+            ]
+        );
+    }
 
     #[test]
     fn the_benchmark_database_replaces_the_one_in_the_url() {

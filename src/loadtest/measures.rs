@@ -112,6 +112,54 @@ impl Statements {
     }
 }
 
+/// What the load's Postgres wrote to its WAL and how many checkpoints it began, as counted at a phase's turn.
+///
+/// Every commit waits for its WAL to reach the disk, and a checkpoint (begun each time the WAL grows by some half of
+/// `max_wal_size`) writes the data pages out behind it: what an assign writes decides how often the disk is busy
+/// under the commits.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct WalWritten {
+    bytes: i64,
+    checkpoints: i64,
+}
+
+impl WalWritten {
+    /// The WAL's position and the checkpoints begun so far (the whole server's: other databases' writes count
+    /// too); `None` where they cannot be read.
+    pub(super) async fn read(database: &Database) -> Option<Self> {
+        let (bytes, checkpoints): (i64, i64) = sqlx::query_as(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint, \
+                    (checkpoints_timed + checkpoints_req)::bigint FROM pg_stat_bgwriter",
+        )
+        .fetch_one(database.any())
+        .await
+        .ok()?;
+        Some(Self { bytes, checkpoints })
+    }
+
+    pub(super) fn since(self, earlier: Self) -> Self {
+        Self {
+            bytes: self.bytes - earlier.bytes,
+            checkpoints: self.checkpoints - earlier.checkpoints,
+        }
+    }
+
+    /// Bytes written per one of `count` things done.
+    pub(super) fn bytes_per(self, count: f64) -> f64 {
+        self.bytes as f64 / count.max(1.0)
+    }
+
+    pub(super) fn print(self, assigns: f64, seconds: f64) {
+        println!(
+            "{:<36} {:>12.0} B ({:.1} MB/s; checkpoints begun: {})",
+            "WAL written per assign",
+            self.bytes_per(assigns),
+            self.bytes as f64 / 1e6 / seconds.max(1e-9),
+            self.checkpoints
+        );
+    }
+}
+
 /// Every series of `name` (any labels) summed over several servers' metrics.
 pub(super) fn metric_sum(texts: &[String], name: &str) -> f64 {
     texts

@@ -522,6 +522,14 @@ async fn load(
         .map(|(after, before)| after.since(&before).machine);
     let others_in_pgbench = OtherProcesses::read(&load_processes).since(&others_before);
     let cpu_per_insert = pgbench_cpu.map(|machine| machine / (pgbench * pgbench_elapsed).max(1.0));
+    // Postgres alone at the open loop's rate, each transaction writing about what an assign wrote: the machine's own
+    // answer times for those writes, measured in the same run, to read the open loop's against.
+    let control = match (open.as_ref().and_then(Phase::wal_per_assign), open_rate) {
+        (Some(wal), Some(rate)) => Some(
+            crate::bench::pgbench_at_rate(url, rate, options.seconds, options.clients, wal).await?,
+        ),
+        _ => None,
+    };
     let threads = settings
         .iter()
         .find(|(key, _)| key == WORKER_THREADS)
@@ -554,6 +562,9 @@ async fn load(
             "-- open loop: {rate:.0} assigns/s sent on schedule ({what}); answer time from the scheduled send --"
         );
         phase.print(cpu_per_insert, "answer");
+        if let (Some(control), Some(wal)) = (&control, phase.wal_per_assign()) {
+            phases::print_rate_control(control, rate, phase.percentile(0.99), wal);
+        }
     }
     println!("-- heartbeats, {} senders --", options.clients);
     println!("{:<36} {:>12.0}/s", "heartbeats ingested", heartbeat_rate);

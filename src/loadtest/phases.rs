@@ -9,7 +9,7 @@ use whist_adapters::tokens::{Purpose, Tokens};
 
 use super::measures::{
     metric_sum, metric_total, CpuTimes, LoadProcesses, NeighbourSeconds, Neighbours,
-    OtherProcesses, Statements,
+    OtherProcesses, Statements, WalWritten,
 };
 use super::series::ClosedFigures;
 use super::{Users, SHED_RETRY};
@@ -84,6 +84,8 @@ pub(super) struct Phase {
     open: Option<OpenLoopFigures>,
     /// Statements the server processes ran over the phase (`pg_stat_statements`), when Postgres keeps them.
     statements: Option<Statements>,
+    /// What the load's Postgres wrote to its WAL over the phase.
+    wal: Option<WalWritten>,
 }
 
 /// What only an open loop measures: how its sends kept to the schedule, and in which seconds its answers were slow.
@@ -95,6 +97,9 @@ struct OpenLoopFigures {
     /// Answers slower than [`SLOW_ANSWER`] (the p99 target), by second of the schedule. A stall shows as a second or
     /// two of many; a rate above what the servers sustain, as counts that grow to the end.
     slow_by_second: Vec<u64>,
+    /// The p99 of each [`WINDOW`] of the schedule, in milliseconds (an open loop longer than one window): how much
+    /// of the whole loop's p99 a single stall decides.
+    p99_by_window: Vec<f64>,
     /// When the schedule began (UTC), to find a stall's second in other logs (Postgres's, the servers').
     schedule_began: chrono::DateTime<chrono::Utc>,
     /// What the machine's other processes, the load's Postgres's background processes and the disks did in each
@@ -153,6 +158,18 @@ impl OpenLoopFigures {
             by_second.join(" "),
             self.schedule_began.format("%H:%M:%S%.3f")
         );
+        if self.p99_by_window.len() > 1 {
+            let by_window: Vec<String> = self
+                .p99_by_window
+                .iter()
+                .map(|p99| format!("{p99:.1}"))
+                .collect();
+            println!(
+                "{:<36} {:>14}",
+                format!("p99 ms, by {} s of the schedule", WINDOW.as_secs()),
+                by_window.join(" ")
+            );
+        }
         if let Some(neighbours) = &self.neighbours {
             neighbours.print(
                 &self.slow_by_second,
@@ -182,6 +199,12 @@ impl Phase {
         self.assigned as f64 / self.elapsed.max(1e-9)
     }
 
+    /// WAL the load's Postgres wrote per assign answered over the phase, where it could be read.
+    pub(super) fn wal_per_assign(&self) -> Option<f64> {
+        self.wal
+            .map(|wal| wal.bytes_per(self.assigned.max(1) as f64))
+    }
+
     pub(super) fn figures(&self) -> ClosedFigures {
         ClosedFigures {
             rate: self.rate(),
@@ -196,7 +219,7 @@ impl Phase {
         }
     }
 
-    fn percentile(&self, fraction: f64) -> f64 {
+    pub(super) fn percentile(&self, fraction: f64) -> f64 {
         percentile_ms(&self.latencies, fraction)
     }
 
@@ -239,6 +262,9 @@ impl Phase {
                 "{:<36} {:>14}",
                 "statements per assign", "n/a (no pg_stat_statements)"
             ),
+        }
+        if let Some(wal) = self.wal {
+            wal.print(self.assigned as f64, self.elapsed);
         }
         if let Some(open) = &self.open {
             open.print();
@@ -299,6 +325,7 @@ struct Before {
     /// Assigns decided more than once, and all assigns, as the servers had counted them.
     retries: (f64, f64),
     statements: Option<Statements>,
+    wal: Option<WalWritten>,
     cpu: Option<CpuTimes>,
     others: OtherProcesses,
     started: Instant,
@@ -430,6 +457,7 @@ impl AssignLoad<'_> {
             lateness,
             most_in_flight,
             slow_by_second: slow_by_second(&times, rate, SLOW_ANSWER),
+            p99_by_window: p99_by_window(&times, rate),
             schedule_began,
             neighbours,
             notable: (rate / 100.0).ceil() as u64,
@@ -472,9 +500,11 @@ impl AssignLoad<'_> {
     async fn before(&self, server_pids: &[u32]) -> Before {
         let retries = self.retries().await;
         let statements = Statements::read(self.database).await;
+        let wal = WalWritten::read(self.database).await;
         Before {
             retries,
             statements,
+            wal,
             cpu: CpuTimes::read(server_pids),
             others: OtherProcesses::read(self.load_processes),
             started: Instant::now(),
@@ -499,6 +529,10 @@ impl AssignLoad<'_> {
             .await
             .zip(before.statements)
             .map(|(after, earlier)| after.since(&earlier));
+        let wal = WalWritten::read(self.database)
+            .await
+            .zip(before.wal)
+            .map(|(after, earlier)| after.since(earlier));
         let (retried, counted) = self.retries().await;
         let (retried_before, counted_before) = before.retries;
         let (latencies, with_retries) = answer_times(&answers);
@@ -517,6 +551,7 @@ impl AssignLoad<'_> {
             counted: counted - counted_before,
             open,
             statements,
+            wal,
         })
     }
 
@@ -553,6 +588,68 @@ fn slow_by_second(answers: &[Duration], rate: f64, slow: Duration) -> Vec<u64> {
         }
     }
     counts
+}
+
+/// The stretch of an open loop's schedule whose own p99 the report gives (see [`p99_by_window`]).
+const WINDOW: Duration = Duration::from_secs(10);
+
+/// Of an open loop's answer times, in the order of their scheduled sends at `rate` per second, the p99 of each
+/// [`WINDOW`] of the schedule (the last one may be shorter), in milliseconds. A stall of a tenth of a second holds up
+/// about 1% of a ten-second window's answers on its own, and decides that window's p99; over a longer loop it is
+/// one window in several.
+fn p99_by_window(answers: &[Duration], rate: f64) -> Vec<f64> {
+    let per_window = ((rate * WINDOW.as_secs_f64()).round() as usize).max(1);
+    answers
+        .chunks(per_window)
+        .map(|window| {
+            let mut sorted = window.to_vec();
+            sorted.sort();
+            percentile_ms(&sorted, 0.99)
+        })
+        .collect()
+}
+
+/// Prints what Postgres alone answered at the open loop's `rate` ([`crate::bench::pgbench_at_rate`]) beside the open
+/// loop's own p99 and WAL per assign.
+pub(super) fn print_rate_control(
+    control: &crate::bench::RateControl,
+    rate: f64,
+    answer_p99: f64,
+    wal_per_assign: f64,
+) {
+    println!(
+        "-- Postgres alone at {rate:.0} transactions/s (pgbench --rate: {} rows a transaction, about an assign's WAL); \
+         time from the scheduled start --",
+        control.rows
+    );
+    let mut sorted = control.answers.clone();
+    sorted.sort();
+    println!("{:<36} {:>14}", "transactions", control.answers.len());
+    for (label, fraction) in [("p50", 0.50), ("p99", 0.99), ("p99.9", 0.999)] {
+        println!(
+            "{:<36} {:>11.1} ms",
+            format!("transaction {label}"),
+            percentile_ms(&sorted, fraction)
+        );
+    }
+    let by_window = p99_by_window(&control.answers, rate);
+    if by_window.len() > 1 {
+        let by_window: Vec<String> = by_window.iter().map(|p99| format!("{p99:.1}")).collect();
+        println!(
+            "{:<36} {:>14}",
+            format!("p99 ms, by {} s of the schedule", WINDOW.as_secs()),
+            by_window.join(" ")
+        );
+    }
+    println!(
+        "{:<36} {:>12.0} B (an assign: {:.0} B)",
+        "WAL written per transaction", control.wal_per_transaction, wal_per_assign
+    );
+    println!(
+        "{:<36} {:>13.2}x",
+        "assign answer p99 / Postgres alone's",
+        answer_p99 / percentile_ms(&sorted, 0.99).max(1e-9)
+    );
 }
 
 /// Each answer's time, sorted, and, when some were 429s, the same with each 429 a second later (when the desktop
@@ -602,6 +699,16 @@ mod tests {
         ];
         assert_eq!(slow_by_second(&answers, 4.0, ms(20)), [1, 2, 1]);
         assert_eq!(slow_by_second(&[], 4.0, ms(20)), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn each_window_of_the_schedule_has_its_own_p99() {
+        let ms = Duration::from_millis;
+        // One send a second: ten-second windows of ten answers, the second one with a stall, the last one short.
+        let mut answers = vec![ms(2); 25];
+        answers[14] = ms(80);
+        assert_eq!(p99_by_window(&answers, 1.0), [2.0, 80.0, 2.0]);
+        assert_eq!(p99_by_window(&[], 1.0), Vec::<f64>::new());
     }
 
     #[test]
