@@ -507,6 +507,23 @@ SELECT 'instance', $1, g,
     Ok((whole, from_snapshot[from_snapshot.len() / 2]))
 }
 
+/// pgbench running `script` (no vacuum first) over `clients` connections on at most two threads for `seconds`; the
+/// caller adds its own options and the database's URL.
+fn pgbench(script: &std::path::Path, clients: usize, seconds: u64) -> std::process::Command {
+    let mut command = std::process::Command::new("pgbench");
+    command
+        .arg("-n")
+        .arg("-f")
+        .arg(script)
+        .arg("-c")
+        .arg(clients.to_string())
+        .arg("-j")
+        .arg(clients.min(2).to_string())
+        .arg("-T")
+        .arg(seconds.to_string());
+    command
+}
+
 /// Runs pgbench with a one-row insert script at `clients` clients; returns its transactions per second.
 pub fn pgbench_one_row_insert(url: &str, clients: usize, seconds: u64) -> anyhow::Result<f64> {
     let script = std::env::temp_dir().join(format!("whist-pgbench-{}.sql", std::process::id()));
@@ -514,16 +531,7 @@ pub fn pgbench_one_row_insert(url: &str, clients: usize, seconds: u64) -> anyhow
         &script,
         "INSERT INTO pgbench_one_row (payload) VALUES ('{\"Incremented\":{\"by\":1,\"total\":1}}');\n",
     )?;
-    let output = std::process::Command::new("pgbench")
-        .arg("-n")
-        .arg("-f")
-        .arg(&script)
-        .arg("-c")
-        .arg(clients.to_string())
-        .arg("-j")
-        .arg(clients.min(2).to_string())
-        .arg("-T")
-        .arg(seconds.to_string())
+    let output = pgbench(&script, clients, seconds)
         .arg(url)
         .output()
         .context("Failed to run pgbench (install postgresql-client)")?;
@@ -593,18 +601,9 @@ pub async fn pgbench_at_rate(
              FROM generate_series(1, {rows});\n"
         ),
     )?;
-    let output = std::process::Command::new("pgbench")
-        .arg("-n")
-        .arg("-f")
-        .arg(&script)
-        .arg("-c")
-        .arg(clients.to_string())
-        .arg("-j")
-        .arg(clients.min(2).to_string())
+    let output = pgbench(&script, clients, seconds)
         .arg("-R")
         .arg(format!("{rate:.0}"))
-        .arg("-T")
-        .arg(seconds.to_string())
         .arg("-l")
         .arg(format!("--log-prefix={}", directory.join("log").display()))
         .arg(url)
