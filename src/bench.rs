@@ -607,21 +607,13 @@ pub async fn pgbench_at_rate(
         .arg("-l")
         .arg(format!("--log-prefix={}", directory.join("log").display()))
         .arg(url)
-        .output()
-        .context("Failed to run pgbench (install postgresql-client)")?;
+        .output();
+    let logs = read_logs(&directory);
+    let _ = std::fs::remove_dir_all(&directory);
+    let output = output.context("Failed to run pgbench (install postgresql-client)")?;
+    let logs = logs?;
     let wal_after: f64 = sqlx::query_scalar(wal).fetch_one(&pool).await?;
     pool.close().await;
-    let mut logs = String::new();
-    for entry in std::fs::read_dir(&directory)? {
-        let path = entry?.path();
-        if path
-            .file_name()
-            .is_some_and(|name| name.to_string_lossy().starts_with("log."))
-        {
-            logs.push_str(&std::fs::read_to_string(&path)?);
-        }
-    }
-    let _ = std::fs::remove_dir_all(&directory);
     if !output.status.success() {
         anyhow::bail!(
             "pgbench failed: {}",
@@ -634,6 +626,21 @@ pub async fn pgbench_at_rate(
         answers,
         rows,
     })
+}
+
+/// The per-transaction logs pgbench wrote into `directory` (`log.<pid>` and `log.<pid>.<thread>`), one after another.
+fn read_logs(directory: &std::path::Path) -> std::io::Result<String> {
+    let mut logs = String::new();
+    for entry in std::fs::read_dir(directory)? {
+        let path = entry?.path();
+        if path
+            .file_name()
+            .is_some_and(|name| name.to_string_lossy().starts_with("log."))
+        {
+            logs.push_str(&std::fs::read_to_string(&path)?);
+        }
+    }
+    Ok(logs)
 }
 
 /// Each transaction's time from its scheduled start, in the order of the schedule, from pgbench's per-transaction
