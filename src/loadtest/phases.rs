@@ -158,18 +158,7 @@ impl OpenLoopFigures {
             by_second.join(" "),
             self.schedule_began.format("%H:%M:%S%.3f")
         );
-        if self.p99_by_window.len() > 1 {
-            let by_window: Vec<String> = self
-                .p99_by_window
-                .iter()
-                .map(|p99| format!("{p99:.1}"))
-                .collect();
-            println!(
-                "{:<36} {:>14}",
-                format!("p99 ms, by {} s of the schedule", WINDOW.as_secs()),
-                by_window.join(" ")
-            );
-        }
+        print_p99_by_window(&self.p99_by_window);
         if let Some(neighbours) = &self.neighbours {
             neighbours.print(
                 &self.slow_by_second,
@@ -634,15 +623,7 @@ pub(super) fn print_rate_control(
             percentile_ms(&sorted, fraction)
         );
     }
-    let by_window = p99_by_window(&control.answers, rate);
-    if by_window.len() > 1 {
-        let by_window: Vec<String> = by_window.iter().map(|p99| format!("{p99:.1}")).collect();
-        println!(
-            "{:<36} {:>14}",
-            format!("p99 ms, by {} s of the schedule", WINDOW.as_secs()),
-            by_window.join(" ")
-        );
-    }
+    print_p99_by_window(&p99_by_window(&control.answers, rate));
     println!(
         "{:<36} {:>12.0} B (an assign: {:.0} B)",
         "WAL written per transaction", control.wal_per_transaction, wal_per_assign
@@ -652,6 +633,18 @@ pub(super) fn print_rate_control(
         "assign answer p99 / Postgres alone's",
         answer_p99 / percentile_ms(&sorted, 0.99).max(1e-9)
     );
+}
+
+/// Prints the p99 of each window of a schedule ([`p99_by_window`]), when there is more than one.
+fn print_p99_by_window(by_window: &[f64]) {
+    if by_window.len() > 1 {
+        let by_window: Vec<String> = by_window.iter().map(|p99| format!("{p99:.1}")).collect();
+        println!(
+            "{:<36} {:>14}",
+            format!("p99 ms, by {} s of the schedule", WINDOW.as_secs()),
+            by_window.join(" ")
+        );
+    }
 }
 
 /// Each answer's time, sorted, and, when some were 429s, the same with each 429 a second later (when the desktop
