@@ -113,7 +113,7 @@ struct OpenLoopFigures {
 
 /// What the servers still had to do as an open loop was about to begin (the tail of the closed loop before it, or
 /// of the fleet's registration), and how long the open loop waited for it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Settled {
     /// Events the slowest projection had still to apply.
     behind: i64,
@@ -122,6 +122,8 @@ struct Settled {
     took: Duration,
     /// `false` when [`SETTLE_LIMIT`] ran out first.
     reached: bool,
+    /// How long the `CHECKPOINT` after settling took, or why Postgres refused it.
+    checkpoint: Result<Duration, String>,
 }
 
 /// How long an open loop waits at most for the servers to settle (see [`AssignLoad::settle`]).
@@ -141,6 +143,17 @@ impl OpenLoopFigures {
                 "; still not settled: the schedule began anyway"
             }
         );
+        match &self.settled.checkpoint {
+            Ok(took) => println!(
+                "{:<36} {:>11.0} ms",
+                "then a checkpoint in",
+                took.as_secs_f64() * 1000.0
+            ),
+            Err(refused) => println!(
+                "{:<36} {:>14} ({refused}): the schedule inherits what the load before it left unwritten",
+                "then a checkpoint", "refused"
+            ),
+        }
         println!(
             "{:<36} {:>14}",
             "most assigns in flight", self.most_in_flight
@@ -459,7 +472,8 @@ impl AssignLoad<'_> {
     /// Waits, up to [`SETTLE_LIMIT`], until the servers have done what the load so far left them: every projection
     /// at the log's head and no side effect waiting. A closed loop leaves a tail of events to project and jobs to
     /// carry out; an open loop begun at once would measure how the servers recover from the closed loop's
-    /// saturation in its first second, not how they answer at its rate.
+    /// saturation in its first second, not how they answer at its rate. Then it writes out what Postgres still
+    /// holds of that load (see [`AssignLoad::checkpoint`]).
     async fn settle(&self) -> anyhow::Result<Settled> {
         let started = Instant::now();
         let mut first = None;
@@ -474,15 +488,31 @@ impl AssignLoad<'_> {
             let (behind_first, jobs_first) = *first.get_or_insert((behind, jobs));
             let reached = behind <= 0 && jobs == 0;
             if reached || started.elapsed() >= SETTLE_LIMIT {
+                let took = started.elapsed();
                 return Ok(Settled {
                     behind: behind_first,
                     jobs: jobs_first,
-                    took: started.elapsed(),
+                    took,
                     reached,
+                    checkpoint: self.checkpoint().await,
                 });
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Writes out what the load before left in Postgres's buffers and the kernel's page cache: a `CHECKPOINT` writes
+    /// every dirty buffer and fsyncs the data files. A closed loop writes tens of MB of WAL a second; without this,
+    /// its checkpoints and the kernel's writeback of its pages land in the open loop after it, which then measures
+    /// that debt rather than answers at its own rate. It needs superuser (or `pg_checkpoint`, Postgres 15 on); a
+    /// refusal is printed, not fatal.
+    async fn checkpoint(&self) -> Result<Duration, String> {
+        let started = Instant::now();
+        sqlx::query("CHECKPOINT")
+            .execute(self.database.any())
+            .await
+            .map(|_| started.elapsed())
+            .map_err(|error| error.to_string())
     }
 
     /// What the servers and the machine had counted as a phase starts.
