@@ -568,6 +568,10 @@ pub struct RateControl {
 /// asked for.
 const CONTROL_ROW_WAL: f64 = 750.0;
 
+/// The WAL Postgres has written since it was made, in bytes: the difference of two readings is what was written
+/// between them (the load's phases and Postgres alone read it the same way).
+pub const WAL_WRITTEN: &str = "pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')";
+
 /// Postgres alone at `rate` transactions a second for `seconds` (pgbench `--rate`, whose latencies are timed from
 /// each transaction's scheduled start, like the load's open loop), each transaction inserting as many rows as write
 /// about `wal_per_transaction` bytes of WAL: the machine's own answer times for the writes an assign makes, at the
@@ -589,8 +593,8 @@ pub async fn pgbench_at_rate(
          CREATE INDEX IF NOT EXISTS pgbench_at_rate_k ON pgbench_at_rate (k)",
     )
     .await?;
-    let wal = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8";
-    let wal_before: f64 = sqlx::query_scalar(wal).fetch_one(&pool).await?;
+    let wal = format!("SELECT {WAL_WRITTEN}::float8");
+    let wal_before: f64 = sqlx::query_scalar(&wal).fetch_one(&pool).await?;
     let directory = std::env::temp_dir().join(format!("whist-pgbench-rate-{}", std::process::id()));
     std::fs::create_dir_all(&directory)?;
     let script = directory.join("script.sql");
@@ -612,7 +616,7 @@ pub async fn pgbench_at_rate(
     let _ = std::fs::remove_dir_all(&directory);
     let output = output.context("Failed to run pgbench (install postgresql-client)")?;
     let logs = logs?;
-    let wal_after: f64 = sqlx::query_scalar(wal).fetch_one(&pool).await?;
+    let wal_after: f64 = sqlx::query_scalar(&wal).fetch_one(&pool).await?;
     pool.close().await;
     if !output.status.success() {
         anyhow::bail!(

@@ -127,13 +127,12 @@ impl WalWritten {
     /// The WAL's position and the checkpoints begun so far (the whole server's: other databases' writes count
     /// too); `None` where they cannot be read.
     pub(super) async fn read(database: &Database) -> Option<Self> {
-        let (bytes, checkpoints): (i64, i64) = sqlx::query_as(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint, \
-                    (checkpoints_timed + checkpoints_req)::bigint FROM pg_stat_bgwriter",
-        )
-        .fetch_one(database.any())
-        .await
-        .ok()?;
+        let sql = format!(
+            "SELECT {}::bigint, (checkpoints_timed + checkpoints_req)::bigint FROM pg_stat_bgwriter",
+            crate::bench::WAL_WRITTEN
+        );
+        let (bytes, checkpoints): (i64, i64) =
+            sqlx::query_as(&sql).fetch_one(database.any()).await.ok()?;
         Some(Self { bytes, checkpoints })
     }
 
