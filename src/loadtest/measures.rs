@@ -322,6 +322,7 @@ impl DiskWrites {
 }
 
 /// One process as `/proc/PID/stat` shows it.
+#[derive(Debug, Clone)]
 struct ProcessTicks {
     command: String,
     parent: u32,
@@ -358,6 +359,20 @@ fn every_process() -> std::collections::HashMap<u32, ProcessTicks> {
             Some((pid, ProcessTicks::read(pid)?))
         })
         .collect()
+}
+
+/// What each process of `now` took since `earlier`, in CPU seconds, beside its pid and what `now` shows of it
+/// (those that took nothing left out): a process begun since counts whole, one ended since is missed.
+fn spent_since<'a>(
+    now: &'a std::collections::HashMap<u32, ProcessTicks>,
+    earlier: &'a std::collections::HashMap<u32, ProcessTicks>,
+) -> impl Iterator<Item = (u32, &'a ProcessTicks, f64)> + 'a {
+    let ticks_per_second = clock_ticks();
+    now.iter().filter_map(move |(pid, process)| {
+        let before = earlier.get(pid).map_or(0, |earlier| earlier.ticks);
+        let spent = process.ticks.saturating_sub(before);
+        (spent > 0).then(|| (*pid, process, spent as f64 / ticks_per_second))
+    })
 }
 
 /// The load's own processes: its servers, the load generator and the load's Postgres server (where it runs on this
@@ -418,29 +433,22 @@ fn background_kind(title: &str) -> Option<&'static str> {
 /// machine's other services took over a phase can be told from what the load cost.
 #[derive(Debug, Clone)]
 pub(super) struct OtherProcesses {
-    ticks: std::collections::HashMap<u32, u64>,
+    processes: std::collections::HashMap<u32, ProcessTicks>,
 }
 
 impl OtherProcesses {
     pub(super) fn read(load: &LoadProcesses) -> Self {
         Self {
-            ticks: every_process()
+            processes: every_process()
                 .into_iter()
                 .filter(|(pid, process)| !load.hold(*pid, process))
-                .map(|(pid, process)| (pid, process.ticks))
                 .collect(),
         }
     }
 
-    /// CPU seconds the other processes took since `earlier`: a process begun since counts whole, one ended since
-    /// is missed.
+    /// CPU seconds the other processes took since `earlier` (see [`spent_since`]).
     pub(super) fn since(&self, earlier: &Self) -> f64 {
-        let ticks: u64 = self
-            .ticks
-            .iter()
-            .map(|(pid, ticks)| ticks.saturating_sub(earlier.ticks.get(pid).copied().unwrap_or(0)))
-            .sum();
-        ticks as f64 / clock_ticks()
+        spent_since(&self.processes, &earlier.processes).fold(0.0, |sum, (_, _, spent)| sum + spent)
     }
 }
 
@@ -494,22 +502,15 @@ impl Neighbours {
                 let disk = DiskWrites::read();
                 let mut outside = std::collections::HashMap::new();
                 let mut background = std::collections::HashMap::new();
-                for (pid, process) in &now {
-                    // A process that began since the last look spent all its time in this interval.
-                    let before = previous.get(pid).map_or(0, |earlier| earlier.ticks);
-                    let spent = process.ticks.saturating_sub(before);
-                    if spent == 0 {
-                        continue;
-                    }
-                    let spent = spent as f64 / ticks_per_second;
+                for (pid, process, spent) in spent_since(&now, &previous) {
                     if load.postgres_background(process) {
                         if let Some(kind) = *kinds
-                            .entry(*pid)
-                            .or_insert_with(|| postgres_background_kind(*pid))
+                            .entry(pid)
+                            .or_insert_with(|| postgres_background_kind(pid))
                         {
                             *background.entry(kind.to_string()).or_insert(0.0) += spent;
                         }
-                    } else if !load.hold(*pid, process) {
+                    } else if !load.hold(pid, process) {
                         *outside.entry(process.command.clone()).or_insert(0.0) += spent;
                     }
                 }
