@@ -290,14 +290,13 @@ impl Phase {
                 100.0 * cpu.kernel / cpu.machine.max(1e-9),
             );
             if self.open.is_some() {
-                let busy = cpu.machine / self.elapsed.max(1e-9);
-                let cores = super::machine_cores() as f64;
+                // Not the capacity left to drain a backlog with: an assign costs less the more assigns share a
+                // statement, so a backlog drains at about the closed loop's rate, whatever the idle cores say.
                 println!(
-                    "{:<36} {:>11.2} of {cores} cores (left to drain a backlog with, at this CPU per assign: {:.2}x \
-                     the rate)",
+                    "{:<36} {:>11.2} of {} cores",
                     "machine busy",
-                    busy,
-                    spare_share(busy, cores)
+                    cpu.machine / self.elapsed.max(1e-9),
+                    super::machine_cores()
                 );
             }
             if let Some(per_insert) = cpu_per_insert {
@@ -309,14 +308,6 @@ impl Phase {
             }
         }
     }
-}
-
-/// The capacity a machine `busy` cores of `cores` has left, as a share of what keeps it that busy: how fast, beside
-/// a fixed rate, it drains a backlog a stall left (a stall of T takes T over this to drain, if each assign costs what
-/// it cost over the phase; bigger batches make a drain somewhat cheaper). At half a saturating rate one might expect
-/// 1.0; every assign costs more when fewer share a statement, so it is less.
-fn spare_share(busy: f64, cores: f64) -> f64 {
-    (cores - busy).max(0.0) / busy.max(1e-9)
 }
 
 /// Counts every phase of assign load shares.
@@ -743,15 +734,6 @@ mod tests {
         ];
         assert_eq!(slow_by_second(&answers, 4.0, ms(20)), [1, 2, 1]);
         assert_eq!(slow_by_second(&[], 4.0, ms(20)), Vec::<u64>::new());
-    }
-
-    #[test]
-    fn the_capacity_left_is_a_share_of_what_the_rate_takes() {
-        // Half of two cores busy: as much again is left. Three quarters busy: a third of the rate.
-        assert!((spare_share(1.0, 2.0) - 1.0).abs() < 1e-9);
-        assert!((spare_share(1.5, 2.0) - 1.0 / 3.0).abs() < 1e-9);
-        // A machine all busy has nothing left, nor less should the counts' windows overshoot the cores.
-        assert_eq!(spare_share(2.2, 2.0), 0.0);
     }
 
     #[test]
