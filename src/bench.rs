@@ -555,18 +555,40 @@ pub fn pgbench_one_row_insert(url: &str, clients: usize, seconds: u64) -> anyhow
 
 /// What Postgres alone answered at a fixed rate ([`pgbench_at_rate`]).
 pub struct RateControl {
-    /// Each transaction's time from its scheduled start, in the order of the schedule.
-    pub answers: Vec<Duration>,
+    /// Each transaction, in the order of the schedule.
+    pub answers: Vec<ControlAnswer>,
     /// Rows each transaction inserted.
     pub rows: u64,
     /// WAL written per transaction, as Postgres counted it over the run.
     pub wal_per_transaction: f64,
 }
 
+impl RateControl {
+    /// Each transaction's time from its scheduled start, in the order of the schedule.
+    pub fn times(&self) -> Vec<Duration> {
+        self.answers.iter().map(|answer| answer.took).collect()
+    }
+}
+
+/// One transaction of [`pgbench_at_rate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlAnswer {
+    /// When it was scheduled to start, in microseconds since the Unix epoch.
+    pub scheduled_us: i64,
+    /// Its time from the scheduled start to its end.
+    pub took: Duration,
+}
+
 /// WAL one row of [`pgbench_at_rate`]'s script writes, a key of 32 characters and 448 of payload with two b-tree
 /// indexes (Postgres 15: 6,772 B for a transaction of nine rows); the script inserts as many rows as make the WAL
 /// asked for.
 const CONTROL_ROW_WAL: f64 = 750.0;
+
+/// The table [`pgbench_at_rate`] inserts into, made if it is missing (a run beside a load makes it before the load,
+/// so as not to write the catalog in its first second).
+pub const RATE_CONTROL_TABLE: &str =
+    "CREATE TABLE IF NOT EXISTS pgbench_at_rate (id bigserial PRIMARY KEY, k text NOT NULL, payload text NOT NULL); \
+     CREATE INDEX IF NOT EXISTS pgbench_at_rate_k ON pgbench_at_rate (k)";
 
 /// The WAL Postgres has written since it was made, in bytes: the difference of two readings is what was written
 /// between them (the load's phases and Postgres alone read it the same way).
@@ -588,14 +610,16 @@ pub async fn pgbench_at_rate(
 ) -> anyhow::Result<RateControl> {
     let rows = ((wal_per_transaction / CONTROL_ROW_WAL).round() as u64).max(1);
     let pool = PgPoolOptions::new().max_connections(1).connect(url).await?;
-    pool.execute(
-        "CREATE TABLE IF NOT EXISTS pgbench_at_rate (id bigserial PRIMARY KEY, k text NOT NULL, payload text NOT NULL); \
-         CREATE INDEX IF NOT EXISTS pgbench_at_rate_k ON pgbench_at_rate (k)",
-    )
-    .await?;
+    pool.execute(RATE_CONTROL_TABLE).await?;
     let wal = format!("SELECT {WAL_WRITTEN}::float8");
     let wal_before: f64 = sqlx::query_scalar(&wal).fetch_one(&pool).await?;
-    let directory = std::env::temp_dir().join(format!("whist-pgbench-rate-{}", std::process::id()));
+    // A folder of its own for each run: one may run beside another (the load's open loop keeps one beside it).
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    let directory = std::env::temp_dir().join(format!(
+        "whist-pgbench-rate-{}-{}",
+        std::process::id(),
+        RUNS.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&directory)?;
     let script = directory.join("script.sql");
     std::fs::write(
@@ -605,13 +629,15 @@ pub async fn pgbench_at_rate(
              FROM generate_series(1, {rows});\n"
         ),
     )?;
-    let output = pgbench(&script, clients, seconds)
+    let mut command = pgbench(&script, clients, seconds);
+    command
         .arg("-R")
         .arg(format!("{rate:.0}"))
         .arg("-l")
         .arg(format!("--log-prefix={}", directory.join("log").display()))
-        .arg(url)
-        .output();
+        .arg(url);
+    // Waited for on the runtime, not a thread of it: a run beside the open loop must not hold up its sends.
+    let output = tokio::process::Command::from(command).output().await;
     let logs = read_logs(&directory);
     let _ = std::fs::remove_dir_all(&directory);
     let output = output.context("Failed to run pgbench (install postgresql-client)")?;
@@ -647,11 +673,11 @@ fn read_logs(directory: &std::path::Path) -> std::io::Result<String> {
     Ok(logs)
 }
 
-/// Each transaction's time from its scheduled start, in the order of the schedule, from pgbench's per-transaction
-/// logs (`client transaction time_us script epoch_s epoch_us lag_us`: under `--rate` the time counts from the
-/// scheduled start, and the epoch is the transaction's end).
-fn scheduled_answers(logs: &str) -> Vec<Duration> {
-    let mut answers: Vec<(i64, Duration)> = logs
+/// Each transaction, in the order of the schedule, from pgbench's per-transaction logs (`client transaction time_us
+/// script epoch_s epoch_us lag_us`: under `--rate` the time counts from the scheduled start, and the epoch is the
+/// transaction's end).
+fn scheduled_answers(logs: &str) -> Vec<ControlAnswer> {
+    let mut answers: Vec<ControlAnswer> = logs
         .lines()
         .filter_map(|line| {
             let fields: Vec<i64> = line
@@ -661,14 +687,14 @@ fn scheduled_answers(logs: &str) -> Vec<Duration> {
                 .ok()?;
             let (took, seconds, micros) = (*fields.get(2)?, *fields.get(4)?, *fields.get(5)?);
             let ended = seconds * 1_000_000 + micros;
-            Some((
-                ended - took,
-                Duration::from_micros(u64::try_from(took).ok()?),
-            ))
+            Some(ControlAnswer {
+                scheduled_us: ended - took,
+                took: Duration::from_micros(u64::try_from(took).ok()?),
+            })
         })
         .collect();
-    answers.sort_by_key(|(scheduled, _)| *scheduled);
-    answers.into_iter().map(|(_, took)| took).collect()
+    answers.sort_by_key(|answer| answer.scheduled_us);
+    answers
 }
 
 /// Fills the log with `count` probe events across `count / 10` aggregates, positions already given, as fast as
@@ -740,13 +766,19 @@ mod tests {
                     0 2 1000 0 100 9000 0\n\
                     1 1 4500 0 100 5500 300\n\
                     not a log line\n";
+        let answers = scheduled_answers(logs);
+        let took: Vec<Duration> = answers.iter().map(|answer| answer.took).collect();
         assert_eq!(
-            scheduled_answers(logs),
+            took,
             [
                 Duration::from_micros(4500),
                 Duration::from_micros(2000),
                 Duration::from_micros(1000)
             ]
+        );
+        assert_eq!(
+            answers.first().map(|answer| answer.scheduled_us),
+            Some(100 * 1_000_000 + 5500 - 4500)
         );
     }
 

@@ -112,34 +112,55 @@ impl Statements {
     }
 }
 
-/// What the load's Postgres wrote to its WAL and how many checkpoints it began, as counted at a phase's turn.
+/// What the load's Postgres wrote to its WAL, how often it flushed it, how many transactions its database committed
+/// and how many checkpoints it began, as counted at a phase's turn.
 ///
-/// Every commit waits for its WAL to reach the disk, and a checkpoint (begun each time the WAL grows by some half of
-/// `max_wal_size`) writes the data pages out behind it: what an assign writes decides how often the disk is busy
-/// under the commits.
+/// Every commit that must be durable waits for its WAL to reach the disk, and a checkpoint (begun each time the WAL
+/// grows by some half of `max_wal_size`) writes the data pages out behind it: what an assign writes, and how many
+/// flushes it asks for, decide how often the disk is busy under the commits.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct WalWritten {
     bytes: i64,
     checkpoints: i64,
+    /// The WAL's fsyncs (`pg_stat_wal.wal_sync`, the whole server's; `None` before Postgres 14).
+    flushes: Option<i64>,
+    /// Transactions the load's database committed (`pg_stat_database.xact_commit`).
+    commits: i64,
 }
 
 impl WalWritten {
     /// The WAL's position and the checkpoints begun so far (the whole server's: other databases' writes count
-    /// too); `None` where they cannot be read.
+    /// too), its fsyncs and the load's database's commits; `None` where they cannot be read.
     pub(super) async fn read(database: &Database) -> Option<Self> {
         let sql = format!(
-            "SELECT {}::bigint, (checkpoints_timed + checkpoints_req)::bigint FROM pg_stat_bgwriter",
+            "SELECT {}::bigint, (checkpoints_timed + checkpoints_req)::bigint, \
+                    (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database())::bigint \
+               FROM pg_stat_bgwriter",
             crate::bench::WAL_WRITTEN
         );
-        let (bytes, checkpoints): (i64, i64) =
+        let (bytes, checkpoints, commits): (i64, i64, i64) =
             sqlx::query_as(&sql).fetch_one(database.any()).await.ok()?;
-        Some(Self { bytes, checkpoints })
+        let flushes = sqlx::query_scalar("SELECT wal_sync::bigint FROM pg_stat_wal")
+            .fetch_one(database.any())
+            .await
+            .ok();
+        Some(Self {
+            bytes,
+            checkpoints,
+            flushes,
+            commits,
+        })
     }
 
     pub(super) fn since(self, earlier: Self) -> Self {
         Self {
             bytes: self.bytes - earlier.bytes,
             checkpoints: self.checkpoints - earlier.checkpoints,
+            flushes: self
+                .flushes
+                .zip(earlier.flushes)
+                .map(|(now, then)| now - then),
+            commits: self.commits - earlier.commits,
         }
     }
 
@@ -156,6 +177,19 @@ impl WalWritten {
             self.bytes as f64 / 1e6 / seconds.max(1e-9),
             self.checkpoints
         );
+        let commits = self.commits as f64 / assigns.max(1.0);
+        match self.flushes {
+            Some(flushes) => println!(
+                "{:<36} {:>14.2} ({:.0}/s; transactions committed per assign: {commits:.2})",
+                "WAL flushes per assign",
+                flushes as f64 / assigns.max(1.0),
+                flushes as f64 / seconds.max(1e-9)
+            ),
+            None => println!(
+                "{:<36} {:>14.2}",
+                "transactions committed per assign", commits
+            ),
+        }
     }
 }
 

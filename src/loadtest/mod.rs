@@ -415,6 +415,7 @@ async fn load(
     let load = AssignLoad {
         client: &client,
         database: &database,
+        url,
         bases: &bases,
         tokens: &tokens,
         users: &users,

@@ -109,6 +109,93 @@ struct OpenLoopFigures {
     notable: u64,
     /// What the servers still had to do of the load before the open loop, and how long it took them.
     settled: Settled,
+    /// Postgres alone in the same seconds ([`BESIDE_RATE`] one-row inserts a second), or why it did not run.
+    beside: Result<Beside, String>,
+}
+
+/// How many one-row inserts a second Postgres alone answers beside an open loop: enough that a stall of the disk
+/// longer than [`SLOW_ANSWER`] holds up at least one of them, and few enough to cost the machine next to nothing.
+const BESIDE_RATE: f64 = 50.0;
+
+/// Postgres alone beside an open loop, in the same seconds: where its one-row inserts were slow too, the machine
+/// (its disk, mostly) stalled for anything that commits, and the open loop's slow answers there say nothing of the
+/// servers; what the open loop answered outside those seconds does.
+struct Beside {
+    /// Sorted: each insert's time from its scheduled start.
+    times: Vec<Duration>,
+    /// The seconds of the open loop's schedule in which an insert of Postgres alone took longer than
+    /// [`SLOW_ANSWER`].
+    stalls: Vec<usize>,
+    /// Of the open loop's answers slower than [`SLOW_ANSWER`], how many were sent in a stalled second or the one
+    /// after it (a stall's backlog drains into the next second), and how many in all.
+    slow_in_reach: u64,
+    slow: u64,
+    /// Sorted: the open loop's answer times outside a stall's reach.
+    outside: Vec<Duration>,
+    /// All the open loop's answers.
+    answers: usize,
+}
+
+impl Beside {
+    fn new(
+        control: &crate::bench::RateControl,
+        schedule_began: chrono::DateTime<chrono::Utc>,
+        answers: &[Duration],
+        rate: f64,
+    ) -> Self {
+        let seconds = slow_by_second(answers, rate, SLOW_ANSWER).len();
+        let stalls = stalled_seconds(
+            &control.answers,
+            schedule_began.timestamp_micros(),
+            seconds,
+            SLOW_ANSWER,
+        );
+        let reach = stall_reach(&stalls, seconds);
+        let (mut outside, slow_in_reach, slow) = outside_reach(answers, rate, &reach, SLOW_ANSWER);
+        outside.sort();
+        let mut times = control.times();
+        times.sort();
+        Self {
+            times,
+            stalls,
+            slow_in_reach,
+            slow,
+            outside,
+            answers: answers.len(),
+        }
+    }
+
+    fn print(&self) {
+        let stalls: Vec<String> = self.stalls.iter().map(usize::to_string).collect();
+        println!(
+            "{:<36} {:>11.1} ms (slowest {:.1} ms; {} inserts); seconds with one > {} ms: {}{}",
+            format!("Postgres beside, {BESIDE_RATE:.0} inserts/s: p99"),
+            percentile_ms(&self.times, 0.99),
+            percentile_ms(&self.times, 1.0),
+            self.times.len(),
+            SLOW_ANSWER.as_millis(),
+            self.stalls.len(),
+            if stalls.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", stalls.join(" "))
+            }
+        );
+        println!(
+            "{:<36} {:>14} of {} (in a second Postgres alone stalled in, or the next)",
+            format!("answers > {} ms in its stalls", SLOW_ANSWER.as_millis()),
+            self.slow_in_reach,
+            self.slow
+        );
+        println!(
+            "{:<36} {:>11.1} ms (p50 {:.1} ms; {} of {} answers)",
+            "answer p99 outside its stalls",
+            percentile_ms(&self.outside, 0.99),
+            percentile_ms(&self.outside, 0.50),
+            self.outside.len(),
+            self.answers
+        );
+    }
 }
 
 /// What the servers still had to do as an open loop was about to begin (the tail of the closed loop before it, or
@@ -178,6 +265,10 @@ impl OpenLoopFigures {
                 self.notable,
                 &format!("> {} ms", SLOW_ANSWER.as_millis()),
             );
+        }
+        match &self.beside {
+            Ok(beside) => beside.print(),
+            Err(error) => println!("{:<36} {:>14} ({error})", "Postgres beside", "failed"),
         }
         // Counted in the answer times above: a machine that holds up the generator shows here, not in the server.
         println!(
@@ -348,6 +439,8 @@ pub(super) struct AssignLoad<'a> {
     pub(super) client: &'a reqwest::Client,
     /// The load's database, for `pg_stat_statements`.
     pub(super) database: &'a Database,
+    /// Its URL, for Postgres beside the open loop (pgbench).
+    pub(super) url: &'a str,
     pub(super) bases: &'a [String],
     pub(super) tokens: &'a Tokens,
     pub(super) users: &'a Users,
@@ -409,6 +502,9 @@ impl AssignLoad<'_> {
         let tally = Arc::new(Tally::default());
         let in_flight = Arc::new(AtomicU64::new(0));
         let mut most_in_flight = 0;
+        sqlx::raw_sql(crate::bench::RATE_CONTROL_TABLE)
+            .execute(self.database.any())
+            .await?;
         let settled = self.settle().await?;
         let before = self.before(server_pids).await;
         // The schedule is kept by a thread of its own, which sleeps to each send time with the operating system's
@@ -417,6 +513,12 @@ impl AssignLoad<'_> {
         let first = std::time::Instant::now() + Duration::from_millis(20);
         let schedule_began = chrono::Utc::now() + chrono::Duration::milliseconds(20);
         let neighbours = Neighbours::sample(self.load_processes.clone(), first);
+        // Postgres alone in the same seconds, begun a moment early and ended a moment late, so that it covers the
+        // whole schedule.
+        let (url, seconds) = (self.url.to_string(), self.seconds + 1);
+        let beside = tokio::spawn(async move {
+            crate::bench::pgbench_at_rate(&url, BESIDE_RATE, seconds, 4, 0.0).await
+        });
         let (pace, mut due) = tokio::sync::mpsc::unbounded_channel::<(u64, std::time::Instant)>();
         let pacer = std::thread::spawn(move || {
             for index in 0..total {
@@ -464,6 +566,11 @@ impl AssignLoad<'_> {
         }
         let neighbours = neighbours.finish();
         let times: Vec<Duration> = latencies.iter().map(|(took, _)| *took).collect();
+        let beside = match beside.await {
+            Ok(Ok(control)) => Ok(Beside::new(&control, schedule_began, &times, rate)),
+            Ok(Err(error)) => Err(format!("{error:#}")),
+            Err(error) => Err(error.to_string()),
+        };
         lateness.sort();
         let open = OpenLoopFigures {
             lateness,
@@ -474,6 +581,7 @@ impl AssignLoad<'_> {
             neighbours,
             notable: (rate / 100.0).ceil() as u64,
             settled,
+            beside,
         };
         self.finish(&tally, latencies, before, server_pids, Some(open))
             .await
@@ -619,6 +727,69 @@ fn slow_by_second(answers: &[Duration], rate: f64, slow: Duration) -> Vec<u64> {
     counts
 }
 
+/// The seconds of a schedule begun at `began_us` (microseconds since the Unix epoch), `seconds` long, in which a
+/// transaction of Postgres alone beside it took longer than `slow`, each once, in order.
+fn stalled_seconds(
+    beside: &[crate::bench::ControlAnswer],
+    began_us: i64,
+    seconds: usize,
+    slow: Duration,
+) -> Vec<usize> {
+    let mut stalls: Vec<usize> = beside
+        .iter()
+        .filter(|answer| answer.took > slow && answer.scheduled_us >= began_us)
+        .map(|answer| ((answer.scheduled_us - began_us) / 1_000_000) as usize)
+        .filter(|second| *second < seconds)
+        .collect();
+    stalls.sort_unstable();
+    stalls.dedup();
+    stalls
+}
+
+/// For each of `seconds` seconds of a schedule, whether it is in a stall's reach: a stalled second, or the one after
+/// (what a stall holds up drains into the next second).
+fn stall_reach(stalls: &[usize], seconds: usize) -> Vec<bool> {
+    let mut reach = vec![false; seconds];
+    for second in stalls {
+        for reached in [*second, second + 1] {
+            if let Some(flag) = reach.get_mut(reached) {
+                *flag = true;
+            }
+        }
+    }
+    reach
+}
+
+/// Of an open loop's answer times, in the order of their scheduled sends at `rate` per second: those sent in a second
+/// outside `reach`, how many slower than `slow` were sent inside it, and how many were slower than `slow` in all.
+fn outside_reach(
+    answers: &[Duration],
+    rate: f64,
+    reach: &[bool],
+    slow: Duration,
+) -> (Vec<Duration>, u64, u64) {
+    let per_second = rate.max(1e-9);
+    let mut outside = Vec::with_capacity(answers.len());
+    let (mut slow_inside, mut slow_all) = (0, 0);
+    for (index, took) in answers.iter().enumerate() {
+        let second = (index as f64 / per_second) as usize;
+        let inside = reach
+            .get(second.min(reach.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(false);
+        if *took > slow {
+            slow_all += 1;
+            if inside {
+                slow_inside += 1;
+            }
+        }
+        if !inside {
+            outside.push(*took);
+        }
+    }
+    (outside, slow_inside, slow_all)
+}
+
 /// The stretch of an open loop's schedule whose own p99 the report gives (see [`p99_by_window`]).
 const WINDOW: Duration = Duration::from_secs(10);
 
@@ -653,7 +824,8 @@ pub(super) fn print_rate_control(
          time from the scheduled start --",
         control.rows
     );
-    let mut sorted = control.answers.clone();
+    let times = control.times();
+    let mut sorted = times.clone();
     sorted.sort();
     println!("{:<36} {:>14}", "transactions", control.answers.len());
     for (label, fraction) in [("p50", 0.50), ("p99", 0.99), ("p99.9", 0.999)] {
@@ -663,7 +835,7 @@ pub(super) fn print_rate_control(
             percentile_ms(&sorted, fraction)
         );
     }
-    print_p99_by_window(&p99_by_window(&control.answers, rate));
+    print_p99_by_window(&p99_by_window(&times, rate));
     println!(
         "{:<36} {:>12.0} B (an assign: {:.0} B)",
         "WAL written per transaction", control.wal_per_transaction, wal_per_assign
@@ -734,6 +906,37 @@ mod tests {
         ];
         assert_eq!(slow_by_second(&answers, 4.0, ms(20)), [1, 2, 1]);
         assert_eq!(slow_by_second(&[], 4.0, ms(20)), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn a_stall_of_postgres_alone_reaches_its_second_and_the_next() {
+        let ms = Duration::from_millis;
+        let began = 1_000_000_000;
+        let insert = |at_ms: i64, took: u64| crate::bench::ControlAnswer {
+            scheduled_us: began + at_ms * 1000,
+            took: ms(took),
+        };
+        // Slow inserts in seconds 1 (twice) and 3; one before the schedule and one after it count for nothing.
+        let beside = [
+            insert(-500, 90),
+            insert(100, 2),
+            insert(1200, 40),
+            insert(1900, 25),
+            insert(3000, 21),
+            insert(3500, 20),
+            insert(9000, 80),
+        ];
+        let stalls = stalled_seconds(&beside, began, 5, ms(20));
+        assert_eq!(stalls, [1, 3]);
+        assert_eq!(stall_reach(&stalls, 5), [false, true, true, true, true]);
+        // The last second's stall reaches past the schedule's end without harm.
+        assert_eq!(stall_reach(&[4], 5), [false, false, false, false, true]);
+        // Two answers a second: second 0 is outside; a slow answer there counts in all, not in the reach.
+        let answers = [ms(30), ms(2), ms(50), ms(3), ms(4), ms(25)];
+        let (outside, slow_inside, slow_all) =
+            outside_reach(&answers, 2.0, &stall_reach(&stalls, 3), ms(20));
+        assert_eq!(outside, [ms(30), ms(2)]);
+        assert_eq!((slow_inside, slow_all), (2, 3));
     }
 
     #[test]
