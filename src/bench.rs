@@ -193,6 +193,17 @@ impl ScratchDatabase {
         Ok(Self { admin, name, url })
     }
 
+    /// A pool of one connection to the database.
+    ///
+    /// # Errors
+    /// The database cannot be reached.
+    pub async fn connect(&self) -> anyhow::Result<sqlx::PgPool> {
+        Ok(PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&self.url)
+            .await?)
+    }
+
     /// Drops the database, whoever is still connected to it.
     ///
     /// # Errors
@@ -585,7 +596,7 @@ pub struct ControlAnswer {
 const CONTROL_ROW_WAL: f64 = 750.0;
 
 /// The table [`pgbench_at_rate`] inserts into, made if it is missing (a run beside a load makes it before the load,
-/// so as not to write the catalog in its first second).
+/// so as not to write the catalog in the load's first second).
 pub const RATE_CONTROL_TABLE: &str =
     "CREATE TABLE IF NOT EXISTS pgbench_at_rate (id bigserial PRIMARY KEY, k text NOT NULL, payload text NOT NULL); \
      CREATE INDEX IF NOT EXISTS pgbench_at_rate_k ON pgbench_at_rate (k)";

@@ -180,7 +180,8 @@ impl WalWritten {
         let commits = self.commits as f64 / assigns.max(1.0);
         match self.flushes {
             Some(flushes) => println!(
-                "{:<36} {:>14.2} ({:.0}/s; transactions committed per assign: {commits:.2})",
+                "{:<36} {:>14.2} ({:.0}/s, the whole server's; transactions the load's database committed per assign: \
+                 {commits:.2})",
                 "WAL flushes per assign",
                 flushes as f64 / assigns.max(1.0),
                 flushes as f64 / seconds.max(1e-9)

@@ -502,9 +502,15 @@ impl AssignLoad<'_> {
         let tally = Arc::new(Tally::default());
         let in_flight = Arc::new(AtomicU64::new(0));
         let mut most_in_flight = 0;
+        // Postgres alone writes to a database of its own on the same server, so that the load's database counts
+        // only the servers' statements and commits (the WAL and its flushes are the whole server's either way).
+        let beside_database =
+            crate::bench::ScratchDatabase::create(self.url, "whist_load_beside").await?;
+        let beside_pool = beside_database.connect().await?;
         sqlx::raw_sql(crate::bench::RATE_CONTROL_TABLE)
-            .execute(self.database.any())
+            .execute(&beside_pool)
             .await?;
+        beside_pool.close().await;
         let settled = self.settle().await?;
         let before = self.before(server_pids).await;
         // The schedule is kept by a thread of its own, which sleeps to each send time with the operating system's
@@ -515,7 +521,7 @@ impl AssignLoad<'_> {
         let neighbours = Neighbours::sample(self.load_processes.clone(), first);
         // Postgres alone in the same seconds, begun a moment early and ended a moment late, so that it covers the
         // whole schedule.
-        let (url, seconds) = (self.url.to_string(), self.seconds + 1);
+        let (url, seconds) = (beside_database.url.clone(), self.seconds + 1);
         let beside = tokio::spawn(async move {
             crate::bench::pgbench_at_rate(&url, BESIDE_RATE, seconds, 4, 0.0).await
         });
@@ -571,6 +577,7 @@ impl AssignLoad<'_> {
             Ok(Err(error)) => Err(format!("{error:#}")),
             Err(error) => Err(error.to_string()),
         };
+        beside_database.drop_it().await?;
         lateness.sort();
         let open = OpenLoopFigures {
             lateness,
