@@ -137,13 +137,14 @@ struct Beside {
 }
 
 impl Beside {
+    /// `seconds`: how many seconds the open loop's schedule has (those [`slow_by_second`] counts).
     fn new(
         control: &crate::bench::RateControl,
         schedule_began: chrono::DateTime<chrono::Utc>,
         answers: &[Duration],
         rate: f64,
+        seconds: usize,
     ) -> Self {
-        let seconds = slow_by_second(answers, rate, SLOW_ANSWER).len();
         let stalls = stalled_seconds(
             &control.answers,
             schedule_began.timestamp_micros(),
@@ -572,8 +573,15 @@ impl AssignLoad<'_> {
         }
         let neighbours = neighbours.finish();
         let times: Vec<Duration> = latencies.iter().map(|(took, _)| *took).collect();
+        let slow_by_second = slow_by_second(&times, rate, SLOW_ANSWER);
         let beside = match beside.await {
-            Ok(Ok(control)) => Ok(Beside::new(&control, schedule_began, &times, rate)),
+            Ok(Ok(control)) => Ok(Beside::new(
+                &control,
+                schedule_began,
+                &times,
+                rate,
+                slow_by_second.len(),
+            )),
             Ok(Err(error)) => Err(format!("{error:#}")),
             Err(error) => Err(error.to_string()),
         };
@@ -582,7 +590,7 @@ impl AssignLoad<'_> {
         let open = OpenLoopFigures {
             lateness,
             most_in_flight,
-            slow_by_second: slow_by_second(&times, rate, SLOW_ANSWER),
+            slow_by_second,
             p99_by_window: p99_by_window(&times, rate),
             schedule_began,
             neighbours,
@@ -720,11 +728,10 @@ const SLOW_ANSWER: Duration = Duration::from_millis(20);
 /// Of an open loop's answer times, in the order of their scheduled sends at `rate` per second, how many in each
 /// second of the schedule took longer than `slow`.
 fn slow_by_second(answers: &[Duration], rate: f64, slow: Duration) -> Vec<u64> {
-    let per_second = rate.max(1e-9);
-    let seconds = (answers.len() as f64 / per_second).ceil() as usize;
+    let seconds = (answers.len() as f64 / rate.max(1e-9)).ceil() as usize;
     let mut counts = vec![0; seconds];
     for (index, took) in answers.iter().enumerate() {
-        let second = ((index as f64 / per_second) as usize).min(seconds.saturating_sub(1));
+        let second = second_sent(index, rate, seconds);
         if *took > slow {
             if let Some(count) = counts.get_mut(second) {
                 *count += 1;
@@ -732,6 +739,12 @@ fn slow_by_second(answers: &[Duration], rate: f64, slow: Duration) -> Vec<u64> {
         }
     }
     counts
+}
+
+/// The second of a schedule of `seconds` seconds at `rate` sends a second in which its `index`th send was scheduled
+/// (a send past the last whole second counts in the last).
+fn second_sent(index: usize, rate: f64, seconds: usize) -> usize {
+    ((index as f64 / rate.max(1e-9)) as usize).min(seconds.saturating_sub(1))
 }
 
 /// The seconds of a schedule begun at `began_us` (microseconds since the Unix epoch), `seconds` long, in which a
@@ -775,13 +788,11 @@ fn outside_reach(
     reach: &[bool],
     slow: Duration,
 ) -> (Vec<Duration>, u64, u64) {
-    let per_second = rate.max(1e-9);
     let mut outside = Vec::with_capacity(answers.len());
     let (mut slow_inside, mut slow_all) = (0, 0);
     for (index, took) in answers.iter().enumerate() {
-        let second = (index as f64 / per_second) as usize;
         let inside = reach
-            .get(second.min(reach.len().saturating_sub(1)))
+            .get(second_sent(index, rate, reach.len()))
             .copied()
             .unwrap_or(false);
         if *took > slow {
